@@ -1,0 +1,40 @@
+# make serve: environment + models + (once the gateway lands) the gateway on 127.0.0.1:8000
+# make test:  environment + lint + every test
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+MODEL_REPO ?= model_repo
+SIZE ?= tiny
+
+.PHONY: env models serve test lint unit clean
+
+env: $(STAMP)
+
+# torch==2.13.0 is pinned in the export extra: it installs the local CPU wheel.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[export,dev]'
+	touch $(STAMP)
+
+models: $(STAMP)
+	$(BIN)/migserve export --all --size $(SIZE) --out $(MODEL_REPO) --skip-existing
+
+# The gateway is not built yet (issue 3): serving stops after the models are exported.
+serve: models
+	@echo "Models are in $(MODEL_REPO)/. The gateway (migserve serve) is not built yet."
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+unit: $(STAMP)
+	$(BIN)/pytest tests/unit
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

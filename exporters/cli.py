@@ -1,0 +1,179 @@
+"""`migserve export`: arguments, per-model progress, and the closing table.
+
+Importing this module needs no torch; `run` imports the export side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from migserve.contract import SIZES, read_contract, sha256_file
+
+from .errors import BadOption, ExportError
+
+if TYPE_CHECKING:
+    from .pipeline import ExportResult
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="export every model in the zoo")
+    which.add_argument("--model", nargs="+", metavar="NAME", help="export these models")
+    which.add_argument("--list", action="store_true", help="list the models and their options, then exit")
+    parser.add_argument(
+        "--size", choices=SIZES, default="tiny", help="tiny for tests and laptops, paper for the papers' architectures (default: tiny)"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="weights for model NAME (.safetensors, .pth, .pt); repeatable",
+    )
+    parser.add_argument(
+        "--no-strict",
+        dest="strict",
+        action="store_false",
+        help="allow checkpoint keys to be missing; they keep the seeded init and the contract lists them",
+    )
+    parser.add_argument(
+        "--set",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="NAME.KEY=VALUE",
+        help="override an architecture option, e.g. face-pros.expression_classes=8; repeatable",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random init and of the parity samples (default: 0)")
+    parser.add_argument("--out", type=Path, default=Path("model_repo"), help="model repository to write into (default: model_repo)")
+    parser.add_argument("--fp16", action="store_true", help="fp16 weights and compute with fp32 inputs and outputs (parity tolerance 1e-2)")
+    parser.add_argument(
+        "--skip-existing", action="store_true", help="skip models whose directory already holds a valid export of this size"
+    )
+
+
+def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    try:
+        from . import zoo
+        from .pipeline import ExportRequest, export_model
+    except ImportError as exc:
+        print(f"error: exporting needs the export extra ({exc}); run: pip install 'migserve[export]'", file=err)
+        return 2
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    if args.list:
+        _list_models(out)
+        return 0
+    try:
+        names = list(zoo.ZOO) if args.all else [zoo.get(n).name for n in dict.fromkeys(args.model)]
+        checkpoints = _pairs(args.checkpoint, "--checkpoint", names)
+        options = _options(args.options, names)
+    except ExportError as exc:
+        print(f"error: {exc}", file=err)
+        return 2
+    results: list[ExportResult] = []
+    failures: list[tuple[str, str]] = []
+    for i, name in enumerate(names, 1):
+        prefix = f"[{i:>2}/{len(names)}] {name} ({args.size})"
+        if args.skip_existing and up_to_date(args.out / name, args.size):
+            print(f"{prefix}: up to date, skipped", file=err, flush=True)
+            continue
+        started = time.perf_counter()
+        request = ExportRequest(
+            name=name,
+            size=args.size,
+            out=args.out,
+            checkpoint=Path(checkpoints[name]) if name in checkpoints else None,
+            strict=args.strict,
+            seed=args.seed,
+            fp16=args.fp16,
+            options=options.get(name, {}),
+        )
+        try:
+            result = export_model(request, _progress(prefix, started, err))
+        except ExportError as exc:
+            print(f"{prefix}: FAILED: {exc}", file=err, flush=True)
+            failures.append((name, str(exc)))
+            continue
+        print(f"{prefix}: wrote {result.path} in {result.seconds:.1f}s", file=err, flush=True)
+        results.append(result)
+    print(format_table(results, failures), file=out)
+    for name, reason in failures:
+        print(f"error: {name}: {reason}", file=err)
+    return 1 if failures else 0
+
+
+def _progress(prefix: str, started: float, err: TextIO) -> Callable[[str], None]:
+    def report(step: str) -> None:
+        print(f"{prefix}: {step} (+{time.perf_counter() - started:.1f}s)", file=err, flush=True)
+
+    return report
+
+
+def up_to_date(model_dir: Path, size: str) -> bool:
+    """A complete export of this size whose model.onnx still has the contract's sha256."""
+    try:
+        contract = read_contract(model_dir)
+        return contract.size == size and sha256_file(model_dir / contract.model_file) == contract.model_sha256
+    except (OSError, ValueError):
+        return False
+
+
+def format_table(results: list[ExportResult], failures: list[tuple[str, str]]) -> str:
+    rows = [("model", "parameters", "onnx MB", "export s", "parity rel err", "weights")]
+    rows += [
+        (r.name, f"{r.parameters:,}", f"{r.onnx_bytes / 1e6:.1f}", f"{r.seconds:.1f}", f"{r.parity_error:.1e}", r.weights) for r in results
+    ]
+    rows += [(name, "-", "-", "-", "-", "FAILED") for name, _ in failures]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(w) if i in (0, 5) else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _pairs(items: list[str], flag: str, names: list[str]) -> dict[str, str]:
+    from . import zoo
+
+    pairs: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise BadOption(f"{flag} {item!r}: expected NAME=VALUE")
+        if key not in names:
+            zoo.get(key)  # an unknown name gets the unknown-model message
+            raise BadOption(f"{flag} {item!r}: model {key} is not being exported")
+        pairs[key] = value
+    return pairs
+
+
+def _options(items: list[str], names: list[str]) -> dict[str, dict[str, str]]:
+    """`NAME.KEY=VALUE`, where NAME is a model or a family prefix such as `grounding`."""
+    options: dict[str, dict[str, str]] = {}
+    for item in items:
+        target, sep, value = item.partition("=")
+        name, dot, key = target.rpartition(".")
+        if not sep or not dot:
+            raise BadOption(f"--set {item!r}: expected NAME.KEY=VALUE")
+        matched = [n for n in names if n == name or n.startswith(name + "-")]
+        if not matched:
+            raise BadOption(f"--set {item!r}: no model being exported is named {name!r} or starts with {name + '-'!r}")
+        for model in matched:
+            options.setdefault(model, {})[key] = value
+    return options
+
+
+def _list_models(out: TextIO) -> None:
+    from . import zoo
+
+    for name, mdef in zoo.ZOO.items():
+        cfg: Mapping[str, object] = vars(mdef.config("paper"))
+        print(f"{name:20s} {mdef.description}", file=out)
+        print(f"{'':20s} options: {', '.join(f'{k}={v}' for k, v in cfg.items())}", file=out)

@@ -1,0 +1,53 @@
+"""Write a model's Triton `config.pbtxt` from its contract.
+
+Triton's dims omit the batch dim when `max_batch_size > 0`; every other symbolic
+dim is -1. Warm-up requests are zeros at the contract's default dims, batch 1.
+"""
+
+from __future__ import annotations
+
+from migserve.contract import Contract, TensorSpec
+
+TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}
+
+
+def _dims(spec: TensorSpec) -> list[int]:
+    return [d if isinstance(d, int) else -1 for d in spec.shape[1:]]
+
+
+def _warm_dims(spec: TensorSpec, contract: Contract) -> list[int]:
+    return [d if isinstance(d, int) else contract.dims[d].default for d in spec.shape[1:]]
+
+
+def _tensor(spec: TensorSpec) -> str:
+    dims = ", ".join(str(d) for d in _dims(spec))
+    return f'  {{\n    name: "{spec.name}"\n    data_type: {TRITON_DTYPES[spec.dtype]}\n    dims: [ {dims} ]\n  }}'
+
+
+def _warmup_input(spec: TensorSpec, contract: Contract) -> str:
+    # Zeros are valid for every input: token id 0 is padding, and masked-out work stays finite.
+    dims = ", ".join(str(d) for d in _warm_dims(spec, contract))
+    return (
+        f'    inputs {{\n      key: "{spec.name}"\n      value {{\n'
+        f"        data_type: {TRITON_DTYPES[spec.dtype]}\n        dims: [ {dims} ]\n        zero_data: true\n      }}\n    }}"
+    )
+
+
+def render_config(contract: Contract, kind: str = "KIND_GPU", instances: int = 1) -> str:
+    batching = contract.batching
+    preferred = ", ".join(str(b) for b in batching.preferred_batch_sizes)
+    warm_inputs = "\n".join(_warmup_input(s, contract) for s in contract.inputs)
+    parts = [
+        f'name: "{contract.name}"',
+        'platform: "onnxruntime_onnx"',
+        f"max_batch_size: {batching.max_batch_size}",
+        "input [\n" + ",\n".join(_tensor(s) for s in contract.inputs) + "\n]",
+        "output [\n" + ",\n".join(_tensor(s) for s in contract.outputs) + "\n]",
+        "dynamic_batching {\n"
+        + (f"  preferred_batch_size: [ {preferred} ]\n" if preferred else "")
+        + f"  max_queue_delay_microseconds: {batching.max_queue_delay_us}\n}}",
+        f"instance_group [\n  {{\n    count: {instances}\n    kind: {kind}\n  }}\n]",
+        f'model_warmup [\n  {{\n    name: "{contract.name}-warmup"\n    batch_size: 1\n{warm_inputs}\n  }}\n]',
+        f'parameters {{\n  key: "model_sha256"\n  value {{ string_value: "{contract.model_sha256}" }}\n}}',
+    ]
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,34 @@
+"""The `migserve` command. Each subcommand imports its side lazily, so `migserve --help`
+needs neither torch nor onnxruntime."""
+
+from __future__ import annotations
+
+import argparse
+
+import exporters.cli
+
+from . import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="migserve", description="Serve research vision models on MIG-partitioned GPUs.")
+    parser.add_argument("--version", action="version", version=f"migserve {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    export = commands.add_parser(
+        "export",
+        help="export models to ONNX and a Triton model repository (needs the export extra)",
+        description="Export zoo models to verified ONNX, a Triton config and a contract, one directory per model.",
+    )
+    exporters.cli.add_arguments(export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "export":
+        return exporters.cli.run(args)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The gateway side. Imports onnxruntime, numpy and pydantic; never torch."""

@@ -1,0 +1,78 @@
+"""The export CLI's argument handling, and that the runtime side needs no torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from exporters.cli import _options, _pairs, format_table
+from exporters.errors import BadOption, UnknownModel
+from exporters.pipeline import ExportResult
+from exporters.zoo import ZOO
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMES = list(ZOO)
+
+BLOCK_TORCH = textwrap.dedent(
+    """
+    import sys
+    class BlockTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "onnxscript"):
+                raise ImportError(f"No module named {name!r} (blocked by the test)")
+            return None
+    sys.meta_path.insert(0, BlockTorch())
+    """
+)
+
+
+def test_set_applies_to_a_model_or_a_family_prefix() -> None:
+    options = _options(["grounding.feature_dim=500", "face-pros.expression_classes=8"], NAMES)
+    assert sorted(options) == ["face-pros", *sorted(n for n in NAMES if n.startswith("grounding-"))]
+    assert options["grounding-mhst"] == {"feature_dim": "500"}
+    assert options["face-pros"] == {"expression_classes": "8"}
+
+
+@pytest.mark.parametrize("item", ["feature_dim=500", "grounding.feature_dim", "speech.rate=3"])
+def test_bad_set(item: str) -> None:
+    with pytest.raises(BadOption, match="--set"):
+        _options([item], NAMES)
+
+
+def test_checkpoint_pairs() -> None:
+    assert _pairs(["crowd-csrnet=/x/y.pth"], "--checkpoint", ["crowd-csrnet"]) == {"crowd-csrnet": "/x/y.pth"}
+    with pytest.raises(BadOption, match="expected NAME=VALUE"):
+        _pairs(["crowd-csrnet"], "--checkpoint", NAMES)
+    with pytest.raises(BadOption, match="face-pros is not being exported"):
+        _pairs(["face-pros=a.pth"], "--checkpoint", ["crowd-csrnet"])
+    with pytest.raises(UnknownModel, match="unknown model 'crowd'"):
+        _pairs(["crowd=a.pth"], "--checkpoint", ["crowd-csrnet"])
+
+
+def test_table_lists_results_and_failures() -> None:
+    ok = ExportResult("crowd-csrnet", Path("m"), 16_263_489, 65_100_000, 12.34, 3.1e-6, "random-init seed 0")
+    table = format_table([ok], [("face-pros", "boom")]).splitlines()
+    assert table[0].split() == ["model", "parameters", "onnx", "MB", "export", "s", "parity", "rel", "err", "weights"]
+    assert table[2].split()[:5] == ["crowd-csrnet", "16,263,489", "65.1", "12.3", "3.1e-06"]
+    assert table[3].split() == ["face-pros", "-", "-", "-", "-", "FAILED"]
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", BLOCK_TORCH + code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_service_and_cli_import_without_torch() -> None:
+    proc = _python("import service.repository, migserve.contract, migserve.cli\nimport sys\nassert 'torch' not in sys.modules\nprint('ok')")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+def test_export_without_torch_says_how_to_install_it() -> None:
+    proc = _python("from migserve.cli import main\nraise SystemExit(main(['export', '--all']))")
+    assert proc.returncode == 2
+    assert "pip install 'migserve[export]'" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -103,8 +103,27 @@ def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         converted: onnx.ModelProto = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
+    sort_nodes(converted.graph)  # the converter appends its input casts after their consumers
     check(converted)
     return converted
+
+
+def sort_nodes(graph: onnx.GraphProto) -> None:
+    """Order nodes so each comes after the producers of its inputs (stable otherwise)."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ExportFailed(f"graph has a cycle or a dangling input near node {pending[0].name!r}")
+        for node in ready:
+            available.update(node.output)
+        ordered += ready
+        taken = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in taken]
+    graph.ClearField("node")
+    graph.node.extend(ordered)
 
 
 def _first_line(exc: BaseException) -> str:

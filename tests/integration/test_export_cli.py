@@ -1,0 +1,120 @@
+"""The export CLI as a user meets it: checkpoints, fp16, options, and every way it can fail."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from exporters import zoo
+from exporters.errors import ParityFailed
+from exporters.parity import run_torch
+from exporters.pipeline import ExportRequest, export_model
+from migserve.contract import read_contract, sha256_file
+from tests.helpers import migserve
+
+
+def _failed_cleanly(run_out: Path, returncode: int, stderr: str, fragment: str) -> None:
+    assert returncode != 0
+    assert fragment in stderr, stderr
+    assert "Traceback" not in stderr
+    leftovers = [p.name for p in run_out.iterdir()] if run_out.exists() else []
+    assert leftovers == [], f"partial output left behind: {leftovers}"
+
+
+def test_unknown_model(tmp_path: Path) -> None:
+    run = migserve("export", "--model", "crowd-csrnt", "--out", tmp_path / "repo")
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [f"error: unknown model 'crowd-csrnt'; known: {', '.join(zoo.ZOO)}"]
+    assert not (tmp_path / "repo").exists()
+
+
+def test_missing_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "repo"
+    run = migserve("export", "--model", "crowd-csrnet", "--checkpoint", f"crowd-csrnet={tmp_path / 'nope.pth'}", "--out", out)
+    _failed_cleanly(out, run.returncode, run.stderr, "checkpoint not found")
+
+
+def test_checkpoint_of_another_model_names_the_keys(tmp_path: Path) -> None:
+    face = zoo.get("face-pros")
+    path = tmp_path / "face.safetensors"
+    save_file(face.build(face.config("tiny")).state_dict(), str(path))
+    out = tmp_path / "repo"
+    run = migserve("export", "--model", "crowd-csrnet", "--checkpoint", f"crowd-csrnet={path}", "--out", out)
+    _failed_cleanly(out, run.returncode, run.stderr, "missing 34: backend.0.bias, backend.0.weight")
+    assert "unexpected" in run.stderr and "blocks.0.attn.qkv.weight" in run.stderr
+
+
+def test_unwritable_output(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    run = migserve("export", "--model", "frontalize-dalgan", "--out", blocker / "repo")
+    assert run.returncode == 1
+    assert f"cannot write to {blocker / 'repo'}" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_parity_failure_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mdef = zoo.get("lns-organs")
+    monkeypatch.setattr(type(mdef), "tolerance", 1e-12)  # no fp32 export is that exact
+    with pytest.raises(ParityFailed, match=r"parity failed on sample 'batch1', output logits: relative error .* > tolerance 1e-12"):
+        export_model(ExportRequest(name="lns-organs", out=tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_trained_checkpoint_is_exported_and_recorded(tmp_path: Path) -> None:
+    mdef = zoo.get("crowd-csrnet")
+    cfg = mdef.config("tiny")
+    torch.manual_seed(1234)
+    trained = mdef.build(cfg).eval()
+    path = tmp_path / "PartA_model.safetensors"
+    save_file(trained.state_dict(), str(path))
+    out = tmp_path / "repo"
+    run = migserve("export", "--model", "crowd-csrnet", "--checkpoint", f"crowd-csrnet={path}", "--out", out)
+    assert run.returncode == 0, run.stderr
+    assert "checkpoint" in run.stdout.splitlines()[2]
+    contract = read_contract(out / "crowd-csrnet")
+    assert contract.provenance.weights == "checkpoint"
+    assert contract.provenance.checkpoint_sha256 == sha256_file(path)
+    assert contract.provenance.checkpoint_name == "PartA_model.safetensors"
+    image = np.random.default_rng(0).standard_normal((2, 3, 64, 80)).astype(np.float32)
+    session = ort.InferenceSession(str(out / "crowd-csrnet" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    (density,) = session.run(None, {"image": image})
+    (expected,) = run_torch(trained, {"image": image})
+    np.testing.assert_allclose(density, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_fp16_keeps_fp32_io_and_records_it(tmp_path: Path) -> None:
+    result = export_model(ExportRequest(name="crowd-csrnet", out=tmp_path, fp16=True))
+    contract = read_contract(result.path)
+    assert contract.provenance.fp16 and contract.parity.tolerance == 1e-2
+    assert 0 < contract.parity.worst <= 1e-2
+    graph = onnx.load(str(result.path / "1" / "model.onnx")).graph
+    assert [i.type.tensor_type.elem_type for i in graph.input] == [onnx.TensorProto.FLOAT]
+    assert {t.data_type for t in graph.initializer if len(t.dims) == 4} == {onnx.TensorProto.FLOAT16}
+
+
+def test_options_change_the_exported_graph(tmp_path: Path) -> None:
+    run = migserve("export", "--model", "face-pros", "--set", "face-pros.expression_classes=8", "--out", tmp_path)
+    assert run.returncode == 0, run.stderr
+    contract = read_contract(tmp_path / "face-pros")
+    assert contract.output("expression").shape == ("batch", 8)
+    assert contract.postprocessing.expression_labels[-1] == "Contempt"  # type: ignore[union-attr]
+
+
+def test_failed_re_export_keeps_the_good_model(tmp_path: Path) -> None:
+    first = export_model(ExportRequest(name="frontalize-dalgan", out=tmp_path))
+    digest = sha256_file(first.path / "1" / "model.onnx")
+    corrupt = tmp_path.parent / f"{tmp_path.name}-corrupt.pth"
+    corrupt.write_bytes(b"PK\x03\x04 truncated zip")
+    run = migserve("export", "--model", "frontalize-dalgan", "--checkpoint", f"frontalize-dalgan={corrupt}", "--out", tmp_path)
+    assert run.returncode == 1 and "cannot read checkpoint" in run.stderr
+    assert sha256_file(first.path / "1" / "model.onnx") == digest
+    again = export_model(ExportRequest(name="frontalize-dalgan", out=tmp_path, seed=1))
+    assert again.path == first.path and sha256_file(again.path / "1" / "model.onnx") != digest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frontalize-dalgan"]

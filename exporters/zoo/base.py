@@ -79,6 +79,10 @@ class ModelDef(ABC, Generic[C]):
                 raise OptionError(f"{self.name}: {key}={raw!r}: {exc}") from None
         new = dataclasses.replace(cfg, **changes)
         self.validate(new)
+        try:
+            self.dims(new)  # ranges derived from options must still be valid
+        except ValueError as exc:
+            raise OptionError(f"{self.name}: options {dict(options)} give invalid dims: {exc}") from None
         return new
 
     def validate(self, cfg: C) -> None:

@@ -63,6 +63,11 @@ def test_unknown_option_lists_the_real_ones() -> None:
         zoo.get("crowd-csrnet").configure("tiny", {"width_divisor": "many"})
 
 
+def test_options_that_break_the_dims_are_refused() -> None:
+    with pytest.raises(OptionError, match="invalid dims"):
+        zoo.get("crowd-csrnet").configure("tiny", {"max_side": "4"})
+
+
 def test_unknown_model() -> None:
     with pytest.raises(UnknownModel, match="unknown model 'crowd'; known: face-pros"):
         zoo.get("crowd")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,25 @@ def test_pickled_objects_are_refused(tmp_path: Path) -> None:
     torch.save({"state_dict": _csrnet(1)}, path)  # a whole module: needs full unpickling
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         read_state_dict(path)
+
+
+@pytest.mark.parametrize(
+    ("model", "fixture", "extra_heads"), [("crowd-csrnet", "crowd_csrnet.json", 0), ("face-pros", "face_vits16_attr40.json", 4)]
+)
+def test_paper_size_loads_a_checkpoint_with_the_public_names(
+    tmp_path: Path, shared: Path, model: str, fixture: str, extra_heads: int
+) -> None:
+    """A checkpoint with exactly the fixture's names and shapes loads; only our extra heads are missing."""
+    shapes = json.loads((shared / "fixtures" / "checkpoint_keys" / fixture).read_text())["state_dict"]
+    generator = torch.Generator().manual_seed(0)
+    path = tmp_path / "public.safetensors"
+    save_file({k: torch.randn(v, generator=generator) for k, v in shapes.items()}, str(path))
+    mdef = zoo.get(model)
+    module = mdef.build(mdef.config("paper"))
+    if extra_heads:
+        with pytest.raises(CheckpointError, match=f"missing {extra_heads}: expression.bias"):
+            load_checkpoint(module, path)
+    loaded = load_checkpoint(module, path, strict=False)
+    assert len(loaded.missing) == extra_heads
+    first = next(iter(shapes))
+    assert torch.equal(module.state_dict()[first], torch.randn(shapes[first], generator=torch.Generator().manual_seed(0)))

@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml
 models: $(STAMP)
 	$(BIN)/migserve export --all --size $(SIZE) --out $(MODEL_REPO) --skip-existing
 
-# The gateway is not built yet (issue 3): serving stops after the models are exported.
+HOST ?= 127.0.0.1
+PORT ?= 8000
 serve: models
-	@echo "Models are in $(MODEL_REPO)/. The gateway (migserve serve) is not built yet."
+	$(BIN)/migserve serve --model-repo $(MODEL_REPO) --host $(HOST) --port $(PORT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

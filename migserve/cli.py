@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 import exporters.cli
+import service.cli
 
 from . import __version__
 
@@ -20,6 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export zoo models to verified ONNX, a Triton config and a contract, one directory per model.",
     )
     exporters.cli.add_arguments(export)
+    serve = commands.add_parser(
+        "serve",
+        help="start the gateway: KServe v2 over HTTP, one worker per partition",
+        description="Serve the model repository: discover partitions, start a worker per partition, batch and dispatch requests.",
+    )
+    service.cli.add_arguments(serve)
     return parser
 
 
@@ -27,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "export":
         return exporters.cli.run(args)
+    if args.command == "serve":
+        return service.cli.run(args)
     return 2
 
 

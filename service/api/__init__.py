@@ -1,0 +1,1 @@
+"""HTTP surfaces: the KServe v2 protocol and the gateway's own endpoints."""

@@ -1,0 +1,210 @@
+"""The gateway application: lifecycle, the error handler, and the routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+import migserve
+
+from ..backends.local import LocalBackend
+from ..config import ServeConfig
+from ..dispatch.batcher import BatchPolicy, ModelBatcher, Pending
+from ..errors import BadRequest, DeadlineExpired, ServiceError, TooLarge, UnknownModel
+from ..metrics import Metrics
+from ..partitions import Partition, discover
+from ..placement import place
+from ..repository import ModelEntry, load_repository
+from .kserve import HEADER_LENGTH, NUMPY_TO_V2, decode_request, encode_response
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Gateway:
+    config: ServeConfig
+    models: dict[str, ModelEntry]
+    partitions: list[Partition]
+    placement: dict[str, dict[str, tuple[str, str]]]
+    backend: LocalBackend
+    metrics: Metrics = field(default_factory=Metrics)
+    batchers: dict[str, ModelBatcher] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, config: ServeConfig) -> Gateway:
+        repo = load_repository(config.model_repo)
+        models = {n: e for n, e in repo.models.items() if config.models is None or n in config.models}
+        if config.models is not None and (missing := sorted(set(config.models) - set(models))):
+            raise UnknownModel(f"models not in {config.model_repo}: {missing}")
+        if not models:
+            raise UnknownModel(f"no servable models in {config.model_repo}; run: migserve export --all --out {config.model_repo}")
+        partitions = discover(config.topology, config.cpu_slices)
+        placement = place(partitions, models)
+        return cls(config, models, partitions, placement, LocalBackend(partitions, placement))
+
+    async def start(self) -> None:
+        await self.backend.start()
+        for name, entry in self.models.items():
+            batching = entry.contract.batching
+            policy = BatchPolicy(
+                max_batch_size=min(batching.max_batch_size, self.config.max_batch_size or batching.max_batch_size),
+                max_queue_delay_s=self.config.max_queue_delay_s
+                if self.config.max_queue_delay_s is not None
+                else batching.max_queue_delay_us / 1e6,
+                queue_capacity=self.config.queue_capacity,
+            )
+            batcher = ModelBatcher(name, policy, lambda n=name: self.backend.replicas(n), self.metrics)  # type: ignore[misc]
+            self.backend.add_listener(batcher.notify)
+            batcher.start()
+            self.batchers[name] = batcher
+        self.backend.add_listener(self._update_partition_metrics)
+        self._update_partition_metrics()
+        for partition in self.partitions:
+            if partition.memory_bytes is not None:
+                self.metrics.memory.labels(partition.id).set(partition.memory_bytes)
+            logger.info(
+                "partition %s (%s %s): %s",
+                partition.id,
+                partition.kind.value,
+                partition.profile or partition.cores,
+                ", ".join(self.placement[partition.id]) or "no models",
+            )
+
+    async def stop(self) -> None:
+        for batcher in self.batchers.values():
+            await batcher.stop()
+        await self.backend.stop()
+
+    def _update_partition_metrics(self) -> None:
+        for worker in self.backend.workers.values():
+            self.metrics.ready.labels(worker.id).set(1 if worker.ready else 0)
+            self.metrics.restarts.labels(worker.id).set(worker.restarts)
+
+    def entry(self, name: str) -> ModelEntry:
+        if name not in self.models:
+            raise UnknownModel(f"unknown model {name!r}; served: {', '.join(sorted(self.models))}")
+        return self.models[name]
+
+    def model_ready(self, name: str) -> bool:
+        return any(r.ready for r in self.backend.replicas(name))
+
+    async def infer(self, name: str, request: Request) -> Response:
+        started = time.monotonic()
+        status = "500"
+        try:
+            entry = self.entry(name)
+            body = await _read_body(request, self.config.max_body_bytes)
+            decoded = decode_request(body, request.headers.get(HEADER_LENGTH), entry.contract)
+            timeout = decoded.timeout_s or _header_timeout(request) or self.config.default_timeout_s
+            pending = Pending(inputs=decoded.inputs, size=decoded.batch, deadline=started + timeout)
+            self.batchers[name].submit(pending)
+            try:
+                outputs = await asyncio.wait_for(asyncio.shield(pending.future), timeout=max(pending.deadline - time.monotonic(), 0))
+            except TimeoutError:
+                pending.future.cancel()
+                raise DeadlineExpired(f"model {name}: no answer within {timeout:.3f}s") from None
+            payload, header_length = encode_response(name, decoded, outputs)
+            status = "200"
+            if header_length is None:
+                return Response(payload, media_type="application/json")
+            return Response(payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(header_length)})
+        except ServiceError as exc:
+            status = str(exc.status)
+            raise
+        finally:
+            if name in self.models:
+                self.metrics.requests.labels(name, status).inc()
+                self.metrics.latency.labels(name).observe(time.monotonic() - started)
+
+    def model_metadata(self, name: str) -> dict[str, Any]:
+        contract = self.entry(name).contract
+
+        def tensor(spec: Any) -> dict[str, Any]:
+            return {"name": spec.name, "datatype": NUMPY_TO_V2[spec.dtype], "shape": [d if isinstance(d, int) else -1 for d in spec.shape]}
+
+        return {
+            "name": name,
+            "versions": ["1"],
+            "platform": "onnxruntime_onnx",
+            "inputs": [tensor(s) for s in contract.inputs],
+            "outputs": [tensor(s) for s in contract.outputs],
+        }
+
+    def partitions_view(self) -> list[dict[str, Any]]:
+        view = []
+        for partition in self.partitions:
+            worker = self.backend.workers.get(partition.id)
+            view.append(
+                partition.describe()
+                | {
+                    "models": sorted(self.placement.get(partition.id, {})),
+                    "ready": bool(worker and worker.ready),
+                    "pid": worker.pid if worker else None,
+                    "providers": list(worker.providers) if worker else [],
+                    "restarts": worker.restarts if worker else 0,
+                    "outstanding_batches": worker.outstanding if worker else 0,
+                    "refused": worker.refused if worker else {},
+                }
+            )
+        return view
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"request body of {int(declared)} bytes is over the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _header_timeout(request: Request) -> float | None:
+    raw = request.headers.get("x-timeout-ms")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"X-Timeout-Ms {raw!r} is not a number") from None
+    if value <= 0:
+        raise BadRequest("X-Timeout-Ms must be positive")
+    return value / 1000
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    gateway = Gateway.build(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(title="migserve", version=migserve.__version__, lifespan=lifespan)
+    app.state.gateway = gateway
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))} if exc.retry_after_s else None
+        if exc.status >= 500 and exc.status not in {503, 504}:
+            logger.error("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
+
+    from .routes import register
+
+    register(app, gateway)
+    return app

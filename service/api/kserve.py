@@ -1,0 +1,196 @@
+"""KServe v2 / Open Inference Protocol bodies: JSON tensors and the binary-tensor extension.
+
+`decode_request` turns a body into named arrays checked against the model's
+contract (names, datatypes, ranks, fixed and named dims, batch size);
+`encode_response` writes outputs as JSON data or as binary after a JSON header.
+Every problem raises BadRequest with a message that names the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from migserve.contract import Contract, TensorSpec
+from migserve.types import Array
+
+from ..errors import BadRequest
+
+HEADER_LENGTH = "inference-header-content-length"
+V2_TYPES = {
+    "FP32": "float32",
+    "FP16": "float16",
+    "FP64": "float64",
+    "INT64": "int64",
+    "INT32": "int32",
+    "INT8": "int8",
+    "UINT8": "uint8",
+    "BOOL": "bool",
+}
+NUMPY_TO_V2 = {v: k for k, v in V2_TYPES.items()}
+
+
+@dataclass(frozen=True)
+class DecodedRequest:
+    id: str | None
+    inputs: dict[str, Array]
+    batch: int
+    outputs: tuple[str, ...]  # requested, in order
+    binary_outputs: frozenset[str]
+    timeout_s: float | None
+
+
+def _json(raw: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRequest("request body must be a JSON object with an 'inputs' list")
+    return value
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
+    if header_length is None:
+        return _json(body), memoryview(b"")
+    try:
+        n = int(header_length)
+    except ValueError:
+        raise BadRequest(f"Inference-Header-Content-Length {header_length!r} is not an integer") from None
+    if not 0 < n <= len(body):
+        raise BadRequest(f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes")
+    return _json(body[:n]), memoryview(body)[n:]
+
+
+def _array(entry: dict[str, Any], spec: TensorSpec, binary: memoryview, offset: int) -> tuple[Array, int]:
+    name = spec.name
+    datatype = entry.get("datatype")
+    expected = NUMPY_TO_V2[spec.dtype]
+    if datatype != expected:
+        raise BadRequest(f"input {name}: datatype {datatype!r}, the model expects {expected}")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise BadRequest(f"input {name}: 'shape' must be a list of non-negative integers, got {shape!r}")
+    dtype = np.dtype(spec.dtype)
+    count = int(np.prod(shape)) if shape else 1
+    size = (entry.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size != count * dtype.itemsize:
+            raise BadRequest(
+                f"input {name}: binary_data_size {size!r}, but shape {shape} of {expected} needs {count * dtype.itemsize} bytes"
+            )
+        if offset + size > len(binary):
+            raise BadRequest(f"input {name}: body truncated: needs {size} bytes at offset {offset}, {len(binary) - offset} remain")
+        return np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape), offset + size
+    if "data" not in entry:
+        raise BadRequest(f"input {name}: no 'data' and no binary_data_size")
+    try:
+        array = np.asarray(entry["data"], dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise BadRequest(f"input {name}: data is not {expected}: {exc}") from None
+    if array.size != count:
+        raise BadRequest(f"input {name}: {array.size} values for shape {shape} ({count} expected)")
+    return array.reshape(shape), offset
+
+
+def _check_shape(spec: TensorSpec, shape: tuple[int, ...], contract: Contract, bound: dict[str, int]) -> None:
+    if len(shape) != len(spec.shape):
+        raise BadRequest(f"input {spec.name}: shape {list(shape)} has rank {len(shape)}, the model expects {_show(spec)}")
+    for size, dim in zip(shape, spec.shape, strict=True):
+        if isinstance(dim, int):
+            if size != dim:
+                raise BadRequest(f"input {spec.name}: shape {list(shape)}, the model expects {_show(spec)}")
+            continue
+        limits = contract.dims[dim]
+        if dim == "batch":
+            limits = limits.model_copy(update={"max": contract.batching.max_batch_size})
+        if not limits.min <= size <= limits.max:
+            raise BadRequest(f"input {spec.name}: {dim}={size} is outside [{limits.min}, {limits.max}]")
+        if bound.setdefault(dim, size) != size:
+            raise BadRequest(f"input {spec.name}: {dim}={size}, but another input has {dim}={bound[dim]}")
+
+
+def _show(spec: TensorSpec) -> str:
+    return "[" + ", ".join(str(d) for d in spec.shape) + "]"
+
+
+def decode_request(body: bytes, header_length: str | None, contract: Contract) -> DecodedRequest:
+    header, binary = _split(body, header_length)
+    entries = header.get("inputs")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise BadRequest("request needs 'inputs': a list of tensor objects")
+    given = [e.get("name") for e in entries]
+    expected = [s.name for s in contract.inputs]
+    if sorted(map(str, given)) != sorted(expected):
+        missing = sorted(set(expected) - set(map(str, given)))
+        unknown = sorted(set(map(str, given)) - set(expected))
+        raise BadRequest(f"model {contract.name} takes inputs {expected}; missing {missing}, unknown {unknown}")
+    by_name = {e["name"]: e for e in entries}
+    inputs: dict[str, Array] = {}
+    bound: dict[str, int] = {}
+    offset = 0
+    for entry in entries:  # binary parts follow the order of the inputs in the header
+        spec = contract.input(entry["name"])
+        array, offset = _array(by_name[spec.name], spec, binary, offset)
+        _check_shape(spec, array.shape, contract, bound)
+        inputs[spec.name] = array
+    if offset != len(binary):
+        raise BadRequest(f"body has {len(binary) - offset} bytes after the last binary input")
+    outputs, binary_outputs = _requested_outputs(header, contract)
+    return DecodedRequest(
+        id=header.get("id") if isinstance(header.get("id"), str) else None,
+        inputs={s.name: inputs[s.name] for s in contract.inputs},
+        batch=bound["batch"],
+        outputs=outputs,
+        binary_outputs=binary_outputs,
+        timeout_s=_timeout(header),
+    )
+
+
+def _requested_outputs(header: dict[str, Any], contract: Contract) -> tuple[tuple[str, ...], frozenset[str]]:
+    all_binary = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    requested = header.get("outputs")
+    if requested is None:
+        names = tuple(o.name for o in contract.outputs)
+        return names, frozenset(names) if all_binary else frozenset()
+    if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
+        raise BadRequest("'outputs' must be a list of objects with a 'name'")
+    known = {o.name for o in contract.outputs}
+    unknown = [o["name"] for o in requested if o["name"] not in known]
+    if unknown:
+        raise BadRequest(f"unknown outputs {unknown}; model {contract.name} has {sorted(known)}")
+    binary = {o["name"] for o in requested if (o.get("parameters") or {}).get("binary_data", all_binary)}
+    return tuple(o["name"] for o in requested), frozenset(binary)
+
+
+def _timeout(header: dict[str, Any]) -> float | None:
+    value = (header.get("parameters") or {}).get("timeout")  # microseconds, as Triton
+    if value is None:
+        return None
+    if not isinstance(value, int) or value <= 0:
+        raise BadRequest(f"parameters.timeout must be a positive integer of microseconds, got {value!r}")
+    return value / 1e6
+
+
+def encode_response(model: str, request: DecodedRequest, outputs: dict[str, Array]) -> tuple[bytes, int | None]:
+    """The body, and the JSON header's length when binary outputs follow it."""
+    entries, blobs = [], []
+    for name in request.outputs:
+        array = np.ascontiguousarray(outputs[name])
+        entry: dict[str, Any] = {"name": name, "datatype": NUMPY_TO_V2[array.dtype.name], "shape": list(array.shape)}
+        if name in request.binary_outputs:
+            entry["parameters"] = {"binary_data_size": array.nbytes}
+            blobs.append(array.tobytes())
+        else:
+            entry["data"] = array.reshape(-1).tolist()
+        entries.append(entry)
+    header: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": entries}
+    if request.id is not None:
+        header["id"] = request.id
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    if not blobs:
+        return encoded, None
+    return b"".join([encoded, *blobs]), len(encoded)

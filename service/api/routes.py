@@ -1,0 +1,57 @@
+"""Routes: KServe v2 (/v2/...), the gateway's own views (/v1/...), and /metrics."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+import migserve
+
+from ..errors import Unavailable
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+
+def register(app: FastAPI, gateway: Gateway) -> None:
+    @app.get("/v2", summary="Server metadata (KServe v2)")
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": "migserve", "version": migserve.__version__, "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/health/live", summary="Liveness")
+    async def live() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/v2/health/ready", summary="Readiness: every served model has a ready replica")
+    async def ready() -> Response:
+        ok = all(gateway.model_ready(name) for name in gateway.models)
+        return Response(status_code=200 if ok else 503)
+
+    @app.get("/v2/models/{name}", summary="Model metadata (KServe v2)")
+    @app.get("/v2/models/{name}/versions/{version}", include_in_schema=False)
+    async def model_metadata(name: str, version: str = "1") -> dict[str, Any]:
+        return gateway.model_metadata(name)
+
+    @app.get("/v2/models/{name}/ready", summary="Model readiness")
+    @app.get("/v2/models/{name}/versions/{version}/ready", include_in_schema=False)
+    async def model_ready(name: str, version: str = "1") -> Response:
+        gateway.entry(name)
+        if not gateway.model_ready(name):
+            raise Unavailable(f"model {name}: no ready replica", retry_after_s=1.0)
+        return Response(status_code=200)
+
+    @app.post("/v2/models/{name}/infer", summary="Inference (KServe v2, JSON or binary tensors)")
+    @app.post("/v2/models/{name}/versions/{version}/infer", include_in_schema=False)
+    async def infer(name: str, request: Request, version: str = "1") -> Response:
+        return await gateway.infer(name, request)
+
+    @app.get("/v1/partitions", summary="Partitions, their workers and the models placed on them")
+    async def partitions() -> JSONResponse:
+        return JSONResponse({"partitions": gateway.partitions_view()})
+
+    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,1 @@
+"""What the dispatcher sends batches to: local worker processes (and, later, Triton servers)."""

@@ -1,0 +1,217 @@
+"""Local worker processes, one per partition, behind the Replica interface.
+
+A worker's pipe and its process sentinel are watched by the event loop; when the
+process dies every batch in flight fails with WorkerDied (the dispatcher retries
+it once elsewhere) and the worker is restarted with back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing as mp
+from collections.abc import Callable, Mapping
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from multiprocessing.shared_memory import SharedMemory
+
+from migserve.types import Array
+
+from ..errors import BadRequest, InferenceFailed, Unavailable, WorkerDied
+from ..partitions import Partition
+from ..workers import shm
+from ..workers.process import worker_main
+from ..workers.protocol import BatchDone, BatchFailed, FailureKind, RunBatch, Stop, WorkerReady, WorkerSpec
+
+logger = logging.getLogger(__name__)
+_ids = itertools.count(1)
+START_TIMEOUT_S = 120.0
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+
+
+class WorkerReplica:
+    def __init__(self, partition: Partition, models: Mapping[str, tuple[str, str]], on_change: Callable[[], None]) -> None:
+        self.partition = partition
+        self._models = dict(models)  # name -> (path, sha256)
+        self._on_change = on_change
+        self._ctx = mp.get_context("spawn")
+        self._process: BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._pending: dict[int, tuple[asyncio.Future[dict[str, Array]], SharedMemory]] = {}
+        self._ready = False
+        self._stopping = False
+        self.loaded: tuple[str, ...] = ()
+        self.refused: dict[str, str] = {}
+        self.providers: tuple[str, ...] = ()
+        self.restarts = 0
+        self.pid: int | None = None
+        self._restart_task: asyncio.Task[None] | None = None
+
+    @property
+    def id(self) -> str:
+        return self.partition.id
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def assigned(self) -> tuple[str, ...]:
+        return tuple(self._models)
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._pending)
+
+    async def start(self) -> None:
+        spec = WorkerSpec(
+            partition=self.partition.id,
+            device=self.partition.device,
+            cores=self.partition.cores,
+            models=tuple((name, path, digest) for name, (path, digest) in self._models.items()),
+        )
+        parent, child = self._ctx.Pipe()
+        process = self._ctx.Process(target=worker_main, args=(spec, child), name=f"migserve-worker-{self.id}", daemon=True)
+        process.start()
+        child.close()
+        ready = await asyncio.wait_for(asyncio.to_thread(parent.recv), START_TIMEOUT_S)
+        if not isinstance(ready, WorkerReady):
+            raise RuntimeError(f"worker {self.id} sent {type(ready).__name__} before it was ready")
+        self._process, self._conn, self.pid = process, parent, process.pid
+        self.loaded, self.refused, self.providers = ready.models, ready.refused, ready.providers
+        loop = asyncio.get_running_loop()
+        loop.add_reader(parent.fileno(), self._on_message)
+        loop.add_reader(process.sentinel, self._on_exit)
+        self._ready = True
+        for model, reason in ready.refused.items():
+            logger.error("partition %s refused model %s: %s", self.id, model, reason)
+        logger.info("worker %s ready (pid %s, %s, models: %s)", self.id, process.pid, ",".join(ready.providers), ",".join(ready.models))
+        self._on_change()
+
+    async def infer(self, model: str, parts: Mapping[str, list[Array]]) -> dict[str, Array]:
+        if not self._ready or self._conn is None:
+            raise WorkerDied(f"worker {self.id} is not running")
+        segment, refs = shm.pack_parts(parts)
+        batch_id = next(_ids)
+        future: asyncio.Future[dict[str, Array]] = asyncio.get_running_loop().create_future()
+        self._pending[batch_id] = (future, segment)
+        try:
+            self._conn.send(RunBatch(batch_id=batch_id, model=model, inputs=refs))
+        except OSError as exc:
+            self._pending.pop(batch_id)
+            shm.release(segment, unlink=True)
+            raise WorkerDied(f"worker {self.id}: {exc}") from None
+        return await future
+
+    def _on_message(self) -> None:
+        assert self._conn is not None
+        try:
+            message = self._conn.recv()
+        except (EOFError, OSError):
+            self._died("its pipe closed")
+            return
+        entry = self._pending.pop(message.batch_id, None)
+        if entry is None:
+            return
+        future, segment = entry
+        shm.release(segment, unlink=True)
+        if isinstance(message, BatchDone):
+            outputs = _read_outputs(message)
+            if not future.done():
+                future.set_result(outputs)
+        elif isinstance(message, BatchFailed) and not future.done():
+            error = BadRequest if message.kind is FailureKind.BAD_INPUT else InferenceFailed
+            future.set_exception(error(message.message))
+        self._on_change()
+
+    def _on_exit(self) -> None:
+        code = self._process.exitcode if self._process else None
+        self._died(f"it exited with code {code}")
+
+    def _died(self, why: str) -> None:
+        if not self._ready:
+            return
+        self._ready = False
+        loop = asyncio.get_running_loop()
+        if self._conn is not None:
+            loop.remove_reader(self._conn.fileno())
+            self._conn.close()
+        if self._process is not None:
+            loop.remove_reader(self._process.sentinel)
+        pending, self._pending = self._pending, {}
+        for future, segment in pending.values():
+            shm.release(segment, unlink=True)
+            if not future.done():
+                future.set_exception(WorkerDied(f"worker {self.id} died: {why}"))
+        self._on_change()
+        if not self._stopping:
+            logger.error("worker %s died (%s); restarting", self.id, why)
+            self._restart_task = loop.create_task(self._restart())
+
+    async def _restart(self) -> None:
+        for attempt in itertools.count():
+            await asyncio.sleep(RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)])
+            if self._stopping:
+                return
+            try:
+                await self.start()
+            except Exception:
+                logger.exception("restarting worker %s failed", self.id)
+                continue
+            self.restarts += 1
+            return
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._conn is not None and self._ready:
+            with contextlib.suppress(OSError):
+                self._conn.send(Stop())
+        if self._ready:
+            self._died("stopped")
+        if self._process is not None:
+            await asyncio.to_thread(self._process.join, 5.0)
+            if self._process.is_alive():
+                self._process.kill()
+
+
+def _read_outputs(message: BatchDone) -> dict[str, Array]:
+    if not message.outputs:
+        return {}
+    segment = shm.attach(next(iter(message.outputs.values())).segment)
+    try:
+        return {name: shm.view(segment, ref).copy() for name, ref in message.outputs.items()}
+    finally:
+        shm.release(segment, unlink=True)
+
+
+class LocalBackend:
+    """Worker processes for the partitions; `placement` maps partition id -> models there."""
+
+    def __init__(self, partitions: list[Partition], placement: Mapping[str, Mapping[str, tuple[str, str]]]) -> None:
+        self._listeners: list[Callable[[], None]] = []
+        self.workers = {p.id: WorkerReplica(p, placement.get(p.id, {}), self._notify) for p in partitions if placement.get(p.id)}
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Called whenever a replica finishes a batch or changes state."""
+        self._listeners.append(callback)
+
+    def _notify(self) -> None:
+        for callback in self._listeners:
+            callback()
+
+    async def start(self) -> None:
+        results = await asyncio.gather(*(w.start() for w in self.workers.values()), return_exceptions=True)
+        failed = [(w.id, r) for w, r in zip(self.workers.values(), results, strict=True) if isinstance(r, BaseException)]
+        if failed:
+            raise Unavailable("workers failed to start: " + "; ".join(f"{pid}: {err}" for pid, err in failed))
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(w.stop() for w in self.workers.values()))
+
+    def replicas(self, model: str) -> list[WorkerReplica]:
+        return [w for w in self.workers.values() if model in w.loaded or (not w.ready and model in w.assigned)]
+
+    def models(self) -> list[str]:
+        return sorted({m for w in self.workers.values() for m in w.loaded})

@@ -1,0 +1,59 @@
+"""`migserve serve`: start the gateway and its partition workers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from pydantic import ValidationError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-repo", type=Path, default=Path("model_repo"), help="exported models (default: model_repo)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--topology", type=Path, help="declared partitions (YAML); overrides discovery")
+    parser.add_argument("--cpu-slices", help="cores per CPU slice without a GPU, e.g. 2,2 (default: one slice per core)")
+    parser.add_argument("--models", nargs="+", metavar="NAME", help="serve only these models")
+    parser.add_argument("--max-body-mb", type=float, default=256.0, help="largest request body (default: 256)")
+    parser.add_argument("--timeout-s", type=float, default=30.0, help="default per-request deadline (default: 30)")
+    parser.add_argument("--queue-capacity", type=int, default=256, help="requests waiting per model before 503 (default: 256)")
+    parser.add_argument("--max-batch-size", type=int, help="cap every model's batch size; 1 disables batching")
+    parser.add_argument("--max-queue-delay-ms", type=float, help="override every model's batching delay")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
+    import uvicorn
+
+    from .api.app import create_app
+    from .config import ServeConfig
+    from .errors import ServiceError
+    from .partitions import TopologyError
+    from .repository import RepositoryError
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        slices = tuple(int(x) for x in args.cpu_slices.split(",")) if args.cpu_slices else None
+        config = ServeConfig(
+            model_repo=args.model_repo,
+            host=args.host,
+            port=args.port,
+            topology=args.topology,
+            cpu_slices=slices,
+            models=tuple(args.models) if args.models else None,
+            max_body_bytes=int(args.max_body_mb * (1 << 20)),
+            default_timeout_s=args.timeout_s,
+            queue_capacity=args.queue_capacity,
+            max_batch_size=args.max_batch_size,
+            max_queue_delay_s=args.max_queue_delay_ms / 1000 if args.max_queue_delay_ms is not None else None,
+        )
+        app = create_app(config)
+    except (ValueError, ValidationError, ServiceError, TopologyError, RepositoryError) as exc:
+        print(f"error: {exc}", file=err)
+        return 2
+    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level, access_log=False)
+    return 0

@@ -1,0 +1,23 @@
+"""Gateway settings: typed, validated once at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_repo: Path = Field(Path("model_repo"), description="exported models, one directory each")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    topology: Path | None = Field(None, description="declared partitions; overrides NVML and CPU discovery")
+    cpu_slices: tuple[int, ...] | None = Field(None, description="cores per CPU slice when there is no GPU; default one per core")
+    models: tuple[str, ...] | None = Field(None, description="serve only these models (default: every model in the repository)")
+    max_body_bytes: int = Field(256 << 20, ge=1024, description="larger request bodies are refused with 413")
+    default_timeout_s: float = Field(30.0, gt=0, description="per-request deadline unless the request sets one")
+    queue_capacity: int = Field(256, ge=1, description="requests waiting per model before 503")
+    max_queue_delay_s: float | None = Field(None, ge=0, description="override every contract's batching delay")
+    max_batch_size: int | None = Field(None, ge=1, description="cap every contract's max batch size (1 disables batching)")

@@ -1,0 +1,213 @@
+"""One dynamic batcher per model: a bounded queue, batches formed while replicas are busy.
+
+Requests with the same non-batch shapes are concatenated along the batch axis
+(up to max_batch_size); a batch is sent to the ready replica with the least
+outstanding work as soon as one has room, waiting at most max_queue_delay for
+more requests when the batch is not full. Expired requests are answered 504
+before dispatch; a full queue answers 503 at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from migserve.types import Array
+
+from ..backends.base import Replica
+from ..errors import DeadlineExpired, ServiceError, Unavailable, WorkerDied
+from ..metrics import Metrics
+
+logger = logging.getLogger(__name__)
+REPLICA_DEPTH = 2  # batches in flight per replica: one running, one ready to go
+
+
+@dataclass(eq=False)
+class Pending:
+    inputs: dict[str, Array]
+    size: int  # rows along the batch axis
+    deadline: float  # time.monotonic()
+    future: asyncio.Future[dict[str, Array]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def signature(self) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+        return tuple((k, v.shape[1:], v.dtype.str) for k, v in self.inputs.items())
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int
+    max_queue_delay_s: float
+    queue_capacity: int
+
+
+class ModelBatcher:
+    def __init__(self, model: str, policy: BatchPolicy, replicas: Callable[[], Sequence[Replica]], metrics: Metrics) -> None:
+        self.model = model
+        self.policy = policy
+        self._replicas = replicas
+        self._changed = asyncio.Event()  # set by the backend whenever a replica finishes or changes state
+        self._metrics = metrics
+        self._queue: deque[Pending] = deque()
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()  # batches in flight; referenced so they are not collected
+
+    def notify(self) -> None:
+        self._changed.set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.model}")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        for item in self._queue:
+            _fail(item, Unavailable("the server is shutting down"))
+
+    @property
+    def depth(self) -> int:
+        return sum(p.size for p in self._queue)
+
+    def submit(self, item: Pending) -> None:
+        if len(self._queue) >= self.policy.queue_capacity:
+            raise Unavailable(f"model {self.model}: queue full ({self.policy.queue_capacity} requests)", retry_after_s=1.0)
+        if not any(r.ready for r in self._replicas()):
+            raise Unavailable(f"model {self.model}: no ready replica", retry_after_s=1.0)
+        self._queue.append(item)
+        self._metrics.queue_depth.labels(self.model).set(len(self._queue))
+        self._arrived.set()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self._next_batch()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("batcher %s failed; continuing", self.model)
+
+    async def _next_batch(self) -> None:
+        while not self._queue:
+            self._arrived.clear()
+            await self._arrived.wait()
+        replica = await self._acquire(exclude=None)
+        if replica is None:
+            return
+        batch = self._take()
+        if sum(p.size for p in batch) < self.policy.max_batch_size and self.policy.max_queue_delay_s > 0:
+            await self._wait_for_more(batch)
+        task = asyncio.get_running_loop().create_task(self._run(replica, batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _acquire(self, exclude: Replica | None) -> Replica | None:
+        """The ready replica with the least outstanding work and room for a batch; None if none is ready."""
+        while True:
+            self._expire()
+            if not self._queue and exclude is None:
+                return None
+            ready = [r for r in self._replicas() if r.ready and r is not exclude]
+            if not ready:
+                if exclude is None:
+                    self._no_replica()
+                return None
+            free = [r for r in ready if r.outstanding < REPLICA_DEPTH]
+            if free:
+                return min(free, key=lambda r: r.outstanding)
+            self._changed.clear()
+            earliest = min((p.deadline for p in self._queue), default=time.monotonic() + 1.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=max(earliest - time.monotonic(), 0.001))
+
+    def _no_replica(self) -> None:
+        while self._queue:
+            _fail(self._queue.popleft(), Unavailable(f"model {self.model}: no ready replica", retry_after_s=1.0))
+        self._metrics.queue_depth.labels(self.model).set(0)
+
+    def _take(self, batch: list[Pending] | None = None) -> list[Pending]:
+        batch = batch or [self._queue.popleft()]
+        rows = sum(p.size for p in batch)
+        signature = batch[0].signature
+        kept: deque[Pending] = deque()
+        while self._queue:
+            item = self._queue.popleft()
+            if item.signature == signature and rows + item.size <= self.policy.max_batch_size and not item.future.done():
+                batch.append(item)
+                rows += item.size
+            else:
+                kept.append(item)
+        self._queue = kept
+        self._metrics.queue_depth.labels(self.model).set(len(self._queue))
+        return batch
+
+    async def _wait_for_more(self, batch: list[Pending]) -> None:
+        until = batch[0].enqueued + self.policy.max_queue_delay_s
+        while sum(p.size for p in batch) < self.policy.max_batch_size:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout=remaining)
+            except TimeoutError:
+                return
+            self._take(batch)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for item in [p for p in self._queue if p.deadline <= now or p.future.done()]:
+            self._queue.remove(item)
+            _fail(item, DeadlineExpired(f"model {self.model}: deadline passed after {now - item.enqueued:.3f}s in the queue"))
+
+    async def _run(self, replica: Replica, batch: list[Pending]) -> None:
+        batch = [p for p in batch if not p.future.done()]
+        if not batch:
+            return
+        parts = {name: [p.inputs[name] for p in batch] for name in batch[0].inputs}
+        rows = sum(p.size for p in batch)
+        started = time.monotonic()
+        for attempt in (0, 1):
+            try:
+                outputs = await replica.infer(self.model, parts)
+                break
+            except WorkerDied as exc:
+                self._metrics.retries.labels(self.model).inc()
+                other = await self._acquire(exclude=replica) if attempt == 0 else None
+                if other is None:
+                    for item in batch:
+                        _fail(item, Unavailable(f"model {self.model}: {exc}; no other replica could take the batch", retry_after_s=1.0))
+                    return
+                replica = other
+            except ServiceError as exc:
+                for item in batch:
+                    _fail(item, exc)
+                return
+        self._metrics.batch_size.labels(self.model, replica.id).observe(rows)
+        self._metrics.batch_seconds.labels(self.model, replica.id).observe(time.monotonic() - started)
+        _split(batch, outputs, rows, self.model)
+
+
+def _split(batch: list[Pending], outputs: dict[str, Array], rows: int, model: str) -> None:
+    bad = [name for name, value in outputs.items() if value.shape[:1] != (rows,)]
+    if bad:
+        error = ServiceError(f"model {model} returned {bad} without a batch dim of {rows}")
+        for item in batch:
+            _fail(item, error)
+        return
+    row = 0
+    for item in batch:
+        if not item.future.done():
+            item.future.set_result({name: value[row : row + item.size] for name, value in outputs.items()})
+        row += item.size
+
+
+def _fail(item: Pending, error: Exception) -> None:
+    if not item.future.done():
+        item.future.set_exception(error)

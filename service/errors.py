@@ -1,0 +1,49 @@
+"""Every error the gateway answers with, and its HTTP status: mapped in one handler (api/app.py).
+
+ServiceError                 base; `status` is the HTTP status, str(exc) the message
++-- BadRequest       400     the request is malformed or does not fit the model's contract
+|   +-- UnknownModel 404     no such model is served
+|   +-- TooLarge     413     the body is over the configured limit
++-- Unavailable      503     retry later: queue full (Retry-After) or no ready replica
++-- DeadlineExpired  504     the request's timeout passed before it was answered
++-- InferenceFailed  500     the model raised while running a valid request
+WorkerDied                   not an HTTP error: the dispatcher retries the batch once elsewhere
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status = 500
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BadRequest(ServiceError):
+    status = 400
+
+
+class UnknownModel(BadRequest):
+    status = 404
+
+
+class TooLarge(BadRequest):
+    status = 413
+
+
+class Unavailable(ServiceError):
+    status = 503
+
+
+class DeadlineExpired(ServiceError):
+    status = 504
+
+
+class InferenceFailed(ServiceError):
+    status = 500
+
+
+class WorkerDied(Exception):
+    """The worker process serving a batch exited; the batch may be retried on another replica."""

@@ -1,0 +1,29 @@
+"""Prometheus metrics, one registry per gateway (so tests can run several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("migserve_requests", "Inference requests answered", ["model", "status"], registry=r)
+        self.latency = Histogram(
+            "migserve_request_seconds", "Request latency in the gateway", ["model"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "migserve_batch_size", "Rows per batch sent to a partition", ["model", "partition"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_seconds = Histogram(
+            "migserve_batch_seconds", "Batch round trip to a partition", ["model", "partition"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("migserve_queue_depth", "Requests waiting in a model's queue", ["model"], registry=r)
+        self.retries = Counter("migserve_batch_retries", "Batches retried after a worker died", ["model"], registry=r)
+        self.restarts = Gauge("migserve_worker_restarts", "Times a partition's worker was restarted", ["partition"], registry=r)
+        self.ready = Gauge("migserve_partition_ready", "1 while a partition's worker is ready", ["partition"], registry=r)
+        self.memory = Gauge("migserve_partition_memory_bytes", "Partition memory (NVML; unset on CPU slices)", ["partition"], registry=r)

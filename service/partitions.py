@@ -1,0 +1,169 @@
+"""Partitions: the isolated compute slices the gateway runs workers on.
+
+Discovery order: a declared topology file wins; else NVML (every MIG instance of
+every MIG-enabled GPU, and every whole GPU without MIG); else CPU slices. NVML is
+imported lazily (the `gpu` extra); tests pass a fake module that replays captured
+`nvidia-smi` devices.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+logger = logging.getLogger(__name__)
+
+
+class PartitionKind(StrEnum):
+    MIG = "mig"
+    GPU = "gpu"
+    CPU = "cpu"
+
+
+@dataclass(frozen=True)
+class Partition:
+    id: str  # stable, URL-safe: mig-0-1, gpu-0, cpu-0
+    kind: PartitionKind
+    device: str | None = None  # the UUID given to CUDA_VISIBLE_DEVICES (MIG-... or GPU-...)
+    profile: str | None = None  # e.g. 3g.40gb, or the GPU name
+    memory_bytes: int | None = None
+    cores: tuple[int, ...] = ()  # CPU slices only
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind.value,
+            "device": self.device,
+            "profile": self.profile,
+            "memory_bytes": self.memory_bytes,
+            "cores": list(self.cores),
+        }
+
+
+class TopologyError(ValueError):
+    """A topology file or --cpu-slices value that cannot be used; the message says how to fix it."""
+
+
+def cpu_slices(sizes: Sequence[int] | None = None, cores: Sequence[int] | None = None) -> list[Partition]:
+    """Split the usable cores into slices: one per core by default, or `sizes` cores each."""
+    available = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    sizes = list(sizes) if sizes else [1] * len(available)
+    if any(s < 1 for s in sizes) or sum(sizes) > len(available):
+        raise TopologyError(f"--cpu-slices {','.join(map(str, sizes))} needs {sum(sizes)} cores; {len(available)} are usable: {available}")
+    slices, start = [], 0
+    for i, size in enumerate(sizes):
+        slices.append(Partition(id=f"cpu-{i}", kind=PartitionKind.CPU, cores=tuple(available[start : start + size])))
+        start += size
+    return slices
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def nvml_partitions(nvml: ModuleType) -> list[Partition]:
+    """Every MIG instance of MIG-enabled GPUs and every whole GPU otherwise, via an NVML module."""
+    nvml.nvmlInit()
+    try:
+        found: list[Partition] = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            gpu = nvml.nvmlDeviceGetHandleByIndex(index)
+            name = _text(nvml.nvmlDeviceGetName(gpu))
+            try:
+                current, _pending = nvml.nvmlDeviceGetMigMode(gpu)
+            except nvml.NVMLError:
+                current = 0  # GPUs without MIG support raise NotSupported
+            if current != 1:
+                memory = nvml.nvmlDeviceGetMemoryInfo(gpu).total
+                uuid = _text(nvml.nvmlDeviceGetUUID(gpu))
+                found.append(Partition(id=f"gpu-{index}", kind=PartitionKind.GPU, device=uuid, profile=name, memory_bytes=memory))
+                continue
+            for slot in range(nvml.nvmlDeviceGetMaxMigDeviceCount(gpu)):
+                try:
+                    mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(gpu, slot)
+                except nvml.NVMLError:
+                    continue  # empty slot
+                mig_name = _text(nvml.nvmlDeviceGetName(mig))  # "NVIDIA A100-SXM4-80GB MIG 3g.40gb"
+                found.append(
+                    Partition(
+                        id=f"mig-{index}-{slot}",
+                        kind=PartitionKind.MIG,
+                        device=_text(nvml.nvmlDeviceGetUUID(mig)),
+                        profile=mig_name.rsplit("MIG ", 1)[-1],
+                        memory_bytes=nvml.nvmlDeviceGetMemoryInfo(mig).total,
+                    )
+                )
+        return found
+    finally:
+        nvml.nvmlShutdown()
+
+
+def _import_nvml() -> ModuleType | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        module: ModuleType = pynvml
+        return module
+    except Exception:  # no package, no driver, no GPU: all mean "use CPU slices"
+        return None
+
+
+class _DeclaredPartition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="URL-safe name")
+    kind: PartitionKind
+    device: str | None = Field(None, description="MIG-... or GPU-... UUID for mig and gpu partitions")
+    profile: str | None = None
+    memory_bytes: int | None = None
+    cores: list[int] = Field(default_factory=list, description="CPU cores for a cpu partition")
+
+
+class _Topology(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    partitions: list[_DeclaredPartition] = Field(min_length=1)
+
+
+def load_topology(path: Path) -> list[Partition]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+        declared = _Topology.model_validate(raw)
+    except OSError as exc:
+        raise TopologyError(f"cannot read topology {path}: {exc.strerror}") from None
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise TopologyError(f"invalid topology {path}: {exc}") from None
+    ids = [p.id for p in declared.partitions]
+    if len(set(ids)) != len(ids):
+        raise TopologyError(f"invalid topology {path}: partition ids repeat: {ids}")
+    partitions = []
+    for p in declared.partitions:
+        if p.kind is PartitionKind.CPU and not p.cores:
+            raise TopologyError(f"invalid topology {path}: cpu partition {p.id} lists no cores")
+        if p.kind is not PartitionKind.CPU and not p.device:
+            raise TopologyError(f"invalid topology {path}: {p.kind.value} partition {p.id} needs a device UUID")
+        partitions.append(
+            Partition(id=p.id, kind=p.kind, device=p.device, profile=p.profile, memory_bytes=p.memory_bytes, cores=tuple(p.cores))
+        )
+    return partitions
+
+
+def discover(topology: Path | None = None, slices: Sequence[int] | None = None, nvml: ModuleType | None = None) -> list[Partition]:
+    if topology is not None:
+        return load_topology(topology)
+    module = nvml if nvml is not None else _import_nvml()
+    if module is not None:
+        found = nvml_partitions(module)
+        if found:
+            return found
+        logger.warning("NVML found no GPUs; using CPU slices")
+    return cpu_slices(slices)

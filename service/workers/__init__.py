@@ -1,0 +1,1 @@
+"""One process per partition: owns the onnxruntime sessions of the models placed there."""

@@ -1,0 +1,101 @@
+"""The worker process: one per partition, started with `spawn`.
+
+`CUDA_VISIBLE_DEVICES` is set to the partition's UUID and the CPU affinity to its
+cores before onnxruntime is imported, so a process sees exactly one MIG instance
+(or GPU, or its cores). Each model's sha256 is checked against its contract before
+its session is created. Then: receive a batch, run it on views of shared memory,
+write the outputs to a new segment, reply. No logging on the hot path.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from migserve.contract import sha256_file
+
+from . import shm
+from .protocol import BatchDone, BatchFailed, FailureKind, RunBatch, Stop, WorkerReady, WorkerSpec
+
+
+def _session_options(ort: Any, spec: WorkerSpec) -> Any:
+    options = ort.SessionOptions()
+    if spec.cores:
+        options.intra_op_num_threads = len(spec.cores)
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return options
+
+
+def _providers(ort: Any, spec: WorkerSpec) -> list[str]:
+    if spec.device and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def load_sessions(ort: Any, spec: WorkerSpec) -> tuple[dict[str, Any], dict[str, str]]:
+    sessions: dict[str, Any] = {}
+    refused: dict[str, str] = {}
+    options, providers = _session_options(ort, spec), _providers(ort, spec)
+    for name, path, expected in spec.models:
+        try:
+            digest = sha256_file(Path(path))
+        except OSError as exc:
+            refused[name] = f"cannot read {path}: {exc.strerror}"
+            continue
+        if digest != expected:
+            refused[name] = f"{path}: sha256 {digest[:12]}... is not the contract's {expected[:12]}..."
+            continue
+        try:
+            sessions[name] = ort.InferenceSession(path, sess_options=options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            refused[name] = f"onnxruntime cannot load {path}: {exc}"
+    return sessions, refused
+
+
+def run_batch(sessions: dict[str, Any], message: RunBatch) -> BatchDone | BatchFailed:
+    session = sessions.get(message.model)
+    if session is None:
+        return BatchFailed(message.batch_id, FailureKind.BAD_INPUT, f"model {message.model} is not loaded on this partition")
+    segment = shm.attach(next(iter(message.inputs.values())).segment)
+    try:
+        feeds = {name: shm.view(segment, ref) for name, ref in message.inputs.items()}
+        started = time.perf_counter()
+        try:
+            results = session.run(None, feeds)
+        except Exception as exc:  # InvalidArgument and friends: shapes or values the graph rejects
+            kind = FailureKind.BAD_INPUT if "INVALID_ARGUMENT" in str(exc) or "Invalid" in type(exc).__name__ else FailureKind.RUNTIME
+            return BatchFailed(message.batch_id, kind, str(exc).strip().splitlines()[0][:500])
+        compute = time.perf_counter() - started
+        del feeds
+    finally:
+        shm.release(segment, unlink=False)
+    names = [o.name for o in session.get_outputs()]
+    out_segment, refs = shm.pack(dict(zip(names, results, strict=True)))
+    out_segment.close()  # the gateway reads and unlinks it
+    return BatchDone(message.batch_id, refs, compute)
+
+
+def worker_main(spec: WorkerSpec, conn: Connection) -> None:
+    if spec.device:
+        os.environ["CUDA_VISIBLE_DEVICES"] = spec.device
+    if spec.cores:
+        os.sched_setaffinity(0, spec.cores)
+        os.environ["OMP_NUM_THREADS"] = str(len(spec.cores))
+    import onnxruntime as ort  # only now: the device and cores are fixed
+
+    sessions, refused = load_sessions(ort, spec)
+    providers = tuple(_providers(ort, spec))
+    conn.send(WorkerReady(partition=spec.partition, models=tuple(sessions), providers=providers, refused=refused))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the gateway is gone
+        if isinstance(message, Stop):
+            return
+        conn.send(run_batch(sessions, message))

@@ -1,0 +1,70 @@
+"""Typed messages between the gateway and a worker process.
+
+Only these small dataclasses cross the pipe (pickled); tensor bytes travel in
+shared memory (`TensorRef` names a segment and an offset), so a CT volume is
+written once by the gateway and read in place by onnxruntime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    segment: str
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    partition: str
+    device: str | None  # CUDA_VISIBLE_DEVICES for this process, None on a CPU slice
+    cores: tuple[int, ...]
+    models: tuple[tuple[str, str, str], ...]  # (name, model path, expected sha256)
+
+
+@dataclass(frozen=True)
+class RunBatch:
+    batch_id: int
+    model: str
+    inputs: dict[str, TensorRef]
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+class FailureKind(StrEnum):
+    BAD_INPUT = "bad_input"  # onnxruntime rejected the tensors: the request's fault
+    RUNTIME = "runtime"  # the model failed on valid input
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    partition: str
+    models: tuple[str, ...]
+    providers: tuple[str, ...]
+    refused: dict[str, str]  # model -> why it was not loaded (e.g. sha256 mismatch)
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    batch_id: int
+    outputs: dict[str, TensorRef]
+    compute_s: float
+
+
+@dataclass(frozen=True)
+class BatchFailed:
+    batch_id: int
+    kind: FailureKind
+    message: str
+
+
+ToWorker = RunBatch | Stop
+FromWorker = WorkerReady | BatchDone | BatchFailed

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, ExportedRepo, migserve
+from tests.helpers import ROOT, ExportedRepo, Gateway, migserve
 
 SHARED = Path(os.environ.get("MIGSERVE_SHARED", ROOT.parent / "shared"))
 
@@ -34,3 +35,12 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> ExportedRepo:
     if run.returncode != 0:
         pytest.fail(f"export --all failed ({run.returncode}):\n{run.stderr[-4000:]}")
     return ExportedRepo(root=root, run=run)
+
+
+@pytest.fixture(scope="session")
+def gateway(tiny_repo: ExportedRepo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """`migserve serve` on two one-core CPU slices, every tiny model on both."""
+    log = tmp_path_factory.mktemp("gateway") / "serve.log"
+    server = Gateway(tiny_repo.root, "--cpu-slices", "1,1", log=log)
+    yield server
+    server.close()

@@ -29,3 +29,49 @@ def migserve(*args: str | Path, cwd: Path = ROOT, timeout: float = 600) -> CliRu
 class ExportedRepo:
     root: Path
     run: CliRun
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Gateway:
+    """A real `migserve serve` process on a free local port; stopped on close."""
+
+    def __init__(self, repo: Path, *args: str, log: Path) -> None:
+        import time
+        import urllib.request
+
+        self.port = free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        self.log = log
+        command = [sys.executable, "-m", "migserve", "serve", "--model-repo", str(repo), "--port", str(self.port), *args]
+        self._out = log.open("w")
+        self.process = subprocess.Popen(command, cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://{self.url}/v2/health/ready", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.close()
+        raise RuntimeError(f"gateway not ready in 120 s:\n{log.read_text()[-3000:]}")
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._out.close()

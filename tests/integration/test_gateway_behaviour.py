@@ -1,0 +1,223 @@
+"""The gateway under load and abuse: batching, a killed worker, overload, deadlines, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+from migserve.contract import read_contract
+from tests.helpers import ExportedRepo, Gateway
+from tests.integration.test_gateway_protocol import make_inputs, triton_inputs
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _crowd_body(repo: Path, seed: int = 0) -> bytes:
+    arrays = make_inputs(read_contract(repo / "crowd-csrnet"), batch=1, seed=seed, dims={"height": 64, "width": 64})
+    image = arrays["image"]
+    return json.dumps(
+        {"inputs": [{"name": "image", "datatype": "FP32", "shape": list(image.shape), "data": image.ravel().tolist()}]}
+    ).encode()
+
+
+def test_batches_above_one_form_under_concurrency(gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+    # crowd-csrnet at 256x256 takes ~11 ms on one core: 32 clients keep both workers busy, so a queue builds.
+    contract = read_contract(tiny_repo.root / "crowd-csrnet")
+    client = httpclient.InferenceServerClient(url=gateway.url, concurrency=32, network_timeout=60)
+    before = httpx.get(f"http://{gateway.url}/metrics").text
+    requests = [client.async_infer("crowd-csrnet", triton_inputs(make_inputs(contract, 1, seed=i))) for i in range(96)]
+    results = [r.get_result() for r in requests]
+    assert all(r.as_numpy("density").shape == (1, 1, 32, 32) for r in results)
+    after = httpx.get(f"http://{gateway.url}/metrics").text
+
+    def delta(metric: str) -> float:
+        return _metric(after, metric, model="crowd-csrnet") - _metric(before, metric, model="crowd-csrnet")
+
+    assert delta("migserve_batch_size_sum") == 96
+    assert delta("migserve_batch_size_count") < 96, "no batch above 1 formed"
+    client.close()
+
+
+def test_a_killed_worker_is_restarted_and_requests_around_it_are_answered(gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+    url = f"http://{gateway.url}"
+    victim = httpx.get(f"{url}/v1/partitions").json()["partitions"][0]
+    body = _crowd_body(tiny_repo.root)
+
+    def call(_: int) -> int:
+        return httpx.post(f"{url}/v2/models/crowd-csrnet/infer", content=body, timeout=60).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(call, i) for i in range(120)]
+        time.sleep(0.3)
+        os.kill(victim["pid"], signal.SIGKILL)
+        codes = [f.result(timeout=60) for f in futures]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(200) >= 100  # the other replica took the retried batches
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        state = {p["id"]: p for p in httpx.get(f"{url}/v1/partitions").json()["partitions"]}[victim["id"]]
+        if state["ready"]:
+            break
+        time.sleep(0.2)
+    assert state["ready"] and state["restarts"] == 1 and state["pid"] != victim["pid"]
+    assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+    assert call(0) == 200
+    metrics = httpx.get(f"{url}/metrics").text
+    assert _metric(metrics, "migserve_worker_restarts", partition=victim["id"]) == 1
+
+
+@pytest.fixture(scope="module")
+def small_gateway(tiny_repo: ExportedRepo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """One core, a queue of 4, bodies up to 1 MiB: easy to overload."""
+    log = tmp_path_factory.mktemp("small") / "serve.log"
+    server = Gateway(
+        tiny_repo.root,
+        "--cpu-slices",
+        "1",
+        "--queue-capacity",
+        "4",
+        "--max-body-mb",
+        "1",
+        "--models",
+        "lns-organs",
+        "crowd-csrnet",
+        log=log,
+    )
+    yield server
+    server.close()
+
+
+def test_overload_answers_503_with_retry_after(small_gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+    contract = read_contract(tiny_repo.root / "lns-organs")
+    ct = make_inputs(contract, batch=4, seed=0)["ct"]
+    header = json.dumps(
+        {"inputs": [{"name": "ct", "datatype": "FP32", "shape": list(ct.shape), "parameters": {"binary_data_size": ct.nbytes}}]}
+    ).encode()
+    url = f"http://{small_gateway.url}/v2/models/lns-organs/infer"
+
+    def call(_: int) -> httpx.Response:
+        return httpx.post(url, content=header + ct.tobytes(), headers={"Inference-Header-Content-Length": str(len(header))}, timeout=60)
+
+    with ThreadPoolExecutor(48) as pool:
+        responses = list(pool.map(call, range(96)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503} and 503 in codes and 200 in codes
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert rejected.headers["Retry-After"] == "1"
+    assert "queue full (4 requests)" in rejected.json()["error"]
+
+
+def test_expired_deadline_answers_504(small_gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+    body = json.loads(_crowd_body(tiny_repo.root))
+    body["parameters"] = {"timeout": 1}  # one microsecond, as Triton's timeout parameter
+    response = httpx.post(f"http://{small_gateway.url}/v2/models/crowd-csrnet/infer", json=body, timeout=30)
+    assert response.status_code == 504
+    assert "deadline" in response.json()["error"] or "no answer within" in response.json()["error"]
+    again = httpx.post(f"http://{small_gateway.url}/v2/models/crowd-csrnet/infer", content=_crowd_body(tiny_repo.root), timeout=30)
+    assert again.status_code == 200
+
+
+def test_oversized_body_answers_413(small_gateway: Gateway) -> None:
+    response = httpx.post(f"http://{small_gateway.url}/v2/models/crowd-csrnet/infer", content=b"x" * (2 << 20), timeout=30)
+    assert response.status_code == 413
+    assert "over the limit of 1048576" in response.json()["error"]
+
+
+def _post(gateway: Gateway, model: str, content: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.post(f"http://{gateway.url}/v2/models/{model}/infer", content=content, headers=headers or {}, timeout=30)
+
+
+def _image_input(shape: list[int], datatype: str = "FP32", name: str = "image") -> bytes:
+    count = int(np.prod(shape))
+    return json.dumps({"inputs": [{"name": name, "datatype": datatype, "shape": shape, "data": [0.0] * count}]}).encode()
+
+
+BAD_REQUESTS = [
+    ("unknown model", "crowd", _image_input([1, 3, 16, 16]), None, 404, "unknown model 'crowd'"),
+    ("malformed JSON", "crowd-csrnet", b'{"inputs": [', None, 400, "not valid JSON"),
+    ("not an object", "crowd-csrnet", b"[1, 2]", None, 400, "must be a JSON object"),
+    ("wrong input name", "crowd-csrnet", _image_input([1, 3, 16, 16], name="img"), None, 400, "missing ['image'], unknown ['img']"),
+    ("wrong dtype", "crowd-csrnet", _image_input([1, 3, 16, 16], datatype="FP64"), None, 400, "datatype 'FP64', the model expects FP32"),
+    ("wrong rank", "crowd-csrnet", _image_input([3, 16, 16]), None, 400, "has rank 3"),
+    ("wrong channels", "crowd-csrnet", _image_input([1, 4, 16, 16]), None, 400, "the model expects [batch, 3, height, width]"),
+    ("dim below range", "crowd-csrnet", _image_input([1, 3, 4, 16]), None, 400, "height=4 is outside [8,"),
+    ("batch above max", "crowd-csrnet", _image_input([9, 3, 8, 8]), None, 400, "batch=9 is outside [1, 8]"),
+    (
+        "data count",
+        "crowd-csrnet",
+        json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 8, 8], "data": [1.0]}]}).encode(),
+        None,
+        400,
+        "1 values for shape",
+    ),
+    (
+        "non-numeric",
+        "crowd-csrnet",
+        json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": ["a"]}]}).encode(),
+        None,
+        400,
+        "data is not FP32",
+    ),
+    ("bad header length", "crowd-csrnet", b"{}", {"Inference-Header-Content-Length": "99"}, 400, "does not fit a body of 2 bytes"),
+]
+
+
+@pytest.mark.parametrize(("case", "model", "body", "headers", "status", "message"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_requests_get_a_4xx_that_names_the_problem(
+    gateway: Gateway, case: str, model: str, body: bytes, headers: dict[str, str] | None, status: int, message: str
+) -> None:
+    response = _post(gateway, model, body, headers)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
+def test_truncated_and_overlong_binary_bodies(gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+    image = np.zeros((1, 3, 16, 16), np.float32)
+    header = json.dumps(
+        {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 16, 16], "parameters": {"binary_data_size": image.nbytes}}]}
+    ).encode()
+    length = {"Inference-Header-Content-Length": str(len(header))}
+    truncated = _post(gateway, "crowd-csrnet", header + image.tobytes()[:-100], length)
+    assert truncated.status_code == 400 and "body truncated" in truncated.json()["error"]
+    extra = _post(gateway, "crowd-csrnet", header + image.tobytes() + b"junk", length)
+    assert extra.status_code == 400 and "4 bytes after the last binary input" in extra.json()["error"]
+    ok = _post(gateway, "crowd-csrnet", header + image.tobytes(), length)
+    assert ok.status_code == 200
+
+
+def test_grounding_inputs_must_agree_on_named_dims(gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+    arrays = make_inputs(read_contract(tiny_repo.root / "grounding-mgsl"), batch=1, seed=0)
+    arrays["video_mask"] = np.ones((1, 10), np.float32)  # video has 64 frames
+    inputs = [
+        {"name": k, "datatype": "INT64" if v.dtype == np.int64 else "FP32", "shape": list(v.shape), "data": v.ravel().tolist()}
+        for k, v in arrays.items()
+    ]
+    response = _post(gateway, "grounding-mgsl", json.dumps({"inputs": inputs}).encode())
+    assert response.status_code == 400
+    assert re.search(r"frames=10, but another input has frames=64", response.json()["error"])
+
+
+def test_partitions_view(gateway: Gateway) -> None:
+    partitions = httpx.get(f"http://{gateway.url}/v1/partitions").json()["partitions"]
+    assert [p["id"] for p in partitions] == ["cpu-0", "cpu-1"]
+    assert all(p["kind"] == "cpu" and len(p["cores"]) == 1 and len(p["models"]) == 10 for p in partitions)
+    assert all(p["providers"] == ["CPUExecutionProvider"] for p in partitions)

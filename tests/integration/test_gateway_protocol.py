@@ -1,0 +1,92 @@
+"""The gateway over real HTTP with the real tritonclient: every model, JSON and binary tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.http as httpclient
+
+from exporters.zoo import ZOO
+from migserve.contract import Contract, read_contract
+from migserve.types import Array
+from tests.helpers import ExportedRepo, Gateway
+
+TRITON_DTYPES = {"float32": "FP32", "int64": "INT64"}
+
+
+def make_inputs(contract: Contract, batch: int, seed: int, dims: dict[str, int] | None = None) -> dict[str, Array]:
+    """Valid inputs at the contract's default dims (or `dims`), seeded."""
+    rng = np.random.default_rng(seed)
+    sizes = {name: r.default for name, r in contract.dims.items()} | (dims or {}) | {"batch": batch}
+    arrays: dict[str, Array] = {}
+    for spec in contract.inputs:
+        shape = tuple(d if isinstance(d, int) else sizes[d] for d in spec.shape)
+        if spec.dtype == "int64":
+            arrays[spec.name] = rng.integers(2, 700, shape, dtype=np.int64)
+        elif "mask" in spec.name:
+            arrays[spec.name] = np.ones(shape, np.float32)
+        else:
+            arrays[spec.name] = rng.standard_normal(shape).astype(np.float32)
+    return arrays
+
+
+def triton_inputs(arrays: dict[str, Array], binary: bool = True) -> list[httpclient.InferInput]:
+    inputs = []
+    for name, array in arrays.items():
+        tensor = httpclient.InferInput(name, list(array.shape), TRITON_DTYPES[array.dtype.name])
+        tensor.set_data_from_numpy(array, binary_data=binary)
+        inputs.append(tensor)
+    return inputs
+
+
+def direct(repo: Path, name: str, arrays: dict[str, Array]) -> list[Array]:
+    session = ort.InferenceSession(str(repo / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    return list(session.run(None, arrays))
+
+
+@pytest.fixture(scope="module")
+def client(gateway: Gateway) -> httpclient.InferenceServerClient:
+    return httpclient.InferenceServerClient(url=gateway.url, network_timeout=60)
+
+
+def test_health_and_server_metadata(client: httpclient.InferenceServerClient) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    meta = client.get_server_metadata()
+    assert meta["name"] == "migserve" and "binary_tensor_data" in meta["extensions"]
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_every_model_round_trips_through_tritonclient(client: httpclient.InferenceServerClient, tiny_repo: ExportedRepo, name: str) -> None:
+    contract = read_contract(tiny_repo.root / name)
+    assert client.is_model_ready(name)
+    meta = client.get_model_metadata(name)
+    assert [i["name"] for i in meta["inputs"]] == [s.name for s in contract.inputs]
+    arrays = make_inputs(contract, batch=2, seed=11)
+    outputs = [httpclient.InferRequestedOutput(s.name, binary_data=True) for s in contract.outputs]
+    result = client.infer(name, triton_inputs(arrays), outputs=outputs)
+    for spec, expected in zip(contract.outputs, direct(tiny_repo.root, name, arrays), strict=True):
+        got = result.as_numpy(spec.name)
+        assert got.shape == expected.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+
+
+def test_json_tensors_and_a_subset_of_outputs(client: httpclient.InferenceServerClient, tiny_repo: ExportedRepo) -> None:
+    contract = read_contract(tiny_repo.root / "face-pros")
+    arrays = make_inputs(contract, batch=1, seed=3)
+    wanted = [httpclient.InferRequestedOutput("attributes", binary_data=False)]
+    result = client.infer("face-pros", triton_inputs(arrays, binary=False), outputs=wanted)
+    response = result.get_response()
+    assert [o["name"] for o in response["outputs"]] == ["attributes"]
+    expected = direct(tiny_repo.root, "face-pros", arrays)[1]
+    np.testing.assert_allclose(result.as_numpy("attributes"), expected, rtol=1e-5, atol=1e-6)
+    assert ((expected >= 0) & (expected <= 1)).all()
+
+
+def test_dynamic_sizes_pass_through(client: httpclient.InferenceServerClient, tiny_repo: ExportedRepo) -> None:
+    contract = read_contract(tiny_repo.root / "crowd-csrnet")
+    arrays = make_inputs(contract, batch=1, seed=5, dims={"height": 100, "width": 148})
+    result = client.infer("crowd-csrnet", triton_inputs(arrays))
+    assert result.as_numpy("density").shape == (1, 1, 12, 18)

@@ -83,9 +83,10 @@ def nvml_partitions(nvml: ModuleType) -> list[Partition]:
             except nvml.NVMLError:
                 current = 0  # GPUs without MIG support raise NotSupported
             if current != 1:
-                memory = nvml.nvmlDeviceGetMemoryInfo(gpu).total
                 uuid = _text(nvml.nvmlDeviceGetUUID(gpu))
-                found.append(Partition(id=f"gpu-{index}", kind=PartitionKind.GPU, device=uuid, profile=name, memory_bytes=memory))
+                found.append(
+                    Partition(id=f"gpu-{index}", kind=PartitionKind.GPU, device=uuid, profile=name, memory_bytes=_memory(nvml, gpu))
+                )
                 continue
             for slot in range(nvml.nvmlDeviceGetMaxMigDeviceCount(gpu)):
                 try:
@@ -99,12 +100,20 @@ def nvml_partitions(nvml: ModuleType) -> list[Partition]:
                         kind=PartitionKind.MIG,
                         device=_text(nvml.nvmlDeviceGetUUID(mig)),
                         profile=mig_name.rsplit("MIG ", 1)[-1],
-                        memory_bytes=nvml.nvmlDeviceGetMemoryInfo(mig).total,
+                        memory_bytes=_memory(nvml, mig),
                     )
                 )
         return found
     finally:
         nvml.nvmlShutdown()
+
+
+def _memory(nvml: ModuleType, handle: Any) -> int | None:
+    """Total memory of a GPU or MIG handle; None where NVML cannot say."""
+    try:
+        return int(nvml.nvmlDeviceGetMemoryInfo(handle).total)
+    except nvml.NVMLError:
+        return None
 
 
 def _import_nvml() -> ModuleType | None:

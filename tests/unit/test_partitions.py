@@ -1,0 +1,91 @@
+"""Discovery against NVML replaying real nvidia-smi listings, CPU slices, declared topologies, placement."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.partitions import PartitionKind, TopologyError, cpu_slices, discover, load_topology
+from tests.fake_nvml import fake_nvml
+
+GIB = 1 << 30
+
+
+def test_two_dgx_a100_gpus_with_mig(shared: Path) -> None:
+    nvml = fake_nvml(shared / "fixtures" / "nvidia" / "smi-L-a100-mig.txt")
+    found = discover(nvml=nvml)
+    assert [p.id for p in found] == ["mig-0-0", "mig-0-1", "mig-0-2", "mig-0-3", "mig-1-0", "mig-1-1", "mig-1-2", "mig-1-3"]
+    assert {p.kind for p in found} == {PartitionKind.MIG}
+    assert [p.profile for p in found[:4]] == ["3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb"]
+    assert found[0].device == "MIG-dcf43e8e-5d19-5fa8-8b1d-8aaca1e467f0"
+    assert found[7].device == "MIG-91e26891-6f5b-5ff3-9c66-310e47d6b059"
+    assert [p.memory_bytes for p in found[:4]] == [40 * GIB, 20 * GIB, 10 * GIB, 10 * GIB]
+    assert nvml.calls == {"init": 1, "shutdown": 1}
+
+
+@pytest.mark.parametrize(
+    ("listing", "profiles"),
+    [
+        ("smi-L-h100-mig.txt", ["3g.40gb", "1g.10gb", "1g.10gb", "1g.10gb"]),
+        ("smi-L-gh200-mig.txt", ["1g.24gb", "1g.24gb", "1g.24gb", "1g.12gb"]),
+        ("smi-L-a100-40gb-mig.txt", ["4g.20gb", "1c.2g.10gb", "1c.2g.10gb", "1g.5gb"]),
+    ],
+)
+def test_other_mig_gpus(shared: Path, listing: str, profiles: list[str]) -> None:
+    found = discover(nvml=fake_nvml(shared / "fixtures" / "nvidia" / listing))
+    assert [p.profile for p in found] == profiles
+    assert all(p.device and p.device.startswith("MIG-") for p in found)
+
+
+def test_whole_gpus_without_mig(shared: Path) -> None:
+    found = discover(nvml=fake_nvml(shared / "fixtures" / "nvidia" / "smi-L-nomig.txt"))
+    assert [p.id for p in found] == [f"gpu-{i}" for i in range(8)]
+    assert {p.kind for p in found} == {PartitionKind.GPU}
+    assert found[0].device == "GPU-8b89b58e-b427-108d-ac50-06138d78fe78"
+    assert found[0].profile == "NVIDIA RTX PRO 6000 Blackwell Server Edition"
+    assert found[0].memory_bytes is None  # NVML could not say: no memory bound in placement
+
+
+def test_cpu_slices() -> None:
+    assert [p.cores for p in cpu_slices(cores=[0, 1, 2, 3])] == [(0,), (1,), (2,), (3,)]
+    slices = cpu_slices([2, 1], cores=[0, 1, 2, 3])
+    assert [(p.id, p.cores) for p in slices] == [("cpu-0", (0, 1)), ("cpu-1", (2,))]
+    with pytest.raises(TopologyError, match=r"--cpu-slices 2,2,2 needs 6 cores; 4 are usable"):
+        cpu_slices([2, 2, 2], cores=[0, 1, 2, 3])
+
+
+def test_without_nvml_discovery_falls_back_to_cpu_slices() -> None:
+    found = discover(slices=[1])
+    assert len(found) == 1 and found[0].kind is PartitionKind.CPU
+
+
+def test_declared_topology_wins(tmp_path: Path, shared: Path) -> None:
+    path = tmp_path / "topology.yaml"
+    path.write_text(
+        "partitions:\n"
+        "  - {id: big, kind: mig, device: MIG-dcf43e8e-5d19-5fa8-8b1d-8aaca1e467f0, profile: 3g.40gb, memory_bytes: 42949672960}\n"
+        "  - {id: spare, kind: cpu, cores: [0]}\n"
+    )
+    found = discover(topology=path, nvml=fake_nvml(shared / "fixtures" / "nvidia" / "smi-L-nomig.txt"))
+    assert [(p.id, p.kind, p.profile) for p in found] == [("big", PartitionKind.MIG, "3g.40gb"), ("spare", PartitionKind.CPU, None)]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("partitions: []", "at least 1 item"),
+        ("partitions:\n  - {id: a, kind: tpu}", "kind"),
+        ("partitions:\n  - {id: a, kind: mig}", "needs a device UUID"),
+        ("partitions:\n  - {id: a, kind: cpu}", "lists no cores"),
+        ("partitions:\n  - {id: a, kind: cpu, cores: [0]}\n  - {id: a, kind: cpu, cores: [1]}", "ids repeat"),
+        ("partitions: [", "invalid topology"),
+    ],
+)
+def test_bad_topologies_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "topology.yaml"
+    path.write_text(text)
+    with pytest.raises(TopologyError, match=message):
+        load_topology(path)
+    with pytest.raises(TopologyError, match="cannot read topology"):
+        load_topology(tmp_path / "missing.yaml")

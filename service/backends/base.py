@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
@@ -20,8 +21,9 @@ class Replica(Protocol):
     @property
     def ready(self) -> bool: ...
 
-    async def infer(self, model: str, parts: Mapping[str, list[Array]]) -> dict[str, Array]:
-        """Run one batch: each input's parts are concatenated along axis 0. Raises WorkerDied."""
+    def submit(self, model: str, parts: Mapping[str, list[Array]]) -> asyncio.Future[dict[str, Array]]:
+        """Send one batch now (each input's parts concatenated along axis 0); the replica counts as
+        busy from this call on. Raises, or fails the future with, WorkerDied if the replica is gone."""
         ...
 
 

@@ -15,7 +15,6 @@ import multiprocessing as mp
 from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from multiprocessing.shared_memory import SharedMemory
 
 from migserve.types import Array
 
@@ -39,7 +38,9 @@ class WorkerReplica:
         self._ctx = mp.get_context("spawn")
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
-        self._pending: dict[int, tuple[asyncio.Future[dict[str, Array]], SharedMemory]] = {}
+        self._pending: dict[int, asyncio.Future[dict[str, Array]]] = {}
+        self._inputs = shm.Arena()  # ours: the batch's inputs
+        self._outputs = shm.Attachments()  # the worker's: its latest outputs
         self._ready = False
         self._stopping = False
         self.loaded: tuple[str, ...] = ()
@@ -90,20 +91,21 @@ class WorkerReplica:
         logger.info("worker %s ready (pid %s, %s, models: %s)", self.id, process.pid, ",".join(ready.providers), ",".join(ready.models))
         self._on_change()
 
-    async def infer(self, model: str, parts: Mapping[str, list[Array]]) -> dict[str, Array]:
+    def submit(self, model: str, parts: Mapping[str, list[Array]]) -> asyncio.Future[dict[str, Array]]:
         if not self._ready or self._conn is None:
             raise WorkerDied(f"worker {self.id} is not running")
-        segment, refs = shm.pack_parts(parts)
+        if self._pending:
+            raise RuntimeError(f"worker {self.id} already has a batch in flight")  # the batcher's job to prevent
+        refs = self._inputs.write(parts)
         batch_id = next(_ids)
         future: asyncio.Future[dict[str, Array]] = asyncio.get_running_loop().create_future()
-        self._pending[batch_id] = (future, segment)
+        self._pending[batch_id] = future
         try:
             self._conn.send(RunBatch(batch_id=batch_id, model=model, inputs=refs))
         except OSError as exc:
             self._pending.pop(batch_id)
-            shm.release(segment, unlink=True)
             raise WorkerDied(f"worker {self.id}: {exc}") from None
-        return await future
+        return future
 
     def _on_message(self) -> None:
         assert self._conn is not None
@@ -112,13 +114,11 @@ class WorkerReplica:
         except (EOFError, OSError):
             self._died("its pipe closed")
             return
-        entry = self._pending.pop(message.batch_id, None)
-        if entry is None:
+        future = self._pending.pop(message.batch_id, None)
+        if future is None:
             return
-        future, segment = entry
-        shm.release(segment, unlink=True)
         if isinstance(message, BatchDone):
-            outputs = _read_outputs(message)
+            outputs = {name: self._outputs.view(ref).copy() for name, ref in message.outputs.items()}
             if not future.done():
                 future.set_result(outputs)
         elif isinstance(message, BatchFailed) and not future.done():
@@ -141,8 +141,8 @@ class WorkerReplica:
         if self._process is not None:
             loop.remove_reader(self._process.sentinel)
         pending, self._pending = self._pending, {}
-        for future, segment in pending.values():
-            shm.release(segment, unlink=True)
+        self._outputs.close(unlink=True)  # the dead worker cannot unlink its arena
+        for future in pending.values():
             if not future.done():
                 future.set_exception(WorkerDied(f"worker {self.id} died: {why}"))
         self._on_change()
@@ -174,16 +174,7 @@ class WorkerReplica:
             await asyncio.to_thread(self._process.join, 5.0)
             if self._process.is_alive():
                 self._process.kill()
-
-
-def _read_outputs(message: BatchDone) -> dict[str, Array]:
-    if not message.outputs:
-        return {}
-    segment = shm.attach(next(iter(message.outputs.values())).segment)
-    try:
-        return {name: shm.view(segment, ref).copy() for name, ref in message.outputs.items()}
-    finally:
-        shm.release(segment, unlink=True)
+        self._inputs.close()
 
 
 class LocalBackend:
@@ -205,7 +196,7 @@ class LocalBackend:
         results = await asyncio.gather(*(w.start() for w in self.workers.values()), return_exceptions=True)
         failed = [(w.id, r) for w, r in zip(self.workers.values(), results, strict=True) if isinstance(r, BaseException)]
         if failed:
-            raise Unavailable("workers failed to start: " + "; ".join(f"{pid}: {err}" for pid, err in failed))
+            raise Unavailable("workers failed to start: " + "; ".join(f"{pid}: {type(err).__name__}: {err}" for pid, err in failed))
 
     async def stop(self) -> None:
         await asyncio.gather(*(w.stop() for w in self.workers.values()))

@@ -1,10 +1,12 @@
 """One dynamic batcher per model: a bounded queue, batches formed while replicas are busy.
 
 Requests with the same non-batch shapes are concatenated along the batch axis
-(up to max_batch_size); a batch is sent to the ready replica with the least
-outstanding work as soon as one has room, waiting at most max_queue_delay for
-more requests when the batch is not full. Expired requests are answered 504
-before dispatch; a full queue answers 503 at once.
+(up to max_batch_size). A replica runs one batch at a time; the next batch is
+whatever queued while it ran, sent to the free replica with the least
+outstanding work. When other replicas are busy (the service is under load) and
+the batch is not full, the batcher waits up to max_queue_delay for more; an idle
+service answers at once. Expired requests are answered 504 before dispatch; a
+full queue answers 503 at once.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ..errors import DeadlineExpired, ServiceError, Unavailable, WorkerDied
 from ..metrics import Metrics
 
 logger = logging.getLogger(__name__)
-REPLICA_DEPTH = 2  # batches in flight per replica: one running, one ready to go
+REPLICA_DEPTH = 1  # batches in flight per replica: the next batch forms while it runs
 
 
 @dataclass(eq=False)
@@ -101,11 +103,10 @@ class ModelBatcher:
         if replica is None:
             return
         batch = self._take()
-        if sum(p.size for p in batch) < self.policy.max_batch_size and self.policy.max_queue_delay_s > 0:
-            await self._wait_for_more(batch)
-        task = asyncio.get_running_loop().create_task(self._run(replica, batch))
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        busy = any(r.outstanding for r in self._replicas() if r is not replica)
+        if busy and sum(p.size for p in batch) < self.policy.max_batch_size and self.policy.max_queue_delay_s > 0:
+            await self._wait_for_more(batch)  # under load only: an idle service answers at once
+        self._dispatch(replica, batch)
 
     async def _acquire(self, exclude: Replica | None) -> Replica | None:
         """The ready replica with the least outstanding work and room for a batch; None if none is ready."""
@@ -166,29 +167,44 @@ class ModelBatcher:
             self._queue.remove(item)
             _fail(item, DeadlineExpired(f"model {self.model}: deadline passed after {now - item.enqueued:.3f}s in the queue"))
 
-    async def _run(self, replica: Replica, batch: list[Pending]) -> None:
+    def _dispatch(self, replica: Replica, batch: list[Pending]) -> None:
+        """Send the batch now, so the replica is busy before the next batch is formed."""
         batch = [p for p in batch if not p.future.done()]
         if not batch:
             return
         parts = {name: [p.inputs[name] for p in batch] for name in batch[0].inputs}
-        rows = sum(p.size for p in batch)
+        try:
+            future = replica.submit(self.model, parts)
+        except WorkerDied as exc:
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(exc)
+        task = asyncio.get_running_loop().create_task(self._finish(replica, batch, parts, future))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _finish(
+        self, replica: Replica, batch: list[Pending], parts: dict[str, list[Array]], future: asyncio.Future[dict[str, Array]]
+    ) -> None:
+        """Await the batch; if its worker died, retry once on another replica, else answer 503."""
         started = time.monotonic()
-        for attempt in (0, 1):
+        try:
             try:
-                outputs = await replica.infer(self.model, parts)
-                break
-            except WorkerDied as exc:
+                outputs = await future
+            except WorkerDied as died:
                 self._metrics.retries.labels(self.model).inc()
-                other = await self._acquire(exclude=replica) if attempt == 0 else None
+                other = await self._acquire(exclude=replica)
                 if other is None:
-                    for item in batch:
-                        _fail(item, Unavailable(f"model {self.model}: {exc}; no other replica could take the batch", retry_after_s=1.0))
-                    return
+                    raise Unavailable(f"model {self.model}: {died}; no other replica could take the batch", retry_after_s=1.0) from None
                 replica = other
-            except ServiceError as exc:
-                for item in batch:
-                    _fail(item, exc)
-                return
+                try:
+                    outputs = await other.submit(self.model, parts)
+                except WorkerDied as again:
+                    raise Unavailable(f"model {self.model}: {again} (after one retry)", retry_after_s=1.0) from None
+        except ServiceError as exc:
+            for item in batch:
+                _fail(item, exc)
+            return
+        rows = sum(p.size for p in batch)
         self._metrics.batch_size.labels(self.model, replica.id).observe(rows)
         self._metrics.batch_seconds.labels(self.model, replica.id).observe(time.monotonic() - started)
         _split(batch, outputs, rows, self.model)

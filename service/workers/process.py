@@ -57,26 +57,21 @@ def load_sessions(ort: Any, spec: WorkerSpec) -> tuple[dict[str, Any], dict[str,
     return sessions, refused
 
 
-def run_batch(sessions: dict[str, Any], message: RunBatch) -> BatchDone | BatchFailed:
+def run_batch(sessions: dict[str, Any], message: RunBatch, inputs: shm.Attachments, outputs: shm.Arena) -> BatchDone | BatchFailed:
     session = sessions.get(message.model)
     if session is None:
         return BatchFailed(message.batch_id, FailureKind.BAD_INPUT, f"model {message.model} is not loaded on this partition")
-    segment = shm.attach(next(iter(message.inputs.values())).segment)
+    feeds = {name: inputs.view(ref) for name, ref in message.inputs.items()}
+    started = time.perf_counter()
     try:
-        feeds = {name: shm.view(segment, ref) for name, ref in message.inputs.items()}
-        started = time.perf_counter()
-        try:
-            results = session.run(None, feeds)
-        except Exception as exc:  # InvalidArgument and friends: shapes or values the graph rejects
-            kind = FailureKind.BAD_INPUT if "INVALID_ARGUMENT" in str(exc) or "Invalid" in type(exc).__name__ else FailureKind.RUNTIME
-            return BatchFailed(message.batch_id, kind, str(exc).strip().splitlines()[0][:500])
-        compute = time.perf_counter() - started
-        del feeds
-    finally:
-        shm.release(segment, unlink=False)
+        results = session.run(None, feeds)
+    except Exception as exc:  # InvalidArgument and friends: shapes or values the graph rejects
+        kind = FailureKind.BAD_INPUT if "INVALID_ARGUMENT" in str(exc) or "Invalid" in type(exc).__name__ else FailureKind.RUNTIME
+        return BatchFailed(message.batch_id, kind, str(exc).strip().splitlines()[0][:500])
+    compute = time.perf_counter() - started
+    del feeds
     names = [o.name for o in session.get_outputs()]
-    out_segment, refs = shm.pack(dict(zip(names, results, strict=True)))
-    out_segment.close()  # the gateway reads and unlinks it
+    refs = outputs.write({name: [value] for name, value in zip(names, results, strict=True)})
     return BatchDone(message.batch_id, refs, compute)
 
 
@@ -91,11 +86,16 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     sessions, refused = load_sessions(ort, spec)
     providers = tuple(_providers(ort, spec))
     conn.send(WorkerReady(partition=spec.partition, models=tuple(sessions), providers=providers, refused=refused))
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            return  # the gateway is gone
-        if isinstance(message, Stop):
-            return
-        conn.send(run_batch(sessions, message))
+    inputs, outputs = shm.Attachments(), shm.Arena()
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                return  # the gateway is gone
+            if isinstance(message, Stop):
+                return
+            conn.send(run_batch(sessions, message, inputs, outputs))
+    finally:
+        inputs.close()
+        outputs.close()

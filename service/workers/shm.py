@@ -1,8 +1,17 @@
-"""Tensors in shared memory: pack several arrays into one segment, read them back as views."""
+"""Tensors in shared memory.
+
+Each replica keeps two long-lived segments (arenas): the gateway writes a batch's
+inputs into its input arena, the worker writes outputs into its output arena. One
+batch is in flight per replica, so neither is overwritten while the other side
+reads it. An arena that is too small is replaced by one twice the size; the old
+name is unlinked and each side re-attaches when it sees a new name.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -12,58 +21,78 @@ from migserve.types import Array
 from .protocol import TensorRef
 
 ALIGN = 64
+MIN_ARENA = 1 << 20
 
 
-def pack(arrays: Mapping[str, Array]) -> tuple[shared_memory.SharedMemory, dict[str, TensorRef]]:
-    """One new segment holding every array (64-byte aligned); the caller unlinks it."""
-    offsets, size = {}, 0
-    for name, array in arrays.items():
-        offsets[name] = size
-        size += (array.nbytes + ALIGN - 1) // ALIGN * ALIGN
-    segment = shared_memory.SharedMemory(create=True, size=max(size, 1))
-    refs = {}
-    for name, array in arrays.items():
-        view: Array = np.ndarray(array.shape, dtype=array.dtype, buffer=segment.buf, offset=offsets[name])
-        view[...] = array
-        refs[name] = TensorRef(segment=segment.name, offset=offsets[name], dtype=array.dtype.str, shape=tuple(array.shape))
-    return segment, refs
+def _aligned(nbytes: int) -> int:
+    return (nbytes + ALIGN - 1) // ALIGN * ALIGN
 
 
-def pack_parts(parts: Mapping[str, list[Array]]) -> tuple[shared_memory.SharedMemory, dict[str, TensorRef]]:
-    """Like pack, concatenating each name's parts along axis 0 straight into the segment (one copy)."""
-    shapes = {name: (sum(p.shape[0] for p in ps), *ps[0].shape[1:]) for name, ps in parts.items()}
-    offsets, size = {}, 0
-    for name, ps in parts.items():
-        offsets[name] = size
-        nbytes = int(np.prod(shapes[name])) * ps[0].dtype.itemsize
-        size += (nbytes + ALIGN - 1) // ALIGN * ALIGN
-    segment = shared_memory.SharedMemory(create=True, size=max(size, 1))
-    refs = {}
-    for name, ps in parts.items():
-        view: Array = np.ndarray(shapes[name], dtype=ps[0].dtype, buffer=segment.buf, offset=offsets[name])
-        row = 0
-        for part in ps:
-            view[row : row + part.shape[0]] = part
-            row += part.shape[0]
-        refs[name] = TensorRef(segment=segment.name, offset=offsets[name], dtype=ps[0].dtype.str, shape=shapes[name])
-    return segment, refs
+@dataclass
+class Arena:
+    """A growable segment this process owns (creates, writes and unlinks)."""
+
+    segment: shared_memory.SharedMemory | None = None
+
+    def ensure(self, size: int) -> shared_memory.SharedMemory:
+        if self.segment is None or self.segment.size < size:
+            old = self.segment
+            self.segment = shared_memory.SharedMemory(create=True, size=max(size, MIN_ARENA, 2 * (old.size if old else 0)))
+            if old is not None:
+                release(old, unlink=True)
+        return self.segment
+
+    def write(self, arrays: Mapping[str, list[Array]]) -> dict[str, TensorRef]:
+        """Each name's parts concatenated along axis 0 straight into the arena: one copy."""
+        shapes = {name: (sum(p.shape[0] for p in parts), *parts[0].shape[1:]) for name, parts in arrays.items()}
+        offsets, size = {}, 0
+        for name, parts in arrays.items():
+            offsets[name] = size
+            size += _aligned(int(np.prod(shapes[name])) * parts[0].dtype.itemsize)
+        segment = self.ensure(size)
+        refs = {}
+        for name, parts in arrays.items():
+            target: Array = np.ndarray(shapes[name], dtype=parts[0].dtype, buffer=segment.buf, offset=offsets[name])
+            row = 0
+            for part in parts:
+                target[row : row + part.shape[0]] = part
+                row += part.shape[0]
+            refs[name] = TensorRef(segment=segment.name, offset=offsets[name], dtype=parts[0].dtype.str, shape=shapes[name])
+        return refs
+
+    def close(self) -> None:
+        if self.segment is not None:
+            release(self.segment, unlink=True)
+            self.segment = None
 
 
-def attach(name: str) -> shared_memory.SharedMemory:
-    """Open a segment another process created. Workers are spawned by the gateway and share its
-    resource tracker, so the registration Python 3.11 makes here is the same entry the creator
-    made, removed once when the gateway unlinks the segment."""
-    return shared_memory.SharedMemory(name=name)
+@dataclass
+class Attachments:
+    """The other side's current arena, attached once and re-attached when its name changes."""
 
+    current: dict[str, shared_memory.SharedMemory] = field(default_factory=dict)
 
-def view(segment: shared_memory.SharedMemory, ref: TensorRef) -> Array:
-    return np.ndarray(ref.shape, dtype=np.dtype(ref.dtype), buffer=segment.buf, offset=ref.offset)
+    def get(self, name: str) -> shared_memory.SharedMemory:
+        segment = self.current.get(name)
+        if segment is None:
+            for old in self.current.values():
+                release(old, unlink=False)
+            segment = shared_memory.SharedMemory(name=name)  # spawned workers share the gateway's resource tracker
+            self.current = {name: segment}
+        return segment
+
+    def view(self, ref: TensorRef) -> Array:
+        return np.ndarray(ref.shape, dtype=np.dtype(ref.dtype), buffer=self.get(ref.segment).buf, offset=ref.offset)
+
+    def close(self, unlink: bool = False) -> None:
+        for segment in self.current.values():
+            release(segment, unlink=unlink)
+        self.current = {}
 
 
 def release(segment: shared_memory.SharedMemory, unlink: bool) -> None:
-    try:
+    with contextlib.suppress(BufferError):  # a view is still alive; the mapping goes with the process
         segment.close()
-    except BufferError:  # a view is still alive somewhere; the OS frees it with the process
-        return
     if unlink:
-        segment.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            segment.unlink()

@@ -1,0 +1,1 @@
+"""Benchmarks: each module is a command whose figures go into bench/RESULTS.md."""

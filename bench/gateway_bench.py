@@ -1,0 +1,246 @@
+"""Gateway overhead, side by side in one run (issue 3).
+
+For each model, the same closed-loop load (concurrency 1, 8, 32; one request = one sample):
+  direct    in-process onnxruntime on all cores, at each batch size; the best is the limit
+  binary    the gateway over HTTP, KServe v2 binary tensors
+  json      the gateway over HTTP, KServe v2 JSON tensors
+  nobatch   the gateway, binary tensors, --max-batch-size 1
+Load comes from wrk (C, one thread, N keep-alive connections; `apt-get install -y wrk`):
+a Python client spent 2.2 ms of CPU per request here, more than the gateway itself, on
+the same two cores. wrk still shares the machine: ratios, not absolute figures, are the
+result. A last point measures the gateway's added latency on a tiny tensor (16x16 image).
+
+    .venv/bin/python -m bench.gateway_bench [--seconds 5] [--out results/gateway_bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from migserve.types import Array
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS: dict[str, dict[str, int]] = {"crowd-csrnet": {}, "face-pros": {}}  # each at its contract's default size
+TINY = ("crowd-csrnet", {"height": 16, "width": 16})  # for the added-latency figure
+WRK_SCRIPT = Path(__file__).with_name("wrk_report.lua")
+CONCURRENCY = (1, 8, 32)
+BATCHES = (1, 2, 4, 8, 16, 32)
+
+
+def percentiles(latencies: list[float]) -> dict[str, float]:
+    values = np.array(latencies) * 1000
+    return {"p50_ms": float(np.percentile(values, 50)), "p99_ms": float(np.percentile(values, 99))}
+
+
+def sample(contract: dict[str, Any], dims: dict[str, int], batch: int) -> dict[str, Array]:
+    sizes = {k: v["default"] for k, v in contract["dims"].items()} | dims | {"batch": batch}
+    rng = np.random.default_rng(0)
+    return {
+        t["name"]: rng.standard_normal([d if isinstance(d, int) else sizes[d] for d in t["shape"]]).astype(np.float32)
+        for t in contract["inputs"]
+    }
+
+
+def direct(repo: Path, model: str, dims: dict[str, int], seconds: float) -> list[dict[str, Any]]:
+    contract = json.loads((repo / model / "contract.json").read_text())
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    session = ort.InferenceSession(str(repo / model / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    rows = []
+    for batch in (b for b in BATCHES if b <= contract["batching"]["max_batch_size"]):
+        feeds = sample(contract, dims, batch)
+        session.run(None, feeds)
+        latencies, started = [], time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            t = time.perf_counter()
+            session.run(None, feeds)
+            latencies.append(time.perf_counter() - t)
+        elapsed = time.perf_counter() - started
+        rows.append(
+            {
+                "mode": "direct",
+                "model": model,
+                "batch": batch,
+                "concurrency": 1,
+                "samples_per_s": batch * len(latencies) / elapsed,
+                **percentiles(latencies),
+            }
+        )
+    return rows
+
+
+def bodies(repo: Path, model: str, dims: dict[str, int]) -> dict[str, tuple[bytes, dict[str, str]]]:
+    contract = json.loads((repo / model / "contract.json").read_text())
+    arrays = sample(contract, dims, 1)
+    entries: list[dict[str, Any]] = [{"name": k, "datatype": "FP32", "shape": list(v.shape)} for k, v in arrays.items()]
+    as_json = json.dumps({"inputs": [e | {"data": arrays[k].ravel().tolist()} for e, k in zip(entries, arrays, strict=True)]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [e | {"parameters": {"binary_data_size": arrays[k].nbytes}} for e, k in zip(entries, arrays, strict=True)],
+            "outputs": [{"name": o["name"], "parameters": {"binary_data": True}} for o in contract["outputs"]],
+        }
+    ).encode()
+    binary = header + b"".join(a.tobytes() for a in arrays.values())
+    return {
+        "json": (as_json, {"Content-Type": "application/json"}),
+        "binary": (binary, {"Inference-Header-Content-Length": str(len(header))}),
+    }
+
+
+def closed_loop(url: str, body: bytes, headers: dict[str, str], concurrency: int, seconds: float) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".body") as file:
+        file.write(body)
+        file.flush()
+        env = os.environ | {
+            "BENCH_BODY": file.name,
+            "BENCH_CONTENT_TYPE": headers.get("Content-Type", "application/octet-stream"),
+            "BENCH_HEADER_LENGTH": headers.get("Inference-Header-Content-Length", ""),
+        }
+        base = ["wrk", "-t1", f"-c{concurrency}", "-s", str(WRK_SCRIPT), url]
+        subprocess.run([*base[:3], "-d1s", *base[3:]], env=env, check=True, capture_output=True)  # warm-up, excluded
+        out = subprocess.run([*base[:3], f"-d{seconds:g}s", *base[3:]], env=env, check=True, capture_output=True, text=True).stdout
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("BENCH ")).removeprefix("BENCH "))
+    return {
+        "samples_per_s": result["requests"] / (result["duration_us"] / 1e6),
+        "errors": result["errors"],
+        "p50_ms": result["p50_us"] / 1000,
+        "p99_ms": result["p99_us"] / 1000,
+    }
+
+
+class Server:
+    def __init__(self, repo: Path, *args: str) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        command = [
+            sys.executable,
+            "-m",
+            "migserve",
+            "serve",
+            "--model-repo",
+            str(repo),
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            *args,
+        ]
+        self.process = subprocess.Popen(command, cwd=ROOT)
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v2/health/ready", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("gateway did not become ready")
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def gateway_rows(repo: Path, label: str, args: tuple[str, ...], encodings: tuple[str, ...], seconds: float) -> list[dict[str, Any]]:
+    server = Server(repo, "--models", *MODELS, *args)
+    rows = []
+    try:
+        for model, dims in MODELS.items():
+            url = f"http://127.0.0.1:{server.port}/v2/models/{model}/infer"
+            for encoding in encodings:
+                body, headers = bodies(repo, model, dims)[encoding]
+                for concurrency in CONCURRENCY:
+                    result = closed_loop(url, body, headers, concurrency, seconds)
+                    rows.append(
+                        {
+                            "mode": label if label != "gateway" else encoding,
+                            "model": model,
+                            "batch": 1,
+                            "concurrency": concurrency,
+                            **result,
+                        }
+                    )
+                    rate, p50 = result["samples_per_s"], result["p50_ms"]
+                    print(f"  {rows[-1]['mode']:8s} {model:14s} c={concurrency:<3d} {rate:8.1f}/s p50 {p50:.2f} ms", flush=True)
+    finally:
+        server.close()
+    return rows
+
+
+def tiny_overhead(repo: Path, seconds: float) -> list[dict[str, Any]]:
+    model, dims = TINY
+    rows = [{**r, "mode": "direct-tiny"} for r in direct(repo, model, dims, seconds) if r["batch"] == 1]
+    server = Server(repo, "--models", model)
+    try:
+        body, headers = bodies(repo, model, dims)["binary"]
+        result = closed_loop(f"http://127.0.0.1:{server.port}/v2/models/{model}/infer", body, headers, 1, seconds)
+        rows.append({"mode": "binary-tiny", "model": model, "batch": 1, "concurrency": 1, **result})
+    finally:
+        server.close()
+    return rows
+
+
+def report(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for model, dims in MODELS.items():
+        best = max((r for r in rows if r["model"] == model and r["mode"] == "direct"), key=lambda r: r["samples_per_s"])
+        rows_here = [r for r in rows if r["model"] == model and r["mode"] in ("binary", "json", "nobatch")]
+        single = next(r for r in rows if r["model"] == model and r["mode"] == "direct" and r["batch"] == 1)
+        lines += [
+            f"### {model} ({'x'.join(map(str, dims.values())) or 'default size'})",
+            f"direct onnxruntime: best batch {best['batch']}, {best['samples_per_s']:.1f} samples/s; "
+            f"batch 1: p50 {single['p50_ms']:.2f} ms",
+            "",
+            "| mode | concurrency | samples/s | x direct best | p50 ms | p99 ms | errors |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in rows_here:
+            lines.append(
+                f"| {r['mode']} | {r['concurrency']} | {r['samples_per_s']:.1f} | {r['samples_per_s'] / best['samples_per_s']:.2f} "
+                f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} |"
+            )
+        c32 = next(r for r in rows_here if r["mode"] == "binary" and r["concurrency"] == 32)
+        lines += ["", f"concurrency 32, binary: {c32['samples_per_s'] / best['samples_per_s']:.2f}x direct at best batch", ""]
+    d, g = (next(r for r in rows if r["mode"] == m) for m in ("direct-tiny", "binary-tiny"))
+    lines.append(
+        f"tiny tensor ({TINY[0]} {'x'.join(map(str, TINY[1].values()))}), concurrency 1: direct p50 {d['p50_ms']:.2f} ms, "
+        f"gateway p50 {g['p50_ms']:.2f} ms, added {g['p50_ms'] - d['p50_ms']:.2f} ms"
+    )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--repo", type=Path, default=ROOT / "results" / "bench_repo")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "gateway_bench.json")
+    args = parser.parse_args()
+    subprocess.run(
+        [sys.executable, "-m", "migserve", "export", "--model", *MODELS, "--out", str(args.repo), "--skip-existing"], check=True, cwd=ROOT
+    )
+    rows: list[dict[str, Any]] = []
+    for model, dims in MODELS.items():
+        rows += direct(args.repo, model, dims, args.seconds)
+    rows += gateway_rows(args.repo, "gateway", (), ("binary", "json"), args.seconds)
+    rows += gateway_rows(args.repo, "nobatch", ("--max-batch-size", "1"), ("binary",), args.seconds)
+    rows += tiny_overhead(args.repo, args.seconds)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=1))
+    print(report(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

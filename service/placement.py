@@ -4,24 +4,35 @@ from __future__ import annotations
 
 from .partitions import Partition
 from .repository import ModelEntry
+from .workers.protocol import ModelSpec
 
 # A session needs its weights plus activations and workspace; 4x the file is a
 # conservative rule of thumb for these models at their max batch.
 MEMORY_FACTOR = 4
 
 
-def place(partitions: list[Partition], models: dict[str, ModelEntry]) -> dict[str, dict[str, tuple[str, str]]]:
-    """partition id -> {model: (model path, sha256)}; models that do not fit are left off that partition."""
-    placement: dict[str, dict[str, tuple[str, str]]] = {}
+def model_spec(entry: ModelEntry) -> ModelSpec:
+    """What a worker needs to load a model: its file, the contract's sha256, warm-up shapes."""
+    contract = entry.contract
+    dims = {name: r.default for name, r in contract.dims.items()} | {"batch": 1}
+    warmup: dict[str, tuple[tuple[int, ...], str]] = {
+        t.name: (tuple(d if isinstance(d, int) else dims[d] for d in t.shape), t.dtype) for t in contract.inputs
+    }
+    return ModelSpec(name=contract.name, path=str(entry.model_path), sha256=contract.model_sha256, warmup=warmup)
+
+
+def place(partitions: list[Partition], models: dict[str, ModelEntry]) -> dict[str, dict[str, ModelSpec]]:
+    """partition id -> {model: its spec}; models that do not fit are left off that partition."""
+    placement: dict[str, dict[str, ModelSpec]] = {}
     for partition in partitions:
         budget = partition.memory_bytes
-        chosen: dict[str, tuple[str, str]] = {}
+        chosen: dict[str, ModelSpec] = {}
         for name, entry in sorted(models.items(), key=lambda kv: kv[1].model_path.stat().st_size):
             need = entry.model_path.stat().st_size * MEMORY_FACTOR
             if budget is not None:
                 if need > budget:
                     continue
                 budget -= need
-            chosen[name] = (str(entry.model_path), entry.contract.model_sha256)
+            chosen[name] = model_spec(entry)
         placement[partition.id] = chosen
     return placement

@@ -11,19 +11,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 import migserve
+from migserve.types import Array
 
 from ..backends.local import LocalBackend
 from ..config import ServeConfig
 from ..dispatch.batcher import BatchPolicy, ModelBatcher, Pending
-from ..errors import BadRequest, DeadlineExpired, ServiceError, TooLarge, UnknownModel
+from ..errors import BadRequest, DeadlineExpired, ServiceError, UnknownModel
 from ..metrics import Metrics
 from ..partitions import Partition, discover
 from ..placement import place
 from ..repository import ModelEntry, load_repository
-from .kserve import HEADER_LENGTH, NUMPY_TO_V2, decode_request, encode_response
+from ..workers.protocol import ModelSpec
+from .errors import error_body
+from .kserve import NUMPY_TO_V2, decode_request, encode_response
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +36,7 @@ class Gateway:
     config: ServeConfig
     models: dict[str, ModelEntry]
     partitions: list[Partition]
-    placement: dict[str, dict[str, tuple[str, str]]]
+    placement: dict[str, dict[str, ModelSpec]]
     backend: LocalBackend
     metrics: Metrics = field(default_factory=Metrics)
     batchers: dict[str, ModelBatcher] = field(default_factory=dict)
@@ -96,26 +99,20 @@ class Gateway:
     def model_ready(self, name: str) -> bool:
         return any(r.ready for r in self.backend.replicas(name))
 
-    async def infer(self, name: str, request: Request) -> Response:
+    async def infer(self, name: str, body: bytes, header_length: str | None, timeout_header: str | None) -> tuple[bytes, int | None]:
+        """One KServe v2 inference: the response body, and its JSON header's length when binary follows."""
         started = time.monotonic()
         status = "500"
         try:
             entry = self.entry(name)
-            body = await _read_body(request, self.config.max_body_bytes)
-            decoded = decode_request(body, request.headers.get(HEADER_LENGTH), entry.contract)
-            timeout = decoded.timeout_s or _header_timeout(request) or self.config.default_timeout_s
+            decoded = decode_request(body, header_length, entry.contract)
+            timeout = decoded.timeout_s or _timeout_ms(timeout_header) or self.config.default_timeout_s
             pending = Pending(inputs=decoded.inputs, size=decoded.batch, deadline=started + timeout)
             self.batchers[name].submit(pending)
-            try:
-                outputs = await asyncio.wait_for(asyncio.shield(pending.future), timeout=max(pending.deadline - time.monotonic(), 0))
-            except TimeoutError:
-                pending.future.cancel()
-                raise DeadlineExpired(f"model {name}: no answer within {timeout:.3f}s") from None
-            payload, header_length = encode_response(name, decoded, outputs)
+            outputs = await _await_until(pending, name, timeout)
+            response = encode_response(name, decoded, outputs)
             status = "200"
-            if header_length is None:
-                return Response(payload, media_type="application/json")
-            return Response(payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(header_length)})
+            return response
         except ServiceError as exc:
             status = str(exc.status)
             raise
@@ -157,21 +154,22 @@ class Gateway:
         return view
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"request body of {int(declared)} bytes is over the limit of {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise TooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def _await_until(pending: Pending, name: str, timeout: float) -> dict[str, Array]:
+    """The batch's answer, or 504 at the request's deadline (the batcher skips it from then on)."""
+    loop = asyncio.get_running_loop()
+
+    def expire() -> None:
+        if not pending.future.done():
+            pending.future.set_exception(DeadlineExpired(f"model {name}: no answer within {timeout:.3f}s"))
+
+    timer = loop.call_at(loop.time() + max(pending.deadline - time.monotonic(), 0), expire)
+    try:
+        return await pending.future
+    finally:
+        timer.cancel()
 
 
-def _header_timeout(request: Request) -> float | None:
-    raw = request.headers.get("x-timeout-ms")
+def _timeout_ms(raw: str | None) -> float | None:
     if raw is None:
         return None
     try:
@@ -198,13 +196,15 @@ def create_app(config: ServeConfig) -> FastAPI:
     app.state.gateway = gateway
 
     @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))} if exc.retry_after_s else None
-        if exc.status >= 500 and exc.status not in {503, 504}:
+    async def service_error(request: Request, exc: ServiceError) -> Response:
+        status, headers, body = error_body(exc)
+        if status == 500:
             logger.error("%s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
+        return Response(body, status_code=status, headers=headers, media_type="application/json")
 
+    from .fastpath import InferFastPath
     from .routes import register
 
     register(app, gateway)
+    app.add_middleware(InferFastPath, gateway=gateway)
     return app

@@ -11,6 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import migserve
 
 from ..errors import Unavailable
+from .fastpath import read_body
+from .kserve import HEADER_LENGTH
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -46,7 +48,12 @@ def register(app: FastAPI, gateway: Gateway) -> None:
     @app.post("/v2/models/{name}/infer", summary="Inference (KServe v2, JSON or binary tensors)")
     @app.post("/v2/models/{name}/versions/{version}/infer", include_in_schema=False)
     async def infer(name: str, request: Request, version: str = "1") -> Response:
-        return await gateway.infer(name, request)
+        """Served by the ASGI fast path (api/fastpath.py); reached only if that middleware is removed."""
+        body = await read_body(request.receive, request.headers.get("content-length"), gateway.config.max_body_bytes)
+        payload, length = await gateway.infer(name, body, request.headers.get(HEADER_LENGTH), request.headers.get("x-timeout-ms"))
+        if length is None:
+            return Response(payload, media_type="application/json")
+        return Response(payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(length)})
 
     @app.get("/v1/partitions", summary="Partitions, their workers and the models placed on them")
     async def partitions() -> JSONResponse:

@@ -22,7 +22,7 @@ from ..errors import BadRequest, InferenceFailed, Unavailable, WorkerDied
 from ..partitions import Partition
 from ..workers import shm
 from ..workers.process import worker_main
-from ..workers.protocol import BatchDone, BatchFailed, FailureKind, RunBatch, Stop, WorkerReady, WorkerSpec
+from ..workers.protocol import BatchDone, BatchFailed, FailureKind, ModelSpec, RunBatch, Stop, WorkerReady, WorkerSpec
 
 logger = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -31,9 +31,9 @@ RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 
 
 class WorkerReplica:
-    def __init__(self, partition: Partition, models: Mapping[str, tuple[str, str]], on_change: Callable[[], None]) -> None:
+    def __init__(self, partition: Partition, models: Mapping[str, ModelSpec], on_change: Callable[[], None]) -> None:
         self.partition = partition
-        self._models = dict(models)  # name -> (path, sha256)
+        self._models = dict(models)
         self._on_change = on_change
         self._ctx = mp.get_context("spawn")
         self._process: BaseProcess | None = None
@@ -71,7 +71,7 @@ class WorkerReplica:
             partition=self.partition.id,
             device=self.partition.device,
             cores=self.partition.cores,
-            models=tuple((name, path, digest) for name, (path, digest) in self._models.items()),
+            models=tuple(self._models.values()),
         )
         parent, child = self._ctx.Pipe()
         process = self._ctx.Process(target=worker_main, args=(spec, child), name=f"migserve-worker-{self.id}", daemon=True)
@@ -180,7 +180,7 @@ class WorkerReplica:
 class LocalBackend:
     """Worker processes for the partitions; `placement` maps partition id -> models there."""
 
-    def __init__(self, partitions: list[Partition], placement: Mapping[str, Mapping[str, tuple[str, str]]]) -> None:
+    def __init__(self, partitions: list[Partition], placement: Mapping[str, Mapping[str, ModelSpec]]) -> None:
         self._listeners: list[Callable[[], None]] = []
         self.workers = {p.id: WorkerReplica(p, placement.get(p.id, {}), self._notify) for p in partitions if placement.get(p.id)}
 

@@ -15,6 +15,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from migserve.contract import sha256_file
 
 from . import shm
@@ -41,19 +43,22 @@ def load_sessions(ort: Any, spec: WorkerSpec) -> tuple[dict[str, Any], dict[str,
     sessions: dict[str, Any] = {}
     refused: dict[str, str] = {}
     options, providers = _session_options(ort, spec), _providers(ort, spec)
-    for name, path, expected in spec.models:
+    for model in spec.models:
         try:
-            digest = sha256_file(Path(path))
+            digest = sha256_file(Path(model.path))
         except OSError as exc:
-            refused[name] = f"cannot read {path}: {exc.strerror}"
+            refused[model.name] = f"cannot read {model.path}: {exc.strerror}"
             continue
-        if digest != expected:
-            refused[name] = f"{path}: sha256 {digest[:12]}... is not the contract's {expected[:12]}..."
+        if digest != model.sha256:
+            refused[model.name] = f"{model.path}: sha256 {digest[:12]}... is not the contract's {model.sha256[:12]}..."
             continue
         try:
-            sessions[name] = ort.InferenceSession(path, sess_options=options, providers=providers)
+            session = ort.InferenceSession(model.path, sess_options=options, providers=providers)
+            session.run(None, {k: np.zeros(shape, dtype) for k, (shape, dtype) in model.warmup.items()})  # first runs are slow
         except Exception as exc:  # onnxruntime raises its own exception types
-            refused[name] = f"onnxruntime cannot load {path}: {exc}"
+            refused[model.name] = f"onnxruntime cannot load or run {model.path}: {exc}"
+            continue
+        sessions[model.name] = session
     return sessions, refused
 
 

@@ -20,11 +20,19 @@ class TensorRef:
 
 
 @dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    path: str
+    sha256: str  # the contract's; the worker refuses a file that differs
+    warmup: dict[str, tuple[tuple[int, ...], str]]  # input -> (shape at default dims, batch 1; dtype)
+
+
+@dataclass(frozen=True)
 class WorkerSpec:
     partition: str
     device: str | None  # CUDA_VISIBLE_DEVICES for this process, None on a CPU slice
     cores: tuple[int, ...]
-    models: tuple[tuple[str, str, str], ...]  # (name, model path, expected sha256)
+    models: tuple[ModelSpec, ...]
 
 
 @dataclass(frozen=True)

@@ -221,3 +221,10 @@ def test_partitions_view(gateway: Gateway) -> None:
     assert [p["id"] for p in partitions] == ["cpu-0", "cpu-1"]
     assert all(p["kind"] == "cpu" and len(p["cores"]) == 1 and len(p["models"]) == 10 for p in partitions)
     assert all(p["providers"] == ["CPUExecutionProvider"] for p in partitions)
+
+
+def test_openapi_documents_the_protocol(gateway: Gateway) -> None:
+    spec = httpx.get(f"http://{gateway.url}/openapi.json").json()
+    for path in ("/v2/models/{name}/infer", "/v2/health/ready", "/v1/partitions"):
+        assert path in spec["paths"]
+    assert httpx.get(f"http://{gateway.url}/docs").status_code == 200

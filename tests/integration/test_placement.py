@@ -20,5 +20,6 @@ def test_every_model_everywhere_unless_memory_runs_out(tiny_repo: ExportedRepo) 
     assert sorted(placement["cpu-0"]) == sorted(models)
     assert sorted(placement["mig-0-0"]) == sorted(sorted(sizes, key=sizes.__getitem__)[:3])
     assert sum(sizes[m] for m in placement["mig-0-0"]) <= budget
-    path, digest = placement["cpu-0"]["crowd-csrnet"]
-    assert path.endswith("crowd-csrnet/1/model.onnx") and digest == models["crowd-csrnet"].contract.model_sha256
+    spec = placement["cpu-0"]["crowd-csrnet"]
+    assert spec.path.endswith("crowd-csrnet/1/model.onnx") and spec.sha256 == models["crowd-csrnet"].contract.model_sha256
+    assert spec.warmup == {"image": ((1, 3, 256, 256), "float32")}

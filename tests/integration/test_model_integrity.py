@@ -1,0 +1,39 @@
+"""A model file that no longer matches its contract is refused, by the loader and by the worker."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import onnxruntime as ort
+
+from service.placement import model_spec
+from service.repository import load_repository
+from service.workers.process import load_sessions
+from service.workers.protocol import WorkerSpec
+from tests.helpers import ExportedRepo
+
+
+def _tampered_copy(tiny_repo: ExportedRepo, tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    for name in ("crowd-csrnet", "face-pros"):
+        shutil.copytree(tiny_repo.root / name, repo / name)
+    model = repo / "crowd-csrnet" / "1" / "model.onnx"
+    model.write_bytes(model.read_bytes() + b"\0")
+    return repo
+
+
+def test_the_repository_loader_refuses_a_changed_model(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    loaded = load_repository(_tampered_copy(tiny_repo, tmp_path))
+    assert list(loaded.models) == ["face-pros"]
+    assert "does not match the contract's" in loaded.refused["crowd-csrnet"]
+    assert "re-export it" in loaded.refused["crowd-csrnet"]
+
+
+def test_the_worker_refuses_a_file_changed_after_start_up(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    specs = [model_spec(e) for e in load_repository(tiny_repo.root).models.values() if e.contract.name in ("crowd-csrnet", "face-pros")]
+    repo = _tampered_copy(tiny_repo, tmp_path)
+    moved = [type(s)(name=s.name, path=str(repo / s.name / "1" / "model.onnx"), sha256=s.sha256, warmup=s.warmup) for s in specs]
+    sessions, refused = load_sessions(ort, WorkerSpec(partition="cpu-0", device=None, cores=(0,), models=tuple(moved)))
+    assert list(sessions) == ["face-pros"]
+    assert "is not the contract's" in refused["crowd-csrnet"]

@@ -109,7 +109,7 @@ def closed_loop(url: str, body: bytes, headers: dict[str, str], concurrency: int
             "BENCH_CONTENT_TYPE": headers.get("Content-Type", "application/octet-stream"),
             "BENCH_HEADER_LENGTH": headers.get("Inference-Header-Content-Length", ""),
         }
-        base = ["wrk", "-t1", f"-c{concurrency}", "-s", str(WRK_SCRIPT), url]
+        base = ["wrk", "-t1", f"-c{concurrency}", "-s", str(WRK_SCRIPT), "--timeout", "10s", url]
         subprocess.run([*base[:3], "-d1s", *base[3:]], env=env, check=True, capture_output=True)  # warm-up, excluded
         out = subprocess.run([*base[:3], f"-d{seconds:g}s", *base[3:]], env=env, check=True, capture_output=True, text=True).stdout
     result = json.loads(next(line for line in out.splitlines() if line.startswith("BENCH ")).removeprefix("BENCH "))
@@ -148,6 +148,22 @@ class Server:
                 time.sleep(0.2)
         raise RuntimeError("gateway did not become ready")
 
+    def wait_idle(self, model: str, limit_s: float = 60.0) -> None:
+        """Until no request of an earlier point is still queued or running for this model."""
+        stop = time.monotonic() + limit_s
+        while time.monotonic() < stop:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/partitions", timeout=5) as response:
+                busy = sum(p["outstanding_batches"] for p in json.load(response)["partitions"])
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
+                queued = sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in response.read().decode().splitlines()
+                    if line.startswith("migserve_queue_depth{")
+                )
+            if busy == 0 and queued == 0:
+                return
+            time.sleep(0.2)
+
     def close(self) -> None:
         self.process.terminate()
         self.process.wait(30)
@@ -157,11 +173,12 @@ def gateway_rows(repo: Path, label: str, args: tuple[str, ...], encodings: tuple
     server = Server(repo, "--models", *MODELS, *args)
     rows = []
     try:
-        for model, dims in MODELS.items():
-            url = f"http://127.0.0.1:{server.port}/v2/models/{model}/infer"
-            for encoding in encodings:
+        for encoding in encodings:  # JSON last: its slow requests must not overlap a binary point
+            for model, dims in MODELS.items():
+                url = f"http://127.0.0.1:{server.port}/v2/models/{model}/infer"
                 body, headers = bodies(repo, model, dims)[encoding]
                 for concurrency in CONCURRENCY:
+                    server.wait_idle(model)
                     result = closed_loop(url, body, headers, concurrency, seconds)
                     rows.append(
                         {

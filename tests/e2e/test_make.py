@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +48,44 @@ def test_readme_opens_with_the_two_commands() -> None:
     assert "make serve" in first_block and "make test" in first_block
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+def test_make_serve_starts_a_gateway_that_answers(repo_copy: Path) -> None:
+    import json
+    import time
+    import urllib.request
+
+    from tests.helpers import free_port
+
+    port = free_port()
+    venv = Path(sys.prefix)
+    command = [
+        "make",
+        "-C",
+        str(ROOT),
+        f"VENV={venv}",
+        "-o",
+        str(venv / ".installed-stamp"),
+        "serve",
+        f"MODEL_REPO={repo_copy}",
+        f"PORT={port}",
+    ]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        body = json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 16, 16], "data": [0.5] * 768}]}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/crowd-csrnet/infer", data=body, method="POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.load(response)
+        assert answer["outputs"][0]["shape"] == [1, 1, 2, 2]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        output = server.communicate(timeout=30)[0].decode()
+    assert "up to date, skipped" in output  # make serve exported nothing: the models were there

@@ -26,6 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
+def _slices(raw: str | None) -> tuple[int, ...] | None:
+    if raw is None:
+        return None
+    try:
+        return tuple(int(x) for x in raw.split(","))
+    except ValueError:
+        raise ValueError(f"--cpu-slices {raw!r}: expected cores per slice, comma-separated, e.g. 2,2") from None
+
+
 def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
     import uvicorn
 
@@ -37,7 +46,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        slices = tuple(int(x) for x in args.cpu_slices.split(",")) if args.cpu_slices else None
+        slices = _slices(args.cpu_slices)
         config = ServeConfig(
             model_repo=args.model_repo,
             host=args.host,

@@ -43,13 +43,13 @@ class Gateway:
 
     @classmethod
     def build(cls, config: ServeConfig) -> Gateway:
+        partitions = discover(config.topology, config.cpu_slices)  # cheap checks of the arguments first
         repo = load_repository(config.model_repo)
         models = {n: e for n, e in repo.models.items() if config.models is None or n in config.models}
         if config.models is not None and (missing := sorted(set(config.models) - set(models))):
             raise UnknownModel(f"models not in {config.model_repo}: {missing}")
         if not models:
             raise UnknownModel(f"no servable models in {config.model_repo}; run: migserve export --all --out {config.model_repo}")
-        partitions = discover(config.topology, config.cpu_slices)
         placement = place(partitions, models)
         return cls(config, models, partitions, placement, LocalBackend(partitions, placement))
 

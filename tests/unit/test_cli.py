@@ -76,3 +76,25 @@ def test_export_without_torch_says_how_to_install_it() -> None:
     assert proc.returncode == 2
     assert "pip install 'migserve[export]'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model-repo", "/nonexistent"], "model repository /nonexistent does not exist; run: migserve export --all --out /nonexistent"),
+        (["--cpu-slices", "a,b"], "--cpu-slices 'a,b': expected cores per slice, comma-separated"),
+        (["--cpu-slices", "64,64"], "--cpu-slices 64,64 needs 128 cores"),
+        (["--topology", "/nonexistent.yaml"], "cannot read topology /nonexistent.yaml"),
+    ],
+)
+def test_serve_start_up_errors_are_one_line(args: list[str], message: str, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "m").mkdir()  # a directory without a contract: refused, so there is nothing to serve
+    argv = ["serve", *(["--model-repo", str(repo)] if "--model-repo" not in args else []), *args]
+    proc = subprocess.run([sys.executable, "-m", "migserve", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ")
+    assert "Traceback" not in proc.stderr
+    assert message in lines[-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -64,7 +65,7 @@ class Gateway:
                 else batching.max_queue_delay_us / 1e6,
                 queue_capacity=self.config.queue_capacity,
             )
-            batcher = ModelBatcher(name, policy, lambda n=name: self.backend.replicas(n), self.metrics)  # type: ignore[misc]
+            batcher = ModelBatcher(name, policy, functools.partial(self.backend.replicas, name), self.metrics)
             self.backend.add_listener(batcher.notify)
             batcher.start()
             self.batchers[name] = batcher

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import ServiceError, TooLarge
 from .errors import error_body
-from .kserve import HEADER_LENGTH
+from .kserve import HEADER_LENGTH, response_headers
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -38,14 +38,13 @@ class InferFastPath:
             body = await read_body(receive, headers.get("content-length"), self.gateway.config.max_body_bytes)
             payload, header_length = await self.gateway.infer(match["name"], body, headers.get(HEADER_LENGTH), headers.get("x-timeout-ms"))
             status = 200
-            extra = {"Inference-Header-Content-Length": str(header_length)} if header_length is not None else {}
-            media = "application/octet-stream" if header_length is not None else "application/json"
+            media, extra = response_headers(header_length)
         except ServiceError as exc:
             status, extra, payload = error_body(exc)
             media = "application/json"
-        response_headers = [(b"content-type", media.encode()), (b"content-length", str(len(payload)).encode())]
-        response_headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
-        await send({"type": "http.response.start", "status": status, "headers": response_headers})
+        header_list = [(b"content-type", media.encode()), (b"content-length", str(len(payload)).encode())]
+        header_list += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
+        await send({"type": "http.response.start", "status": status, "headers": header_list})
         await send({"type": "http.response.body", "body": payload})
 
 

@@ -175,6 +175,13 @@ def _timeout(header: dict[str, Any]) -> float | None:
     return value / 1e6
 
 
+def response_headers(header_length: int | None) -> tuple[str, dict[str, str]]:
+    """Media type and extra headers of an inference response: binary outputs announce the JSON header's length."""
+    if header_length is None:
+        return "application/json", {}
+    return "application/octet-stream", {"Inference-Header-Content-Length": str(header_length)}
+
+
 def encode_response(model: str, request: DecodedRequest, outputs: dict[str, Array]) -> tuple[bytes, int | None]:
     """The body, and the JSON header's length when binary outputs follow it."""
     entries, blobs = [], []

@@ -12,7 +12,7 @@ import migserve
 
 from ..errors import Unavailable
 from .fastpath import read_body
-from .kserve import HEADER_LENGTH
+from .kserve import HEADER_LENGTH, response_headers
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -51,9 +51,8 @@ def register(app: FastAPI, gateway: Gateway) -> None:
         """Served by the ASGI fast path (api/fastpath.py); reached only if that middleware is removed."""
         body = await read_body(request.receive, request.headers.get("content-length"), gateway.config.max_body_bytes)
         payload, length = await gateway.infer(name, body, request.headers.get(HEADER_LENGTH), request.headers.get("x-timeout-ms"))
-        if length is None:
-            return Response(payload, media_type="application/json")
-        return Response(payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(length)})
+        media, headers = response_headers(length)
+        return Response(payload, media_type=media, headers=headers)
 
     @app.get("/v1/partitions", summary="Partitions, their workers and the models placed on them")
     async def partitions() -> JSONResponse:

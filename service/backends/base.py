@@ -1,9 +1,12 @@
-"""The small interface the dispatcher depends on."""
+"""The small interface the dispatcher depends on: a Replica, one place a model runs.
+
+The local worker pool implements it today; a Triton partition will implement the same.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Protocol
 
 from migserve.types import Array
@@ -25,15 +28,3 @@ class Replica(Protocol):
         """Send one batch now (each input's parts concatenated along axis 0); the replica counts as
         busy from this call on. Raises, or fails the future with, WorkerDied if the replica is gone."""
         ...
-
-
-class Backend(Protocol):
-    def replicas(self, model: str) -> list[Replica]: ...
-
-    def models(self) -> list[str]: ...
-
-    def add_listener(self, callback: Callable[[], None]) -> None: ...
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...

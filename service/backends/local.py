@@ -203,6 +203,3 @@ class LocalBackend:
 
     def replicas(self, model: str) -> list[WorkerReplica]:
         return [w for w in self.workers.values() if model in w.loaded or (not w.ready and model in w.assigned)]
-
-    def models(self) -> list[str]:
-        return sorted({m for w in self.workers.values() for m in w.loaded})

@@ -36,10 +36,10 @@ class Pending:
     deadline: float  # time.monotonic()
     future: asyncio.Future[dict[str, Array]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued: float = field(default_factory=time.monotonic)
+    signature: tuple[tuple[str, tuple[int, ...], str], ...] = field(init=False)  # requests batch with equal signatures
 
-    @property
-    def signature(self) -> tuple[tuple[str, tuple[int, ...], str], ...]:
-        return tuple((k, v.shape[1:], v.dtype.str) for k, v in self.inputs.items())
+    def __post_init__(self) -> None:
+        self.signature = tuple((k, v.shape[1:], v.dtype.str) for k, v in self.inputs.items())
 
 
 @dataclass(frozen=True)
@@ -72,10 +72,6 @@ class ModelBatcher:
             self._task.cancel()
         for item in self._queue:
             _fail(item, Unavailable("the server is shutting down"))
-
-    @property
-    def depth(self) -> int:
-        return sum(p.size for p in self._queue)
 
     def submit(self, item: Pending) -> None:
         if len(self._queue) >= self.policy.queue_capacity:

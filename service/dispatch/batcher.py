@@ -102,17 +102,27 @@ class ModelBatcher:
         busy = any(r.outstanding for r in self._replicas() if r is not replica)
         if busy and sum(p.size for p in batch) < self.policy.max_batch_size and self.policy.max_queue_delay_s > 0:
             await self._wait_for_more(batch)  # under load only: an idle service answers at once
+            if not replica.ready or replica.outstanding >= REPLICA_DEPTH:  # another model's batcher took it meanwhile
+                replica = await self._acquire(exclude=None, holding=True)
+                if replica is None:
+                    for item in batch:
+                        _fail(item, Unavailable(f"model {self.model}: no ready replica", retry_after_s=1.0))
+                    return
         self._dispatch(replica, batch)
 
-    async def _acquire(self, exclude: Replica | None) -> Replica | None:
-        """The ready replica with the least outstanding work and room for a batch; None if none is ready."""
+    async def _acquire(self, exclude: Replica | None, holding: bool = False) -> Replica | None:
+        """The ready replica with the least outstanding work and room for a batch; None if none is ready.
+
+        `holding`: the caller already holds a batch (a retry, or a batch formed while waiting), so it
+        waits for a replica even when the queue is empty, and a lack of replicas fails only that batch.
+        """
         while True:
             self._expire()
-            if not self._queue and exclude is None:
+            if not self._queue and not holding:
                 return None
             ready = [r for r in self._replicas() if r.ready and r is not exclude]
             if not ready:
-                if exclude is None:
+                if not holding:
                     self._no_replica()
                 return None
             free = [r for r in ready if r.outstanding < REPLICA_DEPTH]
@@ -174,6 +184,11 @@ class ModelBatcher:
         except WorkerDied as exc:
             future = asyncio.get_running_loop().create_future()
             future.set_exception(exc)
+        except Exception as exc:  # a dispatcher bug must answer its requests, never strand them
+            logger.exception("batcher %s could not dispatch to %s", self.model, replica.id)
+            for item in batch:
+                _fail(item, ServiceError(f"model {self.model}: dispatch failed: {exc}"))
+            return
         task = asyncio.get_running_loop().create_task(self._finish(replica, batch, parts, future))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
@@ -188,7 +203,7 @@ class ModelBatcher:
                 outputs = await future
             except WorkerDied as died:
                 self._metrics.retries.labels(self.model).inc()
-                other = await self._acquire(exclude=replica)
+                other = await self._acquire(exclude=replica, holding=True)
                 if other is None:
                     raise Unavailable(f"model {self.model}: {died}; no other replica could take the batch", retry_after_s=1.0) from None
                 replica = other

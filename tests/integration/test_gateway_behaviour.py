@@ -57,6 +57,25 @@ def test_batches_above_one_form_under_concurrency(gateway: Gateway, tiny_repo: E
     client.close()
 
 
+def test_models_sharing_workers_never_strand_a_batch(gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+    """Three models' batchers compete for the same two workers under load: every request is answered.
+
+    (A batcher that waited for more requests once dispatched to a worker another model had taken meanwhile.)
+    """
+    names = ("crowd-csrnet", "face-pros", "grounding-mgsl")
+    contracts = {name: read_contract(tiny_repo.root / name) for name in names}
+    client = httpclient.InferenceServerClient(url=gateway.url, concurrency=24, network_timeout=60)
+    requests = [
+        (name, client.async_infer(name, triton_inputs(make_inputs(contracts[name], 1, seed=i)), headers={"X-Timeout-Ms": "20000"}))
+        for i in range(30)
+        for name in names
+    ]
+    for name, request in requests:
+        result = request.get_result()
+        assert result.as_numpy(contracts[name].outputs[0].name) is not None
+    client.close()
+
+
 def test_a_killed_worker_is_restarted_and_requests_around_it_are_answered(gateway: Gateway, tiny_repo: ExportedRepo) -> None:
     url = f"http://{gateway.url}"
     victim = httpx.get(f"{url}/v1/partitions").json()["partitions"][0]

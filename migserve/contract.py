@@ -138,6 +138,13 @@ class GroundingPostprocessing(_Frozen):
     anchor_widths: tuple[float, ...] = Field((), description="anchor lengths as fractions of the video")
     nms_iou: float = 0.5
     default_top_k: int = 5
+    max_moment_fraction: float = Field(1.0, gt=0, le=1, description="start/end heads: longest moment, as a fraction of the video")
+    foreground_levels: tuple[float, ...] = Field(
+        (0.3, 0.5, 0.7), description="foreground head: thresholds between the min and max attention; each run above one is a moment"
+    )
+    tree_relevance_quantile: float = Field(
+        0.5, ge=0, le=1, description="tree head: nodes whose mean query similarity is below this quantile of frames are pruned"
+    )
 
 
 class SegmentationPostprocessing(_Frozen):

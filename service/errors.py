@@ -2,8 +2,11 @@
 
 ServiceError                 base; `status` is the HTTP status, str(exc) the message
 +-- BadRequest       400     the request is malformed or does not fit the model's contract
-|   +-- UnknownModel 404     no such model is served
-|   +-- TooLarge     413     the body is over the configured limit
+|   +-- NotFound     404     no such model or job
+|   +-- NotReady     409     the job has not finished yet
+|   +-- TooLarge     413     the body (or a decoded image or volume) is over the configured limit
+|   +-- UnsupportedMedia 415 the body or an upload is not a format the endpoint reads
+|   +-- Unprocessable    422 well-formed request, unusable content: corrupt image, bad NIfTI, empty sentence
 +-- Unavailable      503     retry later: queue full (Retry-After) or no ready replica
 +-- DeadlineExpired  504     the request's timeout passed before it was answered
 +-- InferenceFailed  500     the model raised while running a valid request
@@ -25,12 +28,28 @@ class BadRequest(ServiceError):
     status = 400
 
 
-class UnknownModel(BadRequest):
+class NotFound(BadRequest):
     status = 404
+
+
+class UnknownModel(NotFound):
+    pass
 
 
 class TooLarge(BadRequest):
     status = 413
+
+
+class NotReady(BadRequest):
+    status = 409
+
+
+class UnsupportedMedia(BadRequest):
+    status = 415
+
+
+class Unprocessable(BadRequest):
+    status = 422
 
 
 class Unavailable(ServiceError):

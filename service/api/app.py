@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -11,7 +12,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
 import migserve
@@ -21,6 +24,7 @@ from ..backends.local import LocalBackend
 from ..config import ServeConfig
 from ..dispatch.batcher import BatchPolicy, ModelBatcher, Pending
 from ..errors import BadRequest, DeadlineExpired, ServiceError, UnknownModel
+from ..jobs import JobStore
 from ..metrics import Metrics
 from ..partitions import Partition, discover
 from ..placement import place
@@ -41,6 +45,10 @@ class Gateway:
     backend: LocalBackend
     metrics: Metrics = field(default_factory=Metrics)
     batchers: dict[str, ModelBatcher] = field(default_factory=dict)
+    jobs: JobStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.jobs = JobStore(self.config.max_jobs, self.config.job_ttl_s)
 
     @classmethod
     def build(cls, config: ServeConfig) -> Gateway:
@@ -83,6 +91,7 @@ class Gateway:
             )
 
     async def stop(self) -> None:
+        await self.jobs.stop()
         for batcher in self.batchers.values():
             await batcher.stop()
         await self.backend.stop()
@@ -107,7 +116,7 @@ class Gateway:
         try:
             entry = self.entry(name)
             decoded = decode_request(body, header_length, entry.contract)
-            timeout = decoded.timeout_s or _timeout_ms(timeout_header) or self.config.default_timeout_s
+            timeout = decoded.timeout_s or self.timeout(timeout_header)
             pending = Pending(inputs=decoded.inputs, size=decoded.batch, deadline=started + timeout)
             self.batchers[name].submit(pending)
             outputs = await _await_until(pending, name, timeout)
@@ -121,6 +130,39 @@ class Gateway:
             if name in self.models:
                 self.metrics.requests.labels(name, status).inc()
                 self.metrics.latency.labels(name).observe(time.monotonic() - started)
+
+    def timeout(self, header: str | None) -> float:
+        """Seconds from an X-Timeout-Ms header, else the configured default."""
+        return _timeout_ms(header) or self.config.default_timeout_s
+
+    async def run(self, name: str, inputs: dict[str, Array], deadline: float) -> dict[str, Array]:
+        """Rows through the model's batcher, in chunks of its max batch size: the /v1 endpoints' way to infer."""
+        self.entry(name)
+        batcher = self.batchers[name]
+        rows = next(iter(inputs.values())).shape[0]
+        step = batcher.policy.max_batch_size
+        pending: list[Pending] = []
+        try:
+            for start in range(0, rows, step):
+                item = Pending(
+                    inputs={k: v[start : start + step] for k, v in inputs.items()}, size=min(step, rows - start), deadline=deadline
+                )
+                batcher.submit(item)
+                pending.append(item)
+        except ServiceError as exc:
+            for item in pending:  # the batcher skips answered requests
+                if not item.future.done():
+                    item.future.set_exception(exc)
+                    item.future.exception()  # retrieved: nobody else awaits it
+            raise
+        timeout = max(deadline - time.monotonic(), 0.0)
+        answers = await asyncio.gather(*(_await_until(item, name, timeout) for item in pending), return_exceptions=True)
+        if failed := [a for a in answers if isinstance(a, BaseException)]:
+            raise failed[0]
+        parts = [a for a in answers if not isinstance(a, BaseException)]
+        if len(parts) == 1:
+            return parts[0]
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
     def model_metadata(self, name: str) -> dict[str, Any]:
         contract = self.entry(name).contract
@@ -203,9 +245,19 @@ def create_app(config: ServeConfig) -> FastAPI:
             logger.error("%s %s: %s", request.method, request.url.path, exc)
         return Response(body, status_code=status, headers=headers, media_type="application/json")
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"])
+        return Response(json.dumps({"error": f"{where}: {first['msg']}"}), status_code=422, media_type="application/json")
+
     from .fastpath import InferFastPath
+    from .limits import FamilyLimits
     from .routes import register
+    from .v1 import register_v1
 
     register(app, gateway)
+    register_v1(app, gateway)
+    app.add_middleware(FamilyLimits, gateway=gateway)
     app.add_middleware(InferFastPath, gateway=gateway)
     return app

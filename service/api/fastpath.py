@@ -42,10 +42,15 @@ class InferFastPath:
         except ServiceError as exc:
             status, extra, payload = error_body(exc)
             media = "application/json"
-        header_list = [(b"content-type", media.encode()), (b"content-length", str(len(payload)).encode())]
-        header_list += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
-        await send({"type": "http.response.start", "status": status, "headers": header_list})
-        await send({"type": "http.response.body", "body": payload})
+        await respond(send, status, media, payload, extra)
+
+
+async def respond(send: Send, status: int, media: str, payload: bytes, extra: dict[str, str]) -> None:
+    """A whole response in two ASGI messages."""
+    header_list = [(b"content-type", media.encode()), (b"content-length", str(len(payload)).encode())]
+    header_list += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
+    await send({"type": "http.response.start", "status": status, "headers": header_list})
+    await send({"type": "http.response.body", "body": payload})
 
 
 async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes:

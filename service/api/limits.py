@@ -1,0 +1,65 @@
+"""Plain ASGI middleware for the family endpoints (POST /v1/...): the body size limit and per-endpoint metrics.
+
+The body is read here, once, with the configured limit (a declared or streamed
+body over it is a 413 before any parsing), then replayed to the route.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..errors import ServiceError
+from .errors import error_body
+from .fastpath import read_body, respond
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+
+class FamilyLimits:
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        endpoint = scope["path"]
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            try:
+                body = await read_body(receive, headers.get("content-length"), self.gateway.config.max_body_bytes)
+            except ServiceError as exc:
+                code, extra, payload = error_body(exc)
+                await respond(sending, code, "application/json", payload, extra)
+                return
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if replayed:
+                    return await receive()  # after the body: wait for the disconnect as the server would report it
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            await self.app(scope, replay, sending)
+        finally:
+            known = endpoint if any(route == endpoint for route in FAMILY_ROUTES) else "other"
+            self.gateway.metrics.v1_requests.labels(known, str(status)).inc()
+            self.gateway.metrics.v1_latency.labels(known).observe(time.monotonic() - started)
+
+
+FAMILY_ROUTES = ("/v1/face/analyze", "/v1/frontalize", "/v1/grounding", "/v1/lns/segment", "/v1/crowd/count")

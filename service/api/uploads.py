@@ -1,0 +1,95 @@
+"""Reading a /v1 request: a multipart form, a JSON object, or the file itself as the body.
+
+Every endpoint takes one file (an image, a volume, features) and a few options.
+The file comes as a multipart part, as base64 in a JSON field, or as the raw
+body with the options in the query string; the options are then validated by
+the endpoint's pydantic model, so a bad option is a 422 that names it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from ..errors import BadRequest, Unprocessable, UnsupportedMedia
+from ..families.media import from_base64
+
+Options = TypeVar("Options", bound=BaseModel)
+RAW_TYPES = ("image/", "application/octet-stream", "application/gzip", "application/zip", "application/dicom", "application/x-npy")
+
+
+@dataclass(frozen=True)
+class Upload:
+    data: bytes | None  # the file, if one came
+    fields: dict[str, Any]  # every other field: form values are strings, JSON values keep their types
+    inline: Any = None  # the file field given in JSON as a value rather than base64 (features as a nested list)
+
+
+async def read_upload(request: Request, file_field: str) -> Upload:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    query = dict(request.query_params)
+    if media == "multipart/form-data":
+        return await _multipart(request, file_field, query)
+    if media == "application/json":
+        fields = _json_object(await request.body())
+        raw = fields.pop(file_field, None)
+        if raw is not None and not isinstance(raw, str):
+            return Upload(None, query | fields, inline=raw)
+        return Upload(from_base64(raw, field=file_field) if raw is not None else None, query | fields)
+    if media.startswith(RAW_TYPES):
+        return Upload(await request.body(), query)
+    raise UnsupportedMedia(
+        f"content type {media or 'none'!r}: send multipart/form-data with a {file_field!r} part, "
+        f"application/json with {file_field!r} in base64, or the file itself as the body"
+    )
+
+
+async def _multipart(request: Request, file_field: str, query: dict[str, str]) -> Upload:
+    try:
+        form = await request.form(max_files=4, max_fields=32)
+    except HTTPException as exc:
+        raise BadRequest(f"malformed multipart body: {exc.detail}") from None
+    fields: dict[str, Any] = dict(query)
+    data: bytes | None = None
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            if key != file_field:
+                raise Unprocessable(f"unexpected file part {key!r}; this endpoint takes its file as {file_field!r}")
+            data = await value.read()
+        else:
+            fields[key] = value
+    await form.close()
+    if data is None and isinstance(fields.get(file_field), str):
+        raise Unprocessable(f"{file_field!r} must be a file part (curl -F '{file_field}=@FILE'), not a text field")
+    return Upload(data, fields)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRequest("request body must be a JSON object")
+    return value
+
+
+def require_file(upload: Upload, file_field: str) -> bytes:
+    if upload.data is None:
+        raise Unprocessable(f"no {file_field!r} in the request")
+    return upload.data
+
+
+def options(model: type[Options], upload: Upload) -> Options:
+    try:
+        return model.model_validate(upload.fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "options"
+        raise Unprocessable(f"{where}: {first['msg']}") from None

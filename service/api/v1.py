@@ -1,0 +1,320 @@
+"""The family endpoints: files people have in, answers they want out.
+
+Decoding and pre/post-processing run in threads (`asyncio.to_thread`) so the
+event loop keeps serving; inference goes through `Gateway.run`, so it is
+batched with other requests and spread over the partitions hosting the model.
+Which model serves an endpoint is found from the contracts (family, variant).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from migserve.contract import (
+    DensityPostprocessing,
+    FacePostprocessing,
+    GroundingPostprocessing,
+    GroundingPreprocessing,
+    ImageOutPostprocessing,
+    ImagePreprocessing,
+    ThermalPreprocessing,
+    VolumePreprocessing,
+)
+from migserve.types import Array
+
+from ..errors import NotFound, NotReady, ServiceError, Unprocessable
+from ..families import crowd, face, frontalize, grounding, lns, media
+from ..families.volume import read_volume
+from ..jobs import Job, Progress
+from ..repository import ModelEntry
+from .schemas import (
+    CrowdOptions,
+    CrowdResult,
+    FaceOptions,
+    FaceResult,
+    FrontalizeOptions,
+    FrontalizeResult,
+    GroundingOptions,
+    GroundingResult,
+    ImageSize,
+    JobView,
+    LnsOptions,
+    LnsResult,
+    ModelList,
+    Responses,
+    error_responses,
+    request_body,
+)
+from .uploads import options, read_upload, require_file
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+IMAGE_TYPES = ["image/jpeg", "image/png"]
+VOLUME_TYPES = ["application/gzip", "application/zip", "application/dicom", "application/octet-stream"]
+INFER_ERRORS = error_responses(404, 413, 415, 422, 503, 504)
+
+
+@cache
+def _vocabulary(directory: Path, pre: GroundingPreprocessing) -> grounding.Vocabulary:
+    return grounding.Vocabulary(directory / pre.vocabulary_file, pre)
+
+
+class FamilyEndpoints:
+    """The handlers, each a few steps: read the upload, find the model, pre-process, run, post-process."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.config = gateway.config
+
+    def model(self, family: str, variant: str | None = None) -> ModelEntry:
+        found = [e for e in self.gateway.models.values() if e.contract.family == family and variant in (None, e.contract.variant)]
+        if not found:
+            served = sorted(e.contract.variant for e in self.gateway.models.values() if e.contract.family == family)
+            if variant is not None and served:
+                raise Unprocessable(f"variant {variant!r} is not served; served {family} variants: {', '.join(served)}")
+            raise NotFound(f"no {family} model is served by this gateway")
+        return found[0]
+
+    def deadline(self, request: Request) -> float:
+        return time.monotonic() + self.gateway.timeout(request.headers.get("x-timeout-ms"))
+
+    async def face(self, request: Request) -> FaceResult:
+        upload = await read_upload(request, "image")
+        opts = options(FaceOptions, upload)
+        entry = self.model("face")
+        pre, post = _typed(entry, ImagePreprocessing, FacePostprocessing)
+        rgb = await asyncio.to_thread(
+            media.decode_image, require_file(upload, "image"), field="image", max_pixels=self.config.max_image_pixels
+        )
+        boxes = (
+            (await asyncio.to_thread(face.detect, rgb, face.DetectionSettings()))[: opts.max_faces]
+            if opts.detect
+            else [face.whole_image(rgb)]
+        )
+        faces: list[dict[str, Any]] = []
+        if boxes:
+            batch, crops = await asyncio.to_thread(face.preprocess, rgb, boxes, pre, not opts.detect)
+            outputs = await self.gateway.run(entry.contract.name, {entry.contract.inputs[0].name: batch}, self.deadline(request))
+            faces = face.describe(outputs, post, boxes, crops, opts.embedding)
+        height, width = rgb.shape[:2]
+        return FaceResult.model_validate(
+            {"model": entry.contract.name, "weights": entry.contract.provenance.weights, "image": {"width": width, "height": height}}
+            | {"detected": opts.detect, "faces": faces}
+        )
+
+    async def frontalize(self, request: Request) -> Response:
+        upload = await read_upload(request, "image")
+        opts = options(FrontalizeOptions, upload)
+        entry = self.model("frontalize")
+        pre, post = _typed(entry, ThermalPreprocessing, ImageOutPostprocessing)
+        data = require_file(upload, "image")
+        gray = await asyncio.to_thread(media.decode_image, data, field="image", max_pixels=self.config.max_image_pixels, mode="L")
+        thermal = frontalize.preprocess(gray, pre)
+        outputs = await self.gateway.run(entry.contract.name, {entry.contract.inputs[0].name: thermal}, self.deadline(request))
+        pixels = frontalize.to_pixels(outputs[entry.contract.outputs[0].name][0], post)
+        png = await asyncio.to_thread(media.encode_png, pixels)
+        if opts.format == "png":
+            return Response(png, media_type="image/png", headers={"X-Migserve-Weights": entry.contract.provenance.weights})
+        result = FrontalizeResult(
+            model=entry.contract.name,
+            weights=entry.contract.provenance.weights,
+            width=pixels.shape[1],
+            height=pixels.shape[0],
+            png=media.to_base64(png),
+        )
+        return JSONResponse(result.model_dump())
+
+    async def grounding(self, request: Request) -> GroundingResult:
+        upload = await read_upload(request, "features")
+        opts = options(GroundingOptions, upload)
+        entry = self.model("grounding", opts.variant)
+        pre, post = _typed(entry, GroundingPreprocessing, GroundingPostprocessing)
+        if upload.inline is not None:
+            features = grounding.features_from_list(upload.inline, pre)
+        else:
+            features = await asyncio.to_thread(grounding.load_features, require_file(upload, "features"), pre)
+        words, word_mask, unknown = _vocabulary(entry.directory, pre).encode(opts.sentence, entry.contract.dims["words"])
+        video, video_mask, real = grounding.frames(features, pre, entry.contract.dims["frames"])
+        inputs = {"video": video, "video_mask": video_mask, "words": words, "word_mask": word_mask}
+        outputs = await self.gateway.run(entry.contract.name, inputs, self.deadline(request))
+        found = grounding.moments(outputs, real, opts.duration, post, opts.top_k or post.default_top_k)
+        tokens = _vocabulary(entry.directory, pre).pattern.findall(opts.sentence.lower() if pre.lowercase else opts.sentence)
+        return GroundingResult.model_validate(
+            {"model": entry.contract.name, "weights": entry.contract.provenance.weights, "variant": entry.contract.variant}
+            | {"duration": opts.duration, "frames": real, "words": tokens[: pre.max_words], "unknown_words": unknown}
+            | {"moments": [m.__dict__ for m in found]}
+        )
+
+    async def crowd(self, request: Request) -> CrowdResult:
+        upload = await read_upload(request, "image")
+        opts = options(CrowdOptions, upload)
+        entry = self.model("crowd")
+        pre, post = _typed(entry, ImagePreprocessing, DensityPostprocessing)
+        data = require_file(upload, "image")
+        rgb = await asyncio.to_thread(media.decode_image, data, field="image", max_pixels=self.config.max_image_pixels)
+        dims = entry.contract.dims
+        batch, tiling = await asyncio.to_thread(crowd.tiles, rgb, pre, dims["height"], dims["width"])
+        outputs = await self.gateway.run(entry.contract.name, {entry.contract.inputs[0].name: batch}, self.deadline(request))
+        density = np.clip(crowd.stitch(outputs[entry.contract.outputs[0].name], tiling, post), 0, None)
+        height, width = rgb.shape[:2]
+        png = await asyncio.to_thread(lambda: media.encode_png(crowd.heatmap(density, height, width))) if opts.density else None
+        return CrowdResult(
+            model=entry.contract.name,
+            weights=entry.contract.provenance.weights,
+            image=ImageSize(width=width, height=height),
+            count=round(float(density.sum()), 3),
+            tiles=len(batch),
+            density_shape=list(density.shape),
+            density_png=media.to_base64(png) if png is not None else None,
+        )
+
+    def lns_models(self) -> tuple[ModelEntry, ModelEntry]:
+        """Stage 1 takes CT alone; stage 2 takes CT plus organ masks (extra channels)."""
+        entries = [e for e in self.gateway.models.values() if e.contract.family == "lns"]
+        first = [
+            e for e in entries if isinstance(e.contract.preprocessing, VolumePreprocessing) and not e.contract.preprocessing.extra_channels
+        ]
+        second = [e for e in entries if e not in first]
+        if not first or not second:
+            raise NotFound("lymph node station parsing needs both lns-organs and lns-stations served by this gateway")
+        return first[0], second[0]
+
+    async def lns(self, request: Request) -> Response:
+        upload = await read_upload(request, "volume")
+        opts = options(LnsOptions, upload)
+        organs, stations = self.lns_models()
+        limits = {"max_bytes": self.config.max_body_bytes * 4, "max_voxels": self.config.max_volume_voxels}
+        volume = await asyncio.to_thread(read_volume, require_file(upload, "volume"), **limits)
+        _, total = lns.plan(volume, organs.contract, stations.contract)
+        as_job = opts.mode == "job" or (opts.mode == "auto" and total > self.config.job_min_tiles)
+        deadline = time.monotonic() + self.config.job_timeout_s if as_job else self.deadline(request)
+
+        async def run(name: str, inputs: dict[str, Array]) -> dict[str, Array]:
+            return await self.gateway.run(name, inputs, deadline)
+
+        async def work(progress: Progress) -> lns.Stations:
+            return await lns.stations_of(
+                volume, organs.contract, stations.contract, run=run, progress=progress, in_flight=self.config.tiles_in_flight
+            )
+
+        job = self.gateway.jobs.submit("lns-segment", total, work)
+        if as_job:
+            url = f"/v1/jobs/{job.id}"
+            return JSONResponse(self.job_view(job).model_dump(), status_code=202, headers={"Location": url})
+        await self.gateway.jobs.wait(job)
+        return JSONResponse(self.lns_result(job, opts.inline).model_dump())
+
+    def lns_result(self, job: Job[Any], inline: bool) -> LnsResult:
+        result = cast(lns.Stations, job.result)  # a finished lns job's
+        organs, stations = self.lns_models()
+        return LnsResult.model_validate(
+            {"job_id": job.id, "models": [organs.contract.name, stations.contract.name], "summary": result.summary}
+            | {"weights": stations.contract.provenance.weights, "label_map_url": f"/v1/jobs/{job.id}/labels.nii.gz"}
+            | {"label_map_base64": media.to_base64(result.nifti) if inline else None}
+        )
+
+    def job_view(self, job: Job[Any]) -> JobView:
+        view = job.view() | {"status_url": f"/v1/jobs/{job.id}"}
+        if job.result is not None:
+            view["result"] = self.lns_result(job, inline=False)
+        return JobView.model_validate(view)
+
+    def label_map(self, job_id: str) -> Response:
+        job = self.gateway.jobs.get(job_id)
+        if job.error is not None:
+            raise Unprocessable(f"job {job_id} failed: {job.error}")
+        if job.result is None:
+            raise NotReady(f"job {job_id} is still running ({job.progress.done}/{job.progress.total} tiles)")
+        headers = {"Content-Disposition": f'attachment; filename="{job_id}-stations.nii.gz"'}
+        return Response(job.result.nifti, media_type="application/gzip", headers=headers)
+
+    def models_view(self) -> ModelList:
+        models = []
+        for name, entry in sorted(self.gateway.models.items()):
+            contract = entry.contract
+            partitions = sorted(pid for pid, placed in self.gateway.placement.items() if name in placed)
+            models.append(
+                {"name": name, "family": contract.family, "variant": contract.variant, "size": contract.size}
+                | {"description": contract.description, "weights": contract.provenance.weights}
+                | {"provenance": contract.provenance.model_dump(), "ready": self.gateway.model_ready(name), "partitions": partitions}
+                | {"contract": contract.model_dump(mode="json")}
+            )
+        return ModelList.model_validate({"models": models})
+
+
+def _typed(entry: ModelEntry, pre_type: type[Any], post_type: type[Any]) -> tuple[Any, Any]:
+    contract = entry.contract
+    if not isinstance(contract.preprocessing, pre_type) or not isinstance(contract.postprocessing, post_type):
+        raise ServiceError(f"{contract.name}: its contract's processing is not {pre_type.__name__} / {post_type.__name__}")
+    return contract.preprocessing, contract.postprocessing
+
+
+def _with(extra: Responses, errors: Responses) -> Responses:
+    return {**extra, **errors}
+
+
+def register_v1(app: FastAPI, gateway: Gateway) -> None:
+    endpoints = FamilyEndpoints(gateway)
+    image = "a JPEG or PNG image"
+
+    app.post(
+        "/v1/face/analyze",
+        response_model=FaceResult,
+        responses=INFER_ERRORS,
+        summary="Faces in a photo: box, 40 attributes, expression, 68 landmarks (face-pros)",
+        openapi_extra=request_body(FaceOptions, "image", image, IMAGE_TYPES),
+    )(endpoints.face)
+    app.post(
+        "/v1/frontalize",
+        responses=_with(
+            {200: {"content": {"image/png": {}}, "model": FrontalizeResult, "description": "PNG, or JSON with format=json"}}, INFER_ERRORS
+        ),
+        summary="A thermal face in, the visible frontal face out (frontalize-dalgan)",
+        openapi_extra=request_body(FrontalizeOptions, "image", "a thermal face, JPEG or PNG", IMAGE_TYPES),
+    )(endpoints.frontalize)
+    app.post(
+        "/v1/grounding",
+        response_model=GroundingResult,
+        responses=INFER_ERRORS,
+        summary="Moments of a video that match a sentence, in seconds (grounding-*)",
+        openapi_extra=request_body(GroundingOptions, "features", "clip features, a .npy array [T, D]", ["application/x-npy"]),
+    )(endpoints.grounding)
+    app.post(
+        "/v1/lns/segment",
+        response_model=LnsResult,
+        responses=_with({202: {"model": JobView, "description": "a job: poll status_url"}}, INFER_ERRORS),
+        summary="Lymph node stations in a CT volume (lns-organs then lns-stations)",
+        openapi_extra=request_body(LnsOptions, "volume", "NIfTI (.nii, .nii.gz), a zip of a DICOM series, or one DICOM file", VOLUME_TYPES),
+    )(endpoints.lns)
+    app.post(
+        "/v1/crowd/count",
+        response_model=CrowdResult,
+        responses=INFER_ERRORS,
+        summary="People in an image of any size, and the density heatmap (crowd-csrnet)",
+        openapi_extra=request_body(CrowdOptions, "image", image, IMAGE_TYPES),
+    )(endpoints.crowd)
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobView, responses=error_responses(404), summary="A job's state, progress and result")
+    async def job(job_id: str) -> JobView:
+        return endpoints.job_view(gateway.jobs.get(job_id))
+
+    @app.get(
+        "/v1/jobs/{job_id}/labels.nii.gz",
+        responses=_with({200: {"content": {"application/gzip": {}}, "description": "station label map"}}, error_responses(404, 409, 422)),
+        summary="A finished segmentation job's label map",
+    )
+    async def label_map(job_id: str) -> Response:
+        return endpoints.label_map(job_id)
+
+    @app.get("/v1/models", response_model=ModelList, summary="Every served model: family, variant, provenance, contract")
+    async def models() -> ModelList:
+        return endpoints.models_view()

@@ -1,0 +1,186 @@
+"""CT volumes in and label maps out: NIfTI-1/2 (plain or gzipped), a DICOM series (zip) or one DICOM file.
+
+Internally a volume is float32 Hounsfield units in (z, y, x) order with its
+spacing in mm; the NIfTI it came from (or the one built from the DICOM
+geometry) is stored in (x, y, z) order with its affine, and label maps go back
+in that same layout and affine. The format is read from the bytes themselves.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import zipfile
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from scipy import ndimage
+
+from migserve.types import Array
+
+from ..errors import TooLarge, Unprocessable, UnsupportedMedia
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Volume:
+    hu: Array  # float32 [z, y, x]
+    spacing: tuple[float, float, float]  # mm, (z, y, x)
+    affine: Array  # 4x4, voxel (x, y, z) -> RAS mm
+    source: str  # "nifti" or "dicom"
+
+    @property
+    def voxel_ml(self) -> float:
+        return float(np.prod(self.spacing)) / 1000.0
+
+
+def sniff(data: bytes) -> str | None:
+    if data[:2] == b"\x1f\x8b":
+        return "gzip"
+    if data[:4] == b"PK\x03\x04":
+        return "zip"
+    if data[128:132] == b"DICM":
+        return "dicom"
+    if int.from_bytes(data[:4], "little") in (348, 540) or int.from_bytes(data[:4], "big") in (348, 540):
+        return "nifti"
+    return None
+
+
+def read_volume(data: bytes, *, max_bytes: int, max_voxels: int) -> Volume:
+    kind = sniff(data)
+    if kind == "gzip":
+        data = _gunzip(data, max_bytes)
+        if sniff(data) != "nifti":
+            raise UnsupportedMedia("volume: a gzip file that does not hold a NIfTI image")
+        kind = "nifti"
+    if kind == "nifti":
+        volume = _nifti(data)
+    elif kind == "zip":
+        volume = _dicom_series(_zip_members(data, max_bytes))
+    elif kind == "dicom":
+        volume = _dicom_series([("upload", data)])
+    else:
+        raise UnsupportedMedia("volume: not NIfTI (.nii, .nii.gz), a zip of DICOM files, or a DICOM file")
+    if volume.hu.size > max_voxels:
+        raise TooLarge(f"volume: {volume.hu.size} voxels is over the limit of {max_voxels}")
+    return volume
+
+
+def _gunzip(data: bytes, max_bytes: int) -> bytes:
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as fh:
+            out = fh.read(max_bytes + 1)
+    except (OSError, EOFError) as exc:
+        raise Unprocessable(f"volume: corrupt gzip data ({exc})") from None
+    if len(out) > max_bytes:
+        raise TooLarge(f"volume: decompresses to more than {max_bytes} bytes")
+    return out
+
+
+def _nifti(data: bytes) -> Volume:
+    big = int.from_bytes(data[:4], "big") in (348, 540)
+    image_class = nib.Nifti2Image if int.from_bytes(data[:4], "big" if big else "little") == 540 else nib.Nifti1Image
+    try:
+        image = image_class.from_bytes(data)
+        array = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as exc:  # nibabel raises a dozen kinds on a bad header or short data
+        raise Unprocessable(f"volume: bad NIfTI file ({type(exc).__name__}: {exc})") from None
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise Unprocessable(f"volume: expected a 3D CT volume, the NIfTI holds shape {list(array.shape)}")
+    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+    if not all(np.isfinite(z) and z > 0 for z in zooms):
+        raise Unprocessable(f"volume: NIfTI voxel sizes {list(zooms)} are not all positive")
+    if not np.isfinite(array).all():
+        raise Unprocessable("volume: contains NaN or infinite voxels")
+    affine = image.affine if image.affine is not None else np.diag([*zooms, 1.0])
+    return Volume(np.ascontiguousarray(array.transpose(2, 1, 0)), (zooms[2], zooms[1], zooms[0]), np.asarray(affine, float), "nifti")
+
+
+def _zip_members(data: bytes, max_bytes: int) -> list[tuple[str, bytes]]:
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        infos = [i for i in archive.infolist() if not i.is_dir() and not i.filename.startswith("__MACOSX/")]
+        if sum(i.file_size for i in infos) > max_bytes:
+            raise TooLarge(f"volume: the zip unpacks to more than {max_bytes} bytes")
+        return [(i.filename, archive.read(i)) for i in infos]
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
+        raise Unprocessable(f"volume: broken zip file ({exc})") from None
+
+
+@dataclass(frozen=True)
+class _Slice:
+    position: Array  # ImagePositionPatient, mm (LPS)
+    pixels: Array  # HU [rows, cols]
+
+
+def _dicom_series(members: list[tuple[str, bytes]]) -> Volume:
+    if not members:
+        raise Unprocessable("volume: the zip holds no files")
+    slices: list[_Slice] = []
+    geometry: tuple[Array, Array, float] | None = None  # row and column cosines, slice thickness
+    spacing: tuple[float, float] | None = None
+    for name, raw in members:
+        try:
+            ds = pydicom.dcmread(io.BytesIO(raw))
+            pixels = ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+            orientation = np.asarray([float(v) for v in ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])])
+            position = np.asarray([float(v) for v in ds.get("ImagePositionPatient", [0, 0, len(slices)])])
+            pixel_spacing = tuple(float(v) for v in ds.get("PixelSpacing", [1.0, 1.0]))
+            thickness = float(ds.get("SpacingBetweenSlices", ds.get("SliceThickness", 1.0)) or 1.0)
+        except InvalidDicomError:
+            raise Unprocessable(f"volume: {name} is not a DICOM file") from None
+        except Exception as exc:  # pydicom raises many kinds on damaged elements or pixel data
+            raise Unprocessable(f"volume: broken DICOM file {name} ({type(exc).__name__}: {exc})") from None
+        if pixels.ndim != 2:
+            raise Unprocessable(f"volume: {name} holds pixel data of shape {list(pixels.shape)}; expected one 2D slice per file")
+        if slices and pixels.shape != slices[0].pixels.shape:
+            raise Unprocessable(f"volume: {name} is {list(pixels.shape)}, other slices are {list(slices[0].pixels.shape)}")
+        if len(pixel_spacing) != 2 or min(pixel_spacing) <= 0 or orientation.shape != (6,):
+            raise Unprocessable(f"volume: {name} has an unusable PixelSpacing or ImageOrientationPatient")
+        geometry = geometry or (orientation[:3], orientation[3:], thickness)
+        spacing = spacing or (pixel_spacing[0], pixel_spacing[1])
+        slices.append(_Slice(position, pixels))
+    assert geometry is not None and spacing is not None  # members is not empty
+    row_cos, col_cos, thickness = geometry
+    normal = np.cross(row_cos, col_cos)
+    slices.sort(key=lambda s: float(s.position @ normal))
+    steps = np.diff([float(s.position @ normal) for s in slices])
+    if len(steps) and steps.min() <= 1e-3:
+        raise Unprocessable("volume: two DICOM slices share a position; upload one series at a time")
+    dz = float(np.median(steps)) if len(steps) else thickness
+    lps = np.eye(4)
+    lps[:3, 0] = row_cos * spacing[1]  # x (column index) runs along the row direction
+    lps[:3, 1] = col_cos * spacing[0]
+    lps[:3, 2] = normal * dz
+    lps[:3, 3] = slices[0].position
+    hu = np.stack([s.pixels for s in slices])
+    return Volume(hu, (dz, spacing[0], spacing[1]), LPS_TO_RAS @ lps, "dicom")
+
+
+def resample(values: Array, spacing: tuple[float, float, float], target: tuple[float, float, float]) -> Array:
+    """Trilinear resampling of [z, y, x] from spacing to target spacing (at least one voxel per axis)."""
+    factors = [max(s / t, 1.0 / n) for s, t, n in zip(spacing, target, values.shape, strict=True)]
+    return np.asarray(ndimage.zoom(values, factors, order=1, mode="nearest", grid_mode=True), dtype=np.float32)
+
+
+def back_to_grid(labels: Array, shape: tuple[int, ...]) -> Array:
+    """Nearest-neighbour map of labels on a resampled grid back to the input's [z, y, x] shape."""
+    index = [np.minimum(((np.arange(n) + 0.5) * m / n).astype(int), m - 1) for n, m in zip(shape, labels.shape, strict=True)]
+    return np.asarray(labels[np.ix_(*index)])
+
+
+def window(hu: Array, low: float, high: float) -> Array:
+    return np.asarray((np.clip(hu, low, high) - low) / (high - low), dtype=np.float32)
+
+
+def to_nifti(labels: Array, volume: Volume) -> bytes:
+    """uint8 labels [z, y, x] on the input grid -> .nii.gz bytes with the input's affine."""
+    image = nib.Nifti1Image(np.ascontiguousarray(labels.transpose(2, 1, 0)).astype(np.uint8), volume.affine)
+    image.header.set_xyzt_units("mm")
+    return gzip.compress(image.to_bytes(), compresslevel=6)

@@ -1,0 +1,158 @@
+"""Bad input to the /v1 endpoints: each case gets its 4xx with a message naming the problem, and nothing else is disturbed."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import zipfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.helpers import ExportedRepo, Gateway
+from tests.integration.test_family_endpoints import ASTRONAUT, NIBABEL_DATA, encode, lfw_faces, nifti_gz, npy, pydicom_file
+
+JPEG = encode(ASTRONAUT)
+PNG = lfw_faces(1)[0]
+ANATOMICAL = (NIBABEL_DATA / "anatomical.nii").read_bytes()
+CT_SMALL = pydicom_file("CT_small.dcm").read_bytes()
+MR_TRUNCATED = pydicom_file("MR_truncated.dcm").read_bytes()
+FEATURES = npy(np.random.default_rng(0).standard_normal((40, 1024)).astype(np.float32))
+
+
+def _zip(name: str, data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _bad_png_crc() -> bytes:
+    data = bytearray(PNG)
+    data[40] ^= 0xFF  # inside IHDR/IDAT: the chunk checksum no longer matches
+    return bytes(data)
+
+
+def _corrupt_jpeg_header() -> bytes:
+    data = bytearray(JPEG)
+    data[4:400] = b"\x00" * 396  # after the first marker: tables and frame header gone
+    return bytes(data)
+
+
+def _bad_nifti_header() -> bytes:
+    data = bytearray(ANATOMICAL)
+    data[40:56] = b"\xff" * 16  # dim[]: nonsense dimensions
+    return bytes(data)
+
+
+Post = Callable[[httpx.Client], httpx.Response]
+
+
+def image(path: str, data: bytes, **fields: str) -> Post:
+    return lambda c: c.post(path, files={"image": ("upload", data)}, data=fields)
+
+
+def grounding(features: bytes = FEATURES, **fields: str) -> Post:
+    fields = {"sentence": "person opens a door", "duration": "12.5"} | fields
+    return lambda c: c.post("/v1/grounding", files={"features": ("f.npy", features)}, data=fields)
+
+
+def volume(data: bytes) -> Post:
+    return lambda c: c.post("/v1/lns/segment", files={"volume": ("upload", data)})
+
+
+CASES: dict[str, tuple[Post, int, str]] = {
+    "gif image": (image("/v1/face/analyze", b"GIF89a\x01\x00\x01\x00"), 415, "not a JPEG or PNG"),
+    "text body": (lambda c: c.post("/v1/crowd/count", content=b"hello", headers={"content-type": "text/plain"}), 415, "content type"),
+    "empty upload": (image("/v1/crowd/count", b""), 422, "empty"),
+    "truncated jpeg": (image("/v1/face/analyze", JPEG[: len(JPEG) // 3]), 422, "truncated"),
+    "corrupt jpeg header": (image("/v1/crowd/count", _corrupt_jpeg_header()), 422, "corrupt JPEG"),
+    "png with a bad checksum": (image("/v1/frontalize", _bad_png_crc()), 422, "corrupt PNG"),
+    "no file": (lambda c: c.post("/v1/face/analyze", data={"detect": "false"}), 415, "multipart"),
+    "file missing from form": (lambda c: c.post("/v1/face/analyze", files={"other": ("x", PNG)}), 422, "'other'"),
+    "bad option": (image("/v1/face/analyze", PNG, max_faces="lots"), 422, "max_faces"),
+    "unknown option": (image("/v1/crowd/count", PNG, densty="true"), 422, "densty"),
+    "malformed json": (lambda c: c.post("/v1/face/analyze", content=b"{oops", headers={"content-type": "application/json"}), 400, "JSON"),
+    "bad base64": (lambda c: c.post("/v1/face/analyze", json={"image": "***"}), 422, "base64"),
+    "features with wrong D": (grounding(npy(np.zeros((10, 500), np.float32))), 422, "D is 500"),
+    "zero-length features": (grounding(npy(np.zeros((0, 1024), np.float32))), 422, "zero frames"),
+    "features of one dim": (grounding(npy(np.zeros(1024, np.float32))), 422, "expected shape"),
+    "features with NaN": (grounding(npy(np.full((9, 1024), np.nan, np.float32))), 422, "NaN"),
+    "not an npy file": (grounding(b"\x93NUMPY garbage"), 422, ".npy"),
+    "duration not positive": (grounding(duration="0"), 422, "duration"),
+    "duration not a number": (grounding(duration="long"), 422, "duration"),
+    "empty sentence": (grounding(sentence=""), 422, "sentence"),
+    "sentence without words": (grounding(sentence="?! ..."), 422, "no words"),
+    "unknown variant": (grounding(variant="bert"), 422, "variant 'bert'"),
+    "top_k zero": (grounding(top_k="0"), 422, "top_k"),
+    "bad nifti header": (volume(_bad_nifti_header()), 422, "3D"),
+    "truncated nifti": (volume(ANATOMICAL[: len(ANATOMICAL) // 2]), 422, "bad NIfTI"),
+    "truncated nifti.gz": (volume(gzip.compress(ANATOMICAL)[:5000]), 422, "gzip"),
+    "4D nifti": (volume((NIBABEL_DATA / "example4d.nii.gz").read_bytes()), 422, "3D CT volume"),
+    "truncated dicom": (volume(_zip("a.dcm", MR_TRUNCATED)), 422, "broken DICOM"),
+    "dicom without pixels": (volume(_zip("a.dcm", CT_SMALL[:4000])), 422, "a.dcm"),
+    "zip of non-dicom": (volume(_zip("notes.txt", b"hello")), 422, "not a DICOM file"),
+    "broken zip": (volume(_zip("a.dcm", CT_SMALL)[:3000]), 422, "broken zip"),
+    "not a volume": (volume(JPEG), 415, "not NIfTI"),
+}
+
+
+@pytest.fixture(scope="module")
+def http(gateway: Gateway) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=f"http://{gateway.url}", timeout=60) as client:
+        yield client
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_gets_its_4xx_and_a_message(http: httpx.Client, case: str) -> None:
+    post, status, fragment = CASES[case]
+    response = post(http)
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["error"]
+
+
+def test_bad_input_disturbs_nothing_else(http: httpx.Client) -> None:
+    """Every bad case at once, interleaved with good requests: the good ones all succeed."""
+    good: list[Post] = [image("/v1/crowd/count", PNG), grounding(), image("/v1/face/analyze", PNG, detect="false")] * 4
+    posts = [p for p, _, _ in CASES.values()] + good
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda p: p(http), posts))
+    assert all(r.status_code == 200 for r in responses[len(CASES) :])
+    assert all(400 <= r.status_code < 500 for r in responses[: len(CASES)])
+    assert http.get("/v2/health/ready").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def limited(tiny_repo: ExportedRepo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    """A gateway with small limits: 1 MiB bodies, 0.1 MP images, 0.5 M voxels."""
+    log = tmp_path_factory.mktemp("limited") / "serve.log"
+    args = ("--cpu-slices", "1", "--models", "crowd-csrnet", "lns-organs", "lns-stations")
+    limits = ("--max-body-mb", "1", "--max-image-mp", "0.1", "--max-volume-mvox", "0.5")
+    server = Gateway(tiny_repo.root, *args, *limits, log=log)
+    with httpx.Client(base_url=f"http://{server.url}", timeout=60) as client:
+        yield client
+    server.close()
+
+
+def test_over_the_limits_answers_413(limited: httpx.Client) -> None:
+    big = np.random.default_rng(0).integers(0, 255, (700, 700, 3), dtype=np.uint8)
+    too_big = limited.post("/v1/crowd/count", files={"image": ("big.png", encode(big, "PNG"))})
+    assert too_big.status_code == 413 and "limit" in too_big.json()["error"]
+    many_pixels = limited.post("/v1/crowd/count", files={"image": ("a.jpg", JPEG)})  # 0.26 MP in a small JPEG
+    assert many_pixels.status_code == 413 and "pixels" in many_pixels.json()["error"]
+    many_voxels = volume(nifti_gz(np.zeros((100, 100, 60), np.int16), np.eye(4)))(limited)
+    assert many_voxels.status_code == 413 and "voxels" in many_voxels.json()["error"]
+    streamed = limited.post(
+        "/v1/crowd/count", content=iter([b"\x89PNG\r\n\x1a\n", b"\x00" * (2 << 20)]), headers={"content-type": "image/png"}
+    )
+    assert streamed.status_code == 413
+    assert limited.post("/v1/crowd/count", files={"image": ("face.png", PNG)}).status_code == 200
+
+
+def test_other_models_are_not_found(limited: httpx.Client) -> None:
+    response = limited.post("/v1/face/analyze", files={"image": ("face.png", PNG)})
+    assert response.status_code == 404 and "no face model" in response.json()["error"]
+    assert limited.get("/v1/jobs/0123").status_code == 404

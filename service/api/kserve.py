@@ -43,26 +43,26 @@ class DecodedRequest:
     timeout_s: float | None
 
 
-def _json(raw: bytes) -> dict[str, Any]:
+def json_object(raw: bytes, expected: str = "a JSON object with an 'inputs' list") -> dict[str, Any]:
     try:
         value = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise BadRequest("request body must be a JSON object with an 'inputs' list")
+        raise BadRequest(f"request body must be {expected}")
     return value
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
     if header_length is None:
-        return _json(body), memoryview(b"")
+        return json_object(body), memoryview(b"")
     try:
         n = int(header_length)
     except ValueError:
         raise BadRequest(f"Inference-Header-Content-Length {header_length!r} is not an integer") from None
     if not 0 < n <= len(body):
         raise BadRequest(f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes")
-    return _json(body[:n]), memoryview(body)[n:]
+    return json_object(body[:n]), memoryview(body)[n:]
 
 
 def _array(entry: dict[str, Any], spec: TensorSpec, binary: memoryview, offset: int) -> tuple[Array, int]:

@@ -8,7 +8,6 @@ the endpoint's pydantic model, so a bad option is a 422 that names it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -19,6 +18,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import BadRequest, Unprocessable, UnsupportedMedia
 from ..families.media import from_base64
+from .kserve import json_object
 
 Options = TypeVar("Options", bound=BaseModel)
 RAW_TYPES = ("image/", "application/octet-stream", "application/gzip", "application/zip", "application/dicom", "application/x-npy")
@@ -37,7 +37,7 @@ async def read_upload(request: Request, file_field: str) -> Upload:
     if media == "multipart/form-data":
         return await _multipart(request, file_field, query)
     if media == "application/json":
-        fields = _json_object(await request.body())
+        fields = json_object(await request.body(), "a JSON object")
         raw = fields.pop(file_field, None)
         if raw is not None and not isinstance(raw, str):
             return Upload(None, query | fields, inline=raw)
@@ -68,16 +68,6 @@ async def _multipart(request: Request, file_field: str, query: dict[str, str]) -
     if data is None and isinstance(fields.get(file_field), str):
         raise Unprocessable(f"{file_field!r} must be a file part (curl -F '{file_field}=@FILE'), not a text field")
     return Upload(data, fields)
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise BadRequest("request body must be a JSON object")
-    return value
 
 
 def require_file(upload: Upload, file_field: str) -> bytes:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from migserve.contract import (
     DensityPostprocessing,
@@ -58,6 +60,7 @@ from .uploads import options, read_upload, require_file
 if TYPE_CHECKING:
     from .app import Gateway
 
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
 IMAGE_TYPES = ["image/jpeg", "image/png"]
 VOLUME_TYPES = ["application/gzip", "application/zip", "application/dicom", "application/octet-stream"]
 INFER_ERRORS = error_responses(404, 413, 415, 422, 503, 504)
@@ -87,24 +90,31 @@ class FamilyEndpoints:
     def deadline(self, request: Request) -> float:
         return time.monotonic() + self.gateway.timeout(request.headers.get("x-timeout-ms"))
 
-    async def face(self, request: Request) -> FaceResult:
+    async def image_upload(
+        self, request: Request, model: type[OptionsT], family: str, mode: str = "RGB"
+    ) -> tuple[OptionsT, ModelEntry, Array]:
+        """The options, the family's model, and the decoded image of an image endpoint's request."""
         upload = await read_upload(request, "image")
-        opts = options(FaceOptions, upload)
-        entry = self.model("face")
+        opts = options(model, upload)
+        entry = self.model(family)
+        data = require_file(upload, "image")
+        pixels = await asyncio.to_thread(media.decode_image, data, field="image", max_pixels=self.config.max_image_pixels, mode=mode)
+        return opts, entry, pixels
+
+    async def run_one(self, entry: ModelEntry, tensor: Array, request: Request) -> dict[str, Array]:
+        """A single-input model's outputs for `tensor`, through the batcher."""
+        return await self.gateway.run(entry.contract.name, {entry.contract.inputs[0].name: tensor}, self.deadline(request))
+
+    async def face(self, request: Request) -> FaceResult:
+        opts, entry, rgb = await self.image_upload(request, FaceOptions, "face")
         pre, post = _typed(entry, ImagePreprocessing, FacePostprocessing)
-        rgb = await asyncio.to_thread(
-            media.decode_image, require_file(upload, "image"), field="image", max_pixels=self.config.max_image_pixels
-        )
-        boxes = (
-            (await asyncio.to_thread(face.detect, rgb, face.DetectionSettings()))[: opts.max_faces]
-            if opts.detect
-            else [face.whole_image(rgb)]
-        )
+        boxes = [face.whole_image(rgb)]
+        if opts.detect:
+            boxes = (await asyncio.to_thread(face.detect, rgb, face.DetectionSettings()))[: opts.max_faces]
         faces: list[dict[str, Any]] = []
         if boxes:
             batch, crops = await asyncio.to_thread(face.preprocess, rgb, boxes, pre, not opts.detect)
-            outputs = await self.gateway.run(entry.contract.name, {entry.contract.inputs[0].name: batch}, self.deadline(request))
-            faces = face.describe(outputs, post, boxes, crops, opts.embedding)
+            faces = face.describe(await self.run_one(entry, batch, request), post, boxes, crops, opts.embedding)
         height, width = rgb.shape[:2]
         return FaceResult.model_validate(
             {"model": entry.contract.name, "weights": entry.contract.provenance.weights, "image": {"width": width, "height": height}}
@@ -112,14 +122,9 @@ class FamilyEndpoints:
         )
 
     async def frontalize(self, request: Request) -> Response:
-        upload = await read_upload(request, "image")
-        opts = options(FrontalizeOptions, upload)
-        entry = self.model("frontalize")
+        opts, entry, gray = await self.image_upload(request, FrontalizeOptions, "frontalize", mode="L")
         pre, post = _typed(entry, ThermalPreprocessing, ImageOutPostprocessing)
-        data = require_file(upload, "image")
-        gray = await asyncio.to_thread(media.decode_image, data, field="image", max_pixels=self.config.max_image_pixels, mode="L")
-        thermal = frontalize.preprocess(gray, pre)
-        outputs = await self.gateway.run(entry.contract.name, {entry.contract.inputs[0].name: thermal}, self.deadline(request))
+        outputs = await self.run_one(entry, frontalize.preprocess(gray, pre), request)
         pixels = frontalize.to_pixels(outputs[entry.contract.outputs[0].name][0], post)
         png = await asyncio.to_thread(media.encode_png, pixels)
         if opts.format == "png":
@@ -155,15 +160,11 @@ class FamilyEndpoints:
         )
 
     async def crowd(self, request: Request) -> CrowdResult:
-        upload = await read_upload(request, "image")
-        opts = options(CrowdOptions, upload)
-        entry = self.model("crowd")
+        opts, entry, rgb = await self.image_upload(request, CrowdOptions, "crowd")
         pre, post = _typed(entry, ImagePreprocessing, DensityPostprocessing)
-        data = require_file(upload, "image")
-        rgb = await asyncio.to_thread(media.decode_image, data, field="image", max_pixels=self.config.max_image_pixels)
         dims = entry.contract.dims
         batch, tiling = await asyncio.to_thread(crowd.tiles, rgb, pre, dims["height"], dims["width"])
-        outputs = await self.gateway.run(entry.contract.name, {entry.contract.inputs[0].name: batch}, self.deadline(request))
+        outputs = await self.run_one(entry, batch, request)
         density = np.clip(crowd.stitch(outputs[entry.contract.outputs[0].name], tiling, post), 0, None)
         height, width = rgb.shape[:2]
         png = await asyncio.to_thread(lambda: media.encode_png(crowd.heatmap(density, height, width))) if opts.density else None
@@ -262,46 +263,86 @@ def _with(extra: Responses, errors: Responses) -> Responses:
     return {**extra, **errors}
 
 
+@dataclass(frozen=True)
+class EndpointDoc:
+    """How one family endpoint is documented: its options, its file, and its answer."""
+
+    path: str
+    summary: str
+    options: type[BaseModel]
+    file_field: str
+    file_help: str
+    media_types: list[str]
+    answer: type[BaseModel]
+    extra: Responses
+
+
+IMAGE = "a JPEG or PNG image"
+PNG_ANSWER: Responses = {200: {"content": {"image/png": {}}, "model": FrontalizeResult, "description": "PNG, or JSON with format=json"}}
+UPLOADS = {
+    "face": EndpointDoc(
+        "/v1/face/analyze",
+        "Faces in a photo: box, 40 attributes, expression, 68 landmarks (face-pros)",
+        FaceOptions,
+        "image",
+        IMAGE,
+        IMAGE_TYPES,
+        FaceResult,
+        {},
+    ),
+    "frontalize": EndpointDoc(
+        "/v1/frontalize",
+        "A thermal face in, the visible frontal face out (frontalize-dalgan)",
+        FrontalizeOptions,
+        "image",
+        "a thermal face, JPEG or PNG",
+        IMAGE_TYPES,
+        FrontalizeResult,
+        PNG_ANSWER,
+    ),
+    "grounding": EndpointDoc(
+        "/v1/grounding",
+        "Moments of a video that match a sentence, in seconds (grounding-*)",
+        GroundingOptions,
+        "features",
+        "clip features, a .npy array [T, D]",
+        ["application/x-npy"],
+        GroundingResult,
+        {},
+    ),
+    "lns": EndpointDoc(
+        "/v1/lns/segment",
+        "Lymph node stations in a CT volume (lns-organs then lns-stations)",
+        LnsOptions,
+        "volume",
+        "NIfTI (.nii, .nii.gz), a zip of a DICOM series, or one DICOM file",
+        VOLUME_TYPES,
+        LnsResult,
+        {202: {"model": JobView, "description": "a job: poll status_url"}},
+    ),
+    "crowd": EndpointDoc(
+        "/v1/crowd/count",
+        "People in an image of any size, and the density heatmap (crowd-csrnet)",
+        CrowdOptions,
+        "image",
+        IMAGE,
+        IMAGE_TYPES,
+        CrowdResult,
+        {},
+    ),
+}
+
+
 def register_v1(app: FastAPI, gateway: Gateway) -> None:
     endpoints = FamilyEndpoints(gateway)
-    image = "a JPEG or PNG image"
-
-    app.post(
-        "/v1/face/analyze",
-        response_model=FaceResult,
-        responses=INFER_ERRORS,
-        summary="Faces in a photo: box, 40 attributes, expression, 68 landmarks (face-pros)",
-        openapi_extra=request_body(FaceOptions, "image", image, IMAGE_TYPES),
-    )(endpoints.face)
-    app.post(
-        "/v1/frontalize",
-        responses=_with(
-            {200: {"content": {"image/png": {}}, "model": FrontalizeResult, "description": "PNG, or JSON with format=json"}}, INFER_ERRORS
-        ),
-        summary="A thermal face in, the visible frontal face out (frontalize-dalgan)",
-        openapi_extra=request_body(FrontalizeOptions, "image", "a thermal face, JPEG or PNG", IMAGE_TYPES),
-    )(endpoints.frontalize)
-    app.post(
-        "/v1/grounding",
-        response_model=GroundingResult,
-        responses=INFER_ERRORS,
-        summary="Moments of a video that match a sentence, in seconds (grounding-*)",
-        openapi_extra=request_body(GroundingOptions, "features", "clip features, a .npy array [T, D]", ["application/x-npy"]),
-    )(endpoints.grounding)
-    app.post(
-        "/v1/lns/segment",
-        response_model=LnsResult,
-        responses=_with({202: {"model": JobView, "description": "a job: poll status_url"}}, INFER_ERRORS),
-        summary="Lymph node stations in a CT volume (lns-organs then lns-stations)",
-        openapi_extra=request_body(LnsOptions, "volume", "NIfTI (.nii, .nii.gz), a zip of a DICOM series, or one DICOM file", VOLUME_TYPES),
-    )(endpoints.lns)
-    app.post(
-        "/v1/crowd/count",
-        response_model=CrowdResult,
-        responses=INFER_ERRORS,
-        summary="People in an image of any size, and the density heatmap (crowd-csrnet)",
-        openapi_extra=request_body(CrowdOptions, "image", image, IMAGE_TYPES),
-    )(endpoints.crowd)
+    for name, spec in UPLOADS.items():
+        app.post(
+            spec.path,
+            response_model=None if spec.extra.get(200) else spec.answer,
+            responses=_with(spec.extra, INFER_ERRORS),
+            summary=spec.summary,
+            openapi_extra=request_body(spec.options, spec.file_field, spec.file_help, spec.media_types),
+        )(getattr(endpoints, name))
 
     @app.get("/v1/jobs/{job_id}", response_model=JobView, responses=error_responses(404), summary="A job's state, progress and result")
     async def job(job_id: str) -> JobView:

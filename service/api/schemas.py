@@ -70,6 +70,29 @@ class Face(BaseModel):
 
 
 class FaceResult(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "face-pros",
+                    "weights": "random-init",
+                    "image": {"width": 512, "height": 512},
+                    "detected": True,
+                    "faces": [
+                        {
+                            "box": [176.0, 66.0, 95.0, 95.0],
+                            "crop": [157, 47, 133, 133],
+                            "attributes": {"5_o_Clock_Shadow": 0.37, "Arched_Eyebrows": 0.24},
+                            "expression": {"label": "Happiness", "probabilities": {"Surprise": 0.1, "Happiness": 0.6}},
+                            "landmarks": [[190.2, 101.5], [191.0, 110.3]],
+                            "embedding": None,
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
     model: str
     weights: str = Field(description="'checkpoint' or 'random-init' (answers are then meaningless)")
     image: ImageSize
@@ -119,6 +142,22 @@ class GroundingResult(BaseModel):
 
 
 class CrowdResult(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "crowd-csrnet",
+                    "weights": "checkpoint",
+                    "image": {"width": 1024, "height": 768},
+                    "count": 312.4,
+                    "tiles": 1,
+                    "density_shape": [96, 128],
+                    "density_png": None,
+                }
+            ]
+        }
+    )
+
     model: str
     weights: str
     image: ImageSize
@@ -143,6 +182,27 @@ class LnsSummary(BaseModel):
 
 
 class LnsResult(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "job_id": "3f2b9c0e7d6a4e1f8b5c2a9d0e1f2a3b",
+                    "models": ["lns-organs", "lns-stations"],
+                    "weights": "random-init",
+                    "summary": {
+                        "shape": [512, 512, 120],
+                        "spacing_mm": [0.78, 0.78, 2.5],
+                        "source": "dicom",
+                        "stations": {"4R": {"label": 6, "voxels": 2310, "volume_ml": 3.51}},
+                        "tiles": 96,
+                    },
+                    "label_map_url": "/v1/jobs/3f2b9c0e7d6a4e1f8b5c2a9d0e1f2a3b/labels.nii.gz",
+                    "label_map_base64": None,
+                }
+            ]
+        }
+    )
+
     job_id: str
     models: list[str]
     weights: str
@@ -162,6 +222,25 @@ class JobError(BaseModel):
 
 
 class JobView(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "3f2b9c0e7d6a4e1f8b5c2a9d0e1f2a3b",
+                    "kind": "lns-segment",
+                    "state": "running",
+                    "stage": "organs",
+                    "progress": {"done": 17, "total": 96},
+                    "created": 1795488111.7,
+                    "finished": None,
+                    "error": None,
+                    "status_url": "/v1/jobs/3f2b9c0e7d6a4e1f8b5c2a9d0e1f2a3b",
+                    "result": None,
+                }
+            ]
+        }
+    )
+
     id: str
     kind: str
     state: Literal["running", "done", "failed"]

@@ -326,4 +326,6 @@ def test_openapi_documents_every_family_endpoint(http: httpx.Client) -> None:
     assert "202" in spec["paths"]["/v1/lns/segment"]["post"]["responses"]
     assert "sentence" in spec["paths"]["/v1/grounding"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
     assert {"/v1/models", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/labels.nii.gz"} <= set(spec["paths"])
+    schemas = spec["components"]["schemas"]
+    assert all(schemas[name].get("examples") for name in ("FaceResult", "GroundingResult", "CrowdResult", "LnsResult", "JobView"))
     assert http.get("/docs").status_code == 200

@@ -54,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("model_repo"), help="model repository to write into (default: model_repo)")
     parser.add_argument("--fp16", action="store_true", help="fp16 weights and compute with fp32 inputs and outputs (parity tolerance 1e-2)")
     parser.add_argument(
+        "--triton-backend",
+        choices=["onnxruntime", "python"],
+        default="onnxruntime",
+        help="config.pbtxt for Triton's onnxruntime backend on GPUs (default), or python twins (model.py) for a CPU-only Triton",
+    )
+    parser.add_argument(
         "--skip-existing", action="store_true", help="skip models whose directory already holds a valid export of this size"
     )
 
@@ -93,6 +99,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
             seed=args.seed,
             fp16=args.fp16,
             options=options.get(name, {}),
+            triton_backend=args.triton_backend,
         )
         try:
             result = export_model(request, _progress(prefix, started, err))

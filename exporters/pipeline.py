@@ -28,7 +28,7 @@ from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .errors import BadOption, OutputError
 from .onnx_export import DEFAULT_OPSET, export_onnx, to_fp16
 from .parity import FP16_TOLERANCE, check_parity
-from .triton import render_config
+from .triton import PYTHON_MODEL, TritonBackend, render_config
 from .zoo.base import OptionError
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class ExportRequest:
     fp16: bool = False
     opset: int = DEFAULT_OPSET
     options: Mapping[str, str] = field(default_factory=dict)
+    triton_backend: TritonBackend = "onnxruntime"
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def export_model(req: ExportRequest, progress: Progress = lambda _: None) -> Exp
         )
 
     progress("writing")
-    path = write_model_dir(req.out, mdef.name, proto, contract, mdef.extra_files(cfg))
+    path = write_model_dir(req.out, mdef.name, proto, contract, mdef.extra_files(cfg), triton_backend=req.triton_backend)
     return ExportResult(
         name=mdef.name,
         path=path,
@@ -113,7 +114,15 @@ def export_model(req: ExportRequest, progress: Progress = lambda _: None) -> Exp
     )
 
 
-def write_model_dir(out: Path, name: str, proto: onnx.ModelProto, contract: Callable[[str], Contract], extra: Mapping[str, bytes]) -> Path:
+def write_model_dir(
+    out: Path,
+    name: str,
+    proto: onnx.ModelProto,
+    contract: Callable[[str], Contract],
+    extra: Mapping[str, bytes],
+    *,
+    triton_backend: TritonBackend = "onnxruntime",
+) -> Path:
     """Write model.onnx, contract.json, config.pbtxt and extras into `out/name`, all or nothing."""
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +134,9 @@ def write_model_dir(out: Path, name: str, proto: onnx.ModelProto, contract: Call
         onnx.save(proto, str(tmp / MODEL_FILE))
         written = contract(sha256_file(tmp / MODEL_FILE))
         write_contract(tmp, written)
-        (tmp / CONFIG_FILE).write_text(render_config(written))
+        (tmp / CONFIG_FILE).write_text(render_config(written, triton_backend))
+        if triton_backend == "python":
+            (tmp / MODEL_FILE).with_name("model.py").write_text(PYTHON_MODEL.read_text())
         for filename, data in extra.items():
             (tmp / filename).write_bytes(data)
         tmp.chmod(0o755)

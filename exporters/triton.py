@@ -1,10 +1,14 @@
 """Write a model's Triton `config.pbtxt` from its contract.
 
-Triton's dims omit the batch dim when `max_batch_size > 0`; every other symbolic
+With the python backend, `1/model.py` (a copy of triton_python_model.py) runs the same
+`model.onnx` with onnxruntime. Triton's dims omit the batch dim when `max_batch_size > 0`; every other symbolic
 dim is -1. Warm-up requests are zeros at the contract's default dims, batch 1.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
 
 from migserve.contract import Contract, TensorSpec
 
@@ -33,13 +37,19 @@ def _warmup_input(spec: TensorSpec, contract: Contract) -> str:
     )
 
 
-def render_config(contract: Contract, kind: str = "KIND_GPU", instances: int = 1) -> str:
+TritonBackend = Literal["onnxruntime", "python"]
+PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
+
+
+def render_config(contract: Contract, backend: TritonBackend = "onnxruntime", instances: int = 1) -> str:
+    """onnxruntime: Triton's ONNX Runtime backend on the GPU. python: the twin (`model.py`) on CPU, for a CPU-only Triton."""
     batching = contract.batching
+    engine, kind = ('platform: "onnxruntime_onnx"', "KIND_GPU") if backend == "onnxruntime" else ('backend: "python"', "KIND_CPU")
     preferred = ", ".join(str(b) for b in batching.preferred_batch_sizes)
     warm_inputs = "\n".join(_warmup_input(s, contract) for s in contract.inputs)
     parts = [
         f'name: "{contract.name}"',
-        'platform: "onnxruntime_onnx"',
+        engine,
         f"max_batch_size: {batching.max_batch_size}",
         "input [\n" + ",\n".join(_tensor(s) for s in contract.inputs) + "\n]",
         "output [\n" + ",\n".join(_tensor(s) for s in contract.outputs) + "\n]",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -27,6 +27,7 @@ class PartitionKind(StrEnum):
     MIG = "mig"
     GPU = "gpu"
     CPU = "cpu"
+    TRITON = "triton"  # a remote Triton server, declared in a topology file
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class Partition:
     profile: str | None = None  # e.g. 3g.40gb, or the GPU name
     memory_bytes: int | None = None
     cores: tuple[int, ...] = ()  # CPU slices only
+    url: str | None = None  # Triton partitions: host:port of its HTTP or gRPC endpoint
+    protocol: str = "http"  # Triton partitions: http or grpc
+    batching: str = "gateway"  # Triton partitions: "gateway" batches before Triton; "triton" sends each request, Triton batches
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -46,7 +50,7 @@ class Partition:
             "profile": self.profile,
             "memory_bytes": self.memory_bytes,
             "cores": list(self.cores),
-        }
+        } | ({"url": self.url, "protocol": self.protocol, "batching": self.batching} if self.kind is PartitionKind.TRITON else {})
 
 
 class TopologyError(ValueError):
@@ -136,6 +140,9 @@ class _DeclaredPartition(BaseModel):
     profile: str | None = None
     memory_bytes: int | None = None
     cores: list[int] = Field(default_factory=list, description="CPU cores for a cpu partition")
+    url: str | None = Field(None, description="triton partitions: host:port of the server's HTTP or gRPC endpoint")
+    protocol: Literal["http", "grpc"] = "http"
+    batching: Literal["gateway", "triton"] = Field("gateway", description="who batches for a triton partition")
 
 
 class _Topology(BaseModel):
@@ -158,10 +165,22 @@ def load_topology(path: Path) -> list[Partition]:
     for p in declared.partitions:
         if p.kind is PartitionKind.CPU and not p.cores:
             raise TopologyError(f"invalid topology {path}: cpu partition {p.id} lists no cores")
-        if p.kind is not PartitionKind.CPU and not p.device:
+        if p.kind is PartitionKind.TRITON and not p.url:
+            raise TopologyError(f"invalid topology {path}: triton partition {p.id} needs a url (host:port)")
+        if p.kind in (PartitionKind.MIG, PartitionKind.GPU) and not p.device:
             raise TopologyError(f"invalid topology {path}: {p.kind.value} partition {p.id} needs a device UUID")
         partitions.append(
-            Partition(id=p.id, kind=p.kind, device=p.device, profile=p.profile, memory_bytes=p.memory_bytes, cores=tuple(p.cores))
+            Partition(
+                id=p.id,
+                kind=p.kind,
+                device=p.device,
+                profile=p.profile,
+                memory_bytes=p.memory_bytes,
+                cores=tuple(p.cores),
+                url=p.url,
+                protocol=p.protocol,
+                batching=p.batching,
+            )
         )
     return partitions
 

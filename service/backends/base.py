@@ -1,6 +1,6 @@
 """The small interface the dispatcher depends on: a Replica, one place a model runs.
 
-The local worker pool implements it today; a Triton partition will implement the same.
+Local worker processes (backends/local.py) and Triton servers (backends/triton.py) implement it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,16 @@ class Replica(Protocol):
 
     @property
     def ready(self) -> bool: ...
+
+    @property
+    def depth(self) -> int:
+        """Batches it takes at once: 1 for a local worker (the next batch forms while it runs)."""
+        ...
+
+    @property
+    def max_rows(self) -> int | None:
+        """Rows per batch it wants from the gateway; 1 leaves batching to the replica (Triton's batcher)."""
+        ...
 
     def submit(self, model: str, parts: Mapping[str, list[Array]]) -> asyncio.Future[dict[str, Array]]:
         """Send one batch now (each input's parts concatenated along axis 0); the replica counts as

@@ -15,14 +15,18 @@ import multiprocessing as mp
 from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING
 
 from migserve.types import Array
 
 from ..errors import BadRequest, InferenceFailed, Unavailable, WorkerDied
-from ..partitions import Partition
+from ..partitions import Partition, PartitionKind
 from ..workers import shm
 from ..workers.process import worker_main
 from ..workers.protocol import BatchDone, BatchFailed, FailureKind, ModelSpec, RunBatch, Stop, WorkerReady, WorkerSpec
+
+if TYPE_CHECKING:
+    from .triton import TritonReplica
 
 logger = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -57,6 +61,9 @@ class WorkerReplica:
     @property
     def ready(self) -> bool:
         return self._ready
+
+    depth = 1
+    max_rows: int | None = None
 
     @property
     def assigned(self) -> tuple[str, ...]:
@@ -178,11 +185,24 @@ class WorkerReplica:
 
 
 class LocalBackend:
-    """Worker processes for the partitions; `placement` maps partition id -> models there."""
+    """The partitions' replicas: a worker process per local partition, a client per Triton partition.
+
+    `placement` maps partition id -> the models there.
+    """
 
     def __init__(self, partitions: list[Partition], placement: Mapping[str, Mapping[str, ModelSpec]]) -> None:
+        from .triton import TritonReplica
+
         self._listeners: list[Callable[[], None]] = []
-        self.workers = {p.id: WorkerReplica(p, placement.get(p.id, {}), self._notify) for p in partitions if placement.get(p.id)}
+        self.workers: dict[str, WorkerReplica | TritonReplica] = {}
+        for p in partitions:
+            if placement.get(p.id):
+                models = placement[p.id]
+                self.workers[p.id] = (
+                    TritonReplica(p, list(models), self._notify)
+                    if p.kind is PartitionKind.TRITON
+                    else WorkerReplica(p, models, self._notify)
+                )
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Called whenever a replica finishes a batch or changes state."""
@@ -201,5 +221,5 @@ class LocalBackend:
     async def stop(self) -> None:
         await asyncio.gather(*(w.stop() for w in self.workers.values()))
 
-    def replicas(self, model: str) -> list[WorkerReplica]:
+    def replicas(self, model: str) -> list[WorkerReplica | TritonReplica]:
         return [w for w in self.workers.values() if model in w.loaded or (not w.ready and model in w.assigned)]

@@ -26,7 +26,6 @@ from ..errors import DeadlineExpired, ServiceError, Unavailable, WorkerDied
 from ..metrics import Metrics
 
 logger = logging.getLogger(__name__)
-REPLICA_DEPTH = 1  # batches in flight per replica: the next batch forms while it runs
 
 
 @dataclass(eq=False)
@@ -98,11 +97,12 @@ class ModelBatcher:
         replica = await self._acquire(exclude=None)
         if replica is None:
             return
-        batch = self._take()
+        limit = min(self.policy.max_batch_size, replica.max_rows or self.policy.max_batch_size)
+        batch = self._take(limit=limit)
         busy = any(r.outstanding for r in self._replicas() if r is not replica)
-        if busy and sum(p.size for p in batch) < self.policy.max_batch_size and self.policy.max_queue_delay_s > 0:
-            await self._wait_for_more(batch)  # under load only: an idle service answers at once
-            if not replica.ready or replica.outstanding >= REPLICA_DEPTH:  # another model's batcher took it meanwhile
+        if busy and sum(p.size for p in batch) < limit and self.policy.max_queue_delay_s > 0:
+            await self._wait_for_more(batch, limit)  # under load only: an idle service answers at once
+            if not replica.ready or replica.outstanding >= replica.depth:  # another model's batcher took it meanwhile
                 replica = await self._acquire(exclude=None, holding=True)
                 if replica is None:
                     for item in batch:
@@ -125,7 +125,7 @@ class ModelBatcher:
                 if not holding:
                     self._no_replica()
                 return None
-            free = [r for r in ready if r.outstanding < REPLICA_DEPTH]
+            free = [r for r in ready if r.outstanding < r.depth]
             if free:
                 return min(free, key=lambda r: r.outstanding)
             self._changed.clear()
@@ -138,14 +138,14 @@ class ModelBatcher:
             _fail(self._queue.popleft(), Unavailable(f"model {self.model}: no ready replica", retry_after_s=1.0))
         self._metrics.queue_depth.labels(self.model).set(0)
 
-    def _take(self, batch: list[Pending] | None = None) -> list[Pending]:
+    def _take(self, batch: list[Pending] | None = None, *, limit: int) -> list[Pending]:
         batch = batch or [self._queue.popleft()]
         rows = sum(p.size for p in batch)
         signature = batch[0].signature
         kept: deque[Pending] = deque()
         while self._queue:
             item = self._queue.popleft()
-            if item.signature == signature and rows + item.size <= self.policy.max_batch_size and not item.future.done():
+            if item.signature == signature and rows + item.size <= limit and not item.future.done():
                 batch.append(item)
                 rows += item.size
             else:
@@ -154,9 +154,9 @@ class ModelBatcher:
         self._metrics.queue_depth.labels(self.model).set(len(self._queue))
         return batch
 
-    async def _wait_for_more(self, batch: list[Pending]) -> None:
+    async def _wait_for_more(self, batch: list[Pending], limit: int) -> None:
         until = batch[0].enqueued + self.policy.max_queue_delay_s
-        while sum(p.size for p in batch) < self.policy.max_batch_size:
+        while sum(p.size for p in batch) < limit:
             remaining = until - time.monotonic()
             if remaining <= 0:
                 return
@@ -165,7 +165,7 @@ class ModelBatcher:
                 await asyncio.wait_for(self._arrived.wait(), timeout=remaining)
             except TimeoutError:
                 return
-            self._take(batch)
+            self._take(batch, limit=limit)
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -66,9 +66,15 @@ def test_declared_topology_wins(tmp_path: Path, shared: Path) -> None:
         "partitions:\n"
         "  - {id: big, kind: mig, device: MIG-dcf43e8e-5d19-5fa8-8b1d-8aaca1e467f0, profile: 3g.40gb, memory_bytes: 42949672960}\n"
         "  - {id: spare, kind: cpu, cores: [0]}\n"
+        "  - {id: remote, kind: triton, url: 'triton-0:8001', protocol: grpc, batching: triton}\n"
     )
     found = discover(topology=path, nvml=fake_nvml(shared / "fixtures" / "nvidia" / "smi-L-nomig.txt"))
-    assert [(p.id, p.kind, p.profile) for p in found] == [("big", PartitionKind.MIG, "3g.40gb"), ("spare", PartitionKind.CPU, None)]
+    assert [(p.id, p.kind, p.profile) for p in found] == [
+        ("big", PartitionKind.MIG, "3g.40gb"),
+        ("spare", PartitionKind.CPU, None),
+        ("remote", PartitionKind.TRITON, None),
+    ]
+    assert (found[2].url, found[2].protocol, found[2].batching) == ("triton-0:8001", "grpc", "triton")
 
 
 @pytest.mark.parametrize(
@@ -78,6 +84,8 @@ def test_declared_topology_wins(tmp_path: Path, shared: Path) -> None:
         ("partitions:\n  - {id: a, kind: tpu}", "kind"),
         ("partitions:\n  - {id: a, kind: mig}", "needs a device UUID"),
         ("partitions:\n  - {id: a, kind: cpu}", "lists no cores"),
+        ("partitions:\n  - {id: a, kind: triton}", "needs a url"),
+        ("partitions:\n  - {id: a, kind: triton, url: 'h:1', protocol: ftp}", "protocol"),
         ("partitions:\n  - {id: a, kind: cpu, cores: [0]}\n  - {id: a, kind: cpu, cores: [1]}", "ids repeat"),
         ("partitions: [", "invalid topology"),
     ],

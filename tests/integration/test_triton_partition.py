@@ -1,0 +1,151 @@
+"""Triton partitions: a real tritonserver serving python-backend twins, behind the gateway like a local worker."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+import yaml
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from migserve.contract import read_contract
+from tests.helpers import ExportedRepo, Gateway, migserve
+from tests.integration.test_gateway_protocol import make_inputs, triton_inputs
+from tests.triton_server import TritonServer
+
+MODELS = ("crowd-csrnet", "face-pros")
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`migserve export --triton-backend python` of two models (same seed as the tiny repo: same weights)."""
+    root = tmp_path_factory.mktemp("triton_repo")
+    run = migserve("export", "--model", *MODELS, "--triton-backend", "python", "--out", root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return root
+
+
+@pytest.fixture(scope="module")
+def triton(twins: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    work = tmp_path_factory.mktemp("triton")
+    server = TritonServer(twins, work, log=work / "triton.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+def _topology(path: Path, *partitions: Mapping[str, object]) -> Path:
+    path.write_text(yaml.safe_dump({"partitions": [dict(p) for p in partitions]}))
+    return path
+
+
+def _gateway(repo: ExportedRepo, tmp: Path, name: str, *partitions: Mapping[str, object]) -> Gateway:
+    topology = _topology(tmp / f"{name}.yaml", *partitions)
+    return Gateway(repo.root, "--topology", str(topology), "--models", *MODELS, "--timeout-s", "20", log=tmp / f"{name}.log")
+
+
+@pytest.fixture(scope="module")
+def gateways(tiny_repo: ExportedRepo, triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Gateway]]:
+    tmp = tmp_path_factory.mktemp("gateways")
+    local = {"id": "cpu-0", "kind": "cpu", "cores": [0]}
+    remote = {"id": "triton-0", "kind": "triton", "url": triton.url}
+    grpc = {"id": "triton-grpc", "kind": "triton", "url": f"127.0.0.1:{triton.grpc_port}", "protocol": "grpc", "batching": "triton"}
+    servers = {
+        "local": _gateway(tiny_repo, tmp, "local", local),
+        "triton": _gateway(tiny_repo, tmp, "triton", remote),
+        "grpc": _gateway(tiny_repo, tmp, "grpc", grpc),
+        "both": _gateway(tiny_repo, tmp, "both", local, remote),
+    }
+    yield servers
+    for server in servers.values():
+        server.close()
+
+
+def test_export_writes_python_twins(twins: Path) -> None:
+    for name in MODELS:
+        config = model_config_pb2.ModelConfig()
+        text_format.Parse((twins / name / "config.pbtxt").read_text(), config)
+        assert config.backend == "python" and config.platform == ""
+        assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+        assert (twins / name / "1" / "model.py").is_file() and (twins / name / "1" / "model.onnx").is_file()
+        assert config.parameters["model_sha256"].string_value == read_contract(twins / name).model_sha256
+
+
+def test_the_same_request_gets_the_same_answer_locally_and_through_triton(gateways: dict[str, Gateway], tiny_repo: ExportedRepo) -> None:
+    for name in MODELS:
+        contract = read_contract(tiny_repo.root / name)
+        inputs = make_inputs(contract, 3, seed=7)
+        answers = {}
+        for kind in ("local", "triton", "grpc"):
+            client = httpclient.InferenceServerClient(gateways[kind].url)
+            result = client.infer(name, triton_inputs(inputs))
+            answers[kind] = {o.name: result.as_numpy(o.name) for o in contract.outputs}
+            client.close()
+        for output in contract.outputs:
+            np.testing.assert_allclose(answers["triton"][output.name], answers["local"][output.name], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(answers["grpc"][output.name], answers["local"][output.name], rtol=1e-4, atol=1e-5)
+
+
+def test_triton_partitions_report_triton_s_own_state(gateways: dict[str, Gateway]) -> None:
+    view = {p["id"]: p for p in httpx.get(f"http://{gateways['both'].url}/v1/partitions").json()["partitions"]}
+    remote = view["triton-0"]
+    assert remote["kind"] == "triton" and remote["ready"] and remote["providers"] == ["triton-http"]
+    assert remote["models"] == sorted(MODELS) and remote["refused"] == {}
+    crowd = httpx.post(f"http://{gateways['triton'].url}/v1/crowd/count", files={"image": ("x.png", _png())})
+    assert crowd.status_code == 200 and crowd.json()["count"] >= 0, "family endpoints run on Triton partitions too"
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((40, 60, 3), 128, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_killing_triton_mid_load_fails_over_and_it_comes_back(
+    gateways: dict[str, Gateway], triton: TritonServer, tiny_repo: ExportedRepo
+) -> None:
+    url = f"http://{gateways['both'].url}"
+    contract = read_contract(tiny_repo.root / "crowd-csrnet")
+    body = httpclient.InferenceServerClient.generate_request_body(
+        triton_inputs(make_inputs(contract, 1, seed=1, dims={"height": 64, "width": 64}))
+    )
+
+    def call(_: int) -> int:
+        payload, header_length = body
+        headers = {"Inference-Header-Content-Length": str(header_length)} if header_length else {}
+        return httpx.post(f"{url}/v2/models/crowd-csrnet/infer", content=payload, headers=headers, timeout=60).status_code
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(call, i) for i in range(160)]
+        time.sleep(0.5)
+        triton.kill()
+        codes = [f.result(timeout=60) for f in futures]
+    assert time.monotonic() - started < 60, "nothing hangs"
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(200) >= 140, "the local partition took the failed-over batches"
+    state = {p["id"]: p for p in httpx.get(f"{url}/v1/partitions").json()["partitions"]}
+    assert not state["triton-0"]["ready"] and state["cpu-0"]["ready"]
+    assert call(0) == 200
+    triton.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not state["triton-0"]["ready"]:
+        time.sleep(0.3)
+        state = {p["id"]: p for p in httpx.get(f"{url}/v1/partitions").json()["partitions"]}
+    assert state["triton-0"]["ready"] and state["triton-0"]["restarts"] == 1
+    only_triton = f"http://{gateways['triton'].url}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and httpx.get(f"{only_triton}/v2/health/ready").status_code != 200:
+        time.sleep(0.3)
+    assert httpx.get(f"{only_triton}/v2/health/ready").status_code == 200

@@ -1,0 +1,101 @@
+"""A real `tritonserver` (the binary in the nvidia-pytriton wheel) started on free local ports for tests.
+
+As shared/FACTS.md says: a clean environment, LD_LIBRARY_PATH at the wheel's
+libraries, and a backend directory whose python/ holds libtriton_python.so, its
+utils and the 3.11 stub. The models are python-backend twins
+(`migserve export --triton-backend python`); MIGSERVE_SITE_PACKAGES tells their
+model.py where numpy and onnxruntime are.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import site
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.helpers import free_port
+
+
+def _pytriton() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def backend_directory(root: Path) -> Path:
+    """A backends folder with the python backend and the 3.11 stub beside it."""
+    source = _pytriton()
+    python = root / "backends" / "python"
+    if not python.is_dir():
+        python.mkdir(parents=True)
+        for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+            shutil.copy2(source / "backends" / "python" / name, python / name)
+        shutil.copy2(source / "python_backend_stubs" / "3.11" / "triton_python_backend_stub", python / "triton_python_backend_stub")
+    return root / "backends"
+
+
+class TritonServer:
+    def __init__(self, repo: Path, workdir: Path, *, log: Path) -> None:
+        self.repo = repo
+        self.workdir = workdir
+        self.log = log
+        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    def start(self, timeout: float = 120) -> None:
+        source = _pytriton()
+        libs = source.parent.parent / "nvidia_pytriton.libs"
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": os.environ.get("HOME", "/tmp"),
+            "LD_LIBRARY_PATH": str(libs),
+            "MIGSERVE_SITE_PACKAGES": ":".join(site.getsitepackages()),
+        }
+        command = [
+            str(source / "bin" / "tritonserver"),
+            f"--model-repository={self.repo}",
+            f"--backend-directory={backend_directory(self.workdir)}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",
+            "--log-verbose=0",
+        ]
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://{self.url}/v2/health/ready", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"tritonserver not ready in {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the server and its python stubs, as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()

@@ -142,7 +142,7 @@ class _DeclaredPartition(BaseModel):
     cores: list[int] = Field(default_factory=list, description="CPU cores for a cpu partition")
     url: str | None = Field(None, description="triton partitions: host:port of the server's HTTP or gRPC endpoint")
     protocol: Literal["http", "grpc"] = "http"
-    batching: Literal["gateway", "triton"] = Field("gateway", description="who batches for a triton partition")
+    batching: Literal["gateway", "triton"] = Field("triton", description="who batches for a triton partition (bench/RESULTS.md)")
 
 
 class _Topology(BaseModel):

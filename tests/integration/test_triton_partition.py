@@ -56,7 +56,7 @@ def gateways(tiny_repo: ExportedRepo, triton: TritonServer, tmp_path_factory: py
     tmp = tmp_path_factory.mktemp("gateways")
     local = {"id": "cpu-0", "kind": "cpu", "cores": [0]}
     remote = {"id": "triton-0", "kind": "triton", "url": triton.url}
-    grpc = {"id": "triton-grpc", "kind": "triton", "url": f"127.0.0.1:{triton.grpc_port}", "protocol": "grpc", "batching": "triton"}
+    grpc = {"id": "triton-grpc", "kind": "triton", "url": f"127.0.0.1:{triton.grpc_port}", "protocol": "grpc", "batching": "gateway"}
     servers = {
         "local": _gateway(tiny_repo, tmp, "local", local),
         "triton": _gateway(tiny_repo, tmp, "triton", remote),

@@ -9,6 +9,7 @@ import exporters.cli
 import service.cli
 
 from . import __version__
+from . import deploy as deploy_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the model repository: discover partitions, start a worker per partition, batch and dispatch requests.",
     )
     service.cli.add_arguments(serve)
+    deploy = commands.add_parser(
+        "deploy",
+        help="generate docker-compose files or Kubernetes manifests from a MIG topology",
+        description="Write deployment files for a topology of MIG instances: one Triton per instance, the gateway, monitoring.",
+    )
+    deploy_cli.add_arguments(deploy)
     return parser
 
 
@@ -36,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return exporters.cli.run(args)
     if args.command == "serve":
         return service.cli.run(args)
+    if args.command == "deploy":
+        return deploy_cli.run(args)
     return 2
 
 

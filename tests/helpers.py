@@ -40,32 +40,40 @@ def free_port() -> int:
         return port
 
 
+def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, what: str, timeout: float) -> None:
+    """Until GET /v2/health/ready answers 200; RuntimeError with the log's tail if the process exits or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} not ready in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
 class Gateway:
     """A real `migserve serve` process on a free local port; stopped on close."""
 
     def __init__(self, repo: Path, *args: str, log: Path) -> None:
-        import time
-        import urllib.request
-
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.log = log
         command = [sys.executable, "-m", "migserve", "serve", "--model-repo", str(repo), "--port", str(self.port), *args]
         self._out = log.open("w")
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://{self.url}/v2/health/ready", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        self.close()
-        raise RuntimeError(f"gateway not ready in 120 s:\n{log.read_text()[-3000:]}")
+        try:
+            wait_ready(self.url, self.process, log, "gateway", 120)
+        except RuntimeError:
+            self.close()
+            raise
 
     def close(self) -> None:
         self.process.terminate()

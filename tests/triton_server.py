@@ -14,11 +14,9 @@ import shutil
 import signal
 import site
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_ready
 
 
 def _pytriton() -> Path:
@@ -69,22 +67,15 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
             "--log-verbose=0",
+            "--exit-timeout-secs=3",
         ]
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://{self.url}/v2/health/ready", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"tritonserver not ready in {timeout} s:\n{self.log.read_text()[-3000:]}")
+        try:
+            wait_ready(self.url, self.process, self.log, "tritonserver", timeout)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def kill(self) -> None:
         """SIGKILL the server and its python stubs, as a crash would."""

@@ -1,0 +1,124 @@
+"""Deployment files: generated compose files and manifests are valid and match the topology they came from.
+
+Compose files are validated by Debian's docker-compose (`config -q` needs no engine; .ci/run installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from service.partitions import PartitionKind, load_topology
+from tests.helpers import ROOT, migserve
+
+DEPLOY = ROOT / "deploy"
+TOPOLOGIES = sorted((DEPLOY / "topologies").glob("*.yaml"))
+
+
+def compose_config(path: Path) -> dict[str, Any]:
+    """`docker-compose config`: validates the file and prints it resolved."""
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.fail("docker-compose is needed to validate compose files: apt-get install -y docker-compose (.ci/run does)")
+    run = subprocess.run([binary, "-f", str(path), "config"], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, f"{path} is not a valid compose file:\n{run.stderr}"
+    resolved: dict[str, Any] = yaml.safe_load(run.stdout)
+    return resolved
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES, ids=lambda p: p.stem)
+def test_generated_compose_has_one_triton_per_mig_instance(topology: Path, tmp_path: Path) -> None:
+    run = migserve("deploy", "compose", "--topology", topology, "--out", tmp_path)
+    assert run.returncode == 0, run.stderr
+    instances = [p for p in load_topology(topology) if p.kind is PartitionKind.MIG]
+    services = compose_config(tmp_path / "docker-compose.yml")["services"]
+    tritons = {name: s for name, s in services.items() if name.startswith("triton-")}
+    assert len(tritons) == len(instances) >= 3
+    assert {"gateway", "prometheus", "grafana", "dcgm-exporter"} <= set(services)
+    published = [p["published"] for s in services.values() for p in s.get("ports", [])]
+    assert len(published) == len(set(published)), "every service has its own host ports"
+    for instance in instances:
+        service = tritons[f"triton-{instance.id}"]
+        assert service["environment"]["NVIDIA_VISIBLE_DEVICES"] == instance.device
+        assert service["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == [instance.device]
+        assert any(str(v).endswith(":/models:ro") for v in service["volumes"]), "models mounted read-only"
+        assert service["image"].startswith("nvcr.io/nvidia/tritonserver:")
+    gateway_topology = load_topology(tmp_path / "topology.gateway.yaml")
+    assert [(p.id, p.kind, p.url) for p in gateway_topology] == [(i.id, PartitionKind.TRITON, f"triton-{i.id}:8001") for i in instances], (
+        "the gateway reaches every Triton by its service name"
+    )
+    targets = {
+        c["job_name"]: c["static_configs"][0]["targets"]
+        for c in yaml.safe_load((tmp_path / "prometheus.yml").read_text())["scrape_configs"]
+    }
+    assert targets["migserve-gateway"] == ["gateway:8000"] and targets["dcgm-exporter"] == ["dcgm-exporter:9400"]
+    assert sorted(targets["triton"]) == sorted(f"triton-{i.id}:8002" for i in instances)
+
+
+def test_the_committed_deploy_files_are_the_generator_s_output(tmp_path: Path) -> None:
+    source = DEPLOY / "topologies" / "a100-3g-2g-2g.yaml"
+    assert migserve("deploy", "compose", "--topology", "deploy/topologies/a100-3g-2g-2g.yaml", "--out", tmp_path).returncode == 0
+    assert migserve("deploy", "k8s", "--topology", "deploy/topologies/a100-3g-2g-2g.yaml", "--out", tmp_path / "k8s").returncode == 0
+    for name in ("docker-compose.yml", "topology.gateway.yaml", "prometheus.yml", "k8s/migserve.yaml"):
+        assert (tmp_path / name).read_text() == (DEPLOY / name).read_text(), f"deploy/{name} is stale: regenerate from {source.name}"
+
+
+def test_cpu_compose_file_is_valid_and_serves_embedded_workers() -> None:
+    services = compose_config(DEPLOY / "docker-compose.cpu.yml")["services"]
+    assert set(services) == {"gateway", "prometheus", "grafana"}
+    assert "--topology" not in services["gateway"]["command"], "CPU slices are discovered"
+    assert yaml.safe_load((DEPLOY / "prometheus.cpu.yml").read_text())["scrape_configs"][0]["static_configs"][0]["targets"] == [
+        "gateway:8000"
+    ]
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES, ids=lambda p: p.stem)
+def test_k8s_manifests_request_mig_resources_per_profile(topology: Path, tmp_path: Path) -> None:
+    assert migserve("deploy", "k8s", "--topology", topology, "--out", tmp_path).returncode == 0
+    docs = list(yaml.safe_load_all((tmp_path / "migserve.yaml").read_text()))
+    for doc in docs:
+        assert {"apiVersion", "kind", "metadata"} <= set(doc) and doc["metadata"]["name"]
+    profiles: dict[str, int] = {}
+    for p in load_topology(topology):
+        profiles[p.profile or ""] = profiles.get(p.profile or "", 0) + 1
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    for profile, count in profiles.items():
+        name = f"triton-{profile.replace('.', '-')}"
+        spec = deployments[name]["spec"]
+        container = spec["template"]["spec"]["containers"][0]
+        assert spec["replicas"] == count and container["resources"]["limits"] == {f"nvidia.com/mig-{profile}": 1}
+        assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+        assert services[name]["spec"]["selector"] == spec["selector"]["matchLabels"]
+    assert "migserve-gateway" in deployments and "migserve-gateway" in services
+    config = next(d for d in docs if d["kind"] == "ConfigMap")
+    (tmp_path / "gateway.yaml").write_text(config["data"]["topology.yaml"])
+    assert {p.url for p in load_topology(tmp_path / "gateway.yaml")} == {f"triton-{p.replace('.', '-')}:8001" for p in profiles}
+    monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"http", "metrics"}
+
+
+def test_dockerfile_is_slim_non_root_torch_free_and_checks_health() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert "FROM python:3.11-slim" in text and "\nUSER migserve" in text and "HEALTHCHECK" in text
+    assert "/v2/health/ready" in text and "torch" not in text.replace("No torch", "") and "[export" not in text
+
+
+def test_grafana_dashboard_covers_the_partitions() -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "migserve.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    for metric in ("migserve_batch_size_sum", "migserve_request_seconds_bucket", "migserve_queue_depth", "DCGM_FI_PROF_GR_ENGINE_ACTIVE"):
+        assert metric in exprs
+
+
+def test_a_topology_without_mig_instances_is_refused(tmp_path: Path) -> None:
+    topology = tmp_path / "cpu.yaml"
+    topology.write_text("partitions:\n  - {id: a, kind: cpu, cores: [0]}\n")
+    run = migserve("deploy", "compose", "--topology", topology, "--out", tmp_path / "out")
+    assert run.returncode == 2 and "declares no MIG partitions" in run.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+import bench.mig
 import exporters.cli
 import service.cli
 
@@ -34,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write deployment files for a topology of MIG instances: one Triton per instance, the gateway, monitoring.",
     )
     deploy_cli.add_arguments(deploy)
+    mig = commands.add_parser(
+        "mig",
+        help="list MIG state and profiles; apply or clear a layout (dry run unless --yes)",
+        description="Inspect and change MIG layouts through nvidia-smi. apply and clear only print their commands without --yes.",
+    )
+    bench.mig.add_arguments(mig)
     return parser
 
 
@@ -45,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         return service.cli.run(args)
     if args.command == "deploy":
         return deploy_cli.run(args)
+    if args.command == "mig":
+        return bench.mig.run(args)
     return 2
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 import bench.mig
+import bench.profile
 import exporters.cli
 import service.cli
 
@@ -41,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Inspect and change MIG layouts through nvidia-smi. apply and clear only print their commands without --yes.",
     )
     bench.mig.add_arguments(mig)
+    bench_parser = commands.add_parser(
+        "bench",
+        help="profile models on partitions: latency, throughput, resource use (MIGPerf-style)",
+        description="Sweep model x batch x concurrency x partition and write CSV, JSON, plots and a report.",
+    )
+    bench.profile.add_arguments(bench_parser)
     return parser
 
 
@@ -54,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         return deploy_cli.run(args)
     if args.command == "mig":
         return bench.mig.run(args)
+    if args.command == "bench":
+        return bench.profile.run(args)
     return 2
 
 

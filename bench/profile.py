@@ -1,0 +1,358 @@
+"""`migserve bench profile`: sweep model x batch x concurrency x partition and record every point.
+
+Modes: `direct` drives a worker process on the partition (the gateway's own worker, no HTTP);
+`gateway` starts `migserve serve` on that one partition (or uses --url) and sends binary KServe v2
+over HTTP; `triton` sends to a Triton server at --url. Warm-up before each point is discarded.
+Each point is appended to points.csv and points.json as soon as it is measured, so Ctrl-C keeps
+what finished; plots and report.md are written at the end (also after Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+import numpy as np
+import yaml
+
+import migserve
+from migserve.contract import Contract
+from migserve.types import Array
+
+from .load import closed_loop, open_loop
+
+WARMUP_S = 0.5
+
+
+def parse_list(raw: str) -> list[int]:
+    return [int(x) for x in raw.split(",") if x.strip()]
+
+
+def parse_seconds(raw: str) -> float:
+    return float(raw.removesuffix("s"))
+
+
+def inputs_for(contract: Contract, batch: int) -> dict[str, Array]:
+    """Seeded inputs at the contract's default dims: normal floats, ones for masks and word ids (<unk>)."""
+    dims = {name: r.default for name, r in contract.dims.items()} | {"batch": batch}
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for spec in contract.inputs:
+        shape = tuple(d if isinstance(d, int) else dims[d] for d in spec.shape)
+        if spec.dtype == "int64" or "mask" in spec.name:
+            arrays[spec.name] = np.ones(shape, dtype=spec.dtype)
+        else:
+            arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    return arrays
+
+
+def process_usage(pid: int | None) -> tuple[float | None, float | None]:
+    """(CPU seconds so far, RSS in MB) of a process, from /proc; (None, None) where unknown."""
+    if pid is None:
+        return None, None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmRSS"))
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None, None
+    return cpu, rss / 1024
+
+
+class Target(Protocol):
+    label: str
+    profile: str
+
+    async def start(self) -> None: ...
+    async def call(self, inputs: dict[str, Array]) -> None: ...
+    def pid(self) -> int | None: ...
+    async def stop(self) -> None: ...
+
+
+class DirectTarget:
+    """A worker process on one partition, driven as the gateway drives it (one batch at a time)."""
+
+    def __init__(self, partition: Any, entry: Any) -> None:
+        self.label = partition.id
+        self.profile = partition.profile or ",".join(map(str, partition.cores))
+        self._partition, self._entry = partition, entry
+        self._lock = asyncio.Lock()
+        self._replica: Any = None
+
+    async def start(self) -> None:
+        from service.backends.local import WorkerReplica
+        from service.placement import model_spec
+
+        self._replica = WorkerReplica(self._partition, {self._entry.contract.name: model_spec(self._entry)}, lambda: None)
+        await self._replica.start()
+
+    async def call(self, inputs: dict[str, Array]) -> None:
+        async with self._lock:
+            await self._replica.submit(self._entry.contract.name, {k: [v] for k, v in inputs.items()})
+
+    def pid(self) -> int | None:
+        return self._replica.pid if self._replica else None
+
+    async def stop(self) -> None:
+        if self._replica:
+            await self._replica.stop()
+
+
+class HttpTarget:
+    """KServe v2 binary requests to a gateway or Triton; starts a gateway on the partition unless given a URL."""
+
+    def __init__(self, label: str, profile: str, model: str, *, url: str | None, repo: Path, partition: Any = None) -> None:
+        self.label, self.profile, self.model = label, profile, model
+        self._url, self._repo, self._partition = url, repo, partition
+        self._server: Any = None
+        self._client: Any = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    async def start(self) -> None:
+        import httpx
+
+        if self._url is None:
+            from .gateway_bench import Server
+
+            self._tmp = tempfile.TemporaryDirectory()
+            topology = Path(self._tmp.name) / "topology.yaml"
+            entry = {"id": self._partition.id, "kind": self._partition.kind.value, "cores": list(self._partition.cores)}
+            if self._partition.device:
+                entry |= {"device": self._partition.device, "profile": self._partition.profile}
+            topology.write_text(yaml.safe_dump({"partitions": [entry]}))
+            self._server = await asyncio.to_thread(Server, self._repo, "--models", self.model, "--topology", str(topology))
+            self._url = f"127.0.0.1:{self._server.port}"
+        self._client = httpx.AsyncClient(base_url=f"http://{self._url}", timeout=60, limits=httpx.Limits(max_connections=256))
+
+    async def call(self, inputs: dict[str, Array]) -> None:
+        header = json.dumps(
+            {
+                "inputs": [
+                    {"name": k, "datatype": _V2[v.dtype.name], "shape": list(v.shape), "parameters": {"binary_data_size": size}}
+                    for k, v, size in ((k, v, v.nbytes) for k, v in inputs.items())
+                ]
+            }
+        ).encode()
+        body = header + b"".join(v.tobytes() for v in inputs.values())
+        response = await self._client.post(
+            f"/v2/models/{self.model}/infer", content=body, headers={"Inference-Header-Content-Length": str(len(header))}
+        )
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+
+    def pid(self) -> int | None:
+        if self._server is None:
+            return None
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{self._url}/v1/partitions", timeout=5) as answer:
+            pids = [p["pid"] for p in json.load(answer)["partitions"] if p["pid"]]
+        return pids[0] if pids else None
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+        if self._server is not None:
+            await asyncio.to_thread(self._server.close)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+_V2 = {"float32": "FP32", "float16": "FP16", "int64": "INT64"}
+
+
+@dataclass(frozen=True)
+class Point:
+    model: str
+    partition: int
+    batch: int
+    concurrency: int
+
+
+def environment() -> dict[str, Any]:
+    import onnxruntime
+
+    return {
+        "versions": {
+            "migserve": migserve.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+        "host": {"hostname": socket.gethostname(), "cpus": os.cpu_count(), "platform": platform.platform()},
+    }
+
+
+class Recorder:
+    """Appends each point to points.csv and points.json as it finishes."""
+
+    def __init__(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        flat = [{k: v for k, v in r.items() if not isinstance(v, dict)} for r in self.rows]
+        with (self.out / "points.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(flat[0]))
+            writer.writeheader()
+            writer.writerows(flat)
+        (self.out / "points.json").write_text(json.dumps(self.rows, indent=1))
+
+
+async def measure(target: Target, inputs: dict[str, Array], args: argparse.Namespace, concurrency: int, batch: int) -> dict[str, Any]:
+    async def call() -> None:
+        await target.call(inputs)
+
+    await closed_loop(call, concurrency, WARMUP_S)  # warm-up, discarded
+    pid = target.pid()
+    cpu_before, _ = process_usage(pid)
+    if args.arrival == "poisson":
+        result = await open_loop(call, args.rate, args.duration)
+    else:
+        result = await closed_loop(call, concurrency, args.duration)
+    cpu_after, rss = process_usage(pid)
+    cpu = cpu_after - cpu_before if cpu_after is not None and cpu_before is not None else None
+    return result.summary(batch) | {
+        "worker_cpu_s": cpu,
+        "worker_cpu_util": cpu / result.seconds if cpu is not None else None,
+        "worker_rss_mb": rss,
+        "first_error": result.first_error,
+    }
+
+
+def points(models: list[str], partitions: int, batches: list[int], concurrencies: list[int]) -> Iterator[Point]:
+    for model in models:
+        for partition in range(partitions):
+            for batch in batches:
+                for concurrency in concurrencies:
+                    yield Point(model, partition, batch, concurrency)
+
+
+async def sweep(args: argparse.Namespace, err: TextIO) -> Recorder:
+    from service.partitions import Partition, discover
+    from service.repository import load_repository
+
+    repo = load_repository(args.model_repo)
+    missing = [m for m in args.models if m not in repo.models]
+    if missing:
+        raise ValueError(f"models not in {args.model_repo}: {missing}; served there: {sorted(repo.models)}")
+    parts: list[Partition | None] = [None]  # a given URL: the remote server is the one "partition"
+    if args.url is None:
+        parts = [p for p in discover(None, args.cpu_slices) if args.partitions == "all" or p.id in args.partitions.split(",")]
+        if not parts:
+            raise ValueError(f"no partition matches --partitions {args.partitions}")
+    recorder = Recorder(args.out)
+    plan = list(points(args.models, len(parts), args.batch, args.concurrency))
+    env = environment()
+    target: Target | None = None
+    current: tuple[str, int] | None = None
+    progress = Progress(err, len(plan))
+    try:
+        for done, point in enumerate(plan):
+            entry = repo.models[point.model]
+            if target is None or current != (point.model, point.partition):
+                if target is not None:
+                    await target.stop()
+                target = _target(args, parts[point.partition], entry)
+                await target.start()
+                current = (point.model, point.partition)
+            progress.show(done, f"{point.model} b={point.batch} c={point.concurrency} on {target.label}")
+            row = await measure(target, inputs_for(entry.contract, point.batch), args, point.concurrency, point.batch)
+            recorder.add(
+                {"mode": args.mode, "arrival": args.arrival, "rate": args.rate if args.arrival == "poisson" else None}
+                | {
+                    "model": point.model,
+                    "family": entry.contract.family,
+                    "size": entry.contract.size,
+                    "contract_sha256": entry.contract.model_sha256,
+                }
+                | {"partition": target.label, "profile": target.profile, "batch": point.batch, "concurrency": point.concurrency}
+                | {"duration_s": args.duration}
+                | row
+                | env
+            )
+        progress.show(len(plan), "done", final=True)
+    finally:
+        if target is not None:
+            await target.stop()
+    return recorder
+
+
+def _target(args: argparse.Namespace, partition: Any, entry: Any) -> Target:
+    if args.mode == "direct":
+        return DirectTarget(partition, entry)
+    if partition is None:
+        return HttpTarget(args.mode, "remote", entry.contract.name, url=args.url, repo=args.model_repo)
+    profile = partition.profile or ",".join(map(str, partition.cores))
+    return HttpTarget(partition.id, profile, entry.contract.name, url=None, repo=args.model_repo, partition=partition)
+
+
+class Progress:
+    """A one-line progress bar on stderr: points done, elapsed seconds, the current point."""
+
+    def __init__(self, err: TextIO, total: int, width: int = 30) -> None:
+        self.err, self.total, self.width = err, total, width
+        self.started = time.monotonic()
+
+    def show(self, done: int, what: str, final: bool = False) -> None:
+        filled = round(self.width * done / self.total) if self.total else self.width
+        bar = "#" * filled + "." * (self.width - filled)
+        elapsed = time.monotonic() - self.started
+        print(f"\r[{bar}] {done}/{self.total} {elapsed:5.0f}s {what:<60}", end="\n" if final else "", file=self.err, flush=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="bench_command", required=True, metavar="ACTION")
+    profile = actions.add_parser("profile", help="sweep model x batch x concurrency x partition; CSV, JSON, plots, report")
+    profile.add_argument("--models", type=lambda s: s.split(","), required=True, help="comma-separated model names")
+    profile.add_argument("--batch", type=parse_list, default=[1, 8, 32], help="batch sizes (default 1,8,32)")
+    profile.add_argument("--concurrency", type=parse_list, default=[1, 8, 32], help="concurrent callers (default 1,8,32)")
+    profile.add_argument("--partitions", default="all", help="'all' or comma-separated partition ids (direct mode)")
+    profile.add_argument("--cpu-slices", type=parse_list, help="cores per CPU slice when there is no GPU (default one per core)")
+    profile.add_argument("--duration", type=parse_seconds, default=10.0, help="measured seconds per point, e.g. 10s (default)")
+    profile.add_argument("--mode", choices=["direct", "gateway", "triton"], default="direct")
+    profile.add_argument("--url", help="host:port of a running gateway (gateway mode) or Triton server (triton mode)")
+    profile.add_argument("--arrival", choices=["closed", "poisson"], default="closed")
+    profile.add_argument("--rate", type=float, default=50.0, help="requests per second with --arrival poisson")
+    profile.add_argument("--model-repo", type=Path, default=Path("model_repo"))
+    profile.add_argument("--out", type=Path, required=True, help="folder for points.csv, points.json, plots and report.md")
+
+
+def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    from .report import write_report
+
+    if args.mode == "triton" and args.url is None:
+        print("error: --mode triton needs --url of a Triton server", file=err)
+        return 2
+    if args.mode == "direct" and args.url is not None:
+        print("error: --url is for --mode gateway or triton; direct mode starts its own workers", file=err)
+        return 2
+    recorder: Recorder | None = None
+    try:
+        recorder = asyncio.run(sweep(args, err))
+    except KeyboardInterrupt:
+        print("\ninterrupted: keeping the points that finished", file=err)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=err)
+        return 2
+    rows = json.loads((args.out / "points.json").read_text()) if (args.out / "points.json").is_file() else []
+    if not rows:
+        print("no point finished", file=err)
+        return 1
+    for path in write_report(rows, args.out):
+        print(f"wrote {path}", file=out)
+    return 0 if recorder is not None else 130

@@ -1,0 +1,91 @@
+"""`migserve bench profile` on CPU slices at a small size: outputs complete, consistent and valid."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from migserve.contract import read_contract
+from tests.helpers import ROOT, ExportedRepo, migserve
+
+COLUMNS = {
+    "mode", "arrival", "model", "family", "contract_sha256", "partition", "profile", "batch", "concurrency", "requests", "errors",
+    "requests_per_s", "samples_per_s", "latency_mean_ms", "latency_p50_ms", "latency_p90_ms", "latency_p95_ms", "latency_p99_ms",
+    "worker_cpu_s", "worker_rss_mb",
+}  # fmt: skip
+PLOTS = ("throughput_vs_batch.png", "latency_vs_concurrency.png", "throughput_vs_p99.png")
+
+
+def _profile(repo: ExportedRepo, out: Path, *args: str) -> None:
+    run = migserve("bench", "profile", "--model-repo", repo.root, "--out", out, "--cpu-slices", "1", "--duration", "0.3s", *args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "done" in run.stderr, "the progress bar ran to the end"
+
+
+def test_direct_sweep_writes_every_output(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    _profile(tiny_repo, tmp_path, "--models", "crowd-csrnet,grounding-mgsl", "--batch", "1,2", "--concurrency", "1,2")
+    with (tmp_path / "points.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 8 and set(rows[0]) >= COLUMNS
+    for row in rows:
+        p = [float(row[f"latency_p{q}_ms"]) for q in (50, 90, 95, 99)]
+        assert p == sorted(p) and p[0] > 0, "percentiles are monotone"
+        assert int(row["requests"]) > 0 and row["errors"] == "0"
+        assert float(row["samples_per_s"]) == float(row["requests_per_s"]) * int(row["batch"])
+        assert float(row["worker_rss_mb"]) > 10 and float(row["worker_cpu_s"]) > 0
+    points = json.loads((tmp_path / "points.json").read_text())
+    assert points[0]["contract_sha256"] == read_contract(tiny_repo.root / "crowd-csrnet").model_sha256
+    assert {"migserve", "onnxruntime", "numpy", "python"} <= set(points[0]["versions"]) and points[0]["host"]["cpus"] >= 1
+    for name in PLOTS:
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG" and image.size[0] > 300
+    report = (tmp_path / "report.md").read_text()
+    assert "crowd-csrnet" in report and "grounding-mgsl" in report and "throughput_vs_p99.png" in report
+
+
+def test_gateway_mode_and_poisson_arrivals(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    _profile(tiny_repo, tmp_path, "--models", "crowd-csrnet", "--batch", "1", "--concurrency", "2", "--mode", "gateway")
+    row = json.loads((tmp_path / "points.json").read_text())[0]
+    assert row["mode"] == "gateway" and row["partition"] == "cpu-0" and row["requests"] > 0 and row["errors"] == 0
+    _profile(
+        tiny_repo,
+        tmp_path / "open",
+        "--models",
+        "crowd-csrnet",
+        "--batch",
+        "1",
+        "--concurrency",
+        "1",
+        "--arrival",
+        "poisson",
+        "--rate",
+        "40",
+    )
+    row = json.loads((tmp_path / "open" / "points.json").read_text())[0]
+    assert row["arrival"] == "poisson" and 4 <= row["requests"] <= 30, "about 40/s for 0.3 s"
+
+
+def test_ctrl_c_keeps_the_points_that_finished(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "migserve", "bench", "profile", "--model-repo", str(tiny_repo.root), "--out", str(tmp_path)]
+    command += ["--models", "crowd-csrnet", "--cpu-slices", "1", "--batch", "1,2,4,8", "--concurrency", "1,2", "--duration", "0.5s"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (tmp_path / "points.json").is_file():
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted" in err
+    kept = json.loads((tmp_path / "points.json").read_text())
+    assert 1 <= len(kept) < 8 and (tmp_path / "report.md").is_file()
+
+
+def test_unknown_models_are_refused(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    run = migserve("bench", "profile", "--model-repo", tiny_repo.root, "--out", tmp_path, "--models", "resnet")
+    assert run.returncode == 2 and "models not in" in run.stderr

@@ -44,9 +44,17 @@ def parse_seconds(raw: str) -> float:
     return float(raw.removesuffix("s"))
 
 
-def inputs_for(contract: Contract, batch: int) -> dict[str, Array]:
-    """Seeded inputs at the contract's default dims: normal floats, ones for masks and word ids (<unk>)."""
-    dims = {name: r.default for name, r in contract.dims.items()} | {"batch": batch}
+def parse_dims(raw: str) -> dict[str, int]:
+    """'height=64,width=64' -> {'height': 64, 'width': 64}."""
+    pairs = [part.split("=", 1) for part in raw.split(",") if part.strip()]
+    if any(len(p) != 2 or not p[1].isdigit() for p in pairs):
+        raise argparse.ArgumentTypeError(f"--dims {raw!r}: expected NAME=INT pairs, e.g. height=64,width=64")
+    return {name.strip(): int(value) for name, value in pairs}
+
+
+def inputs_for(contract: Contract, batch: int, overrides: dict[str, int] | None = None) -> dict[str, Array]:
+    """Seeded inputs at the contract's default dims (or `overrides`): normal floats, ones for masks and word ids (<unk>)."""
+    dims = {name: r.default for name, r in contract.dims.items()} | (overrides or {}) | {"batch": batch}
     rng = np.random.default_rng(0)
     arrays = {}
     for spec in contract.inputs:
@@ -271,7 +279,8 @@ async def sweep(args: argparse.Namespace, err: TextIO) -> Recorder:
                 await target.start()
                 current = (point.model, point.partition)
             progress.show(done, f"{point.model} b={point.batch} c={point.concurrency} on {target.label}")
-            row = await measure(target, inputs_for(entry.contract, point.batch), args, point.concurrency, point.batch)
+            inputs = inputs_for(entry.contract, point.batch, args.dims)
+            row = await measure(target, inputs, args, point.concurrency, point.batch)
             recorder.add(
                 {"mode": args.mode, "arrival": args.arrival, "rate": args.rate if args.arrival == "poisson" else None}
                 | {
@@ -281,7 +290,7 @@ async def sweep(args: argparse.Namespace, err: TextIO) -> Recorder:
                     "contract_sha256": entry.contract.model_sha256,
                 }
                 | {"partition": target.label, "profile": target.profile, "batch": point.batch, "concurrency": point.concurrency}
-                | {"duration_s": args.duration}
+                | {"duration_s": args.duration, "dims": ",".join(f"{k}={v}" for k, v in (args.dims or {}).items()) or "default"}
                 | row
                 | env
             )
@@ -328,6 +337,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     profile.add_argument("--url", help="host:port of a running gateway (gateway mode) or Triton server (triton mode)")
     profile.add_argument("--arrival", choices=["closed", "poisson"], default="closed")
     profile.add_argument("--rate", type=float, default=50.0, help="requests per second with --arrival poisson")
+    profile.add_argument("--dims", type=parse_dims, help="input dims other than the contract's defaults, e.g. height=8,width=8")
     profile.add_argument("--model-repo", type=Path, default=Path("model_repo"))
     profile.add_argument("--out", type=Path, required=True, help="folder for points.csv, points.json, plots and report.md")
 

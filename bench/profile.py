@@ -213,7 +213,7 @@ class Recorder:
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
-        flat = [{k: v for k, v in r.items() if not isinstance(v, dict)} for r in self.rows]
+        flat = [{k: v for k, v in r.items() if not isinstance(v, dict | list)} for r in self.rows]  # nested values: JSON only
         with (self.out / "points.csv").open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(flat[0]))
             writer.writeheader()
@@ -234,11 +234,32 @@ async def measure(target: Target, inputs: dict[str, Array], args: argparse.Names
         result = await closed_loop(call, concurrency, args.duration)
     cpu_after, rss = process_usage(pid)
     cpu = cpu_after - cpu_before if cpu_after is not None and cpu_before is not None else None
-    return result.summary(batch) | {
+    row = result.summary(batch) | {
         "worker_cpu_s": cpu,
         "worker_cpu_util": cpu / result.seconds if cpu is not None else None,
         "worker_rss_mb": rss,
         "first_error": result.first_error,
+    }
+    if args.dcgm_url:
+        row |= await asyncio.to_thread(scrape_dcgm, args.dcgm_url)
+    return row
+
+
+def scrape_dcgm(url: str) -> dict[str, Any]:
+    """DCGM activity at the end of a point: per GPU instance, and whole-GPU values labelled board-level."""
+    import urllib.request
+
+    from .dcgm import activity, parse_samples
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            groups = activity(parse_samples(answer.read().decode()))
+    except (OSError, ValueError) as exc:
+        return {"dcgm_error": f"{type(exc).__name__}: {exc}"}
+    described = [{"gpu": g.gpu, "uuid": g.uuid, "gpu_instance": g.gpu_instance, "profile": g.profile, **g.values} for g in groups]
+    return {
+        "dcgm_instances": [d for d, g in zip(described, groups, strict=True) if not g.board_level],
+        "dcgm_board_level": [d for d, g in zip(described, groups, strict=True) if g.board_level],
     }
 
 
@@ -337,6 +358,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     profile.add_argument("--url", help="host:port of a running gateway (gateway mode) or Triton server (triton mode)")
     profile.add_argument("--arrival", choices=["closed", "poisson"], default="closed")
     profile.add_argument("--rate", type=float, default=50.0, help="requests per second with --arrival poisson")
+    profile.add_argument("--dcgm-url", help="a dcgm-exporter /metrics URL scraped after each point (fields 1001, 1002, 1005, 252)")
     profile.add_argument("--dims", type=parse_dims, help="input dims other than the contract's defaults, e.g. height=8,width=8")
     profile.add_argument("--model-repo", type=Path, default=Path("model_repo"))
     profile.add_argument("--out", type=Path, required=True, help="folder for points.csv, points.json, plots and report.md")

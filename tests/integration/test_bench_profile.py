@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import http.server
 import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -84,6 +86,35 @@ def test_ctrl_c_keeps_the_points_that_finished(tiny_repo: ExportedRepo, tmp_path
     assert process.returncode == 130 and "interrupted" in err
     kept = json.loads((tmp_path / "points.json").read_text())
     assert 1 <= len(kept) < 8 and (tmp_path / "report.md").is_file()
+
+
+def test_dcgm_activity_is_recorded_per_gpu_instance(tiny_repo: ExportedRepo, tmp_path: Path, shared: Path) -> None:
+    """A dcgm-exporter stand-in serving a captured real scrape (these machines have no GPU)."""
+    scrape = (shared / "fixtures" / "nvidia" / "dcgm-exporter-mig.txt").read_bytes()
+
+    class Exporter(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            self.wfile.write(scrape)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Exporter)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+        _profile(tiny_repo, tmp_path, "--models", "crowd-csrnet", "--batch", "1", "--concurrency", "1", "--dcgm-url", url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    row = json.loads((tmp_path / "points.json").read_text())[0]
+    assert [(i["gpu_instance"], i["profile"]) for i in row["dcgm_instances"]] == [("13", "1g.5gb")]
+    assert row["dcgm_instances"][0]["gr_engine_active"] > 0.99
+    assert row["dcgm_board_level"][0]["fb_used_mib"] == 4845.0, "whole-GPU values stay labelled board-level"
+    assert "dcgm_instances" not in (tmp_path / "points.csv").read_text().splitlines()[0]
 
 
 def test_unknown_models_are_refused(tiny_repo: ExportedRepo, tmp_path: Path) -> None:

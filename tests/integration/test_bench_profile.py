@@ -77,7 +77,15 @@ def test_gateway_mode_and_poisson_arrivals(tiny_repo: ExportedRepo, tmp_path: Pa
 def test_ctrl_c_keeps_the_points_that_finished(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "migserve", "bench", "profile", "--model-repo", str(tiny_repo.root), "--out", str(tmp_path)]
     command += ["--models", "crowd-csrnet", "--cpu-slices", "1", "--batch", "1,2,4,8", "--concurrency", "1,2", "--duration", "0.5s"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal gives it: a shell running this suite in the background ignores SIGINT, and children inherit that
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 (no threads started yet)
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (tmp_path / "points.json").is_file():
         time.sleep(0.1)

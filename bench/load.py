@@ -80,3 +80,19 @@ async def open_loop(call: Call, rate: float, seconds: float, seed: int = 0) -> R
         next_at += rng.expovariate(rate)
     await asyncio.gather(*tasks)
     return Result(latencies, len(errors), time.perf_counter() - began, errors[0] if errors else None)
+
+
+def timed_runs(
+    once: Callable[[], object], *, steps: int | None = None, seconds: float | None = None, start_at: float | None = None
+) -> list[float]:
+    """Run `once` `steps` times, or for `seconds` (at least once), starting at wall-clock time `start_at`
+    (so that processes sharing a device measure the same window); the seconds each run took."""
+    if start_at is not None:
+        time.sleep(max(0.0, start_at - time.time()))
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds if seconds is not None else None
+    while (deadline is None and len(times) < (steps or 1)) or (deadline is not None and (not times or time.perf_counter() < deadline)):
+        started = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - started)
+    return times

@@ -215,7 +215,8 @@ class Recorder:
         self.rows.append(row)
         flat = [{k: v for k, v in r.items() if not isinstance(v, dict | list)} for r in self.rows]  # nested values: JSON only
         with (self.out / "points.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(flat[0]))
+            columns = list(dict.fromkeys(k for r in flat for k in r))  # rows may differ (a failed point, another workload)
+            writer = csv.DictWriter(fh, fieldnames=columns)
             writer.writeheader()
             writer.writerows(flat)
         (self.out / "points.json").write_text(json.dumps(self.rows, indent=1))
@@ -345,8 +346,7 @@ class Progress:
         print(f"\r[{bar}] {done}/{self.total} {elapsed:5.0f}s {what:<60}", end="\n" if final else "", file=self.err, flush=True)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    actions = parser.add_subparsers(dest="bench_command", required=True, metavar="ACTION")
+def add_parser(actions: Any) -> None:
     profile = actions.add_parser("profile", help="sweep model x batch x concurrency x partition; CSV, JSON, plots, report")
     profile.add_argument("--models", type=lambda s: s.split(","), required=True, help="comma-separated model names")
     profile.add_argument("--batch", type=parse_list, default=[1, 8, 32], help="batch sizes (default 1,8,32)")

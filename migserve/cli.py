@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+import bench.cli
 import bench.mig
-import bench.profile
 import exporters.cli
 import service.cli
 
@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser = commands.add_parser(
         "bench",
         help="profile models on partitions: latency, throughput, resource use (MIGPerf-style)",
-        description="Sweep model x batch x concurrency x partition and write CSV, JSON, plots and a report.",
+        description="Profile inference (sweeps with CSV, JSON, plots, report), training steps, and MIG vs MPS vs time-slicing.",
     )
-    bench.profile.add_arguments(bench_parser)
+    bench.cli.add_arguments(bench_parser)
     return parser
 
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "mig":
         return bench.mig.run(args)
     if args.command == "bench":
-        return bench.profile.run(args)
+        return bench.cli.run(args)
     return 2
 
 

@@ -6,15 +6,16 @@ import argparse
 import sys
 from typing import TextIO
 
-from . import profile, train
+from . import profile, share, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="bench_command", required=True, metavar="ACTION")
     profile.add_parser(actions)
     train.add_parser(actions)
+    share.add_parser(actions)
 
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    action = {"profile": profile.run, "train": train.run}[args.bench_command]
+    action = {"profile": profile.run, "train": train.run, "share": share.run}[args.bench_command]
     return action(args, out, err)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,3 +87,37 @@ class Gateway:
             self.process.kill()
             self.process.wait()
         self._out.close()
+
+
+Replies = dict[str, tuple[str | None, int]]
+SmiRun = Callable[..., tuple[CliRun, list[str]]]
+LOCAL_NVIDIA_FIXTURES = ROOT / "tests" / "fixtures" / "nvidia"
+
+
+def fake_smi_runner(shared: Path, tmp_path: Path) -> SmiRun:
+    """`run(replies, *migserve_args)`: the CLI with nvidia-smi replaced by a replay of captured outputs
+    (shared/fixtures/nvidia and tests/fixtures/nvidia); returns the run and the nvidia-smi calls it made."""
+    captured = tmp_path / "captured"
+    captured.mkdir()
+    for folder in (shared / "fixtures" / "nvidia", LOCAL_NVIDIA_FIXTURES):
+        for path in folder.glob("*.txt"):
+            shutil.copy(path, captured / path.name)
+    wrapper = tmp_path / "nvidia-smi"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "fake_nvidia_smi.py"}" "$@"\n')
+    wrapper.chmod(0o755)
+    log = tmp_path / "calls.log"
+
+    def run(replies: Replies, *args: str | Path) -> tuple[CliRun, list[str]]:
+        log.write_text("")
+        env = os.environ | {
+            "MIGSERVE_NVIDIA_SMI": str(wrapper),
+            "FAKE_SMI_DIR": str(captured),
+            "FAKE_SMI_REPLIES": json.dumps(replies),
+            "FAKE_SMI_LOG": str(log),
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "migserve", *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+        )
+        return CliRun(done.returncode, done.stdout, done.stderr), log.read_text().splitlines()
+
+    return run

@@ -2,49 +2,24 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, CliRun
-
-Replies = dict[str, tuple[str | None, int]]
-Mig = Callable[..., tuple[CliRun, list[str]]]
+from tests.helpers import Replies, SmiRun, fake_smi_runner
 
 
 @pytest.fixture
-def mig(shared: Path, tmp_path: Path) -> Mig:
+def mig(shared: Path, tmp_path: Path) -> SmiRun:
     """Run `migserve mig ARGS` with nvidia-smi replaced by the replay; returns the run and the nvidia-smi calls made."""
-    wrapper = tmp_path / "nvidia-smi"
-    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "fake_nvidia_smi.py"}" "$@"\n')
-    wrapper.chmod(0o755)
-    log = tmp_path / "calls.log"
-
-    def run(replies: Replies, *args: str) -> tuple[CliRun, list[str]]:
-        log.write_text("")
-        env = os.environ | {
-            "MIGSERVE_NVIDIA_SMI": str(wrapper),
-            "FAKE_SMI_DIR": str(shared / "fixtures" / "nvidia"),
-            "FAKE_SMI_REPLIES": json.dumps(replies),
-            "FAKE_SMI_LOG": str(log),
-        }
-        done = subprocess.run(
-            [sys.executable, "-m", "migserve", "mig", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False
-        )
-        return CliRun(done.returncode, done.stdout, done.stderr), log.read_text().splitlines()
-
-    return run
+    replay = fake_smi_runner(shared, tmp_path)
+    return lambda replies, *args: replay(replies, "mig", *args)
 
 
 NO_INSTANCES: Replies = {"mig -i 0 -lgi": (None, 6)}  # nvidia-smi exits non-zero when a GPU has no GPU instances
 
 
-def test_profiles_are_read_from_the_driver(mig: Mig) -> None:
+def test_profiles_are_read_from_the_driver(mig: SmiRun) -> None:
     run, calls = mig({"mig -i 0 -lgip": ("lgip-a100-80gb.txt", 0)}, "profiles", "--gpu", "0")
     assert run.returncode == 0, run.stderr
     assert calls == ["mig -i 0 -lgip"]
@@ -52,7 +27,7 @@ def test_profiles_are_read_from_the_driver(mig: Mig) -> None:
     assert rows["7g.80gb"][2] == "0" and rows["1g.10gb"][2] == "19" and rows["3g.40gb"][-1] == "3"
 
 
-def test_list_shows_devices_and_instances(mig: Mig) -> None:
+def test_list_shows_devices_and_instances(mig: SmiRun) -> None:
     replies: Replies = {"-L": ("smi-L-a100-mig.txt", 0), "mig -lgi": ("lgi-a100-80gb.txt", 0), "mig -lci": ("lci-a100-80gb.txt", 0)}
     run, _ = mig(replies, "list")
     assert run.returncode == 0, run.stderr
@@ -60,14 +35,14 @@ def test_list_shows_devices_and_instances(mig: Mig) -> None:
     assert run.stdout.count("1c.3g.40gb") == 2
 
 
-def test_apply_is_a_dry_run_without_yes(mig: Mig) -> None:
+def test_apply_is_a_dry_run_without_yes(mig: SmiRun) -> None:
     run, calls = mig(NO_INSTANCES | {"mig -i 0 -lgip": ("lgip-a100-80gb.txt", 0)}, "apply", "3g.40gb,2x2g.20gb")
     assert run.returncode == 0, run.stderr
     assert "would run:" in run.stdout and "mig -i 0 -cgi 9,14,14 -C" in run.stdout and "nothing changed" in run.stdout
     assert not any("-cgi" in c for c in calls), "nothing was created"
 
 
-def test_apply_with_yes_creates_and_reports(mig: Mig) -> None:
+def test_apply_with_yes_creates_and_reports(mig: SmiRun) -> None:
     replies = NO_INSTANCES | {"mig -i 0 -lgip": ("lgip-h100.txt", 0), "mig -i 0 -cgi 9,19,19,19 -C": ("cgi-success.txt", 0)}
     run, calls = mig(replies, "apply", "3g.40gb,3x1g.10gb", "--yes")
     assert run.returncode == 0, run.stderr
@@ -75,7 +50,7 @@ def test_apply_with_yes_creates_and_reports(mig: Mig) -> None:
     assert run.stdout.count("Successfully created GPU instance") == 4
 
 
-def test_apply_reports_driver_errors(mig: Mig) -> None:
+def test_apply_reports_driver_errors(mig: SmiRun) -> None:
     # Free counts can pass the plan and the driver still refuse (placement): the driver's words come through.
     replies = NO_INSTANCES | {"mig -i 0 -lgip": ("lgip-gh200.txt", 0), "mig -i 0 -cgi 20 -C": ("cgi-errors.txt", 6)}
     run, _ = mig(replies, "apply", "1g.12gb+me", "--yes")
@@ -94,13 +69,13 @@ def test_apply_reports_driver_errors(mig: Mig) -> None:
         ({}, "three-gigs", "expected a profile"),
     ],
 )
-def test_apply_refuses_what_cannot_or_must_not_be_done(mig: Mig, replies: Replies, layout: str, message: str) -> None:
+def test_apply_refuses_what_cannot_or_must_not_be_done(mig: SmiRun, replies: Replies, layout: str, message: str) -> None:
     run, calls = mig(replies, "apply", layout, "--yes")
     assert run.returncode == 1 and message in run.stderr, run.stderr
     assert not any("-cgi" in c for c in calls)
 
 
-def test_clear_dry_run_and_in_use(mig: Mig) -> None:
+def test_clear_dry_run_and_in_use(mig: SmiRun) -> None:
     run, calls = mig({}, "clear", "--gpu", "0")
     assert run.returncode == 0 and "mig -i 0 -dci" in run.stdout and "mig -i 0 -dgi" in run.stdout and calls == []
     replies: Replies = {"mig -i 0 -dci": ("dci-dgi-success-h100.txt", 0), "mig -i 0 -dgi": ("dgi-errors.txt", 6)}

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 
 from bench.dcgm import activity, match_profile, parse_samples
+from bench.mig import MigError
+from bench.share import GpuState, parse_mig_mode, refusals
 from bench.smi import EventKind, parse_compute_instances, parse_devices, parse_events, parse_gpu_instances, parse_profiles
+from tests.helpers import LOCAL_NVIDIA_FIXTURES
 
 LGIP = {  # file: (profiles, first, last with its id and memory)
     "lgip-a100-80gb.txt": (6, "1g.10gb", ("7g.80gb", 0, 79.0)),
@@ -170,3 +173,30 @@ def test_dcgm_7g79gb_is_nvidia_smi_s_7g80gb(shared: Path) -> None:
 def test_dcgm_rejects_garbage() -> None:
     with pytest.raises(ValueError, match="not a Prometheus sample"):
         parse_samples("this is { not metrics")
+
+
+@pytest.mark.parametrize(("name", "current"), [("query-mig-mode-a100-enabled.txt", "Enabled"), ("query-mig-mode-rtx4070-na.txt", "[N/A]")])
+def test_mig_mode_query_is_read_by_column(name: str, current: str) -> None:
+    mode = parse_mig_mode((LOCAL_NVIDIA_FIXTURES / name).read_text())
+    assert mode["mig.mode.current"] == current and mode["mig.mode.pending"] == current
+
+
+def test_mig_mode_query_rejects_other_text() -> None:
+    with pytest.raises(MigError, match="unexpected nvidia-smi query output"):
+        parse_mig_mode("No devices were found\n")
+
+
+def test_share_guard_refuses_everything_while_a_mode_change_is_pending() -> None:
+    state = GpuState(index=0, name="NVIDIA A100-SXM4-80GB", mig_current="Disabled", mig_pending="Enabled", uuid="GPU-x")
+    [why] = refusals(["timeslice"], state, 2, "/usr/bin/nvidia-cuda-mps-control", mps_running=False)
+    assert "MIG mode change pending (current Disabled, pending Enabled)" in why
+
+
+def test_share_guard_on_a_gpu_with_mig_disabled() -> None:
+    state = GpuState(index=1, name="NVIDIA A100-SXM4-80GB", mig_current="Disabled", mig_pending="Disabled", uuid="GPU-x")
+    assert refusals(["mps", "timeslice"], state, 2, "/usr/bin/nvidia-cuda-mps-control", mps_running=False) == []
+    [mig] = refusals(["mig"], state, 2, None, mps_running=False)
+    assert "MIG is disabled on GPU 1" in mig and "nvidia-smi -i 1 -mig 1" in mig and "never does" in mig
+    assert refusals(["mps"], state, 2, None, mps_running=False) == ["mps: nvidia-cuda-mps-control is not on PATH"]
+    [busy] = refusals(["mps"], state, 2, "/usr/bin/nvidia-cuda-mps-control", mps_running=True)
+    assert "already runs" in busy

@@ -1,0 +1,90 @@
+"""`migserve bench share`: the guard against a replay of captured nvidia-smi outputs (no GPU here),
+and the CPU analogue run for real."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ExportedRepo, Replies, SmiRun, fake_smi_runner, migserve
+
+QUERY = "-i 0 --query-gpu=index,name,mig.mode.current,mig.mode.pending --format=csv"
+A100_MIG: Replies = {QUERY: ("query-mig-mode-a100-enabled.txt", 0), "-L": ("smi-L-a100-mig.txt", 0)}
+NO_MIG: Replies = {QUERY: ("query-mig-mode-rtx4070-na.txt", 0), "-L": ("smi-L-rtx4070-laptop.txt", 0)}
+
+
+@pytest.fixture
+def share(shared: Path, tmp_path: Path) -> SmiRun:
+    replay = fake_smi_runner(shared, tmp_path)
+    return lambda replies, *args: replay(replies, "bench", "share", "--models", "crowd-csrnet", "--out", tmp_path / "out", *args)
+
+
+def test_mig_enabled_refuses_mps_and_timeslice_and_changes_nothing(share: SmiRun, tmp_path: Path) -> None:
+    run, calls = share(A100_MIG, "--modes", "mig,mps,timeslice")
+    assert run.returncode == 2
+    assert "mps: needs the whole GPU, but MIG is enabled on GPU 0 (4 instances)" in run.stderr
+    assert "timeslice: needs the whole GPU" in run.stderr and "nothing was run and nothing was changed" in run.stderr
+    assert "mig:" not in run.stderr, "mig itself can run here"
+    assert sorted(calls) == sorted([QUERY, "-L"]), "only reads: no -mig, -cgi, -dgi"
+    assert not (tmp_path / "out").exists()
+
+
+def test_mig_mode_places_one_process_per_instance(share: SmiRun) -> None:
+    run, _ = share(A100_MIG, "--modes", "mig", "--processes", "3", "--dry-run")
+    assert run.returncode == 0, run.stderr
+    plan = run.stdout.splitlines()[0]
+    assert plan.startswith("mig: 3 x infer crowd-csrnet b=8 on MIG-dcf43e8e-5d19-5fa8-8b1d-8aaca1e467f0; MIG-6b84cf06")
+    assert "GPU 1" not in run.stdout and "MIG-51872ee5" not in plan, "GPU 1's instances are not GPU 0's"
+    assert "dry run: nothing was run" in run.stdout
+
+
+def test_mig_mode_needs_enough_instances(share: SmiRun) -> None:
+    run, _ = share(A100_MIG, "--modes", "mig", "--processes", "5")
+    assert run.returncode == 2 and "5 processes need 5 MIG instances on GPU 0, it has 4; use --processes 4" in run.stderr
+
+
+def test_a_gpu_without_mig_runs_timeslice_and_refuses_mig(share: SmiRun) -> None:
+    run, _ = share(NO_MIG, "--modes", "mig")
+    assert run.returncode == 2 and "mig: GPU 0 (NVIDIA GeForce RTX 4070 Laptop GPU) does not support MIG" in run.stderr
+    run, _ = share(NO_MIG, "--modes", "timeslice", "--processes", "3", "--dry-run")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0].endswith("on " + "; ".join(["GPU-1b724e78-eef5-4163-d43c-e4da15d41176"] * 3))
+
+
+def test_without_nvidia_smi_it_says_a_gpu_is_needed(tmp_path: Path) -> None:
+    run = migserve("bench", "share", "--models", "crowd-csrnet", "--modes", "timeslice", "--out", tmp_path)
+    assert run.returncode == 2 and "bench share needs an NVIDIA GPU" in run.stderr
+
+
+def test_cpu_analogue_runs_both_modes_side_by_side(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    common: list[str | Path] = ["bench", "share", "--device", "cpu", "--processes", "2", "--batch", "1", "--duration", "1s"]
+    common += ["--out", tmp_path]
+    run = migserve(*common, "--model-repo", tiny_repo.root, "--models", "crowd-csrnet", "--modes", "mig,timeslice")
+    assert run.returncode == 0, run.stderr
+    assert "mig: 2 x infer crowd-csrnet b=1 on cores " in run.stdout
+    run = migserve(*common, "--workload", "train", "--size", "tiny", "--models", "face-pros", "--modes", "mig")
+    assert run.returncode == 0, run.stderr
+    rows = json.loads((tmp_path / "points.json").read_text())
+    assert [(r["workload"], r["mode"], r["process"]) for r in rows] == [
+        ("infer", "mig", 0),
+        ("infer", "mig", 1),
+        ("infer", "timeslice", 0),
+        ("infer", "timeslice", 1),
+        ("train", "mig", 0),
+        ("train", "mig", 1),
+    ], "the second run appended to the first"
+    for row in rows:
+        assert not row.get("error") and row["images_per_s"] > 0
+    own = [set(r["placement"].removeprefix("cores ").split(",")) for r in rows[:2]]
+    assert not own[0] & own[1], "mig: each process on its own cores"
+    assert all(set(r["placement"].removeprefix("cores ").split(",")) == own[0] | own[1] for r in rows[2:4]), "timeslice: all share"
+    report = (tmp_path / "report.md").read_text()
+    assert "| crowd-csrnet | infer | cpu | mig | 2 |" in report and "| crowd-csrnet | infer | cpu | timeslice | 2 |" in report
+    assert "| face-pros | train | cpu | mig | 2 |" in report
+
+
+def test_cpu_analogue_has_no_mps(tmp_path: Path) -> None:
+    run = migserve("bench", "share", "--device", "cpu", "--models", "crowd-csrnet", "--modes", "mps", "--out", tmp_path)
+    assert run.returncode == 2 and "MPS is a GPU feature" in run.stderr

@@ -32,6 +32,7 @@ from migserve.contract import Contract
 from migserve.types import Array
 
 from .load import closed_loop, open_loop
+from .nvml_probe import probe_for
 
 WARMUP_S = 0.5
 
@@ -82,6 +83,7 @@ def process_usage(pid: int | None) -> tuple[float | None, float | None]:
 class Target(Protocol):
     label: str
     profile: str
+    device: str | None  # the GPU or MIG UUID NVML is asked about; None on a CPU slice or a remote server
 
     async def start(self) -> None: ...
     async def call(self, inputs: dict[str, Array]) -> None: ...
@@ -95,6 +97,7 @@ class DirectTarget:
     def __init__(self, partition: Any, entry: Any) -> None:
         self.label = partition.id
         self.profile = partition.profile or ",".join(map(str, partition.cores))
+        self.device = partition.device
         self._partition, self._entry = partition, entry
         self._lock = asyncio.Lock()
         self._replica: Any = None
@@ -123,6 +126,7 @@ class HttpTarget:
 
     def __init__(self, label: str, profile: str, model: str, *, url: str | None, repo: Path, partition: Any = None) -> None:
         self.label, self.profile, self.model = label, profile, model
+        self.device = partition.device if partition is not None else None
         self._url, self._repo, self._partition = url, repo, partition
         self._server: Any = None
         self._client: Any = None
@@ -229,6 +233,9 @@ async def measure(target: Target, inputs: dict[str, Array], args: argparse.Names
     await closed_loop(call, concurrency, WARMUP_S)  # warm-up, discarded
     pid = target.pid()
     cpu_before, _ = process_usage(pid)
+    probe = probe_for(target.device)
+    if probe is not None:
+        probe.begin()
     if args.arrival == "poisson":
         result = await open_loop(call, args.rate, args.duration)
     else:
@@ -241,6 +248,8 @@ async def measure(target: Target, inputs: dict[str, Array], args: argparse.Names
         "worker_rss_mb": rss,
         "first_error": result.first_error,
     }
+    if probe is not None:
+        row |= probe.end()
     if args.dcgm_url:
         row |= await asyncio.to_thread(scrape_dcgm, args.dcgm_url)
     return row

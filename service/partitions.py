@@ -120,7 +120,7 @@ def _memory(nvml: ModuleType, handle: Any) -> int | None:
         return None
 
 
-def _import_nvml() -> ModuleType | None:
+def import_nvml() -> ModuleType | None:
     try:
         import pynvml
 
@@ -188,7 +188,7 @@ def load_topology(path: Path) -> list[Partition]:
 def discover(topology: Path | None = None, slices: Sequence[int] | None = None, nvml: ModuleType | None = None) -> list[Partition]:
     if topology is not None:
         return load_topology(topology)
-    module = nvml if nvml is not None else _import_nvml()
+    module = nvml if nvml is not None else import_nvml()
     if module is not None:
         found = nvml_partitions(module)
         if found:

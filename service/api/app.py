@@ -126,6 +126,9 @@ class Gateway:
         except ServiceError as exc:
             status = str(exc.status)
             raise
+        except asyncio.CancelledError:
+            status = "499"  # the client closed the connection first (nginx's code for it)
+            raise
         finally:
             if name in self.models:
                 self.metrics.requests.labels(name, status).inc()

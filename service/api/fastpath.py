@@ -8,8 +8,10 @@ OpenAPI description of this one, stays with FastAPI.
 
 from __future__ import annotations
 
+import asyncio
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -20,6 +22,7 @@ from .kserve import HEADER_LENGTH, response_headers
 if TYPE_CHECKING:
     from .app import Gateway
 
+T = TypeVar("T")
 INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/[^/]+)?/infer$")
 
 
@@ -36,13 +39,36 @@ class InferFastPath:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             body = await read_body(receive, headers.get("content-length"), self.gateway.config.max_body_bytes)
-            payload, header_length = await self.gateway.infer(match["name"], body, headers.get(HEADER_LENGTH), headers.get("x-timeout-ms"))
+            infer = self.gateway.infer(match["name"], body, headers.get(HEADER_LENGTH), headers.get("x-timeout-ms"))
+            answer = await unless_disconnected(infer, receive)
+            if answer is None:
+                return  # the client went away: its request left the queue (or its batch's answer is dropped)
+            payload, header_length = answer
             status = 200
             media, extra = response_headers(header_length)
         except ServiceError as exc:
             status, extra, payload = error_body(exc)
             media = "application/json"
         await respond(send, status, media, payload, extra)
+
+
+async def unless_disconnected(work: Coroutine[Any, Any, T], receive: Receive) -> T | None:
+    """`work`'s result, or None once the client disconnects first: then `work` is cancelled, which
+    cancels the request's future, so the batcher drops it before dispatch instead of computing it."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(receive())  # after the whole body, the next message is http.disconnect
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and watch.result().get("type") != "http.disconnect":
+            await asyncio.wait((task,))  # not a disconnect (should not happen): keep waiting for the answer
+        if not task.done():
+            task.cancel()
+            await asyncio.wait((task,))
+            return None
+        return task.result()
+    finally:
+        task.cancel()  # no-ops once done; here when this handler itself is cancelled (shutdown)
+        watch.cancel()
 
 
 async def respond(send: Send, status: int, media: str, payload: bytes, extra: dict[str, str]) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -247,3 +248,48 @@ def test_openapi_documents_the_protocol(gateway: Gateway) -> None:
     for path in ("/v2/models/{name}/infer", "/v2/health/ready", "/v1/partitions"):
         assert path in spec["paths"]
     assert httpx.get(f"http://{gateway.url}/docs").status_code == 200
+
+
+def test_a_client_that_disconnects_is_not_computed(small_gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+    """While the one worker is busy, a client sends a request and hangs up: it leaves the queue (499 in the
+    metrics) and its model never gets a batch; everything else is still answered."""
+    contract = read_contract(tiny_repo.root / "lns-organs")
+    ct = make_inputs(contract, batch=4, seed=0)["ct"]
+    header = json.dumps(
+        {"inputs": [{"name": "ct", "datatype": "FP32", "shape": list(ct.shape), "parameters": {"binary_data_size": ct.nbytes}}]}
+    ).encode()
+    base = f"http://{small_gateway.url}"
+
+    def busy(_: int) -> int:
+        response = httpx.post(
+            f"{base}/v2/models/lns-organs/infer",
+            content=header + ct.tobytes(),
+            headers={"Inference-Header-Content-Length": str(len(header))},
+            timeout=120,
+        )
+        return response.status_code
+
+    def crowd_batches() -> float:
+        return _metric(httpx.get(f"{base}/metrics").text, "migserve_batch_size_count", model="crowd-csrnet")
+
+    before = httpx.get(f"{base}/metrics").text
+    with ThreadPoolExecutor(3) as pool:
+        running = list(map(pool.submit, [busy] * 3, range(3)))
+        time.sleep(0.5)  # the worker is now on a batch of lns-organs, with more queued
+        body = _crowd_body(tiny_repo.root)
+        host, port = small_gateway.url.split(":")
+        with socket.create_connection((host, int(port))) as client:
+            request = f"POST /v2/models/crowd-csrnet/infer HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n\r\n"
+            client.sendall(request.encode() + body)
+            time.sleep(0.2)
+        assert not any(f.done() for f in running), "the worker was still busy when the client hung up"
+        assert [f.result() for f in running] == [200, 200, 200]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _metric(httpx.get(f"{base}/metrics").text, "migserve_requests_total", status="499") == 0:
+        time.sleep(0.1)
+    after = httpx.get(f"{base}/metrics").text
+    abandoned = _metric(after, "migserve_requests_total", model="crowd-csrnet", status="499")
+    assert abandoned - _metric(before, "migserve_requests_total", model="crowd-csrnet", status="499") == 1
+    assert crowd_batches() == _metric(before, "migserve_batch_size_count", model="crowd-csrnet"), "never sent to the worker"
+    again = httpx.post(f"{base}/v2/models/crowd-csrnet/infer", content=_crowd_body(tiny_repo.root), timeout=30)
+    assert again.status_code == 200

@@ -8,7 +8,7 @@ import re
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -126,17 +126,22 @@ def small_gateway(tiny_repo: ExportedRepo, tmp_path_factory: pytest.TempPathFact
     server.close()
 
 
-def test_overload_answers_503_with_retry_after(small_gateway: Gateway, tiny_repo: ExportedRepo) -> None:
-    contract = read_contract(tiny_repo.root / "lns-organs")
-    ct = make_inputs(contract, batch=4, seed=0)["ct"]
+def _slow_lns_call(gateway: Gateway, repo: Path) -> Callable[[int], httpx.Response]:
+    """A binary request of four lns-organs volumes: it keeps a one-core worker busy for a while."""
+    ct = make_inputs(read_contract(repo / "lns-organs"), batch=4, seed=0)["ct"]
     header = json.dumps(
         {"inputs": [{"name": "ct", "datatype": "FP32", "shape": list(ct.shape), "parameters": {"binary_data_size": ct.nbytes}}]}
     ).encode()
-    url = f"http://{small_gateway.url}/v2/models/lns-organs/infer"
+    url = f"http://{gateway.url}/v2/models/lns-organs/infer"
 
     def call(_: int) -> httpx.Response:
-        return httpx.post(url, content=header + ct.tobytes(), headers={"Inference-Header-Content-Length": str(len(header))}, timeout=60)
+        return httpx.post(url, content=header + ct.tobytes(), headers={"Inference-Header-Content-Length": str(len(header))}, timeout=120)
 
+    return call
+
+
+def test_overload_answers_503_with_retry_after(small_gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+    call = _slow_lns_call(small_gateway, tiny_repo.root)
     with ThreadPoolExecutor(48) as pool:
         responses = list(pool.map(call, range(96)))
     codes = [r.status_code for r in responses]
@@ -253,21 +258,11 @@ def test_openapi_documents_the_protocol(gateway: Gateway) -> None:
 def test_a_client_that_disconnects_is_not_computed(small_gateway: Gateway, tiny_repo: ExportedRepo) -> None:
     """While the one worker is busy, a client sends a request and hangs up: it leaves the queue (499 in the
     metrics) and its model never gets a batch; everything else is still answered."""
-    contract = read_contract(tiny_repo.root / "lns-organs")
-    ct = make_inputs(contract, batch=4, seed=0)["ct"]
-    header = json.dumps(
-        {"inputs": [{"name": "ct", "datatype": "FP32", "shape": list(ct.shape), "parameters": {"binary_data_size": ct.nbytes}}]}
-    ).encode()
     base = f"http://{small_gateway.url}"
+    slow = _slow_lns_call(small_gateway, tiny_repo.root)
 
-    def busy(_: int) -> int:
-        response = httpx.post(
-            f"{base}/v2/models/lns-organs/infer",
-            content=header + ct.tobytes(),
-            headers={"Inference-Header-Content-Length": str(len(header))},
-            timeout=120,
-        )
-        return response.status_code
+    def busy(i: int) -> int:
+        return slow(i).status_code
 
     def crowd_batches() -> float:
         return _metric(httpx.get(f"{base}/metrics").text, "migserve_batch_size_count", model="crowd-csrnet")

@@ -27,6 +27,12 @@ class Metrics:
         self.restarts = Gauge("migserve_worker_restarts", "Times a partition's worker was restarted", ["partition"], registry=r)
         self.ready = Gauge("migserve_partition_ready", "1 while a partition's worker is ready", ["partition"], registry=r)
         self.memory = Gauge("migserve_partition_memory_bytes", "Partition memory (NVML; unset on CPU slices)", ["partition"], registry=r)
+        self.memory_used = Gauge(
+            "migserve_partition_memory_used_bytes",
+            "Memory in use on a partition's GPU or MIG instance (NVML, read at each scrape)",
+            ["partition"],
+            registry=r,
+        )
         self.v1_requests = Counter("migserve_v1_requests", "Family endpoint requests answered", ["endpoint", "status"], registry=r)
         self.v1_latency = Histogram(
             "migserve_v1_request_seconds", "Family endpoint latency, decoding to answer", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r

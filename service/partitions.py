@@ -112,6 +112,25 @@ def nvml_partitions(nvml: ModuleType) -> list[Partition]:
         nvml.nvmlShutdown()
 
 
+def memory_used(uuids: Sequence[str], nvml: ModuleType | None = None) -> dict[str, int]:
+    """Bytes in use on each GPU or MIG device (by UUID; on MIG, the instance's own), read now;
+    devices NVML cannot answer for are left out, and so is everything without NVML."""
+    module = nvml if nvml is not None else import_nvml()
+    if module is None or not uuids:
+        return {}
+    used: dict[str, int] = {}
+    module.nvmlInit()
+    try:
+        for uuid in uuids:
+            try:
+                used[uuid] = int(module.nvmlDeviceGetMemoryInfo(module.nvmlDeviceGetHandleByUUID(uuid)).used)
+            except module.NVMLError:
+                continue
+    finally:
+        module.nvmlShutdown()
+    return used
+
+
 def _memory(nvml: ModuleType, handle: Any) -> int | None:
     """Total memory of a GPU or MIG handle; None where NVML cannot say."""
     try:

@@ -26,7 +26,7 @@ from ..dispatch.batcher import BatchPolicy, ModelBatcher, Pending
 from ..errors import BadRequest, DeadlineExpired, ServiceError, UnknownModel
 from ..jobs import JobStore
 from ..metrics import Metrics
-from ..partitions import Partition, discover
+from ..partitions import Partition, PartitionKind, discover, memory_used
 from ..placement import place
 from ..repository import ModelEntry, load_repository
 from ..workers.protocol import ModelSpec
@@ -133,6 +133,14 @@ class Gateway:
             if name in self.models:
                 self.metrics.requests.labels(name, status).inc()
                 self.metrics.latency.labels(name).observe(time.monotonic() - started)
+
+    async def refresh_memory_used(self) -> None:
+        """Memory in use per GPU and MIG partition, from NVML, for a /metrics scrape (nothing on CPU slices)."""
+        devices = {p.device: p.id for p in self.partitions if p.kind in (PartitionKind.GPU, PartitionKind.MIG) and p.device}
+        if not devices:
+            return
+        for uuid, used in (await asyncio.to_thread(memory_used, list(devices))).items():
+            self.metrics.memory_used.labels(devices[uuid]).set(used)
 
     def timeout(self, header: str | None) -> float:
         """Seconds from an X-Timeout-Ms header, else the configured default."""

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from service.partitions import PartitionKind, TopologyError, cpu_slices, discover, load_topology
-from tests.fake_nvml import fake_nvml
+from service.partitions import PartitionKind, TopologyError, cpu_slices, discover, load_topology, memory_used
+from tests.fake_nvml import USED_MIB, fake_nvml
 
 GIB = 1 << 30
 
@@ -97,3 +97,13 @@ def test_bad_topologies_say_what_is_wrong(tmp_path: Path, text: str, message: st
         load_topology(path)
     with pytest.raises(TopologyError, match="cannot read topology"):
         load_topology(tmp_path / "missing.yaml")
+
+
+def test_memory_used_is_read_per_device_at_each_call(shared: Path) -> None:
+    nvml = fake_nvml(shared / "fixtures" / "nvidia" / "smi-L-a100-mig.txt")
+    mig, gpu = "MIG-6b84cf06-0978-530f-bea3-dd6108f98ebf", "GPU-938c4705-98bf-1735-e98b-c2a5872a8022"
+    used = memory_used([mig, gpu, "MIG-00000000-0000-0000-0000-000000000000"], nvml)
+    assert used == {mig: USED_MIB << 20, gpu: 0}, "the instance's own usage; an unknown UUID is left out"
+    assert ("memory", "NVIDIA A100-SXM4-80GB MIG 2g.20gb") in nvml.log
+    assert nvml.calls == {"init": 1, "shutdown": 1}
+    assert memory_used([], nvml) == {} and nvml.calls["init"] == 1, "no devices: NVML is not touched"

@@ -238,6 +238,13 @@ def report(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def save(rows: list[dict[str, Any]], out: Path, text: str) -> None:
+    """The raw rows as JSON (under results/, not committed) and the report on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+    print(text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -253,9 +260,7 @@ def main() -> int:
     rows += gateway_rows(args.repo, "gateway", (), ("binary", "json"), args.seconds)
     rows += gateway_rows(args.repo, "nobatch", ("--max-batch-size", "1"), ("binary",), args.seconds)
     rows += tiny_overhead(args.repo, args.seconds)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1))
-    print(report(rows))
+    save(rows, args.out, report(rows))
     return 0
 
 

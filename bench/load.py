@@ -23,16 +23,20 @@ class Result:
     first_error: str | None
 
     def summary(self, batch: int) -> dict[str, float | int]:
-        values = np.asarray(self.latencies_s) * 1000 if self.latencies_s else np.asarray([np.nan])
         requests = len(self.latencies_s)
         return {
             "requests": requests,
             "errors": self.errors,
             "requests_per_s": requests / self.seconds,
             "samples_per_s": requests * batch / self.seconds,
-            "latency_mean_ms": float(np.mean(values)),
-            **{f"latency_p{q}_ms": float(np.percentile(values, q)) for q in (50, 90, 95, 99)},
+            **milliseconds(self.latencies_s, "latency", (50, 90, 95, 99)),
         }
+
+
+def milliseconds(seconds: list[float], name: str, quantiles: tuple[int, ...] = (50, 90, 99)) -> dict[str, float]:
+    """{NAME_mean_ms, NAME_pQ_ms...} of durations in seconds (NaN when there are none)."""
+    values = np.asarray(seconds) * 1000 if seconds else np.asarray([np.nan])
+    return {f"{name}_mean_ms": float(np.mean(values))} | {f"{name}_p{q}_ms": float(np.percentile(values, q)) for q in quantiles}
 
 
 async def closed_loop(call: Call, concurrency: int, seconds: float) -> Result:
@@ -91,7 +95,13 @@ def timed_runs(
         time.sleep(max(0.0, start_at - time.time()))
     times: list[float] = []
     deadline = time.perf_counter() + seconds if seconds is not None else None
-    while (deadline is None and len(times) < (steps or 1)) or (deadline is not None and (not times or time.perf_counter() < deadline)):
+
+    def more() -> bool:
+        if deadline is None:
+            return len(times) < (steps or 1)
+        return not times or time.perf_counter() < deadline
+
+    while more():
         started = time.perf_counter()
         once()
         times.append(time.perf_counter() - started)

@@ -16,6 +16,7 @@ Every call that NVML does not support on this device leaves its field None and i
 
 from __future__ import annotations
 
+import functools
 import time
 from types import ModuleType
 from typing import Any
@@ -94,15 +95,20 @@ class NvmlProbe:
         return {name: float(request.metrics[i].value) for i, name in enumerate(GPM_METRICS) if request.metrics[i].nvmlReturn == 0}
 
 
+@functools.cache
+def _nvml() -> ModuleType | None:
+    """NVML, initialised once for the bench's lifetime; None without a driver."""
+    from service.partitions import import_nvml
+
+    nvml = import_nvml()
+    if nvml is not None:
+        nvml.nvmlInit()
+    return nvml
+
+
 def probe_for(device: str | None, nvml: ModuleType | None = None) -> NvmlProbe | None:
     """A probe for a GPU or MIG partition (its UUID), or None on a CPU slice or without NVML."""
     if device is None:
         return None
-    if nvml is None:
-        from service.partitions import import_nvml
-
-        nvml = import_nvml()
-        if nvml is None:
-            return None
-        nvml.nvmlInit()
-    return NvmlProbe(nvml, device)
+    module = nvml if nvml is not None else _nvml()
+    return NvmlProbe(module, device) if module is not None else None

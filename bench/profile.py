@@ -32,7 +32,7 @@ from migserve.contract import Contract
 from migserve.types import Array
 
 from .load import closed_loop, open_loop
-from .nvml_probe import probe_for
+from .nvml_probe import NvmlProbe, probe_for
 
 WARMUP_S = 0.5
 
@@ -83,7 +83,6 @@ def process_usage(pid: int | None) -> tuple[float | None, float | None]:
 class Target(Protocol):
     label: str
     profile: str
-    device: str | None  # the GPU or MIG UUID NVML is asked about; None on a CPU slice or a remote server
 
     async def start(self) -> None: ...
     async def call(self, inputs: dict[str, Array]) -> None: ...
@@ -97,7 +96,6 @@ class DirectTarget:
     def __init__(self, partition: Any, entry: Any) -> None:
         self.label = partition.id
         self.profile = partition.profile or ",".join(map(str, partition.cores))
-        self.device = partition.device
         self._partition, self._entry = partition, entry
         self._lock = asyncio.Lock()
         self._replica: Any = None
@@ -126,7 +124,6 @@ class HttpTarget:
 
     def __init__(self, label: str, profile: str, model: str, *, url: str | None, repo: Path, partition: Any = None) -> None:
         self.label, self.profile, self.model = label, profile, model
-        self.device = partition.device if partition is not None else None
         self._url, self._repo, self._partition = url, repo, partition
         self._server: Any = None
         self._client: Any = None
@@ -226,14 +223,15 @@ class Recorder:
         (self.out / "points.json").write_text(json.dumps(self.rows, indent=1))
 
 
-async def measure(target: Target, inputs: dict[str, Array], args: argparse.Namespace, concurrency: int, batch: int) -> dict[str, Any]:
+async def measure(
+    target: Target, inputs: dict[str, Array], args: argparse.Namespace, concurrency: int, batch: int, *, probe: NvmlProbe | None
+) -> dict[str, Any]:
     async def call() -> None:
         await target.call(inputs)
 
     await closed_loop(call, concurrency, WARMUP_S)  # warm-up, discarded
     pid = target.pid()
     cpu_before, _ = process_usage(pid)
-    probe = probe_for(target.device)
     if probe is not None:
         probe.begin()
     if args.arrival == "poisson":
@@ -297,6 +295,7 @@ async def sweep(args: argparse.Namespace, err: TextIO) -> Recorder:
     recorder = Recorder(args.out)
     plan = list(points(args.models, len(parts), args.batch, args.concurrency))
     env = environment()
+    probes = [probe_for(p.device if p is not None else None) for p in parts]  # NVML handles, once per partition
     target: Target | None = None
     current: tuple[str, int] | None = None
     progress = Progress(err, len(plan))
@@ -311,7 +310,7 @@ async def sweep(args: argparse.Namespace, err: TextIO) -> Recorder:
                 current = (point.model, point.partition)
             progress.show(done, f"{point.model} b={point.batch} c={point.concurrency} on {target.label}")
             inputs = inputs_for(entry.contract, point.batch, args.dims)
-            row = await measure(target, inputs, args, point.concurrency, point.batch)
+            row = await measure(target, inputs, args, point.concurrency, point.batch, probe=probes[point.partition])
             recorder.add(
                 {"mode": args.mode, "arrival": args.arrival, "rate": args.rate if args.arrival == "poisson" else None}
                 | {

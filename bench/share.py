@@ -38,7 +38,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from .load import timed_runs
+from .load import milliseconds, timed_runs
 from .mig import MigError, Smi
 from .profile import Recorder, environment, parse_dims, parse_seconds
 from .smi import parse_devices
@@ -175,8 +175,9 @@ def plan(mode: str, processes: int, state: GpuState | None, slices: list[tuple[i
 
 
 @contextmanager
-def mps_daemon(control: str) -> Iterator[tuple[str, str]]:
+def mps_daemon() -> Iterator[tuple[str, str]]:
     """A private MPS control daemon (own pipe and log folders); quit on the way out, whatever happened."""
+    control = shutil.which("nvidia-cuda-mps-control") or "nvidia-cuda-mps-control"  # the guard checked it is there
     with tempfile.TemporaryDirectory(prefix="migserve-mps-") as root:
         pipe, log = Path(root) / "pipe", Path(root) / "log"
         pipe.mkdir()
@@ -250,12 +251,10 @@ def infer_child(spec: dict[str, Any]) -> dict[str, Any]:
     before = resource.getrusage(resource.RUSAGE_SELF)
     times = timed_runs(lambda: session.run(None, feeds), seconds=spec["seconds"], start_at=wait_for_start(spec))
     after = resource.getrusage(resource.RUSAGE_SELF)
-    ms = np.asarray(times) * 1000
     return {
         "calls": len(times),
         "images_per_s": spec["batch"] * len(times) / float(np.sum(times)),
-        "latency_mean_ms": float(ms.mean()),
-        **{f"latency_p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 99)},
+        **milliseconds(times, "latency"),
         "cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
         "peak_rss_mb": after.ru_maxrss / 1024,
         "providers": ",".join(session.get_providers()),
@@ -315,7 +314,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
         for model in args.models:
             for mode, placements in plans.items():
                 print(f"{mode}: {model} ... (loading, then {args.duration:.0f} s measured)", file=err, flush=True)
-                with mps_daemon(shutil.which("nvidia-cuda-mps-control") or "") if mode == "mps" else nullcontext() as mps:
+                with mps_daemon() if mode == "mps" else nullcontext() as mps:
                     for row in run_mode(args, model, placements, mps):
                         recorder.add(row | context)
     except KeyboardInterrupt:

@@ -16,6 +16,7 @@ a plot of images/s per partition are written at the end.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -26,7 +27,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from .load import timed_runs
+from .load import milliseconds, timed_runs
 from .profile import Progress, Recorder, environment, parse_dims, parse_list
 
 CHILD_TIMEOUT_S = 1800
@@ -51,6 +52,9 @@ def add_parser(actions: Any) -> None:
 
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    if importlib.util.find_spec("torch") is None:  # the zoo is built with torch
+        print("error: bench train needs torch: pip install -e '.[export]'", file=err)
+        return 2
     from exporters.zoo import ZOO
 
     unknown = [m for m in args.models if m not in ZOO]
@@ -59,11 +63,6 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
         return 2
     if args.steps < 1 or args.warmup < 0:
         print("error: --steps must be at least 1 and --warmup at least 0", file=err)
-        return 2
-    try:
-        import torch  # noqa: F401  (the parent only checks; each child imports it after its placement)
-    except ImportError:
-        print("error: bench train needs torch: pip install -e '.[export]'", file=err)
         return 2
     from service.partitions import TopologyError, discover
 
@@ -240,7 +239,6 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     times = timed_runs(measured_step, steps=spec["steps"], seconds=spec.get("seconds"), start_at=wait_for_start(spec))
     usage_after = resource.getrusage(resource.RUSAGE_SELF)
     after = torch.cat([p.detach().flatten() for p in params])
-    step_ms = np.asarray(times) * 1000
     measured = float(np.sum(times))
     cpu = (usage_after.ru_utime + usage_after.ru_stime) - (usage_before.ru_utime + usage_before.ru_stime)
     return {
@@ -249,8 +247,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "dims": ",".join(f"{k}={v}" for k, v in dims.items() if k != "batch"),
         "parameters": sum(p.numel() for p in params),
         "images_per_s": spec["batch"] * len(times) / measured,
-        "step_mean_ms": float(step_ms.mean()),
-        **{f"step_p{q}_ms": float(np.percentile(step_ms, q)) for q in (50, 90, 99)},
+        **milliseconds(times, "step"),
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "weights_moved": float((after - before).abs().max()),

@@ -14,7 +14,6 @@ All three share the machine with wrk: compare ratios, not absolute figures.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from bench.gateway_bench import CONCURRENCY, ROOT, Server, bodies, closed_loop
+from bench.gateway_bench import CONCURRENCY, ROOT, Server, bodies, closed_loop, save
 from tests.triton_server import TritonServer
 
 MODELS = ("crowd-csrnet", "face-pros")
@@ -94,9 +93,7 @@ def main() -> int:
                 rows += run_mode(repo, f"triton-{batching}", partition, args.seconds, work)
         finally:
             triton.stop()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1))
-    print(report(rows))
+    save(rows, args.out, report(rows))
     return 0
 
 

@@ -8,6 +8,7 @@ imported lazily (the `gpu` extra); tests pass a fake module that replays capture
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -139,6 +140,7 @@ def _memory(nvml: ModuleType, handle: Any) -> int | None:
         return None
 
 
+@functools.cache  # the import and the driver check, once per process (discovery, each /metrics scrape, the bench)
 def import_nvml() -> ModuleType | None:
     try:
         import pynvml

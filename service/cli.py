@@ -44,6 +44,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
     from .api.app import create_app
     from .config import ServeConfig
     from .errors import ServiceError
+    from .heap import keep_request_buffers_in_heap
     from .partitions import TopologyError
     from .repository import RepositoryError
 
@@ -70,5 +71,6 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
     except (ValueError, ValidationError, ServiceError, TopologyError, RepositoryError) as exc:
         print(f"error: {exc}", file=err)
         return 2
+    keep_request_buffers_in_heap()
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level, access_log=False)
     return 0

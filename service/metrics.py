@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -38,3 +40,15 @@ class Metrics:
             "migserve_v1_request_seconds", "Family endpoint latency, decoding to answer", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.jobs_running = Gauge("migserve_jobs_running", "Jobs (202 Accepted) still running", registry=r)
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def request_done(self, model: str, status: str, seconds: float) -> None:
+        """Count one inference request and its latency (the labelled children are looked up once)."""
+        counter = self._children.get(("requests", model, status))
+        if counter is None:
+            counter = self._children["requests", model, status] = self.requests.labels(model, status)
+        histogram = self._children.get(("latency", model))
+        if histogram is None:
+            histogram = self._children["latency", model] = self.latency.labels(model)
+        counter.inc()
+        histogram.observe(seconds)

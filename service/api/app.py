@@ -16,6 +16,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from starlette.types import ASGIApp
 
 import migserve
 from migserve.types import Array
@@ -131,8 +132,7 @@ class Gateway:
             raise
         finally:
             if name in self.models:
-                self.metrics.requests.labels(name, status).inc()
-                self.metrics.latency.labels(name).observe(time.monotonic() - started)
+                self.metrics.request_done(name, status, time.monotonic() - started)
 
     async def refresh_memory_used(self) -> None:
         """Memory in use per GPU and MIG partition, from NVML, for a /metrics scrape (nothing on CPU slices)."""
@@ -235,7 +235,11 @@ def _timeout_ms(raw: str | None) -> float | None:
     return value / 1000
 
 
-def create_app(config: ServeConfig) -> FastAPI:
+def create_app(config: ServeConfig) -> ASGIApp:
+    """The gateway's ASGI app: the infer fast path in front of the FastAPI app that serves everything else.
+
+    The fast path sits outside FastAPI's own middleware (error, telemetry, body-limit wrappers) so
+    that an inference request passes through none of them."""
     gateway = Gateway.build(config)
 
     @asynccontextmanager
@@ -270,5 +274,4 @@ def create_app(config: ServeConfig) -> FastAPI:
     register(app, gateway)
     register_v1(app, gateway)
     app.add_middleware(FamilyLimits, gateway=gateway)
-    app.add_middleware(InferFastPath, gateway=gateway)
-    return app
+    return InferFastPath(app, gateway)

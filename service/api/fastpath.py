@@ -13,7 +13,7 @@ import re
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ServiceError, TooLarge
 from .errors import error_body
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from .app import Gateway
 
 T = TypeVar("T")
+CONTENT_LENGTH, BINARY_HEADER_LENGTH, TIMEOUT = b"content-length", HEADER_LENGTH.encode(), b"x-timeout-ms"
+WANTED = frozenset({CONTENT_LENGTH, BINARY_HEADER_LENGTH, TIMEOUT})
 INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/[^/]+)?/infer$")
 
 
@@ -36,10 +38,10 @@ class InferFastPath:
         if match is None:
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = wanted_headers(scope["headers"])
         try:
-            body = await read_body(receive, headers.get("content-length"), self.gateway.config.max_body_bytes)
-            infer = self.gateway.infer(match["name"], body, headers.get(HEADER_LENGTH), headers.get("x-timeout-ms"))
+            body = await read_body(receive, headers.get(CONTENT_LENGTH), self.gateway.config.max_body_bytes)
+            infer = self.gateway.infer(match["name"], body, headers.get(BINARY_HEADER_LENGTH), headers.get(TIMEOUT))
             answer = await unless_disconnected(infer, receive)
             if answer is None:
                 return  # the client went away: its request left the queue (or its batch's answer is dropped)
@@ -52,22 +54,40 @@ class InferFastPath:
         await respond(send, status, media, payload, extra)
 
 
+def wanted_headers(raw: list[tuple[bytes, bytes]]) -> dict[bytes, str]:
+    """The few request headers the fast path reads, by lower-case name."""
+    found: dict[bytes, str] = {}
+    for key, value in raw:
+        name = key.lower()
+        if name in WANTED:
+            found[name] = value.decode("latin-1")
+    return found
+
+
 async def unless_disconnected(work: Coroutine[Any, Any, T], receive: Receive) -> T | None:
-    """`work`'s result, or None once the client disconnects first: then `work` is cancelled, which
-    cancels the request's future, so the batcher drops it before dispatch instead of computing it."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(receive())  # after the whole body, the next message is http.disconnect
-    try:
-        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
-        if not task.done() and watch.result().get("type") != "http.disconnect":
-            await asyncio.wait((task,))  # not a disconnect (should not happen): keep waiting for the answer
-        if not task.done():
+    """`work`'s result, or None once the client disconnects first: then this task is cancelled while it
+    awaits `work`, which cancels the request's future, so the batcher drops it before dispatch."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    def on_message(watch: asyncio.Future[Message]) -> None:
+        nonlocal gone
+        if not watch.cancelled() and watch.exception() is None and watch.result().get("type") == "http.disconnect":
+            gone = True
             task.cancel()
-            await asyncio.wait((task,))
-            return None
-        return task.result()
+
+    watch = asyncio.ensure_future(receive())  # after the whole body, the next message is http.disconnect
+    watch.add_done_callback(on_message)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise  # shutdown, not the client
+        task.uncancel()
+        return None
     finally:
-        task.cancel()  # no-ops once done; here when this handler itself is cancelled (shutdown)
+        watch.remove_done_callback(on_message)
         watch.cancel()
 
 

@@ -31,6 +31,7 @@ V2_TYPES = {
     "BOOL": "bool",
 }
 NUMPY_TO_V2 = {v: k for k, v in V2_TYPES.items()}
+_V2_OF_DTYPE = {np.dtype(v): k for k, v in V2_TYPES.items()}  # dtype.name is slow enough to show per request
 
 
 @dataclass(frozen=True)
@@ -65,20 +66,64 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memo
     return json_object(body[:n]), memoryview(body)[n:]
 
 
-def _array(entry: dict[str, Any], spec: TensorSpec, binary: memoryview, offset: int) -> tuple[Array, int]:
-    name = spec.name
+@dataclass(frozen=True)
+class _InputPlan:
+    """One input's checks, worked out once per contract instead of on every request."""
+
+    spec: TensorSpec
+    dtype: np.dtype[Any]
+    datatype: str  # its KServe v2 name
+    dims: tuple[int | tuple[str, int, int], ...]  # a fixed size, or (name, min, max) with batch capped by max_batch_size
+    shown: str
+
+
+@dataclass(frozen=True)
+class _Plan:
+    contract: Contract
+    inputs: dict[str, _InputPlan]
+    expected: list[str]  # input names, in the contract's order
+    output_names: tuple[str, ...]
+
+
+_plans: dict[int, _Plan] = {}
+
+
+def _plan(contract: Contract) -> _Plan:
+    plan = _plans.get(id(contract))
+    if plan is not None and plan.contract is contract:
+        return plan
+    inputs = {}
+    for spec in contract.inputs:
+        dims: list[int | tuple[str, int, int]] = []
+        for dim in spec.shape:
+            if isinstance(dim, int):
+                dims.append(dim)
+            else:
+                limits = contract.dims[dim]
+                top = contract.batching.max_batch_size if dim == "batch" else limits.max
+                dims.append((dim, limits.min, top))
+        shown = "[" + ", ".join(str(d) for d in spec.shape) + "]"
+        inputs[spec.name] = _InputPlan(spec, np.dtype(spec.dtype), NUMPY_TO_V2[spec.dtype], tuple(dims), shown)
+    plan = _Plan(contract, inputs, [s.name for s in contract.inputs], tuple(o.name for o in contract.outputs))
+    _plans[id(contract)] = plan
+    return plan
+
+
+def _array(entry: dict[str, Any], plan: _InputPlan, binary: memoryview, offset: int) -> tuple[Array, int]:
+    name, dtype, expected = plan.spec.name, plan.dtype, plan.datatype
     datatype = entry.get("datatype")
-    expected = NUMPY_TO_V2[spec.dtype]
     if datatype != expected:
         raise BadRequest(f"input {name}: datatype {datatype!r}, the model expects {expected}")
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
         raise BadRequest(f"input {name}: 'shape' must be a list of non-negative integers, got {shape!r}")
-    dtype = np.dtype(spec.dtype)
-    count = int(np.prod(shape)) if shape else 1
-    size = (entry.get("parameters") or {}).get("binary_data_size")
+    count = 1
+    for d in shape:
+        count *= d
+    parameters = entry.get("parameters")
+    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
     if size is not None:
-        if not isinstance(size, int) or size != count * dtype.itemsize:
+        if type(size) is not int or size != count * dtype.itemsize:
             raise BadRequest(
                 f"input {name}: binary_data_size {size!r}, but shape {shape} of {expected} needs {count * dtype.itemsize} bytes"
             )
@@ -96,53 +141,50 @@ def _array(entry: dict[str, Any], spec: TensorSpec, binary: memoryview, offset: 
     return array.reshape(shape), offset
 
 
-def _check_shape(spec: TensorSpec, shape: tuple[int, ...], contract: Contract, bound: dict[str, int]) -> None:
-    if len(shape) != len(spec.shape):
-        raise BadRequest(f"input {spec.name}: shape {list(shape)} has rank {len(shape)}, the model expects {_show(spec)}")
-    for size, dim in zip(shape, spec.shape, strict=True):
-        if isinstance(dim, int):
+def _check_shape(plan: _InputPlan, shape: tuple[int, ...], bound: dict[str, int]) -> None:
+    name = plan.spec.name
+    if len(shape) != len(plan.dims):
+        raise BadRequest(f"input {name}: shape {list(shape)} has rank {len(shape)}, the model expects {plan.shown}")
+    for size, dim in zip(shape, plan.dims, strict=True):
+        if type(dim) is int:
             if size != dim:
-                raise BadRequest(f"input {spec.name}: shape {list(shape)}, the model expects {_show(spec)}")
+                raise BadRequest(f"input {name}: shape {list(shape)}, the model expects {plan.shown}")
             continue
-        limits = contract.dims[dim]
-        if dim == "batch":
-            limits = limits.model_copy(update={"max": contract.batching.max_batch_size})
-        if not limits.min <= size <= limits.max:
-            raise BadRequest(f"input {spec.name}: {dim}={size} is outside [{limits.min}, {limits.max}]")
-        if bound.setdefault(dim, size) != size:
-            raise BadRequest(f"input {spec.name}: {dim}={size}, but another input has {dim}={bound[dim]}")
-
-
-def _show(spec: TensorSpec) -> str:
-    return "[" + ", ".join(str(d) for d in spec.shape) + "]"
+        dim_name, low, high = dim  # type: ignore[misc]
+        if not low <= size <= high:
+            raise BadRequest(f"input {name}: {dim_name}={size} is outside [{low}, {high}]")
+        if bound.setdefault(dim_name, size) != size:
+            raise BadRequest(f"input {name}: {dim_name}={size}, but another input has {dim_name}={bound[dim_name]}")
 
 
 def decode_request(body: bytes, header_length: str | None, contract: Contract) -> DecodedRequest:
+    plan = _plan(contract)
     header, binary = _split(body, header_length)
     entries = header.get("inputs")
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+    if type(entries) is not list or not all(type(e) is dict for e in entries):
         raise BadRequest("request needs 'inputs': a list of tensor objects")
     given = [e.get("name") for e in entries]
-    expected = [s.name for s in contract.inputs]
-    if sorted(map(str, given)) != sorted(expected):
-        missing = sorted(set(expected) - set(map(str, given)))
-        unknown = sorted(set(map(str, given)) - set(expected))
-        raise BadRequest(f"model {contract.name} takes inputs {expected}; missing {missing}, unknown {unknown}")
-    by_name = {e["name"]: e for e in entries}
+    if not all(type(n) is str for n in given):
+        raise BadRequest(f"every input needs a 'name' string; got names {given!r}")
+    if len(given) != len(plan.expected) or set(given) != set(plan.expected):
+        missing = sorted(set(plan.expected) - set(given))
+        unknown = sorted(set(given) - set(plan.expected))
+        raise BadRequest(f"model {contract.name} takes inputs {plan.expected}; missing {missing}, unknown {unknown}")
     inputs: dict[str, Array] = {}
     bound: dict[str, int] = {}
     offset = 0
     for entry in entries:  # binary parts follow the order of the inputs in the header
-        spec = contract.input(entry["name"])
-        array, offset = _array(by_name[spec.name], spec, binary, offset)
-        _check_shape(spec, array.shape, contract, bound)
-        inputs[spec.name] = array
+        input_plan = plan.inputs[entry["name"]]
+        array, offset = _array(entry, input_plan, binary, offset)
+        _check_shape(input_plan, array.shape, bound)
+        inputs[entry["name"]] = array
     if offset != len(binary):
         raise BadRequest(f"body has {len(binary) - offset} bytes after the last binary input")
-    outputs, binary_outputs = _requested_outputs(header, contract)
+    outputs, binary_outputs = _requested_outputs(header, plan)
+    request_id = header.get("id")
     return DecodedRequest(
-        id=header.get("id") if isinstance(header.get("id"), str) else None,
-        inputs={s.name: inputs[s.name] for s in contract.inputs},
+        id=request_id if isinstance(request_id, str) else None,
+        inputs={name: inputs[name] for name in plan.expected},
         batch=bound["batch"],
         outputs=outputs,
         binary_outputs=binary_outputs,
@@ -150,18 +192,17 @@ def decode_request(body: bytes, header_length: str | None, contract: Contract) -
     )
 
 
-def _requested_outputs(header: dict[str, Any], contract: Contract) -> tuple[tuple[str, ...], frozenset[str]]:
+def _requested_outputs(header: dict[str, Any], plan: _Plan) -> tuple[tuple[str, ...], frozenset[str]]:
     all_binary = bool((header.get("parameters") or {}).get("binary_data_output", False))
     requested = header.get("outputs")
     if requested is None:
-        names = tuple(o.name for o in contract.outputs)
+        names = plan.output_names
         return names, frozenset(names) if all_binary else frozenset()
     if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
         raise BadRequest("'outputs' must be a list of objects with a 'name'")
-    known = {o.name for o in contract.outputs}
-    unknown = [o["name"] for o in requested if o["name"] not in known]
+    unknown = [o["name"] for o in requested if o["name"] not in plan.output_names]
     if unknown:
-        raise BadRequest(f"unknown outputs {unknown}; model {contract.name} has {sorted(known)}")
+        raise BadRequest(f"unknown outputs {unknown}; model {plan.contract.name} has {sorted(plan.output_names)}")
     binary = {o["name"] for o in requested if (o.get("parameters") or {}).get("binary_data", all_binary)}
     return tuple(o["name"] for o in requested), frozenset(binary)
 
@@ -187,7 +228,7 @@ def encode_response(model: str, request: DecodedRequest, outputs: dict[str, Arra
     entries, blobs = [], []
     for name in request.outputs:
         array = np.ascontiguousarray(outputs[name])
-        entry: dict[str, Any] = {"name": name, "datatype": NUMPY_TO_V2[array.dtype.name], "shape": list(array.shape)}
+        entry: dict[str, Any] = {"name": name, "datatype": _V2_OF_DTYPE[array.dtype], "shape": list(array.shape)}
         if name in request.binary_outputs:
             entry["parameters"] = {"binary_data_size": array.nbytes}
             blobs.append(array.tobytes())

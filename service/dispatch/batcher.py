@@ -55,6 +55,7 @@ class ModelBatcher:
         self._replicas = replicas
         self._changed = asyncio.Event()  # set by the backend whenever a replica finishes or changes state
         self._metrics = metrics
+        self._depth = metrics.queue_depth.labels(model)
         self._queue: deque[Pending] = deque()
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -78,7 +79,7 @@ class ModelBatcher:
         if not any(r.ready for r in self._replicas()):
             raise Unavailable(f"model {self.model}: no ready replica", retry_after_s=1.0)
         self._queue.append(item)
-        self._metrics.queue_depth.labels(self.model).set(len(self._queue))
+        self._depth.set(len(self._queue))
         self._arrived.set()
 
     async def _loop(self) -> None:
@@ -136,7 +137,7 @@ class ModelBatcher:
     def _no_replica(self) -> None:
         while self._queue:
             _fail(self._queue.popleft(), Unavailable(f"model {self.model}: no ready replica", retry_after_s=1.0))
-        self._metrics.queue_depth.labels(self.model).set(0)
+        self._depth.set(0)
 
     def _take(self, batch: list[Pending] | None = None, *, limit: int) -> list[Pending]:
         batch = batch or [self._queue.popleft()]
@@ -151,7 +152,7 @@ class ModelBatcher:
             else:
                 kept.append(item)
         self._queue = kept
-        self._metrics.queue_depth.labels(self.model).set(len(self._queue))
+        self._depth.set(len(self._queue))
         return batch
 
     async def _wait_for_more(self, batch: list[Pending], limit: int) -> None:

@@ -202,6 +202,22 @@ BAD_REQUESTS = [
         400,
         "data is not FP32",
     ),
+    (
+        "name not a string",
+        "crowd-csrnet",
+        json.dumps({"inputs": [{"name": 5, "datatype": "FP32", "shape": [1], "data": [1.0]}]}).encode(),
+        None,
+        400,
+        "every input needs a 'name' string",
+    ),
+    (
+        "shape of booleans",
+        "crowd-csrnet",
+        json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [True, 3, 8, 8], "data": [1.0]}]}).encode(),
+        None,
+        400,
+        "'shape' must be a list of non-negative integers",
+    ),
     ("bad header length", "crowd-csrnet", b"{}", {"Inference-Header-Content-Length": "99"}, 400, "does not fit a body of 2 bytes"),
 ]
 

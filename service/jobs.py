@@ -94,11 +94,20 @@ class JobStore:
             job.progress.stage = "done"
         except ServiceError as exc:
             job.error = exc
+        except asyncio.CancelledError:
+            job.error = job.error or ServiceError("cancelled: the server is shutting down")
+            raise
         except Exception as exc:
             logger.exception("job %s (%s) failed", job.id, job.kind)
             job.error = ServiceError(f"{job.kind} failed: {type(exc).__name__}: {exc}")
         finally:
             job.finished = time.time()
+
+    def cancel(self, job: Job[Any], why: str) -> None:
+        """Stop a running job; it is kept as failed with `why` (its tiles leave the batch queues)."""
+        if job.task is not None and not job.task.done():
+            job.error = ServiceError(why)
+            job.task.cancel()
 
     def get(self, job_id: str) -> Job[Any]:
         self._forget_expired()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -64,9 +64,12 @@ def wanted_headers(raw: list[tuple[bytes, bytes]]) -> dict[bytes, str]:
     return found
 
 
-async def unless_disconnected(work: Coroutine[Any, Any, T], receive: Receive) -> T | None:
+async def unless_disconnected(
+    work: Coroutine[Any, Any, T], receive: Receive, on_disconnect: Callable[[], object] | None = None
+) -> T | None:
     """`work`'s result, or None once the client disconnects first: then this task is cancelled while it
-    awaits `work`, which cancels the request's future, so the batcher drops it before dispatch."""
+    awaits `work`, which cancels the request's future, so the batcher drops it before dispatch.
+    `receive` must have delivered the whole body; `on_disconnect` is told when the client goes."""
     task = asyncio.current_task()
     assert task is not None
     gone = False
@@ -75,6 +78,8 @@ async def unless_disconnected(work: Coroutine[Any, Any, T], receive: Receive) ->
         nonlocal gone
         if not watch.cancelled() and watch.exception() is None and watch.result().get("type") == "http.disconnect":
             gone = True
+            if on_disconnect is not None:
+                on_disconnect()
             task.cancel()
 
     watch = asyncio.ensure_future(receive())  # after the whole body, the next message is http.disconnect

@@ -1,11 +1,15 @@
-"""Plain ASGI middleware for the family endpoints (POST /v1/...): the body size limit and per-endpoint metrics.
+"""Plain ASGI middleware for the family endpoints (POST /v1/...): the body size limit, hang-ups, per-endpoint metrics.
 
 The body is read here, once, with the configured limit (a declared or streamed
-body over it is a 413 before any parsing), then replayed to the route.
+body over it is a 413 before any parsing), then replayed to the route. While the
+route works, the connection is watched: a client that hangs up cancels the route,
+so its tiles leave the batch queues instead of being computed (status 499 in the
+metrics).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -13,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ServiceError
 from .errors import error_body
-from .fastpath import read_body, respond
+from .fastpath import read_body, respond, unless_disconnected
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -47,19 +51,26 @@ class FamilyLimits:
                 await respond(sending, code, "application/json", payload, extra)
                 return
             replayed = False
+            gone = asyncio.Event()
 
             async def replay() -> Message:
                 nonlocal replayed
                 if replayed:
-                    return await receive()  # after the body: wait for the disconnect as the server would report it
+                    await gone.wait()  # after the body, only the disconnect is left to report
+                    return {"type": "http.disconnect"}
                 replayed = True
                 return {"type": "http.request", "body": body, "more_body": False}
 
-            await self.app(scope, replay, sending)
+            if await unless_disconnected(self._route(scope, replay, sending), receive, gone.set) is None:
+                status = 499  # the client hung up first (nginx's code for it)
         finally:
             known = endpoint if any(route == endpoint for route in FAMILY_ROUTES) else "other"
             self.gateway.metrics.v1_requests.labels(known, str(status)).inc()
             self.gateway.metrics.v1_latency.labels(known).observe(time.monotonic() - started)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        await self.app(scope, receive, send)
+        return True
 
 
 FAMILY_ROUTES = ("/v1/face/analyze", "/v1/frontalize", "/v1/grounding", "/v1/lns/segment", "/v1/crowd/count")

@@ -211,7 +211,11 @@ class FamilyEndpoints:
         if as_job:
             url = f"/v1/jobs/{job.id}"
             return JSONResponse(self.job_view(job).model_dump(), status_code=202, headers={"Location": url})
-        await self.gateway.jobs.wait(job)
+        try:
+            await self.gateway.jobs.wait(job)
+        except asyncio.CancelledError:  # the client hung up: nobody will ask for this synchronous answer
+            self.gateway.jobs.cancel(job, "cancelled: the client disconnected before the answer")
+            raise
         return JSONResponse(self.lns_result(job, opts.inline).model_dump())
 
     def lns_result(self, job: Job[Any], inline: bool) -> LnsResult:

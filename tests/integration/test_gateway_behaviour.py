@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+from PIL import Image
 
 from migserve.contract import read_contract
 from tests.helpers import ExportedRepo, Gateway
@@ -271,36 +273,61 @@ def test_openapi_documents_the_protocol(gateway: Gateway) -> None:
     assert httpx.get(f"http://{gateway.url}/docs").status_code == 200
 
 
-def test_a_client_that_disconnects_is_not_computed(small_gateway: Gateway, tiny_repo: ExportedRepo) -> None:
-    """While the one worker is busy, a client sends a request and hangs up: it leaves the queue (499 in the
-    metrics) and its model never gets a batch; everything else is still answered."""
-    base = f"http://{small_gateway.url}"
-    slow = _slow_lns_call(small_gateway, tiny_repo.root)
+def _hang_up_while_busy(gateway: Gateway, repo: Path, path: str, headers: dict[str, str], body: bytes) -> None:
+    """While the one worker is busy with lns-organs (more queued), send a whole request to `path` and hang up."""
+    slow = _slow_lns_call(gateway, repo)
 
     def busy(i: int) -> int:
         return slow(i).status_code
 
-    def crowd_batches() -> float:
-        return _metric(httpx.get(f"{base}/metrics").text, "migserve_batch_size_count", model="crowd-csrnet")
-
-    before = httpx.get(f"{base}/metrics").text
     with ThreadPoolExecutor(3) as pool:
         running = list(map(pool.submit, [busy] * 3, range(3)))
         time.sleep(0.5)  # the worker is now on a batch of lns-organs, with more queued
-        body = _crowd_body(tiny_repo.root)
-        host, port = small_gateway.url.split(":")
+        host, port = gateway.url.split(":")
+        lines = [f"POST {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
         with socket.create_connection((host, int(port))) as client:
-            request = f"POST /v2/models/crowd-csrnet/infer HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n\r\n"
-            client.sendall(request.encode() + body)
+            client.sendall("\r\n".join([*lines, "", ""]).encode() + body)
             time.sleep(0.2)
         assert not any(f.done() for f in running), "the worker was still busy when the client hung up"
         assert [f.result() for f in running] == [200, 200, 200]
+
+
+def _wait_for_metric(base: str, name: str, at_least: float, **labels: str) -> str:
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _metric(httpx.get(f"{base}/metrics").text, "migserve_requests_total", status="499") == 0:
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{base}/metrics").text
+        if _metric(text, name, **labels) >= at_least:
+            return text
         time.sleep(0.1)
-    after = httpx.get(f"{base}/metrics").text
-    abandoned = _metric(after, "migserve_requests_total", model="crowd-csrnet", status="499")
-    assert abandoned - _metric(before, "migserve_requests_total", model="crowd-csrnet", status="499") == 1
-    assert crowd_batches() == _metric(before, "migserve_batch_size_count", model="crowd-csrnet"), "never sent to the worker"
+    return text
+
+
+def test_a_client_that_disconnects_is_not_computed(small_gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+    """A client sends an infer request and hangs up while the worker is busy: it leaves the queue (499 in
+    the metrics) and its model never gets a batch; everything else is still answered."""
+    base = f"http://{small_gateway.url}"
+    before = httpx.get(f"{base}/metrics").text
+    abandoned_before = _metric(before, "migserve_requests_total", model="crowd-csrnet", status="499")
+    _hang_up_while_busy(small_gateway, tiny_repo.root, "/v2/models/crowd-csrnet/infer", {}, _crowd_body(tiny_repo.root))
+    after = _wait_for_metric(base, "migserve_requests_total", abandoned_before + 1, model="crowd-csrnet", status="499")
+    assert _metric(after, "migserve_requests_total", model="crowd-csrnet", status="499") - abandoned_before == 1
+    batches = _metric(after, "migserve_batch_size_count", model="crowd-csrnet")
+    assert batches == _metric(before, "migserve_batch_size_count", model="crowd-csrnet"), "never sent to the worker"
     again = httpx.post(f"{base}/v2/models/crowd-csrnet/infer", content=_crowd_body(tiny_repo.root), timeout=30)
     assert again.status_code == 200
+
+
+def test_a_family_endpoint_client_that_disconnects_is_not_computed(small_gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+    """The same through /v1/crowd/count: the decoded image's tiles leave the queue when the client hangs up."""
+    base = f"http://{small_gateway.url}"
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(png, format="PNG")
+    before = httpx.get(f"{base}/metrics").text
+    labels = {"endpoint": "/v1/crowd/count", "status": "499"}
+    _hang_up_while_busy(small_gateway, tiny_repo.root, "/v1/crowd/count", {"Content-Type": "image/png"}, png.getvalue())
+    after = _wait_for_metric(base, "migserve_v1_requests_total", _metric(before, "migserve_v1_requests_total", **labels) + 1, **labels)
+    assert _metric(after, "migserve_v1_requests_total", **labels) - _metric(before, "migserve_v1_requests_total", **labels) == 1
+    batches = _metric(after, "migserve_batch_size_count", model="crowd-csrnet")
+    assert batches == _metric(before, "migserve_batch_size_count", model="crowd-csrnet"), "never sent to the worker"
+    again = httpx.post(f"{base}/v1/crowd/count", content=png.getvalue(), headers={"Content-Type": "image/png"}, timeout=30)
+    assert again.status_code == 200, again.text

@@ -16,8 +16,10 @@ result. A last point measures the gateway's added latency on a tiny tensor (16x1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -100,7 +102,9 @@ def bodies(repo: Path, model: str, dims: dict[str, int]) -> dict[str, tuple[byte
     }
 
 
-def closed_loop(url: str, body: bytes, headers: dict[str, str], concurrency: int, seconds: float) -> dict[str, Any]:
+def closed_loop(
+    url: str, body: bytes, headers: dict[str, str], concurrency: int, seconds: float, *, server_pid: int | None = None
+) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".body") as file:
         file.write(body)
         file.flush()
@@ -111,14 +115,47 @@ def closed_loop(url: str, body: bytes, headers: dict[str, str], concurrency: int
         }
         base = ["wrk", "-t1", f"-c{concurrency}", "-s", str(WRK_SCRIPT), "--timeout", "10s", url]
         subprocess.run([*base[:3], "-d1s", *base[3:]], env=env, check=True, capture_output=True)  # warm-up, excluded
+        server = [server_pid, *_children(server_pid)] if server_pid else []
+        cpu_before, wrk_before = [_cpu_seconds(pid) for pid in server], _children_cpu_seconds()
         out = subprocess.run([*base[:3], f"-d{seconds:g}s", *base[3:]], env=env, check=True, capture_output=True, text=True).stdout
+        cpu = [_cpu_seconds(pid) - before for pid, before in zip(server, cpu_before, strict=True)]
+        wrk_cpu = _children_cpu_seconds() - wrk_before
     result = json.loads(next(line for line in out.splitlines() if line.startswith("BENCH ")).removeprefix("BENCH "))
+    per_request = 1000 / max(result["requests"], 1)
     return {
         "samples_per_s": result["requests"] / (result["duration_us"] / 1e6),
         "errors": result["errors"],
         "p50_ms": result["p50_us"] / 1000,
         "p99_ms": result["p99_us"] / 1000,
+        # CPU per request while the point ran: what the HTTP path costs beside the model itself
+        "gateway_cpu_ms": cpu[0] * per_request if cpu else None,
+        "workers_cpu_ms": sum(cpu[1:]) * per_request if cpu else None,
+        "client_cpu_ms": wrk_cpu * per_request,
     }
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a live process (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    """The gateway's worker processes."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 class Server:
@@ -179,7 +216,7 @@ def gateway_rows(repo: Path, label: str, args: tuple[str, ...], encodings: tuple
                 body, headers = bodies(repo, model, dims)[encoding]
                 for concurrency in CONCURRENCY:
                     server.wait_idle(model)
-                    result = closed_loop(url, body, headers, concurrency, seconds)
+                    result = closed_loop(url, body, headers, concurrency, seconds, server_pid=server.process.pid)
                     rows.append(
                         {
                             "mode": label if label != "gateway" else encoding,
@@ -220,13 +257,14 @@ def report(rows: list[dict[str, Any]]) -> str:
             f"direct onnxruntime: best batch {best['batch']}, {best['samples_per_s']:.1f} samples/s; "
             f"batch 1: p50 {single['p50_ms']:.2f} ms",
             "",
-            "| mode | concurrency | samples/s | x direct best | p50 ms | p99 ms | errors |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| mode | concurrency | samples/s | x direct best | p50 ms | p99 ms | errors | CPU ms/request: gateway / workers / wrk |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in rows_here:
             lines.append(
                 f"| {r['mode']} | {r['concurrency']} | {r['samples_per_s']:.1f} | {r['samples_per_s'] / best['samples_per_s']:.2f} "
-                f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} |"
+                f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} "
+                f"| {r['gateway_cpu_ms']:.2f} / {r['workers_cpu_ms']:.2f} / {r['client_cpu_ms']:.2f} |"
             )
         c32 = next(r for r in rows_here if r["mode"] == "binary" and r["concurrency"] == 32)
         lines += ["", f"concurrency 32, binary: {c32['samples_per_s'] / best['samples_per_s']:.2f}x direct at best batch", ""]

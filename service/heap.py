@@ -1,10 +1,11 @@
 """Keep request-sized buffers in the heap (glibc).
 
 Every inference request allocates and frees a few buffers of its body's size (the
-ASGI body chunks, the joined body): a 150 KB image tensor is a few hundred KB per
-request. glibc serves such sizes from a fresh mmap each time, so every request
-page-faults its buffers in again and gives them back on free. Raising the mmap
-threshold keeps them in the heap, where freed memory is reused at once (the
+ASGI body chunks, the joined body): a face-pros image tensor (600 KB) is a few MB per
+request. By default glibc hands such sizes back to the system when they are freed
+(an mmap of their own, or a heap top over the trim threshold), so request after
+request page-faults its buffers in again. Raising both thresholds keeps them in the
+heap, where freed memory is reused at once (the
 gateway's CPU per face-pros request fell by about a tenth, bench/RESULTS.md).
 Larger allocations (CT volumes of tens of MB) still get their own mappings.
 """

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from bench.load import process_usage
 from migserve.types import Array
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,11 +137,7 @@ def closed_loop(
 
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU of a live process (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return process_usage(pid)[0] or 0.0
 
 
 def _children(pid: int) -> list[int]:

@@ -5,10 +5,12 @@ loop (Poisson arrivals at a rate). It records every request's latency; warm-up i
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -106,3 +108,16 @@ def timed_runs(
         once()
         times.append(time.perf_counter() - started)
     return times
+
+
+def process_usage(pid: int | None) -> tuple[float | None, float | None]:
+    """(CPU seconds so far, RSS in MB) of a process, from /proc; (None, None) where unknown."""
+    if pid is None:
+        return None, None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmRSS"))
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None, None
+    return cpu, rss / 1024

@@ -31,7 +31,7 @@ import migserve
 from migserve.contract import Contract
 from migserve.types import Array
 
-from .load import closed_loop, open_loop
+from .load import closed_loop, open_loop, process_usage
 from .nvml_probe import NvmlProbe, probe_for
 
 WARMUP_S = 0.5
@@ -65,19 +65,6 @@ def inputs_for(contract: Contract, batch: int, overrides: dict[str, int] | None 
         else:
             arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
     return arrays
-
-
-def process_usage(pid: int | None) -> tuple[float | None, float | None]:
-    """(CPU seconds so far, RSS in MB) of a process, from /proc; (None, None) where unknown."""
-    if pid is None:
-        return None, None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmRSS"))
-    except (OSError, StopIteration, IndexError, ValueError):
-        return None, None
-    return cpu, rss / 1024
 
 
 class Target(Protocol):

@@ -5,8 +5,8 @@ ASGI body chunks, the joined body): a face-pros image tensor (600 KB) is a few M
 request. By default glibc hands such sizes back to the system when they are freed
 (an mmap of their own, or a heap top over the trim threshold), so request after
 request page-faults its buffers in again. Raising both thresholds keeps them in the
-heap, where freed memory is reused at once (the
-gateway's CPU per face-pros request fell by about a tenth, bench/RESULTS.md).
+heap, where freed memory is reused at once (the gateway's CPU per face-pros
+request fell by about a tenth, bench/RESULTS.md).
 Larger allocations (CT volumes of tens of MB) still get their own mappings.
 """
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -64,9 +64,7 @@ def wanted_headers(raw: list[tuple[bytes, bytes]]) -> dict[bytes, str]:
     return found
 
 
-async def unless_disconnected(
-    work: Coroutine[Any, Any, T], receive: Receive, on_disconnect: Callable[[], object] | None = None
-) -> T | None:
+async def unless_disconnected(work: Awaitable[T], receive: Receive, on_disconnect: Callable[[], object] | None = None) -> T | None:
     """`work`'s result, or None once the client disconnects first: then this task is cancelled while it
     awaits `work`, which cancels the request's future, so the batcher drops it before dispatch.
     `receive` must have delivered the whole body; `on_disconnect` is told when the client goes."""

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ServiceError
 from .errors import error_body
-from .fastpath import read_body, respond, unless_disconnected
+from .fastpath import CONTENT_LENGTH, read_body, respond, unless_disconnected, wanted_headers
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -43,9 +43,9 @@ class FamilyLimits:
             await send(message)
 
         try:
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             try:
-                body = await read_body(receive, headers.get("content-length"), self.gateway.config.max_body_bytes)
+                declared = wanted_headers(scope["headers"]).get(CONTENT_LENGTH)
+                body = await read_body(receive, declared, self.gateway.config.max_body_bytes)
             except ServiceError as exc:
                 code, extra, payload = error_body(exc)
                 await respond(sending, code, "application/json", payload, extra)
@@ -61,16 +61,13 @@ class FamilyLimits:
                 replayed = True
                 return {"type": "http.request", "body": body, "more_body": False}
 
-            if await unless_disconnected(self._route(scope, replay, sending), receive, gone.set) is None:
-                status = 499  # the client hung up first (nginx's code for it)
+            await unless_disconnected(self.app(scope, replay, sending), receive, gone.set)
+            if gone.is_set():
+                status = 499  # the client hung up first (nginx's code for it); the route was cancelled
         finally:
             known = endpoint if any(route == endpoint for route in FAMILY_ROUTES) else "other"
             self.gateway.metrics.v1_requests.labels(known, str(status)).inc()
             self.gateway.metrics.v1_latency.labels(known).observe(time.monotonic() - started)
-
-    async def _route(self, scope: Scope, receive: Receive, send: Send) -> bool:
-        await self.app(scope, receive, send)
-        return True
 
 
 FAMILY_ROUTES = ("/v1/face/analyze", "/v1/frontalize", "/v1/grounding", "/v1/lns/segment", "/v1/crowd/count")

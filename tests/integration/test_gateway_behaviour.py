@@ -129,10 +129,13 @@ def small_gateway(tiny_repo: ExportedRepo, tmp_path_factory: pytest.TempPathFact
 
 
 def _slow_lns_call(gateway: Gateway, repo: Path) -> Callable[[int], httpx.Response]:
-    """A binary request of four lns-organs volumes: it keeps a one-core worker busy for a while."""
+    """A binary request (and binary answer) of four lns-organs volumes: one full batch for the worker."""
     ct = make_inputs(read_contract(repo / "lns-organs"), batch=4, seed=0)["ct"]
     header = json.dumps(
-        {"inputs": [{"name": "ct", "datatype": "FP32", "shape": list(ct.shape), "parameters": {"binary_data_size": ct.nbytes}}]}
+        {
+            "inputs": [{"name": "ct", "datatype": "FP32", "shape": list(ct.shape), "parameters": {"binary_data_size": ct.nbytes}}],
+            "parameters": {"binary_data_output": True},
+        }
     ).encode()
     url = f"http://{gateway.url}/v2/models/lns-organs/infer"
 
@@ -273,23 +276,45 @@ def test_openapi_documents_the_protocol(gateway: Gateway) -> None:
     assert httpx.get(f"http://{gateway.url}/docs").status_code == 200
 
 
-def _hang_up_while_busy(gateway: Gateway, repo: Path, path: str, headers: dict[str, str], body: bytes) -> None:
-    """While the one worker is busy with lns-organs (more queued), send a whole request to `path` and hang up."""
-    slow = _slow_lns_call(gateway, repo)
+def _hang_up_while_busy(
+    gateway: Gateway, repo: Path, path: str, headers: dict[str, str], body: bytes, counted: tuple[str, dict[str, str]]
+) -> None:
+    """While the one worker holds a batch of lns-organs, send a whole request to `path` and hang up; then the
+    metric `counted` (name, labels) rises by exactly one and crowd-csrnet never gets a batch.
 
-    def busy(i: int) -> int:
-        return slow(i).status_code
+    The worker is stopped (SIGSTOP) until the hang-up is counted, so it is busy for certain: a batch of tiny
+    lns-organs takes only tens of ms, and a timed wait raced a loaded CI host where the worker was free again."""
+    base = f"http://{gateway.url}"
+    name, labels = counted
+    before = httpx.get(f"{base}/metrics").text
+    (worker,) = httpx.get(f"{base}/v1/partitions").json()["partitions"]
+    os.kill(worker["pid"], signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(_slow_lns_call(gateway, repo), 0)
+            deadline = time.monotonic() + 10
+            while _outstanding(base, worker["id"]) < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _outstanding(base, worker["id"]) == 1, "the lns-organs batch never reached the worker"
+            host, port = gateway.url.split(":")
+            lines = [f"POST {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
+            with socket.create_connection((host, int(port))) as client:
+                client.sendall("\r\n".join([*lines, "", ""]).encode() + body)
+                time.sleep(0.2)
+            gone = _wait_for_metric(base, name, _metric(before, name, **labels) + 1, **labels)
+            os.kill(worker["pid"], signal.SIGCONT)
+            assert running.result(timeout=60).status_code == 200
+    finally:
+        os.kill(worker["pid"], signal.SIGCONT)
+    assert _metric(gone, name, **labels) - _metric(before, name, **labels) == 1
+    after = httpx.get(f"{base}/metrics").text
+    batches = _metric(after, "migserve_batch_size_count", model="crowd-csrnet")
+    assert batches == _metric(before, "migserve_batch_size_count", model="crowd-csrnet"), "never sent to the worker"
 
-    with ThreadPoolExecutor(3) as pool:
-        running = list(map(pool.submit, [busy] * 3, range(3)))
-        time.sleep(0.5)  # the worker is now on a batch of lns-organs, with more queued
-        host, port = gateway.url.split(":")
-        lines = [f"POST {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
-        with socket.create_connection((host, int(port))) as client:
-            client.sendall("\r\n".join([*lines, "", ""]).encode() + body)
-            time.sleep(0.2)
-        assert not any(f.done() for f in running), "the worker was still busy when the client hung up"
-        assert [f.result() for f in running] == [200, 200, 200]
+
+def _outstanding(base: str, partition: str) -> int:
+    partitions = {p["id"]: p for p in httpx.get(f"{base}/v1/partitions").json()["partitions"]}
+    return int(partitions[partition]["outstanding_batches"])
 
 
 def _wait_for_metric(base: str, name: str, at_least: float, **labels: str) -> str:
@@ -305,29 +330,19 @@ def _wait_for_metric(base: str, name: str, at_least: float, **labels: str) -> st
 def test_a_client_that_disconnects_is_not_computed(small_gateway: Gateway, tiny_repo: ExportedRepo) -> None:
     """A client sends an infer request and hangs up while the worker is busy: it leaves the queue (499 in
     the metrics) and its model never gets a batch; everything else is still answered."""
-    base = f"http://{small_gateway.url}"
-    before = httpx.get(f"{base}/metrics").text
-    abandoned_before = _metric(before, "migserve_requests_total", model="crowd-csrnet", status="499")
-    _hang_up_while_busy(small_gateway, tiny_repo.root, "/v2/models/crowd-csrnet/infer", {}, _crowd_body(tiny_repo.root))
-    after = _wait_for_metric(base, "migserve_requests_total", abandoned_before + 1, model="crowd-csrnet", status="499")
-    assert _metric(after, "migserve_requests_total", model="crowd-csrnet", status="499") - abandoned_before == 1
-    batches = _metric(after, "migserve_batch_size_count", model="crowd-csrnet")
-    assert batches == _metric(before, "migserve_batch_size_count", model="crowd-csrnet"), "never sent to the worker"
-    again = httpx.post(f"{base}/v2/models/crowd-csrnet/infer", content=_crowd_body(tiny_repo.root), timeout=30)
+    counted = ("migserve_requests_total", {"model": "crowd-csrnet", "status": "499"})
+    _hang_up_while_busy(small_gateway, tiny_repo.root, "/v2/models/crowd-csrnet/infer", {}, _crowd_body(tiny_repo.root), counted)
+    again = httpx.post(f"http://{small_gateway.url}/v2/models/crowd-csrnet/infer", content=_crowd_body(tiny_repo.root), timeout=30)
     assert again.status_code == 200
 
 
 def test_a_family_endpoint_client_that_disconnects_is_not_computed(small_gateway: Gateway, tiny_repo: ExportedRepo) -> None:
     """The same through /v1/crowd/count: the decoded image's tiles leave the queue when the client hangs up."""
-    base = f"http://{small_gateway.url}"
     png = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(png, format="PNG")
-    before = httpx.get(f"{base}/metrics").text
-    labels = {"endpoint": "/v1/crowd/count", "status": "499"}
-    _hang_up_while_busy(small_gateway, tiny_repo.root, "/v1/crowd/count", {"Content-Type": "image/png"}, png.getvalue())
-    after = _wait_for_metric(base, "migserve_v1_requests_total", _metric(before, "migserve_v1_requests_total", **labels) + 1, **labels)
-    assert _metric(after, "migserve_v1_requests_total", **labels) - _metric(before, "migserve_v1_requests_total", **labels) == 1
-    batches = _metric(after, "migserve_batch_size_count", model="crowd-csrnet")
-    assert batches == _metric(before, "migserve_batch_size_count", model="crowd-csrnet"), "never sent to the worker"
-    again = httpx.post(f"{base}/v1/crowd/count", content=png.getvalue(), headers={"Content-Type": "image/png"}, timeout=30)
+    counted = ("migserve_v1_requests_total", {"endpoint": "/v1/crowd/count", "status": "499"})
+    _hang_up_while_busy(small_gateway, tiny_repo.root, "/v1/crowd/count", {"Content-Type": "image/png"}, png.getvalue(), counted)
+    again = httpx.post(
+        f"http://{small_gateway.url}/v1/crowd/count", content=png.getvalue(), headers={"Content-Type": "image/png"}, timeout=30
+    )
     assert again.status_code == 200, again.text

@@ -5,6 +5,7 @@ For each model, the same closed-loop load (concurrency 1, 8, 32; one request = o
   binary    the gateway over HTTP, KServe v2 binary tensors
   json      the gateway over HTTP, KServe v2 JSON tensors
   nobatch   the gateway, binary tensors, --max-batch-size 1
+  uvicorn   the gateway, binary tensors, --http-server uvicorn (every request through uvicorn)
 Load comes from wrk (C, one thread, N keep-alive connections; `apt-get install -y wrk`):
 a Python client spent 2.2 ms of CPU per request here, more than the gateway itself, on
 the same two cores. wrk still shares the machine: ratios, not absolute figures, are the
@@ -247,7 +248,7 @@ def report(rows: list[dict[str, Any]]) -> str:
     lines = []
     for model, dims in MODELS.items():
         best = max((r for r in rows if r["model"] == model and r["mode"] == "direct"), key=lambda r: r["samples_per_s"])
-        rows_here = [r for r in rows if r["model"] == model and r["mode"] in ("binary", "json", "nobatch")]
+        rows_here = [r for r in rows if r["model"] == model and r["mode"] in ("binary", "json", "nobatch", "uvicorn")]
         single = next(r for r in rows if r["model"] == model and r["mode"] == "direct" and r["batch"] == 1)
         lines += [
             f"### {model} ({'x'.join(map(str, dims.values())) or 'default size'})",
@@ -294,6 +295,7 @@ def main() -> int:
         rows += direct(args.repo, model, dims, args.seconds)
     rows += gateway_rows(args.repo, "gateway", (), ("binary", "json"), args.seconds)
     rows += gateway_rows(args.repo, "nobatch", ("--max-batch-size", "1"), ("binary",), args.seconds)
+    rows += gateway_rows(args.repo, "uvicorn", ("--http-server", "uvicorn"), ("binary",), args.seconds)
     rows += tiny_overhead(args.repo, args.seconds)
     save(rows, args.out, report(rows))
     return 0

@@ -26,6 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-image-mp", type=float, default=40.0, help="largest decoded image, megapixels (default: 40)")
     parser.add_argument("--max-volume-mvox", type=float, default=64.0, help="largest CT volume, million voxels (default: 64)")
     parser.add_argument("--job-min-tiles", type=int, default=32, help="CT volumes needing more tiles run as jobs (default: 32)")
+    parser.add_argument(
+        "--http-server",
+        default="migserve",
+        choices=["migserve", "uvicorn"],
+        help="migserve: inference requests are read straight off the socket, uvicorn serves the rest (default); "
+        "uvicorn: uvicorn serves every request",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -42,6 +49,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
     import uvicorn
 
     from .api.app import create_app
+    from .api.connection import infer_protocol
     from .config import ServeConfig
     from .errors import ServiceError
     from .heap import keep_request_buffers_in_heap
@@ -72,5 +80,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
         print(f"error: {exc}", file=err)
         return 2
     keep_request_buffers_in_heap()
-    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level, access_log=False)
+    # Inference requests are served off the socket by our protocol; it hands other requests to uvicorn's.
+    http = infer_protocol(app.gateway) if args.http_server == "migserve" else "auto"
+    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level, access_log=False, http=http)  # type: ignore[arg-type]  # a BufferedProtocol works; uvicorn types Protocol
     return 0

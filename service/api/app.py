@@ -16,7 +16,6 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from starlette.types import ASGIApp
 
 import migserve
 from migserve.types import Array
@@ -32,7 +31,8 @@ from ..placement import place
 from ..repository import ModelEntry, load_repository
 from ..workers.protocol import ModelSpec
 from .errors import error_body
-from .kserve import NUMPY_TO_V2, decode_request, encode_response
+from .fastpath import InferFastPath
+from .kserve import NUMPY_TO_V2, Body, decode_request, encode_response
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Gateway:
     def model_ready(self, name: str) -> bool:
         return any(r.ready for r in self.backend.replicas(name))
 
-    async def infer(self, name: str, body: bytes, header_length: str | None, timeout_header: str | None) -> tuple[bytes, int | None]:
+    async def infer(self, name: str, body: Body, header_length: str | None, timeout_header: str | None) -> tuple[bytes, int | None]:
         """One KServe v2 inference: the response body, and its JSON header's length when binary follows."""
         started = time.monotonic()
         status = "500"
@@ -235,7 +235,7 @@ def _timeout_ms(raw: str | None) -> float | None:
     return value / 1000
 
 
-def create_app(config: ServeConfig) -> ASGIApp:
+def create_app(config: ServeConfig) -> InferFastPath:
     """The gateway's ASGI app: the infer fast path in front of the FastAPI app that serves everything else.
 
     The fast path sits outside FastAPI's own middleware (error, telemetry, body-limit wrappers) so
@@ -266,7 +266,6 @@ def create_app(config: ServeConfig) -> ASGIApp:
         where = ".".join(str(p) for p in first["loc"])
         return Response(json.dumps({"error": f"{where}: {first['msg']}"}), status_code=422, media_type="application/json")
 
-    from .fastpath import InferFastPath
     from .limits import FamilyLimits
     from .routes import register
     from .v1 import register_v1

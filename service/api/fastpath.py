@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ServiceError, TooLarge
 from .errors import error_body
-from .kserve import HEADER_LENGTH, response_headers
+from .kserve import HEADER_LENGTH, Body, response_headers
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -41,17 +42,38 @@ class InferFastPath:
         headers = wanted_headers(scope["headers"])
         try:
             body = await read_body(receive, headers.get(CONTENT_LENGTH), self.gateway.config.max_body_bytes)
-            infer = self.gateway.infer(match["name"], body, headers.get(BINARY_HEADER_LENGTH), headers.get(TIMEOUT))
-            answer = await unless_disconnected(infer, receive)
-            if answer is None:
-                return  # the client went away: its request left the queue (or its batch's answer is dropped)
-            payload, header_length = answer
-            status = 200
-            media, extra = response_headers(header_length)
         except ServiceError as exc:
-            status, extra, payload = error_body(exc)
-            media = "application/json"
-        await respond(send, status, media, payload, extra)
+            reply = error_reply(exc)
+        else:
+            infer = answer_infer(self.gateway, match["name"], body, headers.get(BINARY_HEADER_LENGTH), headers.get(TIMEOUT))
+            answered = await unless_disconnected(infer, receive)
+            if answered is None:
+                return  # the client went away: its request left the queue (or its batch's answer is dropped)
+            reply = answered
+        await respond(send, reply.status, reply.media, reply.payload, reply.extra)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    media: str
+    payload: bytes
+    extra: dict[str, str]
+
+
+async def answer_infer(gateway: Gateway, name: str, body: Body, header_length: str | None, timeout: str | None) -> Reply:
+    """One inference request's answer, an error included; both HTTP paths (ASGI and the raw connection) use it."""
+    try:
+        payload, json_length = await gateway.infer(name, body, header_length, timeout)
+    except ServiceError as exc:
+        return error_reply(exc)
+    media, extra = response_headers(json_length)
+    return Reply(200, media, payload, extra)
+
+
+def error_reply(exc: ServiceError) -> Reply:
+    status, extra, payload = error_body(exc)
+    return Reply(status, "application/json", payload, extra)
 
 
 def wanted_headers(raw: list[tuple[bytes, bytes]]) -> dict[bytes, str]:

@@ -20,6 +20,7 @@ from migserve.types import Array
 from ..errors import BadRequest
 
 HEADER_LENGTH = "inference-header-content-length"
+Body = bytes | memoryview  # a request body: bytes from the ASGI path, a view of the raw connection's buffer
 V2_TYPES = {
     "FP32": "float32",
     "FP16": "float16",
@@ -54,16 +55,16 @@ def json_object(raw: bytes, expected: str = "a JSON object with an 'inputs' list
     return value
 
 
-def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
+def _split(body: Body, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
     if header_length is None:
-        return json_object(body), memoryview(b"")
+        return json_object(bytes(body)), memoryview(b"")
     try:
         n = int(header_length)
     except ValueError:
         raise BadRequest(f"Inference-Header-Content-Length {header_length!r} is not an integer") from None
     if not 0 < n <= len(body):
         raise BadRequest(f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes")
-    return json_object(body[:n]), memoryview(body)[n:]
+    return json_object(bytes(body[:n])), memoryview(body)[n:]
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ def _check_shape(plan: _InputPlan, shape: tuple[int, ...], bound: dict[str, int]
             raise BadRequest(f"input {name}: {dim_name}={size}, but another input has {dim_name}={bound[dim_name]}")
 
 
-def decode_request(body: bytes, header_length: str | None, contract: Contract) -> DecodedRequest:
+def decode_request(body: Body, header_length: str | None, contract: Contract) -> DecodedRequest:
     plan = _plan(contract)
     header, binary = _split(body, header_length)
     entries = header.get("inputs")

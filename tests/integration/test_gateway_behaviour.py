@@ -172,6 +172,27 @@ def test_oversized_body_answers_413(small_gateway: Gateway) -> None:
     assert "over the limit of 1048576" in response.json()["error"]
 
 
+def test_an_oversized_body_is_refused_before_it_is_sent_and_the_connection_serves_on(
+    small_gateway: Gateway, tiny_repo: ExportedRepo
+) -> None:
+    """The 413 comes as soon as the head declares too much; the body is then read and dropped, and the same
+    connection answers the next request."""
+    host, port = small_gateway.url.split(":")
+    path = "/v2/models/crowd-csrnet/infer"
+    oversized = 2 << 20
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        reader = sock.makefile("rb")
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {oversized}\r\n\r\n".encode())
+        assert reader.readline().split()[1] == b"413"
+        head = b"".join(iter(reader.readline, b"\r\n")).decode().lower()
+        length = int(head.split("content-length:")[1].split()[0])
+        assert f"over the limit of {1 << 20}" in reader.read(length).decode()
+        sock.sendall(b"x" * oversized)
+        body = _crowd_body(tiny_repo.root)
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert reader.readline().split()[1] == b"200"
+
+
 def _post(gateway: Gateway, model: str, content: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
     return httpx.post(f"http://{gateway.url}/v2/models/{model}/infer", content=content, headers=headers or {}, timeout=30)
 

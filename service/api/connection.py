@@ -1,0 +1,301 @@
+"""HTTP/1.1 connections: inference requests served straight off the socket, everything else by uvicorn.
+
+uvicorn costs 0.30-0.38 ms of CPU to receive a 600 KB request body on these machines
+(`bench/http_floor.py`): the body is copied from the socket into a bytes object, sliced
+into ASGI messages and joined again, with a Python round trip per chunk. A protocol
+that has the kernel write the body straight into one buffer costs about a quarter of
+that, and on a small host that CPU is taken from the models.
+
+Each connection starts as an `InferConnection` (an asyncio BufferedProtocol). It reads
+each request's head itself. `POST /v2/models/{name}[/versions/{v}]/infer` over HTTP/1.1
+with a Content-Length is served here: its body lands in one buffer, is decoded in place
+and answered by the same code as the ASGI fast path. Anything else (another path or
+method, a query string or escapes, a chunked body, Expect, Upgrade, HTTP/1.0, repeated
+or malformed headers, a head over 64 KiB) hands the connection over, from that request
+on, to uvicorn's own protocol, which serves the whole ASGI app as before (uvicorn hands
+connections over to its WebSocket protocol the same way).
+
+Behaviour matches the ASGI path: the body limit answers 413 before reading the body
+(which is then read and dropped, so the client sees the answer), a client that hangs
+up cancels its request (499 in the metrics, dropped from the queue), keep-alive with
+uvicorn's idle timeout, pipelined requests in order, and uvicorn's graceful shutdown
+waits for the request in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+import re
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+from uvicorn.config import Config
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
+from uvicorn.server import ServerState
+
+from ..errors import ServiceError, TooLarge
+from .fastpath import BINARY_HEADER_LENGTH, CONTENT_LENGTH, TIMEOUT, Reply, answer_infer, error_reply
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+logger = logging.getLogger(__name__)
+
+MAX_HEAD = 64 << 10
+HEAD_READ = 4 << 10  # a head is a few hundred bytes: most of the body is then received straight into its buffer
+JOINED_WRITE = 64 << 10  # answers up to this size go out in one write with their head
+# The path as sent: no query string, no %-escapes (those requests go to uvicorn, which decodes them).
+INFER_TARGET = re.compile(rb"/v2/models/(?P<name>[^/?%]+)(?:/versions/[^/?%]+)?/infer")
+HANDED_OVER = frozenset({b"transfer-encoding", b"expect", b"upgrade"})  # framing or semantics uvicorn handles
+READ = frozenset({CONTENT_LENGTH, BINARY_HEADER_LENGTH, TIMEOUT, b"connection"})
+STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in http.HTTPStatus}
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """A parsed head this protocol serves: the model, the headers it reads (lower-case names), the body's length."""
+
+    name: str
+    fields: dict[bytes, bytes]
+    length: int
+
+    @property
+    def close(self) -> bool:
+        return self.fields.get(b"connection", b"").lower() == b"close"
+
+
+def parse_head(head: bytes) -> _Request | None:
+    """The request if this protocol serves it, else None (uvicorn will: it also judges malformed heads)."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
+        return None
+    target = INFER_TARGET.fullmatch(parts[1])
+    if target is None:
+        return None
+    fields: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name[-1:] in b" \t" or name[:1] in b" \t":
+            return None  # malformed, or an obsolete folded line
+        key = name.lower()
+        if key in HANDED_OVER:
+            return None
+        if key in READ:
+            if key in fields:
+                return None  # repeated: uvicorn decides what that means
+            fields[key] = value.strip(b" \t")
+    length = fields.get(CONTENT_LENGTH)
+    if length is None or not length.isdigit():
+        return None
+    return _Request(target["name"].decode("latin-1"), fields, int(length))
+
+
+def infer_protocol(gateway: Gateway) -> type[InferConnection]:
+    """The protocol class for uvicorn's `http=` setting, bound to this gateway."""
+    return type("GatewayConnection", (InferConnection,), {"gateway": gateway})
+
+
+class InferConnection(asyncio.BufferedProtocol):
+    gateway: Gateway  # set by infer_protocol
+
+    def __init__(
+        self, config: Config, server_state: ServerState, app_state: dict[str, Any], _loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        self._config = config
+        self._state = server_state
+        self._app_state = app_state
+        self._loop = _loop or asyncio.get_event_loop()
+        self._transport: asyncio.Transport | None = None
+        self._scratch = bytearray(HEAD_READ)  # heads (and whatever arrives with them) are read here
+        self._pending = bytearray()  # bytes received but not yet parsed: a head, or pipelined requests
+        self._request: _Request | None = None
+        self._body: np.ndarray[Any, np.dtype[np.uint8]] | None = None  # the body being received, uninitialised until written
+        self._received = 0
+        self._discard = 0  # bytes of a refused body still to read and drop
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False  # close once the request in flight is answered
+        self._writing_paused = False
+        self._idle: asyncio.TimerHandle | None = None
+
+    # asyncio protocol interface
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's TCPTransport does not subclass asyncio's
+        self._state.connections.add(self)  # type: ignore[arg-type]  # uvicorn calls shutdown() on each
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._body is not None:
+            return memoryview(self._body)[self._received :]  # type: ignore[arg-type]
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._cancel_idle()
+        if self._body is not None:
+            self._received += nbytes
+            if self._received == len(self._body):
+                self._start()
+            return
+        chunk = memoryview(self._scratch)[:nbytes]
+        if self._discard and not self._pending:  # a refused body: dropped as it comes
+            dropped = min(self._discard, nbytes)
+            self._discard -= dropped
+            chunk = chunk[dropped:]
+        self._pending += chunk
+        if self._task is None:
+            self._advance()
+        elif len(self._pending) > MAX_HEAD and self._transport is not None:
+            self._transport.pause_reading()  # pipelined requests wait for the one in flight
+
+    def eof_received(self) -> bool | None:
+        return None  # close: a half-closed client is treated as gone, as uvicorn does
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._state.connections.discard(self)
+        self._cancel_idle()
+        if self._task is not None:
+            self._task.cancel()  # the request leaves its queue; Gateway.infer counts it as 499
+        self._body = None
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._task is None and self._transport is not None and not self._transport.is_closing():
+            self._advance()
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown: close now if idle, else after the answer in flight."""
+        if self._task is None and self._body is None and self._transport is not None:
+            self._transport.close()
+        else:
+            self._closing = True
+
+    # requests
+
+    def _advance(self) -> None:
+        """Work through the received bytes: drop a refused body, take a head, start a body or hand over."""
+        transport = self._transport
+        assert transport is not None
+        while self._task is None and not self._writing_paused and not transport.is_closing():
+            if self._discard:
+                dropped = min(self._discard, len(self._pending))
+                del self._pending[:dropped]
+                self._discard -= dropped
+                if self._discard:
+                    return
+                continue
+            end = self._pending.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._pending) > MAX_HEAD:
+                    self._hand_over()
+                elif not self._pending:
+                    self._arm_idle()
+                return
+            request = parse_head(bytes(self._pending[:end]))
+            if request is None:
+                self._hand_over()
+                return
+            del self._pending[: end + 4]
+            limit = self.gateway.config.max_body_bytes
+            if request.length > limit:
+                self._discard = request.length
+                self._respond(error_reply(TooLarge(f"request body of {request.length} bytes is over the limit of {limit}")), request)
+                continue
+            self._request = request
+            body = np.empty(request.length, dtype=np.uint8)
+            arrived = min(len(self._pending), request.length)
+            body[:arrived] = np.frombuffer(self._pending, dtype=np.uint8, count=arrived)
+            del self._pending[:arrived]
+            self._body, self._received = body, arrived
+            if arrived < request.length:
+                return  # the rest is received straight into the body
+            self._start()
+
+    def _start(self) -> None:
+        """The body is complete: answer it in a task (so a hang-up can cancel it)."""
+        request, body = self._request, self._body
+        assert request is not None and body is not None
+        self._body = None
+        fields = request.fields
+        header_length, timeout = fields.get(BINARY_HEADER_LENGTH), fields.get(TIMEOUT)
+        work = answer_infer(
+            self.gateway,
+            request.name,
+            memoryview(body),  # type: ignore[arg-type]
+            header_length.decode("latin-1") if header_length is not None else None,
+            timeout.decode("latin-1") if timeout is not None else None,
+        )
+        self._task = self._loop.create_task(self._answer(work, request))
+        self._state.tasks.add(self._task)
+        self._task.add_done_callback(self._state.tasks.discard)
+
+    async def _answer(self, work: Awaitable[Reply], request: _Request) -> None:
+        try:
+            reply = await work
+        except asyncio.CancelledError:
+            return  # the client hung up; nobody is left to answer
+        except Exception as exc:  # a gateway bug must still answer, and leave the connection usable
+            logger.exception("infer %s failed", request.name)
+            reply = error_reply(ServiceError(f"internal error: {type(exc).__name__}: {exc}"))
+        self._task = None
+        self._request = None
+        self._respond(reply, request)
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+            self._advance()
+
+    def _respond(self, reply: Reply, request: _Request) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        close = request.close or self._closing
+        lines = [STATUS_LINES.get(reply.status) or f"HTTP/1.1 {reply.status} \r\n".encode()]
+        lines += [b"%s: %s\r\n" % header for header in self._state.default_headers]
+        lines.append(b"content-type: %s\r\ncontent-length: %d\r\n" % (reply.media.encode(), len(reply.payload)))
+        lines += [f"{k}: {v}\r\n".encode("latin-1") for k, v in reply.extra.items()]
+        if close:
+            lines.append(b"connection: close\r\n")
+        lines.append(b"\r\n")
+        if len(reply.payload) < JOINED_WRITE:
+            lines.append(reply.payload)
+            transport.write(b"".join(lines))
+        else:
+            transport.write(b"".join(lines))
+            transport.write(reply.payload)
+        self._state.total_requests += 1
+        if close:
+            transport.close()
+
+    def _hand_over(self) -> None:
+        """From this request on, uvicorn's own protocol serves the connection."""
+        transport = self._transport
+        assert transport is not None
+        protocol = AutoHTTPProtocol(config=self._config, server_state=self._state, app_state=self._app_state, _loop=self._loop)  # type: ignore[call-arg]
+        self._state.connections.discard(self)
+        self._cancel_idle()
+        data, self._pending = bytes(self._pending), bytearray()
+        protocol.connection_made(transport)
+        transport.set_protocol(protocol)
+        transport.resume_reading()
+        if data:
+            protocol.data_received(data)
+
+    def _arm_idle(self) -> None:
+        if self._idle is None:
+            self._idle = self._loop.call_later(self._config.timeout_keep_alive, self._close_idle)
+
+    def _cancel_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _close_idle(self) -> None:
+        self._idle = None
+        if self._task is None and self._body is None and self._transport is not None:
+            self._transport.close()

@@ -1,0 +1,184 @@
+"""The gateway's own HTTP/1.1 connection handling, over raw sockets.
+
+Inference requests are read straight off the socket; any other request hands the
+connection to uvicorn. These tests drive what a library client would not: several
+requests on one connection, pipelining, a body dribbled in pieces, the framings that
+must be handed over, malformed heads, Connection: close and the idle timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import BinaryIO
+
+import httpx
+import numpy as np
+import pytest
+
+from migserve.contract import read_contract
+from migserve.types import Array
+from tests.helpers import ExportedRepo, Gateway
+from tests.integration.test_gateway_protocol import make_inputs
+
+PATH = "/v2/models/crowd-csrnet/infer"
+
+
+def _infer_body(repo: ExportedRepo, seed: int) -> tuple[bytes, int]:
+    """A binary crowd-csrnet request (16x16 image, binary output) and its JSON header's length."""
+    image = make_inputs(read_contract(repo.root / "crowd-csrnet"), batch=1, seed=seed, dims={"height": 16, "width": 16})["image"]
+    header = json.dumps(
+        {
+            "inputs": [{"name": "image", "datatype": "FP32", "shape": list(image.shape), "parameters": {"binary_data_size": image.nbytes}}],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    return header + image.tobytes(), len(header)
+
+
+def _request(body: bytes, header_length: int, *, target: str = PATH, version: str = "HTTP/1.1", extra: str = "") -> bytes:
+    head = f"POST {target} {version}\r\nHost: x\r\nContent-Length: {len(body)}\r\nInference-Header-Content-Length: {header_length}\r\n"
+    return (head + extra + "\r\n").encode() + body
+
+
+def _read(reader: BinaryIO) -> tuple[int, dict[str, str], bytes]:
+    """One response (interim 100s skipped): status, headers by lower-case name, body."""
+    while True:
+        status_line = reader.readline()
+        assert status_line, "the connection closed before a response"
+        status = int(status_line.split()[1])
+        headers: dict[str, str] = {}
+        while (line := reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if status != 100:
+            return status, headers, reader.read(int(headers.get("content-length", "0")))
+
+
+def _density(headers: dict[str, str], body: bytes) -> Array:
+    n = int(headers["inference-header-content-length"])
+    (output,) = json.loads(body[:n])["outputs"]
+    return np.frombuffer(body[n:], dtype=np.float32).reshape(output["shape"])
+
+
+def _connect(gateway: Gateway) -> tuple[socket.socket, BinaryIO]:
+    host, port = gateway.url.split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock, sock.makefile("rb")
+
+
+def _expected(gateway: Gateway, body: bytes, header_length: int) -> Array:
+    """The answer over a fresh httpx connection, to compare raw-socket answers with."""
+    response = httpx.post(f"http://{gateway.url}{PATH}", content=body, headers={"Inference-Header-Content-Length": str(header_length)})
+    assert response.status_code == 200, response.text
+    return _density({k.lower(): v for k, v in response.headers.items()}, response.content)
+
+
+def test_one_connection_serves_inference_then_other_routes_then_inference(gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+    body, n = _infer_body(tiny_repo, seed=1)
+    expected = _expected(gateway, body, n)
+    sock, reader = _connect(gateway)
+    with sock:
+        sock.sendall(_request(body, n))
+        status, headers, answer = _read(reader)
+        assert status == 200 and np.array_equal(_density(headers, answer), expected)
+        sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")  # not inference: uvicorn takes over
+        assert _read(reader)[0] == 200
+        sock.sendall(_request(body, n))
+        status, headers, answer = _read(reader)
+        assert status == 200 and np.array_equal(_density(headers, answer), expected)
+
+
+def test_pipelined_requests_are_answered_in_order(gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+    (first, n1), (second, n2) = _infer_body(tiny_repo, seed=2), _infer_body(tiny_repo, seed=3)
+    expected = [_expected(gateway, first, n1), _expected(gateway, second, n2)]
+    assert not np.array_equal(expected[0], expected[1])
+    sock, reader = _connect(gateway)
+    with sock:
+        sock.sendall(_request(first, n1) + _request(second, n2) + _request(first, n1) + b"GET /v2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        answers = [_read(reader) for _ in range(4)]
+    assert [a[0] for a in answers] == [200, 200, 200, 200]
+    assert [np.array_equal(_density(h, b), e) for (_, h, b), e in zip(answers[:3], [*expected, expected[0]], strict=True)] == [True] * 3
+    assert json.loads(answers[3][2])["name"] == "migserve"
+
+
+def test_a_request_sent_a_few_bytes_at_a_time(gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+    body, n = _infer_body(tiny_repo, seed=4)
+    expected = _expected(gateway, body, n)
+    raw = _request(body, n)
+    sock, reader = _connect(gateway)
+    with sock:
+        for start in range(0, len(raw), 97):  # the head itself arrives in pieces
+            sock.sendall(raw[start : start + 97])
+            time.sleep(0.001)
+        status, headers, answer = _read(reader)
+    assert status == 200 and np.array_equal(_density(headers, answer), expected)
+
+
+def _chunked(body: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 1000]), body[i : i + 1000]) for i in range(0, len(body), 1000)) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("variant", ["chunked", "expect-100", "query-string", "http/1.0", "escaped-path"])
+def test_framings_the_fast_path_hands_to_uvicorn_are_served(gateway: Gateway, tiny_repo: ExportedRepo, variant: str) -> None:
+    body, n = _infer_body(tiny_repo, seed=5)
+    expected = _expected(gateway, body, n)
+    if variant == "chunked":
+        head = f"POST {PATH} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nInference-Header-Content-Length: {n}\r\n\r\n"
+        raw = head.encode() + _chunked(body)
+    elif variant == "expect-100":
+        raw = _request(body, n, extra="Expect: 100-continue\r\n")
+    elif variant == "query-string":
+        raw = _request(body, n, target=PATH + "?trace=1")
+    elif variant == "http/1.0":
+        raw = _request(body, n, version="HTTP/1.0")
+    else:
+        raw = _request(body, n, target=PATH.replace("crowd-csrnet", "crowd%2Dcsrnet"))
+    sock, reader = _connect(gateway)
+    with sock:
+        sock.sendall(raw)
+        status, headers, answer = _read(reader)
+    assert status == 200, answer
+    assert np.array_equal(_density(headers, answer), expected)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nno colon here\r\n\r\n{{}}",
+        f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: two\r\n\r\n{{}}",
+        f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{{}}",
+    ],
+    ids=["header-without-colon", "non-numeric-length", "two-lengths"],
+)
+def test_malformed_heads_get_a_400_and_the_gateway_serves_on(gateway: Gateway, tiny_repo: ExportedRepo, head: str) -> None:
+    sock, reader = _connect(gateway)
+    with sock:
+        sock.sendall(head.encode())
+        status, _, answer = _read(reader)
+    assert status == 400, answer
+    body, n = _infer_body(tiny_repo, seed=6)
+    _expected(gateway, body, n)  # another client is still served
+
+
+def test_connection_close_is_honoured(gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+    body, n = _infer_body(tiny_repo, seed=7)
+    sock, reader = _connect(gateway)
+    with sock:
+        sock.sendall(_request(body, n, extra="Connection: close\r\n"))
+        status, headers, _ = _read(reader)
+        assert status == 200 and headers["connection"] == "close"
+        assert reader.read() == b"", "the gateway closes the connection after the answer"
+
+
+def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+    body, n = _infer_body(tiny_repo, seed=8)
+    sock, reader = _connect(gateway)
+    with sock:
+        sock.sendall(_request(body, n))
+        assert _read(reader)[0] == 200
+        started = time.monotonic()
+        assert reader.read() == b""  # uvicorn's keep-alive timeout (5 s); the socket's own timeout is 30 s
+        assert 3 < time.monotonic() - started < 15

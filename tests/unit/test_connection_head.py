@@ -1,0 +1,47 @@
+"""Which request heads the gateway's own connection serves, and which it hands to uvicorn."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.api.connection import parse_head
+
+INFER = "POST /v2/models/face-pros/infer HTTP/1.1"
+
+
+def test_an_inference_head_is_served_with_the_headers_it_reads() -> None:
+    request = parse_head(
+        f"{INFER}\r\nHost: x\r\ncontent-LENGTH:  600\r\nInference-Header-Content-Length: 120\r\nX-Timeout-Ms: 50\r\nAccept: */*".encode()
+    )
+    assert request is not None
+    assert (request.name, request.length, request.close) == ("face-pros", 600, False)
+    assert request.fields == {b"content-length": b"600", b"inference-header-content-length": b"120", b"x-timeout-ms": b"50"}
+
+
+def test_a_versioned_path_and_connection_close() -> None:
+    request = parse_head(b"POST /v2/models/m/versions/1/infer HTTP/1.1\r\nContent-Length: 2\r\nConnection: Close")
+    assert request is not None and request.name == "m" and request.close
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        "GET /v2/models/face-pros/infer HTTP/1.1\r\nContent-Length: 2",  # another method
+        "POST /v2/models/face-pros HTTP/1.1\r\nContent-Length: 2",  # another path
+        "POST /v2/models/face-pros/infer?x=1 HTTP/1.1\r\nContent-Length: 2",  # a query string
+        "POST /v2/models/face%2Dpros/infer HTTP/1.1\r\nContent-Length: 2",  # an escape
+        "POST /v2/models/face-pros/infer HTTP/1.0\r\nContent-Length: 2",  # HTTP/1.0
+        "POST  /v2/models/face-pros/infer HTTP/1.1\r\nContent-Length: 2",  # a malformed request line
+        f"{INFER}\r\nTransfer-Encoding: chunked",
+        f"{INFER}\r\nContent-Length: 2\r\nExpect: 100-continue",
+        f"{INFER}\r\nContent-Length: 2\r\nUpgrade: h2c\r\nConnection: Upgrade",
+        f"{INFER}",  # no length
+        f"{INFER}\r\nContent-Length: -2",
+        f"{INFER}\r\nContent-Length: 2\r\nContent-Length: 2",  # repeated
+        f"{INFER}\r\nContent-Length: 2\r\n folded continuation",
+        f"{INFER}\r\nContent-Length : 2",  # space before the colon
+        f"{INFER}\r\nno colon",
+    ],
+)
+def test_heads_it_hands_to_uvicorn(head: str) -> None:
+    assert parse_head(head.encode()) is None

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,3 +122,17 @@ def fake_smi_runner(shared: Path, tmp_path: Path) -> SmiRun:
         return CliRun(done.returncode, done.stdout, done.stderr), log.read_text().splitlines()
 
     return run
+
+
+def read_response(reader: BinaryIO) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response from a socket's reader (interim 100s skipped): status, headers by lower-case name, body."""
+    while True:
+        status_line = reader.readline()
+        assert status_line, "the connection closed before a response"
+        status = int(status_line.split()[1])
+        headers: dict[str, str] = {}
+        while (line := reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if status != 100:
+            return status, headers, reader.read(int(headers.get("content-length", "0")))

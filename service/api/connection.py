@@ -38,7 +38,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from uvicorn.server import ServerState
 
 from ..errors import ServiceError, TooLarge
-from .fastpath import BINARY_HEADER_LENGTH, CONTENT_LENGTH, TIMEOUT, Reply, answer_infer, error_reply
+from .fastpath import BINARY_HEADER_LENGTH, CONTENT_LENGTH, TIMEOUT, WANTED, Reply, answer_infer, error_reply
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -51,7 +51,7 @@ JOINED_WRITE = 64 << 10  # answers up to this size go out in one write with thei
 # The path as sent: no query string, no %-escapes (those requests go to uvicorn, which decodes them).
 INFER_TARGET = re.compile(rb"/v2/models/(?P<name>[^/?%]+)(?:/versions/[^/?%]+)?/infer")
 HANDED_OVER = frozenset({b"transfer-encoding", b"expect", b"upgrade"})  # framing or semantics uvicorn handles
-READ = frozenset({CONTENT_LENGTH, BINARY_HEADER_LENGTH, TIMEOUT, b"connection"})
+READ = WANTED | {b"connection"}  # the fast path's headers, and whether to keep the connection
 STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in http.HTTPStatus}
 
 
@@ -140,12 +140,7 @@ class InferConnection(asyncio.BufferedProtocol):
             if self._received == len(self._body):
                 self._start()
             return
-        chunk = memoryview(self._scratch)[:nbytes]
-        if self._discard and not self._pending:  # a refused body: dropped as it comes
-            dropped = min(self._discard, nbytes)
-            self._discard -= dropped
-            chunk = chunk[dropped:]
-        self._pending += chunk
+        self._pending += memoryview(self._scratch)[:nbytes]
         if self._task is None:
             self._advance()
         elif len(self._pending) > MAX_HEAD and self._transport is not None:
@@ -256,9 +251,7 @@ class InferConnection(asyncio.BufferedProtocol):
             return
         close = request.close or self._closing
         lines = [STATUS_LINES.get(reply.status) or f"HTTP/1.1 {reply.status} \r\n".encode()]
-        lines += [b"%s: %s\r\n" % header for header in self._state.default_headers]
-        lines.append(b"content-type: %s\r\ncontent-length: %d\r\n" % (reply.media.encode(), len(reply.payload)))
-        lines += [f"{k}: {v}\r\n".encode("latin-1") for k, v in reply.extra.items()]
+        lines += [b"%s: %s\r\n" % header for header in [*self._state.default_headers, *reply.headers()]]
         if close:
             lines.append(b"connection: close\r\n")
         lines.append(b"\r\n")

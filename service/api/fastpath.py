@@ -50,7 +50,7 @@ class InferFastPath:
             if answered is None:
                 return  # the client went away: its request left the queue (or its batch's answer is dropped)
             reply = answered
-        await respond(send, reply.status, reply.media, reply.payload, reply.extra)
+        await respond(send, reply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +59,11 @@ class Reply:
     media: str
     payload: bytes
     extra: dict[str, str]
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Its headers, lower-case names: what both HTTP paths (ASGI and the raw connection) send."""
+        found = [(b"content-type", self.media.encode()), (b"content-length", str(len(self.payload)).encode())]
+        return found + [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.extra.items()]
 
 
 async def answer_infer(gateway: Gateway, name: str, body: Body, header_length: str | None, timeout: str | None) -> Reply:
@@ -116,12 +121,10 @@ async def unless_disconnected(work: Awaitable[T], receive: Receive, on_disconnec
         watch.cancel()
 
 
-async def respond(send: Send, status: int, media: str, payload: bytes, extra: dict[str, str]) -> None:
+async def respond(send: Send, reply: Reply) -> None:
     """A whole response in two ASGI messages."""
-    header_list = [(b"content-type", media.encode()), (b"content-length", str(len(payload)).encode())]
-    header_list += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
-    await send({"type": "http.response.start", "status": status, "headers": header_list})
-    await send({"type": "http.response.body", "body": payload})
+    await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers()})
+    await send({"type": "http.response.body", "body": reply.payload})
 
 
 async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes:

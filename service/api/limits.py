@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ServiceError
-from .errors import error_body
-from .fastpath import CONTENT_LENGTH, read_body, respond, unless_disconnected, wanted_headers
+from .fastpath import CONTENT_LENGTH, error_reply, read_body, respond, unless_disconnected, wanted_headers
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -47,8 +46,7 @@ class FamilyLimits:
                 declared = wanted_headers(scope["headers"]).get(CONTENT_LENGTH)
                 body = await read_body(receive, declared, self.gateway.config.max_body_bytes)
             except ServiceError as exc:
-                code, extra, payload = error_body(exc)
-                await respond(sending, code, "application/json", payload, extra)
+                await respond(sending, error_reply(exc))
                 return
             replayed = False
             gone = asyncio.Event()

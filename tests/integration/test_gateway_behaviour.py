@@ -20,7 +20,7 @@ import tritonclient.http as httpclient
 from PIL import Image
 
 from migserve.contract import read_contract
-from tests.helpers import ExportedRepo, Gateway
+from tests.helpers import ExportedRepo, Gateway, read_response
 from tests.integration.test_gateway_protocol import make_inputs, triton_inputs
 
 
@@ -183,14 +183,13 @@ def test_an_oversized_body_is_refused_before_it_is_sent_and_the_connection_serve
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         reader = sock.makefile("rb")
         sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {oversized}\r\n\r\n".encode())
-        assert reader.readline().split()[1] == b"413"
-        head = b"".join(iter(reader.readline, b"\r\n")).decode().lower()
-        length = int(head.split("content-length:")[1].split()[0])
-        assert f"over the limit of {1 << 20}" in reader.read(length).decode()
+        status, _, answer = read_response(reader)
+        assert status == 413
+        assert f"over the limit of {1 << 20}" in answer.decode()
         sock.sendall(b"x" * oversized)
         body = _crowd_body(tiny_repo.root)
         sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        assert reader.readline().split()[1] == b"200"
+        assert read_response(reader)[0] == 200
 
 
 def _post(gateway: Gateway, model: str, content: bytes, headers: dict[str, str] | None = None) -> httpx.Response:

@@ -19,7 +19,7 @@ import pytest
 
 from migserve.contract import read_contract
 from migserve.types import Array
-from tests.helpers import ExportedRepo, Gateway
+from tests.helpers import ExportedRepo, Gateway, read_response
 from tests.integration.test_gateway_protocol import make_inputs
 
 PATH = "/v2/models/crowd-csrnet/infer"
@@ -40,20 +40,6 @@ def _infer_body(repo: ExportedRepo, seed: int) -> tuple[bytes, int]:
 def _request(body: bytes, header_length: int, *, target: str = PATH, version: str = "HTTP/1.1", extra: str = "") -> bytes:
     head = f"POST {target} {version}\r\nHost: x\r\nContent-Length: {len(body)}\r\nInference-Header-Content-Length: {header_length}\r\n"
     return (head + extra + "\r\n").encode() + body
-
-
-def _read(reader: BinaryIO) -> tuple[int, dict[str, str], bytes]:
-    """One response (interim 100s skipped): status, headers by lower-case name, body."""
-    while True:
-        status_line = reader.readline()
-        assert status_line, "the connection closed before a response"
-        status = int(status_line.split()[1])
-        headers: dict[str, str] = {}
-        while (line := reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        if status != 100:
-            return status, headers, reader.read(int(headers.get("content-length", "0")))
 
 
 def _density(headers: dict[str, str], body: bytes) -> Array:
@@ -82,12 +68,12 @@ def test_one_connection_serves_inference_then_other_routes_then_inference(gatewa
     sock, reader = _connect(gateway)
     with sock:
         sock.sendall(_request(body, n))
-        status, headers, answer = _read(reader)
+        status, headers, answer = read_response(reader)
         assert status == 200 and np.array_equal(_density(headers, answer), expected)
         sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")  # not inference: uvicorn takes over
-        assert _read(reader)[0] == 200
+        assert read_response(reader)[0] == 200
         sock.sendall(_request(body, n))
-        status, headers, answer = _read(reader)
+        status, headers, answer = read_response(reader)
         assert status == 200 and np.array_equal(_density(headers, answer), expected)
 
 
@@ -98,7 +84,7 @@ def test_pipelined_requests_are_answered_in_order(gateway: Gateway, tiny_repo: E
     sock, reader = _connect(gateway)
     with sock:
         sock.sendall(_request(first, n1) + _request(second, n2) + _request(first, n1) + b"GET /v2 HTTP/1.1\r\nHost: x\r\n\r\n")
-        answers = [_read(reader) for _ in range(4)]
+        answers = [read_response(reader) for _ in range(4)]
     assert [a[0] for a in answers] == [200, 200, 200, 200]
     assert [np.array_equal(_density(h, b), e) for (_, h, b), e in zip(answers[:3], [*expected, expected[0]], strict=True)] == [True] * 3
     assert json.loads(answers[3][2])["name"] == "migserve"
@@ -113,7 +99,7 @@ def test_a_request_sent_a_few_bytes_at_a_time(gateway: Gateway, tiny_repo: Expor
         for start in range(0, len(raw), 97):  # the head itself arrives in pieces
             sock.sendall(raw[start : start + 97])
             time.sleep(0.001)
-        status, headers, answer = _read(reader)
+        status, headers, answer = read_response(reader)
     assert status == 200 and np.array_equal(_density(headers, answer), expected)
 
 
@@ -139,7 +125,7 @@ def test_framings_the_fast_path_hands_to_uvicorn_are_served(gateway: Gateway, ti
     sock, reader = _connect(gateway)
     with sock:
         sock.sendall(raw)
-        status, headers, answer = _read(reader)
+        status, headers, answer = read_response(reader)
     assert status == 200, answer
     assert np.array_equal(_density(headers, answer), expected)
 
@@ -157,7 +143,7 @@ def test_malformed_heads_get_a_400_and_the_gateway_serves_on(gateway: Gateway, t
     sock, reader = _connect(gateway)
     with sock:
         sock.sendall(head.encode())
-        status, _, answer = _read(reader)
+        status, _, answer = read_response(reader)
     assert status == 400, answer
     body, n = _infer_body(tiny_repo, seed=6)
     _expected(gateway, body, n)  # another client is still served
@@ -168,7 +154,7 @@ def test_connection_close_is_honoured(gateway: Gateway, tiny_repo: ExportedRepo)
     sock, reader = _connect(gateway)
     with sock:
         sock.sendall(_request(body, n, extra="Connection: close\r\n"))
-        status, headers, _ = _read(reader)
+        status, headers, _ = read_response(reader)
         assert status == 200 and headers["connection"] == "close"
         assert reader.read() == b"", "the gateway closes the connection after the answer"
 
@@ -178,7 +164,7 @@ def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(gateway: Gate
     sock, reader = _connect(gateway)
     with sock:
         sock.sendall(_request(body, n))
-        assert _read(reader)[0] == 200
+        assert read_response(reader)[0] == 200
         started = time.monotonic()
         assert reader.read() == b""  # uvicorn's keep-alive timeout (5 s); the socket's own timeout is 30 s
         assert 3 < time.monotonic() - started < 15

@@ -4,15 +4,21 @@ Requests with the same non-batch shapes are concatenated along the batch axis
 (up to max_batch_size). A replica runs one batch at a time; the next batch is
 whatever queued while it ran, sent to the free replica with the least
 outstanding work. When other replicas are busy (the service is under load) and
-the batch is not full, the batcher waits up to max_queue_delay for more; an idle
-service answers at once. Expired requests are answered 504 before dispatch; a
-full queue answers 503 at once.
+the batch is not full, the batcher holds it until max_queue_delay after its
+oldest request; an idle service answers at once. Expired requests are answered
+504 before dispatch; a full queue answers 503 at once.
+
+The batcher has no task of its own: it acts when something changes (a request
+arrives, a replica finishes or changes state, a held batch's delay runs out), in
+that caller's turn of the event loop. So a replica that finishes a batch is
+handed the next one before the finished batch's answers are written, without
+waiting for a task switch: on a busy gateway those waits were milliseconds, in
+which the replica sat idle with requests queued.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -35,6 +41,7 @@ class Pending:
     deadline: float  # time.monotonic()
     future: asyncio.Future[dict[str, Array]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued: float = field(default_factory=time.monotonic)
+    retried: bool = False  # its batch's worker died once already
     signature: tuple[tuple[str, tuple[int, ...], str], ...] = field(init=False)  # requests batch with equal signatures
 
     def __post_init__(self) -> None:
@@ -53,94 +60,94 @@ class ModelBatcher:
         self.model = model
         self.policy = policy
         self._replicas = replicas
-        self._changed = asyncio.Event()  # set by the backend whenever a replica finishes or changes state
         self._metrics = metrics
         self._depth = metrics.queue_depth.labels(model)
         self._queue: deque[Pending] = deque()
-        self._arrived = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None  # wakes the batcher when a held batch's delay runs out
+        self._pumping = False
+        self._stopped = False
         self._running: set[asyncio.Task[None]] = set()  # batches in flight; referenced so they are not collected
 
     def notify(self) -> None:
-        self._changed.set()
+        """A replica finished a batch or changed state: hand out what is queued."""
+        self._pump()
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.model}")
+        self._stopped = False
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-        for item in self._queue:
-            _fail(item, Unavailable("the server is shutting down"))
+        self._stopped = True
+        self._cancel_timer()
+        while self._queue:
+            _fail(self._queue.popleft(), Unavailable("the server is shutting down"))
+        self._depth.set(0)
 
     def submit(self, item: Pending) -> None:
+        if self._stopped:
+            raise Unavailable("the server is shutting down", retry_after_s=1.0)
         if len(self._queue) >= self.policy.queue_capacity:
             raise Unavailable(f"model {self.model}: queue full ({self.policy.queue_capacity} requests)", retry_after_s=1.0)
         if not any(r.ready for r in self._replicas()):
             raise Unavailable(f"model {self.model}: no ready replica", retry_after_s=1.0)
         self._queue.append(item)
         self._depth.set(len(self._queue))
-        self._arrived.set()
+        self._pump()
 
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self._next_batch()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("batcher %s failed; continuing", self.model)
+    def _pump(self) -> None:
+        """Dispatch every batch that can go now; hold a partial batch under load until its delay is up."""
+        if self._pumping or self._stopped:
+            return  # a dispatch that calls back in: the outer call goes on with the queue
+        self._pumping = True
+        try:
+            self._dispatch_ready()
+        except Exception:  # a dispatcher bug must not fail the request or the replica that called in
+            logger.exception("batcher %s failed; its queue waits for the next event", self.model)
+        finally:
+            self._pumping = False
 
-    async def _next_batch(self) -> None:
-        while not self._queue:
-            self._arrived.clear()
-            await self._arrived.wait()
-        replica = await self._acquire(exclude=None)
-        if replica is None:
-            return
-        limit = min(self.policy.max_batch_size, replica.max_rows or self.policy.max_batch_size)
-        batch = self._take(limit=limit)
-        busy = any(r.outstanding for r in self._replicas() if r is not replica)
-        if busy and sum(p.size for p in batch) < limit and self.policy.max_queue_delay_s > 0:
-            await self._wait_for_more(batch, limit)  # under load only: an idle service answers at once
-            if not replica.ready or replica.outstanding >= replica.depth:  # another model's batcher took it meanwhile
-                replica = await self._acquire(exclude=None, holding=True)
-                if replica is None:
-                    for item in batch:
-                        _fail(item, Unavailable(f"model {self.model}: no ready replica", retry_after_s=1.0))
-                    return
-        self._dispatch(replica, batch)
-
-    async def _acquire(self, exclude: Replica | None, holding: bool = False) -> Replica | None:
-        """The ready replica with the least outstanding work and room for a batch; None if none is ready.
-
-        `holding`: the caller already holds a batch (a retry, or a batch formed while waiting), so it
-        waits for a replica even when the queue is empty, and a lack of replicas fails only that batch.
-        """
-        while True:
-            self._expire()
-            if not self._queue and not holding:
-                return None
-            ready = [r for r in self._replicas() if r.ready and r is not exclude]
+    def _dispatch_ready(self) -> None:
+        self._cancel_timer()
+        self._expire()
+        while self._queue:
+            replicas = self._replicas()
+            ready = [r for r in replicas if r.ready]
             if not ready:
-                if not holding:
-                    self._no_replica()
-                return None
+                self._no_replica()
+                return
             free = [r for r in ready if r.outstanding < r.depth]
-            if free:
-                return min(free, key=lambda r: r.outstanding)
-            self._changed.clear()
-            earliest = min((p.deadline for p in self._queue), default=time.monotonic() + 1.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=max(earliest - time.monotonic(), 0.001))
+            if not free:
+                return  # the replica that finishes next calls notify()
+            replica = min(free, key=lambda r: r.outstanding)
+            limit = min(self.policy.max_batch_size, replica.max_rows or self.policy.max_batch_size)
+            busy = any(r.outstanding for r in replicas if r is not replica)
+            due = self._queue[0].enqueued + self.policy.max_queue_delay_s
+            if busy and due > time.monotonic() and self._rows_ready(limit) < limit:
+                self._timer = asyncio.get_running_loop().call_later(due - time.monotonic(), self._pump)
+                return  # under load only: an idle service answers at once
+            self._dispatch(replica, self._take(limit=limit))
+
+    def _rows_ready(self, limit: int) -> int:
+        """Rows the next batch would have now (same signature as the oldest request), counted up to `limit`."""
+        signature, rows = self._queue[0].signature, 0
+        for item in self._queue:
+            if item.signature == signature and rows + item.size <= limit:
+                rows += item.size
+                if rows == limit:
+                    break
+        return rows
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _no_replica(self) -> None:
         while self._queue:
             _fail(self._queue.popleft(), Unavailable(f"model {self.model}: no ready replica", retry_after_s=1.0))
         self._depth.set(0)
 
-    def _take(self, batch: list[Pending] | None = None, *, limit: int) -> list[Pending]:
-        batch = batch or [self._queue.popleft()]
+    def _take(self, *, limit: int) -> list[Pending]:
+        batch = [self._queue.popleft()]
         rows = sum(p.size for p in batch)
         signature = batch[0].signature
         kept: deque[Pending] = deque()
@@ -154,19 +161,6 @@ class ModelBatcher:
         self._queue = kept
         self._depth.set(len(self._queue))
         return batch
-
-    async def _wait_for_more(self, batch: list[Pending], limit: int) -> None:
-        until = batch[0].enqueued + self.policy.max_queue_delay_s
-        while sum(p.size for p in batch) < limit:
-            remaining = until - time.monotonic()
-            if remaining <= 0:
-                return
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), timeout=remaining)
-            except TimeoutError:
-                return
-            self._take(batch, limit=limit)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -190,28 +184,18 @@ class ModelBatcher:
             for item in batch:
                 _fail(item, ServiceError(f"model {self.model}: dispatch failed: {exc}"))
             return
-        task = asyncio.get_running_loop().create_task(self._finish(replica, batch, parts, future))
+        task = asyncio.get_running_loop().create_task(self._finish(replica, batch, future))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _finish(
-        self, replica: Replica, batch: list[Pending], parts: dict[str, list[Array]], future: asyncio.Future[dict[str, Array]]
-    ) -> None:
-        """Await the batch; if its worker died, retry once on another replica, else answer 503."""
+    async def _finish(self, replica: Replica, batch: list[Pending], future: asyncio.Future[dict[str, Array]]) -> None:
+        """Await the batch; if its worker died, queue it again at the front for another replica (once), else 503."""
         started = time.monotonic()
         try:
-            try:
-                outputs = await future
-            except WorkerDied as died:
-                self._metrics.retries.labels(self.model).inc()
-                other = await self._acquire(exclude=replica, holding=True)
-                if other is None:
-                    raise Unavailable(f"model {self.model}: {died}; no other replica could take the batch", retry_after_s=1.0) from None
-                replica = other
-                try:
-                    outputs = await other.submit(self.model, parts)
-                except WorkerDied as again:
-                    raise Unavailable(f"model {self.model}: {again} (after one retry)", retry_after_s=1.0) from None
+            outputs = await future
+        except WorkerDied as died:
+            self._retry(replica, batch, died)
+            return
         except ServiceError as exc:
             for item in batch:
                 _fail(item, exc)
@@ -220,6 +204,20 @@ class ModelBatcher:
         self._metrics.batch_size.labels(self.model, replica.id).observe(rows)
         self._metrics.batch_seconds.labels(self.model, replica.id).observe(time.monotonic() - started)
         _split(batch, outputs, rows, self.model)
+
+    def _retry(self, replica: Replica, batch: list[Pending], died: WorkerDied) -> None:
+        others = any(r.ready for r in self._replicas() if r is not replica)
+        if not others or any(p.retried for p in batch) or self._stopped:
+            why = "after one retry" if others else "no other replica could take the batch"
+            for item in batch:
+                _fail(item, Unavailable(f"model {self.model}: {died}; {why}", retry_after_s=1.0))
+            return
+        self._metrics.retries.labels(self.model).inc()
+        for item in reversed(batch):
+            item.retried = True
+            self._queue.appendleft(item)  # ahead of newer requests, past the queue's capacity if need be
+        self._depth.set(len(self._queue))
+        self._pump()
 
 
 def _split(batch: list[Pending], outputs: dict[str, Array], rows: int, model: str) -> None:

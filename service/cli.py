@@ -23,6 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue-capacity", type=int, default=256, help="requests waiting per model before 503 (default: 256)")
     parser.add_argument("--max-batch-size", type=int, help="cap every model's batch size; 1 disables batching")
     parser.add_argument("--max-queue-delay-ms", type=float, help="override every model's batching delay")
+    parser.add_argument(
+        "--cpu-worker-priority",
+        default="normal",
+        choices=["normal", "idle"],
+        help="idle: CPU-slice workers run under SCHED_IDLE and yield their cores to the gateway and clients at once; "
+        "for hosts that serve nothing else (default: normal)",
+    )
     parser.add_argument("--max-image-mp", type=float, default=40.0, help="largest decoded image, megapixels (default: 40)")
     parser.add_argument("--max-volume-mvox", type=float, default=64.0, help="largest CT volume, million voxels (default: 64)")
     parser.add_argument("--job-min-tiles", type=int, default=32, help="CT volumes needing more tiles run as jobs (default: 32)")
@@ -71,6 +78,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             queue_capacity=args.queue_capacity,
             max_batch_size=args.max_batch_size,
             max_queue_delay_s=args.max_queue_delay_ms / 1000 if args.max_queue_delay_ms is not None else None,
+            cpu_worker_priority=args.cpu_worker_priority,
             max_image_pixels=int(args.max_image_mp * 1e6),
             max_volume_voxels=int(args.max_volume_mvox * 1e6),
             job_min_tiles=args.job_min_tiles,

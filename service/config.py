@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,6 +22,11 @@ class ServeConfig(BaseModel):
     queue_capacity: int = Field(256, ge=1, description="requests waiting per model before 503")
     max_queue_delay_s: float | None = Field(None, ge=0, description="override every contract's batching delay")
     max_batch_size: int | None = Field(None, ge=1, description="cap every contract's max batch size (1 disables batching)")
+    cpu_worker_priority: Literal["normal", "idle"] = Field(
+        "normal",
+        description="idle: CPU-slice workers run under SCHED_IDLE, so the gateway and clients on their cores run first "
+        "(for hosts that serve nothing else; other busy processes would starve the workers)",
+    )
     max_image_pixels: int = Field(40_000_000, ge=1, description="decoded images with more pixels are refused with 413")
     max_volume_voxels: int = Field(64_000_000, ge=1, description="CT volumes with more voxels are refused with 413")
     job_min_tiles: int = Field(32, ge=0, description="/v1/lns/segment runs as a job (202) when both stages need more tiles than this")

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -61,7 +62,8 @@ class Gateway:
         if not models:
             raise UnknownModel(f"no servable models in {config.model_repo}; run: migserve export --all --out {config.model_repo}")
         placement = place(partitions, models)
-        return cls(config, models, partitions, placement, LocalBackend(partitions, placement))
+        backend = LocalBackend(partitions, placement, idle_priority=config.cpu_worker_priority == "idle")
+        return cls(config, models, partitions, placement, backend)
 
     async def start(self) -> None:
         await self.backend.start()
@@ -199,6 +201,7 @@ class Gateway:
                     "models": sorted(self.placement.get(partition.id, {})),
                     "ready": bool(worker and worker.ready),
                     "pid": worker.pid if worker else None,
+                    "scheduling": _scheduling(worker.pid) if worker and worker.ready else None,
                     "providers": list(worker.providers) if worker else [],
                     "restarts": worker.restarts if worker else 0,
                     "outstanding_batches": worker.outstanding if worker else 0,
@@ -221,6 +224,19 @@ async def _await_until(pending: Pending, name: str, timeout: float) -> dict[str,
         return await pending.future
     finally:
         timer.cancel()
+
+
+SCHEDULING = {os.SCHED_OTHER: "normal", os.SCHED_BATCH: "batch", os.SCHED_IDLE: "idle"}
+
+
+def _scheduling(pid: int | None) -> str | None:
+    """A worker's CPU scheduling policy as the kernel reports it (None for a remote partition or a process gone)."""
+    if pid is None:
+        return None
+    try:
+        return SCHEDULING.get(os.sched_getscheduler(pid), "realtime")
+    except OSError:
+        return None
 
 
 def _timeout_ms(raw: str | None) -> float | None:

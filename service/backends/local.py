@@ -35,8 +35,11 @@ RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 
 
 class WorkerReplica:
-    def __init__(self, partition: Partition, models: Mapping[str, ModelSpec], on_change: Callable[[], None]) -> None:
+    def __init__(
+        self, partition: Partition, models: Mapping[str, ModelSpec], on_change: Callable[[], None], idle_priority: bool = False
+    ) -> None:
         self.partition = partition
+        self._idle_priority = idle_priority and partition.kind is PartitionKind.CPU
         self._models = dict(models)
         self._on_change = on_change
         self._ctx = mp.get_context("spawn")
@@ -79,6 +82,7 @@ class WorkerReplica:
             device=self.partition.device,
             cores=self.partition.cores,
             models=tuple(self._models.values()),
+            idle_priority=self._idle_priority,
         )
         parent, child = self._ctx.Pipe()
         process = self._ctx.Process(target=worker_main, args=(spec, child), name=f"migserve-worker-{self.id}", daemon=True)
@@ -187,10 +191,10 @@ class WorkerReplica:
 class LocalBackend:
     """The partitions' replicas: a worker process per local partition, a client per Triton partition.
 
-    `placement` maps partition id -> the models there.
+    `placement` maps partition id -> the models there; `idle_priority` puts CPU-slice workers under SCHED_IDLE.
     """
 
-    def __init__(self, partitions: list[Partition], placement: Mapping[str, Mapping[str, ModelSpec]]) -> None:
+    def __init__(self, partitions: list[Partition], placement: Mapping[str, Mapping[str, ModelSpec]], idle_priority: bool = False) -> None:
         from .triton import TritonReplica
 
         self._listeners: list[Callable[[], None]] = []
@@ -201,7 +205,7 @@ class LocalBackend:
                 self.workers[p.id] = (
                     TritonReplica(p, list(models), self._notify)
                     if p.kind is PartitionKind.TRITON
-                    else WorkerReplica(p, models, self._notify)
+                    else WorkerReplica(p, models, self._notify, idle_priority)
                 )
 
     def add_listener(self, callback: Callable[[], None]) -> None:

@@ -85,6 +85,8 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.device
     if spec.cores:
         os.sched_setaffinity(0, spec.cores)
+        if spec.idle_priority:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         os.environ["OMP_NUM_THREADS"] = str(len(spec.cores))
     import onnxruntime as ort  # only now: the device and cores are fixed
 

@@ -33,6 +33,7 @@ class WorkerSpec:
     device: str | None  # CUDA_VISIBLE_DEVICES for this process, None on a CPU slice
     cores: tuple[int, ...]
     models: tuple[ModelSpec, ...]
+    idle_priority: bool = False  # a CPU slice's worker under SCHED_IDLE: its cores run anything else first
 
 
 @dataclass(frozen=True)

@@ -287,6 +287,22 @@ def test_partitions_view(gateway: Gateway) -> None:
     assert [p["id"] for p in partitions] == ["cpu-0", "cpu-1"]
     assert all(p["kind"] == "cpu" and len(p["cores"]) == 1 and len(p["models"]) == 10 for p in partitions)
     assert all(p["providers"] == ["CPUExecutionProvider"] for p in partitions)
+    assert all(p["scheduling"] == "normal" and os.sched_getscheduler(p["pid"]) == os.SCHED_OTHER for p in partitions)
+    assert all(os.sched_getaffinity(p["pid"]) == set(p["cores"]) for p in partitions)
+
+
+def test_idle_priority_workers_yield_their_cores(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    server = Gateway(
+        tiny_repo.root, "--cpu-slices", "1", "--models", "crowd-csrnet", "--cpu-worker-priority", "idle", log=tmp_path / "serve.log"
+    )
+    try:
+        (partition,) = httpx.get(f"http://{server.url}/v1/partitions").json()["partitions"]
+        assert partition["scheduling"] == "idle"
+        assert os.sched_getscheduler(partition["pid"]) == os.SCHED_IDLE  # the kernel's word, not the gateway's
+        response = httpx.post(f"http://{server.url}/v2/models/crowd-csrnet/infer", content=_crowd_body(tiny_repo.root), timeout=60)
+        assert response.status_code == 200, response.text
+    finally:
+        server.close()
 
 
 def test_openapi_documents_the_protocol(gateway: Gateway) -> None:

@@ -1,0 +1,102 @@
+"""Two gateway settings side by side, in interleaved rounds (issue 3).
+
+This machine's speed drifts by 10-30% within minutes (neighbours on the host), so
+two settings measured one after the other, as in `gateway_bench.py`, can differ by
+more than the setting does. Here both gateways run at once (idle between points) and
+each round loads A, then B, with the same closed-loop wrk load; the comparison is
+the mean over rounds, and "cores busy" (CPU of gateway + workers + wrk per second),
+which says how much of the machine a setting keeps working, with the machine's idle
+share (/proc/stat) and the gateway's run-queue wait (/proc/PID/schedstat) during each
+point (its 1 s warm-up included).
+
+    .venv/bin/python -m bench.gateway_ab --rounds 5 --b=--cpu-worker-priority=idle
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.gateway_bench import ROOT, Server, bodies, busy, closed_loop
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="face-pros")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--a", default="", help="serve arguments of A, '='-joined, comma-separated (default: none)")
+    parser.add_argument("--b", default="--cpu-worker-priority=idle", help="serve arguments of B (default: %(default)s)")
+    parser.add_argument("--repo", type=Path, default=ROOT / "results" / "bench_repo")
+    args = parser.parse_args()
+    export = [sys.executable, "-m", "migserve", "export", "--model", args.model, "--out", str(args.repo), "--skip-existing"]
+    subprocess.run(export, check=True, cwd=ROOT)
+    settings = {"A": _serve_args(args.a), "B": _serve_args(args.b)}
+    servers = {label: Server(args.repo, "--models", args.model, *extra) for label, extra in settings.items()}
+    body, headers = bodies(args.repo, args.model, {})["binary"]
+    points: dict[str, list[dict[str, Any]]] = {label: [] for label in settings}
+    try:
+        for round_ in range(1, args.rounds + 1):
+            for label, server in servers.items():
+                server.wait_idle(args.model)
+                url = f"http://127.0.0.1:{server.port}/v2/models/{args.model}/infer"
+                idle_before, wait_before, clock_before = _idle_ticks(), _run_queue_wait_ns(server.process.pid), time.monotonic()
+                point = closed_loop(url, body, headers, args.concurrency, args.seconds, server_pid=server.process.pid)
+                elapsed = time.monotonic() - clock_before
+                point["idle"] = (_idle_ticks() - idle_before) / (os.sysconf("SC_CLK_TCK") * elapsed * (os.cpu_count() or 1))
+                point["gateway_wait"] = (_run_queue_wait_ns(server.process.pid) - wait_before) / 1e9 / elapsed
+                points[label].append(point)
+                rate, idle, wait = point["samples_per_s"], point["idle"], point["gateway_wait"]
+                print(
+                    f"round {round_} {label}: {rate:.1f}/s, cores busy {busy(point):.2f}, idle {idle:.1%}, gateway waits {wait:.3f}",
+                    flush=True,
+                )
+    finally:
+        for server in servers.values():
+            server.close()
+    print(f"\n{args.model}, concurrency {args.concurrency}, {args.rounds} rounds of {args.seconds:g} s, binary tensors\n")
+    print(
+        "| setting | serve arguments | samples/s (mean) | x A | cores busy | machine idle | gateway run-queue wait, s/s "
+        "| CPU ms/request: gateway / workers / wrk |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    base = statistics.mean(p["samples_per_s"] for p in points["A"])
+    for label, extra in settings.items():
+        rows = points[label]
+        rate = statistics.mean(p["samples_per_s"] for p in rows)
+        cpu = " / ".join(f"{statistics.mean(p[key] for p in rows):.2f}" for key in ("gateway_cpu_ms", "workers_cpu_ms", "client_cpu_ms"))
+        shown = " ".join(extra) or "(defaults)"
+        idle, wait = statistics.mean(p["idle"] for p in rows), statistics.mean(p["gateway_wait"] for p in rows)
+        cores = statistics.mean(busy(p) for p in rows)
+        print(f"| {label} | `{shown}` | {rate:.1f} | {rate / base:.2f} | {cores:.2f} | {idle:.1%} | {wait:.3f} | {cpu} |")
+    return 0
+
+
+def _idle_ticks() -> int:
+    """Idle + iowait clock ticks of the whole machine (/proc/stat)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return int(fields[3]) + int(fields[4])
+
+
+def _run_queue_wait_ns(pid: int) -> int:
+    """Time the process has spent runnable but waiting for a CPU (/proc/PID/schedstat, second field)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1])
+
+
+def _serve_args(raw: str) -> list[str]:
+    """'--x=1,--y=2' -> ['--x', '1', '--y', '2']."""
+    found: list[str] = []
+    for item in filter(None, raw.split(",")):
+        found += item.split("=", 1)
+    return found
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

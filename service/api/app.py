@@ -78,7 +78,6 @@ class Gateway:
             )
             batcher = ModelBatcher(name, policy, functools.partial(self.backend.replicas, name), self.metrics)
             self.backend.add_listener(batcher.notify)
-            batcher.start()
             self.batchers[name] = batcher
         self.backend.add_listener(self._update_partition_metrics)
         self._update_partition_metrics()

@@ -19,6 +19,7 @@ which the replica sat idle with requests queued.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import deque
@@ -64,6 +65,7 @@ class ModelBatcher:
         self._depth = metrics.queue_depth.labels(model)
         self._queue: deque[Pending] = deque()
         self._timer: asyncio.TimerHandle | None = None  # wakes the batcher when a held batch's delay runs out
+        self._timer_due = 0.0  # the time.monotonic() it is set for
         self._pumping = False
         self._stopped = False
         self._running: set[asyncio.Task[None]] = set()  # batches in flight; referenced so they are not collected
@@ -71,9 +73,6 @@ class ModelBatcher:
     def notify(self) -> None:
         """A replica finished a batch or changed state: hand out what is queued."""
         self._pump()
-
-    def start(self) -> None:
-        self._stopped = False
 
     async def stop(self) -> None:
         self._stopped = True
@@ -106,7 +105,6 @@ class ModelBatcher:
             self._pumping = False
 
     def _dispatch_ready(self) -> None:
-        self._cancel_timer()
         self._expire()
         while self._queue:
             replicas = self._replicas()
@@ -121,20 +119,22 @@ class ModelBatcher:
             limit = min(self.policy.max_batch_size, replica.max_rows or self.policy.max_batch_size)
             busy = any(r.outstanding for r in replicas if r is not replica)
             due = self._queue[0].enqueued + self.policy.max_queue_delay_s
-            if busy and due > time.monotonic() and self._rows_ready(limit) < limit:
-                self._timer = asyncio.get_running_loop().call_later(due - time.monotonic(), self._pump)
-                return  # under load only: an idle service answers at once
-            self._dispatch(replica, self._take(limit=limit))
+            batch = self._next_batch(limit)
+            if busy and due > time.monotonic() and sum(p.size for p in batch) < limit:
+                self._hold_until(due)  # under load only: an idle service answers at once
+                return
+            self._cancel_timer()
+            self._remove(batch)
+            self._dispatch(replica, batch)
+        self._cancel_timer()
 
-    def _rows_ready(self, limit: int) -> int:
-        """Rows the next batch would have now (same signature as the oldest request), counted up to `limit`."""
-        signature, rows = self._queue[0].signature, 0
-        for item in self._queue:
-            if item.signature == signature and rows + item.size <= limit:
-                rows += item.size
-                if rows == limit:
-                    break
-        return rows
+    def _hold_until(self, due: float) -> None:
+        """Pump again at `due`; an armed timer for the same oldest request is kept, not re-made per arrival."""
+        if self._timer is not None and self._timer_due == due:
+            return
+        self._cancel_timer()
+        self._timer = asyncio.get_running_loop().call_later(due - time.monotonic(), self._pump)
+        self._timer_due = due
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -146,21 +146,22 @@ class ModelBatcher:
             _fail(self._queue.popleft(), Unavailable(f"model {self.model}: no ready replica", retry_after_s=1.0))
         self._depth.set(0)
 
-    def _take(self, *, limit: int) -> list[Pending]:
-        batch = [self._queue.popleft()]
-        rows = sum(p.size for p in batch)
-        signature = batch[0].signature
-        kept: deque[Pending] = deque()
-        while self._queue:
-            item = self._queue.popleft()
-            if item.signature == signature and rows + item.size <= limit and not item.future.done():
+    def _next_batch(self, limit: int) -> list[Pending]:
+        """The oldest request and the queued ones that batch with it (same signature, unanswered), up to `limit` rows."""
+        first = self._queue[0]
+        batch, rows = [first], first.size
+        for item in itertools.islice(self._queue, 1, None):
+            if rows == limit:
+                break
+            if item.signature == first.signature and rows + item.size <= limit and not item.future.done():
                 batch.append(item)
                 rows += item.size
-            else:
-                kept.append(item)
-        self._queue = kept
-        self._depth.set(len(self._queue))
         return batch
+
+    def _remove(self, batch: list[Pending]) -> None:
+        taken = set(batch)  # Pending compares by identity
+        self._queue = deque(p for p in self._queue if p not in taken)
+        self._depth.set(len(self._queue))
 
     def _expire(self) -> None:
         now = time.monotonic()

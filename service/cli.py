@@ -24,6 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, help="cap every model's batch size; 1 disables batching")
     parser.add_argument("--max-queue-delay-ms", type=float, help="override every model's batching delay")
     parser.add_argument(
+        "--preferred-batch-sizes",
+        help="override every model's preferred batch sizes, e.g. 4,8 (under load a batch that reaches the smallest "
+        "goes without waiting for the delay); none: wait for a full batch (default: each contract's)",
+    )
+    parser.add_argument(
         "--cpu-worker-priority",
         default="normal",
         choices=["normal", "idle"],
@@ -43,13 +48,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
-def _slices(raw: str | None) -> tuple[int, ...] | None:
+def _sizes(flag: str, raw: str | None, what: str, example: str) -> tuple[int, ...] | None:
     if raw is None:
         return None
     try:
-        return tuple(int(x) for x in raw.split(","))
+        sizes = tuple(int(x) for x in raw.split(","))
     except ValueError:
-        raise ValueError(f"--cpu-slices {raw!r}: expected cores per slice, comma-separated, e.g. 2,2") from None
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"{flag} {raw!r}: expected {what}, comma-separated, e.g. {example}")
+    return sizes
 
 
 def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
@@ -65,19 +73,21 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        slices = _slices(args.cpu_slices)
         config = ServeConfig(
             model_repo=args.model_repo,
             host=args.host,
             port=args.port,
             topology=args.topology,
-            cpu_slices=slices,
+            cpu_slices=_sizes("--cpu-slices", args.cpu_slices, "cores per slice", "2,2"),
             models=tuple(args.models) if args.models else None,
             max_body_bytes=int(args.max_body_mb * (1 << 20)),
             default_timeout_s=args.timeout_s,
             queue_capacity=args.queue_capacity,
             max_batch_size=args.max_batch_size,
             max_queue_delay_s=args.max_queue_delay_ms / 1000 if args.max_queue_delay_ms is not None else None,
+            preferred_batch_sizes=()
+            if args.preferred_batch_sizes == "none"
+            else _sizes("--preferred-batch-sizes", args.preferred_batch_sizes, "batch sizes of 1 or more", "4,8"),
             cpu_worker_priority=args.cpu_worker_priority,
             max_image_pixels=int(args.max_image_mp * 1e6),
             max_volume_voxels=int(args.max_volume_mvox * 1e6),

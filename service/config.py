@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,6 +22,9 @@ class ServeConfig(BaseModel):
     queue_capacity: int = Field(256, ge=1, description="requests waiting per model before 503")
     max_queue_delay_s: float | None = Field(None, ge=0, description="override every contract's batching delay")
     max_batch_size: int | None = Field(None, ge=1, description="cap every contract's max batch size (1 disables batching)")
+    preferred_batch_sizes: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(
+        None, description="override every contract's preferred batch sizes; () waits for a full batch under load"
+    )
     cpu_worker_priority: Literal["normal", "idle"] = Field(
         "normal",
         description="idle: CPU-slice workers run under SCHED_IDLE, so the gateway and clients on their cores run first "

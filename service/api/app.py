@@ -75,7 +75,9 @@ class Gateway:
                 if self.config.max_queue_delay_s is not None
                 else batching.max_queue_delay_us / 1e6,
                 queue_capacity=self.config.queue_capacity,
-                preferred_batch_sizes=batching.preferred_batch_sizes,
+                preferred_batch_sizes=batching.preferred_batch_sizes
+                if self.config.preferred_batch_sizes is None
+                else self.config.preferred_batch_sizes,
             )
             batcher = ModelBatcher(name, policy, functools.partial(self.backend.replicas, name), self.metrics)
             self.backend.add_listener(batcher.notify)

@@ -60,18 +60,20 @@ def test_batches_above_one_form_under_concurrency(gateway: Gateway, tiny_repo: E
     client.close()
 
 
-def test_a_preferred_batch_size_goes_without_waiting_for_the_delay(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
-    """Under load (one worker busy), requests for the free worker are held until they reach the contract's
-    smallest preferred batch size (crowd-csrnet: 4 of at most 8), not until a full batch or the delay (60 s here)."""
-    server = Gateway(
-        tiny_repo.root, "--cpu-slices", "1,1", "--models", "crowd-csrnet", "--max-queue-delay-ms", "60000", log=tmp_path / "serve.log"
-    )
+@pytest.mark.parametrize(("extra", "preferred"), [((), 4), (("--preferred-batch-sizes", "2,8"), 2)], ids=["contract", "override"])
+def test_a_preferred_batch_size_goes_without_waiting_for_the_delay(
+    extra: tuple[str, ...], preferred: int, tiny_repo: ExportedRepo, tmp_path: Path
+) -> None:
+    """Under load (one worker busy), requests for the free worker are held until they reach the smallest
+    preferred batch size (crowd-csrnet's contract: 4 of at most 8), not until a full batch or the delay (60 s)."""
+    args = ("--cpu-slices", "1,1", "--models", "crowd-csrnet", "--max-queue-delay-ms", "60000", *extra)
+    server = Gateway(tiny_repo.root, *args, log=tmp_path / "serve.log")
     base = f"http://{server.url}"
     workers = httpx.get(f"{base}/v1/partitions").json()["partitions"]
     for worker in workers:
         os.kill(worker["pid"], signal.SIGSTOP)
     try:
-        with ThreadPoolExecutor(5) as pool:
+        with ThreadPoolExecutor(preferred + 1) as pool:
             first = pool.submit(_post_crowd, server, tiny_repo.root, 0)  # an idle service sends it at once
             deadline = time.monotonic() + 10
             while not (busy := [w for w in workers if _outstanding(base, w["id"])]) and time.monotonic() < deadline:
@@ -79,15 +81,15 @@ def test_a_preferred_batch_size_goes_without_waiting_for_the_delay(tiny_repo: Ex
             assert len(busy) == 1, "the first request never reached a worker"
             (free,) = [w for w in workers if w is not busy[0]]
             os.kill(free["pid"], signal.SIGCONT)
-            held = [pool.submit(_post_crowd, server, tiny_repo.root, seed) for seed in (1, 2, 3)]
+            held = [pool.submit(_post_crowd, server, tiny_repo.root, seed) for seed in range(1, preferred)]
             time.sleep(1.0)
             text = httpx.get(f"{base}/metrics").text
-            assert _metric(text, "migserve_queue_depth", model="crowd-csrnet") == 3, "three requests are below the preferred size"
+            assert _metric(text, "migserve_queue_depth", model="crowd-csrnet") == preferred - 1, "held below the preferred size"
             assert _outstanding(base, free["id"]) == 0
-            fourth = pool.submit(_post_crowd, server, tiny_repo.root, 4)
-            assert [r.result(timeout=30).status_code for r in [*held, fourth]] == [200] * 4
+            last = pool.submit(_post_crowd, server, tiny_repo.root, preferred)
+            assert [r.result(timeout=30).status_code for r in [*held, last]] == [200] * preferred
             after = httpx.get(f"{base}/metrics").text
-            assert _metric(after, "migserve_batch_size_sum", model="crowd-csrnet", partition=free["id"]) == 4
+            assert _metric(after, "migserve_batch_size_sum", model="crowd-csrnet", partition=free["id"]) == preferred
             assert _metric(after, "migserve_batch_size_count", model="crowd-csrnet", partition=free["id"]) == 1
             os.kill(busy[0]["pid"], signal.SIGCONT)
             assert first.result(timeout=30).status_code == 200

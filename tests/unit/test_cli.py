@@ -84,6 +84,7 @@ def test_export_without_torch_says_how_to_install_it() -> None:
         (["--model-repo", "/nonexistent"], "model repository /nonexistent does not exist; run: migserve export --all --out /nonexistent"),
         (["--cpu-slices", "a,b"], "--cpu-slices 'a,b': expected cores per slice, comma-separated"),
         (["--cpu-slices", "64,64"], "--cpu-slices 64,64 needs 128 cores"),
+        (["--preferred-batch-sizes", "4,0"], "--preferred-batch-sizes '4,0': expected batch sizes of 1 or more, comma-separated"),
         (["--topology", "/nonexistent.yaml"], "cannot read topology /nonexistent.yaml"),
     ],
 )

@@ -15,6 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-repo", type=Path, default=Path("model_repo"), help="exported models (default: model_repo)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--grpc-port", type=int, help="also serve KServe v2 over gRPC on this port, e.g. 8001 as Triton (default: off)")
     parser.add_argument("--topology", type=Path, help="declared partitions (YAML); overrides discovery")
     parser.add_argument("--cpu-slices", help="cores per CPU slice without a GPU, e.g. 2,2 (default: one slice per core)")
     parser.add_argument("--models", nargs="+", metavar="NAME", help="serve only these models")
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             model_repo=args.model_repo,
             host=args.host,
             port=args.port,
+            grpc_port=args.grpc_port,
             topology=args.topology,
             cpu_slices=_sizes("--cpu-slices", args.cpu_slices, "cores per slice", "2,2"),
             models=tuple(args.models) if args.models else None,

@@ -14,6 +14,7 @@ class ServeConfig(BaseModel):
     model_repo: Path = Field(Path("model_repo"), description="exported models, one directory each")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int | None = Field(None, ge=0, le=65535, description="also serve KServe v2 over gRPC on this port (Triton uses 8001)")
     topology: Path | None = Field(None, description="declared partitions; overrides NVML and CPU discovery")
     cpu_slices: tuple[int, ...] | None = Field(None, description="cores per CPU slice when there is no GPU; default one per core")
     models: tuple[str, ...] | None = Field(None, description="serve only these models (default: every model in the repository)")

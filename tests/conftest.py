@@ -39,8 +39,8 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> ExportedRepo:
 
 @pytest.fixture(scope="session")
 def gateway(tiny_repo: ExportedRepo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """`migserve serve` on two one-core CPU slices, every tiny model on both."""
+    """`migserve serve` on two one-core CPU slices, every tiny model on both; KServe v2 over HTTP and gRPC."""
     log = tmp_path_factory.mktemp("gateway") / "serve.log"
-    server = Gateway(tiny_repo.root, "--cpu-slices", "1,1", log=log)
+    server = Gateway(tiny_repo.root, "--cpu-slices", "1,1", log=log, grpc=True)
     yield server
     server.close()

@@ -67,11 +67,16 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, what: str,
 class Gateway:
     """A real `migserve serve` process on a free local port; stopped on close."""
 
-    def __init__(self, repo: Path, *args: str, log: Path) -> None:
+    def __init__(self, repo: Path, *args: str, log: Path, grpc: bool = False) -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.log = log
         command = [sys.executable, "-m", "migserve", "serve", "--model-repo", str(repo), "--port", str(self.port), *args]
+        self.grpc_url: str | None = None  # host:port of its gRPC endpoint, when asked for
+        if grpc:
+            grpc_port = free_port()
+            self.grpc_url = f"127.0.0.1:{grpc_port}"
+            command += ["--grpc-port", str(grpc_port)]
         self._out = log.open("w")
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT)
         try:

@@ -8,10 +8,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -33,9 +33,10 @@ from ..repository import ModelEntry, load_repository
 from ..workers.protocol import ModelSpec
 from .errors import error_body
 from .fastpath import InferFastPath
-from .kserve import NUMPY_TO_V2, Body, decode_request, encode_response
+from .kserve import NUMPY_TO_V2, Body, DecodedRequest, decode_request, encode_response
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -115,19 +116,23 @@ class Gateway:
         return any(r.ready for r in self.backend.replicas(name))
 
     async def infer(self, name: str, body: Body, header_length: str | None, timeout_header: str | None) -> tuple[bytes, int | None]:
-        """One KServe v2 inference: the response body, and its JSON header's length when binary follows."""
+        """One KServe v2 inference over HTTP: the response body, and its JSON header's length when binary follows."""
+
+        async def work(entry: ModelEntry) -> tuple[bytes, int | None]:
+            decoded = decode_request(body, header_length, entry.contract)
+            outputs = await self.infer_decoded(name, decoded, decoded.timeout_s or self.timeout(timeout_header))
+            return encode_response(name, decoded, outputs)
+
+        return await self.counted(name, work)
+
+    async def counted(self, name: str, work: Callable[[ModelEntry], Awaitable[T]]) -> T:
+        """`work` on the model's entry, counted in the request metrics by its outcome (both protocols use it)."""
         started = time.monotonic()
         status = "500"
         try:
-            entry = self.entry(name)
-            decoded = decode_request(body, header_length, entry.contract)
-            timeout = decoded.timeout_s or self.timeout(timeout_header)
-            pending = Pending(inputs=decoded.inputs, size=decoded.batch, deadline=started + timeout)
-            self.batchers[name].submit(pending)
-            outputs = await _await_until(pending, name, timeout)
-            response = encode_response(name, decoded, outputs)
+            result = await work(self.entry(name))
             status = "200"
-            return response
+            return result
         except ServiceError as exc:
             status = str(exc.status)
             raise
@@ -137,6 +142,12 @@ class Gateway:
         finally:
             if name in self.models:
                 self.metrics.request_done(name, status, time.monotonic() - started)
+
+    async def infer_decoded(self, name: str, decoded: DecodedRequest, timeout: float) -> dict[str, Array]:
+        """A checked request through the model's batcher: its outputs, or 504 after `timeout` seconds."""
+        pending = Pending(inputs=decoded.inputs, size=decoded.batch, deadline=time.monotonic() + timeout)
+        self.batchers[name].submit(pending)
+        return await _await_until(pending, name, timeout)
 
     async def refresh_memory_used(self) -> None:
         """Memory in use per GPU and MIG partition, from NVML, for a /metrics scrape (nothing on CPU slices)."""
@@ -263,9 +274,18 @@ def create_app(config: ServeConfig) -> InferFastPath:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gateway.start()
+        grpc = None
         try:
+            if config.grpc_port is not None:
+                from .grpc_service import grpc_server
+
+                grpc = grpc_server(gateway, config.host, config.grpc_port)
+                await grpc.start()
+                logger.info("KServe v2 gRPC on %s:%s", config.host, config.grpc_port)
             yield
         finally:
+            if grpc is not None:
+                await grpc.stop(grace=5)
             await gateway.stop()
 
     app = FastAPI(title="migserve", version=migserve.__version__, lifespan=lifespan)

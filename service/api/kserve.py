@@ -89,7 +89,8 @@ class _Plan:
 _plans: dict[int, _Plan] = {}
 
 
-def _plan(contract: Contract) -> _Plan:
+def plan_of(contract: Contract) -> _Plan:
+    """The contract's checks, worked out on first use."""
     plan = _plans.get(id(contract))
     if plan is not None and plan.contract is contract:
         return plan
@@ -110,36 +111,59 @@ def _plan(contract: Contract) -> _Plan:
     return plan
 
 
-def _array(entry: dict[str, Any], plan: _InputPlan, binary: memoryview, offset: int) -> tuple[Array, int]:
-    name, dtype, expected = plan.spec.name, plan.dtype, plan.datatype
-    datatype = entry.get("datatype")
-    if datatype != expected:
-        raise BadRequest(f"input {name}: datatype {datatype!r}, the model expects {expected}")
-    shape = entry.get("shape")
+def check_datatype(plan: _InputPlan, datatype: object) -> None:
+    if datatype != plan.datatype:
+        raise BadRequest(f"input {plan.spec.name}: datatype {datatype!r}, the model expects {plan.datatype}")
+
+
+def check_shape_values(plan: _InputPlan, shape: object) -> int:
+    """The element count of a shape given as a list of non-negative integers."""
     if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
-        raise BadRequest(f"input {name}: 'shape' must be a list of non-negative integers, got {shape!r}")
+        raise BadRequest(f"input {plan.spec.name}: 'shape' must be a list of non-negative integers, got {shape!r}")
     count = 1
     for d in shape:
         count *= d
+    return count
+
+
+def binary_tensor(plan: _InputPlan, shape: list[int], count: int, data: memoryview, where: str) -> Array:
+    """A tensor read in place from its raw bytes (`where` names them in an error)."""
+    size = count * plan.dtype.itemsize
+    if len(data) != size:
+        raise BadRequest(f"input {plan.spec.name}: {where} has {len(data)} bytes, but shape {shape} of {plan.datatype} needs {size}")
+    return np.frombuffer(data, dtype=plan.dtype).reshape(shape)
+
+
+def listed_tensor(plan: _InputPlan, shape: list[int], count: int, values: Any) -> Array:
+    """A tensor from a list of values (JSON `data`, or a gRPC request's typed contents)."""
+    try:
+        array = np.asarray(values, dtype=plan.dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise BadRequest(f"input {plan.spec.name}: data is not {plan.datatype}: {exc}") from None
+    if array.size != count:
+        raise BadRequest(f"input {plan.spec.name}: {array.size} values for shape {shape} ({count} expected)")
+    return array.reshape(shape)
+
+
+def _array(entry: dict[str, Any], plan: _InputPlan, binary: memoryview, offset: int) -> tuple[Array, int]:
+    name = plan.spec.name
+    check_datatype(plan, entry.get("datatype"))
+    shape = entry.get("shape")
+    count = check_shape_values(plan, shape)
+    assert isinstance(shape, list)
     parameters = entry.get("parameters")
     size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
     if size is not None:
-        if type(size) is not int or size != count * dtype.itemsize:
+        if type(size) is not int or size != count * plan.dtype.itemsize:
             raise BadRequest(
-                f"input {name}: binary_data_size {size!r}, but shape {shape} of {expected} needs {count * dtype.itemsize} bytes"
+                f"input {name}: binary_data_size {size!r}, but shape {shape} of {plan.datatype} needs {count * plan.dtype.itemsize} bytes"
             )
         if offset + size > len(binary):
             raise BadRequest(f"input {name}: body truncated: needs {size} bytes at offset {offset}, {len(binary) - offset} remain")
-        return np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape), offset + size
+        return binary_tensor(plan, shape, count, binary[offset : offset + size], "binary data"), offset + size
     if "data" not in entry:
         raise BadRequest(f"input {name}: no 'data' and no binary_data_size")
-    try:
-        array = np.asarray(entry["data"], dtype=dtype)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise BadRequest(f"input {name}: data is not {expected}: {exc}") from None
-    if array.size != count:
-        raise BadRequest(f"input {name}: {array.size} values for shape {shape} ({count} expected)")
-    return array.reshape(shape), offset
+    return listed_tensor(plan, shape, count, entry["data"]), offset
 
 
 def _check_shape(plan: _InputPlan, shape: tuple[int, ...], bound: dict[str, int]) -> None:
@@ -158,35 +182,43 @@ def _check_shape(plan: _InputPlan, shape: tuple[int, ...], bound: dict[str, int]
             raise BadRequest(f"input {name}: {dim_name}={size}, but another input has {dim_name}={bound[dim_name]}")
 
 
-def decode_request(body: Body, header_length: str | None, contract: Contract) -> DecodedRequest:
-    plan = _plan(contract)
-    header, binary = _split(body, header_length)
-    entries = header.get("inputs")
-    if type(entries) is not list or not all(type(e) is dict for e in entries):
-        raise BadRequest("request needs 'inputs': a list of tensor objects")
-    given = [e.get("name") for e in entries]
+def check_input_names(plan: _Plan, given: list[Any]) -> None:
     if not all(type(n) is str for n in given):
         raise BadRequest(f"every input needs a 'name' string; got names {given!r}")
     if len(given) != len(plan.expected) or set(given) != set(plan.expected):
         missing = sorted(set(plan.expected) - set(given))
         unknown = sorted(set(given) - set(plan.expected))
-        raise BadRequest(f"model {contract.name} takes inputs {plan.expected}; missing {missing}, unknown {unknown}")
-    inputs: dict[str, Array] = {}
+        raise BadRequest(f"model {plan.contract.name} takes inputs {plan.expected}; missing {missing}, unknown {unknown}")
+
+
+def checked_inputs(plan: _Plan, inputs: dict[str, Array]) -> tuple[dict[str, Array], int]:
+    """The inputs in the contract's order, each shape checked (named dims agreeing), and the batch size."""
     bound: dict[str, int] = {}
+    for name, array in inputs.items():
+        _check_shape(plan.inputs[name], array.shape, bound)
+    return {name: inputs[name] for name in plan.expected}, bound["batch"]
+
+
+def decode_request(body: Body, header_length: str | None, contract: Contract) -> DecodedRequest:
+    plan = plan_of(contract)
+    header, binary = _split(body, header_length)
+    entries = header.get("inputs")
+    if type(entries) is not list or not all(type(e) is dict for e in entries):
+        raise BadRequest("request needs 'inputs': a list of tensor objects")
+    check_input_names(plan, [e.get("name") for e in entries])
+    arrays: dict[str, Array] = {}
     offset = 0
     for entry in entries:  # binary parts follow the order of the inputs in the header
-        input_plan = plan.inputs[entry["name"]]
-        array, offset = _array(entry, input_plan, binary, offset)
-        _check_shape(input_plan, array.shape, bound)
-        inputs[entry["name"]] = array
+        arrays[entry["name"]], offset = _array(entry, plan.inputs[entry["name"]], binary, offset)
     if offset != len(binary):
         raise BadRequest(f"body has {len(binary) - offset} bytes after the last binary input")
+    inputs, batch = checked_inputs(plan, arrays)
     outputs, binary_outputs = _requested_outputs(header, plan)
     request_id = header.get("id")
     return DecodedRequest(
         id=request_id if isinstance(request_id, str) else None,
-        inputs={name: inputs[name] for name in plan.expected},
-        batch=bound["batch"],
+        inputs=inputs,
+        batch=batch,
         outputs=outputs,
         binary_outputs=binary_outputs,
         timeout_s=_timeout(header),
@@ -201,11 +233,14 @@ def _requested_outputs(header: dict[str, Any], plan: _Plan) -> tuple[tuple[str, 
         return names, frozenset(names) if all_binary else frozenset()
     if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
         raise BadRequest("'outputs' must be a list of objects with a 'name'")
-    unknown = [o["name"] for o in requested if o["name"] not in plan.output_names]
-    if unknown:
-        raise BadRequest(f"unknown outputs {unknown}; model {plan.contract.name} has {sorted(plan.output_names)}")
+    check_output_names(plan, [o["name"] for o in requested])
     binary = {o["name"] for o in requested if (o.get("parameters") or {}).get("binary_data", all_binary)}
     return tuple(o["name"] for o in requested), frozenset(binary)
+
+
+def check_output_names(plan: _Plan, names: list[str]) -> None:
+    if unknown := [name for name in names if name not in plan.output_names]:
+        raise BadRequest(f"unknown outputs {unknown}; model {plan.contract.name} has {sorted(plan.output_names)}")
 
 
 def _timeout(header: dict[str, Any]) -> float | None:

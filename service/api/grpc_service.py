@@ -1,0 +1,183 @@
+"""The KServe v2 gRPC endpoint (Triton's `inference.GRPCInferenceService`), beside HTTP.
+
+`migserve serve --grpc-port 8001` serves it in the gateway's own event loop, so a
+gRPC request goes through the same checks, batcher, deadlines and metrics as an
+HTTP one (the tensor checks of `kserve.py`, `Gateway.infer_decoded`). The message
+types and service stubs are the ones tritonclient ships (generated from Triton's
+`grpc_service.proto`), so `tritonclient.grpc` and any client generated from that
+proto talk to it.
+
+Tensors arrive as `raw_input_contents` (what tritonclient sends; read in place) or
+as typed contents (`fp32_contents`, ...); outputs always go back as
+`raw_output_contents`. The request's deadline is the earliest of the gRPC
+deadline, `parameters.timeout` (microseconds, as in Triton) and the server
+default. Errors keep the HTTP side's messages, with the matching status code:
+400 INVALID_ARGUMENT, 404 NOT_FOUND, 413 RESOURCE_EXHAUSTED, 503 UNAVAILABLE,
+504 DEADLINE_EXCEEDED, anything else INTERNAL. A message over `--max-body-mb` is
+refused by gRPC itself (RESOURCE_EXHAUSTED) before it is decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+import migserve
+from migserve.types import Array
+
+from ..errors import BadRequest, ServiceError
+from .kserve import (
+    NUMPY_TO_V2,
+    DecodedRequest,
+    binary_tensor,
+    check_datatype,
+    check_input_names,
+    check_output_names,
+    check_shape_values,
+    checked_inputs,
+    listed_tensor,
+    plan_of,
+)
+
+if TYPE_CHECKING:
+    from ..repository import ModelEntry
+    from .app import Gateway
+
+logger = logging.getLogger(__name__)
+
+CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+# The typed-contents field of each datatype (FP16 has none: raw only).
+CONTENTS = {
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "INT64": "int64_contents",
+    "INT32": "int_contents",
+    "INT8": "int_contents",
+    "UINT8": "uint_contents",
+    "BOOL": "bool_contents",
+}
+_V2_OF_DTYPE = {np.dtype(name): v2 for name, v2 in NUMPY_TO_V2.items()}
+
+
+class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]  # generated, untyped
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return service_pb2.ServerReadyResponse(ready=all(self.gateway.model_ready(name) for name in self.gateway.models))
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return service_pb2.ModelReadyResponse(ready=request.name in self.gateway.models and self.gateway.model_ready(request.name))
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return service_pb2.ServerMetadataResponse(name="migserve", version=migserve.__version__, extensions=["binary_tensor_data"])
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            meta = self.gateway.model_metadata(request.name)
+        except ServiceError as exc:
+            await _abort(context, exc)
+        tensor = service_pb2.ModelMetadataResponse.TensorMetadata
+        return service_pb2.ModelMetadataResponse(
+            name=meta["name"],
+            versions=meta["versions"],
+            platform=meta["platform"],
+            inputs=[tensor(**t) for t in meta["inputs"]],
+            outputs=[tensor(**t) for t in meta["outputs"]],
+        )
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        name = request.model_name
+
+        async def work(entry: ModelEntry) -> Any:
+            decoded = decode_infer_request(request, entry)
+            timeouts = [t for t in (decoded.timeout_s, context.time_remaining()) if t is not None]
+            outputs = await self.gateway.infer_decoded(name, decoded, min(timeouts, default=self.gateway.config.default_timeout_s))
+            return encode_infer_response(name, decoded, outputs)
+
+        try:
+            return await self.gateway.counted(name, work)
+        except ServiceError as exc:
+            await _abort(context, exc)
+
+
+def decode_infer_request(request: Any, entry: ModelEntry) -> DecodedRequest:
+    """A ModelInferRequest as named arrays, checked against the contract like an HTTP body."""
+    plan = plan_of(entry.contract)
+    check_input_names(plan, [t.name for t in request.inputs])
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise BadRequest(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: give one per input, or none")
+    arrays: dict[str, Array] = {}
+    for i, tensor in enumerate(request.inputs):
+        input_plan = plan.inputs[tensor.name]
+        check_datatype(input_plan, tensor.datatype)
+        shape = list(tensor.shape)
+        count = check_shape_values(input_plan, shape)
+        if raw:
+            arrays[tensor.name] = binary_tensor(input_plan, shape, count, memoryview(raw[i]), f"raw_input_contents[{i}]")
+            continue
+        field = CONTENTS.get(tensor.datatype)
+        if field is None:
+            raise BadRequest(f"input {tensor.name}: {tensor.datatype} has no typed contents in the protocol: send raw_input_contents")
+        arrays[tensor.name] = listed_tensor(input_plan, shape, count, getattr(tensor.contents, field))
+    inputs, batch = checked_inputs(plan, arrays)
+    outputs = tuple(o.name for o in request.outputs) or plan.output_names
+    check_output_names(plan, list(outputs))
+    return DecodedRequest(
+        id=request.id or None,
+        inputs=inputs,
+        batch=batch,
+        outputs=outputs,
+        binary_outputs=frozenset(outputs),
+        timeout_s=_timeout(request),
+    )
+
+
+def encode_infer_response(model: str, decoded: DecodedRequest, outputs: dict[str, Array]) -> Any:
+    response = service_pb2.ModelInferResponse(model_name=model, model_version="1", id=decoded.id or "")
+    for name in decoded.outputs:
+        array = np.ascontiguousarray(outputs[name])
+        response.outputs.add(name=name, datatype=_V2_OF_DTYPE[array.dtype], shape=array.shape)
+        response.raw_output_contents.append(array.tobytes())
+    return response
+
+
+def _timeout(request: Any) -> float | None:
+    if "timeout" not in request.parameters:
+        return None
+    parameter = request.parameters["timeout"]
+    value = parameter.int64_param if parameter.WhichOneof("parameter_choice") == "int64_param" else None
+    if value is None or value <= 0:
+        raise BadRequest("parameters.timeout must be a positive int64_param of microseconds")
+    return float(value) / 1e6
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: ServiceError) -> NoReturn:
+    code = CODES.get(exc.status, grpc.StatusCode.INTERNAL)
+    if code is grpc.StatusCode.INTERNAL:
+        logger.error("grpc: %s", exc)
+    await context.abort(code, str(exc))
+    raise AssertionError("context.abort returns only by raising")
+
+
+def grpc_server(gateway: Gateway, host: str, port: int) -> grpc.aio.Server:
+    """The gRPC server, not yet started; messages up to the HTTP side's body limit."""
+    limit = gateway.config.max_body_bytes
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", -1)])
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(gateway), server)
+    server.add_insecure_port(f"{host}:{port}")
+    return server

@@ -1,0 +1,213 @@
+"""The gateway's KServe v2 gRPC endpoint with the real tritonclient.grpc: every model, typed contents, errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from exporters.zoo import ZOO
+from migserve.contract import read_contract
+from migserve.types import Array
+from tests.helpers import ExportedRepo, Gateway
+from tests.integration.test_gateway_behaviour import _metric
+from tests.integration.test_gateway_protocol import TRITON_DTYPES, direct, make_inputs
+
+
+@pytest.fixture(scope="module")
+def client(gateway: Gateway) -> Iterator[grpcclient.InferenceServerClient]:
+    assert gateway.grpc_url is not None
+    client = grpcclient.InferenceServerClient(url=gateway.grpc_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def stub(gateway: Gateway) -> Iterator[Any]:
+    """The generated stub itself, for requests tritonclient would not send (typed contents, broken raw sizes)."""
+    assert gateway.grpc_url is not None
+    with grpc.insecure_channel(gateway.grpc_url, options=[("grpc.max_send_message_length", -1)]) as channel:
+        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+def grpc_inputs(arrays: dict[str, Array]) -> list[grpcclient.InferInput]:
+    inputs = []
+    for name, array in arrays.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), TRITON_DTYPES[array.dtype.name])
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def test_health_and_metadata_match_http(client: grpcclient.InferenceServerClient, gateway: Gateway) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    assert not client.is_model_ready("no-such-model")
+    meta = client.get_server_metadata(as_json=True)
+    assert meta["name"] == "migserve" and "binary_tensor_data" in meta["extensions"]
+    for name in ("face-pros", "grounding-mgsl"):
+        over_http = httpx.get(f"http://{gateway.url}/v2/models/{name}").json()
+        over_grpc = client.get_model_metadata(name, as_json=True)
+        for tensors in ("inputs", "outputs"):
+            assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in over_grpc[tensors]] == [
+                (t["name"], t["datatype"], t["shape"]) for t in over_http[tensors]
+            ]
+    with pytest.raises(InferenceServerException, match="unknown model 'no-such-model'") as caught:
+        client.get_model_metadata("no-such-model")
+    assert caught.value.status() == "StatusCode.NOT_FOUND"
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_every_model_round_trips_through_tritonclient_grpc(
+    client: grpcclient.InferenceServerClient, tiny_repo: ExportedRepo, name: str
+) -> None:
+    contract = read_contract(tiny_repo.root / name)
+    assert client.is_model_ready(name)
+    arrays = make_inputs(contract, batch=2, seed=13)
+    result = client.infer(name, grpc_inputs(arrays), request_id="r-1")
+    assert result.get_response().id == "r-1"
+    for spec, expected in zip(contract.outputs, direct(tiny_repo.root, name, arrays), strict=True):
+        got = result.as_numpy(spec.name)
+        assert got.shape == expected.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+
+
+def test_a_subset_of_outputs(client: grpcclient.InferenceServerClient, tiny_repo: ExportedRepo) -> None:
+    arrays = make_inputs(read_contract(tiny_repo.root / "face-pros"), batch=1, seed=3)
+    result = client.infer("face-pros", grpc_inputs(arrays), outputs=[grpcclient.InferRequestedOutput("attributes")])
+    assert [o.name for o in result.get_response().outputs] == ["attributes"]
+    np.testing.assert_allclose(result.as_numpy("attributes"), direct(tiny_repo.root, "face-pros", arrays)[1], rtol=1e-5, atol=1e-6)
+
+
+def _request(model: str, arrays: dict[str, Array], raw: bool = True, id: str = "", change: Callable[[Any], object] | None = None) -> Any:
+    """A ModelInferRequest built by hand: raw contents, or typed contents (fp32_contents, int64_contents);
+    `change` then breaks it."""
+    request = service_pb2.ModelInferRequest(model_name=model, id=id)
+    for name, array in arrays.items():
+        tensor = request.inputs.add(name=name, datatype=TRITON_DTYPES.get(array.dtype.name, "FP64"), shape=array.shape)
+        if raw:
+            request.raw_input_contents.append(array.tobytes())
+        elif array.dtype == np.int64:
+            tensor.contents.int64_contents.extend(array.ravel().tolist())
+        else:
+            tensor.contents.fp32_contents.extend(array.ravel().tolist())
+    if change is not None:
+        change(request)
+    return request
+
+
+def test_typed_contents_give_the_raw_answer(stub: Any, tiny_repo: ExportedRepo) -> None:
+    arrays = make_inputs(read_contract(tiny_repo.root / "grounding-ssrn"), batch=1, seed=4)  # FP32 and INT64 inputs
+    typed = stub.ModelInfer(_request("grounding-ssrn", arrays, raw=False, id="typed"), timeout=60)
+    raw = stub.ModelInfer(_request("grounding-ssrn", arrays), timeout=60)
+    assert typed.id == "typed" and typed.raw_output_contents == raw.raw_output_contents
+    expected = direct(tiny_repo.root, "grounding-ssrn", arrays)
+    for output, blob, want in zip(typed.outputs, typed.raw_output_contents, expected, strict=True):
+        got = np.frombuffer(blob, dtype=np.float32).reshape(list(output.shape))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def _crowd(batch: int = 1, dtype: type = np.float32) -> dict[str, Array]:
+    return {"image": np.zeros((batch, 3, 16, 16), dtype)}
+
+
+GROUNDING: dict[str, Array] = {
+    "video": np.zeros((1, 8, 1024), np.float32),
+    "video_mask": np.ones((1, 8), np.float32),
+    "words": np.full((1, 2), 5, np.int64),
+    "word_mask": np.ones((1, 2), np.float32),
+}
+
+
+def _shape(request: Any) -> None:
+    del request.inputs[0].shape[:]
+    request.inputs[0].shape.extend([1, 3, 16, 17])
+
+
+BAD = [
+    ("unknown model", _request("no-such-model", _crowd()), "NOT_FOUND", "unknown model 'no-such-model'"),
+    ("wrong input name", _request("crowd-csrnet", {"img": _crowd()["image"]}), "INVALID_ARGUMENT", "missing ['image'], unknown ['img']"),
+    ("wrong datatype", _request("crowd-csrnet", _crowd(dtype=np.float64)), "INVALID_ARGUMENT", "datatype 'FP64', the model expects FP32"),
+    ("wrong rank", _request("crowd-csrnet", {"image": np.zeros((3, 16, 16), np.float32)}), "INVALID_ARGUMENT", "has rank 3"),
+    ("batch above max", _request("crowd-csrnet", _crowd(batch=9)), "INVALID_ARGUMENT", "batch=9 is outside [1, 8]"),
+    (
+        "raw bytes short of the shape",
+        _request("crowd-csrnet", _crowd(), change=_shape),
+        "INVALID_ARGUMENT",
+        "raw_input_contents[0] has 3072 bytes, but shape [1, 3, 16, 17] of FP32 needs 3264",
+    ),
+    (
+        "typed values short of the shape",
+        _request("crowd-csrnet", _crowd(), raw=False, change=_shape),
+        "INVALID_ARGUMENT",
+        "768 values for shape [1, 3, 16, 17] (816 expected)",
+    ),
+    (
+        "a raw part missing",
+        _request("grounding-ssrn", GROUNDING, change=lambda r: r.raw_input_contents.pop()),
+        "INVALID_ARGUMENT",
+        "raw_input_contents has 3 entries for 4 inputs",
+    ),
+    (
+        "unknown output",
+        _request("crowd-csrnet", _crowd(), change=lambda r: r.outputs.add(name="heat")),
+        "INVALID_ARGUMENT",
+        "unknown outputs ['heat']",
+    ),
+    (
+        "bad timeout",
+        _request("crowd-csrnet", _crowd(), change=lambda r: setattr(r.parameters["timeout"], "int64_param", -5)),
+        "INVALID_ARGUMENT",
+        "parameters.timeout must be a positive",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "request_", "code", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_a_status_that_names_the_problem(
+    stub: Any, tiny_repo: ExportedRepo, case: str, request_: Any, code: str, message: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request_, timeout=60)
+    assert caught.value.code().name == code
+    assert message in caught.value.details()
+    arrays = make_inputs(read_contract(tiny_repo.root / "crowd-csrnet"), batch=1, seed=1, dims={"height": 16, "width": 16})
+    assert stub.ModelInfer(_request("crowd-csrnet", arrays), timeout=60).outputs[0].name == "density"  # still serving
+
+
+def test_requests_are_counted_and_a_passed_deadline_answers_deadline_exceeded(stub: Any, gateway: Gateway) -> None:
+    base = f"http://{gateway.url}/metrics"
+    before = httpx.get(base).text
+    assert stub.ModelInfer(_request("crowd-csrnet", _crowd()), timeout=60).model_name == "crowd-csrnet"
+    big = {"image": np.zeros((1, 3, 256, 256), np.float32)}  # about 10 ms of one core: the 1 µs deadline passes first
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(_request("crowd-csrnet", big, change=lambda r: setattr(r.parameters["timeout"], "int64_param", 1)), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "crowd-csrnet" in caught.value.details()
+    after = httpx.get(base).text
+    for status in ("200", "504"):
+        counted = [_metric(text, "migserve_requests_total", model="crowd-csrnet", status=status) for text in (before, after)]
+        assert counted[1] - counted[0] == 1, status
+
+
+def test_a_message_over_the_body_limit_is_refused(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    args = ("--cpu-slices", "1", "--models", "crowd-csrnet", "--max-body-mb", "1")
+    server = Gateway(tiny_repo.root, *args, log=tmp_path / "serve.log", grpc=True)
+    try:
+        assert server.grpc_url is not None
+        client = grpcclient.InferenceServerClient(url=server.grpc_url)
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("crowd-csrnet", grpc_inputs({"image": np.zeros((1, 3, 300, 300), np.float32)}))  # 1.08 MB
+        assert caught.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert "larger than max" in str(caught.value.message())
+        assert client.infer("crowd-csrnet", grpc_inputs(_crowd())).as_numpy("density").shape == (1, 1, 2, 2)
+        client.close()
+    finally:
+        server.close()

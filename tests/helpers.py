@@ -67,7 +67,7 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, what: str,
 class Gateway:
     """A real `migserve serve` process on a free local port; stopped on close."""
 
-    def __init__(self, repo: Path, *args: str, log: Path, grpc: bool = False) -> None:
+    def __init__(self, repo: Path, *args: str, log: Path, grpc: bool = False, new_session: bool = False) -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.log = log
@@ -78,7 +78,8 @@ class Gateway:
             self.grpc_url = f"127.0.0.1:{grpc_port}"
             command += ["--grpc-port", str(grpc_port)]
         self._out = log.open("w")
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT)
+        # new_session: a process group of its own, as a terminal's foreground job, to signal it as Ctrl-C does
+        self.process = subprocess.Popen(command, cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=new_session)
         try:
             wait_ready(self.url, self.process, log, "gateway", 120)
         except RuntimeError:

@@ -81,6 +81,9 @@ def run_batch(sessions: dict[str, Any], message: RunBatch, inputs: shm.Attachmen
 
 
 def worker_main(spec: WorkerSpec, conn: Connection) -> None:
+    # A process group of its own: Ctrl-C in a terminal (or a supervisor's signal to the gateway's group) reaches
+    # the gateway alone, which stops its workers in order; a worker killed alongside it looked like a crash.
+    os.setpgid(0, 0)
     if spec.device:
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.device
     if spec.cores:

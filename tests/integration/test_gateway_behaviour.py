@@ -348,6 +348,30 @@ def test_idle_priority_workers_yield_their_cores(tiny_repo: ExportedRepo, tmp_pa
         server.close()
 
 
+def test_ctrl_c_stops_the_gateway_and_its_workers_in_order(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """SIGINT to the gateway's process group, as Ctrl-C in a terminal: the gateway stops its workers itself,
+    so no worker dies of the signal (a traceback, and "died; restarting" in the gateway's log)."""
+    log = tmp_path / "serve.log"
+    server = Gateway(tiny_repo.root, "--cpu-slices", "1,1", "--models", "crowd-csrnet", log=log, new_session=True)
+    try:
+        pids = [p["pid"] for p in httpx.get(f"http://{server.url}/v1/partitions").json()["partitions"]]
+        os.killpg(server.process.pid, signal.SIGINT)
+        assert server.process.wait(timeout=30) == 0
+    finally:
+        server.close()
+    text = log.read_text()
+    assert "Traceback" not in text and "died" not in text, text[-3000:]
+    assert "Finished server process" in text
+    assert not [pid for pid in pids if _running(pid)], "a worker outlived the gateway"
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_openapi_documents_the_protocol(gateway: Gateway) -> None:
     spec = httpx.get(f"http://{gateway.url}/openapi.json").json()
     for path in ("/v2/models/{name}/infer", "/v2/health/ready", "/v1/partitions"):

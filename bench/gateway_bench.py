@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -246,11 +249,15 @@ def tiny_overhead(repo: Path, seconds: float) -> list[dict[str, Any]]:
 
 
 def report(rows: list[dict[str, Any]]) -> str:
+    """The markdown tables of RESULTS.md, of whatever points finished."""
     lines = []
     for model, dims in MODELS.items():
-        best = max((r for r in rows if r["model"] == model and r["mode"] == "direct"), key=lambda r: r["samples_per_s"])
+        directs = [r for r in rows if r["model"] == model and r["mode"] == "direct"]
+        if not directs:
+            continue
+        best = max(directs, key=lambda r: r["samples_per_s"])
         rows_here = [r for r in rows if r["model"] == model and r["mode"] in ("binary", "json", "nobatch", "uvicorn", "idle")]
-        single = next(r for r in rows if r["model"] == model and r["mode"] == "direct" and r["batch"] == 1)
+        single = next(r for r in directs if r["batch"] == 1)
         lines += [
             f"### {model} ({'x'.join(map(str, dims.values())) or 'default size'})",
             f"direct onnxruntime: best batch {best['batch']}, {best['samples_per_s']:.1f} samples/s; "
@@ -267,11 +274,13 @@ def report(rows: list[dict[str, Any]]) -> str:
                 f"| {r['gateway_cpu_ms']:.2f} / {r['workers_cpu_ms']:.2f} / {r['client_cpu_ms']:.2f} | {busy(r):.2f} |"
             )
         lines.append("")
-        for mode in ("binary", "idle"):
-            c32 = next(r for r in rows_here if r["mode"] == mode and r["concurrency"] == 32)
-            lines.append(f"concurrency 32, {mode}: {c32['samples_per_s'] / best['samples_per_s']:.2f}x direct at best batch")
+        for c32 in (r for r in rows_here if r["mode"] in ("binary", "idle") and r["concurrency"] == 32):
+            lines.append(f"concurrency 32, {c32['mode']}: {c32['samples_per_s'] / best['samples_per_s']:.2f}x direct at best batch")
         lines.append("")
-    d, g = (next(r for r in rows if r["mode"] == m) for m in ("direct-tiny", "binary-tiny"))
+    tiny = {r["mode"]: r for r in rows if r["mode"] in ("direct-tiny", "binary-tiny")}
+    if len(tiny) < 2:
+        return "\n".join(lines)
+    d, g = tiny["direct-tiny"], tiny["binary-tiny"]
     lines.append(
         f"tiny tensor ({TINY[0]} {'x'.join(map(str, TINY[1].values()))}), concurrency 1: direct p50 {d['p50_ms']:.2f} ms, "
         f"gateway p50 {g['p50_ms']:.2f} ms, added {g['p50_ms'] - d['p50_ms']:.2f} ms"
@@ -284,11 +293,10 @@ def busy(row: dict[str, Any]) -> float:
     return float(row["samples_per_s"] * (row["gateway_cpu_ms"] + row["workers_cpu_ms"] + row["client_cpu_ms"]) / 1000)
 
 
-def save(rows: list[dict[str, Any]], out: Path, text: str) -> None:
-    """The raw rows as JSON (under results/, not committed) and the report on stdout."""
+def save(rows: list[dict[str, Any]], out: Path) -> None:
+    """The raw rows as JSON (under results/, not committed), after every stage."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))
-    print(text)
 
 
 def main() -> int:
@@ -300,15 +308,23 @@ def main() -> int:
     subprocess.run(
         [sys.executable, "-m", "migserve", "export", "--model", *MODELS, "--out", str(args.repo), "--skip-existing"], check=True, cwd=ROOT
     )
+    stages: list[Callable[[], list[dict[str, Any]]]] = [
+        *(functools.partial(direct, args.repo, model, dims, args.seconds) for model, dims in MODELS.items()),
+        functools.partial(gateway_rows, args.repo, "gateway", (), ("binary", "json"), args.seconds),
+        functools.partial(gateway_rows, args.repo, "nobatch", ("--max-batch-size", "1"), ("binary",), args.seconds),
+        functools.partial(gateway_rows, args.repo, "uvicorn", ("--http-server", "uvicorn"), ("binary",), args.seconds),
+        functools.partial(gateway_rows, args.repo, "idle", ("--cpu-worker-priority", "idle"), ("binary",), args.seconds),
+        functools.partial(tiny_overhead, args.repo, args.seconds),
+    ]
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a timeout or kill ends it like Ctrl-C: what finished is kept
     rows: list[dict[str, Any]] = []
-    for model, dims in MODELS.items():
-        rows += direct(args.repo, model, dims, args.seconds)
-    rows += gateway_rows(args.repo, "gateway", (), ("binary", "json"), args.seconds)
-    rows += gateway_rows(args.repo, "nobatch", ("--max-batch-size", "1"), ("binary",), args.seconds)
-    rows += gateway_rows(args.repo, "uvicorn", ("--http-server", "uvicorn"), ("binary",), args.seconds)
-    rows += gateway_rows(args.repo, "idle", ("--cpu-worker-priority", "idle"), ("binary",), args.seconds)
-    rows += tiny_overhead(args.repo, args.seconds)
-    save(rows, args.out, report(rows))
+    try:
+        for stage in stages:
+            rows += stage()
+            save(rows, args.out)
+    except KeyboardInterrupt:
+        print(f"interrupted: the report covers the {len(rows)} points that finished", file=sys.stderr)
+    print(report(rows))
     return 0
 
 

@@ -93,7 +93,8 @@ def main() -> int:
                 rows += run_mode(repo, f"triton-{batching}", partition, args.seconds, work)
         finally:
             triton.stop()
-    save(rows, args.out, report(rows))
+    save(rows, args.out)
+    print(report(rows))
     return 0
 
 

@@ -128,7 +128,7 @@ def compose(instances: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _gateway_service(depends_on: list[str], topology_mount: str | None) -> dict[str, Any]:
-    command = ["migserve", "serve", "--host", "0.0.0.0", "--port", "8000", "--model-repo", "/models"]
+    command = ["migserve", "serve", "--host", "0.0.0.0", "--port", "8000", "--grpc-port", "8001", "--model-repo", "/models"]
     volumes = ["${MODEL_REPO:-../model_repo}:/models:ro"]
     if topology_mount:
         command += ["--topology", "/etc/migserve/topology.yaml"]
@@ -138,7 +138,7 @@ def _gateway_service(depends_on: list[str], topology_mount: str | None) -> dict[
         "image": GATEWAY_IMAGE,
         "command": command,
         "volumes": volumes,
-        "ports": ["8000:8000"],
+        "ports": ["8000:8000", "8001:8001"],
         "restart": "unless-stopped",
     }
     if depends_on:
@@ -223,12 +223,14 @@ def kubernetes(instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "0.0.0.0",
             "--port",
             "8000",
+            "--grpc-port",
+            "8001",
             "--model-repo",
             "/models",
             "--topology",
             "/etc/migserve/topology.yaml",
         ],
-        "ports": [{"name": "http", "containerPort": 8000}],
+        "ports": [{"name": "http", "containerPort": 8000}, {"name": "grpc", "containerPort": 8001}],
         "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"}, "periodSeconds": 10},
         "volumeMounts": [
@@ -241,7 +243,7 @@ def kubernetes(instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "migserve-gateway", gateway_labels, 1, gateway, extra_volume={"name": "topology", "configMap": {"name": "migserve-topology"}}
         )
     )
-    docs.append(_service_manifest("migserve-gateway", gateway_labels, {"http": 8000}))
+    docs.append(_service_manifest("migserve-gateway", gateway_labels, {"http": 8000, "grpc": 8001}))
     docs.append(
         {
             "apiVersion": "monitoring.coreos.com/v1",

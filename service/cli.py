@@ -61,6 +61,18 @@ def _sizes(flag: str, raw: str | None, what: str, example: str) -> tuple[int, ..
     return sizes
 
 
+def _check_port(host: str, port: int, flag: str) -> None:
+    """Refuse at once a port another process holds, instead of after the workers start (gRPC binds late)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a port in TIME_WAIT is free
+            sock.bind((host, port))
+    except OSError as exc:
+        raise ValueError(f"{flag} {port}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
     import uvicorn
 
@@ -95,6 +107,8 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             max_volume_voxels=int(args.max_volume_mvox * 1e6),
             job_min_tiles=args.job_min_tiles,
         )
+        if config.grpc_port is not None:
+            _check_port(config.host, config.grpc_port, "--grpc-port")
         app = create_app(config)
     except (ValueError, ValidationError, ServiceError, TopologyError, RepositoryError) as exc:
         print(f"error: {exc}", file=err)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import textwrap
@@ -86,14 +87,19 @@ def test_export_without_torch_says_how_to_install_it() -> None:
         (["--cpu-slices", "64,64"], "--cpu-slices 64,64 needs 128 cores"),
         (["--preferred-batch-sizes", "4,0"], "--preferred-batch-sizes '4,0': expected batch sizes of 1 or more, comma-separated"),
         (["--topology", "/nonexistent.yaml"], "cannot read topology /nonexistent.yaml"),
+        (["--grpc-port", "HELD"], "cannot listen on 127.0.0.1:HELD: Address already in use"),
     ],
 )
 def test_serve_start_up_errors_are_one_line(args: list[str], message: str, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "m").mkdir()  # a directory without a contract: refused, so there is nothing to serve
+    held = socket.create_server(("127.0.0.1", 0))  # a port another process listens on
+    port = str(held.getsockname()[1])
+    args, message = [a.replace("HELD", port) for a in args], message.replace("HELD", port)
     argv = ["serve", *(["--model-repo", str(repo)] if "--model-repo" not in args else []), *args]
-    proc = subprocess.run([sys.executable, "-m", "migserve", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    with held:
+        proc = subprocess.run([sys.executable, "-m", "migserve", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ")

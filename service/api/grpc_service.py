@@ -5,7 +5,8 @@ gRPC request goes through the same checks, batcher, deadlines and metrics as an
 HTTP one (the tensor checks of `kserve.py`, `Gateway.infer_decoded`). The message
 types and service stubs are the ones tritonclient ships (generated from Triton's
 `grpc_service.proto`), so `tritonclient.grpc` and any client generated from that
-proto talk to it.
+proto talk to it: health, server and model metadata, ModelInfer and ModelStreamInfer
+(the other RPCs answer UNIMPLEMENTED).
 
 Tensors arrive as `raw_input_contents` (what tritonclient sends; read in place) or
 as typed contents (`fp32_contents`, ...); outputs always go back as
@@ -19,7 +20,9 @@ refused by gRPC itself (RESOURCE_EXHAUSTED) before it is decoded.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
@@ -100,6 +103,44 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         )
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await self._infer(request, context)
+        except ServiceError as exc:
+            await _abort(context, exc)
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        """Each request of the stream runs as soon as it arrives (so a stream's requests batch together);
+        answers come back as they finish, matched by their `id`; a failed one answers `error_message`."""
+        answers: asyncio.Queue[Any] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(request: Any) -> None:
+            try:
+                response = service_pb2.ModelStreamInferResponse(infer_response=await self._infer(request, context))
+            except ServiceError as exc:
+                response = service_pb2.ModelStreamInferResponse(error_message=str(exc), infer_response={"id": request.id})
+            await answers.put(response)
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    task = asyncio.create_task(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                await asyncio.gather(*running)
+            finally:
+                answers.put_nowait(None)  # every request is answered, or the stream broke
+
+        reader = asyncio.create_task(read())
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+            await reader  # a broken request stream raises here
+        finally:
+            for task in [reader, *running]:
+                task.cancel()
+
+    async def _infer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         name = request.model_name
 
         async def work(entry: ModelEntry) -> Any:
@@ -108,10 +149,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             outputs = await self.gateway.infer_decoded(name, decoded, min(timeouts, default=self.gateway.config.default_timeout_s))
             return encode_infer_response(name, decoded, outputs)
 
-        try:
-            return await self.gateway.counted(name, work)
-        except ServiceError as exc:
-            await _abort(context, exc)
+        return await self.gateway.counted(name, work)
 
 
 def decode_infer_request(request: Any, entry: ModelEntry) -> DecodedRequest:

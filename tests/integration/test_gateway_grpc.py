@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -211,3 +212,32 @@ def test_a_message_over_the_body_limit_is_refused(tiny_repo: ExportedRepo, tmp_p
         client.close()
     finally:
         server.close()
+
+
+def test_a_stream_answers_every_request_and_reports_a_bad_one(gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+    """tritonclient.grpc's bidirectional stream: twelve requests in flight at once, one of them broken."""
+    assert gateway.grpc_url is not None
+    contract = read_contract(tiny_repo.root / "face-pros")
+    sent = {f"r{i}": make_inputs(contract, batch=1, seed=i) for i in range(12)}
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client = grpcclient.InferenceServerClient(url=gateway.grpc_url)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for request_id, arrays in sent.items():
+            client.async_stream_infer("face-pros", grpc_inputs(arrays), request_id=request_id)
+        wrong = grpcclient.InferInput("image", [1, 3, 224, 224], "FP64")
+        wrong.set_data_from_numpy(np.zeros((1, 3, 224, 224)))
+        client.async_stream_infer("face-pros", [wrong], request_id="bad")
+        got = [answers.get(timeout=60) for _ in range(len(sent) + 1)]
+    finally:
+        client.stop_stream()
+        client.close()
+    errors = [error for _, error in got if error is not None]
+    assert len(errors) == 1 and "datatype 'FP64', the model expects FP32" in errors[0].message()
+    results = {result.get_response().id: result for result, error in got if error is None}
+    assert sorted(results) == sorted(sent)
+    for request_id, arrays in sent.items():
+        expected = direct(tiny_repo.root, "face-pros", arrays)[0]
+        np.testing.assert_allclose(
+            results[request_id].as_numpy("embedding"), expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max())
+        )

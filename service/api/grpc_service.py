@@ -34,7 +34,8 @@ from migserve.types import Array
 
 from ..errors import BadRequest, ServiceError
 from .kserve import (
-    NUMPY_TO_V2,
+    EXTENSIONS,
+    V2_OF_DTYPE,
     DecodedRequest,
     binary_tensor,
     check_datatype,
@@ -69,7 +70,6 @@ CONTENTS = {
     "UINT8": "uint_contents",
     "BOOL": "bool_contents",
 }
-_V2_OF_DTYPE = {np.dtype(name): v2 for name, v2 in NUMPY_TO_V2.items()}
 
 
 class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]  # generated, untyped
@@ -86,7 +86,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         return service_pb2.ModelReadyResponse(ready=request.name in self.gateway.models and self.gateway.model_ready(request.name))
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        return service_pb2.ServerMetadataResponse(name="migserve", version=migserve.__version__, extensions=["binary_tensor_data"])
+        return service_pb2.ServerMetadataResponse(name="migserve", version=migserve.__version__, extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
@@ -189,7 +189,7 @@ def encode_infer_response(model: str, decoded: DecodedRequest, outputs: dict[str
     response = service_pb2.ModelInferResponse(model_name=model, model_version="1", id=decoded.id or "")
     for name in decoded.outputs:
         array = np.ascontiguousarray(outputs[name])
-        response.outputs.add(name=name, datatype=_V2_OF_DTYPE[array.dtype], shape=array.shape)
+        response.outputs.add(name=name, datatype=V2_OF_DTYPE[array.dtype], shape=array.shape)
         response.raw_output_contents.append(array.tobytes())
     return response
 

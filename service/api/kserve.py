@@ -32,7 +32,8 @@ V2_TYPES = {
     "BOOL": "bool",
 }
 NUMPY_TO_V2 = {v: k for k, v in V2_TYPES.items()}
-_V2_OF_DTYPE = {np.dtype(v): k for k, v in V2_TYPES.items()}  # dtype.name is slow enough to show per request
+V2_OF_DTYPE = {np.dtype(v): k for k, v in V2_TYPES.items()}  # dtype.name is slow enough to show per request
+EXTENSIONS = ["binary_tensor_data"]  # what GET /v2 and gRPC's ServerMetadata announce
 
 
 @dataclass(frozen=True)
@@ -264,7 +265,7 @@ def encode_response(model: str, request: DecodedRequest, outputs: dict[str, Arra
     entries, blobs = [], []
     for name in request.outputs:
         array = np.ascontiguousarray(outputs[name])
-        entry: dict[str, Any] = {"name": name, "datatype": _V2_OF_DTYPE[array.dtype], "shape": list(array.shape)}
+        entry: dict[str, Any] = {"name": name, "datatype": V2_OF_DTYPE[array.dtype], "shape": list(array.shape)}
         if name in request.binary_outputs:
             entry["parameters"] = {"binary_data_size": array.nbytes}
             blobs.append(array.tobytes())

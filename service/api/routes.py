@@ -12,7 +12,7 @@ import migserve
 
 from ..errors import Unavailable
 from .fastpath import read_body
-from .kserve import HEADER_LENGTH, response_headers
+from .kserve import EXTENSIONS, HEADER_LENGTH, response_headers
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 def register(app: FastAPI, gateway: Gateway) -> None:
     @app.get("/v2", summary="Server metadata (KServe v2)")
     async def server_metadata() -> dict[str, Any]:
-        return {"name": "migserve", "version": migserve.__version__, "extensions": ["binary_tensor_data"]}
+        return {"name": "migserve", "version": migserve.__version__, "extensions": EXTENSIONS}
 
     @app.get("/v2/health/live", summary="Liveness")
     async def live() -> Response:

@@ -119,8 +119,9 @@ class Gateway:
         """One KServe v2 inference over HTTP: the response body, and its JSON header's length when binary follows."""
 
         async def work(entry: ModelEntry) -> tuple[bytes, int | None]:
+            started = time.monotonic()
             decoded = decode_request(body, header_length, entry.contract)
-            outputs = await self.infer_decoded(name, decoded, decoded.timeout_s or self.timeout(timeout_header))
+            outputs = await self.infer_decoded(name, decoded, started, decoded.timeout_s or self.timeout(timeout_header))
             return encode_response(name, decoded, outputs)
 
         return await self.counted(name, work)
@@ -143,9 +144,10 @@ class Gateway:
             if name in self.models:
                 self.metrics.request_done(name, status, time.monotonic() - started)
 
-    async def infer_decoded(self, name: str, decoded: DecodedRequest, timeout: float) -> dict[str, Array]:
-        """A checked request through the model's batcher: its outputs, or 504 after `timeout` seconds."""
-        pending = Pending(inputs=decoded.inputs, size=decoded.batch, deadline=time.monotonic() + timeout)
+    async def infer_decoded(self, name: str, decoded: DecodedRequest, started: float, timeout: float) -> dict[str, Array]:
+        """A checked request through the model's batcher: its outputs, or 504 `timeout` seconds after `started`
+        (time.monotonic() when it arrived: decoding counts against its deadline)."""
+        pending = Pending(inputs=decoded.inputs, size=decoded.batch, deadline=started + timeout)
         self.batchers[name].submit(pending)
         return await _await_until(pending, name, timeout)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -41,10 +42,10 @@ from .kserve import (
     check_datatype,
     check_input_names,
     check_output_names,
-    check_shape_values,
     checked_inputs,
     listed_tensor,
     plan_of,
+    shape_and_count,
 )
 
 if TYPE_CHECKING:
@@ -144,9 +145,11 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         name = request.model_name
 
         async def work(entry: ModelEntry) -> Any:
+            started = time.monotonic()
             decoded = decode_infer_request(request, entry)
             timeouts = [t for t in (decoded.timeout_s, context.time_remaining()) if t is not None]
-            outputs = await self.gateway.infer_decoded(name, decoded, min(timeouts, default=self.gateway.config.default_timeout_s))
+            timeout = min(timeouts, default=self.gateway.config.default_timeout_s)
+            outputs = await self.gateway.infer_decoded(name, decoded, started, timeout)
             return encode_infer_response(name, decoded, outputs)
 
         return await self.gateway.counted(name, work)
@@ -163,8 +166,7 @@ def decode_infer_request(request: Any, entry: ModelEntry) -> DecodedRequest:
     for i, tensor in enumerate(request.inputs):
         input_plan = plan.inputs[tensor.name]
         check_datatype(input_plan, tensor.datatype)
-        shape = list(tensor.shape)
-        count = check_shape_values(input_plan, shape)
+        shape, count = shape_and_count(input_plan, list(tensor.shape))
         if raw:
             arrays[tensor.name] = binary_tensor(input_plan, shape, count, memoryview(raw[i]), f"raw_input_contents[{i}]")
             continue

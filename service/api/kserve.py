@@ -117,14 +117,14 @@ def check_datatype(plan: _InputPlan, datatype: object) -> None:
         raise BadRequest(f"input {plan.spec.name}: datatype {datatype!r}, the model expects {plan.datatype}")
 
 
-def check_shape_values(plan: _InputPlan, shape: object) -> int:
-    """The element count of a shape given as a list of non-negative integers."""
+def shape_and_count(plan: _InputPlan, shape: object) -> tuple[list[int], int]:
+    """A shape given as a list of non-negative integers, and its element count."""
     if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
         raise BadRequest(f"input {plan.spec.name}: 'shape' must be a list of non-negative integers, got {shape!r}")
     count = 1
     for d in shape:
         count *= d
-    return count
+    return shape, count
 
 
 def binary_tensor(plan: _InputPlan, shape: list[int], count: int, data: memoryview, where: str) -> Array:
@@ -149,9 +149,7 @@ def listed_tensor(plan: _InputPlan, shape: list[int], count: int, values: Any) -
 def _array(entry: dict[str, Any], plan: _InputPlan, binary: memoryview, offset: int) -> tuple[Array, int]:
     name = plan.spec.name
     check_datatype(plan, entry.get("datatype"))
-    shape = entry.get("shape")
-    count = check_shape_values(plan, shape)
-    assert isinstance(shape, list)
+    shape, count = shape_and_count(plan, entry.get("shape"))
     parameters = entry.get("parameters")
     size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
     if size is not None:

@@ -17,6 +17,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from tritonclient.grpc import service_pb2
 
 import migserve
 from migserve.types import Array
@@ -30,6 +31,7 @@ from ..metrics import Metrics
 from ..partitions import Partition, PartitionKind, discover, memory_used
 from ..placement import place
 from ..repository import ModelEntry, load_repository
+from ..stats import ModelStatistics, model_config
 from ..workers.protocol import ModelSpec
 from .errors import error_body
 from .fastpath import InferFastPath
@@ -48,6 +50,9 @@ class Gateway:
     backend: LocalBackend
     metrics: Metrics = field(default_factory=Metrics)
     batchers: dict[str, ModelBatcher] = field(default_factory=dict)
+    stats: dict[str, ModelStatistics] = field(default_factory=dict)
+    configs: dict[str, Any] = field(default_factory=dict)  # model -> its Triton ModelConfig message, as served
+    refused: dict[str, str] = field(default_factory=dict)  # repository models not served -> why
     jobs: JobStore = field(init=False)
 
     def __post_init__(self) -> None:
@@ -64,7 +69,7 @@ class Gateway:
             raise UnknownModel(f"no servable models in {config.model_repo}; run: migserve export --all --out {config.model_repo}")
         placement = place(partitions, models)
         backend = LocalBackend(partitions, placement, idle_priority=config.cpu_worker_priority == "idle")
-        return cls(config, models, partitions, placement, backend)
+        return cls(config, models, partitions, placement, backend, refused=repo.refused)
 
     async def start(self) -> None:
         await self.backend.start()
@@ -80,9 +85,12 @@ class Gateway:
                 if self.config.preferred_batch_sizes is None
                 else self.config.preferred_batch_sizes,
             )
-            batcher = ModelBatcher(name, policy, functools.partial(self.backend.replicas, name), self.metrics)
+            self.stats[name] = stats = ModelStatistics(name)
+            batcher = ModelBatcher(name, policy, functools.partial(self.backend.replicas, name), self.metrics, stats)
             self.backend.add_listener(batcher.notify)
             self.batchers[name] = batcher
+            placed = [p for p in self.partitions if name in self.placement.get(p.id, {})]
+            self.configs[name] = model_config(entry.directory, policy, placed)
         self.backend.add_listener(self._update_partition_metrics)
         self._update_partition_metrics()
         for partition in self.partitions:
@@ -142,7 +150,9 @@ class Gateway:
             raise
         finally:
             if name in self.models:
-                self.metrics.request_done(name, status, time.monotonic() - started)
+                elapsed = time.monotonic() - started
+                self.metrics.request_done(name, status, elapsed)
+                self.stats[name].request_done(status == "200", elapsed)
 
     async def infer_decoded(self, name: str, decoded: DecodedRequest, started: float, timeout: float) -> dict[str, Array]:
         """A checked request through the model's batcher: its outputs, or 504 `timeout` seconds after `started`
@@ -205,6 +215,27 @@ class Gateway:
             "inputs": [tensor(s) for s in contract.inputs],
             "outputs": [tensor(s) for s in contract.outputs],
         }
+
+    def model_config(self, name: str) -> Any:
+        """Triton's ModelConfig message for a served model (the model configuration extension)."""
+        self.entry(name)
+        return self.configs[name]
+
+    def model_statistics(self, name: str | None) -> Any:
+        """Triton's ModelStatisticsResponse: one model's statistics, or every served model's (name None or "")."""
+        names = [self.entry(name).contract.name] if name else sorted(self.models)
+        return service_pb2.ModelStatisticsResponse(model_stats=[self.stats[n].message() for n in names])
+
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """Triton's repository index: served models READY while a replica is ready; the rest UNAVAILABLE, and why."""
+        states = {name: "" if self.model_ready(name) else "no ready replica" for name in self.models} | self.refused
+        return [
+            {"name": name, "version": "1", "state": "UNAVAILABLE", "reason": reason}
+            if reason
+            else {"name": name, "version": "1", "state": "READY"}
+            for name, reason in sorted(states.items())
+            if not (ready_only and reason)
+        ]
 
     def partitions_view(self) -> list[dict[str, Any]]:
         view = []

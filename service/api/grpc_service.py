@@ -5,8 +5,10 @@ gRPC request goes through the same checks, batcher, deadlines and metrics as an
 HTTP one (the tensor checks of `kserve.py`, `Gateway.infer_decoded`). The message
 types and service stubs are the ones tritonclient ships (generated from Triton's
 `grpc_service.proto`), so `tritonclient.grpc` and any client generated from that
-proto talk to it: health, server and model metadata, ModelInfer and ModelStreamInfer
-(the other RPCs answer UNIMPLEMENTED).
+proto talk to it: health, server and model metadata, model configuration and
+statistics (`service/stats.py`), the repository index, ModelInfer and
+ModelStreamInfer. The rest (model load and unload, shared memory, trace and log
+settings) answer UNIMPLEMENTED.
 
 Tensors arrive as `raw_input_contents` (what tritonclient sends; read in place) or
 as typed contents (`fp32_contents`, ...); outputs always go back as
@@ -102,6 +104,22 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             inputs=[tensor(**t) for t in meta["inputs"]],
             outputs=[tensor(**t) for t in meta["outputs"]],
         )
+
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return service_pb2.ModelConfigResponse(config=self.gateway.model_config(request.name))
+        except ServiceError as exc:
+            await _abort(context, exc)
+
+    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return self.gateway.model_statistics(request.name)
+        except ServiceError as exc:
+            await _abort(context, exc)
+
+    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        index = service_pb2.RepositoryIndexResponse.ModelIndex
+        return service_pb2.RepositoryIndexResponse(models=[index(**model) for model in self.gateway.repository_index(request.ready)])
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:

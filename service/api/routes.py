@@ -10,12 +10,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import migserve
 
-from ..errors import Unavailable
+from ..errors import BadRequest, Unavailable
+from ..stats import as_json
 from .fastpath import read_body
-from .kserve import EXTENSIONS, HEADER_LENGTH, response_headers
+from .kserve import EXTENSIONS, HEADER_LENGTH, json_object, response_headers
 
 if TYPE_CHECKING:
     from .app import Gateway
+
+
+INDEX_BODY_LIMIT = 64 * 1024  # a repository index request is {"ready": true} at most
 
 
 def register(app: FastAPI, gateway: Gateway) -> None:
@@ -31,6 +35,26 @@ def register(app: FastAPI, gateway: Gateway) -> None:
     async def ready() -> Response:
         ok = all(gateway.model_ready(name) for name in gateway.models)
         return Response(status_code=200 if ok else 503)
+
+    @app.get("/v2/models/stats", summary="Every model's statistics (Triton's statistics extension)")
+    @app.get("/v2/models/{name}/stats", summary="A model's statistics (Triton's statistics extension)")
+    @app.get("/v2/models/{name}/versions/{version}/stats", include_in_schema=False)
+    async def model_statistics(name: str = "", version: str = "1") -> dict[str, Any]:
+        return as_json(gateway.model_statistics(name))
+
+    @app.get("/v2/models/{name}/config", summary="The model's configuration as served (Triton's model configuration extension)")
+    @app.get("/v2/models/{name}/versions/{version}/config", include_in_schema=False)
+    async def model_config(name: str, version: str = "1") -> dict[str, Any]:
+        return as_json(gateway.model_config(name))
+
+    @app.post("/v2/repository/index", summary="Every model in the repository and its state (Triton's repository index)")
+    async def repository_index(request: Request) -> JSONResponse:
+        body = await read_body(request.receive, request.headers.get("content-length"), INDEX_BODY_LIMIT)
+        options = json_object(body, 'a JSON object such as {"ready": true}') if body.strip() else {}
+        ready = options.get("ready", False)
+        if not isinstance(ready, bool):
+            raise BadRequest(f"'ready' must be true or false, not {ready!r}")
+        return JSONResponse(gateway.repository_index(ready_only=ready))
 
     @app.get("/v2/models/{name}", summary="Model metadata (KServe v2)")
     @app.get("/v2/models/{name}/versions/{version}", include_in_schema=False)

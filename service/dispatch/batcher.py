@@ -29,12 +29,16 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from migserve.types import Array
 
 from ..backends.base import Replica
 from ..errors import DeadlineExpired, ServiceError, Unavailable, WorkerDied
 from ..metrics import Metrics
+
+if TYPE_CHECKING:
+    from ..stats import ModelStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +70,14 @@ class BatchPolicy:
 
 
 class ModelBatcher:
-    def __init__(self, model: str, policy: BatchPolicy, replicas: Callable[[], Sequence[Replica]], metrics: Metrics) -> None:
+    def __init__(
+        self, model: str, policy: BatchPolicy, replicas: Callable[[], Sequence[Replica]], metrics: Metrics, stats: ModelStatistics
+    ) -> None:
         self.model = model
         self.policy = policy
         self._replicas = replicas
         self._metrics = metrics
+        self._stats = stats
         self._depth = metrics.queue_depth.labels(model)
         self._queue: deque[Pending] = deque()
         self._timer: asyncio.TimerHandle | None = None  # wakes the batcher when a held batch's delay runs out
@@ -184,6 +191,7 @@ class ModelBatcher:
         if not batch:
             return
         parts = {name: [p.inputs[name] for p in batch] for name in batch[0].inputs}
+        sent = time.monotonic()
         try:
             future = replica.submit(self.model, parts)
         except WorkerDied as exc:
@@ -194,13 +202,15 @@ class ModelBatcher:
             for item in batch:
                 _fail(item, ServiceError(f"model {self.model}: dispatch failed: {exc}"))
             return
-        task = asyncio.get_running_loop().create_task(self._finish(replica, batch, future))
+        task = asyncio.get_running_loop().create_task(self._finish(replica, batch, future, sent, time.monotonic()))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _finish(self, replica: Replica, batch: list[Pending], future: asyncio.Future[dict[str, Array]]) -> None:
-        """Await the batch; if its worker died, queue it again at the front for another replica (once), else 503."""
-        started = time.monotonic()
+    async def _finish(
+        self, replica: Replica, batch: list[Pending], future: asyncio.Future[dict[str, Array]], sent: float, copied: float
+    ) -> None:
+        """Await the batch; if its worker died, queue it again at the front for another replica (once), else 503.
+        `sent`: when the gateway began copying the batch to the replica; `copied`: when the copy was done."""
         try:
             outputs = await future
         except WorkerDied as died:
@@ -210,10 +220,13 @@ class ModelBatcher:
             for item in batch:
                 _fail(item, exc)
             return
+        answered = time.monotonic()
         rows = sum(p.size for p in batch)
         self._metrics.batch_size.labels(self.model, replica.id).observe(rows)
-        self._metrics.batch_seconds.labels(self.model, replica.id).observe(time.monotonic() - started)
-        _split(batch, outputs, rows, self.model)
+        self._metrics.batch_seconds.labels(self.model, replica.id).observe(answered - sent)
+        if _split(batch, outputs, rows, self.model):
+            queued = (sent - p.enqueued for p in batch)
+            self._stats.batch_done(rows, queued, copied - sent, answered - copied, time.monotonic() - answered)
 
     def _retry(self, replica: Replica, batch: list[Pending], died: WorkerDied) -> None:
         others = any(r.ready for r in self._replicas() if r is not replica)
@@ -230,18 +243,20 @@ class ModelBatcher:
         self._pump()
 
 
-def _split(batch: list[Pending], outputs: dict[str, Array], rows: int, model: str) -> None:
+def _split(batch: list[Pending], outputs: dict[str, Array], rows: int, model: str) -> bool:
+    """Each request's rows of the outputs; False (and each request failed) if they have no such rows."""
     bad = [name for name, value in outputs.items() if value.shape[:1] != (rows,)]
     if bad:
         error = ServiceError(f"model {model} returned {bad} without a batch dim of {rows}")
         for item in batch:
             _fail(item, error)
-        return
+        return False
     row = 0
     for item in batch:
         if not item.future.done():
             item.future.set_result({name: value[row : row + item.size] for name, value in outputs.items()})
         row += item.size
+    return True
 
 
 def _fail(item: Pending, error: Exception) -> None:

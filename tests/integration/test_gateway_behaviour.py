@@ -93,10 +93,29 @@ def test_a_preferred_batch_size_goes_without_waiting_for_the_delay(
             assert _metric(after, "migserve_batch_size_count", model="crowd-csrnet", partition=free["id"]) == 1
             os.kill(busy[0]["pid"], signal.SIGCONT)
             assert first.result(timeout=30).status_code == 200
+        _check_config_and_statistics(base, preferred)
     finally:
         for worker in workers:
             os.kill(worker["pid"], signal.SIGCONT)
         server.close()
+
+
+def _check_config_and_statistics(base: str, preferred: int) -> None:
+    """Triton's model configuration shows the batching as served; its statistics count the two batches above:
+    the first request alone (its worker stopped ~1 s), then `preferred` requests together, the first
+    `preferred - 1` of them held ~1 s in the queue."""
+    batching = httpx.get(f"{base}/v2/models/crowd-csrnet/config").json()["dynamic_batching"]
+    assert batching["preferred_batch_size"] == ([4, 8] if preferred == 4 else [2, 8])
+    assert batching["max_queue_delay_microseconds"] == 60_000_000
+    (stats,) = httpx.get(f"{base}/v2/models/crowd-csrnet/stats").json()["model_stats"]
+    assert (stats["inference_count"], stats["execution_count"]) == (preferred + 1, 2)
+    infer = stats["inference_stats"]
+    assert infer["success"]["count"] == infer["queue"]["count"] == infer["compute_infer"]["count"] == preferred + 1
+    assert infer["fail"] == {"count": 0, "ns": 0}
+    assert infer["queue"]["ns"] > (preferred - 1) * 0.9e9, "the held requests' time in the queue"
+    assert infer["compute_infer"]["ns"] > 0.9e9, "the first request's batch ran on the stopped worker"
+    assert infer["compute_infer"]["ns"] + infer["queue"]["ns"] < infer["success"]["ns"]
+    assert [(b["batch_size"], b["compute_infer"]["count"]) for b in stats["batch_stats"]] == [(1, 1), (preferred, 1)]
 
 
 def _post_crowd(server: Gateway, repo: Path, seed: int) -> httpx.Response:

@@ -12,7 +12,8 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from exporters.zoo import ZOO
@@ -186,6 +187,7 @@ def test_bad_requests_get_a_status_that_names_the_problem(
 def test_requests_are_counted_and_a_passed_deadline_answers_deadline_exceeded(stub: Any, gateway: Gateway) -> None:
     base = f"http://{gateway.url}/metrics"
     before = httpx.get(base).text
+    stats_before = stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name="crowd-csrnet")).model_stats[0].inference_stats
     assert stub.ModelInfer(_request("crowd-csrnet", _crowd()), timeout=60).model_name == "crowd-csrnet"
     big = {"image": np.zeros((1, 3, 256, 256), np.float32)}  # about 10 ms of one core: the 1 µs deadline passes first
     with pytest.raises(grpc.RpcError) as caught:
@@ -196,6 +198,27 @@ def test_requests_are_counted_and_a_passed_deadline_answers_deadline_exceeded(st
     for status in ("200", "504"):
         counted = [_metric(text, "migserve_requests_total", model="crowd-csrnet", status=status) for text in (before, after)]
         assert counted[1] - counted[0] == 1, status
+    stats_after = stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name="crowd-csrnet")).model_stats[0].inference_stats
+    assert stats_after.success.count - stats_before.success.count == 1
+    assert stats_after.fail.count - stats_before.fail.count == 1
+
+
+def test_configuration_statistics_and_index_match_http(client: grpcclient.InferenceServerClient, stub: Any, gateway: Gateway) -> None:
+    base = f"http://{gateway.url}"
+    for name in ("face-pros", "grounding-mgsl"):
+        over_http = json_format.ParseDict(httpx.get(f"{base}/v2/models/{name}/config").json(), model_config_pb2.ModelConfig())
+        assert client.get_model_config(name).config == over_http
+        assert [i.name for i in over_http.input] == [i["name"] for i in client.get_model_metadata(name, as_json=True)["inputs"]]
+    over_http = json_format.ParseDict(httpx.get(f"{base}/v2/models/stats").json(), service_pb2.ModelStatisticsResponse())
+    assert client.get_inference_statistics() == over_http
+    assert sorted(s.name for s in over_http.model_stats) == sorted(ZOO)
+    index = [json_format.MessageToDict(m) for m in stub.RepositoryIndex(service_pb2.RepositoryIndexRequest()).models]
+    assert index == httpx.post(f"{base}/v2/repository/index").json()
+    assert {m["state"] for m in index} == {"READY"}
+    for call in (client.get_model_config, client.get_inference_statistics):
+        with pytest.raises(InferenceServerException) as caught:
+            call("no-such-model")
+        assert caught.value.status() == "StatusCode.NOT_FOUND" and "unknown model 'no-such-model'" in str(caught.value.message())
 
 
 def test_a_message_over_the_body_limit_is_refused(tiny_repo: ExportedRepo, tmp_path: Path) -> None:

@@ -1,17 +1,18 @@
-"""A model file that no longer matches its contract is refused, by the loader and by the worker."""
+"""A model file that no longer matches its contract is refused, by the loader and by the worker, and listed as such."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import httpx
 import onnxruntime as ort
 
 from service.placement import model_spec
 from service.repository import load_repository
 from service.workers.process import load_sessions
 from service.workers.protocol import WorkerSpec
-from tests.helpers import ExportedRepo
+from tests.helpers import ExportedRepo, Gateway
 
 
 def _tampered_copy(tiny_repo: ExportedRepo, tmp_path: Path) -> Path:
@@ -37,3 +38,19 @@ def test_the_worker_refuses_a_file_changed_after_start_up(tiny_repo: ExportedRep
     sessions, refused = load_sessions(ort, WorkerSpec(partition="cpu-0", device=None, cores=(0,), models=tuple(moved)))
     assert list(sessions) == ["face-pros"]
     assert "is not the contract's" in refused["crowd-csrnet"]
+
+
+def test_the_gateway_serves_on_and_lists_a_refused_model_with_its_reason(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    server = Gateway(_tampered_copy(tiny_repo, tmp_path), "--cpu-slices", "1", log=tmp_path / "serve.log")
+    base = f"http://{server.url}"
+    try:
+        index = {m["name"]: m for m in httpx.post(f"{base}/v2/repository/index").json()}
+        assert index["face-pros"] == {"name": "face-pros", "version": "1", "state": "READY"}
+        assert index["crowd-csrnet"]["state"] == "UNAVAILABLE" and "re-export it" in index["crowd-csrnet"]["reason"]
+        assert [m["name"] for m in httpx.post(f"{base}/v2/repository/index", json={"ready": True}).json()] == ["face-pros"]
+        bad = httpx.post(f"{base}/v2/repository/index", json={"ready": "yes"})
+        assert bad.status_code == 400 and "'ready' must be true or false" in bad.json()["error"]
+        assert httpx.get(f"{base}/v2/models/crowd-csrnet/config").status_code == 404
+        assert httpx.get(f"{base}/v2/models/face-pros/config").json()["name"] == "face-pros"
+    finally:
+        server.close()

@@ -123,6 +123,41 @@ def _png() -> bytes:
     return buffer.getvalue()
 
 
+def _paths(value: object, at: str = "") -> set[str]:
+    """Every key path in a JSON value (list items merged under "[]")."""
+    if isinstance(value, dict):
+        return {at} | {p for key, item in value.items() for p in _paths(item, f"{at}.{key}")}
+    if isinstance(value, list):
+        return {at} | {p for item in value for p in _paths(item, f"{at}[]")}
+    return {at}
+
+
+def test_configuration_statistics_and_index_read_as_a_real_triton_s(
+    gateways: dict[str, Gateway], triton: TritonServer, tiny_repo: ExportedRepo
+) -> None:
+    """Triton's model configuration, statistics and repository index extensions, beside a real tritonserver
+    serving the same contract: the statistics have Triton's keys at every level, the configuration its
+    tensors and batching."""
+    ours, theirs = httpclient.InferenceServerClient(gateways["local"].url), httpclient.InferenceServerClient(triton.url)
+    name = "face-pros"
+    contract = read_contract(tiny_repo.root / name)
+    for client in (ours, theirs):
+        client.infer(name, triton_inputs(make_inputs(contract, 2, seed=5)))
+    got, want = ours.get_model_config(name), theirs.get_model_config(name)
+    for key in ("name", "max_batch_size", "input", "output", "dynamic_batching", "version_policy", "model_warmup", "parameters"):
+        assert got[key] == want[key], key
+    assert set(got) <= set(want)
+    assert [(g["name"], g["kind"], g["count"]) for g in got["instance_group"]] == [("cpu-0", "KIND_CPU", 1)]
+    (got_stats,), (want_stats,) = ours.get_inference_statistics(name)["model_stats"], theirs.get_inference_statistics(name)["model_stats"]
+    assert _paths(got_stats) == _paths(want_stats)
+    assert all(isinstance(got_stats[key], int) for key in ("last_inference", "inference_count", "execution_count"))
+    assert 2 in [b["batch_size"] for b in got_stats["batch_stats"]]
+    assert ours.get_model_repository_index()[:1] == [{"name": "crowd-csrnet", "version": "1", "state": "READY"}]
+    assert _paths(ours.get_model_repository_index()) == _paths(theirs.get_model_repository_index())
+    ours.close()
+    theirs.close()
+
+
 def test_killing_triton_mid_load_fails_over_and_it_comes_back(
     gateways: dict[str, Gateway], triton: TritonServer, tiny_repo: ExportedRepo
 ) -> None:

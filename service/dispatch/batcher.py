@@ -180,10 +180,15 @@ class ModelBatcher:
         self._depth.set(len(self._queue))
 
     def _expire(self) -> None:
+        """Answer 504 to queued requests past their deadline; drop those already answered (a client that hung up)."""
         now = time.monotonic()
-        for item in [p for p in self._queue if p.deadline <= now or p.future.done()]:
+        gone = [p for p in self._queue if p.deadline <= now or p.future.done()]
+        if not gone:
+            return
+        for item in gone:
             self._queue.remove(item)
             _fail(item, DeadlineExpired(f"model {self.model}: deadline passed after {now - item.enqueued:.3f}s in the queue"))
+        self._depth.set(len(self._queue))
 
     def _dispatch(self, replica: Replica, batch: list[Pending]) -> None:
         """Send the batch now, so the replica is busy before the next batch is formed."""

@@ -432,6 +432,7 @@ def _hang_up_while_busy(
     after = httpx.get(f"{base}/metrics").text
     batches = _metric(after, "migserve_batch_size_count", model="crowd-csrnet")
     assert batches == _metric(before, "migserve_batch_size_count", model="crowd-csrnet"), "never sent to the worker"
+    assert _metric(after, "migserve_queue_depth", model="crowd-csrnet") == 0, "the queue-depth gauge saw it leave"
 
 
 def _outstanding(base: str, partition: str) -> int:

@@ -1,8 +1,8 @@
 """Read a model repository: every model's contract, checked against its files.
 
 The gateway and the bench call `load_repository` at start-up; a model whose
-`model.onnx` no longer has the sha256 its contract records is refused, with the
-reason, rather than served.
+`model.onnx` no longer has the sha256 its contract records, or whose `config.pbtxt`
+is not a Triton model configuration, is refused, with the reason, rather than served.
 """
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from google.protobuf import text_format
 from pydantic import ValidationError
+from tritonclient.grpc import model_config_pb2
 
 from migserve.contract import CONFIG_FILE, CONTRACT_FILE, Contract, read_contract, sha256_file
 
@@ -26,6 +29,7 @@ class RepositoryError(Exception):
 class ModelEntry:
     contract: Contract
     directory: Path
+    config: Any  # its config.pbtxt, parsed: Triton's ModelConfig message
 
     @property
     def model_path(self) -> Path:
@@ -50,17 +54,26 @@ def load_model(directory: Path) -> ModelEntry:
         ) from None
     if contract.name != directory.name:
         raise RepositoryError(f"{directory}: contract names model {contract.name!r}, the directory is {directory.name!r}")
-    entry = ModelEntry(contract=contract, directory=directory)
-    if not entry.model_path.is_file():
+    if not (directory / contract.model_file).is_file():
         raise RepositoryError(f"{directory}: {contract.model_file} is missing")
-    if not (directory / CONFIG_FILE).is_file():
-        raise RepositoryError(f"{directory}: {CONFIG_FILE} is missing")
+    entry = ModelEntry(contract=contract, directory=directory, config=_triton_config(directory / CONFIG_FILE))
     digest = sha256_file(entry.model_path)
     if digest != contract.model_sha256:
         raise RepositoryError(
             f"{entry.model_path}: sha256 {digest[:12]}... does not match the contract's {contract.model_sha256[:12]}...; re-export it"
         )
     return entry
+
+
+def _triton_config(path: Path) -> Any:
+    if not path.is_file():
+        raise RepositoryError(f"{path.parent}: {CONFIG_FILE} is missing")
+    config = model_config_pb2.ModelConfig()
+    try:
+        text_format.Parse(path.read_text(), config)
+    except (text_format.ParseError, UnicodeDecodeError) as exc:
+        raise RepositoryError(f"{path}: not a Triton model configuration: {exc}; re-export it") from None
+    return config
 
 
 def load_repository(root: Path) -> Repository:

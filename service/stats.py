@@ -25,15 +25,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from google.protobuf import json_format, text_format
+from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from tritonclient.grpc import model_config_pb2, service_pb2
-
-from migserve.contract import CONFIG_FILE
 
 from .dispatch.batcher import BatchPolicy
 from .partitions import Partition, PartitionKind
@@ -47,10 +44,10 @@ INSTANCE_KINDS = {
 _INTEGERS = (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64)
 
 
-def model_config(directory: Path, policy: BatchPolicy, partitions: Iterable[Partition]) -> Any:
-    """The model's config.pbtxt with the gateway's batching and placement (a `ModelConfig` message)."""
+def model_config(declared: Any, policy: BatchPolicy, partitions: Iterable[Partition]) -> Any:
+    """The model's config.pbtxt (`declared`, a `ModelConfig` message) with the gateway's batching and placement."""
     config = model_config_pb2.ModelConfig()
-    text_format.Parse((directory / CONFIG_FILE).read_text(), config)
+    config.CopyFrom(declared)
     config.version_policy.latest.num_versions = 1
     config.max_batch_size = policy.max_batch_size
     batching = config.dynamic_batching

@@ -90,7 +90,7 @@ class Gateway:
             self.backend.add_listener(batcher.notify)
             self.batchers[name] = batcher
             placed = [p for p in self.partitions if name in self.placement.get(p.id, {})]
-            self.configs[name] = model_config(entry.directory, policy, placed)
+            self.configs[name] = model_config(entry.config, policy, placed)
         self.backend.add_listener(self._update_partition_metrics)
         self._update_partition_metrics()
         for partition in self.partitions:

@@ -31,6 +31,15 @@ def test_the_repository_loader_refuses_a_changed_model(tiny_repo: ExportedRepo, 
     assert "re-export it" in loaded.refused["crowd-csrnet"]
 
 
+def test_the_repository_loader_refuses_a_broken_triton_configuration(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    repo = _tampered_copy(tiny_repo, tmp_path)
+    config = repo / "face-pros" / "config.pbtxt"
+    config.write_text(config.read_text().replace("max_batch_size:", "max_batch_sise:"))
+    loaded = load_repository(repo)
+    assert loaded.models == {}
+    assert "not a Triton model configuration" in loaded.refused["face-pros"] and "max_batch_sise" in loaded.refused["face-pros"]
+
+
 def test_the_worker_refuses_a_file_changed_after_start_up(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
     specs = [model_spec(e) for e in load_repository(tiny_repo.root).models.values() if e.contract.name in ("crowd-csrnet", "face-pros")]
     repo = _tampered_copy(tiny_repo, tmp_path)

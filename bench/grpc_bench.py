@@ -1,0 +1,160 @@
+"""HTTP and gRPC into the same gateway, side by side in interleaved rounds (issue 3).
+
+One gateway serves both (`--grpc-port`); each round loads it, one after the other,
+with the same closed-loop load of one-sample requests at the same concurrency N:
+  http          wrk, N keep-alive HTTP/1.1 connections, KServe v2 binary tensors
+  grpc          h2load, N HTTP/2 connections with one ModelInfer call in flight each
+  grpc-streams  h2load, one HTTP/2 connection with N calls in flight (what one
+                `tritonclient.grpc` channel shared by N threads does)
+Both load generators are C (`apt-get install -y wrk nghttp2-client`): a Python gRPC
+client would cost more CPU than the gateway on these two cores. h2load sends a
+prepared ModelInferRequest (raw contents, as tritonclient sends) as a unary gRPC call;
+it sees HTTP/2 status 200 even when the call fails with a gRPC status, so every
+point is checked against the gateway's own count of answered (200) requests.
+The comparison is the mean over rounds (this machine's speed drifts within minutes).
+
+    .venv/bin/python -m bench.grpc_bench [--model face-pros] [--concurrency 32] [--rounds 3] [--seconds 6]
+    .venv/bin/python -m bench.grpc_bench --model crowd-csrnet --dims height=16,width=16   # a tiny tensor
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tritonclient.grpc import service_pb2
+
+from bench.gateway_bench import ROOT, Server, _children, _children_cpu_seconds, _cpu_seconds, bodies, busy, closed_loop, sample
+from tests.helpers import free_port
+
+MODES = ("http", "grpc", "grpc-streams")
+FINISHED = re.compile(r"finished in ([\d.]+)s")
+REQUESTS = re.compile(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout")
+
+
+def grpc_message(repo: Path, model: str, dims: dict[str, int]) -> bytes:
+    """One ModelInferRequest with raw contents, framed as a gRPC message (flag byte, big-endian length)."""
+    contract = json.loads((repo / model / "contract.json").read_text())
+    request = service_pb2.ModelInferRequest(model_name=model)
+    for name, array in sample(contract, dims, 1).items():
+        request.inputs.add(name=name, datatype="FP32", shape=array.shape)
+        request.raw_input_contents.append(array.tobytes())
+    payload: bytes = request.SerializeToString()
+    return b"\0" + struct.pack(">I", len(payload)) + payload
+
+
+def h2load_loop(url: str, message: bytes, connections: int, streams: int, seconds: float, *, server_pid: int) -> dict[str, Any]:
+    """A closed loop of unary gRPC calls from h2load; the same fields as gateway_bench.closed_loop."""
+    with tempfile.TemporaryDirectory() as tmp:
+        body, log = Path(tmp) / "request.grpc", Path(tmp) / "requests.log"
+        body.write_bytes(message)
+        base = ["h2load", f"-c{connections}", f"-m{streams}", "-H", "content-type: application/grpc", "-H", "te: trailers"]
+        base += ["-d", str(body)]
+        subprocess.run([*base, "-D1", url], check=True, capture_output=True)  # warm-up, excluded
+        server = [server_pid, *_children(server_pid)]
+        cpu_before, client_before = [_cpu_seconds(pid) for pid in server], _children_cpu_seconds()
+        out = subprocess.run([*base, f"-D{seconds:g}", f"--log-file={log}", url], check=True, capture_output=True, text=True).stdout
+        cpu = [_cpu_seconds(pid) - before for pid, before in zip(server, cpu_before, strict=True)]
+        client_cpu = _children_cpu_seconds() - client_before
+        durations = [int(line.split("\t")[2]) for line in log.read_text().splitlines() if line.split("\t")[1] == "200"]
+    finished, counts = FINISHED.search(out), REQUESTS.search(out)
+    if finished is None or counts is None:
+        raise RuntimeError(f"h2load printed no summary:\n{out}")
+    succeeded = int(counts[3])
+    per_request = 1000 / max(succeeded, 1)
+    latencies = np.array(durations or [0]) / 1000
+    return {
+        "samples_per_s": succeeded / float(finished[1]),
+        "requests": succeeded,
+        "errors": int(counts[4]) + int(counts[5]) + int(counts[6]),
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p99_ms": float(np.percentile(latencies, 99)),
+        "gateway_cpu_ms": cpu[0] * per_request,
+        "workers_cpu_ms": sum(cpu[1:]) * per_request,
+        "client_cpu_ms": client_cpu * per_request,
+    }
+
+
+def answered(port: int, model: str) -> float:
+    """The gateway's count of requests it answered 200 for this model (both protocols)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    wanted = f'migserve_requests_total{{model="{model}",status="200"}} '
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(wanted))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="face-pros")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--dims", default="", help="named dims other than the contract's defaults, e.g. height=16,width=16")
+    parser.add_argument("--repo", type=Path, default=ROOT / "results" / "bench_repo")
+    args = parser.parse_args()
+    dims = {k: int(v) for k, v in (item.split("=", 1) for item in filter(None, args.dims.split(",")))}
+    missing = [tool for tool in ("wrk", "h2load") if shutil.which(tool) is None]
+    if missing:
+        print(f"needs {' and '.join(missing)}: apt-get install -y wrk nghttp2-client", file=sys.stderr)
+        return 2
+    export = [sys.executable, "-m", "migserve", "export", "--model", args.model, "--out", str(args.repo), "--skip-existing"]
+    subprocess.run(export, check=True, cwd=ROOT)
+    grpc_port = free_port()
+    server = Server(args.repo, "--models", args.model, "--grpc-port", str(grpc_port))
+    body, headers = bodies(args.repo, args.model, dims)["binary"]
+    message = grpc_message(args.repo, args.model, dims)
+    http_url = f"http://127.0.0.1:{server.port}/v2/models/{args.model}/infer"
+    grpc_url = f"http://127.0.0.1:{grpc_port}/inference.GRPCInferenceService/ModelInfer"
+    n = args.concurrency
+    points: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
+    try:
+        for round_ in range(1, args.rounds + 1):
+            for mode in MODES:
+                server.wait_idle(args.model)
+                before = answered(server.port, args.model)
+                if mode == "http":
+                    point = closed_loop(http_url, body, headers, n, args.seconds, server_pid=server.process.pid)
+                else:
+                    connections, streams = (n, 1) if mode == "grpc" else (1, n)
+                    point = h2load_loop(grpc_url, message, connections, streams, args.seconds, server_pid=server.process.pid)
+                time.sleep(0.5)  # the last answers of the point are counted
+                server.wait_idle(args.model)
+                point["answered"] = answered(server.port, args.model) - before  # warm-up included
+                points[mode].append(point)
+                print(
+                    f"round {round_} {mode:12s} {point['samples_per_s']:8.1f}/s p50 {point['p50_ms']:.2f} ms "
+                    f"p99 {point['p99_ms']:.2f} ms, gateway {point['gateway_cpu_ms']:.2f} ms CPU/request",
+                    flush=True,
+                )
+                if mode != "http" and point["answered"] < point["requests"]:
+                    raise RuntimeError(f"{mode}: h2load counted {point['requests']} calls, the gateway answered {point['answered']:.0f}")
+    finally:
+        server.close()
+    size = f" at {args.dims}" if dims else ""
+    print(f"\n{args.model}{size}, concurrency {n}, {args.rounds} rounds of {args.seconds:g} s, one sample per request\n")
+    print("| mode | samples/s (mean) | x http | p50 ms | p99 ms | CPU ms/request: gateway / workers / client | cores busy |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    base = statistics.mean(p["samples_per_s"] for p in points["http"])
+    for mode, rows in points.items():
+        rate = statistics.mean(p["samples_per_s"] for p in rows)
+        p50, p99 = (statistics.mean(p[key] for p in rows) for key in ("p50_ms", "p99_ms"))
+        cpu = " / ".join(f"{statistics.mean(p[key] for p in rows):.2f}" for key in ("gateway_cpu_ms", "workers_cpu_ms", "client_cpu_ms"))
+        cores = statistics.mean(busy(p) for p in rows)
+        print(f"| {mode} | {rate:.1f} | {rate / base:.2f} | {p50:.2f} | {p99:.2f} | {cpu} | {cores:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

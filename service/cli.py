@@ -20,6 +20,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-slices", help="cores per CPU slice without a GPU, e.g. 2,2 (default: one slice per core)")
     parser.add_argument("--models", nargs="+", metavar="NAME", help="serve only these models")
     parser.add_argument("--max-body-mb", type=float, default=256.0, help="largest request body (default: 256)")
+    parser.add_argument(
+        "--max-pending-mb",
+        type=float,
+        default=1024.0,
+        help="request bodies held at once, received to answered; an HTTP body that would pass it gets 503 before it is read "
+        "(default: 1024)",
+    )
     parser.add_argument("--timeout-s", type=float, default=30.0, help="default per-request deadline (default: 30)")
     parser.add_argument("--queue-capacity", type=int, default=256, help="requests waiting per model before 503 (default: 256)")
     parser.add_argument("--max-batch-size", type=int, help="cap every model's batch size; 1 disables batching")
@@ -95,6 +102,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             cpu_slices=_sizes("--cpu-slices", args.cpu_slices, "cores per slice", "2,2"),
             models=tuple(args.models) if args.models else None,
             max_body_bytes=int(args.max_body_mb * (1 << 20)),
+            max_pending_bytes=int(args.max_pending_mb * (1 << 20)),
             default_timeout_s=args.timeout_s,
             queue_capacity=args.queue_capacity,
             max_batch_size=args.max_batch_size,
@@ -110,7 +118,12 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
         if config.grpc_port is not None:
             _check_port(config.host, config.grpc_port, "--grpc-port")
         app = create_app(config)
-    except (ValueError, ValidationError, ServiceError, TopologyError, RepositoryError) as exc:
+    except ValidationError as exc:  # a ValueError too, but its text is a multi-line report
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        print(f"error: {where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}", file=err)
+        return 2
+    except (ValueError, ServiceError, TopologyError, RepositoryError) as exc:
         print(f"error: {exc}", file=err)
         return 2
     keep_request_buffers_in_heap()

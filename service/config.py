@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ServeConfig(BaseModel):
@@ -19,6 +19,9 @@ class ServeConfig(BaseModel):
     cpu_slices: tuple[int, ...] | None = Field(None, description="cores per CPU slice when there is no GPU; default one per core")
     models: tuple[str, ...] | None = Field(None, description="serve only these models (default: every model in the repository)")
     max_body_bytes: int = Field(256 << 20, ge=1024, description="larger request bodies are refused with 413")
+    max_pending_bytes: int = Field(
+        1 << 30, ge=1024, description="request bodies held at once (received, queued or running); more are refused with 503"
+    )
     default_timeout_s: float = Field(30.0, gt=0, description="per-request deadline unless the request sets one")
     queue_capacity: int = Field(256, ge=1, description="requests waiting per model before 503")
     max_queue_delay_s: float | None = Field(None, ge=0, description="override every contract's batching delay")
@@ -38,3 +41,12 @@ class ServeConfig(BaseModel):
     max_jobs: int = Field(4, ge=1, description="jobs running at once; more are answered 503")
     job_ttl_s: float = Field(900.0, gt=0, description="how long a finished job's result is kept")
     tiles_in_flight: int = Field(32, ge=1, description="tiles of one volume outstanding in the dispatcher at once")
+
+    @model_validator(mode="after")
+    def _one_body_fits(self) -> ServeConfig:
+        if self.max_pending_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"--max-pending-mb {self.max_pending_bytes / (1 << 20):g} is below --max-body-mb {self.max_body_bytes / (1 << 20):g}: "
+                "a request of the largest allowed size could never be served"
+            )
+        return self

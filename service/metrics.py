@@ -40,6 +40,9 @@ class Metrics:
             "migserve_v1_request_seconds", "Family endpoint latency, decoding to answer", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.jobs_running = Gauge("migserve_jobs_running", "Jobs (202 Accepted) still running", registry=r)
+        self.body_bytes = Gauge(
+            "migserve_request_body_bytes", "Request bodies held, from their head to their answer (--max-pending-mb)", registry=r
+        )
         self._children: dict[tuple[str, ...], Any] = {}
 
     def request_done(self, model: str, status: str, seconds: float) -> None:

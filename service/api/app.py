@@ -33,6 +33,7 @@ from ..placement import place
 from ..repository import ModelEntry, load_repository
 from ..stats import ModelStatistics, model_config
 from ..workers.protocol import ModelSpec
+from .budget import BodyBudget
 from .errors import error_body
 from .fastpath import InferFastPath
 from .kserve import NUMPY_TO_V2, Body, DecodedRequest, decode_request, encode_response
@@ -54,9 +55,11 @@ class Gateway:
     configs: dict[str, Any] = field(default_factory=dict)  # model -> its Triton ModelConfig message, as served
     refused: dict[str, str] = field(default_factory=dict)  # repository models not served -> why
     jobs: JobStore = field(init=False)
+    bodies: BodyBudget = field(init=False)  # HTTP request bodies held at once
 
     def __post_init__(self) -> None:
         self.jobs = JobStore(self.config.max_jobs, self.config.job_ttl_s)
+        self.bodies = BodyBudget(self.config.max_pending_bytes)
 
     @classmethod
     def build(cls, config: ServeConfig) -> Gateway:

@@ -15,8 +15,9 @@ or malformed headers, a head over 64 KiB) hands the connection over, from that r
 on, to uvicorn's own protocol, which serves the whole ASGI app as before (uvicorn hands
 connections over to its WebSocket protocol the same way).
 
-Behaviour matches the ASGI path: the body limit answers 413 before reading the body
-(which is then read and dropped, so the client sees the answer), a client that hangs
+Behaviour matches the ASGI path: the body limit answers 413, and the budget of bodies held
+at once 503, before reading the body (which is then read and dropped, so the client sees
+the answer), a client that hangs
 up cancels its request (499 in the metrics, dropped from the queue), keep-alive with
 uvicorn's idle timeout, pipelined requests in order, and uvicorn's graceful shutdown
 waits for the request in flight.
@@ -117,6 +118,7 @@ class InferConnection(asyncio.BufferedProtocol):
         self._body: np.ndarray[Any, np.dtype[np.uint8]] | None = None  # the body being received, uninitialised until written
         self._received = 0
         self._discard = 0  # bytes of a refused body still to read and drop
+        self._held = 0  # bytes of the body being received, counted in the gateway's budget (Gateway.bodies)
         self._task: asyncio.Task[None] | None = None
         self._closing = False  # close once the request in flight is answered
         self._writing_paused = False
@@ -155,6 +157,8 @@ class InferConnection(asyncio.BufferedProtocol):
         if self._task is not None:
             self._task.cancel()  # the request leaves its queue; Gateway.infer counts it as 499
         self._body = None
+        self.gateway.bodies.give(self._held)  # a body cut off before it was complete
+        self._held = 0
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -202,6 +206,13 @@ class InferConnection(asyncio.BufferedProtocol):
                 self._discard = request.length
                 self._respond(error_reply(TooLarge(f"request body of {request.length} bytes is over the limit of {limit}")), request)
                 continue
+            try:
+                self.gateway.bodies.take(request.length)
+            except ServiceError as exc:  # too many bodies held at once: 503 before this one is read
+                self._discard = request.length
+                self._respond(error_reply(exc), request)
+                continue
+            self._held = request.length
             self._request = request
             body = np.empty(request.length, dtype=np.uint8)
             arrived = min(len(self._pending), request.length)
@@ -229,6 +240,8 @@ class InferConnection(asyncio.BufferedProtocol):
         self._task = self._loop.create_task(self._answer(work, request))
         self._state.tasks.add(self._task)
         self._task.add_done_callback(self._state.tasks.discard)
+        held, self._held = self._held, 0  # the task holds the body now; given back when it ends, cancelled or not
+        self._task.add_done_callback(lambda _: self.gateway.bodies.give(held))
 
     async def _answer(self, work: Awaitable[Reply], request: _Request) -> None:
         try:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, TypeVar
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ServiceError, TooLarge
+from .budget import Hold
 from .errors import error_body
 from .kserve import HEADER_LENGTH, Body, response_headers
 
@@ -40,16 +41,17 @@ class InferFastPath:
             await self.app(scope, receive, send)
             return
         headers = wanted_headers(scope["headers"])
-        try:
-            body = await read_body(receive, headers.get(CONTENT_LENGTH), self.gateway.config.max_body_bytes)
-        except ServiceError as exc:
-            reply = error_reply(exc)
-        else:
-            infer = answer_infer(self.gateway, match["name"], body, headers.get(BINARY_HEADER_LENGTH), headers.get(TIMEOUT))
-            answered = await unless_disconnected(infer, receive)
-            if answered is None:
-                return  # the client went away: its request left the queue (or its batch's answer is dropped)
-            reply = answered
+        with Hold(self.gateway.bodies) as hold:
+            try:
+                body = await read_body(receive, headers.get(CONTENT_LENGTH), self.gateway.config.max_body_bytes, hold)
+            except ServiceError as exc:
+                reply = error_reply(exc)
+            else:
+                infer = answer_infer(self.gateway, match["name"], body, headers.get(BINARY_HEADER_LENGTH), headers.get(TIMEOUT))
+                answered = await unless_disconnected(infer, receive)
+                if answered is None:
+                    return  # the client went away: its request left the queue (or its batch's answer is dropped)
+                reply = answered
         await respond(send, reply)
 
 
@@ -127,9 +129,14 @@ async def respond(send: Send, reply: Reply) -> None:
     await send({"type": "http.response.body", "body": reply.payload})
 
 
-async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes:
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"request body of {int(declared)} bytes is over the limit of {limit}")
+async def read_body(receive: Receive, declared: str | None, limit: int, hold: Hold | None = None) -> bytes:
+    """The whole body, within `limit` (413) and, with a `hold`, counted in the gateway's budget of bodies
+    held at once (503): a declared length before any of it is read, a chunked body as it arrives."""
+    length = int(declared) if declared is not None and declared.isdigit() else None
+    if length is not None and length > limit:
+        raise TooLarge(f"request body of {length} bytes is over the limit of {limit}")
+    if length is not None and hold is not None:
+        hold.add(length)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -140,6 +147,8 @@ async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes
         size += len(chunk)
         if size > limit:
             raise TooLarge(f"request body is over the limit of {limit} bytes")
+        if length is None and hold is not None:
+            hold.add(len(chunk))
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -36,6 +36,7 @@ import migserve
 from migserve.types import Array
 
 from ..errors import BadRequest, ServiceError
+from .budget import Hold
 from .kserve import (
     EXTENSIONS,
     V2_OF_DTYPE,
@@ -164,10 +165,12 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
 
         async def work(entry: ModelEntry) -> Any:
             started = time.monotonic()
-            decoded = decode_infer_request(request, entry)
-            timeouts = [t for t in (decoded.timeout_s, context.time_remaining()) if t is not None]
-            timeout = min(timeouts, default=self.gateway.config.default_timeout_s)
-            outputs = await self.gateway.infer_decoded(name, decoded, started, timeout)
+            with Hold(self.gateway.bodies) as hold:
+                hold.add(request.ByteSize())  # received already; counted so that queued messages stay bounded
+                decoded = decode_infer_request(request, entry)
+                timeouts = [t for t in (decoded.timeout_s, context.time_remaining()) if t is not None]
+                timeout = min(timeouts, default=self.gateway.config.default_timeout_s)
+                outputs = await self.gateway.infer_decoded(name, decoded, started, timeout)
             return encode_infer_response(name, decoded, outputs)
 
         return await self.gateway.counted(name, work)

@@ -85,5 +85,6 @@ def register(app: FastAPI, gateway: Gateway) -> None:
     @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
     async def metrics() -> Response:
         gateway.metrics.jobs_running.set(gateway.jobs.running())
+        gateway.metrics.body_bytes.set(gateway.bodies.held)
         await gateway.refresh_memory_used()
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)

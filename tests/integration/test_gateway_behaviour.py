@@ -16,12 +16,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from PIL import Image
+from tritonclient.utils import InferenceServerException
 
 from migserve.contract import read_contract
 from tests.helpers import ExportedRepo, Gateway, read_response
-from tests.integration.test_gateway_protocol import make_inputs, triton_inputs
+from tests.integration.test_gateway_protocol import grpc_inputs, make_inputs, triton_inputs
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -469,3 +471,49 @@ def test_a_family_endpoint_client_that_disconnects_is_not_computed(small_gateway
         f"http://{small_gateway.url}/v1/crowd/count", content=png.getvalue(), headers={"Content-Type": "image/png"}, timeout=30
     )
     assert again.status_code == 200, again.text
+
+
+@pytest.mark.parametrize("http_server", ["migserve", "uvicorn"])
+def test_bodies_past_the_pending_budget_get_503_before_they_are_read(http_server: str, tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """With --max-pending-mb 1.2, a crowd-csrnet request of 0.75 MB that a stopped worker holds leaves no room
+    for another body of that size, to the infer or a family endpoint: each is answered 503 with Retry-After at
+    once. Once the first is answered its bytes are given back and the next request is served."""
+    args = ("--cpu-slices", "1", "--models", "crowd-csrnet", "--max-body-mb", "1", "--max-pending-mb", "1.2", "--http-server", http_server)
+    server = Gateway(tiny_repo.root, *args, log=tmp_path / "serve.log", grpc=True)
+    base = f"http://{server.url}"
+    contract = read_contract(tiny_repo.root / "crowd-csrnet")
+    arrays = make_inputs(contract, 1, seed=2)
+    body, header_length = httpclient.InferenceServerClient.generate_request_body(triton_inputs(arrays))
+    headers = {"Inference-Header-Content-Length": str(header_length)}
+
+    def infer() -> httpx.Response:
+        return httpx.post(f"{base}/v2/models/crowd-csrnet/infer", content=body, headers=headers, timeout=60)
+
+    noise = np.random.default_rng(0).integers(0, 255, (420, 420, 3), dtype=np.uint8)  # a PNG that does not compress: ~0.5 MB
+    png = io.BytesIO()
+    Image.fromarray(noise).save(png, format="PNG")
+    (worker,) = httpx.get(f"{base}/v1/partitions").json()["partitions"]
+    os.kill(worker["pid"], signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(infer)
+            deadline = time.monotonic() + 10
+            while _outstanding(base, worker["id"]) < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _metric(httpx.get(f"{base}/metrics").text, "migserve_request_body_bytes") == len(body)
+            refused = [infer(), httpx.post(f"{base}/v1/crowd/count", files={"image": ("noise.png", png.getvalue())}, timeout=10)]
+            for response in refused:
+                assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+                assert "more would pass --max-pending-mb 1.2" in response.json()["error"]
+            with grpcclient.InferenceServerClient(server.grpc_url) as client, pytest.raises(InferenceServerException) as caught:
+                client.infer("crowd-csrnet", grpc_inputs(arrays), client_timeout=10)
+            assert caught.value.status() == "StatusCode.UNAVAILABLE" and "--max-pending-mb 1.2" in str(caught.value.message())
+            os.kill(worker["pid"], signal.SIGCONT)
+            assert first.result(timeout=60).status_code == 200
+    finally:
+        os.kill(worker["pid"], signal.SIGCONT)
+    try:
+        assert infer().status_code == 200
+        assert _metric(httpx.get(f"{base}/metrics").text, "migserve_request_body_bytes") == 0
+    finally:
+        server.close()

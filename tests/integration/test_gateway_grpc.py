@@ -21,7 +21,7 @@ from migserve.contract import read_contract
 from migserve.types import Array
 from tests.helpers import ExportedRepo, Gateway
 from tests.integration.test_gateway_behaviour import _metric
-from tests.integration.test_gateway_protocol import TRITON_DTYPES, direct, make_inputs
+from tests.integration.test_gateway_protocol import TRITON_DTYPES, direct, grpc_inputs, make_inputs
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +38,6 @@ def stub(gateway: Gateway) -> Iterator[Any]:
     assert gateway.grpc_url is not None
     with grpc.insecure_channel(gateway.grpc_url, options=[("grpc.max_send_message_length", -1)]) as channel:
         yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
-
-
-def grpc_inputs(arrays: dict[str, Array]) -> list[grpcclient.InferInput]:
-    inputs = []
-    for name, array in arrays.items():
-        tensor = grpcclient.InferInput(name, list(array.shape), TRITON_DTYPES[array.dtype.name])
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
 
 
 def test_health_and_metadata_match_http(client: grpcclient.InferenceServerClient, gateway: Gateway) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from exporters.zoo import ZOO
@@ -38,6 +39,15 @@ def triton_inputs(arrays: dict[str, Array], binary: bool = True) -> list[httpcli
     for name, array in arrays.items():
         tensor = httpclient.InferInput(name, list(array.shape), TRITON_DTYPES[array.dtype.name])
         tensor.set_data_from_numpy(array, binary_data=binary)
+        inputs.append(tensor)
+    return inputs
+
+
+def grpc_inputs(arrays: dict[str, Array]) -> list[grpcclient.InferInput]:
+    inputs = []
+    for name, array in arrays.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), TRITON_DTYPES[array.dtype.name])
+        tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
 

@@ -1,0 +1,57 @@
+"""How many bytes of request bodies the gateway holds at once (`serve --max-pending-mb`).
+
+`--max-body-mb` bounds one body; without a bound on all of them, many clients
+sending large bodies at once (CT volumes are tens of MB, the limit 256 MB) would
+take the gateway's memory before the queue-full check could refuse them. A body
+is counted from its head (its Content-Length; a chunked body as it arrives) until
+its request is answered, and one that would take the total over the budget is
+answered 503 with Retry-After before it is read. A gRPC message is counted once
+gRPC has received it (gRPC reads a whole message, up to `--max-body-mb`, before the
+gateway sees it) and refused with UNAVAILABLE, so queued messages stay bounded too.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+from ..errors import Unavailable
+
+MB = 1 << 20
+
+
+class BodyBudget:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, nbytes: int) -> None:
+        """Count `nbytes` more, or refuse them (503) if they would pass the limit."""
+        if self.held + nbytes > self.limit:
+            raise Unavailable(
+                f"the gateway holds {self.held / MB:.1f} MB of request bodies; {nbytes / MB:.1f} MB more would pass "
+                f"--max-pending-mb {self.limit / MB:g}",
+                retry_after_s=1.0,
+            )
+        self.held += nbytes
+
+    def give(self, nbytes: int) -> None:
+        self.held -= nbytes
+
+
+class Hold:
+    """What one request holds of the budget; all of it is given back when the `with` block ends."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+        self.nbytes = 0
+
+    def add(self, nbytes: int) -> None:
+        self.budget.take(nbytes)
+        self.nbytes += nbytes
+
+    def __enter__(self) -> Hold:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.budget.give(self.nbytes)
+        self.nbytes = 0

@@ -30,6 +30,7 @@ from ..jobs import JobStore
 from ..metrics import Metrics
 from ..partitions import Partition, PartitionKind, discover, memory_used
 from ..placement import place
+from ..regions import Regions
 from ..repository import ModelEntry, load_repository
 from ..stats import ModelStatistics, model_config
 from ..workers.protocol import ModelSpec
@@ -55,7 +56,8 @@ class Gateway:
     configs: dict[str, Any] = field(default_factory=dict)  # model -> its Triton ModelConfig message, as served
     refused: dict[str, str] = field(default_factory=dict)  # repository models not served -> why
     jobs: JobStore = field(init=False)
-    bodies: BodyBudget = field(init=False)  # HTTP request bodies held at once
+    bodies: BodyBudget = field(init=False)  # request bodies held at once
+    regions: Regions = field(default_factory=Regions)  # clients' shared memory regions (system shared memory extension)
 
     def __post_init__(self) -> None:
         self.jobs = JobStore(self.config.max_jobs, self.config.job_ttl_s)
@@ -112,6 +114,7 @@ class Gateway:
         for batcher in self.batchers.values():
             await batcher.stop()
         await self.backend.stop()
+        self.regions.unregister()
 
     def _update_partition_metrics(self) -> None:
         for worker in self.backend.workers.values():
@@ -131,7 +134,7 @@ class Gateway:
 
         async def work(entry: ModelEntry) -> tuple[bytes, int | None]:
             started = time.monotonic()
-            decoded = decode_request(body, header_length, entry.contract)
+            decoded = decode_request(body, header_length, entry.contract, self.regions)
             outputs = await self.infer_decoded(name, decoded, started, decoded.timeout_s or self.timeout(timeout_header))
             return encode_response(name, decoded, outputs)
 

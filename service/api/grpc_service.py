@@ -6,9 +6,9 @@ HTTP one (the tensor checks of `kserve.py`, `Gateway.infer_decoded`). The messag
 types and service stubs are the ones tritonclient ships (generated from Triton's
 `grpc_service.proto`), so `tritonclient.grpc` and any client generated from that
 proto talk to it: health, server and model metadata, model configuration and
-statistics (`service/stats.py`), the repository index, ModelInfer and
-ModelStreamInfer. The rest (model load and unload, shared memory, trace and log
-settings) answer UNIMPLEMENTED.
+statistics (`service/stats.py`), the repository index, system shared memory
+(`service/regions.py`), ModelInfer and ModelStreamInfer. The rest (model load and
+unload, CUDA shared memory, trace and log settings) answer UNIMPLEMENTED.
 
 Tensors arrive as `raw_input_contents` (what tritonclient sends; read in place) or
 as typed contents (`fp32_contents`, ...); outputs always go back as
@@ -36,6 +36,7 @@ import migserve
 from migserve.types import Array
 
 from ..errors import BadRequest, ServiceError
+from ..regions import PARAMETERS, Regions
 from .budget import Hold
 from .kserve import (
     EXTENSIONS,
@@ -48,7 +49,9 @@ from .kserve import (
     checked_inputs,
     listed_tensor,
     plan_of,
+    region_tensor,
     shape_and_count,
+    write_to_region,
 )
 
 if TYPE_CHECKING:
@@ -122,6 +125,25 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         index = service_pb2.RepositoryIndexResponse.ModelIndex
         return service_pb2.RepositoryIndexResponse(models=[index(**model) for model in self.gateway.repository_index(request.ready)])
 
+    async def SystemSharedMemoryStatus(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            regions = self.gateway.regions.status(request.name)
+        except ServiceError as exc:
+            await _abort(context, exc)
+        status = service_pb2.SystemSharedMemoryStatusResponse.RegionStatus
+        return service_pb2.SystemSharedMemoryStatusResponse(regions={r["name"]: status(**r) for r in regions})
+
+    async def SystemSharedMemoryRegister(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            self.gateway.regions.register(request.name, request.key, request.offset, request.byte_size)
+        except ServiceError as exc:
+            await _abort(context, exc)
+        return service_pb2.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        self.gateway.regions.unregister(request.name)
+        return service_pb2.SystemSharedMemoryUnregisterResponse()
+
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             return await self._infer(request, context)
@@ -167,7 +189,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             started = time.monotonic()
             with Hold(self.gateway.bodies) as hold:
                 hold.add(request.ByteSize())  # received already; counted so that queued messages stay bounded
-                decoded = decode_infer_request(request, entry)
+                decoded = decode_infer_request(request, entry, self.gateway.regions)
                 timeouts = [t for t in (decoded.timeout_s, context.time_remaining()) if t is not None]
                 timeout = min(timeouts, default=self.gateway.config.default_timeout_s)
                 outputs = await self.gateway.infer_decoded(name, decoded, started, timeout)
@@ -176,20 +198,28 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         return await self.gateway.counted(name, work)
 
 
-def decode_infer_request(request: Any, entry: ModelEntry) -> DecodedRequest:
+def decode_infer_request(request: Any, entry: ModelEntry, regions: Regions) -> DecodedRequest:
     """A ModelInferRequest as named arrays, checked against the contract like an HTTP body."""
     plan = plan_of(entry.contract)
     check_input_names(plan, [t.name for t in request.inputs])
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise BadRequest(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: give one per input, or none")
+    in_regions = {t.name: regions.slice_of(_parameters(t.parameters), f"input {t.name}") for t in request.inputs}
+    sent = sum(where is None for where in in_regions.values())  # raw contents are for these, in order
+    if raw and len(raw) != sent:
+        raise BadRequest(f"raw_input_contents has {len(raw)} entries for {sent} inputs not in shared memory: give one per input, or none")
     arrays: dict[str, Array] = {}
-    for i, tensor in enumerate(request.inputs):
+    next_raw = 0
+    for tensor in request.inputs:
         input_plan = plan.inputs[tensor.name]
         check_datatype(input_plan, tensor.datatype)
         shape, count = shape_and_count(input_plan, list(tensor.shape))
+        if (where := in_regions[tensor.name]) is not None:
+            arrays[tensor.name] = region_tensor(input_plan, shape, count, where)
+            continue
         if raw:
-            arrays[tensor.name] = binary_tensor(input_plan, shape, count, memoryview(raw[i]), f"raw_input_contents[{i}]")
+            part = f"raw_input_contents[{next_raw}]"
+            arrays[tensor.name] = binary_tensor(input_plan, shape, count, memoryview(raw[next_raw]), part)
+            next_raw += 1
             continue
         field = CONTENTS.get(tensor.datatype)
         if field is None:
@@ -198,6 +228,7 @@ def decode_infer_request(request: Any, entry: ModelEntry) -> DecodedRequest:
     inputs, batch = checked_inputs(plan, arrays)
     outputs = tuple(o.name for o in request.outputs) or plan.output_names
     check_output_names(plan, list(outputs))
+    out_regions = {o.name: regions.slice_of(_parameters(o.parameters), f"output {o.name}") for o in request.outputs}
     return DecodedRequest(
         id=request.id or None,
         inputs=inputs,
@@ -205,7 +236,13 @@ def decode_infer_request(request: Any, entry: ModelEntry) -> DecodedRequest:
         outputs=outputs,
         binary_outputs=frozenset(outputs),
         timeout_s=_timeout(request),
+        output_slices={name: where for name, where in out_regions.items() if where is not None},
     )
+
+
+def _parameters(parameters: Any) -> dict[str, Any]:
+    """A tensor's shared-memory parameters (an InferParameter map) as plain values."""
+    return {key: getattr(parameters[key], parameters[key].WhichOneof("parameter_choice") or "") for key in PARAMETERS if key in parameters}
 
 
 def encode_infer_response(model: str, decoded: DecodedRequest, outputs: dict[str, Array]) -> Any:
@@ -213,7 +250,11 @@ def encode_infer_response(model: str, decoded: DecodedRequest, outputs: dict[str
     for name in decoded.outputs:
         array = np.ascontiguousarray(outputs[name])
         response.outputs.add(name=name, datatype=V2_OF_DTYPE[array.dtype], shape=array.shape)
-        response.raw_output_contents.append(array.tobytes())
+        if name in decoded.output_slices:
+            write_to_region(name, array, decoded.output_slices[name])
+            response.raw_output_contents.append(b"")  # in its region, as Triton answers it
+        else:
+            response.raw_output_contents.append(array.tobytes())
     return response
 
 

@@ -9,7 +9,8 @@ Every problem raises BadRequest with a message that names the tensor.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from migserve.contract import Contract, TensorSpec
 from migserve.types import Array
 
 from ..errors import BadRequest
+from ..regions import Regions, Slice
 
 HEADER_LENGTH = "inference-header-content-length"
 Body = bytes | memoryview  # a request body: bytes from the ASGI path, a view of the raw connection's buffer
@@ -33,7 +35,12 @@ V2_TYPES = {
 }
 NUMPY_TO_V2 = {v: k for k, v in V2_TYPES.items()}
 V2_OF_DTYPE = {np.dtype(v): k for k, v in V2_TYPES.items()}  # dtype.name is slow enough to show per request
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]  # what GET /v2 and gRPC's ServerMetadata announce
+EXTENSIONS = [
+    "binary_tensor_data",
+    "model_configuration",
+    "statistics",
+    "system_shared_memory",
+]  # what GET /v2 and gRPC's ServerMetadata announce
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,7 @@ class DecodedRequest:
     outputs: tuple[str, ...]  # requested, in order
     binary_outputs: frozenset[str]
     timeout_s: float | None
+    output_slices: Mapping[str, Slice] = field(default_factory=dict)  # outputs to write into shared memory regions
 
 
 def json_object(raw: bytes, expected: str = "a JSON object with an 'inputs' list") -> dict[str, Any]:
@@ -146,11 +154,28 @@ def listed_tensor(plan: _InputPlan, shape: list[int], count: int, values: Any) -
     return array.reshape(shape)
 
 
-def _array(entry: dict[str, Any], plan: _InputPlan, binary: memoryview, offset: int) -> tuple[Array, int]:
+def region_tensor(plan: _InputPlan, shape: list[int], count: int, where: Slice) -> Array:
+    """A tensor read in place from a shared memory region."""
+    name = plan.spec.name
+    size = count * plan.dtype.itemsize
+    if where.byte_size != size:
+        raise BadRequest(f"input {name}: shared_memory_byte_size {where.byte_size}, but shape {shape} of {plan.datatype} needs {size}")
+    return np.frombuffer(where.view(f"input {name}"), dtype=plan.dtype).reshape(shape)
+
+
+def _array(entry: dict[str, Any], plan: _InputPlan, binary: memoryview, offset: int, regions: Regions | None) -> tuple[Array, int]:
     name = plan.spec.name
     check_datatype(plan, entry.get("datatype"))
     shape, count = shape_and_count(plan, entry.get("shape"))
     parameters = entry.get("parameters")
+    if isinstance(parameters, dict) and "shared_memory_region" in parameters:
+        if regions is None:
+            raise BadRequest(f"input {name}: shared memory is not served here")
+        if "data" in entry or "binary_data_size" in parameters:
+            raise BadRequest(f"input {name}: give its data in a shared memory region or in the request, not both")
+        where = regions.slice_of(parameters, f"input {name}")
+        assert where is not None
+        return region_tensor(plan, shape, count, where), offset
     size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
     if size is not None:
         if type(size) is not int or size != count * plan.dtype.itemsize:
@@ -198,7 +223,9 @@ def checked_inputs(plan: _Plan, inputs: dict[str, Array]) -> tuple[dict[str, Arr
     return {name: inputs[name] for name in plan.expected}, bound["batch"]
 
 
-def decode_request(body: Body, header_length: str | None, contract: Contract) -> DecodedRequest:
+def decode_request(body: Body, header_length: str | None, contract: Contract, regions: Regions | None = None) -> DecodedRequest:
+    """A request body as named arrays checked against the contract; inputs and outputs may name shared
+    memory regions of `regions` (Triton's system shared memory extension)."""
     plan = plan_of(contract)
     header, binary = _split(body, header_length)
     entries = header.get("inputs")
@@ -208,7 +235,7 @@ def decode_request(body: Body, header_length: str | None, contract: Contract) ->
     arrays: dict[str, Array] = {}
     offset = 0
     for entry in entries:  # binary parts follow the order of the inputs in the header
-        arrays[entry["name"]], offset = _array(entry, plan.inputs[entry["name"]], binary, offset)
+        arrays[entry["name"]], offset = _array(entry, plan.inputs[entry["name"]], binary, offset, regions)
     if offset != len(binary):
         raise BadRequest(f"body has {len(binary) - offset} bytes after the last binary input")
     inputs, batch = checked_inputs(plan, arrays)
@@ -221,7 +248,33 @@ def decode_request(body: Body, header_length: str | None, contract: Contract) ->
         outputs=outputs,
         binary_outputs=binary_outputs,
         timeout_s=_timeout(header),
+        output_slices=_output_slices(header.get("outputs"), regions),
     )
+
+
+def _output_slices(requested: Any, regions: Regions | None) -> dict[str, Slice]:
+    """Requested outputs whose parameters name a shared memory region (checked by _requested_outputs first)."""
+    found = {}
+    for entry in requested or ():
+        parameters = entry.get("parameters")
+        if isinstance(parameters, dict) and "shared_memory_region" in parameters:
+            if regions is None:
+                raise BadRequest(f"output {entry['name']}: shared memory is not served here")
+            where = regions.slice_of(parameters, f"output {entry['name']}")
+            assert where is not None
+            found[entry["name"]] = where
+    return found
+
+
+def write_to_region(name: str, array: Array, where: Slice) -> None:
+    """An output written into its shared memory region; BadRequest if the region's slice is too small."""
+    if array.nbytes > where.byte_size:
+        raise BadRequest(
+            f"output {name}: shared_memory_byte_size {where.byte_size} is too small for its {array.nbytes} bytes "
+            f"(shape {list(array.shape)})"
+        )
+    target = where.view(f"output {name}")
+    target[: array.nbytes] = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
 
 
 def _requested_outputs(header: dict[str, Any], plan: _Plan) -> tuple[tuple[str, ...], frozenset[str]]:
@@ -264,7 +317,9 @@ def encode_response(model: str, request: DecodedRequest, outputs: dict[str, Arra
     for name in request.outputs:
         array = np.ascontiguousarray(outputs[name])
         entry: dict[str, Any] = {"name": name, "datatype": V2_OF_DTYPE[array.dtype], "shape": list(array.shape)}
-        if name in request.binary_outputs:
+        if name in request.output_slices:
+            write_to_region(name, array, request.output_slices[name])  # answered without data, as Triton does
+        elif name in request.binary_outputs:
             entry["parameters"] = {"binary_data_size": array.nbytes}
             blobs.append(array.tobytes())
         else:

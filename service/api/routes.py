@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .app import Gateway
 
 
-INDEX_BODY_LIMIT = 64 * 1024  # a repository index request is {"ready": true} at most
+SMALL_BODY_LIMIT = 64 * 1024  # a repository index or region registration request is a small JSON object
 
 
 def register(app: FastAPI, gateway: Gateway) -> None:
@@ -49,12 +49,30 @@ def register(app: FastAPI, gateway: Gateway) -> None:
 
     @app.post("/v2/repository/index", summary="Every model in the repository and its state (Triton's repository index)")
     async def repository_index(request: Request) -> JSONResponse:
-        body = await read_body(request.receive, request.headers.get("content-length"), INDEX_BODY_LIMIT)
+        body = await read_body(request.receive, request.headers.get("content-length"), SMALL_BODY_LIMIT)
         options = json_object(body, 'a JSON object such as {"ready": true}') if body.strip() else {}
         ready = options.get("ready", False)
         if not isinstance(ready, bool):
             raise BadRequest(f"'ready' must be true or false, not {ready!r}")
         return JSONResponse(gateway.repository_index(ready_only=ready))
+
+    @app.get("/v2/systemsharedmemory/status", summary="Registered shared memory regions (Triton's system shared memory)")
+    @app.get("/v2/systemsharedmemory/region/{name}/status", summary="One registered shared memory region")
+    async def shared_memory_status(name: str = "") -> JSONResponse:
+        return JSONResponse(gateway.regions.status(name))
+
+    @app.post("/v2/systemsharedmemory/region/{name}/register", summary="Register a /dev/shm object as a region for inputs and outputs")
+    async def shared_memory_register(name: str, request: Request) -> Response:
+        body = await read_body(request.receive, request.headers.get("content-length"), SMALL_BODY_LIMIT)
+        options = json_object(body, 'a JSON object such as {"key": "/my_input", "offset": 0, "byte_size": 602112}')
+        gateway.regions.register(name, options.get("key"), options.get("offset", 0), options.get("byte_size"))
+        return Response(status_code=200)
+
+    @app.post("/v2/systemsharedmemory/region/{name}/unregister", summary="Unregister a region (the client keeps its object)")
+    @app.post("/v2/systemsharedmemory/unregister", summary="Unregister every region")
+    async def shared_memory_unregister(name: str = "") -> Response:
+        gateway.regions.unregister(name)
+        return Response(status_code=200)
 
     @app.get("/v2/models/{name}", summary="Model metadata (KServe v2)")
     @app.get("/v2/models/{name}/versions/{version}", include_in_schema=False)

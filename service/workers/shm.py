@@ -10,6 +10,8 @@ name is unlinked and each side re-attaches when it sees a new name.
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
@@ -22,6 +24,7 @@ from .protocol import TensorRef
 
 ALIGN = 64
 MIN_ARENA = 1 << 20
+ARENA_PREFIX = "migserve-arena-"  # clients cannot register these as shared memory regions (service/regions.py)
 
 
 def _aligned(nbytes: int) -> int:
@@ -37,7 +40,8 @@ class Arena:
     def ensure(self, size: int) -> shared_memory.SharedMemory:
         if self.segment is None or self.segment.size < size:
             old = self.segment
-            self.segment = shared_memory.SharedMemory(create=True, size=max(size, MIN_ARENA, 2 * (old.size if old else 0)))
+            name = f"{ARENA_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+            self.segment = shared_memory.SharedMemory(name=name, create=True, size=max(size, MIN_ARENA, 2 * (old.size if old else 0)))
             if old is not None:
                 release(old, unlink=True)
         return self.segment

@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+import tritonclient.utils.shared_memory as shm
 import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
@@ -156,6 +157,51 @@ def test_configuration_statistics_and_index_read_as_a_real_triton_s(
     assert _paths(ours.get_model_repository_index()) == _paths(theirs.get_model_repository_index())
     ours.close()
     theirs.close()
+
+
+def test_shared_memory_regions_behave_as_in_a_real_triton(
+    gateways: dict[str, Gateway], triton: TritonServer, tiny_repo: ExportedRepo
+) -> None:
+    """The same client regions registered with the gateway and with tritonserver: the same status, the same
+    answer (an output in a region comes back without data), the same output bytes in the region."""
+    contract = read_contract(tiny_repo.root / "face-pros")
+    image = make_inputs(contract, 1, seed=8)["image"]
+    source = shm.create_shared_memory_region("in", "/migserve_test_twin_in", image.nbytes)
+    targets = {kind: shm.create_shared_memory_region("out", f"/migserve_test_twin_out_{kind}", 1024) for kind in ("ours", "theirs")}
+    shm.set_shared_memory_region(source, [image])
+    urls = {"ours": gateways["local"].url, "theirs": triton.url}
+    answers, statuses = {}, {}
+    try:
+        for kind, url in urls.items():
+            client = httpclient.InferenceServerClient(url)
+            client.register_system_shared_memory("in", "/migserve_test_twin_in", image.nbytes)
+            client.register_system_shared_memory("out", f"/migserve_test_twin_out_{kind}", 1024)
+            statuses[kind] = [{**r, "key": r["key"].replace("_theirs", "_ours")} for r in client.get_system_shared_memory_status()]
+            tensor = httpclient.InferInput("image", list(image.shape), "FP32")
+            tensor.set_shared_memory("in", image.nbytes)
+            embedding = httpclient.InferRequestedOutput("embedding", binary_data=True)
+            embedding.set_shared_memory("out", 48 * 4)
+            body, length = httpclient.InferenceServerClient.generate_request_body([tensor], outputs=[embedding])
+            response = httpx.post(f"http://{url}/v2/models/face-pros/infer", content=body, timeout=60)
+            assert response.status_code == 200 and length is None, response.text
+            answers[kind] = response.json()
+            client.unregister_system_shared_memory()
+            client.close()
+        assert sorted(statuses["ours"], key=lambda r: r["name"]) == sorted(statuses["theirs"], key=lambda r: r["name"])
+        assert (
+            answers["ours"]
+            == answers["theirs"]
+            == {
+                "model_name": "face-pros",
+                "model_version": "1",
+                "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [1, 48]}],
+            }
+        )
+        got = {kind: shm.get_contents_as_numpy(handle, np.float32, [1, 48]) for kind, handle in targets.items()}
+        np.testing.assert_allclose(got["ours"], got["theirs"], rtol=1e-4, atol=1e-5)
+    finally:
+        for handle in [source, *targets.values()]:
+            shm.destroy_shared_memory_region(handle)
 
 
 def test_killing_triton_mid_load_fails_over_and_it_comes_back(

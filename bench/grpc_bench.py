@@ -6,6 +6,10 @@ with the same closed-loop load of one-sample requests at the same concurrency N:
   grpc          h2load, N HTTP/2 connections with one ModelInfer call in flight each
   grpc-streams  h2load, one HTTP/2 connection with N calls in flight (what one
                 `tritonclient.grpc` channel shared by N threads does)
+and with --shm, a client on the same host that keeps its inputs in a shared memory region
+(Triton's system shared memory extension) and sends only their names:
+  http-shm      wrk, a JSON request naming the region; outputs binary as in `http`
+  grpc-shm      h2load as in `grpc`, a ModelInferRequest naming the region
 Both load generators are C (`apt-get install -y wrk nghttp2-client`): a Python gRPC
 client would cost more CPU than the gateway on these two cores. h2load sends a
 prepared ModelInferRequest (raw contents, as tritonclient sends) as a unary gRPC call;
@@ -15,6 +19,7 @@ The comparison is the mean over rounds (this machine's speed drifts within minut
 
     .venv/bin/python -m bench.grpc_bench [--model face-pros] [--concurrency 32] [--rounds 3] [--seconds 6]
     .venv/bin/python -m bench.grpc_bench --model crowd-csrnet --dims height=16,width=16   # a tiny tensor
+    .venv/bin/python -m bench.grpc_bench --shm                                             # and shared memory
 """
 
 from __future__ import annotations
@@ -30,29 +35,54 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2
+from tritonclient.utils import shared_memory
 
 from bench.gateway_bench import ROOT, Server, _children, _children_cpu_seconds, _cpu_seconds, bodies, busy, closed_loop, sample
+from migserve.types import Array
 from tests.helpers import free_port
 
-MODES = ("http", "grpc", "grpc-streams")
 FINISHED = re.compile(r"finished in ([\d.]+)s")
 REQUESTS = re.compile(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout")
 
 
-def grpc_message(repo: Path, model: str, dims: dict[str, int]) -> bytes:
-    """One ModelInferRequest with raw contents, framed as a gRPC message (flag byte, big-endian length)."""
+def grpc_message(repo: Path, model: str, dims: dict[str, int], region: str | None = None) -> bytes:
+    """One ModelInferRequest, framed as a gRPC message (flag byte, big-endian length): raw contents, as
+    tritonclient sends them, or with `region` each input named in that shared memory region, one after another."""
     contract = json.loads((repo / model / "contract.json").read_text())
     request = service_pb2.ModelInferRequest(model_name=model)
+    offset = 0
     for name, array in sample(contract, dims, 1).items():
-        request.inputs.add(name=name, datatype="FP32", shape=array.shape)
-        request.raw_input_contents.append(array.tobytes())
+        tensor = request.inputs.add(name=name, datatype="FP32", shape=array.shape)
+        if region is None:
+            request.raw_input_contents.append(array.tobytes())
+            continue
+        tensor.parameters["shared_memory_region"].string_param = region
+        tensor.parameters["shared_memory_byte_size"].int64_param = array.nbytes
+        tensor.parameters["shared_memory_offset"].int64_param = offset
+        offset += array.nbytes
     payload: bytes = request.SerializeToString()
     return b"\0" + struct.pack(">I", len(payload)) + payload
+
+
+def region_body(repo: Path, model: str, dims: dict[str, int], region: str) -> tuple[bytes, dict[str, str], list[Array]]:
+    """A KServe v2 JSON request whose inputs are in `region` (one after another), outputs binary; and the inputs."""
+    contract = json.loads((repo / model / "contract.json").read_text())
+    arrays = sample(contract, dims, 1)
+    inputs, offset = [], 0
+    for name, array in arrays.items():
+        where = {"shared_memory_region": region, "shared_memory_byte_size": array.nbytes, "shared_memory_offset": offset}
+        inputs.append({"name": name, "datatype": "FP32", "shape": list(array.shape), "parameters": where})
+        offset += array.nbytes
+    outputs = [{"name": o["name"], "parameters": {"binary_data": True}} for o in contract["outputs"]]
+    header = json.dumps({"inputs": inputs, "outputs": outputs}).encode()
+    return header, {"Content-Type": "application/json"}, list(arrays.values())
 
 
 def h2load_loop(url: str, message: bytes, connections: int, streams: int, seconds: float, *, server_pid: int) -> dict[str, Any]:
@@ -95,6 +125,9 @@ def answered(port: int, model: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(wanted))
 
 
+Load = Callable[[], dict[str, Any]]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="face-pros")
@@ -102,6 +135,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--dims", default="", help="named dims other than the contract's defaults, e.g. height=16,width=16")
+    parser.add_argument("--shm", action="store_true", help="also http-shm and grpc-shm: inputs in a shared memory region")
     parser.add_argument("--repo", type=Path, default=ROOT / "results" / "bench_repo")
     args = parser.parse_args()
     dims = {k: int(v) for k, v in (item.split("=", 1) for item in filter(None, args.dims.split(",")))}
@@ -113,47 +147,83 @@ def main() -> int:
     subprocess.run(export, check=True, cwd=ROOT)
     grpc_port = free_port()
     server = Server(args.repo, "--models", args.model, "--grpc-port", str(grpc_port))
-    body, headers = bodies(args.repo, args.model, dims)["binary"]
-    message = grpc_message(args.repo, args.model, dims)
-    http_url = f"http://127.0.0.1:{server.port}/v2/models/{args.model}/infer"
-    grpc_url = f"http://127.0.0.1:{grpc_port}/inference.GRPCInferenceService/ModelInfer"
-    n = args.concurrency
-    points: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
+    region = None
     try:
-        for round_ in range(1, args.rounds + 1):
-            for mode in MODES:
-                server.wait_idle(args.model)
-                before = answered(server.port, args.model)
-                if mode == "http":
-                    point = closed_loop(http_url, body, headers, n, args.seconds, server_pid=server.process.pid)
-                else:
-                    connections, streams = (n, 1) if mode == "grpc" else (1, n)
-                    point = h2load_loop(grpc_url, message, connections, streams, args.seconds, server_pid=server.process.pid)
-                time.sleep(0.5)  # the last answers of the point are counted
-                server.wait_idle(args.model)
-                point["answered"] = answered(server.port, args.model) - before  # warm-up included
-                points[mode].append(point)
-                print(
-                    f"round {round_} {mode:12s} {point['samples_per_s']:8.1f}/s p50 {point['p50_ms']:.2f} ms "
-                    f"p99 {point['p99_ms']:.2f} ms, gateway {point['gateway_cpu_ms']:.2f} ms CPU/request",
-                    flush=True,
-                )
-                if mode != "http" and point["answered"] < point["requests"]:
-                    raise RuntimeError(f"{mode}: h2load counted {point['requests']} calls, the gateway answered {point['answered']:.0f}")
+        modes, region = _modes(args, dims, server, grpc_port)
+        points = _rounds(server, args.model, modes, args.rounds)
     finally:
         server.close()
+        if region is not None:
+            shared_memory.destroy_shared_memory_region(region)
     size = f" at {args.dims}" if dims else ""
-    print(f"\n{args.model}{size}, concurrency {n}, {args.rounds} rounds of {args.seconds:g} s, one sample per request\n")
-    print("| mode | samples/s (mean) | x http | p50 ms | p99 ms | CPU ms/request: gateway / workers / client | cores busy |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"\n{args.model}{size}, concurrency {args.concurrency}, {args.rounds} rounds of {args.seconds:g} s, one sample per request\n")
+    print(_table(points))
+    return 0
+
+
+def _modes(args: argparse.Namespace, dims: dict[str, int], server: Server, grpc_port: int) -> tuple[dict[str, Load], Any]:
+    """Each mode's load, and the shared memory region the -shm modes read (None without --shm)."""
+    http_url = f"http://127.0.0.1:{server.port}/v2/models/{args.model}/infer"
+    grpc_url = f"http://127.0.0.1:{grpc_port}/inference.GRPCInferenceService/ModelInfer"
+    n, seconds, pid = args.concurrency, args.seconds, server.process.pid
+    body, headers = bodies(args.repo, args.model, dims)["binary"]
+    message = grpc_message(args.repo, args.model, dims)
+    modes: dict[str, Load] = {
+        "http": lambda: closed_loop(http_url, body, headers, n, seconds, server_pid=pid),
+        "grpc": lambda: h2load_loop(grpc_url, message, n, 1, seconds, server_pid=pid),
+        "grpc-streams": lambda: h2load_loop(grpc_url, message, 1, n, seconds, server_pid=pid),
+    }
+    if not args.shm:
+        return modes, None
+    # The inputs sit in one region, written once; every request names it (a client would write each request's).
+    shm_body, shm_headers, arrays = region_body(args.repo, args.model, dims, "bench")
+    nbytes = sum(a.nbytes for a in arrays)
+    region = shared_memory.create_shared_memory_region("bench", "/migserve_bench_inputs", nbytes)
+    shared_memory.set_shared_memory_region(region, arrays)
+    httpclient.InferenceServerClient(f"127.0.0.1:{server.port}").register_system_shared_memory("bench", "/migserve_bench_inputs", nbytes)
+    shm_message = grpc_message(args.repo, args.model, dims, region="bench")
+    modes["http-shm"] = lambda: closed_loop(http_url, shm_body, shm_headers, n, seconds, server_pid=pid)
+    modes["grpc-shm"] = lambda: h2load_loop(grpc_url, shm_message, n, 1, seconds, server_pid=pid)
+    return modes, region
+
+
+def _rounds(server: Server, model: str, modes: dict[str, Load], rounds: int) -> dict[str, list[dict[str, Any]]]:
+    """Every mode once per round, in order; a point with failed requests stops the run."""
+    points: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+    for round_ in range(1, rounds + 1):
+        for mode, load in modes.items():
+            server.wait_idle(model)
+            before = answered(server.port, model)
+            point = load()
+            time.sleep(0.5)  # the last answers of the point are counted
+            server.wait_idle(model)
+            point["answered"] = answered(server.port, model) - before  # warm-up included
+            points[mode].append(point)
+            print(
+                f"round {round_} {mode:12s} {point['samples_per_s']:8.1f}/s p50 {point['p50_ms']:.2f} ms "
+                f"p99 {point['p99_ms']:.2f} ms, gateway {point['gateway_cpu_ms']:.2f} ms CPU/request",
+                flush=True,
+            )
+            if "requests" in point and point["answered"] < point["requests"]:
+                raise RuntimeError(f"{mode}: h2load counted {point['requests']} calls, the gateway answered {point['answered']:.0f}")
+            if point["errors"]:
+                raise RuntimeError(f"{mode}: {point['errors']} requests failed")
+    return points
+
+
+def _table(points: dict[str, list[dict[str, Any]]]) -> str:
+    lines = [
+        "| mode | samples/s (mean) | x http | p50 ms | p99 ms | CPU ms/request: gateway / workers / client | cores busy |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     base = statistics.mean(p["samples_per_s"] for p in points["http"])
     for mode, rows in points.items():
         rate = statistics.mean(p["samples_per_s"] for p in rows)
         p50, p99 = (statistics.mean(p[key] for p in rows) for key in ("p50_ms", "p99_ms"))
         cpu = " / ".join(f"{statistics.mean(p[key] for p in rows):.2f}" for key in ("gateway_cpu_ms", "workers_cpu_ms", "client_cpu_ms"))
         cores = statistics.mean(busy(p) for p in rows)
-        print(f"| {mode} | {rate:.1f} | {rate / base:.2f} | {p50:.2f} | {p99:.2f} | {cpu} | {cores:.2f} |")
-    return 0
+        lines.append(f"| {mode} | {rate:.1f} | {rate / base:.2f} | {p50:.2f} | {p99:.2f} | {cpu} | {cores:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ class Region:
 
     def view(self, offset: int, nbytes: int, what: str) -> memoryview:
         """`nbytes` at `offset` in the region, in place; BadRequest if they do not fit."""
+        if self.mapping.closed:
+            raise BadRequest(f"{what}: shared memory region '{self.name}' was unregistered while the request was in flight")
         if offset < 0 or nbytes < 0 or offset + nbytes > self.byte_size:
             raise BadRequest(
                 f"{what}: {nbytes} bytes at offset {offset} do not fit shared memory region '{self.name}' of {self.byte_size} bytes"

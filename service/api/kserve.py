@@ -35,12 +35,8 @@ V2_TYPES = {
 }
 NUMPY_TO_V2 = {v: k for k, v in V2_TYPES.items()}
 V2_OF_DTYPE = {np.dtype(v): k for k, v in V2_TYPES.items()}  # dtype.name is slow enough to show per request
-EXTENSIONS = [
-    "binary_tensor_data",
-    "model_configuration",
-    "statistics",
-    "system_shared_memory",
-]  # what GET /v2 and gRPC's ServerMetadata announce
+# What GET /v2 and gRPC's ServerMetadata announce.
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "system_shared_memory"]
 
 
 @dataclass(frozen=True)
@@ -163,20 +159,19 @@ def region_tensor(plan: _InputPlan, shape: list[int], count: int, where: Slice) 
     return np.frombuffer(where.view(f"input {name}"), dtype=plan.dtype).reshape(shape)
 
 
-def _array(entry: dict[str, Any], plan: _InputPlan, binary: memoryview, offset: int, regions: Regions | None) -> tuple[Array, int]:
+def _array(entry: dict[str, Any], plan: _InputPlan, binary: memoryview, offset: int, regions: Regions) -> tuple[Array, int]:
     name = plan.spec.name
     check_datatype(plan, entry.get("datatype"))
     shape, count = shape_and_count(plan, entry.get("shape"))
     parameters = entry.get("parameters")
-    if isinstance(parameters, dict) and "shared_memory_region" in parameters:
-        if regions is None:
-            raise BadRequest(f"input {name}: shared memory is not served here")
+    if not isinstance(parameters, dict):
+        parameters = {}
+    where = regions.slice_of(parameters, f"input {name}")
+    if where is not None:
         if "data" in entry or "binary_data_size" in parameters:
             raise BadRequest(f"input {name}: give its data in a shared memory region or in the request, not both")
-        where = regions.slice_of(parameters, f"input {name}")
-        assert where is not None
         return region_tensor(plan, shape, count, where), offset
-    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    size = parameters.get("binary_data_size")
     if size is not None:
         if type(size) is not int or size != count * plan.dtype.itemsize:
             raise BadRequest(
@@ -223,7 +218,7 @@ def checked_inputs(plan: _Plan, inputs: dict[str, Array]) -> tuple[dict[str, Arr
     return {name: inputs[name] for name in plan.expected}, bound["batch"]
 
 
-def decode_request(body: Body, header_length: str | None, contract: Contract, regions: Regions | None = None) -> DecodedRequest:
+def decode_request(body: Body, header_length: str | None, contract: Contract, regions: Regions) -> DecodedRequest:
     """A request body as named arrays checked against the contract; inputs and outputs may name shared
     memory regions of `regions` (Triton's system shared memory extension)."""
     plan = plan_of(contract)
@@ -252,16 +247,13 @@ def decode_request(body: Body, header_length: str | None, contract: Contract, re
     )
 
 
-def _output_slices(requested: Any, regions: Regions | None) -> dict[str, Slice]:
+def _output_slices(requested: Any, regions: Regions) -> dict[str, Slice]:
     """Requested outputs whose parameters name a shared memory region (checked by _requested_outputs first)."""
     found = {}
     for entry in requested or ():
         parameters = entry.get("parameters")
-        if isinstance(parameters, dict) and "shared_memory_region" in parameters:
-            if regions is None:
-                raise BadRequest(f"output {entry['name']}: shared memory is not served here")
-            where = regions.slice_of(parameters, f"output {entry['name']}")
-            assert where is not None
+        where = regions.slice_of(parameters, f"output {entry['name']}") if isinstance(parameters, dict) else None
+        if where is not None:
             found[entry["name"]] = where
     return found
 

@@ -10,6 +10,7 @@ ServiceError                 base; `status` is the HTTP status, str(exc) the mes
 +-- Unavailable      503     retry later: queue full (Retry-After) or no ready replica
 +-- DeadlineExpired  504     the request's timeout passed before it was answered
 +-- InferenceFailed  500     the model raised while running a valid request
++-- NotSupported     501     a Triton endpoint or RPC the gateway does not offer; the message says what to use
 WorkerDied                   not an HTTP error: the dispatcher retries the batch once elsewhere
 """
 
@@ -62,6 +63,19 @@ class DeadlineExpired(ServiceError):
 
 class InferenceFailed(ServiceError):
     status = 500
+
+
+class NotSupported(ServiceError):
+    status = 501
+
+
+# Triton protocol extensions the gateway does not offer, with what to do instead (HTTP 501, gRPC UNIMPLEMENTED).
+UNSUPPORTED = {
+    "model_repository": "migserve serves the models it started with: to change them, restart `migserve serve` (--model-repo, --models)",
+    "cuda_shared_memory": "CUDA shared memory is not supported: use system shared memory (/v2/systemsharedmemory)",
+    "trace": "request tracing is not supported",
+    "logging": "log settings cannot be changed at run time: start the gateway with --log-level",
+}
 
 
 class WorkerDied(Exception):

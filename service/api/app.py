@@ -17,6 +17,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from tritonclient.grpc import service_pb2
 
 import migserve
@@ -336,6 +337,14 @@ def create_app(config: ServeConfig) -> InferFastPath:
         if status == 500:
             logger.error("%s %s: %s", request.method, request.url.path, exc)
         return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def no_route(request: Request, exc: StarletteHTTPException) -> Response:
+        """Starlette's own answers (no such path, method not allowed) in the gateway's {"error": ...} form."""
+        where = f"{request.method} {request.url.path}"
+        message = {404: f"no endpoint {where}; the API is listed at /docs", 405: f"{where}: method not allowed"}.get(exc.status_code)
+        body = json.dumps({"error": message or f"{where}: {exc.detail}"})
+        return Response(body, status_code=exc.status_code, headers=exc.headers, media_type="application/json")
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:

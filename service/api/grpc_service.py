@@ -8,7 +8,8 @@ types and service stubs are the ones tritonclient ships (generated from Triton's
 proto talk to it: health, server and model metadata, model configuration and
 statistics (`service/stats.py`), the repository index, system shared memory
 (`service/regions.py`), ModelInfer and ModelStreamInfer. The rest (model load and
-unload, CUDA shared memory, trace and log settings) answer UNIMPLEMENTED.
+unload, CUDA shared memory, trace and log settings) answer UNIMPLEMENTED with what to
+use instead.
 
 Tensors arrive as `raw_input_contents` (what tritonclient sends; read in place) or
 as typed contents (`fp32_contents`, ...); outputs always go back as
@@ -35,7 +36,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 import migserve
 from migserve.types import Array
 
-from ..errors import BadRequest, ServiceError
+from ..errors import UNSUPPORTED, BadRequest, NotSupported, ServiceError
 from ..regions import PARAMETERS, Regions
 from .budget import Hold
 from .kserve import (
@@ -64,8 +65,19 @@ CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     404: grpc.StatusCode.NOT_FOUND,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    501: grpc.StatusCode.UNIMPLEMENTED,
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+# The RPCs of the extensions the gateway does not offer (errors.UNSUPPORTED says what to use instead).
+UNSUPPORTED_RPCS = {
+    "RepositoryModelLoad": "model_repository",
+    "RepositoryModelUnload": "model_repository",
+    "CudaSharedMemoryStatus": "cuda_shared_memory",
+    "CudaSharedMemoryRegister": "cuda_shared_memory",
+    "CudaSharedMemoryUnregister": "cuda_shared_memory",
+    "TraceSetting": "trace",
+    "LogSettings": "logging",
 }
 # The typed-contents field of each datatype (FP16 has none: raw only).
 CONTENTS = {
@@ -274,6 +286,17 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: ServiceError)
         logger.error("grpc: %s", exc)
     await context.abort(code, str(exc))
     raise AssertionError("context.abort returns only by raising")
+
+
+def _unsupported(extension: str) -> Any:
+    async def rpc(self: InferenceService, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await _abort(context, NotSupported(UNSUPPORTED[extension]))
+
+    return rpc
+
+
+for _rpc, _extension in UNSUPPORTED_RPCS.items():
+    setattr(InferenceService, _rpc, _unsupported(_extension))
 
 
 def grpc_server(gateway: Gateway, host: str, port: int) -> grpc.aio.Server:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -10,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import migserve
 
-from ..errors import BadRequest, Unavailable
+from ..errors import UNSUPPORTED, BadRequest, NotSupported, Unavailable
 from ..stats import as_json
 from .fastpath import read_body
 from .kserve import EXTENSIONS, HEADER_LENGTH, json_object, response_headers
@@ -19,6 +20,19 @@ if TYPE_CHECKING:
     from .app import Gateway
 
 
+# Triton's HTTP paths for the extensions the gateway does not offer: 501 with what to use instead.
+UNSUPPORTED_ROUTES = {
+    "model_repository": [("POST", "/v2/repository/models/{name}/load"), ("POST", "/v2/repository/models/{name}/unload")],
+    "cuda_shared_memory": [
+        ("GET", "/v2/cudasharedmemory/status"),
+        ("GET", "/v2/cudasharedmemory/region/{name}/status"),
+        ("POST", "/v2/cudasharedmemory/region/{name}/register"),
+        ("POST", "/v2/cudasharedmemory/region/{name}/unregister"),
+        ("POST", "/v2/cudasharedmemory/unregister"),
+    ],
+    "trace": [(method, path) for method in ("GET", "POST") for path in ("/v2/trace/setting", "/v2/models/{name}/trace/setting")],
+    "logging": [("GET", "/v2/logging"), ("POST", "/v2/logging")],
+}
 SMALL_BODY_LIMIT = 64 * 1024  # a repository index or region registration request is a small JSON object
 
 
@@ -96,6 +110,10 @@ def register(app: FastAPI, gateway: Gateway) -> None:
         media, headers = response_headers(length)
         return Response(payload, media_type=media, headers=headers)
 
+    for extension, routes in UNSUPPORTED_ROUTES.items():
+        for method, path in routes:
+            app.add_api_route(path, _unsupported(extension), methods=[method], include_in_schema=False)
+
     @app.get("/v1/partitions", summary="Partitions, their workers and the models placed on them")
     async def partitions() -> JSONResponse:
         return JSONResponse({"partitions": gateway.partitions_view()})
@@ -106,3 +124,10 @@ def register(app: FastAPI, gateway: Gateway) -> None:
         gateway.metrics.body_bytes.set(gateway.bodies.held)
         await gateway.refresh_memory_used()
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _unsupported(extension: str) -> Callable[[], Awaitable[Response]]:
+    async def endpoint() -> Response:
+        raise NotSupported(UNSUPPORTED[extension])
+
+    return endpoint

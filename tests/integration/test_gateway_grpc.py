@@ -19,6 +19,8 @@ from tritonclient.utils import InferenceServerException
 from exporters.zoo import ZOO
 from migserve.contract import read_contract
 from migserve.types import Array
+from service.api.grpc_service import UNSUPPORTED_RPCS
+from service.errors import UNSUPPORTED
 from tests.helpers import ExportedRepo, Gateway
 from tests.integration.test_gateway_behaviour import _metric
 from tests.integration.test_gateway_protocol import TRITON_DTYPES, direct, grpc_inputs, make_inputs
@@ -255,3 +257,11 @@ def test_a_stream_answers_every_request_and_reports_a_bad_one(gateway: Gateway, 
         np.testing.assert_allclose(
             results[request_id].as_numpy("embedding"), expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max())
         )
+
+
+def test_rpcs_of_extensions_not_offered_say_what_to_use_instead(stub: Any) -> None:
+    for rpc, extension in UNSUPPORTED_RPCS.items():
+        request = getattr(service_pb2, rpc + "Request")()
+        with pytest.raises(grpc.RpcError) as caught:
+            getattr(stub, rpc)(request, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED and caught.value.details() == UNSUPPORTED[extension], rpc

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 from exporters.zoo import ZOO
 from migserve.contract import Contract, read_contract
 from migserve.types import Array
+from service.api.routes import UNSUPPORTED_ROUTES
+from service.errors import UNSUPPORTED
 from tests.helpers import ExportedRepo, Gateway
 
 TRITON_DTYPES = {"float32": "FP32", "int64": "INT64"}
@@ -100,3 +105,29 @@ def test_dynamic_sizes_pass_through(client: httpclient.InferenceServerClient, ti
     arrays = make_inputs(contract, batch=1, seed=5, dims={"height": 100, "width": 148})
     result = client.infer("crowd-csrnet", triton_inputs(arrays))
     assert result.as_numpy("density").shape == (1, 1, 12, 18)
+
+
+def test_unknown_paths_and_triton_extensions_not_offered_answer_in_the_error_form(
+    client: httpclient.InferenceServerClient, gateway: Gateway
+) -> None:
+    """No such path: 404; a wrong method: 405 with Allow; Triton's model control, CUDA shared memory, trace and
+    logging endpoints: 501 saying what to use instead. Each body is {"error": ...}, as every other error."""
+    base = f"http://{gateway.url}"
+    missing = httpx.get(f"{base}/v2/no-such-thing")
+    assert missing.status_code == 404 and missing.json() == {"error": "no endpoint GET /v2/no-such-thing; the API is listed at /docs"}
+    wrong = httpx.delete(f"{base}/v2/models/face-pros")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "GET" and "method not allowed" in wrong.json()["error"]
+    for extension, routes in UNSUPPORTED_ROUTES.items():
+        for method, path in routes:
+            response = httpx.request(method, base + path.replace("{name}", "face-pros"))
+            assert response.status_code == 501 and response.json() == {"error": UNSUPPORTED[extension]}, (method, path)
+    calls: list[tuple[Callable[[], object], str]] = [
+        (lambda: client.load_model("face-pros"), "restart `migserve serve`"),
+        (client.get_cuda_shared_memory_status, "use system shared memory"),
+        (lambda: client.update_log_settings({"log_info": True}), "--log-level"),
+    ]
+    for call, says in calls:
+        with pytest.raises(InferenceServerException) as caught:
+            call()
+        assert caught.value.status() == "501" and says in str(caught.value.message())
+    assert client.is_model_ready("face-pros")

@@ -15,12 +15,11 @@ or malformed headers, a head over 64 KiB) hands the connection over, from that r
 on, to uvicorn's own protocol, which serves the whole ASGI app as before (uvicorn hands
 connections over to its WebSocket protocol the same way).
 
-Behaviour matches the ASGI path: the body limit answers 413, and the budget of bodies held
-at once 503, before reading the body (which is then read and dropped, so the client sees
-the answer), a client that hangs
-up cancels its request (499 in the metrics, dropped from the queue), keep-alive with
-uvicorn's idle timeout, pipelined requests in order, and uvicorn's graceful shutdown
-waits for the request in flight.
+Behaviour matches the ASGI path: the body limit answers 413, and the budget of bodies
+held at once 503, before reading the body (which is then read and dropped, so the client
+sees the answer), a client that hangs up cancels its request (499 in the metrics,
+dropped from the queue), keep-alive with uvicorn's idle timeout, pipelined requests in
+order, and uvicorn's graceful shutdown waits for the request in flight.
 """
 
 from __future__ import annotations

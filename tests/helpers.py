@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -67,11 +67,14 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, what: str,
 class Gateway:
     """A real `migserve serve` process on a free local port; stopped on close."""
 
-    def __init__(self, repo: Path, *args: str, log: Path, grpc: bool = False, new_session: bool = False) -> None:
+    def __init__(
+        self, repo: Path, *args: str, log: Path, grpc: bool = False, new_session: bool = False, prefix: Sequence[str] = ()
+    ) -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.log = log
-        command = [sys.executable, "-m", "migserve", "serve", "--model-repo", str(repo), "--port", str(self.port), *args]
+        # prefix: a command that execs the rest (e.g. unshare, to serve in a mount namespace of its own)
+        command = [*prefix, sys.executable, "-m", "migserve", "serve", "--model-repo", str(repo), "--port", str(self.port), *args]
         self.grpc_url: str | None = None  # host:port of its gRPC endpoint, when asked for
         if grpc:
             grpc_port = free_port()

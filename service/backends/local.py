@@ -107,7 +107,10 @@ class WorkerReplica:
             raise WorkerDied(f"worker {self.id} is not running")
         if self._pending:
             raise RuntimeError(f"worker {self.id} already has a batch in flight")  # the batcher's job to prevent
-        refs = self._inputs.write(parts)
+        try:
+            refs = self._inputs.write(parts)
+        except shm.SharedMemoryFull as exc:
+            raise InferenceFailed(f"partition {self.id}: {exc}") from None
         batch_id = next(_ids)
         future: asyncio.Future[dict[str, Array]] = asyncio.get_running_loop().create_future()
         self._pending[batch_id] = future

@@ -202,6 +202,10 @@ class ModelBatcher:
         except WorkerDied as exc:
             future = asyncio.get_running_loop().create_future()
             future.set_exception(exc)
+        except ServiceError as exc:  # the replica refused the batch with a reason (e.g. no room in shared memory)
+            for item in batch:
+                _fail(item, exc)
+            return
         except Exception as exc:  # a dispatcher bug must answer its requests, never strand them
             logger.exception("batcher %s could not dispatch to %s", self.model, replica.id)
             for item in batch:

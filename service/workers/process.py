@@ -76,7 +76,10 @@ def run_batch(sessions: dict[str, Any], message: RunBatch, inputs: shm.Attachmen
     compute = time.perf_counter() - started
     del feeds
     names = [o.name for o in session.get_outputs()]
-    refs = outputs.write({name: [value] for name, value in zip(names, results, strict=True)})
+    try:
+        refs = outputs.write({name: [value] for name, value in zip(names, results, strict=True)})
+    except shm.SharedMemoryFull as exc:
+        return BatchFailed(message.batch_id, FailureKind.RUNTIME, str(exc))
     return BatchDone(message.batch_id, refs, compute)
 
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
+from pathlib import Path
 
 import numpy as np
 
@@ -23,8 +25,35 @@ from migserve.types import Array
 from .protocol import TensorRef
 
 ALIGN = 64
-MIN_ARENA = 1 << 20
+MB = 1 << 20
+MIN_ARENA = MB
+SHM_DIR = Path("/dev/shm")  # where POSIX shared memory objects live on Linux
 ARENA_PREFIX = "migserve-arena-"  # clients cannot register these as shared memory regions (service/regions.py)
+
+
+class SharedMemoryFull(Exception):
+    """/dev/shm has no room for an arena; the message says how to give it more."""
+
+
+def _create(size: int) -> shared_memory.SharedMemory:
+    """A new arena with all its pages allocated now. On a /dev/shm too small for it (a container's default is
+    64 MB) the first write past the free space would kill the process with SIGBUS; allocating up front turns
+    that into SharedMemoryFull, which answers the batch and leaves the process serving."""
+    name = f"{ARENA_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    segment = shared_memory.SharedMemory(name=name, create=True, size=size)
+    fd = os.open(SHM_DIR / name, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        release(segment, unlink=True)
+        free = shutil.disk_usage(SHM_DIR).free
+        raise SharedMemoryFull(
+            f"shared memory ({SHM_DIR}) has no room for a {size / MB:.0f} MB batch arena ({free / MB:.0f} MB free, {exc.strerror}): "
+            "give the gateway more (docker run --shm-size, compose shm_size, a Kubernetes emptyDir with medium: Memory at /dev/shm)"
+        ) from None
+    finally:
+        os.close(fd)
+    return segment
 
 
 def _aligned(nbytes: int) -> int:
@@ -38,10 +67,15 @@ class Arena:
     segment: shared_memory.SharedMemory | None = None
 
     def ensure(self, size: int) -> shared_memory.SharedMemory:
+        """An arena of at least `size` bytes: twice the old one if /dev/shm has room, else just enough; the old one
+        stays in use if neither fits (SharedMemoryFull)."""
         if self.segment is None or self.segment.size < size:
             old = self.segment
-            name = f"{ARENA_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
-            self.segment = shared_memory.SharedMemory(name=name, create=True, size=max(size, MIN_ARENA, 2 * (old.size if old else 0)))
+            wanted = max(size, MIN_ARENA)
+            try:
+                self.segment = _create(max(wanted, 2 * (old.size if old else 0)))
+            except SharedMemoryFull:
+                self.segment = _create(wanted)
             if old is not None:
                 release(old, unlink=True)
         return self.segment

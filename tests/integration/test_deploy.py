@@ -73,6 +73,7 @@ def test_cpu_compose_file_is_valid_and_serves_embedded_workers() -> None:
     services = compose_config(DEPLOY / "docker-compose.cpu.yml")["services"]
     assert set(services) == {"gateway", "prometheus", "grafana"}
     assert "--topology" not in services["gateway"]["command"], "CPU slices are discovered"
+    assert services["gateway"]["shm_size"] == "2g", "batches pass through /dev/shm (64 MB by default)"
     assert yaml.safe_load((DEPLOY / "prometheus.cpu.yml").read_text())["scrape_configs"][0]["static_configs"][0]["targets"] == [
         "gateway:8000"
     ]

@@ -6,8 +6,10 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -517,3 +519,46 @@ def test_bodies_past_the_pending_budget_get_503_before_they_are_read(http_server
         assert _metric(httpx.get(f"{base}/metrics").text, "migserve_request_body_bytes") == 0
     finally:
         server.close()
+
+
+def _small_dev_shm() -> tuple[str, ...] | None:
+    """A command prefix that serves with a 6 MB /dev/shm of its own (a mount namespace), or None where this
+    machine cannot (not root, or no unshare or mount permission)."""
+    prefix = ("unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=6m tmpfs /dev/shm && exec "$@"', "sh")
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return None
+    probe = subprocess.run([*prefix, "true"], capture_output=True, check=False)
+    return prefix if probe.returncode == 0 else None
+
+
+def test_a_dev_shm_too_small_for_a_batch_answers_500_and_everything_serves_on(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """A container's /dev/shm is 64 MB unless it is given more. A batch whose inputs (in the gateway) or outputs
+    (in the worker) do not fit used to kill that process with SIGBUS; now the batch gets a 500 that says how to
+    give it more room, and the gateway and its worker serve on (no restart)."""
+    prefix = _small_dev_shm()
+    if prefix is None:
+        pytest.skip("needs root, unshare and mount to give the gateway a small /dev/shm")
+    args = ("--cpu-slices", "1", "--models", "crowd-csrnet", "lns-organs")
+    server = Gateway(tiny_repo.root, *args, log=tmp_path / "serve.log", prefix=prefix)
+    client = httpclient.InferenceServerClient(server.url, network_timeout=60)
+    crowd, lns = (read_contract(tiny_repo.root / name) for name in ("crowd-csrnet", "lns-organs"))
+    try:
+        small = triton_inputs(make_inputs(crowd, 1, seed=1, dims={"height": 64, "width": 64}))
+        assert client.infer("crowd-csrnet", small).as_numpy("density").shape == (1, 1, 8, 8)
+        too_big = [  # 12 MB of inputs, for the gateway's arena; then 6 MB of outputs, for the worker's
+            ("crowd-csrnet", make_inputs(crowd, 1, seed=2, dims={"height": 1024, "width": 1024})),
+            ("lns-organs", make_inputs(lns, 4, seed=3)),
+        ]
+        for name, arrays in too_big:
+            with pytest.raises(InferenceServerException) as caught:
+                client.infer(name, triton_inputs(arrays))
+            assert caught.value.status() == "500", name
+            assert "no room for a" in str(caught.value.message()) and "--shm-size" in str(caught.value.message()), name
+        assert client.infer("lns-organs", triton_inputs(make_inputs(lns, 1, seed=4))).as_numpy("logits").shape == (1, 23, 16, 32, 32)
+        assert client.infer("crowd-csrnet", small).as_numpy("density").shape == (1, 1, 8, 8)
+        (partition,) = httpx.get(f"http://{server.url}/v1/partitions").json()["partitions"]
+        assert partition["ready"] and partition["restarts"] == 0
+    finally:
+        client.close()
+        server.close()
+    assert "Bus error" not in (tmp_path / "serve.log").read_text()

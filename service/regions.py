@@ -13,7 +13,9 @@ the same host saves that (`bench/RESULTS.md`).
 Keys are single /dev/shm names (no paths); the gateway's own arenas (`migserve-arena-*`)
 cannot be registered. As in Triton, the client owns the object: unregistering unmaps it
 and never unlinks it, and the client must not change a region while a request that
-reads or writes it is in flight.
+reads or writes it is in flight. The gateway checks the object's size at each use: one
+that shrank is refused (400) rather than read past its end, which would kill the
+gateway with SIGBUS.
 """
 
 from __future__ import annotations
@@ -41,19 +43,30 @@ class Region:
     offset: int  # where the region starts in the shared memory object
     byte_size: int
     mapping: mmap.mmap
+    fd: int  # kept open to see the object's size at each use
+    closed: bool = False
+
+    def close(self) -> None:
+        self.closed = True
+        os.close(self.fd)
+        with contextlib.suppress(BufferError):  # a request still reads it: unmapped when its last view goes
+            self.mapping.close()
 
     def status(self) -> dict[str, Any]:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
 
     def view(self, offset: int, nbytes: int, what: str) -> memoryview:
         """`nbytes` at `offset` in the region, in place; BadRequest if they do not fit."""
-        if self.mapping.closed:
+        if self.closed:
             raise BadRequest(f"{what}: shared memory region '{self.name}' was unregistered while the request was in flight")
         if offset < 0 or nbytes < 0 or offset + nbytes > self.byte_size:
             raise BadRequest(
                 f"{what}: {nbytes} bytes at offset {offset} do not fit shared memory region '{self.name}' of {self.byte_size} bytes"
             )
         start = self.offset + offset
+        size = os.fstat(self.fd).st_size  # reading past the end of a shrunk object would kill the gateway (SIGBUS)
+        if start + nbytes > size:
+            raise BadRequest(f"{what}: the object behind shared memory region '{self.name}' ({self.key!r}) shrank to {size} bytes")
         return memoryview(self.mapping)[start : start + nbytes]
 
 
@@ -97,16 +110,16 @@ class Regions:
                     f"shared memory region '{name}': offset {offset} + byte_size {byte_size} is past the end of {key!r} ({size} bytes)"
                 )
             mapping = mmap.mmap(fd, size)
-        finally:
+        except BaseException:
             os.close(fd)
-        self._regions[name] = Region(name, key, offset, byte_size, mapping)
+            raise
+        self._regions[name] = Region(name, key, offset, byte_size, mapping, fd)
 
     def unregister(self, name: str | None = None) -> None:
         """One region (unknown names are fine, as in Triton), or every region when `name` is None or empty."""
         for region in [self._regions.pop(name, None)] if name else [*self._regions.values()]:
             if region is not None:
-                with contextlib.suppress(BufferError):  # a request still reads it: unmapped when its last view goes
-                    region.mapping.close()
+                region.close()
         if not name:
             self._regions.clear()
 

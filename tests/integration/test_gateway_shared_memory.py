@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -155,3 +156,24 @@ def test_bad_regions_and_slices_get_a_4xx_that_names_the_problem(
     assert missing.value.status() == "404"
     result = client.infer("face-pros", triton_inputs({"image": image}))  # still serving
     assert result.as_numpy("embedding").shape == (2, 48)
+
+
+def test_a_region_whose_object_shrank_is_refused_not_read_past_its_end(gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+    """Reading a mapping past the end of its (since truncated) object kills the reader with SIGBUS: the gateway
+    checks the object's size at each use and answers 400 instead."""
+    image = make_inputs(read_contract(tiny_repo.root / "face-pros"), 1, seed=5)["image"]
+    region = Region("shrinks", image.nbytes)
+    client = httpclient.InferenceServerClient(gateway.url)
+    try:
+        shm.set_shared_memory_region(region.handle, [image])
+        client.register_system_shared_memory(region.name, region.key, image.nbytes)
+        os.truncate(Path("/dev/shm") / region.key.lstrip("/"), 4096)
+        tensor = httpclient.InferInput("image", list(image.shape), "FP32")
+        tensor.set_shared_memory(region.name, image.nbytes)
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("face-pros", [tensor])
+        assert caught.value.status() == "400" and "shrank to 4096 bytes" in str(caught.value.message())
+        assert client.infer("face-pros", triton_inputs({"image": image})).as_numpy("embedding").shape == (1, 48)
+    finally:
+        client.unregister_system_shared_memory(region.name)
+        region.destroy()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BadRequest, NotFound
+from .errors import BadRequest, InferenceFailed, NotFound
 from .workers.shm import ARENA_PREFIX
 
 SHM_DIR = Path("/dev/shm")
@@ -69,6 +69,16 @@ class Region:
             raise BadRequest(f"{what}: the object behind shared memory region '{self.name}' ({self.key!r}) shrank to {size} bytes")
         return memoryview(self.mapping)[start : start + nbytes]
 
+    def writable(self, offset: int, nbytes: int, what: str) -> memoryview:
+        """As `view`, with the pages allocated first: the client's object may be sparse, and writing a page that a
+        full /dev/shm cannot back would kill the gateway with SIGBUS."""
+        target = self.view(offset, nbytes, what)
+        try:
+            os.posix_fallocate(self.fd, self.offset + offset, max(nbytes, 1))
+        except OSError as exc:
+            raise InferenceFailed(f"{what}: no room in {SHM_DIR} for its {nbytes} bytes in region '{self.name}': {exc.strerror}") from None
+        return target
+
 
 @dataclass(frozen=True)
 class Slice:
@@ -80,6 +90,9 @@ class Slice:
 
     def view(self, what: str) -> memoryview:
         return self.region.view(self.offset, self.byte_size, what)
+
+    def writable(self, what: str) -> memoryview:
+        return self.region.writable(self.offset, self.byte_size, what)
 
 
 class Regions:

@@ -145,3 +145,13 @@ def read_response(reader: BinaryIO) -> tuple[int, dict[str, str], bytes]:
             headers[name.strip().lower()] = value.strip()
         if status != 100:
             return status, headers, reader.read(int(headers.get("content-length", "0")))
+
+
+def small_dev_shm(size: str) -> tuple[str, ...] | None:
+    """A command prefix that runs the rest with a /dev/shm of `size` (e.g. "6m") of its own, in a mount namespace:
+    what a container's small /dev/shm does. None where this machine cannot (not root, no unshare, no mount)."""
+    prefix = ("unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size={size} tmpfs /dev/shm && exec "$@"', "sh")
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return None
+    probe = subprocess.run([*prefix, "true"], capture_output=True, check=False)
+    return prefix if probe.returncode == 0 else None

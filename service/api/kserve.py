@@ -265,7 +265,7 @@ def write_to_region(name: str, array: Array, where: Slice) -> None:
             f"output {name}: shared_memory_byte_size {where.byte_size} is too small for its {array.nbytes} bytes "
             f"(shape {list(array.shape)})"
         )
-    target = where.view(f"output {name}")
+    target = where.writable(f"output {name}")
     target[: array.nbytes] = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
 
 

@@ -6,10 +6,8 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
 import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +22,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from migserve.contract import read_contract
-from tests.helpers import ExportedRepo, Gateway, read_response
+from tests.helpers import ExportedRepo, Gateway, read_response, small_dev_shm
 from tests.integration.test_gateway_protocol import grpc_inputs, make_inputs, triton_inputs
 
 
@@ -521,21 +519,11 @@ def test_bodies_past_the_pending_budget_get_503_before_they_are_read(http_server
         server.close()
 
 
-def _small_dev_shm() -> tuple[str, ...] | None:
-    """A command prefix that serves with a 6 MB /dev/shm of its own (a mount namespace), or None where this
-    machine cannot (not root, or no unshare or mount permission)."""
-    prefix = ("unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=6m tmpfs /dev/shm && exec "$@"', "sh")
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        return None
-    probe = subprocess.run([*prefix, "true"], capture_output=True, check=False)
-    return prefix if probe.returncode == 0 else None
-
-
 def test_a_dev_shm_too_small_for_a_batch_answers_500_and_everything_serves_on(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
     """A container's /dev/shm is 64 MB unless it is given more. A batch whose inputs (in the gateway) or outputs
     (in the worker) do not fit used to kill that process with SIGBUS; now the batch gets a 500 that says how to
     give it more room, and the gateway and its worker serve on (no restart)."""
-    prefix = _small_dev_shm()
+    prefix = small_dev_shm("6m")
     if prefix is None:
         pytest.skip("needs root, unshare and mount to give the gateway a small /dev/shm")
     args = ("--cpu-slices", "1", "--models", "crowd-csrnet", "lns-organs")

@@ -4,9 +4,9 @@ A client creates a POSIX shared memory object (`tritonclient.utils.shared_memory
 does), registers it under a region name (`POST /v2/systemsharedmemory/region/{name}/register`
 or gRPC's SystemSharedMemoryRegister), and then names the region in an input's or
 an output's parameters (`shared_memory_region`, `shared_memory_byte_size`, optionally
-`shared_memory_offset`) instead of sending its bytes. An input is read in place from
-the region (the batcher copies it once, into the partition's arena, as any input);
-an output is written into the region and answered without data. Most of what an
+`shared_memory_offset`) instead of sending its bytes. An input is copied out of the
+region as its request is decoded (so nothing reads the client's object later); an
+output is written into the region and answered without data. Most of what an
 inference costs the gateway on a large tensor is receiving its bytes, so a client on
 the same host saves that (`bench/RESULTS.md`).
 

@@ -151,12 +151,14 @@ def listed_tensor(plan: _InputPlan, shape: list[int], count: int, values: Any) -
 
 
 def region_tensor(plan: _InputPlan, shape: list[int], count: int, where: Slice) -> Array:
-    """A tensor read in place from a shared memory region."""
+    """A tensor copied out of a shared memory region as the request is decoded, right after the region's size
+    is checked: a view kept until the batch is sent would be read after the client could have shrunk the object
+    (SIGBUS in the gateway) or changed its bytes. The copy costs less than receiving the bytes would have."""
     name = plan.spec.name
     size = count * plan.dtype.itemsize
     if where.byte_size != size:
         raise BadRequest(f"input {name}: shared_memory_byte_size {where.byte_size}, but shape {shape} of {plan.datatype} needs {size}")
-    return np.frombuffer(where.view(f"input {name}"), dtype=plan.dtype).reshape(shape)
+    return np.frombuffer(where.view(f"input {name}"), dtype=plan.dtype).reshape(shape).copy()
 
 
 def _array(entry: dict[str, Any], plan: _InputPlan, binary: memoryview, offset: int, regions: Regions) -> tuple[Array, int]:

@@ -74,7 +74,6 @@ UNSUPPORTED = {
     "model_repository": "migserve serves the models it started with: to change them, restart `migserve serve` (--model-repo, --models)",
     "cuda_shared_memory": "CUDA shared memory is not supported: use system shared memory (/v2/systemsharedmemory)",
     "trace": "request tracing is not supported",
-    "logging": "log settings cannot be changed at run time: start the gateway with --log-level",
 }
 
 

@@ -28,6 +28,7 @@ from ..config import ServeConfig
 from ..dispatch.batcher import BatchPolicy, ModelBatcher, Pending
 from ..errors import BadRequest, DeadlineExpired, ServiceError, UnknownModel
 from ..jobs import JobStore
+from ..logsettings import LogSettings
 from ..metrics import Metrics
 from ..partitions import Partition, PartitionKind, discover, memory_used
 from ..placement import place
@@ -59,6 +60,7 @@ class Gateway:
     jobs: JobStore = field(init=False)
     bodies: BodyBudget = field(init=False)  # request bodies held at once
     regions: Regions = field(default_factory=Regions)  # clients' shared memory regions (system shared memory extension)
+    logs: LogSettings = field(default_factory=LogSettings.current)  # the logging extension's view of the log level
 
     def __post_init__(self) -> None:
         self.jobs = JobStore(self.config.max_jobs, self.config.job_ttl_s)

@@ -8,8 +8,8 @@ types and service stubs are the ones tritonclient ships (generated from Triton's
 proto talk to it: health, server and model metadata, model configuration and
 statistics (`service/stats.py`), the repository index, system shared memory
 (`service/regions.py`), ModelInfer and ModelStreamInfer. The rest (model load and
-unload, CUDA shared memory, trace and log settings) answer UNIMPLEMENTED with what to
-use instead.
+unload, CUDA shared memory, trace settings) answer UNIMPLEMENTED with what to use
+instead. LogSettings reads and changes the gateway's log level (`service/logsettings.py`).
 
 Tensors arrive as `raw_input_contents` (what tritonclient sends; read in place) or
 as typed contents (`fp32_contents`, ...); outputs always go back as
@@ -77,7 +77,6 @@ UNSUPPORTED_RPCS = {
     "CudaSharedMemoryRegister": "cuda_shared_memory",
     "CudaSharedMemoryUnregister": "cuda_shared_memory",
     "TraceSetting": "trace",
-    "LogSettings": "logging",
 }
 # The typed-contents field of each datatype (FP16 has none: raw only).
 CONTENTS = {
@@ -155,6 +154,16 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     async def SystemSharedMemoryUnregister(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         self.gateway.regions.unregister(request.name)
         return service_pb2.SystemSharedMemoryUnregisterResponse()
+
+    async def LogSettings(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        changes = {key: getattr(value, value.WhichOneof("parameter_choice") or "") for key, value in request.settings.items()}
+        try:
+            settings = self.gateway.logs.update(changes) if changes else self.gateway.logs.values
+        except ServiceError as exc:
+            await _abort(context, exc)
+        value = service_pb2.LogSettingsResponse.SettingValue
+        kinds = {bool: "bool_param", int: "uint32_param", str: "string_param"}
+        return service_pb2.LogSettingsResponse(settings={k: value(**{kinds[type(v)]: v}) for k, v in settings.items()})
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:

@@ -31,7 +31,6 @@ UNSUPPORTED_ROUTES = {
         ("POST", "/v2/cudasharedmemory/unregister"),
     ],
     "trace": [(method, path) for method in ("GET", "POST") for path in ("/v2/trace/setting", "/v2/models/{name}/trace/setting")],
-    "logging": [("GET", "/v2/logging"), ("POST", "/v2/logging")],
 }
 SMALL_BODY_LIMIT = 64 * 1024  # a repository index or region registration request is a small JSON object
 
@@ -87,6 +86,15 @@ def register(app: FastAPI, gateway: Gateway) -> None:
     async def shared_memory_unregister(name: str = "") -> Response:
         gateway.regions.unregister(name)
         return Response(status_code=200)
+
+    @app.get("/v2/logging", summary="The gateway's log settings (Triton's logging extension)")
+    async def log_settings() -> dict[str, Any]:
+        return dict(gateway.logs.values)
+
+    @app.post("/v2/logging", summary="Change the gateway's log level while it runs (Triton's logging extension)")
+    async def update_log_settings(request: Request) -> dict[str, Any]:
+        body = await read_body(request.receive, request.headers.get("content-length"), SMALL_BODY_LIMIT)
+        return gateway.logs.update(json_object(body, 'a JSON object such as {"log_verbose_level": 1}'))
 
     @app.get("/v2/models/{name}", summary="Model metadata (KServe v2)")
     @app.get("/v2/models/{name}/versions/{version}", include_in_schema=False)

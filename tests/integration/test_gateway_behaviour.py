@@ -550,3 +550,58 @@ def test_a_dev_shm_too_small_for_a_batch_answers_500_and_everything_serves_on(ti
         client.close()
         server.close()
     assert "Bus error" not in (tmp_path / "serve.log").read_text()
+
+
+def test_log_settings_change_what_the_gateway_logs_while_it_runs(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """Triton's logging extension: with only errors on, a killed worker's restart logs its death (ERROR) but
+    not its new start (INFO); with info on again, it does. gRPC reads and changes the same settings."""
+    log = tmp_path / "serve.log"
+    server = Gateway(tiny_repo.root, "--cpu-slices", "1", "--models", "crowd-csrnet", log=log, grpc=True)
+    base = f"http://{server.url}"
+    assert server.grpc_url is not None
+    grpc_client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        defaults = httpx.get(f"{base}/v2/logging").json()
+        assert defaults == {
+            "log_file": "",
+            "log_info": True,
+            "log_warning": True,
+            "log_error": True,
+            "log_verbose_level": 0,
+            "log_format": "default",
+        }
+        quiet = httpx.post(f"{base}/v2/logging", json={"log_info": False, "log_warning": False}).json()
+        assert (quiet["log_info"], quiet["log_warning"], quiet["log_error"]) == (False, False, True)
+        over_grpc = grpc_client.get_log_settings(as_json=True)["settings"]
+        assert over_grpc["log_info"] == {"bool_param": False} and over_grpc["log_error"] == {"bool_param": True}
+        for restarts, info in ((1, False), (2, True)):
+            if info:
+                grpc_client.update_log_settings({"log_info": True})
+            before = log.read_text()
+            _kill_and_wait(base, restarts)
+            added = log.read_text()[len(before) :]
+            assert "died" in added and ("worker cpu-0 ready" in added) == info, added
+        for bad, says in [
+            ({"log_verbose_level": "x"}, "log_verbose_level must be an integer >= 0"),
+            ({"nope": 1}, "unknown log setting 'nope'"),
+            ({"log_file": "/tmp/x.log"}, "log_file cannot be set"),
+            ({"log_format": "ISO8601"}, "one format, 'default'"),
+        ]:
+            response = httpx.post(f"{base}/v2/logging", json=bad)
+            assert response.status_code == 400 and says in response.json()["error"], bad
+        assert httpx.get(f"{base}/v2/logging").json()["log_info"] is True, "a refused change changes nothing"
+    finally:
+        grpc_client.close()
+        server.close()
+
+
+def _kill_and_wait(base: str, restarts: int) -> None:
+    (worker,) = httpx.get(f"{base}/v1/partitions").json()["partitions"]
+    os.kill(worker["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        (state,) = httpx.get(f"{base}/v1/partitions").json()["partitions"]
+        if state["ready"] and state["restarts"] == restarts:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the worker did not come back: {state}")

@@ -110,8 +110,8 @@ def test_dynamic_sizes_pass_through(client: httpclient.InferenceServerClient, ti
 def test_unknown_paths_and_triton_extensions_not_offered_answer_in_the_error_form(
     client: httpclient.InferenceServerClient, gateway: Gateway
 ) -> None:
-    """No such path: 404; a wrong method: 405 with Allow; Triton's model control, CUDA shared memory, trace and
-    logging endpoints: 501 saying what to use instead. Each body is {"error": ...}, as every other error."""
+    """No such path: 404; a wrong method: 405 with Allow; Triton's model control, CUDA shared memory and trace
+    endpoints: 501 saying what to use instead. Each body is {"error": ...}, as every other error."""
     base = f"http://{gateway.url}"
     missing = httpx.get(f"{base}/v2/no-such-thing")
     assert missing.status_code == 404 and missing.json() == {"error": "no endpoint GET /v2/no-such-thing; the API is listed at /docs"}
@@ -124,7 +124,7 @@ def test_unknown_paths_and_triton_extensions_not_offered_answer_in_the_error_for
     calls: list[tuple[Callable[[], object], str]] = [
         (lambda: client.load_model("face-pros"), "restart `migserve serve`"),
         (client.get_cuda_shared_memory_status, "use system shared memory"),
-        (lambda: client.update_log_settings({"log_info": True}), "--log-level"),
+        (client.get_trace_settings, "tracing is not supported"),
     ]
     for call, says in calls:
         with pytest.raises(InferenceServerException) as caught:

@@ -1,0 +1,63 @@
+"""Triton's logging extension: read and change the gateway's log level while it runs.
+
+`GET /v2/logging` and gRPC's LogSettings (no settings) answer Triton's six settings;
+`POST /v2/logging` (or LogSettings with settings) changes some of them. They map onto
+the gateway's Python logging level: verbose > 0 is DEBUG, else INFO while log_info is
+on, else WARNING while log_warning is on, else ERROR while log_error is on, else
+nothing. The gateway logs to stderr in one format, so log_file must stay "" and
+log_format "default". Workers keep the level they started with.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .errors import BadRequest
+
+SWITCHES = ("log_info", "log_warning", "log_error")
+OFF = logging.CRITICAL + 10
+LOGGERS = ("", "uvicorn", "uvicorn.error")  # the root (migserve's modules log through it) and uvicorn's own
+
+
+class LogSettings:
+    def __init__(self, level: int) -> None:
+        self.values: dict[str, Any] = {
+            "log_file": "",
+            "log_info": level <= logging.INFO,
+            "log_warning": level <= logging.WARNING,
+            "log_error": level <= logging.ERROR,
+            "log_verbose_level": 1 if level <= logging.DEBUG else 0,
+            "log_format": "default",
+        }
+
+    @classmethod
+    def current(cls) -> LogSettings:
+        return cls(logging.getLogger().getEffectiveLevel())
+
+    def update(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Check every change first, then apply them all; the settings after."""
+        for key, value in changes.items():
+            if key not in self.values:
+                raise BadRequest(f"unknown log setting {key!r}; the settings are {sorted(self.values)}")
+            if key in SWITCHES and type(value) is not bool:
+                raise BadRequest(f"{key} must be true or false, not {value!r}")
+            if key == "log_verbose_level" and (type(value) is not int or value < 0):
+                raise BadRequest(f"log_verbose_level must be an integer >= 0, not {value!r}")
+            if key == "log_file" and value != "":
+                raise BadRequest("log_file cannot be set: the gateway logs to stderr (redirect it, or use your supervisor's log)")
+            if key == "log_format" and value != "default":
+                raise BadRequest(f"log_format {value!r}: the gateway has one format, 'default'")
+        self.values.update(changes)
+        level = self.level()
+        for name in LOGGERS:
+            logging.getLogger(name).setLevel(level)
+        return dict(self.values)
+
+    def level(self) -> int:
+        if self.values["log_verbose_level"] > 0:
+            return logging.DEBUG
+        for key, level in zip(SWITCHES, (logging.INFO, logging.WARNING, logging.ERROR), strict=True):
+            if self.values[key]:
+                return level
+        return OFF

@@ -156,7 +156,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         return service_pb2.SystemSharedMemoryUnregisterResponse()
 
     async def LogSettings(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        changes = {key: getattr(value, value.WhichOneof("parameter_choice") or "") for key, value in request.settings.items()}
+        changes = {key: _plain(value) for key, value in request.settings.items()}
         try:
             settings = self.gateway.logs.update(changes) if changes else self.gateway.logs.values
         except ServiceError as exc:
@@ -263,7 +263,13 @@ def decode_infer_request(request: Any, entry: ModelEntry, regions: Regions) -> D
 
 def _parameters(parameters: Any) -> dict[str, Any]:
     """A tensor's shared-memory parameters (an InferParameter map) as plain values."""
-    return {key: getattr(parameters[key], parameters[key].WhichOneof("parameter_choice") or "") for key in PARAMETERS if key in parameters}
+    return {key: _plain(parameters[key]) for key in PARAMETERS if key in parameters}
+
+
+def _plain(parameter: Any) -> Any:
+    """An InferParameter's or a log SettingValue's value (None when none of its fields is set)."""
+    choice = parameter.WhichOneof("parameter_choice")
+    return None if choice is None else getattr(parameter, choice)
 
 
 def encode_infer_response(model: str, decoded: DecodedRequest, outputs: dict[str, Array]) -> Any:

@@ -265,3 +265,12 @@ def test_rpcs_of_extensions_not_offered_say_what_to_use_instead(stub: Any) -> No
         with pytest.raises(grpc.RpcError) as caught:
             getattr(stub, rpc)(request, timeout=10)
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED and caught.value.details() == UNSUPPORTED[extension], rpc
+
+
+def test_log_settings_read_over_grpc_and_a_setting_without_a_value_is_refused(stub: Any) -> None:
+    settings = stub.LogSettings(service_pb2.LogSettingsRequest(), timeout=10).settings
+    assert settings["log_format"].string_param == "default" and settings["log_error"].bool_param
+    empty = service_pb2.LogSettingsRequest(settings={"log_info": service_pb2.LogSettingsRequest.SettingValue()})
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.LogSettings(empty, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "log_info must be true or false, not None" in caught.value.details()

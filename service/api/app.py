@@ -26,7 +26,7 @@ from migserve.types import Array
 from ..backends.local import LocalBackend
 from ..config import ServeConfig
 from ..dispatch.batcher import BatchPolicy, ModelBatcher, Pending
-from ..errors import BadRequest, DeadlineExpired, ServiceError, UnknownModel
+from ..errors import BadRequest, DeadlineExpired, NotFound, ServiceError, UnknownModel
 from ..jobs import JobStore
 from ..logsettings import LogSettings
 from ..metrics import Metrics
@@ -128,6 +128,12 @@ class Gateway:
         if name not in self.models:
             raise UnknownModel(f"unknown model {name!r}; served: {', '.join(sorted(self.models))}")
         return self.models[name]
+
+    def check_version(self, name: str, version: str) -> None:
+        """A served model, and a version it has: every model has one version, 1 ("" asks for the latest)."""
+        self.entry(name)
+        if version not in ("", "1"):
+            raise NotFound(f"model {name} has no version {version!r}; it serves version 1")
 
     def model_ready(self, name: str) -> bool:
         return any(r.ready for r in self.backend.replicas(name))

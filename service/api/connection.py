@@ -49,7 +49,7 @@ MAX_HEAD = 64 << 10
 HEAD_READ = 4 << 10  # a head is a few hundred bytes: most of the body is then received straight into its buffer
 JOINED_WRITE = 64 << 10  # answers up to this size go out in one write with their head
 # The path as sent: no query string, no %-escapes (those requests go to uvicorn, which decodes them).
-INFER_TARGET = re.compile(rb"/v2/models/(?P<name>[^/?%]+)(?:/versions/[^/?%]+)?/infer")
+INFER_TARGET = re.compile(rb"/v2/models/(?P<name>[^/?%]+)(?:/versions/1)?/infer")  # the only version there is
 HANDED_OVER = frozenset({b"transfer-encoding", b"expect", b"upgrade"})  # framing or semantics uvicorn handles
 READ = WANTED | {b"connection"}  # the fast path's headers, and whether to keep the connection
 STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in http.HTTPStatus}

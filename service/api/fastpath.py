@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 CONTENT_LENGTH, BINARY_HEADER_LENGTH, TIMEOUT = b"content-length", HEADER_LENGTH.encode(), b"x-timeout-ms"
 WANTED = frozenset({CONTENT_LENGTH, BINARY_HEADER_LENGTH, TIMEOUT})
-INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/[^/]+)?/infer$")
+INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/1)?/infer$")  # other versions: FastAPI's route refuses them
 
 
 class InferFastPath:

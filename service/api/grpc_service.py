@@ -101,13 +101,18 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         return service_pb2.ServerReadyResponse(ready=all(self.gateway.model_ready(name) for name in self.gateway.models))
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        return service_pb2.ModelReadyResponse(ready=request.name in self.gateway.models and self.gateway.model_ready(request.name))
+        try:
+            self.gateway.check_version(request.name, request.version)
+        except ServiceError:
+            return service_pb2.ModelReadyResponse(ready=False)
+        return service_pb2.ModelReadyResponse(ready=self.gateway.model_ready(request.name))
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         return service_pb2.ServerMetadataResponse(name="migserve", version=migserve.__version__, extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
+            self.gateway.check_version(request.name, request.version)
             meta = self.gateway.model_metadata(request.name)
         except ServiceError as exc:
             await _abort(context, exc)
@@ -122,12 +127,15 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
+            self.gateway.check_version(request.name, request.version)
             return service_pb2.ModelConfigResponse(config=self.gateway.model_config(request.name))
         except ServiceError as exc:
             await _abort(context, exc)
 
     async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
+            if request.name:
+                self.gateway.check_version(request.name, request.version)
             return self.gateway.model_statistics(request.name)
         except ServiceError as exc:
             await _abort(context, exc)
@@ -208,6 +216,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
 
         async def work(entry: ModelEntry) -> Any:
             started = time.monotonic()
+            self.gateway.check_version(name, request.model_version)
             with Hold(self.gateway.bodies) as hold:
                 hold.add(request.ByteSize())  # received already; counted so that queued messages stay bounded
                 decoded = decode_infer_request(request, entry, self.gateway.regions)

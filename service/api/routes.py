@@ -53,11 +53,14 @@ def register(app: FastAPI, gateway: Gateway) -> None:
     @app.get("/v2/models/{name}/stats", summary="A model's statistics (Triton's statistics extension)")
     @app.get("/v2/models/{name}/versions/{version}/stats", include_in_schema=False)
     async def model_statistics(name: str = "", version: str = "1") -> dict[str, Any]:
+        if name:
+            gateway.check_version(name, version)
         return as_json(gateway.model_statistics(name))
 
     @app.get("/v2/models/{name}/config", summary="The model's configuration as served (Triton's model configuration extension)")
     @app.get("/v2/models/{name}/versions/{version}/config", include_in_schema=False)
     async def model_config(name: str, version: str = "1") -> dict[str, Any]:
+        gateway.check_version(name, version)
         return as_json(gateway.model_config(name))
 
     @app.post("/v2/repository/index", summary="Every model in the repository and its state (Triton's repository index)")
@@ -99,12 +102,13 @@ def register(app: FastAPI, gateway: Gateway) -> None:
     @app.get("/v2/models/{name}", summary="Model metadata (KServe v2)")
     @app.get("/v2/models/{name}/versions/{version}", include_in_schema=False)
     async def model_metadata(name: str, version: str = "1") -> dict[str, Any]:
+        gateway.check_version(name, version)
         return gateway.model_metadata(name)
 
     @app.get("/v2/models/{name}/ready", summary="Model readiness")
     @app.get("/v2/models/{name}/versions/{version}/ready", include_in_schema=False)
     async def model_ready(name: str, version: str = "1") -> Response:
-        gateway.entry(name)
+        gateway.check_version(name, version)
         if not gateway.model_ready(name):
             raise Unavailable(f"model {name}: no ready replica", retry_after_s=1.0)
         return Response(status_code=200)
@@ -112,7 +116,8 @@ def register(app: FastAPI, gateway: Gateway) -> None:
     @app.post("/v2/models/{name}/infer", summary="Inference (KServe v2, JSON or binary tensors)")
     @app.post("/v2/models/{name}/versions/{version}/infer", include_in_schema=False)
     async def infer(name: str, request: Request, version: str = "1") -> Response:
-        """Served by the ASGI fast path (api/fastpath.py); reached only if that middleware is removed."""
+        """Served by the fast paths (api/connection.py, api/fastpath.py) for version 1 or none; here otherwise."""
+        gateway.check_version(name, version)
         body = await read_body(request.receive, request.headers.get("content-length"), gateway.config.max_body_bytes)
         payload, length = await gateway.infer(name, body, request.headers.get(HEADER_LENGTH), request.headers.get("x-timeout-ms"))
         media, headers = response_headers(length)

@@ -274,3 +274,19 @@ def test_log_settings_read_over_grpc_and_a_setting_without_a_value_is_refused(st
     with pytest.raises(grpc.RpcError) as caught:
         stub.LogSettings(empty, timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "log_info must be true or false, not None" in caught.value.details()
+
+
+def test_version_1_is_served_and_other_versions_are_not_found_over_grpc(client: grpcclient.InferenceServerClient) -> None:
+    assert client.is_model_ready("crowd-csrnet", "1") and not client.is_model_ready("crowd-csrnet", "2")
+    arrays = {"image": np.zeros((1, 3, 64, 64), np.float32)}
+    assert client.infer("crowd-csrnet", grpc_inputs(arrays), model_version="1").as_numpy("density").shape == (1, 1, 8, 8)
+    calls: list[Callable[[], object]] = [
+        lambda: client.infer("crowd-csrnet", grpc_inputs(arrays), model_version="2"),
+        lambda: client.get_model_metadata("crowd-csrnet", "2"),
+        lambda: client.get_model_config("crowd-csrnet", "2"),
+        lambda: client.get_inference_statistics("crowd-csrnet", "2"),
+    ]
+    for call in calls:
+        with pytest.raises(InferenceServerException) as caught:
+            call()
+        assert caught.value.status() == "StatusCode.NOT_FOUND" and "has no version '2'" in str(caught.value.message())

@@ -131,3 +131,21 @@ def test_unknown_paths_and_triton_extensions_not_offered_answer_in_the_error_for
             call()
         assert caught.value.status() == "501" and says in str(caught.value.message())
     assert client.is_model_ready("face-pros")
+
+
+def test_version_1_is_served_and_other_versions_are_not_found(client: httpclient.InferenceServerClient, gateway: Gateway) -> None:
+    """Every model has one version, 1; asking for another used to be answered by version 1."""
+    base = f"http://{gateway.url}/v2/models/crowd-csrnet"
+    body, header_length = httpclient.InferenceServerClient.generate_request_body(
+        triton_inputs({"image": np.zeros((1, 3, 64, 64), np.float32)})
+    )
+    headers = {"Inference-Header-Content-Length": str(header_length)}
+    for version, status in (("1", 200), ("2", 404)):
+        for method, path in [("GET", ""), ("GET", "/ready"), ("GET", "/config"), ("GET", "/stats"), ("POST", "/infer")]:
+            response = httpx.request(
+                method, f"{base}/versions/{version}{path}", content=body if method == "POST" else None, headers=headers
+            )
+            assert response.status_code == status, (version, path, response.text)
+            if status == 404:
+                assert response.json() == {"error": "model crowd-csrnet has no version '2'; it serves version 1"}
+    assert client.is_model_ready("crowd-csrnet", "1") and not client.is_model_ready("crowd-csrnet", "2")

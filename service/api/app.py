@@ -56,7 +56,7 @@ class Gateway:
     batchers: dict[str, ModelBatcher] = field(default_factory=dict)
     stats: dict[str, ModelStatistics] = field(default_factory=dict)
     configs: dict[str, Any] = field(default_factory=dict)  # model -> its Triton ModelConfig message, as served
-    refused: dict[str, str] = field(default_factory=dict)  # repository models not served -> why
+    not_served: dict[str, str] = field(default_factory=dict)  # repository models not served -> why
     jobs: JobStore = field(init=False)
     bodies: BodyBudget = field(init=False)  # request bodies held at once
     regions: Regions = field(default_factory=Regions)  # clients' shared memory regions (system shared memory extension)
@@ -77,7 +77,8 @@ class Gateway:
             raise UnknownModel(f"no servable models in {config.model_repo}; run: migserve export --all --out {config.model_repo}")
         placement = place(partitions, models)
         backend = LocalBackend(partitions, placement, idle_priority=config.cpu_worker_priority == "idle")
-        return cls(config, models, partitions, placement, backend, refused=repo.refused)
+        left_out = {name: "not served: the gateway was started with --models naming others" for name in repo.models if name not in models}
+        return cls(config, models, partitions, placement, backend, not_served=repo.refused | left_out)
 
     async def start(self) -> None:
         await self.backend.start()
@@ -243,7 +244,7 @@ class Gateway:
 
     def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
         """Triton's repository index: served models READY while a replica is ready; the rest UNAVAILABLE, and why."""
-        states = {name: "" if self.model_ready(name) else "no ready replica" for name in self.models} | self.refused
+        states = {name: "" if self.model_ready(name) else "no ready replica" for name in self.models} | self.not_served
         return [
             {"name": name, "version": "1", "state": "UNAVAILABLE", "reason": reason}
             if reason

@@ -50,12 +50,16 @@ def test_the_worker_refuses_a_file_changed_after_start_up(tiny_repo: ExportedRep
 
 
 def test_the_gateway_serves_on_and_lists_a_refused_model_with_its_reason(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
-    server = Gateway(_tampered_copy(tiny_repo, tmp_path), "--cpu-slices", "1", log=tmp_path / "serve.log")
+    """The repository index lists every model in the repository: served, refused (and why), or left out by --models."""
+    repo = _tampered_copy(tiny_repo, tmp_path)
+    shutil.copytree(tiny_repo.root / "frontalize-dalgan", repo / "frontalize-dalgan")
+    server = Gateway(repo, "--cpu-slices", "1", "--models", "face-pros", log=tmp_path / "serve.log")
     base = f"http://{server.url}"
     try:
         index = {m["name"]: m for m in httpx.post(f"{base}/v2/repository/index").json()}
         assert index["face-pros"] == {"name": "face-pros", "version": "1", "state": "READY"}
         assert index["crowd-csrnet"]["state"] == "UNAVAILABLE" and "re-export it" in index["crowd-csrnet"]["reason"]
+        assert index["frontalize-dalgan"]["state"] == "UNAVAILABLE" and "started with --models" in index["frontalize-dalgan"]["reason"]
         assert [m["name"] for m in httpx.post(f"{base}/v2/repository/index", json={"ready": True}).json()] == ["face-pros"]
         bad = httpx.post(f"{base}/v2/repository/index", json={"ready": "yes"})
         assert bad.status_code == 400 and "'ready' must be true or false" in bad.json()["error"]

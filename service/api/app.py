@@ -209,8 +209,15 @@ class Gateway:
                     item.future.set_exception(exc)
                     item.future.exception()  # retrieved: nobody else awaits it
             raise
-        timeout = max(deadline - time.monotonic(), 0.0)
-        answers = await asyncio.gather(*(_await_until(item, name, timeout) for item in pending), return_exceptions=True)
+        started = time.monotonic()
+        timeout = max(deadline - started, 0.0)
+        try:
+            answers = await asyncio.gather(*(_await_until(item, name, timeout) for item in pending), return_exceptions=True)
+        finally:  # each chunk is a request to the model in its statistics, as an HTTP or gRPC request is
+            elapsed, stats = time.monotonic() - started, self.stats[name]
+            for item in pending:
+                future = item.future
+                stats.request_done(future.done() and not future.cancelled() and future.exception() is None, elapsed)
         if failed := [a for a in answers if isinstance(a, BaseException)]:
             raise failed[0]
         parts = [a for a in answers if not isinstance(a, BaseException)]

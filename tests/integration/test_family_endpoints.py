@@ -294,12 +294,23 @@ def test_crowd_count_and_heatmap(http: httpx.Client) -> None:
 def test_crowd_images_of_any_size(http: httpx.Client) -> None:
     wide = np.tile(ASTRONAUT, (3, 5, 1))[:1500, :2501]  # over the contract's 1024: tiled
     tiny = ASTRONAUT[:5, :7]  # under the minimum and not a multiple of 8: padded
+    before = _crowd_statistics(http)
     for pixels, tiles in ((wide, 6), (tiny, 1)):
         response = http.post("/v1/crowd/count", content=encode(pixels, "PNG"), headers={"content-type": "image/png"})
         assert response.status_code == 200, response.text
         body = response.json()
         height, width = pixels.shape[:2]
         assert body["tiles"] == tiles and body["density_shape"] == [math.ceil(height / 8), math.ceil(width / 8)] and body["count"] >= 0
+    after = _crowd_statistics(http)
+    # Triton's statistics count the endpoint's tiles: 7 rows, each chunk of them one request, queued once and answered.
+    assert after["inference_count"] - before["inference_count"] == 7
+    answered = after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"]
+    assert answered >= 2 and answered == after["inference_stats"]["queue"]["count"] - before["inference_stats"]["queue"]["count"]
+
+
+def _crowd_statistics(http: httpx.Client) -> dict[str, Any]:
+    (stats,) = http.get("/v2/models/crowd-csrnet/stats").json()["model_stats"]
+    return dict(stats)
 
 
 # --- models, docs ----------------------------------------------------------------------------

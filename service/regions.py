@@ -25,13 +25,11 @@ import mmap
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .errors import BadRequest, InferenceFailed, NotFound
-from .workers.shm import ARENA_PREFIX
+from .workers.shm import ARENA_PREFIX, SHM_DIR
 
-SHM_DIR = Path("/dev/shm")
 KEY = re.compile(r"/?(?P<name>[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254})")  # no path, no leading dot
 PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
@@ -55,14 +53,18 @@ class Region:
     def status(self) -> dict[str, Any]:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
 
-    def view(self, offset: int, nbytes: int, what: str) -> memoryview:
-        """`nbytes` at `offset` in the region, in place; BadRequest if they do not fit."""
+    def check(self, offset: int, nbytes: int, what: str) -> None:
+        """BadRequest unless `nbytes` at `offset` lie in the region and it is still registered."""
         if self.closed:
             raise BadRequest(f"{what}: shared memory region '{self.name}' was unregistered while the request was in flight")
         if offset < 0 or nbytes < 0 or offset + nbytes > self.byte_size:
             raise BadRequest(
                 f"{what}: {nbytes} bytes at offset {offset} do not fit shared memory region '{self.name}' of {self.byte_size} bytes"
             )
+
+    def view(self, offset: int, nbytes: int, what: str) -> memoryview:
+        """`nbytes` at `offset` in the region, in place, if they fit and the object behind it still holds them."""
+        self.check(offset, nbytes, what)
         start = self.offset + offset
         size = os.fstat(self.fd).st_size  # reading past the end of a shrunk object would kill the gateway (SIGBUS)
         if start + nbytes > size:
@@ -159,5 +161,5 @@ class Regions:
                 "(and shared_memory_offset, if given, an integer)"
             )
         found = Slice(self.get(name), offset, byte_size)
-        found.view(what)  # fits, or BadRequest now
+        found.region.check(offset, byte_size, what)  # fits, or BadRequest now; the object's size is checked at use
         return found

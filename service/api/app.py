@@ -246,7 +246,9 @@ class Gateway:
 
     def model_statistics(self, name: str | None) -> Any:
         """Triton's ModelStatisticsResponse: one model's statistics, or every served model's (name None or "")."""
-        names = [self.entry(name).contract.name] if name else sorted(self.models)
+        if name:
+            self.entry(name)
+        names = [name] if name else sorted(self.models)
         return service_pb2.ModelStatisticsResponse(model_stats=[self.stats[n].message() for n in names])
 
     def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:

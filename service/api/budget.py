@@ -15,8 +15,7 @@ from __future__ import annotations
 from types import TracebackType
 
 from ..errors import Unavailable
-
-MB = 1 << 20
+from ..workers.shm import MB
 
 
 class BodyBudget:

@@ -154,11 +154,8 @@ def region_tensor(plan: _InputPlan, shape: list[int], count: int, where: Slice) 
     """A tensor copied out of a shared memory region as the request is decoded, right after the region's size
     is checked: a view kept until the batch is sent would be read after the client could have shrunk the object
     (SIGBUS in the gateway) or changed its bytes. The copy costs less than receiving the bytes would have."""
-    name = plan.spec.name
-    size = count * plan.dtype.itemsize
-    if where.byte_size != size:
-        raise BadRequest(f"input {name}: shared_memory_byte_size {where.byte_size}, but shape {shape} of {plan.datatype} needs {size}")
-    return np.frombuffer(where.view(f"input {name}"), dtype=plan.dtype).reshape(shape).copy()
+    data = where.view(f"input {plan.spec.name}")
+    return binary_tensor(plan, shape, count, data, f"shared memory region '{where.region.name}'").copy()
 
 
 def _array(entry: dict[str, Any], plan: _InputPlan, binary: memoryview, offset: int, regions: Regions) -> tuple[Array, int]:

@@ -274,6 +274,7 @@ class Gateway:
                     "pid": worker.pid if worker else None,
                     "scheduling": _scheduling(worker.pid) if worker and worker.ready else None,
                     "providers": list(worker.providers) if worker else [],
+                    "device_warning": worker.device_warning if worker else None,
                     "restarts": worker.restarts if worker else 0,
                     "outstanding_batches": worker.outstanding if worker else 0,
                     "refused": worker.refused if worker else {},

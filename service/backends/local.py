@@ -53,6 +53,7 @@ class WorkerReplica:
         self.loaded: tuple[str, ...] = ()
         self.refused: dict[str, str] = {}
         self.providers: tuple[str, ...] = ()
+        self.device_warning: str | None = None  # a GPU partition running on the CPU, and why
         self.restarts = 0
         self.pid: int | None = None
         self._restart_task: asyncio.Task[None] | None = None
@@ -93,12 +94,15 @@ class WorkerReplica:
             raise RuntimeError(f"worker {self.id} sent {type(ready).__name__} before it was ready")
         self._process, self._conn, self.pid = process, parent, process.pid
         self.loaded, self.refused, self.providers = ready.models, ready.refused, ready.providers
+        self.device_warning = ready.device_warning
         loop = asyncio.get_running_loop()
         loop.add_reader(parent.fileno(), self._on_message)
         loop.add_reader(process.sentinel, self._on_exit)
         self._ready = True
         for model, reason in ready.refused.items():
             logger.error("partition %s refused model %s: %s", self.id, model, reason)
+        if ready.device_warning:
+            logger.warning("%s", ready.device_warning)
         logger.info("worker %s ready (pid %s, %s, models: %s)", self.id, process.pid, ",".join(ready.providers), ",".join(ready.models))
         self._on_change()
 

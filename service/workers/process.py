@@ -9,6 +9,7 @@ write the outputs to a new segment, reply. No logging on the hot path.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from multiprocessing.connection import Connection
@@ -37,6 +38,35 @@ def _providers(ort: Any, spec: WorkerSpec) -> list[str]:
     if spec.device and "CUDAExecutionProvider" in ort.get_available_providers():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def used_providers(ort: Any, spec: WorkerSpec, sessions: dict[str, Any]) -> tuple[tuple[str, ...], str | None]:
+    """The providers the sessions really run on, and on a GPU or MIG partition without CUDA, a warning saying why.
+
+    onnxruntime drops CUDAExecutionProvider without an error when its CUDA or cuDNN libraries do not load, so the
+    requested list is not evidence: each session's own list is."""
+    used = tuple(dict.fromkeys(p for session in sessions.values() for p in session.get_providers())) or tuple(_providers(ort, spec))
+    if not spec.device or "CUDAExecutionProvider" in used:
+        return used, None
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        why = (
+            f"this onnxruntime ({ort.__version__}) has no CUDAExecutionProvider (it offers {', '.join(available)}); "
+            "install onnxruntime-gpu instead of onnxruntime (pip install 'migserve[gpu]')"
+        )
+    else:
+        why = f"onnxruntime {ort.__version__} offers CUDAExecutionProvider but could not start it: {_cuda_provider_failure(ort)}"
+    return used, f"partition {spec.partition} ({spec.device}) runs its models on the CPU: {why}"
+
+
+def _cuda_provider_failure(ort: Any) -> str:
+    """Why onnxruntime's CUDA provider library does not load here: usually a CUDA or cuDNN library it needs."""
+    library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    try:
+        ctypes.CDLL(str(library))
+    except OSError as exc:
+        return f"{exc} (the CUDA and cuDNN versions this onnxruntime needs must be on the library path)"
+    return "its library loads, so the device itself refused (is the driver loaded, and does CUDA_VISIBLE_DEVICES name a device?)"
 
 
 def load_sessions(ort: Any, spec: WorkerSpec) -> tuple[dict[str, Any], dict[str, str]]:
@@ -97,8 +127,8 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     import onnxruntime as ort  # only now: the device and cores are fixed
 
     sessions, refused = load_sessions(ort, spec)
-    providers = tuple(_providers(ort, spec))
-    conn.send(WorkerReady(partition=spec.partition, models=tuple(sessions), providers=providers, refused=refused))
+    providers, device_warning = used_providers(ort, spec, sessions)
+    conn.send(WorkerReady(spec.partition, tuple(sessions), providers, refused, device_warning))
     inputs, outputs = shm.Attachments(), shm.Arena()
     try:
         while True:

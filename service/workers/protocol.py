@@ -57,8 +57,9 @@ class FailureKind(StrEnum):
 class WorkerReady:
     partition: str
     models: tuple[str, ...]
-    providers: tuple[str, ...]
+    providers: tuple[str, ...]  # what the loaded sessions run on (onnxruntime falls back to the CPU silently)
     refused: dict[str, str]  # model -> why it was not loaded (e.g. sha256 mismatch)
+    device_warning: str | None = None  # a GPU or MIG partition whose models run on the CPU, and why
 
 
 @dataclass(frozen=True)

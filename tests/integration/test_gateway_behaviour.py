@@ -350,9 +350,29 @@ def test_partitions_view(gateway: Gateway) -> None:
     partitions = httpx.get(f"http://{gateway.url}/v1/partitions").json()["partitions"]
     assert [p["id"] for p in partitions] == ["cpu-0", "cpu-1"]
     assert all(p["kind"] == "cpu" and len(p["cores"]) == 1 and len(p["models"]) == 10 for p in partitions)
-    assert all(p["providers"] == ["CPUExecutionProvider"] for p in partitions)
+    assert all(p["providers"] == ["CPUExecutionProvider"] and p["device_warning"] is None for p in partitions)
     assert all(p["scheduling"] == "normal" and os.sched_getscheduler(p["pid"]) == os.SCHED_OTHER for p in partitions)
     assert all(os.sched_getaffinity(p["pid"]) == set(p["cores"]) for p in partitions)
+
+
+def test_a_gpu_partition_without_cuda_onnxruntime_serves_on_the_cpu_and_says_why(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    # A declared GPU whose onnxruntime has no CUDA provider (this machine's): onnxruntime alone would run it on the
+    # CPU without a word. The gateway reports what the sessions really use, and warns at start-up.
+    topology = tmp_path / "topology.yaml"
+    device = "GPU-5d9f1e7a-0000-4000-8000-000000000000"
+    topology.write_text(f"partitions:\n  - {{id: gpu-0, kind: gpu, device: {device}, profile: NVIDIA H200}}\n")
+    server = Gateway(tiny_repo.root, "--topology", str(topology), "--models", "crowd-csrnet", log=tmp_path / "serve.log")
+    try:
+        (partition,) = httpx.get(f"http://{server.url}/v1/partitions").json()["partitions"]
+        assert partition["kind"] == "gpu" and partition["device"] == device
+        assert partition["providers"] == ["CPUExecutionProvider"]
+        assert "runs its models on the CPU" in partition["device_warning"]
+        assert "install onnxruntime-gpu" in partition["device_warning"]
+        assert f"partition gpu-0 ({device}) runs its models on the CPU" in server.log.read_text()
+        response = httpx.post(f"http://{server.url}/v2/models/crowd-csrnet/infer", content=_crowd_body(tiny_repo.root), timeout=60)
+        assert response.status_code == 200, response.text
+    finally:
+        server.close()
 
 
 def test_idle_priority_workers_yield_their_cores(tiny_repo: ExportedRepo, tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ TINY = ("crowd-csrnet", {"height": 16, "width": 16})  # for the added-latency fi
 WRK_SCRIPT = Path(__file__).with_name("wrk_report.lua")
 CONCURRENCY = (1, 8, 32)
 BATCHES = (1, 2, 4, 8, 16, 32)
+DATATYPES = {"float32": "FP32", "int64": "INT64"}
 
 
 def percentiles(latencies: list[float]) -> dict[str, float]:
@@ -54,23 +55,35 @@ def percentiles(latencies: list[float]) -> dict[str, float]:
 
 
 def sample(contract: dict[str, Any], dims: dict[str, int], batch: int) -> dict[str, Array]:
+    """Seeded inputs at the contract's default dims (or `dims`): token ids in the vocabulary, masks all ones."""
     sizes = {k: v["default"] for k, v in contract["dims"].items()} | dims | {"batch": batch}
     rng = np.random.default_rng(0)
-    return {
-        t["name"]: rng.standard_normal([d if isinstance(d, int) else sizes[d] for d in t["shape"]]).astype(np.float32)
-        for t in contract["inputs"]
-    }
+    arrays: dict[str, Array] = {}
+    for t in contract["inputs"]:
+        shape = [d if isinstance(d, int) else sizes[d] for d in t["shape"]]
+        if t["dtype"] == "int64":
+            arrays[t["name"]] = rng.integers(2, 700, shape, dtype=np.int64)
+        elif "mask" in t["name"]:
+            arrays[t["name"]] = np.ones(shape, np.float32)
+        else:
+            arrays[t["name"]] = rng.standard_normal(shape).astype(np.float32)
+    return arrays
 
 
-def direct(repo: Path, model: str, dims: dict[str, int], seconds: float) -> list[dict[str, Any]]:
+def direct(
+    repo: Path, model: str, dims: dict[str, int], seconds: float, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+) -> list[dict[str, Any]]:
     contract = json.loads((repo / model / "contract.json").read_text())
     options = ort.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
-    session = ort.InferenceSession(str(repo / model / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(repo / model / "1" / "model.onnx"), options, providers=list(providers))
+    if session.get_providers()[0] != providers[0]:  # onnxruntime falls back without an error: never report CPU figures as GPU
+        raise RuntimeError(f"{model}: onnxruntime runs it on {session.get_providers()[0]}, not {providers[0]}")
     rows = []
     for batch in (b for b in BATCHES if b <= contract["batching"]["max_batch_size"]):
         feeds = sample(contract, dims, batch)
-        session.run(None, feeds)
+        for _ in range(3):  # warm-up: on a GPU the first runs at a new shape choose their kernels
+            session.run(None, feeds)
         latencies, started = [], time.perf_counter()
         while time.perf_counter() - started < seconds:
             t = time.perf_counter()
@@ -93,7 +106,7 @@ def direct(repo: Path, model: str, dims: dict[str, int], seconds: float) -> list
 def bodies(repo: Path, model: str, dims: dict[str, int]) -> dict[str, tuple[bytes, dict[str, str]]]:
     contract = json.loads((repo / model / "contract.json").read_text())
     arrays = sample(contract, dims, 1)
-    entries: list[dict[str, Any]] = [{"name": k, "datatype": "FP32", "shape": list(v.shape)} for k, v in arrays.items()]
+    entries: list[dict[str, Any]] = [{"name": k, "datatype": DATATYPES[v.dtype.name], "shape": list(v.shape)} for k, v in arrays.items()]
     as_json = json.dumps({"inputs": [e | {"data": arrays[k].ravel().tolist()} for e, k in zip(entries, arrays, strict=True)]}).encode()
     header = json.dumps(
         {
@@ -184,8 +197,11 @@ class Server:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v2/health/ready", timeout=1):
                     return
             except OSError:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"gateway exited with {self.process.returncode} before it was ready") from None
                 time.sleep(0.2)
-        raise RuntimeError("gateway did not become ready")
+        self.process.kill()
+        raise RuntimeError("gateway did not become ready in 2 minutes")
 
     def wait_idle(self, model: str, limit_s: float = 60.0) -> None:
         """Until no request of an earlier point is still queued or running for this model."""

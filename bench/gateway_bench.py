@@ -47,6 +47,7 @@ WRK_SCRIPT = Path(__file__).with_name("wrk_report.lua")
 CONCURRENCY = (1, 8, 32)
 BATCHES = (1, 2, 4, 8, 16, 32)
 DATATYPES = {"float32": "FP32", "int64": "INT64"}
+GATEWAY_MODES = ("binary", "json", "nobatch", "uvicorn", "idle", "exhaustive")  # exhaustive: bench/gpu_check.py
 
 
 def percentiles(latencies: list[float]) -> dict[str, float]:
@@ -272,7 +273,7 @@ def report(rows: list[dict[str, Any]]) -> str:
         if not directs:
             continue
         best = max(directs, key=lambda r: r["samples_per_s"])
-        rows_here = [r for r in rows if r["model"] == model and r["mode"] in ("binary", "json", "nobatch", "uvicorn", "idle")]
+        rows_here = [r for r in rows if r["model"] == model and r["mode"] in GATEWAY_MODES]
         single = next(r for r in directs if r["batch"] == 1)
         lines += [
             f"### {model} ({'x'.join(map(str, dims.values())) or 'default size'})",

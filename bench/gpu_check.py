@@ -6,9 +6,12 @@ Stages, each recorded even when another fails:
   serve       the gateway on those partitions (no topology, no --cpu-slices): which providers its workers use
   roundtrip   every model in the repository over HTTP (binary tensors), against onnxruntime on the CPU
   restart     kill -9 of a GPU worker while requests are in flight: every request answered, the worker back
+  conv_search what cuDNN's EXHAUSTIVE and HEURISTIC kernel searches cost at each new batch size, in-process
   throughput  crowd-csrnet and face-pros: direct onnxruntime on the GPU at each batch size (the limit)
-              against the gateway over HTTP, binary tensors, wrk at concurrency 1, 8, 32; NVML readings
-              of the GPU over the concurrency-32 point; the added p50 on a tiny tensor
+              against the gateway over HTTP, binary tensors, wrk at concurrency 1, 8, 32, with
+              --cudnn-conv-algo-search heuristic (binary) and exhaustive; the gateway's own statistics
+              split each point's time (queue, partition); NVML readings of the GPU over the
+              concurrency-32 points; the added p50 on a tiny tensor
 
     python -m bench.gpu_check --repo DIR [--seconds 3] [--out results/gpu_check]
 
@@ -181,36 +184,102 @@ def restart(repo: Path, port: int) -> dict[str, Any]:
     }
 
 
+def conv_search(repo: Path) -> list[dict[str, Any]]:
+    """What cuDNN's kernel search costs per new input shape: the first run at each batch size, in-process."""
+    rows = []
+    for model, dims in gb.MODELS.items():
+        contract = json.loads((repo / model / "contract.json").read_text())
+        for search in ("EXHAUSTIVE", "HEURISTIC"):
+            session = ort.InferenceSession(
+                str(repo / model / "1" / "model.onnx"),
+                providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+                provider_options=[{"cudnn_conv_algo_search": search}, {}],
+            )
+            for batch in range(1, 9):
+                feeds = gb.sample(contract, dims, batch)
+                started = time.perf_counter()
+                session.run(None, feeds)
+                first = time.perf_counter() - started
+                started = time.perf_counter()
+                for _ in range(20):
+                    session.run(None, feeds)
+                rows.append(
+                    {
+                        "model": model,
+                        "search": search,
+                        "batch": batch,
+                        "first_run_ms": first * 1000,
+                        "steady_ms": (time.perf_counter() - started) * 50,
+                    }
+                )
+    return rows
+
+
+def model_stats(port: int, model: str) -> dict[str, int]:
+    (stats,) = get(port, f"/v2/models/{model}/stats")["model_stats"]
+    infer = stats["inference_stats"]
+    flat = {
+        f"{k}_{field}": int(infer[k][field])
+        for k in ("success", "queue", "compute_input", "compute_infer", "compute_output")
+        for field in ("count", "ns")
+    }
+    return flat | {"rows": int(stats["inference_count"]), "batches": int(stats["execution_count"])}
+
+
+def split(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+    """Per request over one point: ms in the queue, at the partition (the batch's round trip) and in all; rows per batch."""
+    delta = {k: after[k] - before[k] for k in after}
+    requests = max(delta["success_count"], 1)
+    return {
+        "request_ms": delta["success_ns"] / requests / 1e6,
+        "queue_ms": delta["queue_ns"] / requests / 1e6,
+        "infer_ms": delta["compute_infer_ns"] / requests / 1e6,
+        "rows_per_batch": delta["rows"] / max(delta["batches"], 1),
+    }
+
+
 def throughput(repo: Path, seconds: float, device: str | None, provider: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     cuda = tuple(dict.fromkeys((provider, "CPUExecutionProvider")))
     for model, dims in gb.MODELS.items():
         rows += gb.direct(repo, model, dims, seconds, providers=cuda)
-    server = gb.Server(repo, "--models", *gb.MODELS)
-    try:
-        for model, dims in gb.MODELS.items():
-            url = f"http://127.0.0.1:{server.port}/v2/models/{model}/infer"
-            body, headers = gb.bodies(repo, model, dims)["binary"]
-            for concurrency in gb.CONCURRENCY:
-                server.wait_idle(model)
-                probe = probe_for(device) if concurrency == 32 else None
-                if probe is not None:
-                    probe.begin()
-                result = gb.closed_loop(url, body, headers, concurrency, seconds, server_pid=server.process.pid)
-                nvml = probe.end() if probe is not None else {}
-                rows.append({"mode": "binary", "model": model, "batch": 1, "concurrency": concurrency, **result, **nvml})
-                print(
-                    f"  binary {model:14s} c={concurrency:<3d} {result['samples_per_s']:8.1f}/s p50 {result['p50_ms']:.2f} ms", flush=True
-                )
-    finally:
-        server.close()
+    for mode, search in (("binary", "heuristic"), ("exhaustive", "exhaustive")):
+        server = gb.Server(repo, "--models", *gb.MODELS, "--cudnn-conv-algo-search", search)
+        try:
+            for model, dims in gb.MODELS.items():
+                url = f"http://127.0.0.1:{server.port}/v2/models/{model}/infer"
+                body, headers = gb.bodies(repo, model, dims)["binary"]
+                for concurrency in gb.CONCURRENCY:
+                    server.wait_idle(model)
+                    probe = probe_for(device) if concurrency == 32 else None
+                    if probe is not None:
+                        probe.begin()
+                    before = model_stats(server.port, model)
+                    result = gb.closed_loop(url, body, headers, concurrency, seconds, server_pid=server.process.pid)
+                    inside = split(before, model_stats(server.port, model))  # wrk's warm-up second included
+                    nvml = probe.end() if probe is not None else {}
+                    rows.append({"mode": mode, "model": model, "batch": 1, "concurrency": concurrency, **result, **inside, **nvml})
+                    rate, p50 = result["samples_per_s"], result["p50_ms"]
+                    print(f"  {mode:10s} {model:14s} c={concurrency:<3d} {rate:8.1f}/s p50 {p50:.2f} ms {inside}", flush=True)
+        finally:
+            server.close()
     model, tiny = gb.TINY
     rows += [{**r, "mode": "direct-tiny"} for r in gb.direct(repo, model, tiny, seconds, providers=cuda) if r["batch"] == 1]
     server = gb.Server(repo, "--models", model)
     try:
         body, headers = gb.bodies(repo, model, tiny)["binary"]
+        before = model_stats(server.port, model)
         result = gb.closed_loop(f"http://127.0.0.1:{server.port}/v2/models/{model}/infer", body, headers, 1, seconds)
-        rows.append({"mode": "binary-tiny", "model": model, "batch": 1, "concurrency": 1, **result})
+        rows.append(
+            {
+                "mode": "binary-tiny",
+                "model": model,
+                "batch": 1,
+                "concurrency": 1,
+                **result,
+                **split(before, model_stats(server.port, model)),
+            }
+        )
     finally:
         server.close()
     return rows
@@ -259,6 +328,8 @@ def main() -> int:
     finally:
         for server in servers:
             server.close()
+    if args.direct_provider == "CUDAExecutionProvider":
+        stage("conv_search", lambda: conv_search(args.repo))
     rows = stage("throughput", lambda: throughput(args.repo, args.seconds, device, args.direct_provider))
     if isinstance(rows, list):
         (args.out / "gpu_check.md").write_text(gb.report(rows) + "\n")

@@ -43,6 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="idle: CPU-slice workers run under SCHED_IDLE and yield their cores to the gateway and clients at once; "
         "for hosts that serve nothing else (default: normal)",
     )
+    parser.add_argument(
+        "--cudnn-conv-algo-search",
+        default="heuristic",
+        choices=["heuristic", "exhaustive", "default"],
+        help="GPU partitions: how cuDNN picks convolution kernels; exhaustive benchmarks every new input shape, "
+        "which stalls a dynamic batcher for about 0.5 s per new batch size (default: heuristic)",
+    )
     parser.add_argument("--max-image-mp", type=float, default=40.0, help="largest decoded image, megapixels (default: 40)")
     parser.add_argument("--max-volume-mvox", type=float, default=64.0, help="largest CT volume, million voxels (default: 64)")
     parser.add_argument("--job-min-tiles", type=int, default=32, help="CT volumes needing more tiles run as jobs (default: 32)")
@@ -111,6 +118,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             if args.preferred_batch_sizes == "none"
             else _sizes("--preferred-batch-sizes", args.preferred_batch_sizes, "batch sizes of 1 or more", "4,8"),
             cpu_worker_priority=args.cpu_worker_priority,
+            cudnn_conv_algo_search=args.cudnn_conv_algo_search,
             max_image_pixels=int(args.max_image_mp * 1e6),
             max_volume_voxels=int(args.max_volume_mvox * 1e6),
             job_min_tiles=args.job_min_tiles,

@@ -34,6 +34,11 @@ class ServeConfig(BaseModel):
         description="idle: CPU-slice workers run under SCHED_IDLE, so the gateway and clients on their cores run first "
         "(for hosts that serve nothing else; other busy processes would starve the workers)",
     )
+    cudnn_conv_algo_search: Literal["heuristic", "exhaustive", "default"] = Field(
+        "heuristic",
+        description="GPU partitions: how cuDNN picks convolution kernels. exhaustive benchmarks them all for every new input "
+        "shape (each new batch size: about 0.5 s on an H200); heuristic asks cuDNN once; default takes its first choice",
+    )
     max_image_pixels: int = Field(40_000_000, ge=1, description="decoded images with more pixels are refused with 413")
     max_volume_voxels: int = Field(64_000_000, ge=1, description="CT volumes with more voxels are refused with 413")
     job_min_tiles: int = Field(32, ge=0, description="/v1/lns/segment runs as a job (202) when both stages need more tiles than this")

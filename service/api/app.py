@@ -76,7 +76,12 @@ class Gateway:
         if not models:
             raise UnknownModel(f"no servable models in {config.model_repo}; run: migserve export --all --out {config.model_repo}")
         placement = place(partitions, models)
-        backend = LocalBackend(partitions, placement, idle_priority=config.cpu_worker_priority == "idle")
+        backend = LocalBackend(
+            partitions,
+            placement,
+            idle_priority=config.cpu_worker_priority == "idle",
+            conv_algo_search=config.cudnn_conv_algo_search.upper(),
+        )
         left_out = {name: "not served: the gateway was started with --models naming others" for name in repo.models if name not in models}
         return cls(config, models, partitions, placement, backend, not_served=repo.refused | left_out)
 

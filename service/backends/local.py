@@ -36,10 +36,16 @@ RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 
 class WorkerReplica:
     def __init__(
-        self, partition: Partition, models: Mapping[str, ModelSpec], on_change: Callable[[], None], idle_priority: bool = False
+        self,
+        partition: Partition,
+        models: Mapping[str, ModelSpec],
+        on_change: Callable[[], None],
+        idle_priority: bool = False,
+        conv_algo_search: str = "HEURISTIC",
     ) -> None:
         self.partition = partition
         self._idle_priority = idle_priority and partition.kind is PartitionKind.CPU
+        self._conv_algo_search = conv_algo_search
         self._models = dict(models)
         self._on_change = on_change
         self._ctx = mp.get_context("spawn")
@@ -84,6 +90,7 @@ class WorkerReplica:
             cores=self.partition.cores,
             models=tuple(self._models.values()),
             idle_priority=self._idle_priority,
+            conv_algo_search=self._conv_algo_search,
         )
         parent, child = self._ctx.Pipe()
         process = self._ctx.Process(target=worker_main, args=(spec, child), name=f"migserve-worker-{self.id}", daemon=True)
@@ -145,7 +152,10 @@ class WorkerReplica:
         self._on_change()
 
     def _on_exit(self) -> None:
-        code = self._process.exitcode if self._process else None
+        code = None
+        if self._process is not None:
+            self._process.join(1)  # the sentinel can close a moment before the process can be reaped
+            code = self._process.exitcode
         self._died(f"it exited with code {code}")
 
     def _died(self, why: str) -> None:
@@ -201,7 +211,13 @@ class LocalBackend:
     `placement` maps partition id -> the models there; `idle_priority` puts CPU-slice workers under SCHED_IDLE.
     """
 
-    def __init__(self, partitions: list[Partition], placement: Mapping[str, Mapping[str, ModelSpec]], idle_priority: bool = False) -> None:
+    def __init__(
+        self,
+        partitions: list[Partition],
+        placement: Mapping[str, Mapping[str, ModelSpec]],
+        idle_priority: bool = False,
+        conv_algo_search: str = "HEURISTIC",
+    ) -> None:
         from .triton import TritonReplica
 
         self._listeners: list[Callable[[], None]] = []
@@ -212,7 +228,7 @@ class LocalBackend:
                 self.workers[p.id] = (
                     TritonReplica(p, list(models), self._notify)
                     if p.kind is PartitionKind.TRITON
-                    else WorkerReplica(p, models, self._notify, idle_priority)
+                    else WorkerReplica(p, models, self._notify, idle_priority, conv_algo_search)
                 )
 
     def add_listener(self, callback: Callable[[], None]) -> None:

@@ -40,6 +40,12 @@ def _providers(ort: Any, spec: WorkerSpec) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def _provider_options(providers: list[str], spec: WorkerSpec) -> list[dict[str, str]]:
+    """cuDNN's EXHAUSTIVE search (onnxruntime's default) benchmarks every convolution for each new input shape: about
+    half a second per batch size on an H200 (bench/RESULTS.md), which a dynamic batcher meets again and again."""
+    return [{"cudnn_conv_algo_search": spec.conv_algo_search} if p == "CUDAExecutionProvider" else {} for p in providers]
+
+
 def used_providers(ort: Any, spec: WorkerSpec, sessions: dict[str, Any]) -> tuple[tuple[str, ...], str | None]:
     """The providers the sessions really run on, and on a GPU or MIG partition without CUDA, a warning saying why.
 
@@ -83,7 +89,9 @@ def load_sessions(ort: Any, spec: WorkerSpec) -> tuple[dict[str, Any], dict[str,
             refused[model.name] = f"{model.path}: sha256 {digest[:12]}... is not the contract's {model.sha256[:12]}..."
             continue
         try:
-            session = ort.InferenceSession(model.path, sess_options=options, providers=providers)
+            session = ort.InferenceSession(
+                model.path, sess_options=options, providers=providers, provider_options=_provider_options(providers, spec)
+            )
             session.run(None, {k: np.zeros(shape, dtype) for k, (shape, dtype) in model.warmup.items()})  # first runs are slow
         except Exception as exc:  # onnxruntime raises its own exception types
             refused[model.name] = f"onnxruntime cannot load or run {model.path}: {exc}"

@@ -34,6 +34,7 @@ class WorkerSpec:
     cores: tuple[int, ...]
     models: tuple[ModelSpec, ...]
     idle_priority: bool = False  # a CPU slice's worker under SCHED_IDLE: its cores run anything else first
+    conv_algo_search: str = "HEURISTIC"  # CUDA: how cuDNN picks convolution kernels per new input shape (serve --cudnn-conv-algo-search)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,13 @@ def model_spec(entry: ModelEntry) -> ModelSpec:
     warmup: dict[str, tuple[tuple[int, ...], str]] = {
         t.name: (tuple(d if isinstance(d, int) else dims[d] for d in t.shape), t.dtype) for t in contract.inputs
     }
-    return ModelSpec(name=contract.name, path=str(entry.model_path), sha256=contract.model_sha256, warmup=warmup)
+    return ModelSpec(
+        name=contract.name,
+        path=str(entry.model_path),
+        sha256=contract.model_sha256,
+        warmup=warmup,
+        max_batch=contract.dims["batch"].max,  # every tensor leads with the batch dim (the contract checks)
+    )
 
 
 def place(partitions: list[Partition], models: dict[str, ModelEntry]) -> dict[str, dict[str, ModelSpec]]:

@@ -10,6 +10,7 @@ write the outputs to a new segment, reply. No logging on the hot path.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import time
 from multiprocessing.connection import Connection
@@ -21,6 +22,7 @@ import numpy as np
 from migserve.contract import sha256_file
 
 from . import shm
+from .buckets import BucketedSession
 from .protocol import BatchDone, BatchFailed, FailureKind, RunBatch, Stop, WorkerReady, WorkerSpec
 
 
@@ -88,14 +90,17 @@ def load_sessions(ort: Any, spec: WorkerSpec) -> tuple[dict[str, Any], dict[str,
         if digest != model.sha256:
             refused[model.name] = f"{model.path}: sha256 {digest[:12]}... is not the contract's {model.sha256[:12]}..."
             continue
+        make = functools.partial(
+            ort.InferenceSession, model.path, sess_options=options, providers=providers, provider_options=_provider_options(providers, spec)
+        )
         try:
-            session = ort.InferenceSession(
-                model.path, sess_options=options, providers=providers, provider_options=_provider_options(providers, spec)
-            )
+            session = make()
             session.run(None, {k: np.zeros(shape, dtype) for k, (shape, dtype) in model.warmup.items()})  # first runs are slow
         except Exception as exc:  # onnxruntime raises its own exception types
             refused[model.name] = f"onnxruntime cannot load or run {model.path}: {exc}"
             continue
+        if session.get_providers()[0] == "CUDAExecutionProvider" and model.max_batch:
+            session = BucketedSession(session, make, model.max_batch)  # cuDNN plans are rebuilt at every shape change
         sessions[model.name] = session
     return sessions, refused
 

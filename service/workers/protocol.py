@@ -25,6 +25,7 @@ class ModelSpec:
     path: str
     sha256: str  # the contract's; the worker refuses a file that differs
     warmup: dict[str, tuple[tuple[int, ...], str]]  # input -> (shape at default dims, batch 1; dtype)
+    max_batch: int | None = None  # the contract's largest batch; GPU sessions pad batches to buckets up to it
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ WRK_SCRIPT = Path(__file__).with_name("wrk_report.lua")
 CONCURRENCY = (1, 8, 32)
 BATCHES = (1, 2, 4, 8, 16, 32)
 DATATYPES = {"float32": "FP32", "int64": "INT64"}
-GATEWAY_MODES = ("binary", "json", "nobatch", "uvicorn", "idle", "exhaustive")  # exhaustive: bench/gpu_check.py
+GATEWAY_MODES = ("binary", "json", "nobatch", "uvicorn", "idle", "onesession")  # onesession: bench/gpu_check.py
 
 
 def percentiles(latencies: list[float]) -> dict[str, float]:

@@ -9,7 +9,8 @@ Stages, each recorded even when another fails:
   conv_search what cuDNN's EXHAUSTIVE and HEURISTIC kernel searches cost at each new batch size, in-process
   throughput  crowd-csrnet and face-pros: direct onnxruntime on the GPU at each batch size (the limit)
               against the gateway over HTTP, binary tensors, wrk at concurrency 1, 8, 32, with
-              --cudnn-conv-algo-search heuristic (binary) and exhaustive; the gateway's own statistics
+              batches padded to one session per shape (binary) and on one session as they come
+              (onesession, --gpu-shape-sessions 0); the gateway's own statistics
               split each point's time (queue, partition); NVML readings of the GPU over the
               concurrency-32 points; the added p50 on a tiny tensor
 
@@ -243,8 +244,8 @@ def throughput(repo: Path, seconds: float, device: str | None, provider: str) ->
     cuda = tuple(dict.fromkeys((provider, "CPUExecutionProvider")))
     for model, dims in gb.MODELS.items():
         rows += gb.direct(repo, model, dims, seconds, providers=cuda)
-    for mode, search in (("binary", "heuristic"), ("exhaustive", "exhaustive")):
-        server = gb.Server(repo, "--models", *gb.MODELS, "--cudnn-conv-algo-search", search)
+    for mode, shape_sessions in (("binary", "8"), ("onesession", "0")):
+        server = gb.Server(repo, "--models", *gb.MODELS, "--gpu-shape-sessions", shape_sessions)
         try:
             for model, dims in gb.MODELS.items():
                 url = f"http://127.0.0.1:{server.port}/v2/models/{model}/infer"

@@ -50,6 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="GPU partitions: how cuDNN picks convolution kernels; exhaustive benchmarks every new input shape, "
         "which stalls a dynamic batcher for about 0.5 s per new batch size (default: heuristic)",
     )
+    parser.add_argument(
+        "--gpu-shape-sessions",
+        type=int,
+        default=8,
+        help="GPU partitions: sessions per model, one per padded batch shape, least recently used dropped first; "
+        "0 runs every batch as it comes on one session (cuDNN then rebuilds its plans at each new batch size) (default: 8)",
+    )
     parser.add_argument("--max-image-mp", type=float, default=40.0, help="largest decoded image, megapixels (default: 40)")
     parser.add_argument("--max-volume-mvox", type=float, default=64.0, help="largest CT volume, million voxels (default: 64)")
     parser.add_argument("--job-min-tiles", type=int, default=32, help="CT volumes needing more tiles run as jobs (default: 32)")
@@ -119,6 +126,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             else _sizes("--preferred-batch-sizes", args.preferred_batch_sizes, "batch sizes of 1 or more", "4,8"),
             cpu_worker_priority=args.cpu_worker_priority,
             cudnn_conv_algo_search=args.cudnn_conv_algo_search,
+            gpu_shape_sessions=args.gpu_shape_sessions,
             max_image_pixels=int(args.max_image_mp * 1e6),
             max_volume_voxels=int(args.max_volume_mvox * 1e6),
             job_min_tiles=args.job_min_tiles,

@@ -35,7 +35,7 @@ from ..placement import place
 from ..regions import Regions
 from ..repository import ModelEntry, load_repository
 from ..stats import ModelStatistics, model_config
-from ..workers.protocol import ModelSpec
+from ..workers.protocol import ModelSpec, WorkerOptions
 from .budget import BodyBudget
 from .errors import error_body
 from .fastpath import InferFastPath
@@ -79,8 +79,11 @@ class Gateway:
         backend = LocalBackend(
             partitions,
             placement,
-            idle_priority=config.cpu_worker_priority == "idle",
-            conv_algo_search=config.cudnn_conv_algo_search.upper(),
+            WorkerOptions(
+                idle_priority=config.cpu_worker_priority == "idle",
+                conv_algo_search=config.cudnn_conv_algo_search.upper(),
+                shape_sessions=config.gpu_shape_sessions,
+            ),
         )
         left_out = {name: "not served: the gateway was started with --models naming others" for name in repo.models if name not in models}
         return cls(config, models, partitions, placement, backend, not_served=repo.refused | left_out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import multiprocessing as mp
@@ -23,7 +24,9 @@ from ..errors import BadRequest, InferenceFailed, Unavailable, WorkerDied
 from ..partitions import Partition, PartitionKind
 from ..workers import shm
 from ..workers.process import worker_main
-from ..workers.protocol import BatchDone, BatchFailed, FailureKind, ModelSpec, RunBatch, Stop, WorkerReady, WorkerSpec
+from ..workers.protocol import BatchDone, BatchFailed, FailureKind, ModelSpec, RunBatch, Stop, WorkerOptions, WorkerReady, WorkerSpec
+
+DEFAULT_OPTIONS = WorkerOptions()
 
 if TYPE_CHECKING:
     from .triton import TritonReplica
@@ -40,12 +43,11 @@ class WorkerReplica:
         partition: Partition,
         models: Mapping[str, ModelSpec],
         on_change: Callable[[], None],
-        idle_priority: bool = False,
-        conv_algo_search: str = "HEURISTIC",
+        options: WorkerOptions = DEFAULT_OPTIONS,
     ) -> None:
         self.partition = partition
-        self._idle_priority = idle_priority and partition.kind is PartitionKind.CPU
-        self._conv_algo_search = conv_algo_search
+        # SCHED_IDLE only where the worker has cores of its own to yield
+        self._options = dataclasses.replace(options, idle_priority=options.idle_priority and partition.kind is PartitionKind.CPU)
         self._models = dict(models)
         self._on_change = on_change
         self._ctx = mp.get_context("spawn")
@@ -89,8 +91,7 @@ class WorkerReplica:
             device=self.partition.device,
             cores=self.partition.cores,
             models=tuple(self._models.values()),
-            idle_priority=self._idle_priority,
-            conv_algo_search=self._conv_algo_search,
+            options=self._options,
         )
         parent, child = self._ctx.Pipe()
         process = self._ctx.Process(target=worker_main, args=(spec, child), name=f"migserve-worker-{self.id}", daemon=True)
@@ -208,15 +209,14 @@ class WorkerReplica:
 class LocalBackend:
     """The partitions' replicas: a worker process per local partition, a client per Triton partition.
 
-    `placement` maps partition id -> the models there; `idle_priority` puts CPU-slice workers under SCHED_IDLE.
+    `placement` maps partition id -> the models there; `options` says how workers run their models.
     """
 
     def __init__(
         self,
         partitions: list[Partition],
         placement: Mapping[str, Mapping[str, ModelSpec]],
-        idle_priority: bool = False,
-        conv_algo_search: str = "HEURISTIC",
+        options: WorkerOptions = DEFAULT_OPTIONS,
     ) -> None:
         from .triton import TritonReplica
 
@@ -228,7 +228,7 @@ class LocalBackend:
                 self.workers[p.id] = (
                     TritonReplica(p, list(models), self._notify)
                     if p.kind is PartitionKind.TRITON
-                    else WorkerReplica(p, models, self._notify, idle_priority, conv_algo_search)
+                    else WorkerReplica(p, models, self._notify, options)
                 )
 
     def add_listener(self, callback: Callable[[], None]) -> None:

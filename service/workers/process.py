@@ -45,7 +45,7 @@ def _providers(ort: Any, spec: WorkerSpec) -> list[str]:
 def _provider_options(providers: list[str], spec: WorkerSpec) -> list[dict[str, str]]:
     """cuDNN's EXHAUSTIVE search (onnxruntime's default) benchmarks every convolution for each new input shape: about
     half a second per batch size on an H200 (bench/RESULTS.md), which a dynamic batcher meets again and again."""
-    return [{"cudnn_conv_algo_search": spec.conv_algo_search} if p == "CUDAExecutionProvider" else {} for p in providers]
+    return [{"cudnn_conv_algo_search": spec.options.conv_algo_search} if p == "CUDAExecutionProvider" else {} for p in providers]
 
 
 def used_providers(ort: Any, spec: WorkerSpec, sessions: dict[str, Any]) -> tuple[tuple[str, ...], str | None]:
@@ -99,8 +99,9 @@ def load_sessions(ort: Any, spec: WorkerSpec) -> tuple[dict[str, Any], dict[str,
         except Exception as exc:  # onnxruntime raises its own exception types
             refused[model.name] = f"onnxruntime cannot load or run {model.path}: {exc}"
             continue
-        if session.get_providers()[0] == "CUDAExecutionProvider" and model.max_batch:
-            session = BucketedSession(session, make, model.max_batch)  # cuDNN plans are rebuilt at every shape change
+        if session.get_providers()[0] == "CUDAExecutionProvider" and model.max_batch and spec.options.shape_sessions:
+            # cuDNN plans are rebuilt at every shape change: pad batches to a few shapes, one session each
+            session = BucketedSession(session, make, model.max_batch, keep=spec.options.shape_sessions)
         sessions[model.name] = session
     return sessions, refused
 
@@ -134,7 +135,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.device
     if spec.cores:
         os.sched_setaffinity(0, spec.cores)
-        if spec.idle_priority:
+        if spec.options.idle_priority:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         os.environ["OMP_NUM_THREADS"] = str(len(spec.cores))
     import onnxruntime as ort  # only now: the device and cores are fixed

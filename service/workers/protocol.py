@@ -7,7 +7,7 @@ written once by the gateway and read in place by onnxruntime.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 
@@ -29,13 +29,21 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class WorkerOptions:
+    """How `serve` asks its workers to run models."""
+
+    idle_priority: bool = False  # a CPU slice's worker under SCHED_IDLE: its cores run anything else first
+    conv_algo_search: str = "HEURISTIC"  # CUDA: how cuDNN picks convolution kernels (serve --cudnn-conv-algo-search)
+    shape_sessions: int = 8  # CUDA: sessions per model, one per padded batch shape; 0: one session, no padding
+
+
+@dataclass(frozen=True)
 class WorkerSpec:
     partition: str
     device: str | None  # CUDA_VISIBLE_DEVICES for this process, None on a CPU slice
     cores: tuple[int, ...]
     models: tuple[ModelSpec, ...]
-    idle_priority: bool = False  # a CPU slice's worker under SCHED_IDLE: its cores run anything else first
-    conv_algo_search: str = "HEURISTIC"  # CUDA: how cuDNN picks convolution kernels per new input shape (serve --cudnn-conv-algo-search)
+    options: WorkerOptions = field(default_factory=WorkerOptions)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,21 @@ def test_lgip_numbers(shared: Path) -> None:
     assert h100["1g.20gb"].id == 15 and h100["3g.40gb"].id == 9
 
 
+def test_lgip_of_an_h200_captured_here() -> None:
+    # A profile with a "+me" suffix (one media engine) beside plain ones; MIG was disabled, and -lgip still lists them all.
+    profiles = parse_profiles((LOCAL_NVIDIA_FIXTURES / "lgip-h200.txt").read_text())
+    assert [(p.name, p.id, p.sm) for p in profiles] == [
+        ("1g.18gb", 19, 16),
+        ("1g.18gb+me", 20, 16),
+        ("1g.35gb", 15, 26),
+        ("2g.35gb", 14, 32),
+        ("3g.71gb", 9, 60),
+        ("4g.71gb", 5, 64),
+        ("7g.141gb", 0, 132),
+    ]
+    assert profiles[0].free == profiles[0].total == 7 and profiles[-1].memory_gib == 140.0
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
@@ -175,7 +190,14 @@ def test_dcgm_rejects_garbage() -> None:
         parse_samples("this is { not metrics")
 
 
-@pytest.mark.parametrize(("name", "current"), [("query-mig-mode-a100-enabled.txt", "Enabled"), ("query-mig-mode-rtx4070-na.txt", "[N/A]")])
+@pytest.mark.parametrize(
+    ("name", "current"),
+    [
+        ("query-mig-mode-a100-enabled.txt", "Enabled"),
+        ("query-mig-mode-rtx4070-na.txt", "[N/A]"),
+        ("query-mig-mode-h200-disabled.txt", "Disabled"),
+    ],
+)
 def test_mig_mode_query_is_read_by_column(name: str, current: str) -> None:
     mode = parse_mig_mode((LOCAL_NVIDIA_FIXTURES / name).read_text())
     assert mode["mig.mode.current"] == current and mode["mig.mode.pending"] == current

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from service.partitions import PartitionKind, TopologyError, cpu_slices, discover, load_topology, memory_used
 from tests.fake_nvml import USED_MIB, fake_nvml
+from tests.helpers import LOCAL_NVIDIA_FIXTURES
 
 GIB = 1 << 30
 
@@ -45,6 +47,18 @@ def test_whole_gpus_without_mig(shared: Path) -> None:
     assert found[0].device == "GPU-8b89b58e-b427-108d-ac50-06138d78fe78"
     assert found[0].profile == "NVIDIA RTX PRO 6000 Blackwell Server Edition"
     assert found[0].memory_bytes is None  # NVML could not say: no memory bound in placement
+
+
+def test_replayed_h200_listing_discovers_what_the_real_driver_did() -> None:
+    # discovery-h200.json is what discover() returned against the real driver on an H200 (bench/gpu_check.py);
+    # the fake NVML replaying that machine's `nvidia-smi -L` must find the same partition.
+    real = json.loads((LOCAL_NVIDIA_FIXTURES / "discovery-h200.json").read_text())
+    (found,) = discover(nvml=fake_nvml(LOCAL_NVIDIA_FIXTURES / "smi-L-h200.txt"))
+    keys = ("id", "kind", "device", "profile")
+    replayed = found.describe()
+    assert [{k: replayed[k] for k in keys}] == [{k: p[k] for k in keys} for p in real]
+    assert real[0]["memory_bytes"] == 150_754_820_096  # NVML's total for the whole GPU (nvidia-smi shows 143771 MiB usable)
+    assert replayed["memory_bytes"] is None  # `-L` prints no size and "H200" names none: the replay cannot say
 
 
 def test_cpu_slices() -> None:

@@ -2,10 +2,10 @@
 
 onnxruntime's CUDA convolutions (the cuDNN frontend path) build their execution plan
 again whenever a run's input shape differs from the previous run's, with no cache
-per shape. On an H200 that cost crowd-csrnet 35 ms per change with the heuristic
-search and about 190 ms with the exhaustive one (bench/RESULTS.md), and a dynamic
+per shape. On an H200 that cost crowd-csrnet 30-34 ms per change with the heuristic
+search and 165-250 ms with the exhaustive one (bench/RESULTS.md), and a dynamic
 batcher changes the batch size from one batch to the next: at concurrency 8 the
-gateway answered 83 requests/s where the same model runs 7,662 samples/s in-process.
+gateway answered 80 requests/s where it answers 1,883 with the padding (same run).
 
 So a GPU model runs each batch padded with zero rows up to the next bucket (powers of
 two, and the model's largest batch), on a session kept for that exact set of input

@@ -43,8 +43,8 @@ def _providers(ort: Any, spec: WorkerSpec) -> list[str]:
 
 
 def _provider_options(providers: list[str], spec: WorkerSpec) -> list[dict[str, str]]:
-    """cuDNN's EXHAUSTIVE search (onnxruntime's default) benchmarks every convolution for each new input shape: about
-    half a second per batch size on an H200 (bench/RESULTS.md), which a dynamic batcher meets again and again."""
+    """onnxruntime's default, EXHAUSTIVE, makes cuDNN's slower plan choice whenever a convolution's input shape changes:
+    165-250 ms per new batch size for crowd-csrnet on an H200, against 30-34 ms for HEURISTIC (bench/RESULTS.md)."""
     return [{"cudnn_conv_algo_search": spec.options.conv_algo_search} if p == "CUDAExecutionProvider" else {} for p in providers]
 
 

@@ -25,6 +25,12 @@ class Replica(Protocol):
     def ready(self) -> bool: ...
 
     @property
+    def recovering(self) -> bool:
+        """Not ready, but restarting after a crash and expected back in seconds: requests wait for it
+        (within their deadlines) instead of getting 503. False once a restart attempt fails."""
+        ...
+
+    @property
     def depth(self) -> int:
         """Batches it takes at once: 1 for a local worker (the next batch forms while it runs)."""
         ...

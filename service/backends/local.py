@@ -65,6 +65,7 @@ class WorkerReplica:
         self.restarts = 0
         self.pid: int | None = None
         self._restart_task: asyncio.Task[None] | None = None
+        self._recovering = False
 
     @property
     def id(self) -> str:
@@ -73,6 +74,10 @@ class WorkerReplica:
     @property
     def ready(self) -> bool:
         return self._ready
+
+    @property
+    def recovering(self) -> bool:
+        return self._recovering
 
     depth = 1
     max_rows: int | None = None
@@ -106,7 +111,7 @@ class WorkerReplica:
         loop = asyncio.get_running_loop()
         loop.add_reader(parent.fileno(), self._on_message)
         loop.add_reader(process.sentinel, self._on_exit)
-        self._ready = True
+        self._ready, self._recovering = True, False
         for model, reason in ready.refused.items():
             logger.error("partition %s refused model %s: %s", self.id, model, reason)
         if ready.device_warning:
@@ -174,6 +179,7 @@ class WorkerReplica:
         for future in pending.values():
             if not future.done():
                 future.set_exception(WorkerDied(f"worker {self.id} died: {why}"))
+        self._recovering = not self._stopping  # set before the batchers hear of it: their queues wait for the restart
         self._on_change()
         if not self._stopping:
             logger.error("worker %s died (%s); restarting", self.id, why)
@@ -188,6 +194,9 @@ class WorkerReplica:
                 await self.start()
             except Exception:
                 logger.exception("restarting worker %s failed", self.id)
+                if self._recovering:  # it may take long now: what waits for it is answered 503
+                    self._recovering = False
+                    self._on_change()
                 continue
             self.restarts += 1
             return

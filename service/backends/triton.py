@@ -50,6 +50,7 @@ class TritonReplica:
         self.refused: dict[str, str] = {}
         self.providers = (f"triton-{partition.protocol}",)
         self.device_warning: str | None = None  # the Triton server chooses its own devices
+        self.recovering = False  # an unreachable server may be gone for long: requests get 503 meanwhile
         self.restarts = 0  # times Triton came back after being unreachable
         self.pid: int | None = None
         self.depth = TRITON_DEPTH if partition.batching == "triton" else 1

@@ -102,7 +102,7 @@ class ModelBatcher:
             raise Unavailable("the server is shutting down", retry_after_s=1.0)
         if len(self._queue) >= self.policy.queue_capacity:
             raise Unavailable(f"model {self.model}: queue full ({self.policy.queue_capacity} requests)", retry_after_s=1.0)
-        if not any(r.ready for r in self._replicas()):
+        if not any(r.ready or r.recovering for r in self._replicas()):
             raise Unavailable(f"model {self.model}: no ready replica", retry_after_s=1.0)
         self._queue.append(item)
         self._depth.set(len(self._queue))
@@ -126,8 +126,9 @@ class ModelBatcher:
             replicas = self._replicas()
             ready = [r for r in replicas if r.ready]
             if not ready:
-                self._no_replica()
-                return
+                if not any(r.recovering for r in replicas):
+                    self._no_replica()
+                return  # a replica restarting after a crash takes the queue when it is back
             free = [r for r in ready if r.outstanding < r.depth]
             if not free:
                 return  # the replica that finishes next calls notify()

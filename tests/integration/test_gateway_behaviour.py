@@ -6,8 +6,10 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -169,6 +171,75 @@ def test_a_killed_worker_is_restarted_and_requests_around_it_are_answered(gatewa
     assert call(0) == 200
     metrics = httpx.get(f"{url}/metrics").text
     assert _metric(metrics, "migserve_worker_restarts", partition=victim["id"]) == 1
+
+
+def test_requests_wait_for_the_only_worker_while_it_restarts(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    # One replica (as on a single GPU): while it restarts, new requests wait for it instead of getting 503.
+    # Only the batch that was inside the killed worker is answered 503 (it may be what killed it: no retry there).
+    server = Gateway(tiny_repo.root, "--cpu-slices", "1", "--models", "crowd-csrnet", log=tmp_path / "serve.log")
+    url = f"http://{server.url}"
+    body = _crowd_body(tiny_repo.root)
+    answers: list[tuple[int, float, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            response = httpx.post(f"{url}/v2/models/crowd-csrnet/infer", content=body, timeout=60)
+            answers.append((response.status_code, time.monotonic() - started, response.text))
+
+    try:
+        (victim,) = httpx.get(f"{url}/v1/partitions").json()["partitions"]
+        with ThreadPoolExecutor(8) as pool:
+            clients = [pool.submit(client) for _ in range(8)]
+            time.sleep(0.5)
+            os.kill(victim["pid"], signal.SIGKILL)
+            killed, unready_seen = time.monotonic(), False
+            while time.monotonic() - killed < 60:
+                unready_seen |= httpx.get(f"{url}/v2/health/ready").status_code == 503
+                (state,) = httpx.get(f"{url}/v1/partitions").json()["partitions"]
+                if state["ready"] and state["restarts"] == 1:
+                    break
+                time.sleep(0.05)
+            time.sleep(0.5)
+            stop.set()
+            for c in clients:
+                c.result(timeout=60)
+    finally:
+        server.close()
+    codes = [code for code, _, _ in answers]
+    assert set(codes) <= {200, 503}, [a for a in answers if a[0] not in (200, 503)][:3]
+    assert 1 <= codes.count(503) <= 8, codes.count(503)  # the killed batch: at most one request per client
+    assert all("no other replica could take the batch" in text for code, _, text in answers if code == 503)
+    assert any(code == 200 and seconds > 0.4 for code, seconds, _ in answers), "no request waited through the restart"
+    assert unready_seen  # readiness said so meanwhile
+
+
+def test_a_worker_back_without_the_model_answers_what_waited_503(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    # The restarted worker refuses crowd-csrnet (its file changed since start-up): the requests that waited get 503 at
+    # once, and the model the worker did load is served on.
+    repo = tmp_path / "repo"
+    for model in ("crowd-csrnet", "face-pros"):
+        shutil.copytree(tiny_repo.root / model, repo / model)
+    server = Gateway(repo, "--cpu-slices", "1", log=tmp_path / "serve.log")
+    url = f"http://{server.url}"
+    try:
+        (victim,) = httpx.get(f"{url}/v1/partitions").json()["partitions"]
+        shutil.copyfile(repo / "face-pros" / "1" / "model.onnx", repo / "crowd-csrnet" / "1" / "model.onnx")
+        os.kill(victim["pid"], signal.SIGKILL)
+        time.sleep(0.1)  # the gateway has seen the death; the restart waits 0.5 s before it begins
+        started = time.monotonic()
+        response = httpx.post(f"{url}/v2/models/crowd-csrnet/infer", content=_crowd_body(tiny_repo.root), timeout=60)
+        waited = time.monotonic() - started
+        assert response.status_code == 503 and "no ready replica" in response.json()["error"]
+        assert 0.3 < waited < 30, waited  # it waited for the restart, and no longer
+        (state,) = httpx.get(f"{url}/v1/partitions").json()["partitions"]
+        assert state["ready"] and "sha256" in state["refused"]["crowd-csrnet"]
+        face = make_inputs(read_contract(repo / "face-pros"), batch=1, seed=0)
+        client = httpclient.InferenceServerClient(url=server.url)
+        assert client.infer("face-pros", triton_inputs(face)).as_numpy("embedding").shape == (1, 48)
+    finally:
+        server.close()
 
 
 @pytest.fixture(scope="module")

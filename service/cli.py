@@ -58,6 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="GPU partitions: sessions per model, one per padded batch shape, least recently used dropped first; "
         "0 runs every batch as it comes on one session (cuDNN then rebuilds its plans at each new batch size) (default: 8)",
     )
+    parser.add_argument(
+        "--model-control-mode",
+        default="none",
+        choices=["none", "explicit"],
+        help="explicit: POST /v2/repository/models/NAME/load and /unload (and gRPC's RepositoryModelLoad/Unload) load and "
+        "unload models while the gateway runs, as Triton's explicit mode; --models names the ones loaded at start-up "
+        "(default: none, the models it started with)",
+    )
     parser.add_argument("--max-image-mp", type=float, default=40.0, help="largest decoded image, megapixels (default: 40)")
     parser.add_argument("--max-volume-mvox", type=float, default=64.0, help="largest CT volume, million voxels (default: 64)")
     parser.add_argument("--job-min-tiles", type=int, default=32, help="CT volumes needing more tiles run as jobs (default: 32)")
@@ -128,6 +136,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             cpu_worker_priority=args.cpu_worker_priority,
             cudnn_conv_algo_search=args.cudnn_conv_algo_search,
             gpu_shape_sessions=args.gpu_shape_sessions,
+            model_control_mode=args.model_control_mode,
             max_image_pixels=int(args.max_image_mp * 1e6),
             max_volume_voxels=int(args.max_volume_mvox * 1e6),
             job_min_tiles=args.job_min_tiles,

@@ -46,6 +46,11 @@ class ServeConfig(BaseModel):
         description="GPU partitions: onnxruntime sessions per model, one per batch shape; batches are padded to powers of two "
         "so that each session keeps one shape (cuDNN rebuilds its plans whenever the shape changes). 0: one session, no padding",
     )
+    model_control_mode: Literal["none", "explicit"] = Field(
+        "none",
+        description="explicit: models can be loaded and unloaded while the gateway runs (Triton's model repository "
+        "extension); none: the models it started with, fixed",
+    )
     max_image_pixels: int = Field(40_000_000, ge=1, description="decoded images with more pixels are refused with 413")
     max_volume_voxels: int = Field(64_000_000, ge=1, description="CT volumes with more voxels are refused with 413")
     job_min_tiles: int = Field(32, ge=0, description="/v1/lns/segment runs as a job (202) when both stages need more tiles than this")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .partitions import Partition
+from pathlib import Path
+
+from .partitions import Partition, PartitionKind
 from .repository import ModelEntry
 from .workers.protocol import ModelSpec
 
@@ -42,3 +44,19 @@ def place(partitions: list[Partition], models: dict[str, ModelEntry]) -> dict[st
             chosen[name] = model_spec(entry)
         placement[partition.id] = chosen
     return placement
+
+
+def place_one(partitions: list[Partition], placement: dict[str, dict[str, ModelSpec]], entry: ModelEntry) -> dict[str, ModelSpec]:
+    """Where a model loaded at run time goes: every local partition with memory left beside what is placed there
+    (the model's own older placement not counted: a reload replaces it). Triton partitions serve their own models."""
+    name, need = entry.contract.name, entry.model_path.stat().st_size * MEMORY_FACTOR
+    chosen: dict[str, ModelSpec] = {}
+    for partition in partitions:
+        if partition.kind is PartitionKind.TRITON:
+            continue
+        if partition.memory_bytes is not None:
+            used = sum(Path(s.path).stat().st_size * MEMORY_FACTOR for m, s in placement.get(partition.id, {}).items() if m != name)
+            if used + need > partition.memory_bytes:
+                continue
+        chosen[partition.id] = model_spec(entry)
+    return chosen

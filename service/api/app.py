@@ -31,9 +31,9 @@ from ..jobs import JobStore
 from ..logsettings import LogSettings
 from ..metrics import Metrics
 from ..partitions import Partition, PartitionKind, discover, memory_used
-from ..placement import place
+from ..placement import place, place_one
 from ..regions import Regions
-from ..repository import ModelEntry, load_repository
+from ..repository import ModelEntry, RepositoryError, load_model, load_repository
 from ..stats import ModelStatistics, model_config
 from ..workers.protocol import ModelSpec, WorkerOptions
 from .budget import BodyBudget
@@ -61,6 +61,7 @@ class Gateway:
     bodies: BodyBudget = field(init=False)  # request bodies held at once
     regions: Regions = field(default_factory=Regions)  # clients' shared memory regions (system shared memory extension)
     logs: LogSettings = field(default_factory=LogSettings.current)  # the logging extension's view of the log level
+    control: asyncio.Lock = field(default_factory=asyncio.Lock)  # one model load or unload at a time
 
     def __post_init__(self) -> None:
         self.jobs = JobStore(self.config.max_jobs, self.config.job_ttl_s)
@@ -91,23 +92,7 @@ class Gateway:
     async def start(self) -> None:
         await self.backend.start()
         for name, entry in self.models.items():
-            batching = entry.contract.batching
-            policy = BatchPolicy(
-                max_batch_size=min(batching.max_batch_size, self.config.max_batch_size or batching.max_batch_size),
-                max_queue_delay_s=self.config.max_queue_delay_s
-                if self.config.max_queue_delay_s is not None
-                else batching.max_queue_delay_us / 1e6,
-                queue_capacity=self.config.queue_capacity,
-                preferred_batch_sizes=batching.preferred_batch_sizes
-                if self.config.preferred_batch_sizes is None
-                else self.config.preferred_batch_sizes,
-            )
-            self.stats[name] = stats = ModelStatistics(name)
-            batcher = ModelBatcher(name, policy, functools.partial(self.backend.replicas, name), self.metrics, stats)
-            self.backend.add_listener(batcher.notify)
-            self.batchers[name] = batcher
-            placed = [p for p in self.partitions if name in self.placement.get(p.id, {})]
-            self.configs[name] = model_config(entry.config, policy, placed)
+            self._serve(name, entry)
         self.backend.add_listener(self._update_partition_metrics)
         self._update_partition_metrics()
         for partition in self.partitions:
@@ -120,6 +105,96 @@ class Gateway:
                 partition.profile or partition.cores,
                 ", ".join(self.placement[partition.id]) or "no models",
             )
+
+    def _serve(self, name: str, entry: ModelEntry) -> None:
+        """The model's batcher, statistics and configuration: from here on it takes requests."""
+        batching, config = entry.contract.batching, self.config
+        delay = config.max_queue_delay_s if config.max_queue_delay_s is not None else batching.max_queue_delay_us / 1e6
+        policy = BatchPolicy(
+            max_batch_size=min(batching.max_batch_size, config.max_batch_size or batching.max_batch_size),
+            max_queue_delay_s=delay,
+            queue_capacity=config.queue_capacity,
+            preferred_batch_sizes=batching.preferred_batch_sizes if config.preferred_batch_sizes is None else config.preferred_batch_sizes,
+        )
+        self.stats[name] = stats = ModelStatistics(name)
+        batcher = ModelBatcher(name, policy, functools.partial(self.backend.replicas, name), self.metrics, stats)
+        self.backend.add_listener(batcher.notify)
+        self.batchers[name] = batcher
+        placed = [p for p in self.partitions if name in self.placement.get(p.id, {})]
+        self.configs[name] = model_config(entry.config, policy, placed)
+        self.models[name] = entry
+
+    async def _unserve(self, name: str) -> None:
+        """Stop taking requests for a model (404 from now on), answer what it accepted, then free its sessions."""
+        del self.models[name]
+        batcher = self.batchers.pop(name)
+        await batcher.drain(self.config.default_timeout_s)
+        await batcher.stop()
+        self.backend.remove_listener(batcher.notify)
+        self.stats.pop(name, None)
+        self.configs.pop(name, None)
+        for placed in self.placement.values():
+            placed.pop(name, None)
+        await self.backend.unload_model(name)
+
+    def _check_control(self, what: str) -> None:
+        if self.config.model_control_mode != "explicit":
+            raise BadRequest(
+                f"cannot {what}: the gateway runs with --model-control-mode none and serves the models it started with; "
+                "start it with --model-control-mode explicit to load and unload models"
+            )
+
+    async def load_model(self, name: str, parameters: dict[str, Any]) -> None:
+        """Triton's model repository extension, explicit mode: read the model's directory again and serve it on every
+        local partition with room (a served model is unloaded first: its files may have changed)."""
+        self._check_control(f"load '{name}'")
+        if parameters:
+            raise BadRequest(
+                f"failed to load '{name}': parameters {sorted(parameters)} are not supported; "
+                f"the gateway loads the files in {self.config.model_repo / name} as they are"
+            )
+        async with self.control:
+            directory = self.config.model_repo / name
+            if not name or name.startswith(".") or "/" in name or not directory.is_dir():
+                raise BadRequest(f"failed to load '{name}': no such model in {self.config.model_repo}")
+            try:
+                entry = load_model(directory)
+            except RepositoryError as exc:
+                if name not in self.models:  # a served model serves on from its old files
+                    self.not_served[name] = str(exc)
+                raise BadRequest(f"failed to load '{name}': {exc}") from None
+            if name in self.models:
+                await self._unserve(name)
+            specs = place_one(self.partitions, self.placement, entry)
+            if not specs:
+                self.not_served[name] = "no local partition has memory for it"
+                raise BadRequest(f"failed to load '{name}': {self.not_served[name]}")
+            outcome = await self.backend.load_model(specs)
+            loaded = {pid: specs[pid] for pid, why in outcome.items() if why is None}
+            if not loaded:
+                self.not_served[name] = "; ".join(f"partition {pid} refused it: {why}" for pid, why in outcome.items())
+                raise BadRequest(f"failed to load '{name}': {self.not_served[name]}")
+            for pid, spec in loaded.items():
+                self.placement.setdefault(pid, {})[name] = spec
+            self.not_served.pop(name, None)
+            self._serve(name, entry)
+            logger.info("loaded model %s on %s", name, ", ".join(loaded))
+
+    async def unload_model(self, name: str, parameters: dict[str, Any]) -> None:
+        """Stop serving a model: new requests get 404, accepted ones are answered first. Unloading a model of the
+        repository that is not served does nothing, as in Triton."""
+        self._check_control(f"unload '{name}'")
+        dependents = parameters.get("unload_dependents", False)
+        if not isinstance(dependents, bool) or set(parameters) - {"unload_dependents"}:
+            raise BadRequest(f"failed to unload '{name}': the only parameter is unload_dependents (true or false), not {parameters}")
+        async with self.control:
+            if name not in self.models:
+                if not name or name.startswith(".") or "/" in name or not (self.config.model_repo / name).is_dir():
+                    raise BadRequest(f"failed to unload '{name}': no such model in {self.config.model_repo}")
+                return
+            await self._unserve(name)
+            self.not_served[name] = f"unloaded; POST /v2/repository/models/{name}/load serves it again"
+            logger.info("unloaded model %s", name)
 
     async def stop(self) -> None:
         await self.jobs.stop()
@@ -137,6 +212,14 @@ class Gateway:
         if name not in self.models:
             raise UnknownModel(f"unknown model {name!r}; served: {', '.join(sorted(self.models))}")
         return self.models[name]
+
+    def batcher(self, name: str) -> ModelBatcher:
+        """A served model's batcher (one unloaded meanwhile is unknown from then on)."""
+        batcher = self.batchers.get(name)
+        if batcher is None:
+            self.entry(name)  # raises UnknownModel
+            raise UnknownModel(f"unknown model {name!r}")
+        return batcher
 
     def check_version(self, name: str, version: str) -> None:
         """A served model, and a version it has: every model has one version, 1 ("" asks for the latest)."""
@@ -182,7 +265,7 @@ class Gateway:
         """A checked request through the model's batcher: its outputs, or 504 `timeout` seconds after `started`
         (time.monotonic() when it arrived: decoding counts against its deadline)."""
         pending = Pending(inputs=decoded.inputs, size=decoded.batch, deadline=started + timeout)
-        self.batchers[name].submit(pending)
+        self.batcher(name).submit(pending)
         return await _await_until(pending, name, timeout)
 
     async def refresh_memory_used(self) -> None:
@@ -199,8 +282,7 @@ class Gateway:
 
     async def run(self, name: str, inputs: dict[str, Array], deadline: float) -> dict[str, Array]:
         """Rows through the model's batcher, in chunks of its max batch size: the /v1 endpoints' way to infer."""
-        self.entry(name)
-        batcher = self.batchers[name]
+        batcher = self.batcher(name)
         rows = next(iter(inputs.values())).shape[0]
         step = batcher.policy.max_batch_size
         pending: list[Pending] = []

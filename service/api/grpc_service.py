@@ -71,8 +71,6 @@ CODES = {
 }
 # The RPCs of the extensions the gateway does not offer (errors.UNSUPPORTED says what to use instead).
 UNSUPPORTED_RPCS = {
-    "RepositoryModelLoad": "model_repository",
-    "RepositoryModelUnload": "model_repository",
     "CudaSharedMemoryStatus": "cuda_shared_memory",
     "CudaSharedMemoryRegister": "cuda_shared_memory",
     "CudaSharedMemoryUnregister": "cuda_shared_memory",
@@ -143,6 +141,20 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         index = service_pb2.RepositoryIndexResponse.ModelIndex
         return service_pb2.RepositoryIndexResponse(models=[index(**model) for model in self.gateway.repository_index(request.ready)])
+
+    async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            await self.gateway.load_model(request.model_name, _repository_parameters(request))
+        except ServiceError as exc:
+            await _abort(context, exc)
+        return service_pb2.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            await self.gateway.unload_model(request.model_name, _repository_parameters(request))
+        except ServiceError as exc:
+            await _abort(context, exc)
+        return service_pb2.RepositoryModelUnloadResponse()
 
     async def SystemSharedMemoryStatus(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
@@ -317,6 +329,11 @@ def _unsupported(extension: str) -> Any:
         await _abort(context, NotSupported(UNSUPPORTED[extension]))
 
     return rpc
+
+
+def _repository_parameters(request: Any) -> dict[str, Any]:
+    """A model load or unload request's parameters as plain values (bool, int, str or bytes)."""
+    return {name: getattr(value, value.WhichOneof("parameter_choice")) for name, value in request.parameters.items()}
 
 
 for _rpc, _extension in UNSUPPORTED_RPCS.items():

@@ -36,7 +36,15 @@ V2_TYPES = {
 NUMPY_TO_V2 = {v: k for k, v in V2_TYPES.items()}
 V2_OF_DTYPE = {np.dtype(v): k for k, v in V2_TYPES.items()}  # dtype.name is slow enough to show per request
 # What GET /v2 and gRPC's ServerMetadata announce.
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "system_shared_memory", "logging"]
+EXTENSIONS = [
+    "binary_tensor_data",
+    "model_configuration",
+    "model_repository",  # the index always; load and unload with --model-control-mode explicit
+    "model_repository(unload_dependents)",
+    "statistics",
+    "system_shared_memory",
+    "logging",
+]
 
 
 @dataclass(frozen=True)

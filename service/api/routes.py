@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
 # Triton's HTTP paths for the extensions the gateway does not offer: 501 with what to use instead.
 UNSUPPORTED_ROUTES = {
-    "model_repository": [("POST", "/v2/repository/models/{name}/load"), ("POST", "/v2/repository/models/{name}/unload")],
     "cuda_shared_memory": [
         ("GET", "/v2/cudasharedmemory/status"),
         ("GET", "/v2/cudasharedmemory/region/{name}/status"),
@@ -71,6 +70,16 @@ def register(app: FastAPI, gateway: Gateway) -> None:
         if not isinstance(ready, bool):
             raise BadRequest(f"'ready' must be true or false, not {ready!r}")
         return JSONResponse(gateway.repository_index(ready_only=ready))
+
+    @app.post("/v2/repository/models/{name}/load", summary="Load a model, or load it again from its files (explicit mode)")
+    async def model_load(name: str, request: Request) -> Response:
+        await gateway.load_model(name, await _parameters(request))
+        return Response(status_code=200)
+
+    @app.post("/v2/repository/models/{name}/unload", summary="Stop serving a model once what it accepted is answered (explicit mode)")
+    async def model_unload(name: str, request: Request) -> Response:
+        await gateway.unload_model(name, await _parameters(request))
+        return Response(status_code=200)
 
     @app.get("/v2/systemsharedmemory/status", summary="Registered shared memory regions (Triton's system shared memory)")
     @app.get("/v2/systemsharedmemory/region/{name}/status", summary="One registered shared memory region")
@@ -144,3 +153,13 @@ def _unsupported(extension: str) -> Callable[[], Awaitable[Response]]:
         raise NotSupported(UNSUPPORTED[extension])
 
     return endpoint
+
+
+async def _parameters(request: Request) -> dict[str, Any]:
+    """The `parameters` object of a model load or unload request ({} for an empty body)."""
+    body = await read_body(request.receive, request.headers.get("content-length"), SMALL_BODY_LIMIT)
+    options = json_object(body, 'a JSON object such as {"parameters": {}}') if body.strip() else {}
+    parameters = options.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise BadRequest(f"'parameters' must be a JSON object, not {parameters!r}")
+    return parameters

@@ -24,7 +24,21 @@ from ..errors import BadRequest, InferenceFailed, Unavailable, WorkerDied
 from ..partitions import Partition, PartitionKind
 from ..workers import shm
 from ..workers.process import worker_main
-from ..workers.protocol import BatchDone, BatchFailed, FailureKind, ModelSpec, RunBatch, Stop, WorkerOptions, WorkerReady, WorkerSpec
+from ..workers.protocol import (
+    BatchDone,
+    BatchFailed,
+    FailureKind,
+    LoadModel,
+    ModelLoaded,
+    ModelSpec,
+    ModelUnloaded,
+    RunBatch,
+    Stop,
+    UnloadModel,
+    WorkerOptions,
+    WorkerReady,
+    WorkerSpec,
+)
 
 DEFAULT_OPTIONS = WorkerOptions()
 
@@ -54,6 +68,7 @@ class WorkerReplica:
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Array]]] = {}
+        self._control: asyncio.Future[ModelLoaded | ModelUnloaded] | None = None  # a load or unload awaiting its reply
         self._inputs = shm.Arena()  # ours: the batch's inputs
         self._outputs = shm.Attachments()  # the worker's: its latest outputs
         self._ready = False
@@ -145,6 +160,10 @@ class WorkerReplica:
         except (EOFError, OSError):
             self._died("its pipe closed")
             return
+        if isinstance(message, ModelLoaded | ModelUnloaded):
+            if self._control is not None and not self._control.done():
+                self._control.set_result(message)
+            return
         future = self._pending.pop(message.batch_id, None)
         if future is None:
             return
@@ -179,6 +198,8 @@ class WorkerReplica:
         for future in pending.values():
             if not future.done():
                 future.set_exception(WorkerDied(f"worker {self.id} died: {why}"))
+        if self._control is not None and not self._control.done():
+            self._control.set_exception(WorkerDied(f"worker {self.id} died: {why}"))
         self._recovering = not self._stopping  # set before the batchers hear of it: their queues wait for the restart
         self._on_change()
         if not self._stopping:
@@ -200,6 +221,46 @@ class WorkerReplica:
                 continue
             self.restarts += 1
             return
+
+    async def load(self, spec: ModelSpec) -> str | None:
+        """Load (or reload) a model in this worker, and keep it for restarts; why the worker refused it, or None.
+        A worker that is not running loads it when it restarts."""
+        self._models[spec.name] = spec
+        if not self._ready:
+            return None
+        reply = await self._ask(LoadModel(spec))
+        assert isinstance(reply, ModelLoaded)
+        others = tuple(m for m in self.loaded if m != spec.name)
+        if reply.refused is None:
+            self.loaded = (*others, spec.name)
+            self.refused.pop(spec.name, None)
+        else:
+            del self._models[spec.name]
+            self.loaded, self.refused[spec.name] = others, reply.refused
+        self._on_change()
+        return reply.refused
+
+    async def unload(self, model: str) -> None:
+        """Drop a model's session (and its memory) from this worker, restarts included."""
+        self._models.pop(model, None)
+        self.refused.pop(model, None)
+        if self._ready:
+            await self._ask(UnloadModel(model))
+        self.loaded = tuple(m for m in self.loaded if m != model)
+        self._on_change()
+
+    async def _ask(self, message: LoadModel | UnloadModel) -> ModelLoaded | ModelUnloaded:
+        """Send a control message and wait for its reply; batches sent meanwhile run after it, in order."""
+        if self._conn is None or self._control is not None:
+            raise RuntimeError(f"worker {self.id}: one load or unload at a time")  # the gateway's lock ensures it
+        self._control = asyncio.get_running_loop().create_future()
+        try:
+            self._conn.send(message)
+            return await asyncio.wait_for(self._control, START_TIMEOUT_S)
+        except OSError as exc:
+            raise WorkerDied(f"worker {self.id}: {exc}") from None
+        finally:
+            self._control = None
 
     async def stop(self) -> None:
         self._stopping = True
@@ -230,6 +291,8 @@ class LocalBackend:
         from .triton import TritonReplica
 
         self._listeners: list[Callable[[], None]] = []
+        self._options = options
+        self._partitions = {p.id: p for p in partitions}
         self.workers: dict[str, WorkerReplica | TritonReplica] = {}
         for p in partitions:
             if placement.get(p.id):
@@ -243,6 +306,40 @@ class LocalBackend:
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Called whenever a replica finishes a batch or changes state."""
         self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[], None]) -> None:
+        self._listeners.remove(callback)
+
+    async def load_model(self, specs: Mapping[str, ModelSpec]) -> dict[str, str | None]:
+        """Load one model on local partitions (partition id -> its spec), starting a worker where a partition had
+        none; partition id -> why it refused, or None where it loaded (or will, as its worker restarts)."""
+        outcome: dict[str, str | None] = {}
+        for pid, spec in specs.items():
+            worker = self.workers.get(pid)
+            if worker is None:
+                fresh = WorkerReplica(self._partitions[pid], {spec.name: spec}, self._notify, self._options)
+                try:
+                    await fresh.start()
+                except Exception as exc:
+                    outcome[pid] = f"its worker did not start: {type(exc).__name__}: {exc}"
+                    await fresh.stop()
+                    continue
+                self.workers[pid] = fresh
+                outcome[pid] = fresh.refused.get(spec.name)
+            elif isinstance(worker, WorkerReplica):
+                try:
+                    outcome[pid] = await worker.load(spec)
+                except WorkerDied as exc:  # its restart loads the model
+                    logger.warning("partition %s: %s while loading %s; it restarts with the model", pid, exc, spec.name)
+                    outcome[pid] = None
+        return outcome
+
+    async def unload_model(self, model: str) -> None:
+        """Drop a model from every local worker that has it (Triton partitions keep theirs)."""
+        for worker in self.workers.values():
+            if isinstance(worker, WorkerReplica) and model in worker.assigned:
+                with contextlib.suppress(WorkerDied):  # then its restart no longer loads the model
+                    await worker.unload(model)
 
     def _notify(self) -> None:
         for callback in self._listeners:

@@ -90,6 +90,12 @@ class ModelBatcher:
         """A replica finished a batch or changed state: hand out what is queued."""
         self._pump()
 
+    async def drain(self, timeout_s: float) -> None:
+        """Until every accepted request is answered, or `timeout_s` (the caller stops submitting first)."""
+        until = time.monotonic() + timeout_s
+        while (self._queue or self._running) and time.monotonic() < until:
+            await asyncio.sleep(0.01)
+
     async def stop(self) -> None:
         self._stopped = True
         self._cancel_timer()

@@ -10,6 +10,7 @@ write the outputs to a new segment, reply. No logging on the hot path.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import os
 import time
@@ -23,7 +24,19 @@ from migserve.contract import sha256_file
 
 from . import shm
 from .buckets import BucketedSession
-from .protocol import BatchDone, BatchFailed, FailureKind, RunBatch, Stop, WorkerReady, WorkerSpec
+from .protocol import (
+    BatchDone,
+    BatchFailed,
+    FailureKind,
+    LoadModel,
+    ModelLoaded,
+    ModelUnloaded,
+    RunBatch,
+    Stop,
+    UnloadModel,
+    WorkerReady,
+    WorkerSpec,
+)
 
 
 def _session_options(ort: Any, spec: WorkerSpec) -> Any:
@@ -152,7 +165,15 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
                 return  # the gateway is gone
             if isinstance(message, Stop):
                 return
-            conn.send(run_batch(sessions, message, inputs, outputs))
+            if isinstance(message, LoadModel):
+                loaded, refused = load_sessions(ort, dataclasses.replace(spec, models=(message.model,)))
+                sessions.update(loaded)  # a reload replaces the old session only once the new one runs
+                conn.send(ModelLoaded(message.model.name, refused.get(message.model.name)))
+            elif isinstance(message, UnloadModel):
+                sessions.pop(message.model, None)
+                conn.send(ModelUnloaded(message.model))
+            else:
+                conn.send(run_batch(sessions, message, inputs, outputs))
     finally:
         inputs.close()
         outputs.close()

@@ -58,6 +58,29 @@ class Stop:
     pass
 
 
+@dataclass(frozen=True)
+class LoadModel:
+    """Load (or load again, replacing the running session) one model in a running worker."""
+
+    model: ModelSpec
+
+
+@dataclass(frozen=True)
+class UnloadModel:
+    model: str
+
+
+@dataclass(frozen=True)
+class ModelLoaded:
+    model: str
+    refused: str | None  # why the worker did not load it (sha256, onnxruntime); None: loaded and warmed up
+
+
+@dataclass(frozen=True)
+class ModelUnloaded:
+    model: str
+
+
 class FailureKind(StrEnum):
     BAD_INPUT = "bad_input"  # onnxruntime rejected the tensors: the request's fault
     RUNTIME = "runtime"  # the model failed on valid input

@@ -110,8 +110,9 @@ def test_dynamic_sizes_pass_through(client: httpclient.InferenceServerClient, ti
 def test_unknown_paths_and_triton_extensions_not_offered_answer_in_the_error_form(
     client: httpclient.InferenceServerClient, gateway: Gateway
 ) -> None:
-    """No such path: 404; a wrong method: 405 with Allow; Triton's model control, CUDA shared memory and trace
-    endpoints: 501 saying what to use instead. Each body is {"error": ...}, as every other error."""
+    """No such path: 404; a wrong method: 405 with Allow; Triton's CUDA shared memory and trace endpoints: 501 saying
+    what to use instead; model load and unload outside explicit mode: 400 saying how to start the gateway. Each body
+    is {"error": ...}, as every other error."""
     base = f"http://{gateway.url}"
     missing = httpx.get(f"{base}/v2/no-such-thing")
     assert missing.status_code == 404 and missing.json() == {"error": "no endpoint GET /v2/no-such-thing; the API is listed at /docs"}
@@ -122,7 +123,6 @@ def test_unknown_paths_and_triton_extensions_not_offered_answer_in_the_error_for
             response = httpx.request(method, base + path.replace("{name}", "face-pros"))
             assert response.status_code == 501 and response.json() == {"error": UNSUPPORTED[extension]}, (method, path)
     calls: list[tuple[Callable[[], object], str]] = [
-        (lambda: client.load_model("face-pros"), "restart `migserve serve`"),
         (client.get_cuda_shared_memory_status, "use system shared memory"),
         (client.get_trace_settings, "tracing is not supported"),
     ]
@@ -130,6 +130,10 @@ def test_unknown_paths_and_triton_extensions_not_offered_answer_in_the_error_for
         with pytest.raises(InferenceServerException) as caught:
             call()
         assert caught.value.status() == "501" and says in str(caught.value.message())
+    for control in (client.load_model, client.unload_model):
+        with pytest.raises(InferenceServerException) as caught:
+            control("face-pros")
+        assert caught.value.status() == "400" and "start it with --model-control-mode explicit" in str(caught.value.message())
     assert client.is_model_ready("face-pros")
 
 

@@ -1,0 +1,179 @@
+"""Triton's model repository extension in explicit mode: load and unload models while the gateway serves.
+
+Driven with the real tritonclient (HTTP and gRPC) against `migserve serve --model-control-mode explicit`, on a copy
+of the tiny exports so a test can change a model's files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from migserve.contract import read_contract
+from tests.helpers import ExportedRepo, Gateway
+from tests.integration.test_gateway_protocol import grpc_inputs, make_inputs, triton_inputs
+
+MODELS = ("crowd-csrnet", "face-pros", "lns-organs")
+
+
+@pytest.fixture(scope="module")
+def repo(tiny_repo: ExportedRepo, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("control") / "repo"
+    for model in MODELS:
+        shutil.copytree(tiny_repo.root / model, root / model)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    log = tmp_path_factory.mktemp("control-log") / "serve.log"
+    gateway = Gateway(repo, "--cpu-slices", "1,1", "--model-control-mode", "explicit", "--models", "crowd-csrnet", log=log, grpc=True)
+    yield gateway
+    gateway.close()
+
+
+def _crowd(repo: Path, seed: int = 0) -> list[httpclient.InferInput]:
+    return triton_inputs(make_inputs(read_contract(repo / "crowd-csrnet"), 1, seed=seed, dims={"height": 64, "width": 64}))
+
+
+def _states(url: str) -> dict[str, dict[str, str]]:
+    return {m["name"]: m for m in httpx.post(f"http://{url}/v2/repository/index").json()}
+
+
+def _placed(url: str) -> list[list[str]]:
+    return [p["models"] for p in httpx.get(f"http://{url}/v1/partitions").json()["partitions"]]
+
+
+def test_load_unload_and_load_again_over_http(server: Gateway, repo: Path) -> None:
+    client = httpclient.InferenceServerClient(url=server.url)
+    assert _states(server.url)["face-pros"]["state"] == "UNAVAILABLE" and not client.is_model_ready("face-pros")
+    face = make_inputs(read_contract(repo / "face-pros"), 1, seed=0)
+
+    client.load_model("face-pros")
+    assert client.is_model_ready("face-pros") and _states(server.url)["face-pros"]["state"] == "READY"
+    assert all("face-pros" in models for models in _placed(server.url))
+    assert client.infer("face-pros", triton_inputs(face)).as_numpy("embedding").shape == (1, 48)
+    assert client.get_model_config("face-pros")["name"] == "face-pros"
+
+    before = client.infer("crowd-csrnet", _crowd(repo)).as_numpy("density")
+    client.unload_model("crowd-csrnet")
+    assert not client.is_model_ready("crowd-csrnet")
+    assert _states(server.url)["crowd-csrnet"] == {
+        "name": "crowd-csrnet",
+        "version": "1",
+        "state": "UNAVAILABLE",
+        "reason": "unloaded; POST /v2/repository/models/crowd-csrnet/load serves it again",
+    }
+    assert all("crowd-csrnet" not in models for models in _placed(server.url))
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("crowd-csrnet", _crowd(repo))
+    assert caught.value.status() == "404" and "unknown model 'crowd-csrnet'" in str(caught.value.message())
+    assert httpx.get(f"http://{server.url}/v2/health/ready").status_code == 200  # every served model is ready
+
+    client.load_model("crowd-csrnet")
+    np.testing.assert_array_equal(client.infer("crowd-csrnet", _crowd(repo)).as_numpy("density"), before)
+    client.unload_model("lns-organs")  # not served: nothing to do, as in Triton
+
+
+def test_bad_loads_and_unloads_say_what_was_wrong_and_change_nothing(server: Gateway, repo: Path) -> None:
+    client = httpclient.InferenceServerClient(url=server.url)
+    calls: list[tuple[Callable[[], object], str]] = [
+        (lambda: client.load_model("no-such-model"), "failed to load 'no-such-model': no such model in"),
+        (lambda: client.load_model("crowd-csrnet", config='{"max_batch_size": 2}'), "parameters ['config'] are not supported"),
+        (lambda: client.unload_model("no-such-model"), "failed to unload 'no-such-model': no such model in"),
+    ]
+    for call, says in calls:
+        with pytest.raises(InferenceServerException) as caught:
+            call()
+        assert caught.value.status() == "400" and says in str(caught.value.message())
+    odd = httpx.post(f"http://{server.url}/v2/repository/models/crowd-csrnet/unload", content=b'{"parameters": []}')
+    assert odd.status_code == 400 and "'parameters' must be a JSON object" in odd.json()["error"]
+    assert client.is_model_ready("crowd-csrnet")
+    assert client.infer("crowd-csrnet", _crowd(repo)).as_numpy("density").shape == (1, 1, 8, 8)
+
+
+def test_a_changed_file_is_refused_at_load_with_the_reason(server: Gateway, repo: Path) -> None:
+    client = httpclient.InferenceServerClient(url=server.url)
+    original = (repo / "lns-organs" / "1" / "model.onnx").read_bytes()
+    try:
+        shutil.copyfile(repo / "face-pros" / "1" / "model.onnx", repo / "lns-organs" / "1" / "model.onnx")
+        with pytest.raises(InferenceServerException) as caught:
+            client.load_model("lns-organs")
+        assert caught.value.status() == "400" and "sha256" in str(caught.value.message())
+        assert "sha256" in _states(server.url)["lns-organs"]["reason"] and not client.is_model_ready("lns-organs")
+    finally:
+        (repo / "lns-organs" / "1" / "model.onnx").write_bytes(original)
+    client.load_model("lns-organs")  # fixed: it loads
+    assert client.is_model_ready("lns-organs")
+    client.unload_model("lns-organs")
+
+
+def test_unload_answers_what_it_accepted_first(server: Gateway, repo: Path) -> None:
+    client = httpclient.InferenceServerClient(url=server.url)
+    if not client.is_model_ready("crowd-csrnet"):
+        client.load_model("crowd-csrnet")
+    image = make_inputs(read_contract(repo / "crowd-csrnet"), 1, seed=1)["image"]  # 256x256: some ms each on one core
+    body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": list(image.shape), "data": image.ravel().tolist()}]}
+
+    def call(_: int) -> int:
+        return httpx.post(f"http://{server.url}/v2/models/crowd-csrnet/infer", json=body, timeout=60).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = pool.map(call, range(48))
+        time.sleep(0.3)
+        client.unload_model("crowd-csrnet")  # returns once the requests it accepted are answered
+        unloaded_at = time.monotonic()
+        outcomes = list(codes)
+    assert set(outcomes) <= {200, 404} and outcomes.count(200) >= 1 and outcomes.count(404) >= 1, outcomes
+    assert time.monotonic() - unloaded_at < 5
+    assert not client.is_model_ready("crowd-csrnet")
+    client.load_model("crowd-csrnet")
+
+
+def test_a_loaded_model_stays_loaded_across_a_worker_restart(server: Gateway, repo: Path) -> None:
+    client = httpclient.InferenceServerClient(url=server.url)
+    client.load_model("face-pros")
+    victim = httpx.get(f"http://{server.url}/v1/partitions").json()["partitions"][0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        state = httpx.get(f"http://{server.url}/v1/partitions").json()["partitions"][0]
+        if state["ready"] and state["pid"] != victim["pid"]:
+            break
+        time.sleep(0.1)
+    assert "face-pros" in state["models"] and state["restarts"] >= 1
+    face = make_inputs(read_contract(repo / "face-pros"), 1, seed=2)
+
+    def call(_: int) -> tuple[int, ...]:
+        own = httpclient.InferenceServerClient(url=server.url)  # the HTTP client is not shared between threads
+        return tuple(own.infer("face-pros", triton_inputs(face)).as_numpy("embedding").shape)
+
+    with ThreadPoolExecutor(4) as pool:  # enough at once that both partitions answer
+        assert set(pool.map(call, range(8))) == {(1, 48)}
+
+
+def test_load_and_unload_over_grpc(server: Gateway, repo: Path) -> None:
+    assert server.grpc_url is not None
+    client = grpcclient.InferenceServerClient(url=server.grpc_url)
+    client.load_model("lns-organs")
+    assert client.is_model_ready("lns-organs")
+    ct = make_inputs(read_contract(repo / "lns-organs"), 1, seed=0)
+    assert client.infer("lns-organs", grpc_inputs(ct)).as_numpy("logits").shape[:2] == (1, 23)
+    client.unload_model("lns-organs", unload_dependents=True)
+    assert not client.is_model_ready("lns-organs")
+    with pytest.raises(InferenceServerException) as caught:
+        client.load_model("no-such-model")
+    assert caught.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT) and "no such model" in str(caught.value.message())

@@ -106,16 +106,20 @@ class Gateway:
                 ", ".join(self.placement[partition.id]) or "no models",
             )
 
-    def _serve(self, name: str, entry: ModelEntry) -> None:
-        """The model's batcher, statistics and configuration: from here on it takes requests."""
+    def _policy(self, entry: ModelEntry) -> BatchPolicy:
+        """The model's batching: its contract's, with what `serve` overrides."""
         batching, config = entry.contract.batching, self.config
         delay = config.max_queue_delay_s if config.max_queue_delay_s is not None else batching.max_queue_delay_us / 1e6
-        policy = BatchPolicy(
+        return BatchPolicy(
             max_batch_size=min(batching.max_batch_size, config.max_batch_size or batching.max_batch_size),
             max_queue_delay_s=delay,
             queue_capacity=config.queue_capacity,
             preferred_batch_sizes=batching.preferred_batch_sizes if config.preferred_batch_sizes is None else config.preferred_batch_sizes,
         )
+
+    def _serve(self, name: str, entry: ModelEntry) -> None:
+        """The model's batcher, statistics and configuration: from here on it takes requests."""
+        policy = self._policy(entry)
         self.stats[name] = stats = ModelStatistics(name)
         batcher = ModelBatcher(name, policy, functools.partial(self.backend.replicas, name), self.metrics, stats)
         self.backend.add_listener(batcher.notify)
@@ -163,22 +167,30 @@ class Gateway:
                 if name not in self.models:  # a served model serves on from its old files
                     self.not_served[name] = str(exc)
                 raise BadRequest(f"failed to load '{name}': {exc}") from None
-            if name in self.models:
-                await self._unserve(name)
             specs = place_one(self.partitions, self.placement, entry)
             if not specs:
                 self.not_served[name] = "no local partition has memory for it"
                 raise BadRequest(f"failed to load '{name}': {self.not_served[name]}")
-            outcome = await self.backend.load_model(specs)
+            outcome = await self.backend.load_model(specs)  # a served model is swapped in place, between batches
             loaded = {pid: specs[pid] for pid, why in outcome.items() if why is None}
+            refusals = "; ".join(f"partition {pid} refused it: {why}" for pid, why in outcome.items() if why is not None)
             if not loaded:
-                self.not_served[name] = "; ".join(f"partition {pid} refused it: {why}" for pid, why in outcome.items())
-                raise BadRequest(f"failed to load '{name}': {self.not_served[name]}")
+                if name not in self.models:
+                    self.not_served[name] = refusals
+                raise BadRequest(
+                    f"failed to load '{name}': {refusals}" + (" (the running version serves on)" if name in self.models else "")
+                )
             for pid, spec in loaded.items():
                 self.placement.setdefault(pid, {})[name] = spec
             self.not_served.pop(name, None)
-            self._serve(name, entry)
-            logger.info("loaded model %s on %s", name, ", ".join(loaded))
+            if name in self.models:  # reloaded: the same queue, with the batching its new files declare
+                self.batchers[name].policy = self._policy(entry)
+                placed = [p for p in self.partitions if name in self.placement.get(p.id, {})]
+                self.configs[name] = model_config(entry.config, self.batchers[name].policy, placed)
+                self.models[name] = entry
+            else:
+                self._serve(name, entry)
+            logger.info("loaded model %s on %s%s", name, ", ".join(loaded), f" ({refusals})" if refusals else "")
 
     async def unload_model(self, name: str, parameters: dict[str, Any]) -> None:
         """Stop serving a model: new requests get 404, accepted ones are answered first. Unloading a model of the

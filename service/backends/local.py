@@ -224,19 +224,22 @@ class WorkerReplica:
 
     async def load(self, spec: ModelSpec) -> str | None:
         """Load (or reload) a model in this worker, and keep it for restarts; why the worker refused it, or None.
+        A reload swaps sessions between two batches, and a refused one leaves the running version in place.
         A worker that is not running loads it when it restarts."""
+        previous = self._models.get(spec.name)
         self._models[spec.name] = spec
         if not self._ready:
             return None
         reply = await self._ask(LoadModel(spec))
         assert isinstance(reply, ModelLoaded)
-        others = tuple(m for m in self.loaded if m != spec.name)
         if reply.refused is None:
-            self.loaded = (*others, spec.name)
+            self.loaded = (*(m for m in self.loaded if m != spec.name), spec.name)
             self.refused.pop(spec.name, None)
+        elif previous is not None and spec.name in self.loaded:
+            self._models[spec.name] = previous  # the worker kept the old session
         else:
             del self._models[spec.name]
-            self.loaded, self.refused[spec.name] = others, reply.refused
+            self.refused[spec.name] = reply.refused
         self._on_change()
         return reply.refused
 

@@ -12,7 +12,8 @@ two, and the model's largest batch), on a session kept for that exact set of inp
 shapes; the padding rows are cut from the outputs. Rows are independent in these
 models (inference-mode batch norm), so padding changes no real row's answer. Sessions
 are made on first use and the least recently used is dropped past `keep`, since each
-holds its own copy of the weights on the device.
+holds its own copy of the weights on the device; where the device has no room for one
+more, batches of a new shape run on an existing session (and pay the plan rebuild).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class BucketedSession:
         self._sessions: OrderedDict[Shapes, Any] = OrderedDict()
         self.buckets = buckets(max_batch)
         self.keep = keep
+        self._full = False  # a session could not be made: no more are tried
 
     def get_outputs(self) -> Any:
         return self._first.get_outputs()
@@ -67,6 +69,24 @@ class BucketedSession:
         """The input shapes that have a session now, least recently used first."""
         return list(self._sessions)
 
+    def _new_session(self, key: Shapes) -> Any:
+        """A session for a new shape. Where the device has no room for one more (onnxruntime raises), the most
+        recently used session runs it instead, at the cost of a plan rebuild, and the pool stops growing."""
+        if not self._sessions:
+            session = self._first
+        elif self._full:
+            return next(reversed(self._sessions.values()))
+        else:
+            try:
+                session = self._make()
+            except Exception:  # onnxruntime's own types: out of device memory, mostly
+                self._full, self.keep = True, len(self._sessions)
+                return next(reversed(self._sessions.values()))
+        self._sessions[key] = session
+        while len(self._sessions) > self.keep:
+            self._sessions.popitem(last=False)
+        return session
+
     def run(self, names: list[str] | None, feeds: Mapping[str, Array]) -> list[Array]:
         rows = next(iter(feeds.values())).shape[0]
         bucket = next((b for b in self.buckets if b >= rows), rows)  # past the largest bucket: as it comes
@@ -74,10 +94,7 @@ class BucketedSession:
         key: Shapes = tuple((name, value.shape) for name, value in padded.items())
         session = self._sessions.get(key)
         if session is None:
-            session = self._first if not self._sessions else self._make()
-            self._sessions[key] = session
-            while len(self._sessions) > self.keep:
-                self._sessions.popitem(last=False)
+            session = self._new_session(key)
         else:
             self._sessions.move_to_end(key)
         outputs: list[Array] = session.run(names, padded)

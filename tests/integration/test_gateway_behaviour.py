@@ -209,7 +209,7 @@ def test_requests_wait_for_the_only_worker_while_it_restarts(tiny_repo: Exported
         server.close()
     codes = [code for code, _, _ in answers]
     assert set(codes) <= {200, 503}, [a for a in answers if a[0] not in (200, 503)][:3]
-    assert 1 <= codes.count(503) <= 8, codes.count(503)  # the killed batch: at most one request per client
+    assert codes.count(503) <= 8, codes.count(503)  # the killed batch if there was one: at most one request per client
     assert all("no other replica could take the batch" in text for code, _, text in answers if code == 503)
     assert any(code == 200 and seconds > 0.4 for code, seconds, _ in answers), "no request waited through the restart"
     assert unready_seen  # readiness said so meanwhile

@@ -63,3 +63,27 @@ def test_the_least_recently_used_session_goes_and_oversized_batches_run_as_they_
     (density,) = bucketed.run(None, feeds)  # 6 rows, past the largest bucket
     assert density.shape[0] == 6
     assert [dict(s)["image"][0] for s in bucketed.shapes] == [4, 6]
+
+
+def test_a_session_that_cannot_be_made_falls_back_to_a_running_one(tiny_repo: ExportedRepo) -> None:
+    # On a full device onnxruntime raises when a session is made; the batch runs on the last used session instead.
+    root = tiny_repo.root / "crowd-csrnet"
+    contract = read_contract(root).model_dump(mode="json")
+    plain = ort.InferenceSession(str(root / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    made = 0
+
+    def make() -> ort.InferenceSession:
+        nonlocal made
+        made += 1
+        if made > 2:
+            raise RuntimeError("CUDA failure 2: out of memory")  # what onnxruntime's CUDA allocator raises, in kind
+        return ort.InferenceSession(str(root / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    bucketed = BucketedSession(make(), make, max_batch=8)
+    feeds = sample(contract, {"height": 32, "width": 32}, 8)
+    for rows in (1, 2, 4, 8, 3):
+        (got,) = bucketed.run(None, {k: v[:rows] for k, v in feeds.items()})
+        (expected,) = plain.run(None, {k: v[:rows] for k, v in feeds.items()})
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert [dict(s)["image"][0] for s in bucketed.shapes] == [1, 2]  # 4 and 8 ran on the session of 2
+    assert bucketed.keep == 2 and made == 3  # it stopped trying after the first failure

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -141,6 +142,11 @@ class Gateway:
             placed.pop(name, None)
         await self.backend.unload_model(name)
 
+    def _model_dir(self, name: str) -> Path | None:
+        """The model's directory in the repository, if `name` names one (hidden ones are exports in progress)."""
+        directory = self.config.model_repo / name
+        return directory if name and not name.startswith(".") and "/" not in name and directory.is_dir() else None
+
     def _check_control(self, what: str) -> None:
         if self.config.model_control_mode != "explicit":
             raise BadRequest(
@@ -150,7 +156,8 @@ class Gateway:
 
     async def load_model(self, name: str, parameters: dict[str, Any]) -> None:
         """Triton's model repository extension, explicit mode: read the model's directory again and serve it on every
-        local partition with room (a served model is unloaded first: its files may have changed)."""
+        local partition with room. A served model is swapped in place (its files may have changed); if every partition
+        refuses the new version, the running one serves on."""
         self._check_control(f"load '{name}'")
         if parameters:
             raise BadRequest(
@@ -158,8 +165,8 @@ class Gateway:
                 f"the gateway loads the files in {self.config.model_repo / name} as they are"
             )
         async with self.control:
-            directory = self.config.model_repo / name
-            if not name or name.startswith(".") or "/" in name or not directory.is_dir():
+            directory = self._model_dir(name)
+            if directory is None:
                 raise BadRequest(f"failed to load '{name}': no such model in {self.config.model_repo}")
             try:
                 entry = load_model(directory)
@@ -201,7 +208,7 @@ class Gateway:
             raise BadRequest(f"failed to unload '{name}': the only parameter is unload_dependents (true or false), not {parameters}")
         async with self.control:
             if name not in self.models:
-                if not name or name.startswith(".") or "/" in name or not (self.config.model_repo / name).is_dir():
+                if self._model_dir(name) is None:
                     raise BadRequest(f"failed to unload '{name}': no such model in {self.config.model_repo}")
                 return
             await self._unserve(name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import hashlib
 import os
 import time
 from multiprocessing.connection import Connection
@@ -19,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from migserve.contract import sha256_file
 
 from . import shm
 from .buckets import BucketedSession
@@ -96,15 +95,16 @@ def load_sessions(ort: Any, spec: WorkerSpec) -> tuple[dict[str, Any], dict[str,
     options, providers = _session_options(ort, spec), _providers(ort, spec)
     for model in spec.models:
         try:
-            digest = sha256_file(Path(model.path))
+            data = Path(model.path).read_bytes()  # sessions are made from the bytes checked, never from the file again
         except OSError as exc:
             refused[model.name] = f"cannot read {model.path}: {exc.strerror}"
             continue
+        digest = hashlib.sha256(data).hexdigest()
         if digest != model.sha256:
             refused[model.name] = f"{model.path}: sha256 {digest[:12]}... is not the contract's {model.sha256[:12]}..."
             continue
         make = functools.partial(
-            ort.InferenceSession, model.path, sess_options=options, providers=providers, provider_options=_provider_options(providers, spec)
+            ort.InferenceSession, data, sess_options=options, providers=providers, provider_options=_provider_options(providers, spec)
         )
         try:
             session = make()

@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 MODEL_REPO ?= model_repo
 SIZE ?= tiny
+# RUNTIME=gpu: onnxruntime-gpu and nvidia-ml-py instead of onnxruntime (in a venv of its own: VENV=.venv-gpu)
+RUNTIME ?= cpu
 
 .PHONY: env models serve test lint unit clean
 
@@ -15,7 +17,7 @@ env: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[export,dev]'
+	$(BIN)/pip install --quiet -e '.[export,dev,$(RUNTIME)]'
 	touch $(STAMP)
 
 models: $(STAMP)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -71,6 +72,8 @@ class Gateway:
     @classmethod
     def build(cls, config: ServeConfig) -> Gateway:
         partitions = discover(config.topology, config.cpu_slices)  # cheap checks of the arguments first
+        if any(p.kind is not PartitionKind.TRITON for p in partitions):
+            _check_onnxruntime()
         repo = load_repository(config.model_repo)
         models = {n: e for n, e in repo.models.items() if config.models is None or n in config.models}
         if config.models is not None and (missing := sorted(set(config.models) - set(models))):
@@ -488,3 +491,16 @@ def create_app(config: ServeConfig) -> InferFastPath:
     register_v1(app, gateway)
     app.add_middleware(FamilyLimits, gateway=gateway)
     return InferFastPath(app, gateway)
+
+
+def _check_onnxruntime() -> None:
+    """Local workers need onnxruntime; a gateway of Triton partitions alone does not."""
+    try:
+        found = importlib.util.find_spec("onnxruntime") is not None
+    except ImportError:
+        found = False
+    if not found:
+        raise ValueError(
+            "onnxruntime is not installed, and the local partitions' workers need it: pip install 'migserve[cpu]', "
+            "or 'migserve[gpu]' (onnxruntime-gpu) on NVIDIA GPUs, never both"
+        )

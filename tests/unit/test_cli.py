@@ -107,3 +107,33 @@ def test_serve_start_up_errors_are_one_line(args: list[str], message: str, tmp_p
     assert lines[-1].startswith("error: ")
     assert "Traceback" not in proc.stderr
     assert message in lines[-1]
+
+
+HIDE_ONNXRUNTIME = """
+import importlib.abc, sys
+class Hide(importlib.abc.MetaPathFinder):  # as if onnxruntime were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "onnxruntime":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+sys.meta_path.insert(0, Hide())
+from migserve.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_serve_without_onnxruntime_says_which_extra_to_install(tmp_path: Path) -> None:
+    # onnxruntime comes from the cpu or the gpu extra (never both): a bare install must say so, not fail in a worker.
+    run = subprocess.run(
+        [sys.executable, "-c", HIDE_ONNXRUNTIME, "serve", "--model-repo", str(tmp_path), "--cpu-slices", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        "error: onnxruntime is not installed, and the local partitions' workers need it: pip install 'migserve[cpu]', "
+        "or 'migserve[gpu]' (onnxruntime-gpu) on NVIDIA GPUs, never both"
+    )

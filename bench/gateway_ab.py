@@ -17,27 +17,20 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.gateway_bench import ROOT, Server, bodies, busy, closed_loop
+from bench.gateway_bench import Server, bodies, busy, closed_loop, export, round_options
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="face-pros")
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=6.0)
+    round_options(parser, rounds=5)
     parser.add_argument("--a", default="", help="serve arguments of A, '='-joined, comma-separated (default: none)")
     parser.add_argument("--b", default="--cpu-worker-priority=idle", help="serve arguments of B (default: %(default)s)")
-    parser.add_argument("--repo", type=Path, default=ROOT / "results" / "bench_repo")
     args = parser.parse_args()
-    export = [sys.executable, "-m", "migserve", "export", "--model", args.model, "--out", str(args.repo), "--skip-existing"]
-    subprocess.run(export, check=True, cwd=ROOT)
+    export(args.repo, args.model)
     settings = {"A": _serve_args(args.a), "B": _serve_args(args.b)}
     servers = {label: Server(args.repo, "--models", args.model, *extra) for label, extra in settings.items()}
     body, headers = bodies(args.repo, args.model, {})["binary"]

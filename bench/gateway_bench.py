@@ -50,6 +50,22 @@ DATATYPES = {"float32": "FP32", "int64": "INT64"}
 GATEWAY_MODES = ("binary", "json", "nobatch", "uvicorn", "idle", "onesession")  # onesession: bench/gpu_check.py
 
 
+def export(repo: Path, *models: str) -> None:
+    """The tiny exports the bench needs, made once (`migserve export --skip-existing`)."""
+    subprocess.run(
+        [sys.executable, "-m", "migserve", "export", "--model", *models, "--out", str(repo), "--skip-existing"], check=True, cwd=ROOT
+    )
+
+
+def round_options(parser: argparse.ArgumentParser, rounds: int) -> None:
+    """The options of the interleaved A/B benches: one model, one concurrency, N rounds of S seconds."""
+    parser.add_argument("--model", default="face-pros")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--repo", type=Path, default=ROOT / "results" / "bench_repo")
+
+
 def percentiles(latencies: list[float]) -> dict[str, float]:
     values = np.array(latencies) * 1000
     return {"p50_ms": float(np.percentile(values, 50)), "p99_ms": float(np.percentile(values, 99))}
@@ -322,9 +338,7 @@ def main() -> int:
     parser.add_argument("--repo", type=Path, default=ROOT / "results" / "bench_repo")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "gateway_bench.json")
     args = parser.parse_args()
-    subprocess.run(
-        [sys.executable, "-m", "migserve", "export", "--model", *MODELS, "--out", str(args.repo), "--skip-existing"], check=True, cwd=ROOT
-    )
+    export(args.repo, *MODELS)
     stages: list[Callable[[], list[dict[str, Any]]]] = [
         *(functools.partial(direct, args.repo, model, dims, args.seconds) for model, dims in MODELS.items()),
         functools.partial(gateway_rows, args.repo, "gateway", (), ("binary", "json"), args.seconds),

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -42,6 +41,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench import gateway_bench as gb
+from bench.mig import MigError, Smi
 from bench.nvml_probe import probe_for
 from migserve.types import Array
 from service.partitions import discover
@@ -57,10 +57,10 @@ NUMPY_DTYPES = {"FP32": np.float32, "INT64": np.int64, "FP16": np.float16, "INT3
 
 
 def smi(*args: str) -> tuple[int, str]:
-    """`nvidia-smi ARGS`: its exit status and output, or 127 and why it could not run."""
+    """`nvidia-smi ARGS` (bench.mig's runner): its exit status and output, or 127 and why it could not run."""
     try:
-        run = subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=60, check=False)
-    except OSError as exc:
+        run = Smi.from_env().run(*args, check=False)
+    except MigError as exc:
         return 127, str(exc)
     return run.returncode, run.stdout + (f"\n[stderr]\n{run.stderr}" if run.stderr else "")
 

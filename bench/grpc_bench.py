@@ -44,7 +44,18 @@ import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import shared_memory
 
-from bench.gateway_bench import ROOT, Server, _children, _children_cpu_seconds, _cpu_seconds, bodies, busy, closed_loop, sample
+from bench.gateway_bench import (
+    Server,
+    _children,
+    _children_cpu_seconds,
+    _cpu_seconds,
+    bodies,
+    busy,
+    closed_loop,
+    export,
+    round_options,
+    sample,
+)
 from migserve.types import Array
 from tests.helpers import free_port
 
@@ -130,21 +141,16 @@ Load = Callable[[], dict[str, Any]]
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="face-pros")
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=6.0)
+    round_options(parser, rounds=3)
     parser.add_argument("--dims", default="", help="named dims other than the contract's defaults, e.g. height=16,width=16")
     parser.add_argument("--shm", action="store_true", help="also http-shm and grpc-shm: inputs in a shared memory region")
-    parser.add_argument("--repo", type=Path, default=ROOT / "results" / "bench_repo")
     args = parser.parse_args()
     dims = {k: int(v) for k, v in (item.split("=", 1) for item in filter(None, args.dims.split(",")))}
     missing = [tool for tool in ("wrk", "h2load") if shutil.which(tool) is None]
     if missing:
         print(f"needs {' and '.join(missing)}: apt-get install -y wrk nghttp2-client", file=sys.stderr)
         return 2
-    export = [sys.executable, "-m", "migserve", "export", "--model", args.model, "--out", str(args.repo), "--skip-existing"]
-    subprocess.run(export, check=True, cwd=ROOT)
+    export(args.repo, args.model)
     grpc_port = free_port()
     server = Server(args.repo, "--models", args.model, "--grpc-port", str(grpc_port))
     region = None

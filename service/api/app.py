@@ -128,6 +128,10 @@ class Gateway:
         batcher = ModelBatcher(name, policy, functools.partial(self.backend.replicas, name), self.metrics, stats)
         self.backend.add_listener(batcher.notify)
         self.batchers[name] = batcher
+        self._configure(name, entry, policy)
+
+    def _configure(self, name: str, entry: ModelEntry, policy: BatchPolicy) -> None:
+        """The model's entry and Triton configuration, with the batching and the partitions it has now."""
         placed = [p for p in self.partitions if name in self.placement.get(p.id, {})]
         self.configs[name] = model_config(entry.config, policy, placed)
         self.models[name] = entry
@@ -194,10 +198,8 @@ class Gateway:
                 self.placement.setdefault(pid, {})[name] = spec
             self.not_served.pop(name, None)
             if name in self.models:  # reloaded: the same queue, with the batching its new files declare
-                self.batchers[name].policy = self._policy(entry)
-                placed = [p for p in self.partitions if name in self.placement.get(p.id, {})]
-                self.configs[name] = model_config(entry.config, self.batchers[name].policy, placed)
-                self.models[name] = entry
+                self.batchers[name].policy = policy = self._policy(entry)
+                self._configure(name, entry, policy)
             else:
                 self._serve(name, entry)
             logger.info("loaded model %s on %s%s", name, ", ".join(loaded), f" ({refusals})" if refusals else "")

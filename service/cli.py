@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -76,6 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="migserve: inference requests are read straight off the socket, uvicorn serves the rest (default); "
         "uvicorn: uvicorn serves every request",
     )
+    parser.add_argument(
+        "--frontends",
+        type=int,
+        default=1,
+        help="processes that take inference requests on --port, each with its own batchers over the same workers; the "
+        "first serves everything else too. One answers about 3,000 requests/s: on a GPU, more keep it busy (default: 1)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -115,11 +123,16 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
     from .repository import RepositoryError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    listening = None
     try:
+        if args.frontends > 1:
+            if args.http_server != "migserve":
+                raise ValueError("--frontends above 1 needs --http-server migserve: front-end processes read requests off the socket")
+            listening = _reuse_port(args.host, args.port)
         config = ServeConfig(
             model_repo=args.model_repo,
             host=args.host,
-            port=args.port,
+            port=listening.getsockname()[1] if listening is not None else args.port,
             grpc_port=args.grpc_port,
             topology=args.topology,
             cpu_slices=_sizes("--cpu-slices", args.cpu_slices, "cores per slice", "2,2"),
@@ -140,6 +153,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             max_image_pixels=int(args.max_image_mp * 1e6),
             max_volume_voxels=int(args.max_volume_mvox * 1e6),
             job_min_tiles=args.job_min_tiles,
+            frontends=args.frontends,
         )
         if config.grpc_port is not None:
             _check_port(config.host, config.grpc_port, "--grpc-port")
@@ -150,10 +164,30 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
         print(f"error: {where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}", file=err)
         return 2
     except (ValueError, ServiceError, TopologyError, RepositoryError) as exc:
+        if listening is not None:
+            listening.close()
         print(f"error: {exc}", file=err)
         return 2
     keep_request_buffers_in_heap()
     # Inference requests are served off the socket by our protocol; it hands other requests to uvicorn's.
     http = infer_protocol(app.gateway) if args.http_server == "migserve" else "auto"
-    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level, access_log=False, http=http)  # type: ignore[arg-type]  # a BufferedProtocol works; uvicorn types Protocol
+    if listening is None:
+        uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level, access_log=False, http=http)  # type: ignore[arg-type]  # a BufferedProtocol works; uvicorn types Protocol
+        return 0
+    from .api.frontends import adopter
+
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False, http=http))  # type: ignore[arg-type]
+    assert app.gateway.frontends is not None
+    app.gateway.frontends.adopt = adopter(server)  # connections the other front-ends hand over are served here
+    server.run(sockets=[listening])
     return 0
+
+
+def _reuse_port(host: str, port: int) -> socket.socket:
+    """The port, bound so that the other front-end processes can bind it too."""
+    from .api.frontends import reuse_port_socket
+
+    try:
+        return reuse_port_socket(host, port)
+    except OSError as exc:
+        raise ValueError(f"--port {port}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None

@@ -51,6 +51,14 @@ class ServeConfig(BaseModel):
         description="explicit: models can be loaded and unloaded while the gateway runs (Triton's model repository "
         "extension); none: the models it started with, fixed",
     )
+    frontends: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="processes that take inference requests on the port (SO_REUSEPORT), each with its own batchers, all "
+        "sending batches to the same workers; the first also serves everything else. One Python process answers about "
+        "3,000 requests/s: more keep a GPU busy. Queue capacity and the body budget are per process",
+    )
     max_image_pixels: int = Field(40_000_000, ge=1, description="decoded images with more pixels are refused with 413")
     max_volume_voxels: int = Field(64_000_000, ge=1, description="CT volumes with more voxels are refused with 413")
     job_min_tiles: int = Field(32, ge=0, description="/v1/lns/segment runs as a job (202) when both stages need more tiles than this")
@@ -65,5 +73,10 @@ class ServeConfig(BaseModel):
             raise ValueError(
                 f"--max-pending-mb {self.max_pending_bytes / (1 << 20):g} is below --max-body-mb {self.max_body_bytes / (1 << 20):g}: "
                 "a request of the largest allowed size could never be served"
+            )
+        if self.frontends > 1 and self.model_control_mode == "explicit":
+            raise ValueError(
+                "--frontends above 1 cannot be combined with --model-control-mode explicit: the other front-end "
+                "processes serve the models the gateway started with"
             )
         return self

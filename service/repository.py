@@ -35,6 +35,15 @@ class ModelEntry:
     def model_path(self) -> Path:
         return self.directory / self.contract.model_file
 
+    def __reduce__(self) -> tuple[Any, tuple[Contract, Path, bytes]]:
+        """Pickled with its configuration serialised (front-end processes get their entries from the gateway's
+        first process): protobuf cannot pickle tritonclient's messages, whose module it cannot import by name."""
+        return _entry, (self.contract, self.directory, self.config.SerializeToString())
+
+
+def _entry(contract: Contract, directory: Path, config: bytes) -> ModelEntry:
+    return ModelEntry(contract, directory, model_config_pb2.ModelConfig.FromString(config))
+
 
 @dataclass(frozen=True)
 class Repository:

@@ -98,12 +98,21 @@ class Duration:
     def into(self, stat: Any) -> None:
         stat.count, stat.ns = self.count, self.ns
 
+    def merge(self, other: Duration) -> None:
+        self.count += other.count
+        self.ns += other.ns
+
 
 @dataclass(slots=True)
 class BatchDurations:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
+
+    def merge(self, other: BatchDurations) -> None:
+        self.compute_input.merge(other.compute_input)
+        self.compute_infer.merge(other.compute_infer)
+        self.compute_output.merge(other.compute_output)
 
 
 @dataclass(slots=True)
@@ -120,6 +129,17 @@ class ModelStatistics:
 
     def request_done(self, ok: bool, seconds: float) -> None:
         (self.success if ok else self.fail).add(seconds)
+
+    def merge(self, other: ModelStatistics) -> None:
+        """Add another process's counts of the same model (serve --frontends)."""
+        self.last_inference_ms = max(self.last_inference_ms, other.last_inference_ms)
+        self.inference_count += other.inference_count
+        self.execution_count += other.execution_count
+        for mine, theirs in ((self.success, other.success), (self.fail, other.fail), (self.queue, other.queue)):
+            mine.merge(theirs)
+        self.compute.merge(other.compute)
+        for rows, durations in other.batches.items():
+            self.batches.setdefault(rows, BatchDurations()).merge(durations)
 
     def batch_done(self, rows: int, queued: Iterable[float], input_s: float, infer_s: float, output_s: float) -> None:
         """A batch answered: its rows, each request's time in the queue, and the batch's three compute times."""

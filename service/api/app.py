@@ -19,6 +19,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tritonclient.grpc import service_pb2
 
@@ -41,6 +42,7 @@ from ..workers.protocol import ModelSpec, WorkerOptions
 from .budget import BodyBudget
 from .errors import error_body
 from .fastpath import InferFastPath
+from .frontends import Frontends, FrontendSpec, merge_metrics, merge_statistics, run_dir
 from .kserve import NUMPY_TO_V2, Body, DecodedRequest, decode_request, encode_response
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class Gateway:
     regions: Regions = field(default_factory=Regions)  # clients' shared memory regions (system shared memory extension)
     logs: LogSettings = field(default_factory=LogSettings.current)  # the logging extension's view of the log level
     control: asyncio.Lock = field(default_factory=asyncio.Lock)  # one model load or unload at a time
+    frontends: Frontends | None = None  # the other front-end processes (serve --frontends), run by this one
 
     def __post_init__(self) -> None:
         self.jobs = JobStore(self.config.max_jobs, self.config.job_ttl_s)
@@ -81,6 +84,10 @@ class Gateway:
         if not models:
             raise UnknownModel(f"no servable models in {config.model_repo}; run: migserve export --all --out {config.model_repo}")
         placement = place(partitions, models)
+        directory = run_dir() if config.frontends > 1 else None
+        sockets = {
+            p.id: str(directory / f"worker-{i}.sock") for i, p in enumerate(partitions) if directory and p.kind is not PartitionKind.TRITON
+        }
         backend = LocalBackend(
             partitions,
             placement,
@@ -89,14 +96,35 @@ class Gateway:
                 conv_algo_search=config.cudnn_conv_algo_search.upper(),
                 shape_sessions=config.gpu_shape_sessions,
             ),
+            sockets=sockets,
         )
         left_out = {name: "not served: the gateway was started with --models naming others" for name in repo.models if name not in models}
-        return cls(config, models, partitions, placement, backend, not_served=repo.refused | left_out)
+        not_served = repo.refused | left_out
+        frontends = None
+        if directory is not None:
+            frontends = Frontends(
+                config.frontends - 1,
+                directory,
+                lambda index, handoff: FrontendSpec(
+                    index=index,
+                    config=config,
+                    models=models,
+                    not_served=not_served,
+                    partitions=partitions,
+                    placement=placement,
+                    sockets=sockets,
+                    handoff=handoff,
+                    log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
+                ),
+            )
+        return cls(config, models, partitions, placement, backend, not_served=not_served, frontends=frontends)
 
     async def start(self) -> None:
         await self.backend.start()
         for name, entry in self.models.items():
             self._serve(name, entry)
+        if self.frontends is not None:
+            await self.frontends.start()
         self.backend.add_listener(self._update_partition_metrics)
         self._update_partition_metrics()
         for partition in self.partitions:
@@ -221,6 +249,8 @@ class Gateway:
             logger.info("unloaded model %s", name)
 
     async def stop(self) -> None:
+        if self.frontends is not None:
+            await self.frontends.stop()
         await self.jobs.stop()
         for batcher in self.batchers.values():
             await batcher.stop()
@@ -363,7 +393,21 @@ class Gateway:
         if name:
             self.entry(name)
         names = [name] if name else sorted(self.models)
-        return service_pb2.ModelStatisticsResponse(model_stats=[self.stats[n].message() for n in names])
+        others = self.frontends.latest if self.frontends is not None else []
+        merged = {n: merge_statistics(self.stats[n], [c.stats[n] for c in others if n in c.stats]) for n in names}
+        return service_pb2.ModelStatisticsResponse(model_stats=[merged[n].message() for n in names])
+
+    async def refresh_frontends(self) -> None:
+        """Ask the other front-end processes for their counts, for the metrics and statistics served next."""
+        if self.frontends is not None:
+            await self.frontends.refresh()
+
+    def metrics_text(self) -> bytes:
+        """/metrics: this process's metrics, with the other front-ends' (as of the last refresh) added."""
+        own = generate_latest(self.metrics.registry)
+        if self.frontends is None:
+            return own
+        return merge_metrics(own, [c.metrics for c in self.frontends.latest])
 
     def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
         """Triton's repository index: served models READY while a replica is ready; the rest UNAVAILABLE, and why."""
@@ -375,6 +419,11 @@ class Gateway:
             for name, reason in sorted(states.items())
             if not (ready_only and reason)
         ]
+
+    async def partitions_document(self) -> dict[str, Any]:
+        """GET /v1/partitions: the partitions, and the other front-end processes with their latest counts."""
+        await self.refresh_frontends()
+        return {"partitions": self.partitions_view(), "frontends": self.frontends.view() if self.frontends is not None else []}
 
     def partitions_view(self) -> list[dict[str, Any]]:
         view = []

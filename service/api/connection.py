@@ -62,6 +62,7 @@ class _Request:
     name: str
     fields: dict[bytes, bytes]
     length: int
+    head: bytes  # as received, without its blank line: what a front-end process hands over (service/api/frontends.py)
 
     @property
     def close(self) -> bool:
@@ -92,7 +93,7 @@ def parse_head(head: bytes) -> _Request | None:
     length = fields.get(CONTENT_LENGTH)
     if length is None or not length.isdigit():
         return None
-    return _Request(target["name"].decode("latin-1"), fields, int(length))
+    return _Request(target["name"].decode("latin-1"), fields, int(length), head)
 
 
 def infer_protocol(gateway: Gateway) -> type[InferConnection]:
@@ -102,6 +103,7 @@ def infer_protocol(gateway: Gateway) -> type[InferConnection]:
 
 class InferConnection(asyncio.BufferedProtocol):
     gateway: Gateway  # set by infer_protocol
+    prelude = b""  # what a front-end process read of a connection before it handed it here (service/api/frontends.py)
 
     def __init__(
         self, config: Config, server_state: ServerState, app_state: dict[str, Any], _loop: asyncio.AbstractEventLoop | None = None
@@ -128,6 +130,22 @@ class InferConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's TCPTransport does not subclass asyncio's
         self._state.connections.add(self)  # type: ignore[arg-type]  # uvicorn calls shutdown() on each
+        if self.prelude:
+            self._feed(self.prelude)
+
+    def _feed(self, data: bytes) -> None:
+        """Take `data` as if it had been received, before anything the socket delivers."""
+        view = memoryview(data)
+        transport = self._transport
+        assert transport is not None
+        while view and transport.get_protocol() is self and not transport.is_closing():
+            buffer = self.get_buffer(len(view))
+            n = min(len(buffer), len(view))
+            buffer[:n] = view[:n]
+            view = view[n:]
+            self.buffer_updated(n)
+        if view and transport.get_protocol() is not self:
+            cast(asyncio.Protocol, transport.get_protocol()).data_received(bytes(view))  # handed over to uvicorn meanwhile
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._body is not None:

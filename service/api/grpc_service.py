@@ -134,6 +134,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         try:
             if request.name:
                 self.gateway.check_version(request.name, request.version)
+            await self.gateway.refresh_frontends()
             return self.gateway.model_statistics(request.name)
         except ServiceError as exc:
             await _abort(context, exc)

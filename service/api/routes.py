@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 import migserve
 
@@ -54,6 +54,7 @@ def register(app: FastAPI, gateway: Gateway) -> None:
     async def model_statistics(name: str = "", version: str = "1") -> dict[str, Any]:
         if name:
             gateway.check_version(name, version)
+        await gateway.refresh_frontends()
         return as_json(gateway.model_statistics(name))
 
     @app.get("/v2/models/{name}/config", summary="The model's configuration as served (Triton's model configuration extension)")
@@ -138,14 +139,15 @@ def register(app: FastAPI, gateway: Gateway) -> None:
 
     @app.get("/v1/partitions", summary="Partitions, their workers and the models placed on them")
     async def partitions() -> JSONResponse:
-        return JSONResponse({"partitions": gateway.partitions_view()})
+        return JSONResponse(await gateway.partitions_document())
 
     @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
     async def metrics() -> Response:
         gateway.metrics.jobs_running.set(gateway.jobs.running())
         gateway.metrics.body_bytes.set(gateway.bodies.held)
         await gateway.refresh_memory_used()
-        return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        await gateway.refresh_frontends()
+        return Response(gateway.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
 
 def _unsupported(extension: str) -> Callable[[], Awaitable[Response]]:

@@ -13,8 +13,9 @@ import dataclasses
 import itertools
 import logging
 import multiprocessing as mp
+import time
 from collections.abc import Callable, Mapping
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Client, Connection
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING
 
@@ -58,8 +59,10 @@ class WorkerReplica:
         models: Mapping[str, ModelSpec],
         on_change: Callable[[], None],
         options: WorkerOptions = DEFAULT_OPTIONS,
+        socket_path: str | None = None,
     ) -> None:
         self.partition = partition
+        self.socket_path = socket_path  # where the worker takes batches from the gateway's other front-end processes
         # SCHED_IDLE only where the worker has cores of its own to yield
         self._options = dataclasses.replace(options, idle_priority=options.idle_priority and partition.kind is PartitionKind.CPU)
         self._models = dict(models)
@@ -112,27 +115,33 @@ class WorkerReplica:
             cores=self.partition.cores,
             models=tuple(self._models.values()),
             options=self._options,
+            listen=self.socket_path,
         )
         parent, child = self._ctx.Pipe()
         process = self._ctx.Process(target=worker_main, args=(spec, child), name=f"migserve-worker-{self.id}", daemon=True)
         process.start()
         child.close()
         ready = await asyncio.wait_for(asyncio.to_thread(parent.recv), START_TIMEOUT_S)
+        self._process = process
+        self._attach(parent, ready)
+        asyncio.get_running_loop().add_reader(process.sentinel, self._on_exit)
+        logger.info("worker %s ready (pid %s, %s, models: %s)", self.id, process.pid, ",".join(self.providers), ",".join(self.loaded))
+        self._on_change()
+
+    def _attach(self, conn: Connection, ready: object) -> None:
+        """Take batches over `conn` from now on, `ready` being the worker's first message on it."""
         if not isinstance(ready, WorkerReady):
+            conn.close()
             raise RuntimeError(f"worker {self.id} sent {type(ready).__name__} before it was ready")
-        self._process, self._conn, self.pid = process, parent, process.pid
+        self._conn, self.pid = conn, ready.pid
         self.loaded, self.refused, self.providers = ready.models, ready.refused, ready.providers
         self.device_warning = ready.device_warning
-        loop = asyncio.get_running_loop()
-        loop.add_reader(parent.fileno(), self._on_message)
-        loop.add_reader(process.sentinel, self._on_exit)
+        asyncio.get_running_loop().add_reader(conn.fileno(), self._on_message)
         self._ready, self._recovering = True, False
         for model, reason in ready.refused.items():
             logger.error("partition %s refused model %s: %s", self.id, model, reason)
         if ready.device_warning:
             logger.warning("%s", ready.device_warning)
-        logger.info("worker %s ready (pid %s, %s, models: %s)", self.id, process.pid, ",".join(ready.providers), ",".join(ready.models))
-        self._on_change()
 
     def submit(self, model: str, parts: Mapping[str, list[Array]]) -> asyncio.Future[dict[str, Array]]:
         if not self._ready or self._conn is None:
@@ -279,10 +288,47 @@ class WorkerReplica:
         self._inputs.close()
 
 
+class AttachedReplica(WorkerReplica):
+    """A worker that the gateway's first process runs, seen from one of its other front-end processes
+    (serve --frontends): this process connects to the worker's socket and sends its own batches there. When the
+    worker dies the first process restarts it, and this one connects again."""
+
+    async def start(self) -> None:
+        assert self.socket_path is not None
+        conn, ready = await asyncio.to_thread(self._connect, self.socket_path)
+        self._attach(conn, ready)
+        logger.info("attached to worker %s (pid %s)", self.id, self.pid)
+        self._on_change()
+
+    def _connect(self, path: str) -> tuple[Connection, object]:
+        """Connect, waiting while the worker (re)starts, and read its WorkerReady."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                conn = Client(path, family="AF_UNIX")
+            except OSError:  # not there yet, or the socket of a worker that died
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+                continue
+            if conn.poll(max(deadline - time.monotonic(), 0)):
+                return conn, conn.recv()
+            conn.close()
+            raise TimeoutError(f"worker {self.id} did not answer on {path}")
+
+    async def stop(self) -> None:
+        self._stopping = True  # the worker is the first process's to stop: only this connection closes
+        if self._ready:
+            self._died("stopped")
+        self._inputs.close()
+
+
 class LocalBackend:
     """The partitions' replicas: a worker process per local partition, a client per Triton partition.
 
-    `placement` maps partition id -> the models there; `options` says how workers run their models.
+    `placement` maps partition id -> the models there; `options` says how workers run their models. With `sockets`
+    (partition id -> a Unix socket path, serve --frontends), the gateway's first process starts workers that also
+    listen there, and its other front-end processes (`attached`) connect to them instead of starting their own.
     """
 
     def __init__(
@@ -290,6 +336,8 @@ class LocalBackend:
         partitions: list[Partition],
         placement: Mapping[str, Mapping[str, ModelSpec]],
         options: WorkerOptions = DEFAULT_OPTIONS,
+        sockets: Mapping[str, str] | None = None,
+        attached: bool = False,
     ) -> None:
         from .triton import TritonReplica
 
@@ -300,11 +348,14 @@ class LocalBackend:
         for p in partitions:
             if placement.get(p.id):
                 models = placement[p.id]
-                self.workers[p.id] = (
-                    TritonReplica(p, list(models), self._notify)
-                    if p.kind is PartitionKind.TRITON
-                    else WorkerReplica(p, models, self._notify, options)
-                )
+                path = (sockets or {}).get(p.id)
+                if p.kind is PartitionKind.TRITON:
+                    self.workers[p.id] = TritonReplica(p, list(models), self._notify)
+                elif attached:
+                    assert path is not None, f"front-end process without a socket for partition {p.id}"
+                    self.workers[p.id] = AttachedReplica(p, models, self._notify, options, path)
+                else:
+                    self.workers[p.id] = WorkerReplica(p, models, self._notify, options, path)
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Called whenever a replica finishes a batch or changes state."""

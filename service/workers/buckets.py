@@ -19,12 +19,14 @@ more, batches of a new shape run on an existing session (and pay the plan rebuil
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from migserve.types import Array
+
+from .pinned import PAGE_SIZE, HostPinning, Unpin, address
 
 Shapes = tuple[tuple[str, tuple[int, ...]], ...]
 
@@ -38,21 +40,49 @@ def buckets(max_batch: int) -> tuple[int, ...]:
     return (*sizes, max_batch)
 
 
-def pad_rows(array: Array, rows: int) -> Array:
-    if array.shape[0] == rows:
-        return array
-    padded = np.zeros((rows, *array.shape[1:]), array.dtype)
-    padded[: array.shape[0]] = array
-    return padded
+def page_aligned(shape: tuple[int, ...], dtype: np.dtype[Any]) -> Array:
+    """An uninitialised array that starts on a page boundary (for cudaHostRegister)."""
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + PAGE_SIZE, np.uint8)
+    start = -raw.ctypes.data % PAGE_SIZE
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+class _Staging:
+    """One padded shape's input buffers, page-locked with `pinning` while they live."""
+
+    def __init__(self, key: Shapes, dtypes: Mapping[str, np.dtype[Any]], pinning: HostPinning | None) -> None:
+        self.arrays = {name: page_aligned(shape, dtypes[name]) for name, shape in key}
+        self._unpin: list[Unpin] = []
+        for array in self.arrays.values():
+            if pinning is not None and (unpin := pinning.pin(address(array), array.nbytes)) is not None:
+                self._unpin.append(unpin)
+
+    def fill(self, parts: Mapping[str, Sequence[Array]], rows: int) -> dict[str, Array]:
+        for name, pieces in parts.items():
+            target, start = self.arrays[name], 0
+            for piece in pieces:
+                target[start : start + piece.shape[0]] = piece
+                start += piece.shape[0]
+            target[rows:] = 0
+        return self.arrays
+
+    def release(self) -> None:
+        while self._unpin:
+            self._unpin.pop()()
 
 
 class BucketedSession:
-    """Quacks like an onnxruntime InferenceSession for the worker: run, get_outputs, get_providers."""
+    """Quacks like an onnxruntime InferenceSession for the worker: run, get_outputs, get_providers; and run_parts,
+    which runs several batches as one. Padded or merged batches are copied into buffers kept per shape (page-locked
+    with `pinning`, service/workers/pinned.py); a lone batch of a bucket's exact size runs where it is."""
 
-    def __init__(self, first: Any, make: Callable[[], Any], max_batch: int, keep: int = 8) -> None:
+    def __init__(self, first: Any, make: Callable[[], Any], max_batch: int, keep: int = 8, pinning: HostPinning | None = None) -> None:
         self._first = first  # already loaded and warmed up: serves the first shapes it meets
         self._make = make
         self._sessions: OrderedDict[Shapes, Any] = OrderedDict()
+        self._staging: OrderedDict[Shapes, _Staging] = OrderedDict()
+        self._pinning = pinning
         self.buckets = buckets(max_batch)
         self.keep = keep
         self._full = False  # a session could not be made: no more are tried
@@ -88,14 +118,32 @@ class BucketedSession:
         return session
 
     def run(self, names: list[str] | None, feeds: Mapping[str, Array]) -> list[Array]:
-        rows = next(iter(feeds.values())).shape[0]
+        return self.run_parts(names, {name: [value] for name, value in feeds.items()})
+
+    def run_parts(self, names: list[str] | None, parts: Mapping[str, Sequence[Array]]) -> list[Array]:
+        """Each input's parts, concatenated along the batch axis and padded to a bucket, run as one batch."""
+        pieces = next(iter(parts.values()))
+        rows = sum(piece.shape[0] for piece in pieces)
         bucket = next((b for b in self.buckets if b >= rows), rows)  # past the largest bucket: as it comes
-        padded = {name: pad_rows(value, bucket) for name, value in feeds.items()}
-        key: Shapes = tuple((name, value.shape) for name, value in padded.items())
+        key: Shapes = tuple((name, (bucket, *p[0].shape[1:])) for name, p in parts.items())
         session = self._sessions.get(key)
         if session is None:
             session = self._new_session(key)
         else:
             self._sessions.move_to_end(key)
-        outputs: list[Array] = session.run(names, padded)
+        if len(pieces) == 1 and bucket == rows:
+            feeds = {name: p[0] for name, p in parts.items()}
+        else:
+            feeds = self._staged(key, {name: p[0].dtype for name, p in parts.items()}).fill(parts, rows)
+        outputs: list[Array] = session.run(names, feeds)
         return outputs if bucket == rows else [output[:rows] for output in outputs]
+
+    def _staged(self, key: Shapes, dtypes: Mapping[str, np.dtype[Any]]) -> _Staging:
+        staging = self._staging.get(key)
+        if staging is None:
+            staging = self._staging[key] = _Staging(key, dtypes, self._pinning)
+            while len(self._staging) > max(self.keep, 1):
+                self._staging.popitem(last=False)[1].release()
+        else:
+            self._staging.move_to_end(key)
+        return staging

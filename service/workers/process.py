@@ -9,13 +9,15 @@ write the outputs to a new segment, reply. No logging on the hot path.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
 import hashlib
 import os
+import socket
 import time
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ import numpy as np
 
 from . import shm
 from .buckets import BucketedSession
+from .pinned import HostPinning
 from .protocol import (
     BatchDone,
     BatchFailed,
@@ -114,9 +117,15 @@ def load_sessions(ort: Any, spec: WorkerSpec) -> tuple[dict[str, Any], dict[str,
             continue
         if session.get_providers()[0] == "CUDAExecutionProvider" and model.max_batch and spec.options.shape_sessions:
             # cuDNN plans are rebuilt at every shape change: pad batches to a few shapes, one session each
-            session = BucketedSession(session, make, model.max_batch, keep=spec.options.shape_sessions)
+            session = BucketedSession(session, make, model.max_batch, keep=spec.options.shape_sessions, pinning=cuda_pinning())
         sessions[model.name] = session
     return sessions, refused
+
+
+@functools.cache
+def cuda_pinning() -> HostPinning | None:
+    """Page-locking through the CUDA runtime onnxruntime loaded; call once a CUDA session exists."""
+    return HostPinning.for_this_process()
 
 
 def run_batch(sessions: dict[str, Any], message: RunBatch, inputs: shm.Attachments, outputs: shm.Arena) -> BatchDone | BatchFailed:
@@ -140,6 +149,176 @@ def run_batch(sessions: dict[str, Any], message: RunBatch, inputs: shm.Attachmen
     return BatchDone(message.batch_id, refs, compute)
 
 
+Group = list[tuple[shm.Attachments, shm.Arena, RunBatch]]
+
+
+def merged(batches: list[tuple[Any, RunBatch]], max_batch: dict[str, int]) -> list[list[tuple[Any, RunBatch]]]:
+    """Batches that arrived together, grouped to run as one: same model, same non-batch shapes and dtypes, at most the
+    model's largest batch in all. The gateway's front-end processes each batch their own requests; a worker that
+    ran their small batches one by one spent its time per batch (serve --frontends, bench/RESULTS.md)."""
+    groups: list[list[tuple[Any, RunBatch]]] = []
+    open_groups: dict[object, tuple[list[tuple[Any, RunBatch]], int]] = {}
+    for item in batches:
+        message = item[1]
+        key = (message.model, tuple((name, ref.shape[1:], ref.dtype) for name, ref in sorted(message.inputs.items())))
+        rows = next(iter(message.inputs.values())).shape[0] if message.inputs else 0
+        group, size = open_groups.get(key, (None, 0))
+        if group is None or size + rows > max_batch.get(message.model, 0):
+            group, size = [], 0
+            groups.append(group)
+        group.append(item)
+        open_groups[key] = (group, size + rows)
+    return groups
+
+
+def run_merged(sessions: dict[str, Any], group: Group) -> list[BatchDone | BatchFailed] | None:
+    """Several batches of one model run as one; each gets its own rows, written to its own client's arena.
+    None if the merged run fails: then each runs alone, so that a failure is answered to the batch it belongs to."""
+    message = group[0][2]
+    session = sessions.get(message.model)
+    if session is None:
+        return None
+    parts = {name: [inputs.view(m.inputs[name]) for inputs, _, m in group] for name in message.inputs}
+    started = time.perf_counter()
+    try:
+        if isinstance(session, BucketedSession):
+            results = session.run_parts(None, parts)  # copied once, into its padded (pinned) buffers
+        else:
+            results = session.run(None, {name: np.concatenate(p) for name, p in parts.items()})
+    except Exception:  # onnxruntime's own types; the batches alone say whose input it was
+        return None
+    compute = time.perf_counter() - started
+    rows = [next(iter(m.inputs.values())).shape[0] for _, _, m in group]
+    if any(r.ndim == 0 or r.shape[0] != sum(rows) for r in results):
+        return None  # an output without the batch axis first: it cannot be split
+    names = [o.name for o in session.get_outputs()]
+    replies: list[BatchDone | BatchFailed] = []
+    start = 0
+    for (_, outputs, m), n in zip(group, rows, strict=True):
+        try:
+            refs = outputs.write({name: [value[start : start + n]] for name, value in zip(names, results, strict=True)})
+            replies.append(BatchDone(m.batch_id, refs, compute))
+        except shm.SharedMemoryFull as exc:
+            replies.append(BatchFailed(m.batch_id, FailureKind.RUNTIME, str(exc)))
+        start += n
+    return replies
+
+
+def _listen(path: str) -> socket.socket:
+    """The Unix socket where the gateway's front-end processes connect; a stale one from a dead worker is replaced."""
+    Path(path).unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)  # in the gateway's private run directory (mode 0700): only its own processes reach it
+    listener.listen(16)
+    return listener
+
+
+@dataclasses.dataclass
+class _Client:
+    """One process that sends batches: its connection, the inputs it writes, the outputs written for it."""
+
+    conn: Connection
+    inputs: shm.Attachments = dataclasses.field(default_factory=shm.Attachments)
+    outputs: shm.Arena = dataclasses.field(default_factory=shm.Arena)
+
+    def close(self) -> None:
+        self.conn.close()
+        self.inputs.close()
+        self.outputs.close()
+
+
+class _Serving:
+    """The loop of a worker whose models are loaded: batches from the gateway and from its front-end processes,
+    each answered on the connection it came from, in the order each sent them."""
+
+    def __init__(self, ort: Any, spec: WorkerSpec, conn: Connection) -> None:
+        self.ort, self.spec = ort, spec
+        self.sessions, self.refused = load_sessions(ort, spec)
+        self.providers, self.device_warning = used_providers(ort, spec, self.sessions)
+        # a CUDA worker's input arenas are page-locked: the GPU copies batches in by itself (service/workers/pinned.py)
+        self.pinning = cuda_pinning() if "CUDAExecutionProvider" in self.providers else None
+        self.listener = _listen(spec.listen) if spec.listen else None
+        self.gateway = self._client(conn)
+        self.clients: dict[int, _Client] = {conn.fileno(): self.gateway}  # by file descriptor
+        self.max_batch = {m.name: m.max_batch for m in spec.models if m.max_batch}  # rows a merged run may reach
+
+    def _client(self, conn: Connection) -> _Client:
+        return _Client(conn, shm.Attachments(pinning=self.pinning))
+
+    def ready(self) -> WorkerReady:
+        return WorkerReady(self.spec.partition, tuple(self.sessions), self.providers, self.refused, self.device_warning, os.getpid())
+
+    def run(self) -> None:
+        self.gateway.conn.send(self.ready())
+        while True:
+            watched: list[Any] = [c.conn for c in self.clients.values()]
+            batches: list[tuple[_Client, RunBatch]] = []
+            for source in wait([*watched, self.listener] if self.listener is not None else watched):
+                if source is self.listener:
+                    self._accept()
+                elif not isinstance(source, int):
+                    client = self.clients[source.fileno()]
+                    message = self._receive(client)
+                    if isinstance(message, RunBatch):
+                        batches.append((client, message))
+                    elif message is not None and not self._serve(client, message):
+                        return
+            for group in merged(batches, self.max_batch):
+                self._run(group)
+
+    def _receive(self, client: _Client) -> object:
+        """The client's next message; None once a front-end has gone (Stop once the gateway has)."""
+        try:
+            return client.conn.recv()
+        except (EOFError, OSError):
+            if client is self.gateway:
+                return Stop()
+            del self.clients[client.conn.fileno()]  # a front-end process that went away
+            client.close()
+            return None
+
+    def _run(self, group: list[tuple[_Client, RunBatch]]) -> None:
+        """Run batches of one model from several front-ends as one, each answered with its own rows."""
+        replies = run_merged(self.sessions, [(c.inputs, c.outputs, m) for c, m in group]) if len(group) > 1 else None
+        if replies is None:  # one batch, or a merged run that failed: each on its own, for its own answer
+            replies = [run_batch(self.sessions, message, client.inputs, client.outputs) for client, message in group]
+        for (client, _), reply in zip(group, replies, strict=True):
+            with contextlib.suppress(OSError):  # a front-end that went away: its connection's EOF comes next
+                client.conn.send(reply)
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        joined = self._client(Connection(self.listener.accept()[0].detach()))
+        try:
+            joined.conn.send(self.ready())
+        except OSError:
+            joined.close()
+            return
+        self.clients[joined.conn.fileno()] = joined
+
+    def _serve(self, client: _Client, message: object) -> bool:
+        """Answer a control message; False once the worker should stop."""
+        if isinstance(message, Stop):
+            return False
+        if isinstance(message, LoadModel):
+            loaded, refused = load_sessions(self.ort, dataclasses.replace(self.spec, models=(message.model,)))
+            self.sessions.update(loaded)  # a reload replaces the old session only once the new one runs
+            if loaded and message.model.max_batch:
+                self.max_batch[message.model.name] = message.model.max_batch
+            client.conn.send(ModelLoaded(message.model.name, refused.get(message.model.name)))
+        elif isinstance(message, UnloadModel):
+            self.sessions.pop(message.model, None)
+            client.conn.send(ModelUnloaded(message.model))
+        return True
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
+        if self.listener is not None and self.spec.listen:
+            self.listener.close()
+            Path(self.spec.listen).unlink(missing_ok=True)
+
+
 def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     # A process group of its own: Ctrl-C in a terminal (or a supervisor's signal to the gateway's group) reaches
     # the gateway alone, which stops its workers in order; a worker killed alongside it looked like a crash.
@@ -153,27 +332,8 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         os.environ["OMP_NUM_THREADS"] = str(len(spec.cores))
     import onnxruntime as ort  # only now: the device and cores are fixed
 
-    sessions, refused = load_sessions(ort, spec)
-    providers, device_warning = used_providers(ort, spec, sessions)
-    conn.send(WorkerReady(spec.partition, tuple(sessions), providers, refused, device_warning))
-    inputs, outputs = shm.Attachments(), shm.Arena()
+    serving = _Serving(ort, spec, conn)
     try:
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                return  # the gateway is gone
-            if isinstance(message, Stop):
-                return
-            if isinstance(message, LoadModel):
-                loaded, refused = load_sessions(ort, dataclasses.replace(spec, models=(message.model,)))
-                sessions.update(loaded)  # a reload replaces the old session only once the new one runs
-                conn.send(ModelLoaded(message.model.name, refused.get(message.model.name)))
-            elif isinstance(message, UnloadModel):
-                sessions.pop(message.model, None)
-                conn.send(ModelUnloaded(message.model))
-            else:
-                conn.send(run_batch(sessions, message, inputs, outputs))
+        serving.run()
     finally:
-        inputs.close()
-        outputs.close()
+        serving.close()

@@ -44,6 +44,7 @@ class WorkerSpec:
     cores: tuple[int, ...]
     models: tuple[ModelSpec, ...]
     options: WorkerOptions = field(default_factory=WorkerOptions)
+    listen: str | None = None  # a Unix socket where the gateway's other front-end processes connect (serve --frontends)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class WorkerReady:
     providers: tuple[str, ...]  # what the loaded sessions run on (onnxruntime falls back to the CPU silently)
     refused: dict[str, str]  # model -> why it was not loaded (e.g. sha256 mismatch)
     device_warning: str | None = None  # a GPU or MIG partition whose models run on the CPU, and why
+    pid: int | None = None  # the worker's, for a front-end process that did not start it
 
 
 @dataclass(frozen=True)

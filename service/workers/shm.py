@@ -22,6 +22,7 @@ import numpy as np
 
 from migserve.types import Array
 
+from .pinned import HostPinning, Unpin, address
 from .protocol import TensorRef
 
 ALIGN = 64
@@ -106,26 +107,35 @@ class Arena:
 
 @dataclass
 class Attachments:
-    """The other side's current arena, attached once and re-attached when its name changes."""
+    """The other side's current arena, attached once and re-attached when its name changes. With `pinning` (a CUDA
+    worker's inputs), each arena is page-locked while attached, so that the GPU copies it in by itself."""
 
     current: dict[str, shared_memory.SharedMemory] = field(default_factory=dict)
+    pinning: HostPinning | None = None
+    _unpin: list[Unpin] = field(default_factory=list)
 
     def get(self, name: str) -> shared_memory.SharedMemory:
         segment = self.current.get(name)
         if segment is None:
-            for old in self.current.values():
-                release(old, unlink=False)
+            self._release_all(unlink=False)
             segment = shared_memory.SharedMemory(name=name)  # spawned workers share the gateway's resource tracker
             self.current = {name: segment}
+            if self.pinning is not None and (unpin := self.pinning.pin(address(segment.buf), segment.size)) is not None:
+                self._unpin.append(unpin)
         return segment
+
+    def _release_all(self, unlink: bool) -> None:
+        while self._unpin:
+            self._unpin.pop()()  # before the mapping goes
+        for segment in self.current.values():
+            release(segment, unlink=unlink)
+        self.current = {}
 
     def view(self, ref: TensorRef) -> Array:
         return np.ndarray(ref.shape, dtype=np.dtype(ref.dtype), buffer=self.get(ref.segment).buf, offset=ref.offset)
 
     def close(self, unlink: bool = False) -> None:
-        for segment in self.current.values():
-            release(segment, unlink=unlink)
-        self.current = {}
+        self._release_all(unlink)
 
 
 def release(segment: shared_memory.SharedMemory, unlink: bool) -> None:

@@ -13,7 +13,11 @@ import pytest
 
 from bench.gateway_bench import sample
 from migserve.contract import read_contract
+from migserve.types import Array
+from service.workers import shm
 from service.workers.buckets import BucketedSession, buckets
+from service.workers.process import merged, run_merged
+from service.workers.protocol import BatchDone, RunBatch, TensorRef
 from tests.helpers import ExportedRepo
 
 
@@ -87,3 +91,78 @@ def test_a_session_that_cannot_be_made_falls_back_to_a_running_one(tiny_repo: Ex
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     assert [dict(s)["image"][0] for s in bucketed.shapes] == [1, 2]  # 4 and 8 ran on the session of 2
     assert bucketed.keep == 2 and made == 3  # it stopped trying after the first failure
+
+
+def _batch(batch_id: int, model: str, arrays: dict[str, Array]) -> tuple[shm.Attachments, shm.Arena, RunBatch]:
+    """A batch as a front-end sends it: its inputs written to its own arena, and the worker's side of both arenas."""
+    arena = shm.Arena()
+    _keep.append(arena)
+    refs = arena.write({name: [value] for name, value in arrays.items()})
+    return shm.Attachments(), shm.Arena(), RunBatch(batch_id, model, refs)
+
+
+_keep: list[shm.Arena] = []
+
+
+def test_batches_from_several_front_ends_run_as_one_and_each_gets_its_rows(tiny_repo: ExportedRepo) -> None:
+    """serve --frontends: a worker merges the batches that arrive together (same model and shapes, within the
+    largest batch), and answers each front-end its own rows, as if its batch had run alone."""
+    sessions = {
+        name: ort.InferenceSession(str(tiny_repo.root / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        for name in ("crowd-csrnet", "grounding-mgsl")
+    }
+    crowd = read_contract(tiny_repo.root / "crowd-csrnet").model_dump(mode="json")
+    small, large = sample(crowd, {"height": 16, "width": 16}, 3), sample(crowd, {"height": 32, "width": 32}, 2)
+    mgsl = sample(read_contract(tiny_repo.root / "grounding-mgsl").model_dump(mode="json"), {}, 2)
+    arrived = [
+        ("a", _batch(1, "crowd-csrnet", small)),
+        ("b", _batch(2, "grounding-mgsl", mgsl)),
+        ("c", _batch(3, "crowd-csrnet", {k: v[:1] for k, v in small.items()})),
+        ("d", _batch(4, "crowd-csrnet", large)),  # another size: not with a or c
+        ("e", _batch(5, "crowd-csrnet", {k: v[1:] for k, v in small.items()})),  # 3 + 1 + 2 rows: over 4, a group of its own
+    ]
+    groups = merged([(name, item[2]) for name, item in arrived], {"crowd-csrnet": 4, "grounding-mgsl": 4})
+    assert [[name for name, _ in group] for group in groups] == [["a", "c"], ["b"], ["d"], ["e"]]
+    try:
+        replies = run_merged(sessions, [arrived[0][1], arrived[2][1]])
+        assert replies is not None and [r.batch_id for r in replies] == [1, 3]
+        for (_, (_, _, message)), reply in zip((arrived[0], arrived[2]), replies, strict=True):
+            assert isinstance(reply, BatchDone)
+            alone = sessions["crowd-csrnet"].run(None, {k: shm_view(message.inputs[k]) for k in message.inputs})
+            reader = shm.Attachments()
+            got = reader.view(reply.outputs["density"])
+            assert got.shape == alone[0].shape
+            np.testing.assert_allclose(got, alone[0], rtol=1e-4, atol=1e-5)
+            reader.close()
+        # a merged run that onnxruntime refuses is left to the batches alone, each answered for itself
+        broken = _batch(6, "crowd-csrnet", {k: v.astype(np.float64) for k, v in small.items()})
+        assert run_merged(sessions, [arrived[0][1], broken]) is None
+    finally:
+        for _, (inputs, outputs, _) in arrived:
+            inputs.close()
+            outputs.close()
+        for arena in _keep:
+            arena.close()
+        _keep.clear()
+
+
+def shm_view(ref: TensorRef) -> Array:
+    reader = shm.Attachments()
+    value = reader.view(ref).copy()
+    reader.close()
+    return value
+
+
+def test_batches_merged_into_a_padded_buffer_answer_as_one_concatenated_batch(tiny_repo: ExportedRepo) -> None:
+    root = tiny_repo.root / "face-pros"
+    contract = read_contract(root).model_dump(mode="json")
+
+    def make() -> ort.InferenceSession:
+        return ort.InferenceSession(str(root / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    plain, bucketed = make(), BucketedSession(make(), make, max_batch=8)
+    feeds = sample(contract, {}, 5)
+    parts = {name: [value[:2], value[2:3], value[3:]] for name, value in feeds.items()}  # 5 rows: padded to 8
+    for got, expected in zip(bucketed.run_parts(None, parts), plain.run(None, feeds), strict=True):
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

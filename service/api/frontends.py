@@ -1,0 +1,514 @@
+"""Front-end processes (`serve --frontends N`): N processes take inference requests on the same port.
+
+One Python process answers at most about 3,000 requests/s (0.33 ms of CPU each on an H200 host,
+`bench/RESULTS.md`), far less than a GPU runs. With N front-ends, the first process is the gateway as
+before (it starts and restarts the workers, and serves everything); the N-1 others each bind the same
+port with SO_REUSEPORT, so the kernel spreads connections over all N, and each runs its own batchers
+and sends its batches straight to the workers over their Unix sockets (a worker takes batches from
+every front-end, one at a time).
+
+A front-end serves only `POST /v2/models/{name}/infer` over HTTP/1.1 (binary or JSON tensors). A
+connection that asks anything else (health, metadata, /v1, /metrics, shared memory registration, a
+request that names a shared memory region, a chunked body) is handed, with the bytes it has sent so
+far, to the first process (the socket itself, over SCM_RIGHTS), which serves it from then on. So
+every piece of state (regions, jobs, readiness, logs) lives in one process; /metrics and the
+statistics extension add the other front-ends' counts to the first's. Queue capacity, the body
+budget and the batchers are per process. A front-end that dies is started again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import struct
+import tempfile
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from multiprocessing import shared_memory
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from ..config import ServeConfig
+from ..partitions import Partition
+from ..repository import ModelEntry
+from ..stats import ModelStatistics
+from ..workers import shm
+from ..workers.protocol import ModelSpec
+from .connection import InferConnection
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+logger = logging.getLogger(__name__)
+START_TIMEOUT_S = 120.0
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+SNAPSHOT_TIMEOUT_S = 2.0
+LENGTH = struct.Struct("!Q")
+SUMMED_GAUGES = frozenset({"migserve_queue_depth", "migserve_request_body_bytes"})  # per process: the total is the sum
+
+
+@dataclass(frozen=True)
+class FrontendSpec:
+    """What a front-end process needs: the first process's models, partitions and placement, and where to reach it."""
+
+    index: int
+    config: ServeConfig  # its port is the one the first process bound (serve --port 0 included)
+    models: dict[str, ModelEntry]
+    not_served: dict[str, str]
+    partitions: list[Partition]
+    placement: dict[str, dict[str, ModelSpec]]
+    sockets: dict[str, str]  # partition id -> its worker's Unix socket
+    handoff: str  # the first process's Unix socket for connections it should serve
+    log_level: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Asks a front-end for its counts."""
+
+
+@dataclass(frozen=True)
+class Counts:
+    """A front-end's metrics (Prometheus text) and statistics, for the first process to add to its own."""
+
+    index: int
+    pid: int
+    metrics: bytes
+    stats: dict[str, ModelStatistics]
+    handed_over: int
+
+
+@dataclass(frozen=True)
+class Ready:
+    pid: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+def run_dir() -> Path:
+    """A private directory (0700) for the workers' and the hand-over sockets."""
+    return Path(tempfile.mkdtemp(prefix="migserve-"))
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket that other processes of this user can bind too (SO_REUSEPORT): the kernel spreads
+    new connections over all of them."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
+
+
+# --- in a front-end process -------------------------------------------------------------------------------
+
+
+class HandOff:
+    """A front-end's end of the hand-over socket: sends a client's connection, and what it has read of it."""
+
+    def __init__(self, path: str) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.connect(path)
+        self.count = 0
+
+    def send(self, fd: int, data: bytes) -> None:
+        socket.send_fds(self._sock, [LENGTH.pack(len(data))], [fd])  # the kernel gives the first process its own copy
+        if data:
+            self._sock.sendall(data)
+        self.count += 1
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class FrontendConnection(InferConnection):
+    """A front-end's HTTP connection: inference as in the first process; anything else goes to the first process."""
+
+    handoff: HandOff  # set by frontend_protocol
+    _leaving = False  # handing the connection over: nothing more is read or answered here
+
+    def _advance(self) -> None:
+        if not self._leaving:
+            super()._advance()
+
+    def _hand_over(self) -> None:
+        transport = self._transport
+        assert transport is not None
+        self._leaving = True
+        transport.pause_reading()
+        self._state.connections.discard(self)
+        self._cancel_idle()
+        if transport.get_write_buffer_size():  # an answer still going out: hand over once it has
+            self._loop.call_later(0.002, self._hand_over)
+            return
+        data, self._pending = bytes(self._pending), bytearray()
+        sock = transport.get_extra_info("socket")
+        try:
+            self.handoff.send(sock.fileno(), data)
+        except OSError as exc:  # the first process is going away
+            logger.warning("could not hand a connection to the gateway's first process: %s", exc)
+        transport.abort()  # closes this process's descriptor only: the connection lives on in the first process
+
+    def _start(self) -> None:
+        request, body = self._request, self._body
+        assert request is not None and body is not None
+        length = request.fields.get(b"inference-header-content-length")
+        header = body[: int(length)] if length is not None and length.isdigit() else body
+        if header.tobytes().find(b'"shared_memory_region"') < 0:
+            super()._start()
+            return
+        # regions are registered with the first process: it serves this request, and the connection from here on
+        self._body, self._request = None, None
+        self.gateway.bodies.give(self._held)
+        self._held = 0
+        self._pending[:0] = request.head + b"\r\n\r\n" + body.tobytes()
+        self._hand_over()
+
+
+def adopter(server: Any) -> Callable[[socket.socket, bytes], None]:
+    """How the first process serves a handed-over connection: as one its uvicorn `server` accepted, the bytes
+    the front-end had read of it first."""
+
+    def adopt(sock: socket.socket, data: bytes) -> None:
+        sock.setblocking(False)
+
+        def protocol() -> asyncio.BaseProtocol:
+            config = server.config
+            connection = config.http_protocol_class(config=config, server_state=server.server_state, app_state=server.lifespan.state)
+            connection.prelude = data
+            return connection  # type: ignore[no-any-return]
+
+        task = asyncio.get_running_loop().create_task(asyncio.get_running_loop().connect_accepted_socket(protocol, sock))
+        _adopting.add(task)
+        task.add_done_callback(_adopting.discard)
+
+    return adopt
+
+
+_adopting: set[asyncio.Task[Any]] = set()  # tasks kept until done (the loop holds only weak references)
+
+
+def frontend_protocol(gateway: Gateway, handoff: HandOff) -> type[FrontendConnection]:
+    return type("FrontendGatewayConnection", (FrontendConnection,), {"gateway": gateway, "handoff": handoff})
+
+
+def frontend_main(spec: FrontendSpec, conn: Connection) -> None:
+    """A front-end process: its own batchers over the first process's workers, on the shared port."""
+    os.setpgid(0, 0)  # as the workers: the first process stops its front-ends in order
+    logging.basicConfig(level=spec.log_level.upper(), format=f"%(asctime)s %(levelname)s %(name)s[frontend {spec.index}]: %(message)s")
+    from ..heap import keep_request_buffers_in_heap
+
+    keep_request_buffers_in_heap()
+    try:
+        import uvloop
+
+        uvloop.run(_frontend(spec, conn))
+    except ImportError:
+        asyncio.run(_frontend(spec, conn))
+
+
+async def _frontend(spec: FrontendSpec, conn: Connection) -> None:
+    import uvicorn
+
+    from ..backends.local import LocalBackend
+    from .app import Gateway
+
+    backend = LocalBackend(spec.partitions, spec.placement, sockets=spec.sockets, attached=True)
+    gateway = Gateway(spec.config, dict(spec.models), spec.partitions, spec.placement, backend, not_served=dict(spec.not_served))
+    await gateway.start()
+    handoff = HandOff(spec.handoff)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            _nothing,
+            http=frontend_protocol(gateway, handoff),  # type: ignore[arg-type]  # a BufferedProtocol works; uvicorn types Protocol
+            lifespan="off",
+            access_log=False,
+            log_level=spec.log_level,
+        )
+    )
+
+    def on_control() -> None:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            message = Stop()  # the first process is gone
+        if isinstance(message, Snapshot):
+            stats = dict(gateway.stats)
+            conn.send(Counts(spec.index, os.getpid(), generate_latest(gateway.metrics.registry), stats, handoff.count))
+        else:
+            asyncio.get_running_loop().remove_reader(conn.fileno())
+            server.should_exit = True
+
+    asyncio.get_running_loop().add_reader(conn.fileno(), on_control)
+    sock = reuse_port_socket(spec.config.host, spec.config.port)
+    conn.send(Ready(os.getpid()))
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        await gateway.stop()
+        handoff.close()
+
+
+async def _nothing(scope: Any, receive: Any, send: Any) -> None:
+    """The ASGI app of a front-end: never called, as every request it does not serve is handed over."""
+    raise RuntimeError("a front-end process serves no ASGI requests")
+
+
+# --- in the first process ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Child:
+    index: int
+    process: BaseProcess
+    conn: Connection
+    restarts: int = 0
+    reply: asyncio.Future[Counts] | None = None
+
+
+@dataclass
+class Frontends:
+    """The first process's side: starts the other front-ends, restarts them, serves what they hand over, and
+    collects their counts."""
+
+    count: int  # front-end processes besides this one
+    directory: Path
+    spec: Callable[[int, str], FrontendSpec]  # index, hand-over path -> the spec
+    adopt: Callable[[socket.socket, bytes], None] | None = None  # serve a handed-over connection (set by `serve`)
+    children: dict[int, _Child] = field(default_factory=dict)
+    latest: list[Counts] = field(default_factory=list)
+    _stopping: bool = False
+    _listener: socket.socket | None = None
+
+    @property
+    def handoff_path(self) -> str:
+        return str(self.directory / "handoff.sock")
+
+    async def start(self) -> None:
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self.handoff_path)
+        self._listener.listen(64)
+        threading.Thread(target=self._accept, args=(asyncio.get_running_loop(),), name="migserve-handoff", daemon=True).start()
+        await asyncio.gather(*(self._spawn(i) for i in range(1, self.count + 1)))
+
+    async def _spawn(self, index: int, restarts: int = 0) -> None:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        process = ctx.Process(
+            target=frontend_main, args=(self.spec(index, self.handoff_path), child), name=f"migserve-frontend-{index}", daemon=True
+        )
+        process.start()
+        child.close()
+        try:
+            ready = await asyncio.wait_for(asyncio.to_thread(_receive, parent), START_TIMEOUT_S)
+        except BaseException:
+            process.kill()
+            raise
+        if not isinstance(ready, Ready):
+            process.kill()
+            raise RuntimeError(f"front-end {index} sent {type(ready).__name__} before it was ready")
+        self.children[index] = entry = _Child(index, process, parent, restarts)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(parent.fileno(), self._on_message, entry)
+        loop.add_reader(process.sentinel, self._on_exit, entry)
+        logger.info("front-end %d ready (pid %s)", index, process.pid)
+
+    def _on_message(self, child: _Child) -> None:
+        try:
+            message = child.conn.recv()
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(child.conn.fileno())
+            return
+        if isinstance(message, Counts) and child.reply is not None and not child.reply.done():
+            child.reply.set_result(message)
+
+    def _on_exit(self, child: _Child) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(child.process.sentinel)
+        with contextlib.suppress(OSError, ValueError):
+            loop.remove_reader(child.conn.fileno())
+        child.process.join(1)
+        child.conn.close()
+        if child.reply is not None and not child.reply.done():
+            child.reply.cancel()
+        if self.children.get(child.index) is child:
+            del self.children[child.index]
+        _remove_arenas(child.process.pid)
+        if not self._stopping:
+            logger.error("front-end %d (pid %s) exited with code %s; restarting", child.index, child.process.pid, child.process.exitcode)
+            task = loop.create_task(self._restart(child.index, child.restarts + 1))
+            _adopting.add(task)
+            task.add_done_callback(_adopting.discard)
+
+    async def _restart(self, index: int, restarts: int) -> None:
+        for attempt in itertools.count():
+            await asyncio.sleep(RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)])
+            if self._stopping:
+                return
+            try:
+                await self._spawn(index, restarts)
+            except Exception:
+                logger.exception("restarting front-end %d failed", index)
+                continue
+            return
+
+    def _accept(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A thread: take each front-end's hand-over connection, and read from it (blocking) until it closes."""
+        assert self._listener is not None
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return  # closed: the gateway stops
+            threading.Thread(target=self._receive_connections, args=(sock, loop), name="migserve-handoff-read", daemon=True).start()
+
+    def _receive_connections(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        with sock:
+            while True:
+                try:
+                    head, fds, _, _ = socket.recv_fds(sock, LENGTH.size, 1)
+                except OSError:
+                    return
+                if len(head) < LENGTH.size or not fds:
+                    for fd in fds:
+                        os.close(fd)
+                    return  # the front-end went away
+                (length,) = LENGTH.unpack(head)
+                data = _read_exactly(sock, length)
+                client = socket.socket(fileno=fds[0])
+                if data is None or self.adopt is None or loop.is_closed():
+                    client.close()
+                    return
+                loop.call_soon_threadsafe(self.adopt, client, data)
+
+    async def refresh(self) -> list[Counts]:
+        """Every live front-end's counts, asked now (one that does not answer in time is left out)."""
+        loop = asyncio.get_running_loop()
+        asked = []
+        for child in list(self.children.values()):
+            child.reply = loop.create_future()
+            try:
+                child.conn.send(Snapshot())
+            except OSError:
+                continue
+            asked.append(child.reply)
+        done = await asyncio.gather(*(asyncio.wait_for(f, SNAPSHOT_TIMEOUT_S) for f in asked), return_exceptions=True)
+        self.latest = [c for c in done if isinstance(c, Counts)]
+        return self.latest
+
+    def view(self) -> list[dict[str, Any]]:
+        """The front-ends besides the first process, with their counts as of the last refresh."""
+        counts = {c.index: c for c in self.latest}
+        view = []
+        for child in sorted(self.children.values(), key=lambda c: c.index):
+            latest = counts.get(child.index)
+            view.append(
+                {
+                    "index": child.index,
+                    "pid": child.process.pid,
+                    "restarts": child.restarts,
+                    "requests": sum(s.success.count + s.fail.count for s in latest.stats.values()) if latest else None,
+                    "handed_over": latest.handed_over if latest else None,
+                }
+            )
+        return view
+
+    async def stop(self) -> None:
+        self._stopping = True
+        loop = asyncio.get_running_loop()
+        for child in list(self.children.values()):
+            loop.remove_reader(child.process.sentinel)
+            with contextlib.suppress(OSError, ValueError):
+                loop.remove_reader(child.conn.fileno())
+            with contextlib.suppress(OSError):
+                child.conn.send(Stop())
+        for child in list(self.children.values()):
+            await asyncio.to_thread(child.process.join, 10.0)
+            if child.process.is_alive():
+                child.process.kill()
+        self.children.clear()
+        if self._listener is not None:
+            self._listener.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _remove_arenas(pid: int | None) -> None:
+    """The batch arenas of a front-end that died: nobody else unlinks them (its workers' outputs for it they do)."""
+    for leftover in shm.SHM_DIR.glob(f"{shm.ARENA_PREFIX}{pid}-*"):
+        with contextlib.suppress(FileNotFoundError):
+            shm.release(shared_memory.SharedMemory(name=leftover.name), unlink=True)  # unregisters it from the resource tracker
+
+
+def _receive(conn: Connection) -> object:
+    return conn.recv()
+
+
+def _read_exactly(sock: socket.socket, length: int) -> bytes | None:
+    chunks, left = [], length
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def merge_metrics(own: bytes, others: Iterable[bytes]) -> bytes:
+    """The first process's metrics with the front-ends' added: counters, histograms and the per-process gauges
+    (queue depth, bodies held) summed; the other gauges (partition state) are the first process's alone."""
+    families: dict[str, Any] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for first, text in itertools.chain([(True, own)], ((False, t) for t in others)):
+        for family in text_string_to_metric_families(text.decode()):
+            if not first and family.type == "gauge" and family.name not in SUMMED_GAUGES:
+                continue
+            families.setdefault(family.name, family)
+            merged = values.setdefault(family.name, {})
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in merged:
+                    merged[key] = sample.value
+                elif sample.name.endswith("_created"):
+                    merged[key] = min(merged[key], sample.value)
+                else:
+                    merged[key] += sample.value
+    for name, family in families.items():
+        family.samples = [Sample(sample_name, dict(labels), value) for (sample_name, labels), value in values[name].items()]
+    registry = CollectorRegistry()
+    registry.register(_Fixed(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Fixed:
+    def __init__(self, families: list[Any]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Any]:
+        return self.families
+
+
+def merge_statistics(own: ModelStatistics, others: Iterable[ModelStatistics]) -> ModelStatistics:
+    """One model's statistics over every front-end."""
+    total = ModelStatistics(own.name)
+    for stats in (own, *others):
+        total.merge(stats)
+    return total

@@ -1,0 +1,92 @@
+"""Page-locked (pinned) host memory for a CUDA worker's inputs.
+
+onnxruntime copies each CPU input to the device with cudaMemcpy. From ordinary (pageable)
+memory the driver first copies the bytes through a pinned staging buffer with the CPU;
+from memory registered with cudaHostRegister the GPU reads them itself. On an H200, a
+face-pros batch of 32 rows (19 MB) took 3.0 ms through onnxruntime when its input was an
+array made once, 5.5 ms with a new copy of it each time and 7.4 ms from the gateway's
+shared memory arena (`bench/worker_path.py`, bench/RESULTS.md): the copy in was
+the worker's largest cost, and the worker is the one process every batch of a GPU passes
+through.
+
+So a CUDA worker registers the arenas it reads inputs from (once per arena: they are
+long-lived) and the buffers it pads or merges batches into. The CUDA runtime is the one
+onnxruntime's CUDA provider loaded (found in this process's memory map), so the
+registration is in the same context its copies use. Where registration fails (no such
+library, a limit on locked memory), the worker logs it once and runs unpinned as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+CUDA_HOST_REGISTER_DEFAULT = 0
+PAGE_SIZE = 4096
+Unpin = Callable[[], None]
+
+
+def _loaded_cudart() -> ctypes.CDLL | None:
+    """The CUDA runtime library this process has loaded (onnxruntime's CUDA provider loads it), or None."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    paths = sorted({line.split()[-1] for line in maps.splitlines() if "/libcudart.so" in line})
+    for path in paths:
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+class HostPinning:
+    """cudaHostRegister and cudaHostUnregister of buffers, through the CUDA runtime already loaded."""
+
+    def __init__(self, cudart: Any) -> None:
+        self._cudart = cudart
+        self._cudart.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+        self._cudart.cudaHostRegister.restype = ctypes.c_int
+        self._cudart.cudaHostUnregister.argtypes = [ctypes.c_void_p]
+        self._cudart.cudaHostUnregister.restype = ctypes.c_int
+        self._cudart.cudaGetLastError.restype = ctypes.c_int
+        self.enabled = True
+        self.pinned_bytes = 0
+
+    @classmethod
+    def for_this_process(cls) -> HostPinning | None:
+        cudart = _loaded_cudart()
+        return cls(cudart) if cudart is not None else None
+
+    def pin(self, address: int, size: int) -> Unpin | None:
+        """Page-lock `size` bytes at `address`; how to undo it, or None where it failed (then pinning stops)."""
+        if not self.enabled or size <= 0:
+            return None
+        code = self._cudart.cudaHostRegister(address, size, CUDA_HOST_REGISTER_DEFAULT)
+        if code != 0:
+            self._cudart.cudaGetLastError()  # clear it, or onnxruntime's next CUDA call reports it as its own
+            self.enabled = False
+            logger.warning("cudaHostRegister of %d bytes failed (CUDA error %d): inputs are copied to the GPU unpinned", size, code)
+            return None
+        self.pinned_bytes += size
+
+        def unpin() -> None:
+            self._cudart.cudaHostUnregister(address)
+            self.pinned_bytes -= size
+
+        return unpin
+
+
+def address(buffer: Any) -> int:
+    """The address of a writable buffer's first byte (the temporary export is released at once)."""
+    view = (ctypes.c_char * 1).from_buffer(buffer)
+    try:
+        return ctypes.addressof(view)
+    finally:
+        del view

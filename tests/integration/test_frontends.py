@@ -1,0 +1,216 @@
+"""serve --frontends: several processes take inference requests on one port and share the workers.
+
+Connections are spread by the kernel (SO_REUSEPORT), so each test opens many: with two processes the
+chance that 16 connections all land on one of them is 2 in 65,536."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+import tritonclient.utils.shared_memory as shm
+
+from migserve.contract import read_contract
+from migserve.types import Array
+from tests.helpers import ExportedRepo, Gateway, migserve, read_response
+from tests.integration.test_gateway_protocol import direct, make_inputs, triton_inputs
+
+CONNECTIONS = 16
+MODEL = "crowd-csrnet"
+
+
+@pytest.fixture(scope="module")
+def frontends(tiny_repo: ExportedRepo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    log = tmp_path_factory.mktemp("frontends") / "serve.log"
+    server = Gateway(tiny_repo.root, "--cpu-slices", "1,1", "--frontends", "2", "--models", MODEL, "face-pros", log=log)
+    yield server
+    server.close()
+
+
+def _get(gateway: Gateway, path: str) -> Any:
+    with urllib.request.urlopen(f"http://{gateway.url}{path}", timeout=10) as response:
+        return json.load(response)
+
+
+def _metric(gateway: Gateway, line_start: str) -> float:
+    with urllib.request.urlopen(f"http://{gateway.url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
+
+
+def _binary_request(arrays: dict[str, Array]) -> bytes:
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": k, "datatype": "FP32", "shape": list(v.shape), "parameters": {"binary_data_size": v.nbytes}}
+                for k, v in arrays.items()
+            ],
+            "outputs": [{"name": "density", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    body = header + b"".join(v.tobytes() for v in arrays.values())
+    head = (
+        f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        f"Inference-Header-Content-Length: {len(header)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def _density(payload: bytes, headers: dict[str, str], shape: tuple[int, ...]) -> Array:
+    start = int(headers["inference-header-content-length"])
+    return np.frombuffer(payload[start:], dtype=np.float32).reshape(shape)
+
+
+def _front_end_counts(gateway: Gateway) -> list[dict[str, Any]]:
+    return list(_get(gateway, "/v1/partitions")["frontends"])
+
+
+def test_inference_spreads_over_the_front_ends_and_the_counts_add_up(frontends: Gateway, tiny_repo: ExportedRepo) -> None:
+    contract = read_contract(tiny_repo.root / MODEL)
+    before = _metric(frontends, f'migserve_requests_total{{model="{MODEL}",status="200"}}')
+    before_front = sum(f["requests"] for f in _front_end_counts(frontends))
+    for i in range(CONNECTIONS):
+        arrays = make_inputs(contract, 1, seed=i, dims={"height": 16, "width": 16})
+        expected = direct(tiny_repo.root, MODEL, arrays)[0]
+        with socket.create_connection(("127.0.0.1", frontends.port), timeout=30) as sock, sock.makefile("rb") as reader:
+            for _ in range(3):
+                sock.sendall(_binary_request(arrays))
+                status, headers, payload = read_response(reader)
+                assert status == 200, payload
+                np.testing.assert_allclose(_density(payload, headers, expected.shape), expected, rtol=1e-4, atol=1e-5)
+    answered = _metric(frontends, f'migserve_requests_total{{model="{MODEL}",status="200"}}') - before
+    assert answered == 3 * CONNECTIONS, "/metrics counts every process's requests"
+    [other] = _front_end_counts(frontends)
+    by_other = other["requests"] - before_front
+    assert 0 < by_other < 3 * CONNECTIONS, f"both processes took connections: the second answered {by_other} of {3 * CONNECTIONS}"
+    stats = _get(frontends, f"/v2/models/{MODEL}/stats")["model_stats"][0]
+    assert stats["inference_stats"]["success"]["count"] >= 3 * CONNECTIONS, "the statistics extension adds the front-ends' counts"
+    assert _metric(frontends, "migserve_partition_ready{") == 2, "partition gauges are the first process's alone, not summed"
+
+
+def test_a_connection_that_asks_anything_else_is_handed_to_the_first_process(frontends: Gateway, tiny_repo: ExportedRepo) -> None:
+    """Health and metadata requests, pipelined behind an inference request in one write, on every connection."""
+    contract = read_contract(tiny_repo.root / MODEL)
+    arrays = make_inputs(contract, 1, seed=7, dims={"height": 16, "width": 16})
+    expected = direct(tiny_repo.root, MODEL, arrays)[0]
+    handed_before = sum(f["handed_over"] for f in _front_end_counts(frontends))
+    for _ in range(CONNECTIONS):
+        with socket.create_connection(("127.0.0.1", frontends.port), timeout=30) as sock, sock.makefile("rb") as reader:
+            sock.sendall(_binary_request(arrays) + f"GET /v2/models/{MODEL} HTTP/1.1\r\nHost: x\r\n\r\n".encode() + _binary_request(arrays))
+            status, headers, payload = read_response(reader)
+            assert status == 200
+            np.testing.assert_allclose(_density(payload, headers, expected.shape), expected, rtol=1e-4, atol=1e-5)
+            status, _, payload = read_response(reader)
+            assert status == 200 and json.loads(payload)["name"] == MODEL
+            status, headers, payload = read_response(reader)
+            assert status == 200
+            np.testing.assert_allclose(_density(payload, headers, expected.shape), expected, rtol=1e-4, atol=1e-5)
+            sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(reader)[0] == 200
+    handed = sum(f["handed_over"] for f in _front_end_counts(frontends)) - handed_before
+    assert handed > 0, "some connections reached the second process and were handed over"
+
+
+def test_shared_memory_regions_serve_whichever_process_takes_the_connection(frontends: Gateway, tiny_repo: ExportedRepo) -> None:
+    """A region is registered with the first process; an inference request naming it on a connection the second
+    process took is handed over, request and all."""
+    image = make_inputs(read_contract(tiny_repo.root / "face-pros"), 1, seed=3)["image"]
+    expected = direct(tiny_repo.root, "face-pros", {"image": image})
+    handle = shm.create_shared_memory_region("fe-in", "/migserve_test_frontends", image.nbytes)
+    try:
+        shm.set_shared_memory_region(handle, [image])
+        httpclient.InferenceServerClient(frontends.url).register_system_shared_memory("fe-in", "/migserve_test_frontends", image.nbytes)
+        for _ in range(CONNECTIONS):
+            client = httpclient.InferenceServerClient(frontends.url)  # a connection of its own
+            tensor = httpclient.InferInput("image", list(image.shape), "FP32")
+            tensor.set_shared_memory("fe-in", image.nbytes)
+            result = client.infer("face-pros", [tensor], outputs=[httpclient.InferRequestedOutput("embedding")])
+            np.testing.assert_allclose(result.as_numpy("embedding"), expected[0], rtol=1e-4, atol=1e-5)
+            client.close()
+    finally:
+        httpclient.InferenceServerClient(frontends.url).unregister_system_shared_memory()
+        shm.destroy_shared_memory_region(handle)
+
+
+def _wait(condition: Any, what: str, timeout: float = 60) -> None:
+    """Until `condition()`; a connection reset counts as not yet: connections the kernel had queued for a
+    front-end that was just killed are reset (SO_REUSEPORT), and clients retry them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout:.0f} s: {what}")
+
+
+def _all_answer(gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+    contract = read_contract(tiny_repo.root / MODEL)
+    for i in range(CONNECTIONS):
+        arrays = make_inputs(contract, 1, seed=100 + i, dims={"height": 16, "width": 16})
+        client = httpclient.InferenceServerClient(gateway.url, network_timeout=60)
+        result = client.infer(MODEL, triton_inputs(arrays))
+        np.testing.assert_allclose(result.as_numpy("density"), direct(tiny_repo.root, MODEL, arrays)[0], rtol=1e-4, atol=1e-5)
+        client.close()
+
+
+def test_killed_workers_come_back_for_every_front_end(frontends: Gateway, tiny_repo: ExportedRepo) -> None:
+    """Both workers killed: the first process restarts them, and the second connects to them again (with no
+    worker it could not answer at all)."""
+    partitions = _get(frontends, "/v1/partitions")["partitions"]
+    for partition in partitions:
+        os.kill(partition["pid"], signal.SIGKILL)
+    restarts = {p["id"]: p["restarts"] for p in partitions}
+    _wait(
+        lambda: all(p["ready"] and p["restarts"] > restarts[p["id"]] for p in _get(frontends, "/v1/partitions")["partitions"]),
+        "both workers restarted",
+    )
+    _all_answer(frontends, tiny_repo)
+    assert "attached to worker cpu-0" in frontends.log.read_text().split("died")[-1], "the second process connected again"
+
+
+def test_a_killed_front_end_is_started_again_and_a_stop_ends_every_process(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    gateway = Gateway(tiny_repo.root, "--cpu-slices", "1,1", "--frontends", "3", "--models", MODEL, log=tmp_path / "serve.log")
+    try:
+        before = _front_end_counts(gateway)
+        assert [f["index"] for f in before] == [1, 2]
+        victim = before[0]
+        os.kill(victim["pid"], signal.SIGKILL)
+        _wait(lambda: any(f["index"] == 1 and f["pid"] != victim["pid"] for f in _front_end_counts(gateway)), "front-end 1 restarted")
+        assert not list(Path("/dev/shm").glob(f"migserve-arena-{victim['pid']}-*")), "the dead front-end's batch arena was removed"
+        after = {f["index"]: f for f in _front_end_counts(gateway)}
+        assert after[1]["restarts"] == 1 and after[2]["pid"] == before[1]["pid"]
+        _all_answer(gateway, tiny_repo)
+        pids = [f["pid"] for f in after.values()] + [p["pid"] for p in _get(gateway, "/v1/partitions")["partitions"]]
+    finally:
+        gateway.close()
+    log = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in log.split("Shutting down")[-1], log[-3000:]
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--model-control-mode", "explicit"), "cannot be combined with --model-control-mode explicit"),
+        (("--http-server", "uvicorn"), "needs --http-server migserve"),
+    ],
+)
+def test_front_ends_refuse_what_they_cannot_serve(tiny_repo: ExportedRepo, flags: tuple[str, ...], message: str) -> None:
+    run = migserve("serve", "--model-repo", tiny_repo.root, "--port", "0", "--frontends", "2", *flags, timeout=60)
+    assert run.returncode == 2
+    assert message in run.stderr

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,8 @@ WRK_SCRIPT = Path(__file__).with_name("wrk_report.lua")
 CONCURRENCY = (1, 8, 32)
 BATCHES = (1, 2, 4, 8, 16, 32)
 DATATYPES = {"float32": "FP32", "int64": "INT64"}
-GATEWAY_MODES = ("binary", "json", "nobatch", "uvicorn", "idle", "onesession")  # onesession: bench/gpu_check.py
+FRONTEND_MODES = {f"frontends{n}": n for n in (2, 4, 8)}  # serve --frontends N (bench/gpu_check.py)
+GATEWAY_MODES = ("binary", "json", "nobatch", "uvicorn", "idle", "onesession", *FRONTEND_MODES)  # onesession: bench/gpu_check.py
 
 
 def export(repo: Path, *models: str) -> None:
@@ -139,8 +140,18 @@ def bodies(repo: Path, model: str, dims: dict[str, int]) -> dict[str, tuple[byte
 
 
 def closed_loop(
-    url: str, body: bytes, headers: dict[str, str], concurrency: int, seconds: float, *, server_pid: int | None = None
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    concurrency: int,
+    seconds: float,
+    *,
+    server_pid: int | None = None,
+    frontend_pids: Sequence[int] = (),
+    threads: int = 1,
 ) -> dict[str, Any]:
+    """wrk's closed loop at `concurrency`; with `server_pid`, the CPU per request of the gateway (that process and
+    its other front-ends, `frontend_pids`), of its workers and of wrk."""
     with tempfile.NamedTemporaryFile(suffix=".body") as file:
         file.write(body)
         file.flush()
@@ -149,9 +160,10 @@ def closed_loop(
             "BENCH_CONTENT_TYPE": headers.get("Content-Type", "application/octet-stream"),
             "BENCH_HEADER_LENGTH": headers.get("Inference-Header-Content-Length", ""),
         }
-        base = ["wrk", "-t1", f"-c{concurrency}", "-s", str(WRK_SCRIPT), "--timeout", "10s", url]
+        base = ["wrk", f"-t{min(threads, concurrency)}", f"-c{concurrency}", "-s", str(WRK_SCRIPT), "--timeout", "10s", url]
         subprocess.run([*base[:3], "-d1s", *base[3:]], env=env, check=True, capture_output=True)  # warm-up, excluded
-        server = [server_pid, *_children(server_pid)] if server_pid else []
+        front = [server_pid, *frontend_pids] if server_pid else []
+        server = front + [pid for pid in _children(server_pid) if pid not in frontend_pids] if server_pid else []
         cpu_before, wrk_before = [_cpu_seconds(pid) for pid in server], _children_cpu_seconds()
         out = subprocess.run([*base[:3], f"-d{seconds:g}s", *base[3:]], env=env, check=True, capture_output=True, text=True).stdout
         cpu = [_cpu_seconds(pid) - before for pid, before in zip(server, cpu_before, strict=True)]
@@ -164,8 +176,8 @@ def closed_loop(
         "p50_ms": result["p50_us"] / 1000,
         "p99_ms": result["p99_us"] / 1000,
         # CPU per request while the point ran: what the HTTP path costs beside the model itself
-        "gateway_cpu_ms": cpu[0] * per_request if cpu else None,
-        "workers_cpu_ms": sum(cpu[1:]) * per_request if cpu else None,
+        "gateway_cpu_ms": sum(cpu[: len(front)]) * per_request if cpu else None,
+        "workers_cpu_ms": sum(cpu[len(front) :]) * per_request if cpu else None,
         "client_cpu_ms": wrk_cpu * per_request,
     }
 
@@ -235,6 +247,11 @@ class Server:
             if busy == 0 and queued == 0:
                 return
             time.sleep(0.2)
+
+    def frontend_pids(self) -> list[int]:
+        """The gateway's other front-end processes (serve --frontends)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/partitions", timeout=5) as response:
+            return [f["pid"] for f in json.load(response)["frontends"]]
 
     def close(self) -> None:
         self.process.terminate()
@@ -307,7 +324,7 @@ def report(rows: list[dict[str, Any]]) -> str:
                 f"| {r['gateway_cpu_ms']:.2f} / {r['workers_cpu_ms']:.2f} / {r['client_cpu_ms']:.2f} | {busy(r):.2f} |"
             )
         lines.append("")
-        for c32 in (r for r in rows_here if r["mode"] in ("binary", "idle") and r["concurrency"] == 32):
+        for c32 in (r for r in rows_here if r["mode"] in ("binary", "idle", *FRONTEND_MODES) and r["concurrency"] == 32):
             lines.append(f"concurrency 32, {c32['mode']}: {c32['samples_per_s'] / best['samples_per_s']:.2f}x direct at best batch")
         lines.append("")
     tiny = {r["mode"]: r for r in rows if r["mode"] in ("direct-tiny", "binary-tiny")}

@@ -10,11 +10,16 @@ Stages, each recorded even when another fails:
   throughput  crowd-csrnet and face-pros: direct onnxruntime on the GPU at each batch size (the limit)
               against the gateway over HTTP, binary tensors, wrk at concurrency 1, 8, 32, with
               batches padded to one session per shape (binary) and on one session as they come
-              (onesession, --gpu-shape-sessions 0); the gateway's own statistics
+              (onesession, --gpu-shape-sessions 0), or N front-end processes (frontendsN); the gateway's own statistics
               split each point's time (queue, partition); NVML readings of the GPU over the
               concurrency-32 points; the added p50 on a tiny tensor
 
     python -m bench.gpu_check --repo DIR [--seconds 3] [--out results/gpu_check]
+        [--modes binary,onesession,frontends2,frontends4,frontends8] [--concurrency 1,8,32] [--wrk-threads 1]
+        [--skip restart,conv_search]
+
+The frontendsN modes serve with `--frontends N` (N processes take requests on the port, service/api/frontends.py);
+their "gateway" CPU is all N processes'.
 
 Writes gpu_check.json (every stage's record), gpu_check.md (the tables) and the raw `nvidia-smi`
 captures under --out. Exits 1 if the gateway's workers do not run on CUDAExecutionProvider.
@@ -239,29 +244,40 @@ def split(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
     }
 
 
-def throughput(repo: Path, seconds: float, device: str | None, provider: str) -> list[dict[str, Any]]:
+GPU_MODES: dict[str, tuple[str, ...]] = {
+    "binary": ("--gpu-shape-sessions", "8"),
+    "onesession": ("--gpu-shape-sessions", "0"),
+    **{name: ("--frontends", str(n)) for name, n in gb.FRONTEND_MODES.items()},
+}
+
+
+def throughput(args: argparse.Namespace, device: str | None) -> list[dict[str, Any]]:
+    repo, seconds, provider, concurrency = args.repo, args.seconds, args.direct_provider, args.concurrency
     rows: list[dict[str, Any]] = []
     cuda = tuple(dict.fromkeys((provider, "CPUExecutionProvider")))
     for model, dims in gb.MODELS.items():
         rows += gb.direct(repo, model, dims, seconds, providers=cuda)
-    for mode, shape_sessions in (("binary", "8"), ("onesession", "0")):
-        server = gb.Server(repo, "--models", *gb.MODELS, "--gpu-shape-sessions", shape_sessions)
+    for mode in args.modes:
+        server = gb.Server(repo, "--models", *gb.MODELS, *GPU_MODES[mode])
         try:
+            frontends = server.frontend_pids()
             for model, dims in gb.MODELS.items():
                 url = f"http://127.0.0.1:{server.port}/v2/models/{model}/infer"
                 body, headers = gb.bodies(repo, model, dims)["binary"]
-                for concurrency in gb.CONCURRENCY:
+                for n in concurrency:
                     server.wait_idle(model)
-                    probe = probe_for(device) if concurrency == 32 else None
+                    probe = probe_for(device) if n == max(concurrency) else None
                     if probe is not None:
                         probe.begin()
                     before = model_stats(server.port, model)
-                    result = gb.closed_loop(url, body, headers, concurrency, seconds, server_pid=server.process.pid)
+                    result = gb.closed_loop(
+                        url, body, headers, n, seconds, server_pid=server.process.pid, frontend_pids=frontends, threads=args.wrk_threads
+                    )
                     inside = split(before, model_stats(server.port, model))  # wrk's warm-up second included
                     nvml = probe.end() if probe is not None else {}
-                    rows.append({"mode": mode, "model": model, "batch": 1, "concurrency": concurrency, **result, **inside, **nvml})
+                    rows.append({"mode": mode, "model": model, "batch": 1, "concurrency": n, **result, **inside, **nvml})
                     rate, p50 = result["samples_per_s"], result["p50_ms"]
-                    print(f"  {mode:10s} {model:14s} c={concurrency:<3d} {rate:8.1f}/s p50 {p50:.2f} ms {inside}", flush=True)
+                    print(f"  {mode:10s} {model:14s} c={n:<3d} {rate:8.1f}/s p50 {p50:.2f} ms {inside}", flush=True)
         finally:
             server.close()
     model, tiny = gb.TINY
@@ -286,7 +302,7 @@ def throughput(repo: Path, seconds: float, device: str | None, provider: str) ->
     return rows
 
 
-def main() -> int:
+def options() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, required=True, help="an exported model repository (migserve export --all)")
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -294,11 +310,31 @@ def main() -> int:
     parser.add_argument(
         "--direct-provider", default="CUDAExecutionProvider", help="the limit's provider (CPUExecutionProvider: a dry run without a GPU)"
     )
+    parser.add_argument(
+        "--modes",
+        default="binary,onesession",
+        help=f"gateway modes of the throughput stage, comma-separated, of: {', '.join(GPU_MODES)} (default: binary,onesession)",
+    )
+    parser.add_argument("--concurrency", default="1,8,32", help="wrk's connections at each throughput point (default: 1,8,32)")
+    parser.add_argument("--wrk-threads", type=int, default=1, help="wrk's threads (at most one per connection; default: 1)")
+    parser.add_argument("--skip", default="", help="stages to leave out, comma-separated (e.g. restart,conv_search)")
     args = parser.parse_args()
+    args.modes = [m for m in args.modes.split(",") if m]
+    if unknown := [m for m in args.modes if m not in GPU_MODES]:
+        parser.error(f"--modes: unknown {unknown}; choose from {', '.join(GPU_MODES)}")
+    args.concurrency = [int(n) for n in args.concurrency.split(",")]
+    args.skip = set(args.skip.split(","))
+    return args
+
+
+def main() -> int:
+    args = options()
     args.out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {}
 
     def stage(name: str, run: Callable[[], Any]) -> Any:
+        if name in args.skip:
+            return {}
         started = time.monotonic()
         print(f"== {name}", flush=True)
         try:
@@ -331,7 +367,7 @@ def main() -> int:
             server.close()
     if args.direct_provider == "CUDAExecutionProvider":
         stage("conv_search", lambda: conv_search(args.repo))
-    rows = stage("throughput", lambda: throughput(args.repo, args.seconds, device, args.direct_provider))
+    rows = stage("throughput", lambda: throughput(args, device))
     if isinstance(rows, list):
         (args.out / "gpu_check.md").write_text(gb.report(rows) + "\n")
         print(gb.report(rows))

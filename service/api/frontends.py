@@ -151,7 +151,8 @@ class FrontendConnection(InferConnection):
 
     def _hand_over(self) -> None:
         transport = self._transport
-        assert transport is not None
+        if transport is None or transport.is_closing():
+            return  # the client went away meanwhile
         self._leaving = True
         transport.pause_reading()
         self._state.connections.discard(self)
@@ -297,6 +298,7 @@ class Frontends:
     latest: list[Counts] = field(default_factory=list)
     _stopping: bool = False
     _listener: socket.socket | None = None
+    _asking: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def handoff_path(self) -> str:
@@ -401,6 +403,10 @@ class Frontends:
 
     async def refresh(self) -> list[Counts]:
         """Every live front-end's counts, asked now (one that does not answer in time is left out)."""
+        async with self._asking:  # one question at a time: each front-end has one reply slot
+            return await self._ask_all()
+
+    async def _ask_all(self) -> list[Counts]:
         loop = asyncio.get_running_loop()
         asked = []
         for child in list(self.children.values()):

@@ -10,6 +10,10 @@ share (/proc/stat) and the gateway's run-queue wait (/proc/PID/schedstat) during
 point (its 1 s warm-up included).
 
     .venv/bin/python -m bench.gateway_ab --rounds 5 --b=--cpu-worker-priority=idle
+    .venv/bin/python -m bench.gateway_ab --rounds 6 --b= --a-revision cf18f99    # this code against an older commit
+
+--a-revision runs A's gateway as that git revision had it (a worktree under results/revisions/,
+with this environment's packages): whether a change made the gateway slower.
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ def main() -> int:
     round_options(parser, rounds=5)
     parser.add_argument("--a", default="", help="serve arguments of A, '='-joined, comma-separated (default: none)")
     parser.add_argument("--b", default="--cpu-worker-priority=idle", help="serve arguments of B (default: %(default)s)")
+    parser.add_argument("--a-revision", help="run A as this git revision had the service (default: this checkout)")
     args = parser.parse_args()
     export(args.repo, args.model)
     settings = {"A": _serve_args(args.a), "B": _serve_args(args.b)}
-    servers = {label: Server(args.repo, "--models", args.model, *extra) for label, extra in settings.items()}
+    revisions = {"A": args.a_revision, "B": None}
+    servers = {label: Server(args.repo, "--models", args.model, *extra, revision=revisions[label]) for label, extra in settings.items()}
     body, headers = bodies(args.repo, args.model, {})["binary"]
     points: dict[str, list[dict[str, Any]]] = {label: [] for label in settings}
     try:
@@ -66,6 +72,8 @@ def main() -> int:
         rate = statistics.mean(p["samples_per_s"] for p in rows)
         cpu = " / ".join(f"{statistics.mean(p[key] for p in rows):.2f}" for key in ("gateway_cpu_ms", "workers_cpu_ms", "client_cpu_ms"))
         shown = " ".join(extra) or "(defaults)"
+        if revisions[label]:
+            shown += f" at {revisions[label]}"
         idle, wait = statistics.mean(p["idle"] for p in rows), statistics.mean(p["gateway_wait"] for p in rows)
         cores = statistics.mean(busy(p) for p in rows)
         print(f"| {label} | `{shown}` | {rate:.1f} | {rate / base:.2f} | {cores:.2f} | {idle:.1%} | {wait:.3f} | {cpu} |")

@@ -202,13 +202,32 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def checkout(revision: str) -> tuple[str, Path]:
+    """A Python that runs the service as it was at a git revision: its tree checked out under results/, and an
+    environment that finds that tree first and this one's packages next (not this checkout's editable install)."""
+    commit = subprocess.run(["git", "rev-parse", "--short", revision], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
+    tree = ROOT / "results" / "revisions" / commit
+    if not tree.exists():
+        tree.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=ROOT, check=True, capture_output=True)
+    venv = tree.parent / f"{commit}-venv"
+    if not venv.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        site = next(Path(p) for p in sys.path if p.endswith("site-packages"))
+        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        (venv / "lib" / version / "site-packages" / "revision.pth").write_text(f"{tree}\n{site}\n")
+    return str(venv / "bin" / "python"), tree
+
+
 class Server:
-    def __init__(self, repo: Path, *args: str) -> None:
+    def __init__(self, repo: Path, *args: str, revision: str | None = None) -> None:
+        """`migserve serve` on a free port, as this checkout has it or, with `revision`, as that git revision had it."""
+        python, cwd = checkout(revision) if revision else (sys.executable, ROOT)
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         command = [
-            sys.executable,
+            python,
             "-m",
             "migserve",
             "serve",
@@ -220,7 +239,7 @@ class Server:
             "warning",
             *args,
         ]
-        self.process = subprocess.Popen(command, cwd=ROOT)
+        self.process = subprocess.Popen(command, cwd=cwd)
         for _ in range(600):
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v2/health/ready", timeout=1):

@@ -48,6 +48,7 @@ from ..stats import ModelStatistics
 from ..workers import shm
 from ..workers.protocol import ModelSpec
 from .connection import InferConnection
+from .fastpath import BINARY_HEADER_LENGTH
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -171,7 +172,7 @@ class FrontendConnection(InferConnection):
     def _start(self) -> None:
         request, body = self._request, self._body
         assert request is not None and body is not None
-        length = request.fields.get(b"inference-header-content-length")
+        length = request.fields.get(BINARY_HEADER_LENGTH)
         header = body[: int(length)] if length is not None and length.isdigit() else body
         if header.tobytes().find(b'"shared_memory_region"') < 0:
             super()._start()

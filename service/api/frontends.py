@@ -46,7 +46,7 @@ from ..partitions import Partition
 from ..repository import ModelEntry
 from ..stats import ModelStatistics
 from ..workers import shm
-from ..workers.protocol import ModelSpec
+from ..workers.protocol import ModelSpec, Stop  # a front-end stops as a worker does
 from .connection import InferConnection
 from .fastpath import BINARY_HEADER_LENGTH
 
@@ -95,11 +95,6 @@ class Counts:
 @dataclass(frozen=True)
 class Ready:
     pid: int
-
-
-@dataclass(frozen=True)
-class Stop:
-    pass
 
 
 def run_dir() -> Path:

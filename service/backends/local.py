@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 _ids = itertools.count(1)
 START_TIMEOUT_S = 120.0
+ATTACH_TIMEOUT_S = 15.0  # a front-end process waiting for a restarted worker (a GPU worker restarted in 2.7 s on an H200)
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 
 
@@ -301,8 +302,10 @@ class AttachedReplica(WorkerReplica):
         self._on_change()
 
     def _connect(self, path: str) -> tuple[Connection, object]:
-        """Connect, waiting while the worker (re)starts, and read its WorkerReady."""
-        deadline = time.monotonic() + START_TIMEOUT_S
+        """Connect, waiting a while for the worker to (re)start, and read its WorkerReady. Past ATTACH_TIMEOUT_S the
+        attempt fails, so that what waits for this replica is answered 503, as the first process answers when a
+        restart fails; attempts go on with back-off."""
+        deadline = time.monotonic() + ATTACH_TIMEOUT_S
         while True:
             try:
                 conn = Client(path, family="AF_UNIX")

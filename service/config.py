@@ -74,9 +74,4 @@ class ServeConfig(BaseModel):
                 f"--max-pending-mb {self.max_pending_bytes / (1 << 20):g} is below --max-body-mb {self.max_body_bytes / (1 << 20):g}: "
                 "a request of the largest allowed size could never be served"
             )
-        if self.frontends > 1 and self.model_control_mode == "explicit":
-            raise ValueError(
-                "--frontends above 1 cannot be combined with --model-control-mode explicit: the other front-end "
-                "processes serve the models the gateway started with"
-            )
         return self

@@ -42,7 +42,7 @@ from ..workers.protocol import ModelSpec, WorkerOptions
 from .budget import BodyBudget
 from .errors import error_body
 from .fastpath import InferFastPath
-from .frontends import Frontends, FrontendSpec, merge_metrics, merge_statistics, run_dir
+from .frontends import Frontends, FrontendSpec, ServeModel, UnserveModel, merge_metrics, merge_statistics, run_dir
 from .kserve import NUMPY_TO_V2, Body, DecodedRequest, decode_request, encode_response
 
 logger = logging.getLogger(__name__)
@@ -166,6 +166,11 @@ class Gateway:
 
     async def _unserve(self, name: str) -> None:
         """Stop taking requests for a model (404 from now on), answer what it accepted, then free its sessions."""
+        await self._stop_serving(name)
+        await self.backend.unload_model(name)
+
+    async def _stop_serving(self, name: str) -> None:
+        """404 for a model from now on, once what it accepted is answered (its sessions stay)."""
         del self.models[name]
         batcher = self.batchers.pop(name)
         await batcher.drain(self.config.default_timeout_s)
@@ -175,7 +180,25 @@ class Gateway:
         self.configs.pop(name, None)
         for placed in self.placement.values():
             placed.pop(name, None)
-        await self.backend.unload_model(name)
+
+    async def serve_attached(self, name: str, entry: ModelEntry, specs: dict[str, ModelSpec]) -> None:
+        """A front-end process: the first process loaded (or reloaded) a model on these partitions; serve it too."""
+        await self.backend.attach_model(specs)
+        for pid, spec in specs.items():
+            self.placement.setdefault(pid, {})[name] = spec
+        self.not_served.pop(name, None)
+        if name in self.models:
+            self.batchers[name].policy = policy = self._policy(entry)
+            self._configure(name, entry, policy)
+        else:
+            self._serve(name, entry)
+
+    async def unserve_attached(self, name: str, reason: str) -> None:
+        """A front-end process: the first process unloads a model; answer what this process accepted of it first."""
+        if name in self.models:
+            await self._stop_serving(name)
+            self.backend.detach_model(name)
+        self.not_served[name] = reason
 
     def _model_dir(self, name: str) -> Path | None:
         """The model's directory in the repository, if `name` names one (hidden ones are exports in progress)."""
@@ -230,6 +253,8 @@ class Gateway:
                 self._configure(name, entry, policy)
             else:
                 self._serve(name, entry)
+            if self.frontends is not None:
+                await self.frontends.tell(ServeModel(name, entry, loaded), self.config.default_timeout_s)
             logger.info("loaded model %s on %s%s", name, ", ".join(loaded), f" ({refusals})" if refusals else "")
 
     async def unload_model(self, name: str, parameters: dict[str, Any]) -> None:
@@ -244,8 +269,11 @@ class Gateway:
                 if self._model_dir(name) is None:
                     raise BadRequest(f"failed to unload '{name}': no such model in {self.config.model_repo}")
                 return
+            reason = f"unloaded; POST /v2/repository/models/{name}/load serves it again"
+            if self.frontends is not None:  # they stop sending its batches before the workers drop it
+                await self.frontends.tell(UnserveModel(name, reason), self.config.default_timeout_s + 5)
             await self._unserve(name)
-            self.not_served[name] = f"unloaded; POST /v2/repository/models/{name}/load serves it again"
+            self.not_served[name] = reason
             logger.info("unloaded model %s", name)
 
     async def stop(self) -> None:

@@ -97,6 +97,30 @@ class Ready:
     pid: int
 
 
+@dataclass(frozen=True)
+class ServeModel:
+    """Explicit model control: the first process loaded (or reloaded) a model on these partitions."""
+
+    name: str
+    entry: ModelEntry
+    specs: dict[str, ModelSpec]
+
+
+@dataclass(frozen=True)
+class UnserveModel:
+    """Explicit model control: the first process unloads a model once every front-end has stopped sending it."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """A front-end has applied a ServeModel or UnserveModel."""
+
+    name: str
+
+
 def run_dir() -> Path:
     """A private directory (0700) for the workers' and the hand-over sockets."""
     return Path(tempfile.mkdtemp(prefix="migserve-"))
@@ -242,6 +266,15 @@ async def _frontend(spec: FrontendSpec, conn: Connection) -> None:
         )
     )
 
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def apply(message: ServeModel | UnserveModel) -> None:
+        if isinstance(message, ServeModel):
+            await gateway.serve_attached(message.name, message.entry, message.specs)
+        else:
+            await gateway.unserve_attached(message.name, message.reason)
+        conn.send(Done(message.name))
+
     def on_control() -> None:
         try:
             message = conn.recv()
@@ -250,6 +283,10 @@ async def _frontend(spec: FrontendSpec, conn: Connection) -> None:
         if isinstance(message, Snapshot):
             stats = dict(gateway.stats)
             conn.send(Counts(spec.index, os.getpid(), generate_latest(gateway.metrics.registry), stats, handoff.count))
+        elif isinstance(message, ServeModel | UnserveModel):
+            task = asyncio.get_running_loop().create_task(apply(message))  # the first process waits for its Done
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
         else:
             asyncio.get_running_loop().remove_reader(conn.fileno())
             server.should_exit = True
@@ -278,7 +315,7 @@ class _Child:
     process: BaseProcess
     conn: Connection
     restarts: int = 0
-    reply: asyncio.Future[Counts] | None = None
+    reply: asyncio.Future[object] | None = None  # the answer to the question asked now
 
 
 @dataclass
@@ -335,7 +372,7 @@ class Frontends:
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(child.conn.fileno())
             return
-        if isinstance(message, Counts) and child.reply is not None and not child.reply.done():
+        if child.reply is not None and not child.reply.done():
             child.reply.set_result(message)
 
     def _on_exit(self, child: _Child) -> None:
@@ -399,22 +436,32 @@ class Frontends:
 
     async def refresh(self) -> list[Counts]:
         """Every live front-end's counts, asked now (one that does not answer in time is left out)."""
-        async with self._asking:  # one question at a time: each front-end has one reply slot
-            return await self._ask_all()
-
-    async def _ask_all(self) -> list[Counts]:
-        loop = asyncio.get_running_loop()
-        asked = []
-        for child in list(self.children.values()):
-            child.reply = loop.create_future()
-            try:
-                child.conn.send(Snapshot())
-            except OSError:
-                continue
-            asked.append(child.reply)
-        done = await asyncio.gather(*(asyncio.wait_for(f, SNAPSHOT_TIMEOUT_S) for f in asked), return_exceptions=True)
-        self.latest = [c for c in done if isinstance(c, Counts)]
+        self.latest = [c for _, c in await self._ask_all(Snapshot(), SNAPSHOT_TIMEOUT_S) if isinstance(c, Counts)]
         return self.latest
+
+    async def tell(self, message: ServeModel | UnserveModel, timeout_s: float) -> None:
+        """Explicit model control: every live front-end applies `message` before this returns (one that does not in
+        time is restarted, and starts with the first process's models as they are then)."""
+        for child, answer in await self._ask_all(message, timeout_s):
+            if not isinstance(answer, Done):
+                logger.error("front-end %d did not apply %s in %.0f s; restarting it", child.index, type(message).__name__, timeout_s)
+                child.process.kill()
+
+    async def _ask_all(self, message: object, timeout_s: float) -> list[tuple[_Child, object]]:
+        """Each live front-end with its answer to `message` (an exception where it gave none in time)."""
+        async with self._asking:  # one question at a time: each front-end has one reply slot
+            loop = asyncio.get_running_loop()
+            asked: list[asyncio.Future[object]] = []
+            children = list(self.children.values())
+            for child in children:
+                child.reply = reply = loop.create_future()
+                try:
+                    child.conn.send(message)
+                except OSError as exc:
+                    reply.set_exception(exc)
+                asked.append(reply)
+            answers = await asyncio.gather(*(asyncio.wait_for(f, timeout_s) for f in asked), return_exceptions=True)
+            return list(zip(children, answers, strict=True))
 
     def view(self) -> list[dict[str, Any]]:
         """The front-ends besides the first process, with their counts as of the last refresh."""

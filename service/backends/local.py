@@ -319,6 +319,15 @@ class AttachedReplica(WorkerReplica):
             conn.close()
             raise TimeoutError(f"worker {self.id} did not answer on {path}")
 
+    def learn(self, spec: ModelSpec) -> None:
+        """The worker loaded (or reloaded) a model: it takes batches of it from this process too."""
+        self._models[spec.name] = spec
+        self.loaded = (*(m for m in self.loaded if m != spec.name), spec.name)
+
+    def forget(self, model: str) -> None:
+        self._models.pop(model, None)
+        self.loaded = tuple(m for m in self.loaded if m != model)
+
     async def stop(self) -> None:
         self._stopping = True  # the worker is the first process's to stop: only this connection closes
         if self._ready:
@@ -346,6 +355,7 @@ class LocalBackend:
 
         self._listeners: list[Callable[[], None]] = []
         self._options = options
+        self._sockets = dict(sockets or {})
         self._partitions = {p.id: p for p in partitions}
         self.workers: dict[str, WorkerReplica | TritonReplica] = {}
         for p in partitions:
@@ -374,7 +384,7 @@ class LocalBackend:
         for pid, spec in specs.items():
             worker = self.workers.get(pid)
             if worker is None:
-                fresh = WorkerReplica(self._partitions[pid], {spec.name: spec}, self._notify, self._options)
+                fresh = WorkerReplica(self._partitions[pid], {spec.name: spec}, self._notify, self._options, self._sockets.get(pid))
                 try:
                     await fresh.start()
                 except Exception as exc:
@@ -397,6 +407,26 @@ class LocalBackend:
             if isinstance(worker, WorkerReplica) and model in worker.assigned:
                 with contextlib.suppress(WorkerDied):  # then its restart no longer loads the model
                     await worker.unload(model)
+
+    async def attach_model(self, specs: Mapping[str, ModelSpec]) -> None:
+        """A front-end process: the first process loaded a model on these partitions (partition id -> its spec);
+        send it batches there from now on, connecting to a worker the first process started for it."""
+        for pid, spec in specs.items():
+            worker = self.workers.get(pid)
+            if worker is None:
+                fresh = AttachedReplica(self._partitions[pid], {spec.name: spec}, self._notify, self._options, self._sockets[pid])
+                await fresh.start()
+                self.workers[pid] = fresh
+            elif isinstance(worker, AttachedReplica):
+                worker.learn(spec)
+        self._notify()
+
+    def detach_model(self, model: str) -> None:
+        """A front-end process: the first process is unloading a model; no more batches of it from here."""
+        for worker in self.workers.values():
+            if isinstance(worker, AttachedReplica):
+                worker.forget(model)
+        self._notify()
 
     def _notify(self) -> None:
         for callback in self._listeners:

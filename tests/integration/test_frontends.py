@@ -48,19 +48,19 @@ def _metric(gateway: Gateway, line_start: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
 
 
-def _binary_request(arrays: dict[str, Array]) -> bytes:
+def _binary_request(arrays: dict[str, Array], model: str = MODEL, output: str = "density") -> bytes:
     header = json.dumps(
         {
             "inputs": [
                 {"name": k, "datatype": "FP32", "shape": list(v.shape), "parameters": {"binary_data_size": v.nbytes}}
                 for k, v in arrays.items()
             ],
-            "outputs": [{"name": "density", "parameters": {"binary_data": True}}],
+            "outputs": [{"name": output, "parameters": {"binary_data": True}}],
         }
     ).encode()
     body = header + b"".join(v.tobytes() for v in arrays.values())
     head = (
-        f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
         f"Inference-Header-Content-Length: {len(header)}\r\n\r\n"
     )
     return head.encode() + body
@@ -203,14 +203,45 @@ def test_a_killed_front_end_is_started_again_and_a_stop_ends_every_process(tiny_
             os.kill(pid, 0)
 
 
-@pytest.mark.parametrize(
-    ("flags", "message"),
-    [
-        (("--model-control-mode", "explicit"), "cannot be combined with --model-control-mode explicit"),
-        (("--http-server", "uvicorn"), "needs --http-server migserve"),
-    ],
-)
-def test_front_ends_refuse_what_they_cannot_serve(tiny_repo: ExportedRepo, flags: tuple[str, ...], message: str) -> None:
-    run = migserve("serve", "--model-repo", tiny_repo.root, "--port", "0", "--frontends", "2", *flags, timeout=60)
+def test_front_ends_need_the_gateway_s_own_http_server(tiny_repo: ExportedRepo) -> None:
+    run = migserve("serve", "--model-repo", tiny_repo.root, "--port", "0", "--frontends", "2", "--http-server", "uvicorn", timeout=60)
     assert run.returncode == 2
-    assert message in run.stderr
+    assert "needs --http-server migserve" in run.stderr
+
+
+def _face_answers(gateway: Gateway, image: Array) -> list[tuple[int, bytes]]:
+    """face-pros over 16 new connections: each one's status and embedding bytes."""
+    found = []
+    for _ in range(CONNECTIONS):
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as sock, sock.makefile("rb") as reader:
+            sock.sendall(_binary_request({"image": image}, "face-pros", "embedding"))
+            status, headers, payload = read_response(reader)
+            start = int(headers.get("inference-header-content-length", len(payload)))
+            found.append((status, payload[start:]))
+    return found
+
+
+def test_explicit_model_control_reaches_every_front_end(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """A model loaded, unloaded and loaded again answers the same on every connection, whichever process took it."""
+    flags = ("--cpu-slices", "1,1", "--frontends", "2", "--model-control-mode", "explicit", "--models", MODEL)
+    gateway = Gateway(tiny_repo.root, *flags, log=tmp_path / "serve.log")
+    try:
+        client = httpclient.InferenceServerClient(gateway.url)
+        image = make_inputs(read_contract(tiny_repo.root / "face-pros"), 1, seed=5)["image"]
+        expected = direct(tiny_repo.root, "face-pros", {"image": image})[0]
+        assert {status for status, _ in _face_answers(gateway, image)} == {404}
+        client.load_model("face-pros")
+        answers = _face_answers(gateway, image)
+        assert {status for status, _ in answers} == {200}
+        for _, payload in answers:
+            np.testing.assert_allclose(np.frombuffer(payload, np.float32).reshape(expected.shape), expected, rtol=1e-4, atol=1e-5)
+        assert _front_end_counts(gateway)[0]["requests"] > 0, "the second process served the loaded model"
+        client.unload_model("face-pros")
+        assert {status for status, _ in _face_answers(gateway, image)} == {404}
+        assert _front_end_counts(gateway)[0]["requests"] == 0, "its statistics went with the model"
+        client.load_model("face-pros")
+        assert {status for status, _ in _face_answers(gateway, image)} == {200}
+        assert _front_end_counts(gateway)[0]["requests"] > 0, "and came back with it"
+        assert client.is_model_ready(MODEL), "the model served from the start was left alone"
+    finally:
+        gateway.close()

@@ -5,14 +5,16 @@ One Python process answers at most about 3,000 requests/s (0.33 ms of CPU each o
 before (it starts and restarts the workers, and serves everything); the N-1 others each bind the same
 port with SO_REUSEPORT, so the kernel spreads connections over all N, and each runs its own batchers
 and sends its batches straight to the workers over their Unix sockets (a worker takes batches from
-every front-end, one at a time).
+every front-end, merging batches of one model that arrive together).
 
 A front-end serves only `POST /v2/models/{name}/infer` over HTTP/1.1 (binary or JSON tensors). A
 connection that asks anything else (health, metadata, /v1, /metrics, shared memory registration, a
 request that names a shared memory region, a chunked body) is handed, with the bytes it has sent so
 far, to the first process (the socket itself, over SCM_RIGHTS), which serves it from then on. So
 every piece of state (regions, jobs, readiness, logs) lives in one process; /metrics and the
-statistics extension add the other front-ends' counts to the first's. Queue capacity, the body
+statistics extension add the other front-ends' counts to the first's. With explicit model control
+the first process tells every front-end of a load (after the workers have the model) and of an
+unload (before they drop it), and answers once each has applied it. Queue capacity, the body
 budget and the batchers are per process. A front-end that dies is started again.
 """
 
@@ -46,7 +48,7 @@ from ..partitions import Partition
 from ..repository import ModelEntry
 from ..stats import ModelStatistics
 from ..workers import shm
-from ..workers.protocol import ModelSpec, Stop  # a front-end stops as a worker does
+from ..workers.protocol import ModelSpec, Stop, watch  # a front-end stops as a worker does
 from .connection import InferConnection
 from .fastpath import BINARY_HEADER_LENGTH
 
@@ -291,7 +293,7 @@ async def _frontend(spec: FrontendSpec, conn: Connection) -> None:
             asyncio.get_running_loop().remove_reader(conn.fileno())
             server.should_exit = True
 
-    asyncio.get_running_loop().add_reader(conn.fileno(), on_control)
+    watch(conn, on_control)
     sock = reuse_port_socket(spec.config.host, spec.config.port)
     conn.send(Ready(os.getpid()))
     try:
@@ -362,7 +364,7 @@ class Frontends:
             raise RuntimeError(f"front-end {index} sent {type(ready).__name__} before it was ready")
         self.children[index] = entry = _Child(index, process, parent, restarts)
         loop = asyncio.get_running_loop()
-        loop.add_reader(parent.fileno(), self._on_message, entry)
+        watch(parent, self._on_message, entry)
         loop.add_reader(process.sentinel, self._on_exit, entry)
         logger.info("front-end %d ready (pid %s)", index, process.pid)
 

@@ -39,6 +39,7 @@ from ..workers.protocol import (
     WorkerOptions,
     WorkerReady,
     WorkerSpec,
+    watch,
 )
 
 DEFAULT_OPTIONS = WorkerOptions()
@@ -137,7 +138,7 @@ class WorkerReplica:
         self._conn, self.pid = conn, ready.pid
         self.loaded, self.refused, self.providers = ready.models, ready.refused, ready.providers
         self.device_warning = ready.device_warning
-        asyncio.get_running_loop().add_reader(conn.fileno(), self._on_message)
+        watch(conn, self._on_message)
         self._ready, self._recovering = True, False
         for model, reason in ready.refused.items():
             logger.error("partition %s refused model %s: %s", self.id, model, reason)

@@ -7,8 +7,13 @@ written once by the gateway and read in place by onnxruntime.
 
 from __future__ import annotations
 
+import asyncio
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from multiprocessing.connection import Connection
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -113,3 +118,15 @@ class BatchFailed:
 
 ToWorker = RunBatch | Stop
 FromWorker = WorkerReady | BatchDone | BatchFailed
+
+
+def watch(conn: Connection, callback: Callable[..., None], *args: Any) -> None:
+    """Call `callback(*args)` whenever `conn` has a message, in the running event loop.
+
+    uvloop (libuv) makes a watched descriptor non-blocking, and a Connection reads and writes a
+    message in several system calls: a message larger than the socket's buffer (a front-end's
+    metrics for ten models) then failed halfway with BlockingIOError, an OSError that reads as a
+    closed connection. The descriptor is made blocking again: messages are small and the other
+    side writes them at once, so a read waits microseconds at most."""
+    asyncio.get_running_loop().add_reader(conn.fileno(), callback, *args)
+    os.set_blocking(conn.fileno(), True)

@@ -58,9 +58,9 @@ def _topology(path: Path, *partitions: Mapping[str, object]) -> Path:
     return path
 
 
-def _gateway(repo: ExportedRepo, tmp: Path, name: str, *partitions: Mapping[str, object]) -> Gateway:
+def _gateway(repo: ExportedRepo, tmp: Path, name: str, *partitions: Mapping[str, object], flags: tuple[str, ...] = ()) -> Gateway:
     topology = _topology(tmp / f"{name}.yaml", *partitions)
-    return Gateway(repo.root, "--topology", str(topology), "--models", *MODELS, "--timeout-s", "20", log=tmp / f"{name}.log")
+    return Gateway(repo.root, "--topology", str(topology), "--models", *MODELS, "--timeout-s", "20", *flags, log=tmp / f"{name}.log")
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,8 @@ def gateways(tiny_repo: ExportedRepo, triton: TritonServer, tmp_path_factory: py
         "triton": _gateway(tiny_repo, tmp, "triton", remote),
         "grpc": _gateway(tiny_repo, tmp, "grpc", grpc),
         "both": _gateway(tiny_repo, tmp, "both", local, remote),
+        # two front-end processes, each with its own client of the Triton partition (service/api/frontends.py)
+        "frontends": _gateway(tiny_repo, tmp, "frontends", remote, flags=("--frontends", "2")),
     }
     yield servers
     for server in servers.values():
@@ -95,14 +97,21 @@ def test_the_same_request_gets_the_same_answer_locally_and_through_triton(gatewa
         contract = read_contract(tiny_repo.root / name)
         inputs = make_inputs(contract, 3, seed=7)
         answers = {}
-        for kind in ("local", "triton", "grpc"):
+        for kind in ("local", "triton", "grpc", "frontends"):
             client = httpclient.InferenceServerClient(gateways[kind].url)
             result = client.infer(name, triton_inputs(inputs))
             answers[kind] = {o.name: result.as_numpy(o.name) for o in contract.outputs}
             client.close()
         for output in contract.outputs:
-            np.testing.assert_allclose(answers["triton"][output.name], answers["local"][output.name], rtol=1e-4, atol=1e-5)
-            np.testing.assert_allclose(answers["grpc"][output.name], answers["local"][output.name], rtol=1e-4, atol=1e-5)
+            for kind in ("triton", "grpc", "frontends"):
+                np.testing.assert_allclose(answers[kind][output.name], answers["local"][output.name], rtol=1e-4, atol=1e-5)
+    crowd = make_inputs(read_contract(tiny_repo.root / "crowd-csrnet"), 1, seed=8)
+    for _ in range(16):  # new connections: the kernel spreads them over both front-ends
+        client = httpclient.InferenceServerClient(gateways["frontends"].url)
+        client.infer("crowd-csrnet", triton_inputs(crowd))
+        client.close()
+    others = httpx.get(f"http://{gateways['frontends'].url}/v1/partitions").json()["frontends"]
+    assert others[0]["requests"] > 0, "the second front-end answered through its own client of the Triton partition"
 
 
 def test_triton_partitions_report_triton_s_own_state(gateways: dict[str, Gateway]) -> None:

@@ -42,7 +42,17 @@ from ..workers.protocol import ModelSpec, WorkerOptions
 from .budget import BodyBudget
 from .errors import error_body
 from .fastpath import InferFastPath
-from .frontends import Frontends, FrontendSpec, ServeModel, UnserveModel, merge_metrics, merge_statistics, run_dir
+from .frontends import (
+    SNAPSHOT_TIMEOUT_S,
+    Frontends,
+    FrontendSpec,
+    ServeModel,
+    SetLogs,
+    UnserveModel,
+    merge_metrics,
+    merge_statistics,
+    run_dir,
+)
 from .kserve import NUMPY_TO_V2, Body, DecodedRequest, decode_request, encode_response
 
 logger = logging.getLogger(__name__)
@@ -424,6 +434,13 @@ class Gateway:
         others = self.frontends.latest if self.frontends is not None else []
         merged = {n: merge_statistics(self.stats[n], [c.stats[n] for c in others if n in c.stats]) for n in names}
         return service_pb2.ModelStatisticsResponse(model_stats=[merged[n].message() for n in names])
+
+    async def update_logs(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Triton's logging extension: change the log level here and in every other front-end process."""
+        settings = self.logs.update(changes)
+        if self.frontends is not None:
+            await self.frontends.tell(SetLogs(changes), SNAPSHOT_TIMEOUT_S)
+        return settings
 
     async def refresh_frontends(self) -> None:
         """Ask the other front-end processes for their counts, for the metrics and statistics served next."""

@@ -92,6 +92,7 @@ class Counts:
     metrics: bytes
     stats: dict[str, ModelStatistics]
     handed_over: int
+    log_level: str  # the front-end's own, as Triton's logging extension set it
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,15 @@ class UnserveModel:
 
 
 @dataclass(frozen=True)
+class SetLogs:
+    """Triton's logging extension: the first process's log settings changed; the same changes here."""
+
+    changes: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Done:
-    """A front-end has applied a ServeModel or UnserveModel."""
+    """A front-end has applied a ServeModel, UnserveModel or SetLogs."""
 
     name: str
 
@@ -284,7 +292,11 @@ async def _frontend(spec: FrontendSpec, conn: Connection) -> None:
             message = Stop()  # the first process is gone
         if isinstance(message, Snapshot):
             stats = dict(gateway.stats)
-            conn.send(Counts(spec.index, os.getpid(), generate_latest(gateway.metrics.registry), stats, handoff.count))
+            level = logging.getLevelName(gateway.logs.level())
+            conn.send(Counts(spec.index, os.getpid(), generate_latest(gateway.metrics.registry), stats, handoff.count, level))
+        elif isinstance(message, SetLogs):
+            gateway.logs.update(message.changes)  # checked by the first process already
+            conn.send(Done("logging"))
         elif isinstance(message, ServeModel | UnserveModel):
             task = asyncio.get_running_loop().create_task(apply(message))  # the first process waits for its Done
             tasks.add(task)
@@ -441,9 +453,9 @@ class Frontends:
         self.latest = [c for _, c in await self._ask_all(Snapshot(), SNAPSHOT_TIMEOUT_S) if isinstance(c, Counts)]
         return self.latest
 
-    async def tell(self, message: ServeModel | UnserveModel, timeout_s: float) -> None:
-        """Explicit model control: every live front-end applies `message` before this returns (one that does not in
-        time is restarted, and starts with the first process's models as they are then)."""
+    async def tell(self, message: ServeModel | UnserveModel | SetLogs, timeout_s: float) -> None:
+        """Every live front-end applies `message` (model control, log settings) before this returns; one that does not
+        in time is restarted, and starts with the first process's models and log level as they are then."""
         for child, answer in await self._ask_all(message, timeout_s):
             if not isinstance(answer, Done):
                 logger.error("front-end %d did not apply %s in %.0f s; restarting it", child.index, type(message).__name__, timeout_s)
@@ -478,6 +490,7 @@ class Frontends:
                     "restarts": child.restarts,
                     "requests": sum(s.success.count + s.fail.count for s in latest.stats.values()) if latest else None,
                     "handed_over": latest.handed_over if latest else None,
+                    "log_level": latest.log_level if latest else None,
                 }
             )
         return view

@@ -179,7 +179,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     async def LogSettings(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         changes = {key: _plain(value) for key, value in request.settings.items()}
         try:
-            settings = self.gateway.logs.update(changes) if changes else self.gateway.logs.values
+            settings = await self.gateway.update_logs(changes) if changes else self.gateway.logs.values
         except ServiceError as exc:
             await _abort(context, exc)
         value = service_pb2.LogSettingsResponse.SettingValue

@@ -107,7 +107,7 @@ def register(app: FastAPI, gateway: Gateway) -> None:
     @app.post("/v2/logging", summary="Change the gateway's log level while it runs (Triton's logging extension)")
     async def update_log_settings(request: Request) -> dict[str, Any]:
         body = await read_body(request.receive, request.headers.get("content-length"), SMALL_BODY_LIMIT)
-        return gateway.logs.update(json_object(body, 'a JSON object such as {"log_verbose_level": 1}'))
+        return await gateway.update_logs(json_object(body, 'a JSON object such as {"log_verbose_level": 1}'))
 
     @app.get("/v2/models/{name}", summary="Model metadata (KServe v2)")
     @app.get("/v2/models/{name}/versions/{version}", include_in_schema=False)

@@ -142,6 +142,20 @@ def test_shared_memory_regions_serve_whichever_process_takes_the_connection(fron
         shm.destroy_shared_memory_region(handle)
 
 
+def test_log_settings_reach_every_front_end(frontends: Gateway) -> None:
+    """Triton's logging extension: a change to the log level applies in every process, not only the first."""
+    client = httpclient.InferenceServerClient(frontends.url)
+    try:
+        assert [f["log_level"] for f in _front_end_counts(frontends)] == ["INFO"]
+        assert client.update_log_settings({"log_verbose_level": 1})["log_verbose_level"] == 1
+        assert [f["log_level"] for f in _front_end_counts(frontends)] == ["DEBUG"]
+        client.update_log_settings({"log_verbose_level": 0, "log_info": False})
+        assert [f["log_level"] for f in _front_end_counts(frontends)] == ["WARNING"]
+    finally:
+        client.update_log_settings({"log_verbose_level": 0, "log_info": True})
+    assert [f["log_level"] for f in _front_end_counts(frontends)] == ["INFO"]
+
+
 def _wait(condition: Any, what: str, timeout: float = 60) -> None:
     """Until `condition()`; a connection reset counts as not yet: connections the kernel had queued for a
     front-end that was just killed are reset (SO_REUSEPORT), and clients retry them."""

@@ -103,9 +103,7 @@ def _worker_step(sessions: dict[str, Any], name: str, feeds: Feeds, pinning: Hos
 _arenas: list[shm.Arena | shm.Attachments] = []  # closed after each batch size
 
 
-async def through_process(
-    partition: Partition, repo: Path, model: str, feeds: dict[str, np.ndarray[Any, Any]], seconds: float
-) -> dict[str, Any]:
+async def through_process(partition: Partition, repo: Path, model: str, feeds: Feeds, seconds: float) -> dict[str, Any]:
     replica = WorkerReplica(partition, {model: model_spec(load_model(repo / model))}, lambda: None)
     await replica.start()
     try:

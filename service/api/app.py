@@ -43,7 +43,6 @@ from .budget import BodyBudget
 from .errors import error_body
 from .fastpath import InferFastPath
 from .frontends import (
-    SNAPSHOT_TIMEOUT_S,
     Frontends,
     FrontendSpec,
     ServeModel,
@@ -191,9 +190,9 @@ class Gateway:
         for placed in self.placement.values():
             placed.pop(name, None)
 
-    async def serve_attached(self, name: str, entry: ModelEntry, specs: dict[str, ModelSpec]) -> None:
-        """A front-end process: the first process loaded (or reloaded) a model on these partitions; serve it too."""
-        await self.backend.attach_model(specs)
+    def _placed(self, name: str, entry: ModelEntry, specs: dict[str, ModelSpec]) -> None:
+        """A model now runs on these partitions (partition id -> its spec): serve it, or a reloaded one with the
+        batching its new files declare (the same queue)."""
         for pid, spec in specs.items():
             self.placement.setdefault(pid, {})[name] = spec
         self.not_served.pop(name, None)
@@ -202,6 +201,11 @@ class Gateway:
             self._configure(name, entry, policy)
         else:
             self._serve(name, entry)
+
+    async def serve_attached(self, name: str, entry: ModelEntry, specs: dict[str, ModelSpec]) -> None:
+        """A front-end process: the first process loaded (or reloaded) a model on these partitions; serve it too."""
+        await self.backend.attach_model(specs)
+        self._placed(name, entry, specs)
 
     async def unserve_attached(self, name: str, reason: str) -> None:
         """A front-end process: the first process unloads a model; answer what this process accepted of it first."""
@@ -255,14 +259,7 @@ class Gateway:
                 raise BadRequest(
                     f"failed to load '{name}': {refusals}" + (" (the running version serves on)" if name in self.models else "")
                 )
-            for pid, spec in loaded.items():
-                self.placement.setdefault(pid, {})[name] = spec
-            self.not_served.pop(name, None)
-            if name in self.models:  # reloaded: the same queue, with the batching its new files declare
-                self.batchers[name].policy = policy = self._policy(entry)
-                self._configure(name, entry, policy)
-            else:
-                self._serve(name, entry)
+            self._placed(name, entry, loaded)
             if self.frontends is not None:
                 await self.frontends.tell(ServeModel(name, entry, loaded), self.config.default_timeout_s)
             logger.info("loaded model %s on %s%s", name, ", ".join(loaded), f" ({refusals})" if refusals else "")
@@ -439,7 +436,7 @@ class Gateway:
         """Triton's logging extension: change the log level here and in every other front-end process."""
         settings = self.logs.update(changes)
         if self.frontends is not None:
-            await self.frontends.tell(SetLogs(changes), SNAPSHOT_TIMEOUT_S)
+            await self.frontends.tell(SetLogs(changes))
         return settings
 
     async def refresh_frontends(self) -> None:

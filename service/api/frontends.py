@@ -43,6 +43,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from ..backends.local import RESTART_BACKOFF_S, START_TIMEOUT_S
 from ..config import ServeConfig
 from ..partitions import Partition
 from ..repository import ModelEntry
@@ -56,8 +57,6 @@ if TYPE_CHECKING:
     from .app import Gateway
 
 logger = logging.getLogger(__name__)
-START_TIMEOUT_S = 120.0
-RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 SNAPSHOT_TIMEOUT_S = 2.0
 LENGTH = struct.Struct("!Q")
 SUMMED_GAUGES = frozenset({"migserve_queue_depth", "migserve_request_body_bytes"})  # per process: the total is the sum
@@ -228,13 +227,13 @@ def adopter(server: Any) -> Callable[[socket.socket, bytes], None]:
             return connection  # type: ignore[no-any-return]
 
         task = asyncio.get_running_loop().create_task(asyncio.get_running_loop().connect_accepted_socket(protocol, sock))
-        _adopting.add(task)
-        task.add_done_callback(_adopting.discard)
+        _background.add(task)
+        task.add_done_callback(_background.discard)
 
     return adopt
 
 
-_adopting: set[asyncio.Task[Any]] = set()  # tasks kept until done (the loop holds only weak references)
+_background: set[asyncio.Task[Any]] = set()  # adoptions and restarts, kept until done (the loop holds weak references)
 
 
 def frontend_protocol(gateway: Gateway, handoff: HandOff) -> type[FrontendConnection]:
@@ -367,7 +366,7 @@ class Frontends:
         process.start()
         child.close()
         try:
-            ready = await asyncio.wait_for(asyncio.to_thread(_receive, parent), START_TIMEOUT_S)
+            ready = await asyncio.wait_for(asyncio.to_thread(parent.recv), START_TIMEOUT_S)
         except BaseException:
             process.kill()
             raise
@@ -404,8 +403,8 @@ class Frontends:
         if not self._stopping:
             logger.error("front-end %d (pid %s) exited with code %s; restarting", child.index, child.process.pid, child.process.exitcode)
             task = loop.create_task(self._restart(child.index, child.restarts + 1))
-            _adopting.add(task)
-            task.add_done_callback(_adopting.discard)
+            _background.add(task)
+            task.add_done_callback(_background.discard)
 
     async def _restart(self, index: int, restarts: int) -> None:
         for attempt in itertools.count():
@@ -453,7 +452,7 @@ class Frontends:
         self.latest = [c for _, c in await self._ask_all(Snapshot(), SNAPSHOT_TIMEOUT_S) if isinstance(c, Counts)]
         return self.latest
 
-    async def tell(self, message: ServeModel | UnserveModel | SetLogs, timeout_s: float) -> None:
+    async def tell(self, message: ServeModel | UnserveModel | SetLogs, timeout_s: float = SNAPSHOT_TIMEOUT_S) -> None:
         """Every live front-end applies `message` (model control, log settings) before this returns; one that does not
         in time is restarted, and starts with the first process's models and log level as they are then."""
         for child, answer in await self._ask_all(message, timeout_s):
@@ -519,10 +518,6 @@ def _remove_arenas(pid: int | None) -> None:
     for leftover in shm.SHM_DIR.glob(f"{shm.ARENA_PREFIX}{pid}-*"):
         with contextlib.suppress(FileNotFoundError):
             shm.release(shared_memory.SharedMemory(name=leftover.name), unlink=True)  # unregisters it from the resource tracker
-
-
-def _receive(conn: Connection) -> object:
-    return conn.recv()
 
 
 def _read_exactly(sock: socket.socket, length: int) -> bytes | None:

@@ -244,7 +244,7 @@ class WorkerReplica:
         reply = await self._ask(LoadModel(spec))
         assert isinstance(reply, ModelLoaded)
         if reply.refused is None:
-            self.loaded = (*(m for m in self.loaded if m != spec.name), spec.name)
+            self.learn(spec)
             self.refused.pop(spec.name, None)
         elif previous is not None and spec.name in self.loaded:
             self._models[spec.name] = previous  # the worker kept the old session
@@ -256,12 +256,21 @@ class WorkerReplica:
 
     async def unload(self, model: str) -> None:
         """Drop a model's session (and its memory) from this worker, restarts included."""
-        self._models.pop(model, None)
+        self._models.pop(model, None)  # first: if the worker dies meanwhile, its restart no longer loads the model
         self.refused.pop(model, None)
         if self._ready:
             await self._ask(UnloadModel(model))
-        self.loaded = tuple(m for m in self.loaded if m != model)
+        self.forget(model)
         self._on_change()
+
+    def learn(self, spec: ModelSpec) -> None:
+        """The worker runs this model (loaded or reloaded): batches of it go there, and a restart loads it."""
+        self._models[spec.name] = spec
+        self.loaded = (*(m for m in self.loaded if m != spec.name), spec.name)
+
+    def forget(self, model: str) -> None:
+        self._models.pop(model, None)
+        self.loaded = tuple(m for m in self.loaded if m != model)
 
     async def _ask(self, message: LoadModel | UnloadModel) -> ModelLoaded | ModelUnloaded:
         """Send a control message and wait for its reply; batches sent meanwhile run after it, in order."""
@@ -320,15 +329,6 @@ class AttachedReplica(WorkerReplica):
             conn.close()
             raise TimeoutError(f"worker {self.id} did not answer on {path}")
 
-    def learn(self, spec: ModelSpec) -> None:
-        """The worker loaded (or reloaded) a model: it takes batches of it from this process too."""
-        self._models[spec.name] = spec
-        self.loaded = (*(m for m in self.loaded if m != spec.name), spec.name)
-
-    def forget(self, model: str) -> None:
-        self._models.pop(model, None)
-        self.loaded = tuple(m for m in self.loaded if m != model)
-
     async def stop(self) -> None:
         self._stopping = True  # the worker is the first process's to stop: only this connection closes
         if self._ready:
@@ -362,7 +362,7 @@ class LocalBackend:
         for p in partitions:
             if placement.get(p.id):
                 models = placement[p.id]
-                path = (sockets or {}).get(p.id)
+                path = self._sockets.get(p.id)
                 if p.kind is PartitionKind.TRITON:
                     self.workers[p.id] = TritonReplica(p, list(models), self._notify)
                 elif attached:

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from migserve.types import Array
+
 from . import shm
 from .buckets import BucketedSession
 from .pinned import HostPinning
@@ -141,12 +143,19 @@ def run_batch(sessions: dict[str, Any], message: RunBatch, inputs: shm.Attachmen
         return BatchFailed(message.batch_id, kind, str(exc).strip().splitlines()[0][:500])
     compute = time.perf_counter() - started
     del feeds
-    names = [o.name for o in session.get_outputs()]
+    return _answer(message.batch_id, outputs, dict(zip([o.name for o in session.get_outputs()], results, strict=True)), compute)
+
+
+def _answer(batch_id: int, outputs: shm.Arena, results: dict[str, Array], compute: float) -> BatchDone | BatchFailed:
+    """A batch's outputs written to its client's arena, and the reply that names them."""
     try:
-        refs = outputs.write({name: [value] for name, value in zip(names, results, strict=True)})
+        return BatchDone(batch_id, outputs.write({name: [value] for name, value in results.items()}), compute)
     except shm.SharedMemoryFull as exc:
-        return BatchFailed(message.batch_id, FailureKind.RUNTIME, str(exc))
-    return BatchDone(message.batch_id, refs, compute)
+        return BatchFailed(batch_id, FailureKind.RUNTIME, str(exc))
+
+
+def _rows(message: RunBatch) -> int:
+    return next(iter(message.inputs.values())).shape[0]
 
 
 Group = list[tuple[shm.Attachments, shm.Arena, RunBatch]]
@@ -161,7 +170,7 @@ def merged(batches: list[tuple[Any, RunBatch]], max_batch: dict[str, int]) -> li
     for item in batches:
         message = item[1]
         key = (message.model, tuple((name, ref.shape[1:], ref.dtype) for name, ref in sorted(message.inputs.items())))
-        rows = next(iter(message.inputs.values())).shape[0] if message.inputs else 0
+        rows = _rows(message)
         group, size = open_groups.get(key, (None, 0))
         if group is None or size + rows > max_batch.get(message.model, 0):
             group, size = [], 0
@@ -188,18 +197,14 @@ def run_merged(sessions: dict[str, Any], group: Group) -> list[BatchDone | Batch
     except Exception:  # onnxruntime's own types; the batches alone say whose input it was
         return None
     compute = time.perf_counter() - started
-    rows = [next(iter(m.inputs.values())).shape[0] for _, _, m in group]
+    rows = [_rows(m) for _, _, m in group]
     if any(r.ndim == 0 or r.shape[0] != sum(rows) for r in results):
         return None  # an output without the batch axis first: it cannot be split
-    names = [o.name for o in session.get_outputs()]
+    named = dict(zip([o.name for o in session.get_outputs()], results, strict=True))
     replies: list[BatchDone | BatchFailed] = []
     start = 0
     for (_, outputs, m), n in zip(group, rows, strict=True):
-        try:
-            refs = outputs.write({name: [value[start : start + n]] for name, value in zip(names, results, strict=True)})
-            replies.append(BatchDone(m.batch_id, refs, compute))
-        except shm.SharedMemoryFull as exc:
-            replies.append(BatchFailed(m.batch_id, FailureKind.RUNTIME, str(exc)))
+        replies.append(_answer(m.batch_id, outputs, {name: value[start : start + n] for name, value in named.items()}, compute))
         start += n
     return replies
 

@@ -123,17 +123,21 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
     from .repository import RepositoryError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    listening = None
+    listening = reserved = None
+    grpc_port = args.grpc_port
     try:
         if args.frontends > 1:
             if args.http_server != "migserve":
                 raise ValueError("--frontends above 1 needs --http-server migserve: front-end processes read requests off the socket")
             listening = _reuse_port(args.host, args.port)
+            if grpc_port is not None:  # every front-end binds the same gRPC port: --grpc-port 0 is chosen once, here
+                reserved = _reuse_port(args.host, grpc_port, "--grpc-port", listen=False)
+                grpc_port = reserved.getsockname()[1]  # held, never listening (no connection lands on it), until exit
         config = ServeConfig(
             model_repo=args.model_repo,
             host=args.host,
             port=listening.getsockname()[1] if listening is not None else args.port,
-            grpc_port=args.grpc_port,
+            grpc_port=grpc_port,
             topology=args.topology,
             cpu_slices=_sizes("--cpu-slices", args.cpu_slices, "cores per slice", "2,2"),
             models=tuple(args.models) if args.models else None,
@@ -155,7 +159,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             job_min_tiles=args.job_min_tiles,
             frontends=args.frontends,
         )
-        if config.grpc_port is not None:
+        if config.grpc_port is not None and listening is None:  # with front-ends the port is held already
             _check_port(config.host, config.grpc_port, "--grpc-port")
         app = create_app(config)
     except ValidationError as exc:  # a ValueError too, but its text is a multi-line report
@@ -164,8 +168,9 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
         print(f"error: {where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}", file=err)
         return 2
     except (ValueError, ServiceError, TopologyError, RepositoryError) as exc:
-        if listening is not None:
-            listening.close()
+        for held in (listening, reserved):
+            if held is not None:
+                held.close()
         print(f"error: {exc}", file=err)
         return 2
     keep_request_buffers_in_heap()
@@ -183,11 +188,11 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
     return 0
 
 
-def _reuse_port(host: str, port: int) -> socket.socket:
+def _reuse_port(host: str, port: int, flag: str = "--port", *, listen: bool = True) -> socket.socket:
     """The port, bound so that the other front-end processes can bind it too."""
     from .api.frontends import reuse_port_socket
 
     try:
-        return reuse_port_socket(host, port)
+        return reuse_port_socket(host, port, listen=listen)
     except OSError as exc:
-        raise ValueError(f"--port {port}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise ValueError(f"{flag} {port}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None

@@ -43,6 +43,7 @@ from .budget import BodyBudget
 from .errors import error_body
 from .fastpath import InferFastPath
 from .frontends import (
+    GRPC_SOCKET,
     Frontends,
     FrontendSpec,
     ServeModel,
@@ -123,6 +124,7 @@ class Gateway:
                     placement=placement,
                     sockets=sockets,
                     handoff=handoff,
+                    grpc=str(directory / GRPC_SOCKET) if config.grpc_port is not None else None,
                     log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
                 ),
             )
@@ -543,9 +545,11 @@ def create_app(config: ServeConfig) -> InferFastPath:
             if config.grpc_port is not None:
                 from .grpc_service import grpc_server
 
-                grpc = grpc_server(gateway, config.host, config.grpc_port)
+                frontends = gateway.frontends
+                internal = frontends.grpc_path if frontends is not None else None
+                grpc, port, _ = grpc_server(gateway, config.host, config.grpc_port, shared=frontends is not None, internal=internal)
                 await grpc.start()
-                logger.info("KServe v2 gRPC on %s:%s", config.host, config.grpc_port)
+                logger.info("KServe v2 gRPC on %s:%s", config.host, port)
             yield
         finally:
             if grpc is not None:

@@ -10,8 +10,11 @@ every front-end, merging batches of one model that arrive together).
 A front-end serves only `POST /v2/models/{name}/infer` over HTTP/1.1 (binary or JSON tensors). A
 connection that asks anything else (health, metadata, /v1, /metrics, shared memory registration, a
 request that names a shared memory region, a chunked body) is handed, with the bytes it has sent so
-far, to the first process (the socket itself, over SCM_RIGHTS), which serves it from then on. So
-every piece of state (regions, jobs, readiness, logs) lives in one process; /metrics and the
+far, to the first process (the socket itself, over SCM_RIGHTS), which serves it from then on. With
+`--grpc-port`, every front-end serves gRPC on that port too: ModelInfer and ModelStreamInfer with its
+own batchers, and every other call, or an inference that names a region, passed to the first process
+over its Unix socket (`service/api/grpc_service.py`). So every piece of state (regions, jobs,
+readiness, logs) lives in one process; /metrics and the
 statistics extension add the other front-ends' counts to the first's. With explicit model control
 the first process tells every front-end of a load (after the workers have the model) and of an
 unload (before they drop it), and answers once each has applied it. Queue capacity, the body
@@ -31,7 +34,7 @@ import socket
 import struct
 import tempfile
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
@@ -59,6 +62,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 SNAPSHOT_TIMEOUT_S = 2.0
 LENGTH = struct.Struct("!Q")
+GRPC_SOCKET = "grpc.sock"  # in the run directory: the first process's gRPC service, for its front-ends
 SUMMED_GAUGES = frozenset({"migserve_queue_depth", "migserve_request_body_bytes"})  # per process: the total is the sum
 
 
@@ -74,6 +78,7 @@ class FrontendSpec:
     placement: dict[str, dict[str, ModelSpec]]
     sockets: dict[str, str]  # partition id -> its worker's Unix socket
     handoff: str  # the first process's Unix socket for connections it should serve
+    grpc: str | None  # the first process's Unix socket for the gRPC calls a front-end passes on (None: no gRPC)
     log_level: str
 
 
@@ -135,14 +140,15 @@ def run_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="migserve-"))
 
 
-def reuse_port_socket(host: str, port: int) -> socket.socket:
+def reuse_port_socket(host: str, port: int, *, listen: bool = True) -> socket.socket:
     """A listening socket that other processes of this user can bind too (SO_REUSEPORT): the kernel spreads
-    new connections over all of them."""
+    new connections over all of them (listen=False: the port is only held)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(2048)
+    if listen:
+        sock.listen(2048)
     sock.set_inheritable(False)
     return sock
 
@@ -306,12 +312,31 @@ async def _frontend(spec: FrontendSpec, conn: Connection) -> None:
 
     watch(conn, on_control)
     sock = reuse_port_socket(spec.config.host, spec.config.port)
-    conn.send(Ready(os.getpid()))
     try:
-        await server.serve(sockets=[sock])
+        async with _grpc(spec, gateway):
+            conn.send(Ready(os.getpid()))
+            await server.serve(sockets=[sock])
     finally:
         await gateway.stop()
         handoff.close()
+
+
+@contextlib.asynccontextmanager
+async def _grpc(spec: FrontendSpec, gateway: Gateway) -> AsyncIterator[None]:
+    """A front-end's gRPC service on the shared port while it serves (none without --grpc-port)."""
+    if spec.grpc is None or spec.config.grpc_port is None:
+        yield
+        return
+    from .grpc_service import FrontendInferenceService, grpc_server
+
+    server, _, service = grpc_server(gateway, spec.config.host, spec.config.grpc_port, shared=True, first=spec.grpc)
+    assert isinstance(service, FrontendInferenceService)
+    await server.start()
+    try:
+        yield
+    finally:
+        await server.stop(grace=5)
+        await service.close()
 
 
 async def _nothing(scope: Any, receive: Any, send: Any) -> None:
@@ -349,6 +374,10 @@ class Frontends:
     @property
     def handoff_path(self) -> str:
         return str(self.directory / "handoff.sock")
+
+    @property
+    def grpc_path(self) -> str:
+        return str(self.directory / GRPC_SOCKET)
 
     async def start(self) -> None:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

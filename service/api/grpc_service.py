@@ -7,9 +7,17 @@ types and service stubs are the ones tritonclient ships (generated from Triton's
 `grpc_service.proto`), so `tritonclient.grpc` and any client generated from that
 proto talk to it: health, server and model metadata, model configuration and
 statistics (`service/stats.py`), the repository index, system shared memory
-(`service/regions.py`), ModelInfer and ModelStreamInfer. The rest (model load and
-unload, CUDA shared memory, trace settings) answer UNIMPLEMENTED with what to use
-instead. LogSettings reads and changes the gateway's log level (`service/logsettings.py`).
+(`service/regions.py`), model load and unload (explicit model control), ModelInfer and
+ModelStreamInfer. CUDA shared memory and trace settings answer UNIMPLEMENTED with what
+to use instead. LogSettings reads and changes the gateway's log level
+(`service/logsettings.py`).
+
+With `serve --frontends N` every front-end process serves gRPC on the same port
+(SO_REUSEPORT: the kernel spreads connections, as for HTTP). A front-end runs inference
+with its own batchers; a request that names a shared memory region, and every other
+RPC (metadata, readiness, statistics, regions, model control, log settings), it passes
+to the first process over that process's Unix socket and returns its answer as it is,
+so that state lives in one place as on the HTTP side (`service/api/frontends.py`).
 
 Tensors arrive as `raw_input_contents` (what tritonclient sends; read in place) or
 as typed contents (`fp32_contents`, ...); outputs always go back as
@@ -69,6 +77,7 @@ CODES = {
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+REGION = PARAMETERS[0]  # the parameter that puts a tensor in shared memory
 # The RPCs of the extensions the gateway does not offer (errors.UNSUPPORTED says what to use instead).
 UNSUPPORTED_RPCS = {
     "CudaSharedMemoryStatus": "cuda_shared_memory",
@@ -318,7 +327,7 @@ def _timeout(request: Any) -> float | None:
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: ServiceError) -> NoReturn:
-    code = CODES.get(exc.status, grpc.StatusCode.INTERNAL)
+    code = exc.code if isinstance(exc, Answered) else CODES.get(exc.status, grpc.StatusCode.INTERNAL)
     if code is grpc.StatusCode.INTERNAL:
         logger.error("grpc: %s", exc)
     await context.abort(code, str(exc))
@@ -341,10 +350,88 @@ for _rpc, _extension in UNSUPPORTED_RPCS.items():
     setattr(InferenceService, _rpc, _unsupported(_extension))
 
 
-def grpc_server(gateway: Gateway, host: str, port: int) -> grpc.aio.Server:
-    """The gRPC server, not yet started; messages up to the HTTP side's body limit."""
+class Answered(ServiceError):
+    """The first process's error answer to a call a front-end passed on: returned to the client as it is."""
+
+    def __init__(self, error: grpc.aio.AioRpcError) -> None:
+        super().__init__(error.details() or error.code().name)
+        self.code = error.code()
+        self.status = STATUS_OF.get(self.code, 500)
+
+
+STATUS_OF = {code: status for status, code in CODES.items()}
+# What a front-end passes to the first process: the state these read or change lives there.
+FORWARDED_RPCS = (
+    "ServerReady",
+    "ModelReady",
+    "ServerMetadata",
+    "ModelMetadata",
+    "ModelConfig",
+    "ModelStatistics",
+    "RepositoryIndex",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
+    "SystemSharedMemoryStatus",
+    "SystemSharedMemoryRegister",
+    "SystemSharedMemoryUnregister",
+    "LogSettings",
+)
+UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+
+
+class FrontendInferenceService(InferenceService):
+    """A front-end process's gRPC service: inference with its own batchers; the rest answered by the first process."""
+
+    def __init__(self, gateway: Gateway, first: str) -> None:
+        super().__init__(gateway)
+        self.channel = grpc.aio.insecure_channel(f"unix:{first}", options=UNLIMITED)  # sizes were checked on receipt here
+        self.first = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+
+    async def forward(self, rpc: str, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        """The first process's answer to `request`, within the client's deadline (it waits while the first process
+        starts); an error answer raises Answered."""
+        try:
+            return await getattr(self.first, rpc)(request, timeout=context.time_remaining(), wait_for_ready=True)
+        except grpc.aio.AioRpcError as exc:
+            raise Answered(exc) from None
+
+    async def _infer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if any(REGION in t.parameters for t in (*request.inputs, *request.outputs)):  # regions are the first process's
+            return await self.forward("ModelInfer", request, context)
+        return await super()._infer(request, context)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def _forwarded(rpc: str) -> Any:
+    async def call(self: FrontendInferenceService, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await self.forward(rpc, request, context)
+        except ServiceError as exc:
+            await _abort(context, exc)
+
+    return call
+
+
+for _rpc in FORWARDED_RPCS:
+    setattr(FrontendInferenceService, _rpc, _forwarded(_rpc))
+
+
+def grpc_server(
+    gateway: Gateway, host: str, port: int, *, shared: bool = False, internal: str | None = None, first: str | None = None
+) -> tuple[grpc.aio.Server, int, InferenceService]:
+    """The gRPC server, not yet started, the port it bound and its service; messages up to the HTTP side's body limit.
+
+    shared: other front-end processes bind the same port (SO_REUSEPORT; else a second server there is refused).
+    internal: the first process of several front-ends also listens on this Unix socket, for what they pass on.
+    first: this is a front-end, passing what it does not serve to the first process's Unix socket."""
     limit = gateway.config.max_body_bytes
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", -1)])
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(gateway), server)
-    server.add_insecure_port(f"{host}:{port}")
-    return server
+    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", int(shared))]
+    server = grpc.aio.server(options=options)
+    service = InferenceService(gateway) if first is None else FrontendInferenceService(gateway, first)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if internal is not None:
+        server.add_insecure_port(f"unix:{internal}")
+    return server, bound, service

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import socket
 import time
@@ -17,13 +18,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
+from tritonclient.utils import InferenceServerException
 
 from migserve.contract import read_contract
 from migserve.types import Array
 from tests.helpers import ExportedRepo, Gateway, migserve, read_response
-from tests.integration.test_gateway_protocol import direct, make_inputs, triton_inputs
+from tests.integration.test_gateway_protocol import direct, grpc_inputs, make_inputs, triton_inputs
 
 CONNECTIONS = 16
 MODEL = "crowd-csrnet"
@@ -32,7 +35,7 @@ MODEL = "crowd-csrnet"
 @pytest.fixture(scope="module")
 def frontends(tiny_repo: ExportedRepo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     log = tmp_path_factory.mktemp("frontends") / "serve.log"
-    server = Gateway(tiny_repo.root, "--cpu-slices", "1,1", "--frontends", "2", "--models", MODEL, "face-pros", log=log)
+    server = Gateway(tiny_repo.root, "--cpu-slices", "1,1", "--frontends", "2", "--models", MODEL, "face-pros", log=log, grpc=True)
     yield server
     server.close()
 
@@ -139,6 +142,88 @@ def test_shared_memory_regions_serve_whichever_process_takes_the_connection(fron
             client.close()
     finally:
         httpclient.InferenceServerClient(frontends.url).unregister_system_shared_memory()
+        shm.destroy_shared_memory_region(handle)
+
+
+def test_grpc_spreads_over_the_front_ends_and_the_rest_is_answered_by_the_first(frontends: Gateway, tiny_repo: ExportedRepo) -> None:
+    """gRPC on the shared port: each process runs inference itself; metadata, errors, statistics and a region
+    registered once answer the same whichever process took the connection (a front-end passes them on)."""
+    assert frontends.grpc_url is not None
+    contract = read_contract(tiny_repo.root / MODEL)
+    image = make_inputs(read_contract(tiny_repo.root / "face-pros"), 1, seed=4)["image"]
+    in_region = direct(tiny_repo.root, "face-pros", {"image": image})[0]
+    handle = shm.create_shared_memory_region("fe-grpc", "/migserve_test_frontends_grpc", image.nbytes)
+    before_front = sum(f["requests"] for f in _front_end_counts(frontends))
+    before = _metric(frontends, f'migserve_requests_total{{model="{MODEL}",status="200"}}')
+    try:
+        shm.set_shared_memory_region(handle, [image])
+        registrar = grpcclient.InferenceServerClient(frontends.grpc_url)
+        registrar.register_system_shared_memory("fe-grpc", "/migserve_test_frontends_grpc", image.nbytes)
+        registrar.close()
+        for i in range(CONNECTIONS):
+            client = grpcclient.InferenceServerClient(frontends.grpc_url)  # a connection of its own
+            arrays = make_inputs(contract, 1, seed=200 + i, dims={"height": 16, "width": 16})
+            result = client.infer(MODEL, grpc_inputs(arrays))
+            np.testing.assert_allclose(result.as_numpy("density"), direct(tiny_repo.root, MODEL, arrays)[0], rtol=1e-4, atol=1e-5)
+            assert client.is_server_ready() and client.get_model_metadata(MODEL).name == MODEL
+            assert "fe-grpc" in client.get_system_shared_memory_status().regions
+            with pytest.raises(InferenceServerException) as caught:
+                client.get_model_metadata("no-such-model")
+            assert caught.value.status() == "StatusCode.NOT_FOUND" and "no-such-model" in str(caught.value.message())
+            tensor = grpcclient.InferInput("image", list(image.shape), "FP32")
+            tensor.set_shared_memory("fe-grpc", image.nbytes)
+            answer = client.infer("face-pros", [tensor], outputs=[grpcclient.InferRequestedOutput("embedding")])
+            np.testing.assert_allclose(answer.as_numpy("embedding"), in_region, rtol=1e-4, atol=1e-5)
+            client.close()
+        statistics = grpcclient.InferenceServerClient(frontends.grpc_url).get_inference_statistics(MODEL, as_json=True)
+    finally:
+        grpcclient.InferenceServerClient(frontends.grpc_url).unregister_system_shared_memory()
+        shm.destroy_shared_memory_region(handle)
+    answered = _metric(frontends, f'migserve_requests_total{{model="{MODEL}",status="200"}}') - before
+    assert answered == CONNECTIONS, "/metrics counts the gRPC requests of every process"
+    by_other = sum(f["requests"] for f in _front_end_counts(frontends)) - before_front
+    assert 0 < by_other < CONNECTIONS, f"both processes ran gRPC inference: the second answered {by_other} of {CONNECTIONS}"
+    assert int(statistics["model_stats"][0]["inference_stats"]["success"]["count"]) >= CONNECTIONS, "statistics over gRPC add them up"
+
+
+def test_a_grpc_stream_on_a_front_end_runs_its_requests_and_passes_on_those_naming_a_region(
+    frontends: Gateway, tiny_repo: ExportedRepo
+) -> None:
+    """One stream per connection, on 16 connections: plain requests, one naming a region, one broken."""
+    assert frontends.grpc_url is not None
+    contract = read_contract(tiny_repo.root / "face-pros")
+    image = make_inputs(contract, 1, seed=9)["image"]
+    handle = shm.create_shared_memory_region("fe-stream", "/migserve_test_frontends_stream", image.nbytes)
+    try:
+        shm.set_shared_memory_region(handle, [image])
+        grpcclient.InferenceServerClient(frontends.grpc_url).register_system_shared_memory(
+            "fe-stream", "/migserve_test_frontends_stream", image.nbytes
+        )
+        for _ in range(CONNECTIONS):
+            answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+            client = grpcclient.InferenceServerClient(frontends.grpc_url)
+            client.start_stream(callback=lambda result, error, answers=answers: answers.put((result, error)))
+            try:
+                sent = {f"r{i}": make_inputs(contract, 1, seed=300 + i) for i in range(3)}
+                for request_id, arrays in sent.items():
+                    client.async_stream_infer("face-pros", grpc_inputs(arrays), request_id=request_id)
+                tensor = grpcclient.InferInput("image", list(image.shape), "FP32")
+                tensor.set_shared_memory("fe-stream", image.nbytes)
+                client.async_stream_infer("face-pros", [tensor], request_id="region")
+                wrong = grpcclient.InferInput("image", [1, 3, 7, 7], "FP32")
+                wrong.set_data_from_numpy(np.zeros((1, 3, 7, 7), np.float32))
+                client.async_stream_infer("face-pros", [wrong], request_id="bad")
+                got = [answers.get(timeout=60) for _ in range(len(sent) + 2)]
+            finally:
+                client.stop_stream()
+                client.close()
+            errors = [error for _, error in got if error is not None]
+            assert len(errors) == 1 and "image" in errors[0].message(), errors
+            results = {result.get_response().id: result.as_numpy("embedding") for result, error in got if error is None}
+            for request_id, arrays in [*sent.items(), ("region", {"image": image})]:
+                np.testing.assert_allclose(results[request_id], direct(tiny_repo.root, "face-pros", arrays)[0], rtol=1e-4, atol=1e-5)
+    finally:
+        grpcclient.InferenceServerClient(frontends.grpc_url).unregister_system_shared_memory()
         shm.destroy_shared_memory_region(handle)
 
 

@@ -195,8 +195,11 @@ class Gateway:
     def _placed(self, name: str, entry: ModelEntry, specs: dict[str, ModelSpec]) -> None:
         """A model now runs on these partitions (partition id -> its spec): serve it, or a reloaded one with the
         batching its new files declare (the same queue)."""
-        for pid, spec in specs.items():
-            self.placement.setdefault(pid, {})[name] = spec
+        for partition in self.partitions:
+            if partition.id in specs:
+                self.placement.setdefault(partition.id, {})[name] = specs[partition.id]
+            elif partition.kind is not PartitionKind.TRITON:  # a reload left it out: it stops running the model
+                self.placement.get(partition.id, {}).pop(name, None)
         self.not_served.pop(name, None)
         if name in self.models:
             self.batchers[name].policy = policy = self._policy(entry)
@@ -204,9 +207,13 @@ class Gateway:
         else:
             self._serve(name, entry)
 
+    def _local_partitions(self, name: str) -> set[str]:
+        """The local partitions a model is placed on now."""
+        return {p.id for p in self.partitions if p.kind is not PartitionKind.TRITON and name in self.placement.get(p.id, {})}
+
     async def serve_attached(self, name: str, entry: ModelEntry, specs: dict[str, ModelSpec]) -> None:
         """A front-end process: the first process loaded (or reloaded) a model on these partitions; serve it too."""
-        await self.backend.attach_model(specs)
+        await self.backend.attach_model(name, specs)
         self._placed(name, entry, specs)
 
     async def unserve_attached(self, name: str, reason: str) -> None:
@@ -261,10 +268,21 @@ class Gateway:
                 raise BadRequest(
                     f"failed to load '{name}': {refusals}" + (" (the running version serves on)" if name in self.models else "")
                 )
+            left_out = self._local_partitions(name) - loaded.keys()  # a reload they did not take: they drop the old version
             self._placed(name, entry, loaded)
-            if self.frontends is not None:
+            if self.frontends is not None:  # each stops sending batches to the partitions left out before they drop it
                 await self.frontends.tell(ServeModel(name, entry, loaded), self.config.default_timeout_s)
+            if left_out:
+                await self.backend.unload_model(name, sorted(left_out))
             logger.info("loaded model %s on %s%s", name, ", ".join(loaded), f" ({refusals})" if refusals else "")
+            if left_out:
+                logger.warning(
+                    "model %s: partitions %s ran the previous version and do not run the new one (%s): dropped it there, "
+                    "so every answer comes from the new version",
+                    name,
+                    ", ".join(sorted(left_out)),
+                    refusals or "no memory left for it",
+                )
 
     async def unload_model(self, name: str, parameters: dict[str, Any]) -> None:
         """Stop serving a model: new requests get 404, accepted ones are answered first. Unloading a model of the

@@ -14,7 +14,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from multiprocessing.connection import Client, Connection
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING
@@ -255,13 +255,13 @@ class WorkerReplica:
         return reply.refused
 
     async def unload(self, model: str) -> None:
-        """Drop a model's session (and its memory) from this worker, restarts included."""
-        self._models.pop(model, None)  # first: if the worker dies meanwhile, its restart no longer loads the model
+        """Drop a model's session (and its memory) from this worker, restarts included. No batch of it is sent here
+        from now on; those sent before run first (the worker answers its pipe in order)."""
+        self.forget(model)  # first: no more batches, and if the worker dies meanwhile its restart leaves the model out
         self.refused.pop(model, None)
+        self._on_change()
         if self._ready:
             await self._ask(UnloadModel(model))
-        self.forget(model)
-        self._on_change()
 
     def learn(self, spec: ModelSpec) -> None:
         """The worker runs this model (loaded or reloaded): batches of it go there, and a restart loads it."""
@@ -271,6 +271,11 @@ class WorkerReplica:
     def forget(self, model: str) -> None:
         self._models.pop(model, None)
         self.loaded = tuple(m for m in self.loaded if m != model)
+
+    async def settled(self) -> None:
+        """Once every batch sent to this worker so far is answered (or failed)."""
+        if self._pending:
+            await asyncio.wait(list(self._pending.values()))
 
     async def _ask(self, message: LoadModel | UnloadModel) -> ModelLoaded | ModelUnloaded:
         """Send a control message and wait for its reply; batches sent meanwhile run after it, in order."""
@@ -402,16 +407,23 @@ class LocalBackend:
                     outcome[pid] = None
         return outcome
 
-    async def unload_model(self, model: str) -> None:
-        """Drop a model from every local worker that has it (Triton partitions keep theirs)."""
-        for worker in self.workers.values():
+    async def unload_model(self, model: str, partitions: Iterable[str] | None = None) -> None:
+        """Drop a model from every local worker that has it, or from those of these partitions (Triton partitions
+        keep theirs)."""
+        chosen = self.workers.values() if partitions is None else [self.workers[pid] for pid in partitions if pid in self.workers]
+        for worker in chosen:
             if isinstance(worker, WorkerReplica) and model in worker.assigned:
                 with contextlib.suppress(WorkerDied):  # then its restart no longer loads the model
                     await worker.unload(model)
 
-    async def attach_model(self, specs: Mapping[str, ModelSpec]) -> None:
+    async def attach_model(self, model: str, specs: Mapping[str, ModelSpec]) -> None:
         """A front-end process: the first process loaded a model on these partitions (partition id -> its spec);
-        send it batches there from now on, connecting to a worker the first process started for it."""
+        send it batches there from now on, connecting to a worker the first process started for it. A partition
+        that ran it before and is not among these (one a reload left out) gets no more batches of it, and this
+        returns once those sent there are answered: the first process drops it there next."""
+        dropped = [w for pid, w in self.workers.items() if pid not in specs and isinstance(w, AttachedReplica) and model in w.loaded]
+        for replica in dropped:
+            replica.forget(model)
         for pid, spec in specs.items():
             worker = self.workers.get(pid)
             if worker is None:
@@ -421,6 +433,7 @@ class LocalBackend:
             elif isinstance(worker, AttachedReplica):
                 worker.learn(spec)
         self._notify()
+        await asyncio.gather(*(replica.settled() for replica in dropped))
 
     def detach_model(self, model: str) -> None:
         """A front-end process: the first process is unloading a model; no more batches of it from here."""

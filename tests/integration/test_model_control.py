@@ -24,8 +24,10 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from migserve.contract import read_contract
-from tests.helpers import ExportedRepo, Gateway
-from tests.integration.test_gateway_protocol import grpc_inputs, make_inputs, triton_inputs
+from migserve.types import Array
+from service.placement import MEMORY_FACTOR
+from tests.helpers import ExportedRepo, Gateway, migserve
+from tests.integration.test_gateway_protocol import direct, grpc_inputs, make_inputs, triton_inputs
 
 MODELS = ("crowd-csrnet", "face-pros", "lns-organs")
 
@@ -213,3 +215,45 @@ def test_load_and_unload_over_grpc(server: Gateway, repo: Path) -> None:
     with pytest.raises(InferenceServerException) as caught:
         client.load_model("no-such-model")
     assert caught.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT) and "no such model" in str(caught.value.message())
+
+
+def test_a_reload_that_no_longer_fits_a_partition_drops_the_old_version_there(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """cpu-b has memory for face-pros as exported, not for a deeper version: after the reload only cpu-a runs the
+    model, and every answer, whichever front-end process or partition would have taken it, is the new version's."""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo.root / "face-pros", repo / "face-pros")
+    small = (repo / "face-pros" / "1" / "model.onnx").stat().st_size
+    topology = tmp_path / "topology.yaml"
+    topology.write_text(
+        "partitions:\n"
+        "  - {id: cpu-a, kind: cpu, cores: [0]}\n"
+        f"  - {{id: cpu-b, kind: cpu, cores: [1], memory_bytes: {small * MEMORY_FACTOR + 4096}}}\n"
+    )
+    deeper = tmp_path / "deeper"
+    run = migserve("export", "--model", "face-pros", "--size", "tiny", "--set", "face-pros.depth=6", "--seed", "1", "--out", deeper)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (deeper / "face-pros" / "1" / "model.onnx").stat().st_size * MEMORY_FACTOR > small * MEMORY_FACTOR + 4096
+    flags = ("--topology", str(topology), "--frontends", "2", "--model-control-mode", "explicit", "--models", "face-pros")
+    server = Gateway(repo, *flags, log=tmp_path / "serve.log")
+    try:
+        assert _placed(server.url) == [["face-pros"], ["face-pros"]]
+        shutil.rmtree(repo / "face-pros")
+        shutil.copytree(deeper / "face-pros", repo / "face-pros")
+        httpclient.InferenceServerClient(url=server.url).load_model("face-pros")
+        assert _placed(server.url) == [["face-pros"], []], "cpu-b no longer runs the model"
+        sent = [make_inputs(read_contract(repo / "face-pros"), 1, seed=i) for i in range(32)]
+
+        def call(arrays: dict[str, Array]) -> Array:
+            own = httpclient.InferenceServerClient(url=server.url)  # a connection of its own: either front-end
+            try:
+                return own.infer("face-pros", triton_inputs(arrays)).as_numpy("embedding")
+            finally:
+                own.close()
+
+        with ThreadPoolExecutor(8) as pool:  # enough at once that both partitions would take batches
+            answers = list(pool.map(call, sent))
+        for arrays, answer in zip(sent, answers, strict=True):
+            np.testing.assert_allclose(answer, direct(repo, "face-pros", arrays)[0], rtol=1e-4, atol=1e-5)
+    finally:
+        server.close()
+    assert "partitions cpu-b ran the previous version" in (tmp_path / "serve.log").read_text()

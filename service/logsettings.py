@@ -6,7 +6,7 @@ the gateway's Python logging level: verbose > 0 is DEBUG, else INFO while log_in
 on, else WARNING while log_warning is on, else ERROR while log_error is on, else
 nothing. The gateway logs to stderr in one format, so log_file must stay "" and
 log_format "default". With `serve --frontends`, every front-end process takes the same changes
-(service/api/frontends.py); workers keep the level they started with.
+(service/api/frontends.py). Workers log only warnings and errors (service/workers/process.py), whatever the level.
 """
 
 from __future__ import annotations

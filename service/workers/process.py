@@ -14,6 +14,7 @@ import ctypes
 import dataclasses
 import functools
 import hashlib
+import logging
 import os
 import socket
 import time
@@ -328,6 +329,8 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     # A process group of its own: Ctrl-C in a terminal (or a supervisor's signal to the gateway's group) reaches
     # the gateway alone, which stops its workers in order; a worker killed alongside it looked like a crash.
     os.setpgid(0, 0)
+    # A worker logs only what goes wrong (a refused page-locking), in the gateway's format; not on the hot path.
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s %(levelname)s %(name)s[worker {spec.partition}]: %(message)s")
     if spec.device:
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.device
     if spec.cores:

@@ -246,7 +246,7 @@ def test_a_reload_that_no_longer_fits_a_partition_drops_the_old_version_there(ti
         def call(arrays: dict[str, Array]) -> Array:
             own = httpclient.InferenceServerClient(url=server.url)  # a connection of its own: either front-end
             try:
-                return own.infer("face-pros", triton_inputs(arrays)).as_numpy("embedding")
+                return np.asarray(own.infer("face-pros", triton_inputs(arrays)).as_numpy("embedding"))
             finally:
                 own.close()
 

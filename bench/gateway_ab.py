@@ -47,7 +47,10 @@ def main() -> int:
                 server.wait_idle(args.model)
                 url = f"http://127.0.0.1:{server.port}/v2/models/{args.model}/infer"
                 idle_before, wait_before, clock_before = _idle_ticks(), _run_queue_wait_ns(server.process.pid), time.monotonic()
-                point = closed_loop(url, body, headers, args.concurrency, args.seconds, server_pid=server.process.pid)
+                frontends = server.frontend_pids()  # with --frontends: gateway processes, not workers
+                point = closed_loop(
+                    url, body, headers, args.concurrency, args.seconds, server_pid=server.process.pid, frontend_pids=frontends
+                )
                 elapsed = time.monotonic() - clock_before
                 point["idle"] = (_idle_ticks() - idle_before) / (os.sysconf("SC_CLK_TCK") * elapsed * (os.cpu_count() or 1))
                 point["gateway_wait"] = (_run_queue_wait_ns(server.process.pid) - wait_before) / 1e9 / elapsed

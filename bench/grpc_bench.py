@@ -16,10 +16,14 @@ prepared ModelInferRequest (raw contents, as tritonclient sends) as a unary gRPC
 it sees HTTP/2 status 200 even when the call fails with a gRPC status, so every
 point is checked against the gateway's own count of answered (200) requests.
 The comparison is the mean over rounds (this machine's speed drifts within minutes).
+With --frontends 1,2 one gateway per count runs at once (`serve --frontends N`, where every
+process serves HTTP and gRPC inference), idle between points, and each round loads every mode
+on each in turn; every figure is then against the first gateway's http.
 
     .venv/bin/python -m bench.grpc_bench [--model face-pros] [--concurrency 32] [--rounds 3] [--seconds 6]
     .venv/bin/python -m bench.grpc_bench --model crowd-csrnet --dims height=16,width=16   # a tiny tensor
     .venv/bin/python -m bench.grpc_bench --shm                                             # and shared memory
+    .venv/bin/python -m bench.grpc_bench --frontends 1,2                                   # one process or two
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,15 +100,19 @@ def region_body(repo: Path, model: str, dims: dict[str, int], region: str) -> tu
     return header, {"Content-Type": "application/json"}, list(arrays.values())
 
 
-def h2load_loop(url: str, message: bytes, connections: int, streams: int, seconds: float, *, server_pid: int) -> dict[str, Any]:
-    """A closed loop of unary gRPC calls from h2load; the same fields as gateway_bench.closed_loop."""
+def h2load_loop(
+    url: str, message: bytes, connections: int, streams: int, seconds: float, *, server_pid: int, frontend_pids: Sequence[int] = ()
+) -> dict[str, Any]:
+    """A closed loop of unary gRPC calls from h2load; the same fields as gateway_bench.closed_loop (the gateway's CPU
+    is that of its first process and of its other front-ends)."""
     with tempfile.TemporaryDirectory() as tmp:
         body, log = Path(tmp) / "request.grpc", Path(tmp) / "requests.log"
         body.write_bytes(message)
         base = ["h2load", f"-c{connections}", f"-m{streams}", "-H", "content-type: application/grpc", "-H", "te: trailers"]
         base += ["-d", str(body)]
         subprocess.run([*base, "-D1", url], check=True, capture_output=True)  # warm-up, excluded
-        server = [server_pid, *_children(server_pid)]
+        front = [server_pid, *frontend_pids]
+        server = front + [pid for pid in _children(server_pid) if pid not in frontend_pids]
         cpu_before, client_before = [_cpu_seconds(pid) for pid in server], _children_cpu_seconds()
         out = subprocess.run([*base, f"-D{seconds:g}", f"--log-file={log}", url], check=True, capture_output=True, text=True).stdout
         cpu = [_cpu_seconds(pid) - before for pid, before in zip(server, cpu_before, strict=True)]
@@ -122,8 +130,8 @@ def h2load_loop(url: str, message: bytes, connections: int, streams: int, second
         "errors": int(counts[4]) + int(counts[5]) + int(counts[6]),
         "p50_ms": float(np.percentile(latencies, 50)),
         "p99_ms": float(np.percentile(latencies, 99)),
-        "gateway_cpu_ms": cpu[0] * per_request,
-        "workers_cpu_ms": sum(cpu[1:]) * per_request,
+        "gateway_cpu_ms": sum(cpu[: len(front)]) * per_request,
+        "workers_cpu_ms": sum(cpu[len(front) :]) * per_request,
         "client_cpu_ms": client_cpu * per_request,
     }
 
@@ -137,6 +145,7 @@ def answered(port: int, model: str) -> float:
 
 
 Load = Callable[[], dict[str, Any]]
+Modes = dict[str, tuple[Server, Load]]  # a mode's label -> the gateway it loads, and its load
 
 
 def main() -> int:
@@ -144,22 +153,32 @@ def main() -> int:
     round_options(parser, rounds=3)
     parser.add_argument("--dims", default="", help="named dims other than the contract's defaults, e.g. height=16,width=16")
     parser.add_argument("--shm", action="store_true", help="also http-shm and grpc-shm: inputs in a shared memory region")
+    parser.add_argument("--frontends", default="1", help="front-end process counts, one gateway each, e.g. 1,2 (default: 1)")
     args = parser.parse_args()
     dims = {k: int(v) for k, v in (item.split("=", 1) for item in filter(None, args.dims.split(",")))}
+    counts = [int(n) for n in args.frontends.split(",") if n]
     missing = [tool for tool in ("wrk", "h2load") if shutil.which(tool) is None]
     if missing:
         print(f"needs {' and '.join(missing)}: apt-get install -y wrk nghttp2-client", file=sys.stderr)
         return 2
     export(args.repo, args.model)
-    grpc_port = free_port()
-    server = Server(args.repo, "--models", args.model, "--grpc-port", str(grpc_port))
-    region = None
+    servers: dict[int, tuple[Server, int]] = {}
+    regions: list[Any] = []
     try:
-        modes, region = _modes(args, dims, server, grpc_port)
-        points = _rounds(server, args.model, modes, args.rounds)
+        modes: Modes = {}
+        for count in counts:
+            grpc_port = free_port()
+            server = Server(args.repo, "--models", args.model, "--grpc-port", str(grpc_port), "--frontends", str(count))
+            servers[count] = server, grpc_port
+            label = f" fe{count}" if len(counts) > 1 else ""
+            these, region = _modes(args, dims, server, grpc_port, region=f"bench{count}")
+            modes |= {mode + label: (server, load) for mode, load in these.items()}
+            regions += [region] if region is not None else []
+        points = _rounds(args.model, modes, args.rounds)
     finally:
-        server.close()
-        if region is not None:
+        for server, _ in servers.values():
+            server.close()
+        for region in regions:
             shared_memory.destroy_shared_memory_region(region)
     size = f" at {args.dims}" if dims else ""
     print(f"\n{args.model}{size}, concurrency {args.concurrency}, {args.rounds} rounds of {args.seconds:g} s, one sample per request\n")
@@ -167,37 +186,38 @@ def main() -> int:
     return 0
 
 
-def _modes(args: argparse.Namespace, dims: dict[str, int], server: Server, grpc_port: int) -> tuple[dict[str, Load], Any]:
-    """Each mode's load, and the shared memory region the -shm modes read (None without --shm)."""
+def _modes(args: argparse.Namespace, dims: dict[str, int], server: Server, grpc_port: int, *, region: str) -> tuple[dict[str, Load], Any]:
+    """Each mode's load on this gateway, and the shared memory region its -shm modes read (None without --shm)."""
     http_url = f"http://127.0.0.1:{server.port}/v2/models/{args.model}/infer"
     grpc_url = f"http://127.0.0.1:{grpc_port}/inference.GRPCInferenceService/ModelInfer"
-    n, seconds, pid = args.concurrency, args.seconds, server.process.pid
+    n, seconds = args.concurrency, args.seconds
+    pid, fronts = server.process.pid, server.frontend_pids()
     body, headers = bodies(args.repo, args.model, dims)["binary"]
     message = grpc_message(args.repo, args.model, dims)
     modes: dict[str, Load] = {
-        "http": lambda: closed_loop(http_url, body, headers, n, seconds, server_pid=pid),
-        "grpc": lambda: h2load_loop(grpc_url, message, n, 1, seconds, server_pid=pid),
-        "grpc-streams": lambda: h2load_loop(grpc_url, message, 1, n, seconds, server_pid=pid),
+        "http": lambda: closed_loop(http_url, body, headers, n, seconds, server_pid=pid, frontend_pids=fronts),
+        "grpc": lambda: h2load_loop(grpc_url, message, n, 1, seconds, server_pid=pid, frontend_pids=fronts),
+        "grpc-streams": lambda: h2load_loop(grpc_url, message, 1, n, seconds, server_pid=pid, frontend_pids=fronts),
     }
     if not args.shm:
         return modes, None
     # The inputs sit in one region, written once; every request names it (a client would write each request's).
-    shm_body, shm_headers, arrays = region_body(args.repo, args.model, dims, "bench")
+    shm_body, shm_headers, arrays = region_body(args.repo, args.model, dims, region)
     nbytes = sum(a.nbytes for a in arrays)
-    region = shared_memory.create_shared_memory_region("bench", "/migserve_bench_inputs", nbytes)
-    shared_memory.set_shared_memory_region(region, arrays)
-    httpclient.InferenceServerClient(f"127.0.0.1:{server.port}").register_system_shared_memory("bench", "/migserve_bench_inputs", nbytes)
-    shm_message = grpc_message(args.repo, args.model, dims, region="bench")
-    modes["http-shm"] = lambda: closed_loop(http_url, shm_body, shm_headers, n, seconds, server_pid=pid)
-    modes["grpc-shm"] = lambda: h2load_loop(grpc_url, shm_message, n, 1, seconds, server_pid=pid)
-    return modes, region
+    handle = shared_memory.create_shared_memory_region(region, f"/migserve_{region}_inputs", nbytes)
+    shared_memory.set_shared_memory_region(handle, arrays)
+    httpclient.InferenceServerClient(f"127.0.0.1:{server.port}").register_system_shared_memory(region, f"/migserve_{region}_inputs", nbytes)
+    shm_message = grpc_message(args.repo, args.model, dims, region=region)
+    modes["http-shm"] = lambda: closed_loop(http_url, shm_body, shm_headers, n, seconds, server_pid=pid, frontend_pids=fronts)
+    modes["grpc-shm"] = lambda: h2load_loop(grpc_url, shm_message, n, 1, seconds, server_pid=pid, frontend_pids=fronts)
+    return modes, handle
 
 
-def _rounds(server: Server, model: str, modes: dict[str, Load], rounds: int) -> dict[str, list[dict[str, Any]]]:
+def _rounds(model: str, modes: Modes, rounds: int) -> dict[str, list[dict[str, Any]]]:
     """Every mode once per round, in order; a point with failed requests stops the run."""
     points: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     for round_ in range(1, rounds + 1):
-        for mode, load in modes.items():
+        for mode, (server, load) in modes.items():
             server.wait_idle(model)
             before = answered(server.port, model)
             point = load()
@@ -222,7 +242,7 @@ def _table(points: dict[str, list[dict[str, Any]]]) -> str:
         "| mode | samples/s (mean) | x http | p50 ms | p99 ms | CPU ms/request: gateway / workers / client | cores busy |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    base = statistics.mean(p["samples_per_s"] for p in points["http"])
+    base = statistics.mean(p["samples_per_s"] for p in next(iter(points.values())))  # the first gateway's http
     for mode, rows in points.items():
         rate = statistics.mean(p["samples_per_s"] for p in rows)
         p50, p99 = (statistics.mean(p[key] for p in rows) for key in ("p50_ms", "p99_ms"))

@@ -39,7 +39,7 @@ from ..regions import Regions
 from ..repository import ModelEntry, RepositoryError, load_model, load_repository
 from ..stats import ModelStatistics, model_config
 from ..workers.protocol import ModelSpec, WorkerOptions
-from .budget import BodyBudget
+from .budget import BodyBudget, SharedHeld
 from .errors import error_body
 from .fastpath import InferFastPath
 from .frontends import (
@@ -77,10 +77,12 @@ class Gateway:
     logs: LogSettings = field(default_factory=LogSettings.current)  # the logging extension's view of the log level
     control: asyncio.Lock = field(default_factory=asyncio.Lock)  # one model load or unload at a time
     frontends: Frontends | None = None  # the other front-end processes (serve --frontends), run by this one
+    held: SharedHeld | None = None  # with front-ends: the bodies every process holds, for one budget
+    index: int = 0  # this process's front-end index (0: the first process)
 
     def __post_init__(self) -> None:
         self.jobs = JobStore(self.config.max_jobs, self.config.job_ttl_s)
-        self.bodies = BodyBudget(self.config.max_pending_bytes)
+        self.bodies = BodyBudget(self.config.max_pending_bytes, self.held, self.index)
 
     @classmethod
     def build(cls, config: ServeConfig) -> Gateway:
@@ -110,8 +112,9 @@ class Gateway:
         )
         left_out = {name: "not served: the gateway was started with --models naming others" for name in repo.models if name not in models}
         not_served = repo.refused | left_out
-        frontends = None
+        frontends = held = None
         if directory is not None:
+            held = SharedHeld(config.frontends)
             frontends = Frontends(
                 config.frontends - 1,
                 directory,
@@ -125,10 +128,12 @@ class Gateway:
                     sockets=sockets,
                     handoff=handoff,
                     grpc=str(directory / GRPC_SOCKET) if config.grpc_port is not None else None,
+                    held=held,
                     log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
                 ),
+                held,
             )
-        return cls(config, models, partitions, placement, backend, not_served=not_served, frontends=frontends)
+        return cls(config, models, partitions, placement, backend, not_served=not_served, frontends=frontends, held=held)
 
     async def start(self) -> None:
         await self.backend.start()

@@ -8,33 +8,74 @@ its request is answered, and one that would take the total over the budget is
 answered 503 with Retry-After before it is read. A gRPC message is counted once
 gRPC has received it (gRPC reads a whole message, up to `--max-body-mb`, before the
 gateway sees it) and refused with UNAVAILABLE, so queued messages stay bounded too.
+
+With `serve --frontends N` the budget is the gateway's, not each process's: every process
+counts what it holds in its own slot of a shared array, and takes under the array's lock
+after adding up all slots. The first process empties the slot of a front-end that died
+(its connections died with it) before it starts it again.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 from types import TracebackType
+from typing import Any
 
 from ..errors import Unavailable
 from ..workers.shm import MB
 
 
+class SharedHeld:
+    """Bytes of request bodies each front-end process holds (slot 0: the first process), shared by all of them."""
+
+    def __init__(self, processes: int) -> None:
+        self._slots: Any = mp.get_context("spawn").Array("q", processes)  # zeroed; passed to front-ends as they spawn
+        self.lock = self._slots.get_lock()
+        self.values: Any = self._slots.get_obj()  # read and written under `lock`
+
+    def clear(self, slot: int) -> None:
+        """A process that is gone holds nothing."""
+        with self.lock:
+            self.values[slot] = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"slots": self._slots}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._slots = state["slots"]
+        self.lock = self._slots.get_lock()
+        self.values = self._slots.get_obj()
+
+
 class BodyBudget:
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, shared: SharedHeld | None = None, slot: int = 0) -> None:
         self.limit = limit
-        self.held = 0
+        self.held = 0  # by this process
+        self.shared, self.slot = shared, slot
 
     def take(self, nbytes: int) -> None:
         """Count `nbytes` more, or refuse them (503) if they would pass the limit."""
-        if self.held + nbytes > self.limit:
+        if self.shared is None:
+            self._check(self.held, nbytes)
+        else:
+            with self.shared.lock:
+                self._check(sum(self.shared.values), nbytes)
+                self.shared.values[self.slot] += nbytes
+        self.held += nbytes
+
+    def _check(self, held: int, nbytes: int) -> None:
+        if held + nbytes > self.limit:
             raise Unavailable(
-                f"the gateway holds {self.held / MB:.1f} MB of request bodies; {nbytes / MB:.1f} MB more would pass "
+                f"the gateway holds {held / MB:.1f} MB of request bodies; {nbytes / MB:.1f} MB more would pass "
                 f"--max-pending-mb {self.limit / MB:g}",
                 retry_after_s=1.0,
             )
-        self.held += nbytes
 
     def give(self, nbytes: int) -> None:
         self.held -= nbytes
+        if self.shared is not None:
+            with self.shared.lock:
+                self.shared.values[self.slot] -= nbytes
 
 
 class Hold:

@@ -17,8 +17,9 @@ over its Unix socket (`service/api/grpc_service.py`). So every piece of state (r
 readiness, logs) lives in one process; /metrics and the
 statistics extension add the other front-ends' counts to the first's. With explicit model control
 the first process tells every front-end of a load (after the workers have the model) and of an
-unload (before they drop it), and answers once each has applied it. Queue capacity, the body
-budget and the batchers are per process. A front-end that dies is started again.
+unload (before they drop it), and answers once each has applied it. `--max-pending-mb` bounds the
+bodies all processes hold together (service/api/budget.py); queue capacity and the batchers are per
+process. A front-end that dies is started again.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from ..repository import ModelEntry
 from ..stats import ModelStatistics
 from ..workers import shm
 from ..workers.protocol import ModelSpec, Stop, watch  # a front-end stops as a worker does
+from .budget import SharedHeld
 from .connection import InferConnection
 from .fastpath import BINARY_HEADER_LENGTH
 
@@ -79,6 +81,7 @@ class FrontendSpec:
     sockets: dict[str, str]  # partition id -> its worker's Unix socket
     handoff: str  # the first process's Unix socket for connections it should serve
     grpc: str | None  # the first process's Unix socket for the gRPC calls a front-end passes on (None: no gRPC)
+    held: SharedHeld  # the request bodies every process holds: --max-pending-mb bounds their sum
     log_level: str
 
 
@@ -97,6 +100,7 @@ class Counts:
     stats: dict[str, ModelStatistics]
     handed_over: int
     log_level: str  # the front-end's own, as Triton's logging extension set it
+    bodies_held: int  # bytes of request bodies it holds now
 
 
 @dataclass(frozen=True)
@@ -268,7 +272,16 @@ async def _frontend(spec: FrontendSpec, conn: Connection) -> None:
     from .app import Gateway
 
     backend = LocalBackend(spec.partitions, spec.placement, sockets=spec.sockets, attached=True)
-    gateway = Gateway(spec.config, dict(spec.models), spec.partitions, spec.placement, backend, not_served=dict(spec.not_served))
+    gateway = Gateway(
+        spec.config,
+        dict(spec.models),
+        spec.partitions,
+        spec.placement,
+        backend,
+        not_served=dict(spec.not_served),
+        held=spec.held,
+        index=spec.index,
+    )
     await gateway.start()
     handoff = HandOff(spec.handoff)
     server = uvicorn.Server(
@@ -298,7 +311,9 @@ async def _frontend(spec: FrontendSpec, conn: Connection) -> None:
         if isinstance(message, Snapshot):
             stats = dict(gateway.stats)
             level = logging.getLevelName(gateway.logs.level())
-            conn.send(Counts(spec.index, os.getpid(), generate_latest(gateway.metrics.registry), stats, handoff.count, level))
+            gateway.metrics.body_bytes.set(gateway.bodies.held)  # the first process adds it to its own
+            metrics = generate_latest(gateway.metrics.registry)
+            conn.send(Counts(spec.index, os.getpid(), metrics, stats, handoff.count, level, gateway.bodies.held))
         elif isinstance(message, SetLogs):
             gateway.logs.update(message.changes)  # checked by the first process already
             conn.send(Done("logging"))
@@ -364,6 +379,7 @@ class Frontends:
     count: int  # front-end processes besides this one
     directory: Path
     spec: Callable[[int, str], FrontendSpec]  # index, hand-over path -> the spec
+    held: SharedHeld  # each process's request bodies (service/api/budget.py)
     adopt: Callable[[socket.socket, bytes], None] | None = None  # serve a handed-over connection (set by `serve`)
     children: dict[int, _Child] = field(default_factory=dict)
     latest: list[Counts] = field(default_factory=list)
@@ -429,6 +445,7 @@ class Frontends:
         if self.children.get(child.index) is child:
             del self.children[child.index]
         _remove_arenas(child.process.pid)
+        self.held.clear(child.index)  # the bodies it held went with its connections
         if not self._stopping:
             logger.error("front-end %d (pid %s) exited with code %s; restarting", child.index, child.process.pid, child.process.exitcode)
             task = loop.create_task(self._restart(child.index, child.restarts + 1))
@@ -519,6 +536,7 @@ class Frontends:
                     "requests": sum(s.success.count + s.fail.count for s in latest.stats.values()) if latest else None,
                     "handed_over": latest.handed_over if latest else None,
                     "log_level": latest.log_level if latest else None,
+                    "bodies_held": latest.bodies_held if latest else None,
                 }
             )
         return view

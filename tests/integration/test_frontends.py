@@ -302,6 +302,63 @@ def test_a_killed_front_end_is_started_again_and_a_stop_ends_every_process(tiny_
             os.kill(pid, 0)
 
 
+def _announce(gateway: Gateway, length: int, count: int) -> tuple[list[socket.socket], int]:
+    """`count` new connections each send a request head announcing a body of `length` bytes, and 10 bytes of it:
+    the connections whose bodies the gateway holds (no answer yet), and how many it refused (503) at once."""
+    opened = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+        head = f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n"
+        sock.sendall(head.encode() + b"{" * 10)
+        opened.append(sock)
+    time.sleep(0.5)  # a refusal is sent as the head is read
+    held, refused = [], 0
+    for sock in opened:
+        sock.setblocking(False)
+        try:
+            answer = sock.recv(65536)
+        except BlockingIOError:
+            sock.setblocking(True)
+            held.append(sock)
+            continue
+        assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+        refused += 1
+        sock.close()
+    return held, refused
+
+
+def test_max_pending_mb_bounds_the_bodies_of_every_process_together(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """1 MiB of bodies in all: three unfinished bodies of 300,000 bytes, whichever process took each; a front-end that
+    dies holding some gives them back."""
+    flags = ("--cpu-slices", "1,1", "--frontends", "2", "--models", MODEL, "--max-body-mb", "1", "--max-pending-mb", "1")
+    gateway = Gateway(tiny_repo.root, *flags, log=tmp_path / "serve.log")
+    held: list[socket.socket] = []
+    try:
+        for _ in range(10):  # until the second process holds some (the kernel spreads connections at random)
+            held, refused = _announce(gateway, 300_000, CONNECTIONS)
+            assert (len(held), refused) == (3, CONNECTIONS - 3), "the processes share one budget"
+            [victim] = _front_end_counts(gateway)
+            if victim["bodies_held"]:
+                break
+            for sock in held:
+                sock.close()
+        assert victim["bodies_held"] >= 300_000
+        assert _metric(gateway, "migserve_request_body_bytes ") == 900_000, "the gauge adds every process's bodies"
+        os.kill(victim["pid"], signal.SIGKILL)
+        _wait(lambda: any(f["pid"] != victim["pid"] for f in _front_end_counts(gateway)), "front-end 1 restarted")
+        for sock in held:
+            sock.close()
+        _wait(lambda: _metric(gateway, "migserve_request_body_bytes ") == 0, "the first process gave back its bodies")
+        for _ in range(4):  # the whole budget is free: the dead process's bodies no longer count
+            almost_all, refused = _announce(gateway, 1_000_000, 1)
+            assert (len(almost_all), refused) == (1, 0)
+            almost_all[0].close()
+    finally:
+        for sock in held:
+            sock.close()
+        gateway.close()
+
+
 def test_front_ends_need_the_gateway_s_own_http_server(tiny_repo: ExportedRepo) -> None:
     run = migserve("serve", "--model-repo", tiny_repo.root, "--port", "0", "--frontends", "2", "--http-server", "uvicorn", timeout=60)
     assert run.returncode == 2

@@ -1,0 +1,76 @@
+"""--max-pending-mb across front-end processes: one budget over every process's bodies (service/api/budget.py)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from multiprocessing.connection import Connection
+
+import pytest
+
+from service.api.budget import BodyBudget, SharedHeld
+from service.errors import Unavailable
+
+LIMIT = 1000
+
+
+def _take_in_another_process(held: SharedHeld, slot: int, amounts: list[int], conn: Connection) -> None:
+    """A front-end process: takes each amount in turn, answering what happened, then waits to be told to give all."""
+    budget = BodyBudget(LIMIT, held, slot)
+    for nbytes in amounts:
+        try:
+            budget.take(nbytes)
+            conn.send("taken")
+        except Unavailable as exc:
+            conn.send(str(exc))
+    conn.recv()
+    budget.give(budget.held)
+    conn.send("given")
+
+
+def _other(held: SharedHeld, slot: int, amounts: list[int]) -> tuple[mp.process.BaseProcess, Connection, list[str]]:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=_take_in_another_process, args=(held, slot, amounts, child))
+    process.start()
+    return process, parent, [parent.recv() for _ in amounts]
+
+
+def test_one_process_alone_keeps_its_own_count() -> None:
+    budget = BodyBudget(LIMIT)
+    budget.take(600)
+    with pytest.raises(Unavailable, match=r"more would pass --max-pending-mb"):
+        budget.take(600)
+    budget.give(600)
+    budget.take(1000)
+
+
+def test_every_process_takes_from_one_budget_and_gives_back_to_it() -> None:
+    held = SharedHeld(2)
+    here = BodyBudget(LIMIT, held, 0)
+    here.take(600)
+    process, conn, answers = _other(held, 1, [300, 300])
+    try:
+        assert answers[0] == "taken"
+        assert "more would pass" in answers[1], "600 here and 300 there leave 100: the second 300 is refused"
+        with pytest.raises(Unavailable):
+            here.take(200)
+        assert (here.held, list(held.values)) == (600, [600, 300])
+        conn.send("give")
+        assert conn.recv() == "given"
+        here.take(400)  # what the other process gave back is free again
+        assert list(held.values) == [1000, 0]
+    finally:
+        process.join(10)
+
+
+def test_the_slot_of_a_process_that_died_is_emptied() -> None:
+    held = SharedHeld(2)
+    process, _, answers = _other(held, 1, [700])
+    assert answers == ["taken"]
+    process.kill()
+    process.join(10)
+    here = BodyBudget(LIMIT, held, 0)
+    with pytest.raises(Unavailable):  # the dead process's 700 bytes are still counted
+        here.take(400)
+    held.clear(1)  # what the first process does before it starts the front-end again
+    here.take(1000)

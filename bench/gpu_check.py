@@ -10,16 +10,19 @@ Stages, each recorded even when another fails:
   throughput  crowd-csrnet and face-pros: direct onnxruntime on the GPU at each batch size (the limit)
               against the gateway over HTTP, binary tensors, wrk at concurrency 1, 8, 32, with
               batches padded to one session per shape (binary) and on one session as they come
-              (onesession, --gpu-shape-sessions 0), or N front-end processes (frontendsN); the gateway's own statistics
+              (onesession, --gpu-shape-sessions 0), or N front-end processes (frontendsN); and over gRPC,
+              ModelInfer from h2load with one process or two (grpc, grpc-frontends2); the gateway's own statistics
               split each point's time (queue, partition); NVML readings of the GPU over the
               concurrency-32 points; the added p50 on a tiny tensor
 
     python -m bench.gpu_check --repo DIR [--seconds 3] [--out results/gpu_check]
-        [--modes binary,onesession,frontends2,frontends4,frontends8] [--concurrency 1,8,32] [--wrk-threads 1]
+        [--modes binary,onesession,frontends2,frontends4,frontends8,grpc,grpc-frontends2] [--concurrency 1,8,32]
+        [--wrk-threads 1]
         [--skip restart,conv_search]
 
 The frontendsN modes serve with `--frontends N` (N processes take requests on the port, service/api/frontends.py);
-their "gateway" CPU is all N processes'.
+their "gateway" CPU is all N processes'. The grpc modes need h2load (nghttp2-client) beside wrk; --wrk-threads sets
+both tools' threads.
 
 Writes gpu_check.json (every stage's record), gpu_check.md (the tables) and the raw `nvidia-smi`
 captures under --out. Exits 1 if the gateway's workers do not run on CUDAExecutionProvider.
@@ -50,6 +53,7 @@ from bench.mig import MigError, Smi
 from bench.nvml_probe import probe_for
 from migserve.types import Array
 from service.partitions import discover
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SMI_CAPTURES = {  # file -> nvidia-smi arguments; all read-only
@@ -248,7 +252,10 @@ GPU_MODES: dict[str, tuple[str, ...]] = {
     "binary": ("--gpu-shape-sessions", "8"),
     "onesession": ("--gpu-shape-sessions", "0"),
     **{name: ("--frontends", str(n)) for name, n in gb.FRONTEND_MODES.items()},
+    "grpc": ("--gpu-shape-sessions", "8"),
+    "grpc-frontends2": ("--frontends", "2"),
 }
+GRPC_MODES = frozenset({"grpc", "grpc-frontends2"})  # ModelInfer from h2load (bench/grpc_bench.py) instead of HTTP from wrk
 
 
 def throughput(args: argparse.Namespace, device: str | None) -> list[dict[str, Any]]:
@@ -258,21 +265,28 @@ def throughput(args: argparse.Namespace, device: str | None) -> list[dict[str, A
     for model, dims in gb.MODELS.items():
         rows += gb.direct(repo, model, dims, seconds, providers=cuda)
     for mode in args.modes:
-        server = gb.Server(repo, "--models", *gb.MODELS, *GPU_MODES[mode])
+        grpc_port = free_port() if mode in GRPC_MODES else None
+        grpc_args = ("--grpc-port", str(grpc_port)) if grpc_port is not None else ()
+        server = gb.Server(repo, "--models", *gb.MODELS, *GPU_MODES[mode], *grpc_args)
         try:
             frontends = server.frontend_pids()
+            processes = {"server_pid": server.process.pid, "frontend_pids": frontends, "threads": args.wrk_threads}
             for model, dims in gb.MODELS.items():
                 url = f"http://127.0.0.1:{server.port}/v2/models/{model}/infer"
                 body, headers = gb.bodies(repo, model, dims)["binary"]
+                grpc_url = f"http://127.0.0.1:{grpc_port}/inference.GRPCInferenceService/ModelInfer"
                 for n in concurrency:
                     server.wait_idle(model)
                     probe = probe_for(device) if n == max(concurrency) else None
                     if probe is not None:
                         probe.begin()
                     before = model_stats(server.port, model)
-                    result = gb.closed_loop(
-                        url, body, headers, n, seconds, server_pid=server.process.pid, frontend_pids=frontends, threads=args.wrk_threads
-                    )
+                    if grpc_port is None:
+                        result = gb.closed_loop(url, body, headers, n, seconds, **processes)
+                    else:
+                        from bench.grpc_bench import grpc_message, h2load_loop  # grpcio: only the grpc modes need it
+
+                        result = h2load_loop(grpc_url, grpc_message(repo, model, dims), n, 1, seconds, **processes)
                     inside = split(before, model_stats(server.port, model))  # wrk's warm-up second included
                     nvml = probe.end() if probe is not None else {}
                     rows.append({"mode": mode, "model": model, "batch": 1, "concurrency": n, **result, **inside, **nvml})

@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import shared_memory
 
@@ -101,14 +100,23 @@ def region_body(repo: Path, model: str, dims: dict[str, int], region: str) -> tu
 
 
 def h2load_loop(
-    url: str, message: bytes, connections: int, streams: int, seconds: float, *, server_pid: int, frontend_pids: Sequence[int] = ()
+    url: str,
+    message: bytes,
+    connections: int,
+    streams: int,
+    seconds: float,
+    *,
+    server_pid: int,
+    frontend_pids: Sequence[int] = (),
+    threads: int = 1,
 ) -> dict[str, Any]:
-    """A closed loop of unary gRPC calls from h2load; the same fields as gateway_bench.closed_loop (the gateway's CPU
-    is that of its first process and of its other front-ends)."""
+    """A closed loop of unary gRPC calls from h2load (`threads` of them, at most one per connection); the same fields as
+    gateway_bench.closed_loop (the gateway's CPU is that of its first process and of its other front-ends)."""
     with tempfile.TemporaryDirectory() as tmp:
         body, log = Path(tmp) / "request.grpc", Path(tmp) / "requests.log"
         body.write_bytes(message)
-        base = ["h2load", f"-c{connections}", f"-m{streams}", "-H", "content-type: application/grpc", "-H", "te: trailers"]
+        base = ["h2load", f"-c{connections}", f"-m{streams}", f"-t{min(threads, connections)}"]
+        base += ["-H", "content-type: application/grpc", "-H", "te: trailers"]
         base += ["-d", str(body)]
         subprocess.run([*base, "-D1", url], check=True, capture_output=True)  # warm-up, excluded
         front = [server_pid, *frontend_pids]
@@ -201,6 +209,8 @@ def _modes(args: argparse.Namespace, dims: dict[str, int], server: Server, grpc_
     }
     if not args.shm:
         return modes, None
+    import tritonclient.http as httpclient  # here: it needs gevent, which a GPU machine's bare Python may lack
+
     # The inputs sit in one region, written once; every request names it (a client would write each request's).
     shm_body, shm_headers, arrays = region_body(args.repo, args.model, dims, region)
     nbytes = sum(a.nbytes for a in arrays)

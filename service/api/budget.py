@@ -10,9 +10,12 @@ gRPC has received it (gRPC reads a whole message, up to `--max-body-mb`, before 
 gateway sees it) and refused with UNAVAILABLE, so queued messages stay bounded too.
 
 With `serve --frontends N` the budget is the gateway's, not each process's: every process
-counts what it holds in its own slot of a shared array, and takes under the array's lock
-after adding up all slots. The first process empties the slot of a front-end that died
-(its connections died with it) before it starts it again.
+publishes what it holds in its own slot of a shared array and adds up all slots before it
+takes more. No lock: a lock that a killed process held would wedge every other process,
+so each slot has one writer (an aligned 8-byte store is atomic) and the others only read.
+Two processes admitting a body at the same instant can both pass, so the bound can be
+exceeded by at most one body per other process. The first process empties the slot of a
+front-end that died (its connections died with it) before it starts it again.
 """
 
 from __future__ import annotations
@@ -29,22 +32,14 @@ class SharedHeld:
     """Bytes of request bodies each front-end process holds (slot 0: the first process), shared by all of them."""
 
     def __init__(self, processes: int) -> None:
-        self._slots: Any = mp.get_context("spawn").Array("q", processes)  # zeroed; passed to front-ends as they spawn
-        self.lock = self._slots.get_lock()
-        self.values: Any = self._slots.get_obj()  # read and written under `lock`
+        self.values: Any = mp.get_context("spawn").RawArray("q", processes)  # zeroed; passed to front-ends as they spawn
+
+    def total(self) -> int:
+        return sum(self.values)
 
     def clear(self, slot: int) -> None:
-        """A process that is gone holds nothing."""
-        with self.lock:
-            self.values[slot] = 0
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"slots": self._slots}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self._slots = state["slots"]
-        self.lock = self._slots.get_lock()
-        self.values = self._slots.get_obj()
+        """A process that is gone holds nothing (it no longer writes its slot)."""
+        self.values[slot] = 0
 
 
 class BodyBudget:
@@ -55,27 +50,22 @@ class BodyBudget:
 
     def take(self, nbytes: int) -> None:
         """Count `nbytes` more, or refuse them (503) if they would pass the limit."""
-        if self.shared is None:
-            self._check(self.held, nbytes)
-        else:
-            with self.shared.lock:
-                self._check(sum(self.shared.values), nbytes)
-                self.shared.values[self.slot] += nbytes
-        self.held += nbytes
-
-    def _check(self, held: int, nbytes: int) -> None:
+        held = self.held if self.shared is None else self.shared.total()
         if held + nbytes > self.limit:
             raise Unavailable(
                 f"the gateway holds {held / MB:.1f} MB of request bodies; {nbytes / MB:.1f} MB more would pass "
                 f"--max-pending-mb {self.limit / MB:g}",
                 retry_after_s=1.0,
             )
+        self._set(self.held + nbytes)
 
     def give(self, nbytes: int) -> None:
-        self.held -= nbytes
+        self._set(self.held - nbytes)
+
+    def _set(self, held: int) -> None:
+        self.held = held
         if self.shared is not None:
-            with self.shared.lock:
-                self.shared.values[self.slot] -= nbytes
+            self.shared.values[self.slot] = held  # this process is its slot's one writer
 
 
 class Hold:

@@ -311,6 +311,7 @@ def _announce(gateway: Gateway, length: int, count: int) -> tuple[list[socket.so
         head = f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n"
         sock.sendall(head.encode() + b"{" * 10)
         opened.append(sock)
+        time.sleep(0.05)  # one head at a time: two processes taking at the same instant may both pass (budget.py)
     time.sleep(0.5)  # a refusal is sent as the head is read
     held, refused = [], 0
     for sock in opened:

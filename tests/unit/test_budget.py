@@ -54,7 +54,7 @@ def test_every_process_takes_from_one_budget_and_gives_back_to_it() -> None:
         assert "more would pass" in answers[1], "600 here and 300 there leave 100: the second 300 is refused"
         with pytest.raises(Unavailable):
             here.take(200)
-        assert (here.held, list(held.values)) == (600, [600, 300])
+        assert (here.held, list(held.values), held.total()) == (600, [600, 300], 900)
         conn.send("give")
         assert conn.recv() == "given"
         here.take(400)  # what the other process gave back is free again

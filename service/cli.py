@@ -129,8 +129,11 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
         if args.frontends > 1:
             if args.http_server != "migserve":
                 raise ValueError("--frontends above 1 needs --http-server migserve: front-end processes read requests off the socket")
+            # Free first: SO_REUSEPORT alone would share a port with another server that set it too (Triton does).
+            _check_port(args.host, args.port, "--port")
             listening = _reuse_port(args.host, args.port)
             if grpc_port is not None:  # every front-end binds the same gRPC port: --grpc-port 0 is chosen once, here
+                _check_port(args.host, grpc_port, "--grpc-port")
                 reserved = _reuse_port(args.host, grpc_port, "--grpc-port", listen=False)
                 grpc_port = reserved.getsockname()[1]  # held, never listening (no connection lands on it), until exit
         config = ServeConfig(

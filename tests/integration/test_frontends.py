@@ -366,6 +366,22 @@ def test_front_ends_need_the_gateway_s_own_http_server(tiny_repo: ExportedRepo) 
     assert "needs --http-server migserve" in run.stderr
 
 
+@pytest.mark.parametrize("flag", ["--port", "--grpc-port"])
+def test_front_ends_refuse_a_port_another_server_shares_out(tiny_repo: ExportedRepo, flag: str) -> None:
+    """Another server listening with SO_REUSEPORT (Triton's gRPC does) would let the front-ends bind beside it and
+    take half its connections: the port counts as taken."""
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        ports = {"--port": str(taken), "--grpc-port": str(taken)} if flag == "--port" else {"--port": "0", "--grpc-port": str(taken)}
+        args = [item for pair in ports.items() for item in pair]
+        run = migserve("serve", "--model-repo", tiny_repo.root, *args, "--frontends", "2", timeout=60)
+    assert run.returncode == 2
+    assert f"{flag} {taken}: cannot listen on 127.0.0.1:{taken}" in run.stderr, run.stderr
+
+
 def _face_answers(gateway: Gateway, image: Array) -> list[tuple[int, bytes]]:
     """face-pros over 16 new connections: each one's status and embedding bytes."""
     found = []

@@ -81,8 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--frontends",
         type=int,
         default=1,
-        help="processes that take inference requests on --port, each with its own batchers over the same workers; the "
-        "first serves everything else too. One answers about 3,000 requests/s: on a GPU, more keep it busy (default: 1)",
+        help="processes that take inference requests on --port (and --grpc-port), each with its own batchers over the same "
+        "workers; the first serves everything else too. One answers about 3,000 requests/s: on a GPU, more keep it busy "
+        "(default: 1)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 

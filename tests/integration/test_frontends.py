@@ -13,6 +13,7 @@ import socket
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +279,48 @@ def test_killed_workers_come_back_for_every_front_end(frontends: Gateway, tiny_r
     )
     _all_answer(frontends, tiny_repo)
     assert "attached to worker cpu-0" in frontends.log.read_text().split("died")[-1], "the second process connected again"
+
+
+def test_grpc_calls_in_flight_when_the_workers_die_are_all_answered(frontends: Gateway, tiny_repo: ExportedRepo) -> None:
+    """8 gRPC clients call in a loop, each on its own connection (so on either process), while both workers are
+    killed: every call ends, answered right or UNAVAILABLE, none hangs, and once the workers are back all answer."""
+    assert frontends.grpc_url is not None
+    url = frontends.grpc_url
+    contract = read_contract(tiny_repo.root / MODEL)
+    arrays = make_inputs(contract, 1, seed=11, dims={"height": 16, "width": 16})
+    expected = direct(tiny_repo.root, MODEL, arrays)[0]
+    stop = time.monotonic() + 6
+    partitions = _get(frontends, "/v1/partitions")["partitions"]
+
+    def calls() -> list[str]:
+        client, outcomes = grpcclient.InferenceServerClient(url), []
+        try:
+            while time.monotonic() < stop:
+                started = time.monotonic()
+                try:
+                    result = client.infer(MODEL, grpc_inputs(arrays), client_timeout=30)
+                    np.testing.assert_allclose(result.as_numpy("density"), expected, rtol=1e-4, atol=1e-5)
+                    outcomes.append("ok")
+                except InferenceServerException as exc:
+                    outcomes.append(str(exc.status()))
+                assert time.monotonic() - started < 30
+        finally:
+            client.close()
+        return outcomes
+
+    with ThreadPoolExecutor(8) as pool:
+        running = [pool.submit(calls) for _ in range(8)]
+        time.sleep(1.5)
+        for partition in partitions:
+            os.kill(partition["pid"], signal.SIGKILL)
+        outcomes = [outcome for future in running for outcome in future.result()]
+    assert set(outcomes) <= {"ok", "StatusCode.UNAVAILABLE"}, sorted(set(outcomes))
+    assert outcomes.count("ok") > 8
+    _wait(lambda: all(p["ready"] for p in _get(frontends, "/v1/partitions")["partitions"]), "both workers restarted")
+    client = grpcclient.InferenceServerClient(url)
+    for _ in range(4):
+        np.testing.assert_allclose(client.infer(MODEL, grpc_inputs(arrays)).as_numpy("density"), expected, rtol=1e-4, atol=1e-5)
+    client.close()
 
 
 def test_a_killed_front_end_is_started_again_and_a_stop_ends_every_process(tiny_repo: ExportedRepo, tmp_path: Path) -> None:

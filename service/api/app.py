@@ -115,6 +115,7 @@ class Gateway:
         frontends = held = None
         if directory is not None:
             held = SharedHeld(config.frontends)
+            grpc_socket = str(directory / GRPC_SOCKET) if config.grpc_port is not None else None
             frontends = Frontends(
                 config.frontends - 1,
                 directory,
@@ -127,11 +128,12 @@ class Gateway:
                     placement=placement,
                     sockets=sockets,
                     handoff=handoff,
-                    grpc=str(directory / GRPC_SOCKET) if config.grpc_port is not None else None,
+                    grpc=grpc_socket,
                     held=held,
                     log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
                 ),
                 held,
+                grpc_socket,
             )
         return cls(config, models, partitions, placement, backend, not_served=not_served, frontends=frontends, held=held)
 
@@ -277,10 +279,9 @@ class Gateway:
             self._placed(name, entry, loaded)
             if self.frontends is not None:  # each stops sending batches to the partitions left out before they drop it
                 await self.frontends.tell(ServeModel(name, entry, loaded), self.config.default_timeout_s)
-            if left_out:
-                await self.backend.unload_model(name, sorted(left_out))
             logger.info("loaded model %s on %s%s", name, ", ".join(loaded), f" ({refusals})" if refusals else "")
             if left_out:
+                await self.backend.unload_model(name, sorted(left_out))
                 logger.warning(
                     "model %s: partitions %s ran the previous version and do not run the new one (%s): dropped it there, "
                     "so every answer comes from the new version",
@@ -570,7 +571,7 @@ def create_app(config: ServeConfig) -> InferFastPath:
 
                 frontends = gateway.frontends
                 internal = frontends.grpc_path if frontends is not None else None
-                grpc, port, _ = grpc_server(gateway, config.host, config.grpc_port, shared=frontends is not None, internal=internal)
+                grpc, port = grpc_server(gateway, config.host, config.grpc_port, shared=frontends is not None, internal=internal)
                 await grpc.start()
                 logger.info("KServe v2 gRPC on %s:%s", config.host, port)
             yield

@@ -344,8 +344,8 @@ async def _grpc(spec: FrontendSpec, gateway: Gateway) -> AsyncIterator[None]:
         return
     from .grpc_service import FrontendInferenceService, grpc_server
 
-    server, _, service = grpc_server(gateway, spec.config.host, spec.config.grpc_port, shared=True, first=spec.grpc)
-    assert isinstance(service, FrontendInferenceService)
+    service = FrontendInferenceService(gateway, spec.grpc)
+    server, _ = grpc_server(gateway, spec.config.host, spec.config.grpc_port, service=service, shared=True)
     await server.start()
     try:
         yield
@@ -380,6 +380,7 @@ class Frontends:
     directory: Path
     spec: Callable[[int, str], FrontendSpec]  # index, hand-over path -> the spec
     held: SharedHeld  # each process's request bodies (service/api/budget.py)
+    grpc_path: str | None = None  # the first process's Unix socket for what front-ends pass on over gRPC (None: no gRPC)
     adopt: Callable[[socket.socket, bytes], None] | None = None  # serve a handed-over connection (set by `serve`)
     children: dict[int, _Child] = field(default_factory=dict)
     latest: list[Counts] = field(default_factory=list)
@@ -390,10 +391,6 @@ class Frontends:
     @property
     def handoff_path(self) -> str:
         return str(self.directory / "handoff.sock")
-
-    @property
-    def grpc_path(self) -> str:
-        return str(self.directory / GRPC_SOCKET)
 
     async def start(self) -> None:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

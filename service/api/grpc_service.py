@@ -419,19 +419,24 @@ for _rpc in FORWARDED_RPCS:
 
 
 def grpc_server(
-    gateway: Gateway, host: str, port: int, *, shared: bool = False, internal: str | None = None, first: str | None = None
-) -> tuple[grpc.aio.Server, int, InferenceService]:
-    """The gRPC server, not yet started, the port it bound and its service; messages up to the HTTP side's body limit.
+    gateway: Gateway,
+    host: str,
+    port: int,
+    *,
+    service: InferenceService | None = None,
+    shared: bool = False,
+    internal: str | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """The gRPC server, not yet started, and the port it bound; messages up to the HTTP side's body limit.
 
+    service: what answers (default: the gateway's own; a front-end passes its FrontendInferenceService).
     shared: other front-end processes bind the same port (SO_REUSEPORT; else a second server there is refused).
-    internal: the first process of several front-ends also listens on this Unix socket, for what they pass on.
-    first: this is a front-end, passing what it does not serve to the first process's Unix socket."""
+    internal: the first process of several front-ends also listens on this Unix socket, for what they pass on."""
     limit = gateway.config.max_body_bytes
     options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", int(shared))]
     server = grpc.aio.server(options=options)
-    service = InferenceService(gateway) if first is None else FrontendInferenceService(gateway, first)
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service or InferenceService(gateway), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if internal is not None:
         server.add_insecure_port(f"unix:{internal}")
-    return server, bound, service
+    return server, bound

@@ -396,7 +396,8 @@ def test_max_pending_mb_bounds_the_bodies_of_every_process_together(tiny_repo: E
         for _ in range(4):  # the whole budget is free: the dead process's bodies no longer count
             almost_all, refused = _announce(gateway, 1_000_000, 1)
             assert (len(almost_all), refused) == (1, 0)
-            almost_all[0].close()
+            almost_all[0].close()  # its body is held until the process that took it sees the hang-up
+            _wait(lambda: _metric(gateway, "migserve_request_body_bytes ") == 0, "the hung-up body given back")
     finally:
         for sock in held:
             sock.close()

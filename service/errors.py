@@ -7,6 +7,7 @@ ServiceError                 base; `status` is the HTTP status, str(exc) the mes
 |   +-- TooLarge     413     the body (or a decoded image or volume) is over the configured limit
 |   +-- UnsupportedMedia 415 the body or an upload is not a format the endpoint reads
 |   +-- Unprocessable    422 well-formed request, unusable content: corrupt image, bad NIfTI, empty sentence
+|   +-- HeadTooLarge     431 a request's head (request line and headers) is over 64 KiB
 +-- Unavailable      503     retry later: queue full (Retry-After) or no ready replica
 +-- DeadlineExpired  504     the request's timeout passed before it was answered
 +-- InferenceFailed  500     the model raised while running a valid request
@@ -51,6 +52,10 @@ class UnsupportedMedia(BadRequest):
 
 class Unprocessable(BadRequest):
     status = 422
+
+
+class HeadTooLarge(BadRequest):
+    status = 431
 
 
 class Unavailable(ServiceError):

@@ -11,9 +11,10 @@ each request's head itself. `POST /v2/models/{name}[/versions/{v}]/infer` over H
 with a Content-Length is served here: its body lands in one buffer, is decoded in place
 and answered by the same code as the ASGI fast path. Anything else (another path or
 method, a query string or escapes, a chunked body, Expect, Upgrade, HTTP/1.0, repeated
-or malformed headers, a head over 64 KiB) hands the connection over, from that request
-on, to uvicorn's own protocol, which serves the whole ASGI app as before (uvicorn hands
-connections over to its WebSocket protocol the same way).
+or malformed headers) hands the connection over, from that request on, to uvicorn's own
+protocol, which serves the whole ASGI app as before (uvicorn hands connections over to
+its WebSocket protocol the same way). A head over 64 KiB is answered 431 and the
+connection closed, here and in uvicorn's protocol (`BoundedHttpToolsProtocol`).
 
 Behaviour matches the ASGI path: the body limit answers 413, and the budget of bodies
 held at once 503, before reading the body (which is then read and dropped, so the client
@@ -34,10 +35,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from uvicorn.config import Config
-from uvicorn.protocols.http.auto import AutoHTTPProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from ..errors import ServiceError, TooLarge
+from ..errors import HeadTooLarge, ServiceError, TooLarge
 from .fastpath import BINARY_HEADER_LENGTH, CONTENT_LENGTH, TIMEOUT, WANTED, Reply, answer_infer, error_reply
 
 if TYPE_CHECKING:
@@ -94,6 +95,44 @@ def parse_head(head: bytes) -> _Request | None:
     if length is None or not length.isdigit():
         return None
     return _Request(target["name"].decode("latin-1"), fields, int(length), head)
+
+
+def head_too_large(default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A 431 answer, and the connection closes after it: the rest of the head is never read."""
+    reply = error_reply(HeadTooLarge(f"request line and headers are over {MAX_HEAD} bytes"))
+    lines = [STATUS_LINES[reply.status], *(b"%s: %s\r\n" % h for h in [*default_headers, *reply.headers()])]
+    return b"".join([*lines, b"connection: close\r\n\r\n", reply.payload])
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a bound on each request's head. httptools keeps a header's bytes until
+    the header ends, with no limit: one client sending an endless header grew the gateway by what it sent. Past
+    MAX_HEAD bytes of head it answers 431 and closes, as uvicorn's h11 protocol does past 16 KiB."""
+
+    _in_head = True  # between requests, or in one's head: the bytes received count towards MAX_HEAD
+    _head_bytes = 0
+    _ended = False  # a request ended during this data_received: the bytes after it are the next head's, uncounted
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:  # the head ends at the first blank line, if it is in `data`
+            end = data.find(b"\r\n\r\n")
+            if self._head_bytes + (len(data) if end < 0 else end) > MAX_HEAD:
+                self.transport.write(head_too_large(self.server_state.default_headers))
+                self.transport.close()
+                return
+        self._ended = False
+        super().data_received(data)
+        if self._in_head and not self.transport.is_closing():
+            # all of `data` was head, unless a request ended in it: a head that begins within one read goes uncounted
+            self._head_bytes = 0 if self._ended else self._head_bytes + len(data)
+
+    def on_headers_complete(self) -> None:
+        self._in_head, self._head_bytes = False, 0
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_head, self._ended = True, True
+        super().on_message_complete()
 
 
 def infer_protocol(gateway: Gateway) -> type[InferConnection]:
@@ -207,10 +246,12 @@ class InferConnection(asyncio.BufferedProtocol):
                     return
                 continue
             end = self._pending.find(b"\r\n\r\n")
+            if end > MAX_HEAD or (end < 0 and len(self._pending) > MAX_HEAD):
+                transport.write(head_too_large(self._state.default_headers))
+                transport.close()
+                return
             if end < 0:
-                if len(self._pending) > MAX_HEAD:
-                    self._hand_over()
-                elif not self._pending:
+                if not self._pending:
                     self._arm_idle()
                 return
             request = parse_head(bytes(self._pending[:end]))
@@ -299,7 +340,7 @@ class InferConnection(asyncio.BufferedProtocol):
         """From this request on, uvicorn's own protocol serves the connection."""
         transport = self._transport
         assert transport is not None
-        protocol = AutoHTTPProtocol(config=self._config, server_state=self._state, app_state=self._app_state, _loop=self._loop)  # type: ignore[call-arg]
+        protocol = BoundedHttpToolsProtocol(config=self._config, server_state=self._state, app_state=self._app_state, _loop=self._loop)
         self._state.connections.discard(self)
         self._cancel_idle()
         data, self._pending = bytes(self._pending), bytearray()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from pathlib import Path
 from typing import BinaryIO
 
 import httpx
@@ -168,3 +169,56 @@ def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(gateway: Gate
         started = time.monotonic()
         assert reader.read() == b""  # uvicorn's keep-alive timeout (5 s); the socket's own timeout is 30 s
         assert 3 < time.monotonic() - started < 15
+
+
+def _resident_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+# "fresh": the gateway's own protocol reads the head; "handed-over": uvicorn's serves the connection after a GET
+HEAD_PATHS = ["fresh", "handed-over"]
+
+
+def _opened(gateway: Gateway, path: str) -> tuple[socket.socket, BinaryIO]:
+    sock, reader = _connect(gateway)
+    if path == "handed-over":
+        sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(reader)[0] == 200
+    return sock, reader
+
+
+@pytest.mark.parametrize("path", HEAD_PATHS)
+def test_a_head_over_64_kib_gets_431_and_the_connection_closes(gateway: Gateway, tiny_repo: ExportedRepo, path: str) -> None:
+    sock, reader = _opened(gateway, path)
+    with sock:
+        sock.sendall(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nX-Padding: {'a' * (70 << 10)}\r\n\r\n".encode())
+        status, headers, answer = read_response(reader)
+        assert status == 431 and headers["connection"] == "close"
+        assert "request line and headers are over 65536 bytes" in json.loads(answer)["error"]
+        try:
+            assert reader.read() == b""
+        except ConnectionResetError:
+            pass  # closed with the rest of the head unread: the kernel resets the connection
+    body, n = _infer_body(tiny_repo, seed=9)
+    _expected(gateway, body, n)  # another client is still served
+
+
+@pytest.mark.parametrize("path", HEAD_PATHS)
+def test_an_endless_header_does_not_grow_the_gateway(gateway: Gateway, tiny_repo: ExportedRepo, path: str) -> None:
+    """httptools keeps a header's bytes until it ends: uvicorn's protocol alone grew by what the client sent."""
+    before = _resident_mb(gateway.process.pid)
+    sock, _ = _opened(gateway, path)
+    chunk, sent = b"a" * (1 << 20), 0
+    with sock:
+        sock.sendall(b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+        with pytest.raises(OSError):  # reset or broken pipe: the gateway closed the connection
+            while sent < 256:
+                sock.sendall(chunk)
+                sent += 1
+    assert sent < 64, f"the gateway read {sent} MB of one header"
+    assert _resident_mb(gateway.process.pid) - before < 32
+    body, n = _infer_body(tiny_repo, seed=10)
+    _expected(gateway, body, n)

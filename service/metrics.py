@@ -26,6 +26,9 @@ class Metrics:
         )
         self.queue_depth = Gauge("migserve_queue_depth", "Requests waiting in a model's queue", ["model"], registry=r)
         self.retries = Counter("migserve_batch_retries", "Batches retried after a worker died", ["model"], registry=r)
+        self.isolated = Counter(
+            "migserve_requests_run_alone", "Requests run again as batches of one after their batch failed", ["model"], registry=r
+        )
         self.restarts = Gauge("migserve_worker_restarts", "Times a partition's worker was restarted", ["partition"], registry=r)
         self.ready = Gauge("migserve_partition_ready", "1 while a partition's worker is ready", ["partition"], registry=r)
         self.memory = Gauge("migserve_partition_memory_bytes", "Partition memory (NVML; unset on CPU slices)", ["partition"], registry=r)

@@ -63,9 +63,21 @@ def json_object(raw: bytes, expected: str = "a JSON object with an 'inputs' list
         value = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("request body is not valid JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise BadRequest(f"request body must be {expected}")
     return value
+
+
+def parameters_of(entry: dict[str, Any], where: str) -> dict[str, Any]:
+    """The `parameters` object of the request, an input or an output ({} if absent)."""
+    parameters = entry.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise BadRequest(f"{where}: 'parameters' must be a JSON object, not {parameters!r}"[:300])
+    return parameters
 
 
 def _split(body: Body, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
@@ -170,9 +182,7 @@ def _array(entry: dict[str, Any], plan: _InputPlan, binary: memoryview, offset: 
     name = plan.spec.name
     check_datatype(plan, entry.get("datatype"))
     shape, count = shape_and_count(plan, entry.get("shape"))
-    parameters = entry.get("parameters")
-    if not isinstance(parameters, dict):
-        parameters = {}
+    parameters = parameters_of(entry, f"input {name}")
     where = regions.slice_of(parameters, f"input {name}")
     if where is not None:
         if "data" in entry or "binary_data_size" in parameters:
@@ -211,6 +221,8 @@ def _check_shape(plan: _InputPlan, shape: tuple[int, ...], bound: dict[str, int]
 def check_input_names(plan: _Plan, given: list[Any]) -> None:
     if not all(type(n) is str for n in given):
         raise BadRequest(f"every input needs a 'name' string; got names {given!r}")
+    if twice := sorted({n for n in given if given.count(n) > 1}):
+        raise BadRequest(f"inputs {twice} are given more than once")
     if len(given) != len(plan.expected) or set(given) != set(plan.expected):
         missing = sorted(set(plan.expected) - set(given))
         unknown = sorted(set(given) - set(plan.expected))
@@ -258,8 +270,7 @@ def _output_slices(requested: Any, regions: Regions) -> dict[str, Slice]:
     """Requested outputs whose parameters name a shared memory region (checked by _requested_outputs first)."""
     found = {}
     for entry in requested or ():
-        parameters = entry.get("parameters")
-        where = regions.slice_of(parameters, f"output {entry['name']}") if isinstance(parameters, dict) else None
+        where = regions.slice_of(parameters_of(entry, f"output {entry['name']}"), f"output {entry['name']}")
         if where is not None:
             found[entry["name"]] = where
     return found
@@ -277,7 +288,7 @@ def write_to_region(name: str, array: Array, where: Slice) -> None:
 
 
 def _requested_outputs(header: dict[str, Any], plan: _Plan) -> tuple[tuple[str, ...], frozenset[str]]:
-    all_binary = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    all_binary = bool(parameters_of(header, "the request").get("binary_data_output", False))
     requested = header.get("outputs")
     if requested is None:
         names = plan.output_names
@@ -285,17 +296,19 @@ def _requested_outputs(header: dict[str, Any], plan: _Plan) -> tuple[tuple[str, 
     if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
         raise BadRequest("'outputs' must be a list of objects with a 'name'")
     check_output_names(plan, [o["name"] for o in requested])
-    binary = {o["name"] for o in requested if (o.get("parameters") or {}).get("binary_data", all_binary)}
+    binary = {o["name"] for o in requested if parameters_of(o, f"output {o['name']}").get("binary_data", all_binary)}
     return tuple(o["name"] for o in requested), frozenset(binary)
 
 
 def check_output_names(plan: _Plan, names: list[str]) -> None:
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        raise BadRequest(f"outputs {twice} are requested more than once")
     if unknown := [name for name in names if name not in plan.output_names]:
         raise BadRequest(f"unknown outputs {unknown}; model {plan.contract.name} has {sorted(plan.output_names)}")
 
 
 def _timeout(header: dict[str, Any]) -> float | None:
-    value = (header.get("parameters") or {}).get("timeout")  # microseconds, as Triton
+    value = parameters_of(header, "the request").get("timeout")  # microseconds, as Triton
     if value is None:
         return None
     if not isinstance(value, int) or value <= 0:

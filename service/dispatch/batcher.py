@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from migserve.types import Array
 
 from ..backends.base import Replica
-from ..errors import DeadlineExpired, ServiceError, Unavailable, WorkerDied
+from ..errors import BadRequest, DeadlineExpired, InferenceFailed, ServiceError, Unavailable, WorkerDied
 from ..metrics import Metrics
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ class Pending:
     future: asyncio.Future[dict[str, Array]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued: float = field(default_factory=time.monotonic)
     retried: bool = False  # its batch's worker died once already
+    alone: bool = False  # its batch failed: it runs as a batch of its own, so an error reaches only the request at fault
     signature: tuple[tuple[str, tuple[int, ...], str], ...] = field(init=False)  # requests batch with equal signatures
 
     def __post_init__(self) -> None:
@@ -143,7 +144,7 @@ class ModelBatcher:
             busy = any(r.outstanding for r in replicas if r is not replica)
             due = self._queue[0].enqueued + self.policy.max_queue_delay_s
             batch = self._next_batch(limit)
-            if busy and due > time.monotonic() and sum(p.size for p in batch) < self.policy.enough(limit):
+            if busy and due > time.monotonic() and sum(p.size for p in batch) < self.policy.enough(limit) and not batch[0].alone:
                 self._hold_until(due)  # under load only: an idle service answers at once
                 return
             self._cancel_timer()
@@ -174,9 +175,9 @@ class ModelBatcher:
         first = self._queue[0]
         batch, rows = [first], first.size
         for item in itertools.islice(self._queue, 1, None):
-            if rows == limit:
+            if rows == limit or first.alone:
                 break
-            if item.signature == first.signature and rows + item.size <= limit and not item.future.done():
+            if item.signature == first.signature and rows + item.size <= limit and not item.future.done() and not item.alone:
                 batch.append(item)
                 rows += item.size
         return batch
@@ -232,6 +233,12 @@ class ModelBatcher:
         except WorkerDied as died:
             self._retry(replica, batch, died)
             return
+        except (BadRequest, InferenceFailed) as exc:  # the model refused or failed on the batch's values
+            if len(batch) > 1:
+                self._run_alone(batch, exc)  # one request's bad values must not fail the others batched with it
+                return
+            _fail(batch[0], exc)
+            return
         except ServiceError as exc:
             for item in batch:
                 _fail(item, exc)
@@ -243,6 +250,17 @@ class ModelBatcher:
         if _split(batch, outputs, rows, self.model):
             queued = (sent - p.enqueued for p in batch)
             self._stats.batch_done(rows, queued, copied - sent, answered - copied, time.monotonic() - answered)
+
+    def _run_alone(self, batch: list[Pending], error: ServiceError) -> None:
+        """Queue a failed batch's requests again at the front, each to run as a batch of its own: onnxruntime's error
+        (a token id past the vocabulary, say) names no row, so only running them apart tells whose values it was."""
+        logger.info("batcher %s: a batch of %d requests failed (%s); running each alone", self.model, len(batch), error)
+        self._metrics.isolated.labels(self.model).inc(len(batch))
+        for item in reversed(batch):
+            item.alone = True
+            self._queue.appendleft(item)  # ahead of newer requests, past the queue's capacity if need be
+        self._depth.set(len(self._queue))
+        self._pump()
 
     def _retry(self, replica: Replica, batch: list[Pending], died: WorkerDied) -> None:
         others = any(r.ready for r in self._replicas() if r is not replica)

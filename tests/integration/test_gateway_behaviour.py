@@ -24,6 +24,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from migserve.contract import read_contract
+from migserve.types import Array
 from tests.helpers import ExportedRepo, Gateway, read_response, small_dev_shm
 from tests.integration.test_gateway_protocol import grpc_inputs, make_inputs, triton_inputs
 
@@ -379,6 +380,47 @@ BAD_REQUESTS = [
         "'shape' must be a list of non-negative integers",
     ),
     ("bad header length", "crowd-csrnet", b"{}", {"Inference-Header-Content-Length": "99"}, 400, "does not fit a body of 2 bytes"),
+    ("JSON nested too deeply", "crowd-csrnet", b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None, 400, "nested too deeply"),
+    (
+        "parameters not an object",
+        "crowd-csrnet",
+        json.dumps({**json.loads(_image_input([1, 3, 8, 8])), "parameters": [1]}).encode(),
+        None,
+        400,
+        "the request: 'parameters' must be a JSON object, not [1]",
+    ),
+    (
+        "input parameters not an object",
+        "crowd-csrnet",
+        json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [1.0], "parameters": "x"}]}).encode(),
+        None,
+        400,
+        "input image: 'parameters' must be a JSON object",
+    ),
+    (
+        "output parameters not an object",
+        "crowd-csrnet",
+        json.dumps({**json.loads(_image_input([1, 3, 8, 8])), "outputs": [{"name": "density", "parameters": 3}]}).encode(),
+        None,
+        400,
+        "output density: 'parameters' must be a JSON object, not 3",
+    ),
+    (
+        "input given twice",
+        "crowd-csrnet",
+        json.dumps({"inputs": json.loads(_image_input([1, 3, 8, 8]))["inputs"] * 2}).encode(),
+        None,
+        400,
+        "inputs ['image'] are given more than once",
+    ),
+    (
+        "output requested twice",
+        "crowd-csrnet",
+        json.dumps({**json.loads(_image_input([1, 3, 8, 8])), "outputs": [{"name": "density"}, {"name": "density"}]}).encode(),
+        None,
+        400,
+        "outputs ['density'] are requested more than once",
+    ),
 ]
 
 
@@ -403,6 +445,52 @@ def test_truncated_and_overlong_binary_bodies(gateway: Gateway, tiny_repo: Expor
     assert extra.status_code == 400 and "4 bytes after the last binary input" in extra.json()["error"]
     ok = _post(gateway, "crowd-csrnet", header + image.tobytes(), length)
     assert ok.status_code == 200
+
+
+def test_a_request_onnxruntime_refuses_fails_alone_not_the_batch_it_was_in(gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+    """A token id past the vocabulary passes every check the gateway makes; onnxruntime refuses the whole batch.
+    The requests batched with it must still be answered, and it alone gets the 400."""
+    contract = read_contract(tiny_repo.root / "grounding-mgsl")
+    good = [make_inputs(contract, 1, seed=i, dims={"frames": 256}) for i in range(15)]
+    bad = make_inputs(contract, 1, seed=99, dims={"frames": 256})
+    bad["words"][0, 1] = 10**6  # the tiny vocabulary has 746 entries
+    client = httpclient.InferenceServerClient(url=gateway.url, network_timeout=60)
+    expected = [client.infer("grounding-mgsl", triton_inputs(arrays)).as_numpy("anchor_scores") for arrays in good]
+    client.close()
+    host, port = gateway.url.split(":")
+
+    def request(arrays: dict[str, Array]) -> bytes:
+        body: bytes
+        body, json_size = httpclient.InferenceServerClient.generate_request_body(triton_inputs(arrays))
+        head = f"POST /v2/models/grounding-mgsl/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        return f"{head}Inference-Header-Content-Length: {json_size}\r\n\r\n".encode() + body
+
+    def run_alone() -> float:
+        return _metric(httpx.get(f"http://{gateway.url}/metrics").text, "migserve_requests_run_alone_total", model="grounding-mgsl")
+
+    sent = [request(arrays) for arrays in [*good[:5], bad, *good[5:]]]
+    before = run_alone()
+    for _ in range(8):  # until the bad request lands in a batch with others: sent at once, most rounds
+        sockets = [socket.create_connection((host, int(port)), timeout=60) for _ in sent]
+        for sock, data in zip(sockets, sent, strict=True):
+            sock.sendall(data)
+        answers = []
+        for sock in sockets:
+            with sock, sock.makefile("rb") as reader:
+                status, headers, body = read_response(reader)
+            answers.append((status, headers, body))
+        status, _, body = answers.pop(5)
+        assert status == 400 and "out of data bounds" in json.loads(body)["error"], body[:300]
+        for (status, headers, body), want in zip(answers, expected, strict=True):
+            assert status == 200, f"a good request batched with the bad one failed: {body[:300]!r}"
+            n = int(headers["inference-header-content-length"])
+            shapes = {o["name"]: o["shape"] for o in json.loads(body[:n])["outputs"]}
+            got = np.frombuffer(body[n:], np.float32)[: int(np.prod(shapes["anchor_scores"]))]  # the first binary output
+            np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-5, atol=1e-6)
+        if run_alone() > before:
+            break
+    else:
+        pytest.fail("the bad request never shared a batch in 8 rounds")
 
 
 def test_grounding_inputs_must_agree_on_named_dims(gateway: Gateway, tiny_repo: ExportedRepo) -> None:

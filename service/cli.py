@@ -29,6 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: 1024)",
     )
     parser.add_argument("--timeout-s", type=float, default=30.0, help="default per-request deadline (default: 30)")
+    parser.add_argument(
+        "--receive-timeout-s",
+        type=float,
+        default=30.0,
+        help="a client that sends nothing for this long in the middle of a request's head or body gets 408 and is "
+        "disconnected, and the body's share of --max-pending-mb is given back (default: 30)",
+    )
     parser.add_argument("--queue-capacity", type=int, default=256, help="requests waiting per model before 503 (default: 256)")
     parser.add_argument("--max-batch-size", type=int, help="cap every model's batch size; 1 disables batching")
     parser.add_argument("--max-queue-delay-ms", type=float, help="override every model's batching delay")
@@ -148,6 +155,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             max_body_bytes=int(args.max_body_mb * (1 << 20)),
             max_pending_bytes=int(args.max_pending_mb * (1 << 20)),
             default_timeout_s=args.timeout_s,
+            receive_timeout_s=args.receive_timeout_s,
             queue_capacity=args.queue_capacity,
             max_batch_size=args.max_batch_size,
             max_queue_delay_s=args.max_queue_delay_ms / 1000 if args.max_queue_delay_ms is not None else None,

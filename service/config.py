@@ -23,6 +23,12 @@ class ServeConfig(BaseModel):
         1 << 30, ge=1024, description="request bodies held at once (received, queued or running); more are refused with 503"
     )
     default_timeout_s: float = Field(30.0, gt=0, description="per-request deadline unless the request sets one")
+    receive_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="longest wait for more of a request's head or body once it has begun; then 408 and the connection closes, "
+        "giving back the body's share of --max-pending-mb",
+    )
     queue_capacity: int = Field(256, ge=1, description="requests waiting per model before 503")
     max_queue_delay_s: float | None = Field(None, ge=0, description="override every contract's batching delay")
     max_batch_size: int | None = Field(None, ge=1, description="cap every contract's max batch size (1 disables batching)")

@@ -3,6 +3,7 @@
 ServiceError                 base; `status` is the HTTP status, str(exc) the message
 +-- BadRequest       400     the request is malformed or does not fit the model's contract
 |   +-- NotFound     404     no such model or job
+|   +-- ReceiveTimeout 408   the client stopped sending in the middle of a request (--receive-timeout-s)
 |   +-- NotReady     409     the job has not finished yet
 |   +-- TooLarge     413     the body (or a decoded image or volume) is over the configured limit
 |   +-- UnsupportedMedia 415 the body or an upload is not a format the endpoint reads
@@ -40,6 +41,10 @@ class UnknownModel(NotFound):
 
 class TooLarge(BadRequest):
     status = 413
+
+
+class ReceiveTimeout(BadRequest):
+    status = 408
 
 
 class NotReady(BadRequest):

@@ -29,7 +29,7 @@ import asyncio
 import http
 import logging
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -38,7 +38,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from ..errors import HeadTooLarge, ServiceError, TooLarge
+from ..errors import HeadTooLarge, ReceiveTimeout, ServiceError, TooLarge
 from .fastpath import BINARY_HEADER_LENGTH, CONTENT_LENGTH, TIMEOUT, WANTED, Reply, answer_infer, error_reply
 
 if TYPE_CHECKING:
@@ -97,23 +97,97 @@ def parse_head(head: bytes) -> _Request | None:
     return _Request(target["name"].decode("latin-1"), fields, int(length), head)
 
 
-def head_too_large(default_headers: list[tuple[bytes, bytes]]) -> bytes:
-    """A 431 answer, and the connection closes after it: the rest of the head is never read."""
-    reply = error_reply(HeadTooLarge(f"request line and headers are over {MAX_HEAD} bytes"))
+def closing_answer(error: ServiceError, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """An error answer after which the connection closes: the rest of the request is never read."""
+    reply = error_reply(error)
     lines = [STATUS_LINES[reply.status], *(b"%s: %s\r\n" % h for h in [*default_headers, *reply.headers()])]
     return b"".join([*lines, b"connection: close\r\n\r\n", reply.payload])
+
+
+def head_too_large(default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    return closing_answer(HeadTooLarge(f"request line and headers are over {MAX_HEAD} bytes"), default_headers)
+
+
+def timed_out(timeout: float, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    error = ReceiveTimeout(f"nothing received for {timeout:g} s in the middle of the request (--receive-timeout-s)")
+    return closing_answer(error, default_headers)
+
+
+class StallWatch:
+    """Ends a connection whose client stopped sending in the middle of a request. The protocol stamps `last` at
+    each read (a float store); one timer, armed while a request is incomplete, re-arms itself for the quiet time
+    left instead of being re-made at every read."""
+
+    __slots__ = ("_expire", "_loop", "_timer", "_waiting", "last", "timeout")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, waiting: Callable[[], bool], expire: Callable[[], None]) -> None:
+        self._loop, self.timeout, self._waiting, self._expire = loop, timeout, waiting, expire
+        self._timer: asyncio.TimerHandle | None = None
+        self.last = loop.time()
+
+    def arm(self) -> None:
+        if self._timer is None:
+            self._timer = self._loop.call_later(self.timeout, self._check)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        if not self._waiting():
+            return
+        quiet = self._loop.time() - self.last
+        if quiet < self.timeout:
+            self._timer = self._loop.call_later(self.timeout - quiet, self._check)
+        else:
+            self._expire()
+
+
+def bounded_protocol(receive_timeout_s: float) -> type[BoundedHttpToolsProtocol]:
+    """uvicorn's `http=` setting for --http-server uvicorn."""
+    return type("BoundedProtocol", (BoundedHttpToolsProtocol,), {"receive_timeout_s": receive_timeout_s})
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a bound on each request's head. httptools keeps a header's bytes until
     the header ends, with no limit: one client sending an endless header grew the gateway by what it sent. Past
-    MAX_HEAD bytes of head it answers 431 and closes, as uvicorn's h11 protocol does past 16 KiB."""
+    MAX_HEAD bytes of head it answers 431 and closes, as uvicorn's h11 protocol does past 16 KiB. A client that
+    sends nothing for `receive_timeout_s` in the middle of a request is disconnected (408 if still in the head);
+    uvicorn itself waits for ever."""
 
+    receive_timeout_s = 30.0  # the gateway's --receive-timeout-s, set on the instance or by bounded_protocol
+    _stall: StallWatch | None = None
+    _mid = False  # from a request's first byte until its last
     _in_head = True  # between requests, or in one's head: the bytes received count towards MAX_HEAD
     _head_bytes = 0
     _ended = False  # a request ended during this data_received: the bytes after it are the next head's, uncounted
 
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._stall = StallWatch(self.loop, self.receive_timeout_s, self._waiting_for_client, self._stalled)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+        super().connection_lost(exc)
+
+    def _waiting_for_client(self) -> bool:
+        return self._mid and not self.flow.read_paused and not self.transport.is_closing()
+
+    def _stalled(self) -> None:
+        if self._in_head:  # no answer has begun for this request
+            self.transport.write(timed_out(self.receive_timeout_s, self.server_state.default_headers))
+        self.transport.close()  # uvicorn tells the app the client is gone: its body's budget is given back
+
+    def on_message_begin(self) -> None:
+        self._mid = True
+        super().on_message_begin()
+
     def data_received(self, data: bytes) -> None:
+        if self._stall is not None:
+            self._stall.last = self.loop.time()
         if self._in_head:  # the head ends at the first blank line, if it is in `data`
             end = data.find(b"\r\n\r\n")
             if self._head_bytes + (len(data) if end < 0 else end) > MAX_HEAD:
@@ -125,13 +199,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._in_head and not self.transport.is_closing():
             # all of `data` was head, unless a request ended in it: a head that begins within one read goes uncounted
             self._head_bytes = 0 if self._ended else self._head_bytes + len(data)
+        if self._mid and self._stall is not None:
+            self._stall.arm()
 
     def on_headers_complete(self) -> None:
         self._in_head, self._head_bytes = False, 0
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        self._in_head, self._ended = True, True
+        self._in_head, self._ended, self._mid = True, True, False
         super().on_message_complete()
 
 
@@ -163,6 +239,7 @@ class InferConnection(asyncio.BufferedProtocol):
         self._closing = False  # close once the request in flight is answered
         self._writing_paused = False
         self._idle: asyncio.TimerHandle | None = None
+        self._stall = StallWatch(self._loop, self.gateway.config.receive_timeout_s, self._waiting_for_client, self._stalled)
 
     # asyncio protocol interface
 
@@ -192,6 +269,7 @@ class InferConnection(asyncio.BufferedProtocol):
         return memoryview(self._scratch)
 
     def buffer_updated(self, nbytes: int) -> None:
+        self._stall.last = self._loop.time()
         self._cancel_idle()
         if self._body is not None:
             self._received += nbytes
@@ -210,6 +288,7 @@ class InferConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._state.connections.discard(self)
         self._cancel_idle()
+        self._stall.cancel()
         if self._task is not None:
             self._task.cancel()  # the request leaves its queue; Gateway.infer counts it as 499
         self._body = None
@@ -243,6 +322,7 @@ class InferConnection(asyncio.BufferedProtocol):
                 del self._pending[:dropped]
                 self._discard -= dropped
                 if self._discard:
+                    self._stall.arm()
                     return
                 continue
             end = self._pending.find(b"\r\n\r\n")
@@ -251,7 +331,9 @@ class InferConnection(asyncio.BufferedProtocol):
                 transport.close()
                 return
             if end < 0:
-                if not self._pending:
+                if self._pending:
+                    self._stall.arm()  # a head begun
+                else:
                     self._arm_idle()
                 return
             request = parse_head(bytes(self._pending[:end]))
@@ -278,6 +360,7 @@ class InferConnection(asyncio.BufferedProtocol):
             del self._pending[:arrived]
             self._body, self._received = body, arrived
             if arrived < request.length:
+                self._stall.arm()
                 return  # the rest is received straight into the body
             self._start()
 
@@ -341,6 +424,8 @@ class InferConnection(asyncio.BufferedProtocol):
         transport = self._transport
         assert transport is not None
         protocol = BoundedHttpToolsProtocol(config=self._config, server_state=self._state, app_state=self._app_state, _loop=self._loop)
+        protocol.receive_timeout_s = self._stall.timeout
+        self._stall.cancel()
         self._state.connections.discard(self)
         self._cancel_idle()
         data, self._pending = bytes(self._pending), bytearray()
@@ -349,6 +434,21 @@ class InferConnection(asyncio.BufferedProtocol):
         transport.resume_reading()
         if data:
             protocol.data_received(data)
+
+    def _waiting_for_client(self) -> bool:
+        """A request begun and not yet received whole (or a refused body still being read and dropped)."""
+        transport = self._transport
+        if transport is None or transport.is_closing() or transport.get_protocol() is not self:
+            return False
+        return self._task is None and (self._body is not None or self._discard > 0 or bool(self._pending))
+
+    def _stalled(self) -> None:
+        transport = self._transport
+        assert transport is not None
+        logger.info("closing a connection that sent nothing for %g s in the middle of a request", self._stall.timeout)
+        if not self._writing_paused:
+            transport.write(timed_out(self._stall.timeout, self._state.default_headers))
+        transport.close()  # connection_lost gives back the body's share of the budget
 
     def _arm_idle(self) -> None:
         if self._idle is None:

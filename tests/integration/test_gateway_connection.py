@@ -12,6 +12,7 @@ import contextlib
 import json
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -221,3 +222,81 @@ def test_an_endless_header_does_not_grow_the_gateway(gateway: Gateway, tiny_repo
     assert _resident_mb(gateway.process.pid) - before < 32
     body, n = _infer_body(tiny_repo, seed=10)
     _expected(gateway, body, n)
+
+
+RECEIVE_TIMEOUT_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def impatient(tiny_repo: ExportedRepo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A gateway that waits 2 s for a stalled client, with room for one 50 MB body at a time."""
+    log = tmp_path_factory.mktemp("impatient") / "serve.log"
+    args = ("--cpu-slices", "1", "--models", "crowd-csrnet", "--max-body-mb", "50", "--max-pending-mb", "60")
+    server = Gateway(tiny_repo.root, *args, "--receive-timeout-s", str(RECEIVE_TIMEOUT_S), log=log)
+    yield server
+    server.close()
+
+
+def _body_bytes(gateway: Gateway) -> float:
+    text = httpx.get(f"http://{gateway.url}/metrics").text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("migserve_request_body_bytes ")))
+
+
+def _ends_within(reader: BinaryIO, seconds: float) -> tuple[int | None, float]:
+    """The status the gateway answers a stalled request with (None: closed without one), and when."""
+    started = time.monotonic()
+    try:
+        status = read_response(reader)[0]
+        assert reader.read() == b""
+    except (ConnectionResetError, AssertionError):
+        status = None
+    waited = time.monotonic() - started
+    assert waited < seconds, f"still open after {waited:.1f} s"
+    return status, waited
+
+
+@pytest.mark.parametrize("path", HEAD_PATHS)
+def test_a_client_that_stops_in_the_head_gets_408_and_is_disconnected(impatient: Gateway, path: str) -> None:
+    sock, reader = _opened(impatient, path)
+    with sock:
+        sock.sendall(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Le".encode())
+        status, waited = _ends_within(reader, RECEIVE_TIMEOUT_S * 4)
+    assert status == 408 and waited > RECEIVE_TIMEOUT_S * 0.9
+
+
+@pytest.mark.parametrize("path", HEAD_PATHS)
+def test_a_client_that_stops_in_the_body_is_disconnected_and_its_budget_given_back(
+    impatient: Gateway, tiny_repo: ExportedRepo, path: str
+) -> None:
+    sock, reader = _opened(impatient, path)
+    with sock:
+        if path == "fresh":  # read into one buffer, counted in --max-pending-mb from its head on
+            sock.sendall(_request(b"", 0).replace(b"Content-Length: 0", b"Content-Length: 50000000") + b"{" * 1000)
+            time.sleep(0.5)
+            assert _body_bytes(impatient) == 50_000_000
+            refused = httpx.post(f"http://{impatient.url}{PATH}", content=b"{" * 20_000_000)
+            assert refused.status_code == 503, "the stalled body holds the budget while it lasts"
+            expected_status = 408
+        else:  # uvicorn's protocol: a chunked body, stopped after one chunk
+            sock.sendall(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n{'{' * 1000}\r\n".encode())
+            expected_status = None  # the request is under way in the app: it is told the client left
+        status, _ = _ends_within(reader, RECEIVE_TIMEOUT_S * 4)
+    assert status == expected_status
+    assert _body_bytes(impatient) == 0
+    body, n = _infer_body(tiny_repo, seed=11)
+    _expected(impatient, body, n)
+
+
+def test_a_slow_client_that_keeps_sending_is_served(impatient: Gateway, tiny_repo: ExportedRepo) -> None:
+    """The receive timeout bounds the quiet between reads, not the whole request."""
+    body, n = _infer_body(tiny_repo, seed=12)
+    expected = _expected(impatient, body, n)
+    data = _request(body, n)
+    sock, reader = _connect(impatient)
+    with sock:
+        step = len(data) // 8 + 1
+        for start in range(0, len(data), step):  # about 4 s in all, twice the timeout, a piece every 0.5 s
+            sock.sendall(data[start : start + step])
+            time.sleep(RECEIVE_TIMEOUT_S / 4)
+        status, headers, answer = read_response(reader)
+    assert status == 200 and np.array_equal(_density(headers, answer), expected)

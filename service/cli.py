@@ -37,6 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "disconnected, and the body's share of --max-pending-mb is given back (default: 30)",
     )
     parser.add_argument("--queue-capacity", type=int, default=256, help="requests waiting per model before 503 (default: 256)")
+    parser.add_argument(
+        "--worker-hang-s",
+        type=float,
+        default=300.0,
+        help="a worker that has not answered a batch for this long is killed and restarted, its batch retried once "
+        "elsewhere; above the slowest batch you serve (default: 300)",
+    )
     parser.add_argument("--max-batch-size", type=int, help="cap every model's batch size; 1 disables batching")
     parser.add_argument("--max-queue-delay-ms", type=float, help="override every model's batching delay")
     parser.add_argument(
@@ -157,6 +164,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             default_timeout_s=args.timeout_s,
             receive_timeout_s=args.receive_timeout_s,
             queue_capacity=args.queue_capacity,
+            worker_hang_s=args.worker_hang_s,
             max_batch_size=args.max_batch_size,
             max_queue_delay_s=args.max_queue_delay_ms / 1000 if args.max_queue_delay_ms is not None else None,
             preferred_batch_sizes=()

@@ -30,6 +30,12 @@ class ServeConfig(BaseModel):
         "giving back the body's share of --max-pending-mb",
     )
     queue_capacity: int = Field(256, ge=1, description="requests waiting per model before 503")
+    worker_hang_s: float = Field(
+        300.0,
+        gt=0,
+        description="a worker that has not answered a batch for this long is taken as hung (a stuck GPU, a deadlock): it is "
+        "killed and restarted, and its batch retried once on another replica",
+    )
     max_queue_delay_s: float | None = Field(None, ge=0, description="override every contract's batching delay")
     max_batch_size: int | None = Field(None, ge=1, description="cap every contract's max batch size (1 disables batching)")
     preferred_batch_sizes: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(

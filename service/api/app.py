@@ -109,6 +109,7 @@ class Gateway:
                 shape_sessions=config.gpu_shape_sessions,
             ),
             sockets=sockets,
+            hang_s=config.worker_hang_s,
         )
         left_out = {name: "not served: the gateway was started with --models naming others" for name in repo.models if name not in models}
         not_served = repo.refused | left_out

@@ -271,7 +271,7 @@ async def _frontend(spec: FrontendSpec, conn: Connection) -> None:
     from ..backends.local import LocalBackend
     from .app import Gateway
 
-    backend = LocalBackend(spec.partitions, spec.placement, sockets=spec.sockets, attached=True)
+    backend = LocalBackend(spec.partitions, spec.placement, sockets=spec.sockets, attached=True, hang_s=spec.config.worker_hang_s)
     gateway = Gateway(
         spec.config,
         dict(spec.models),

@@ -2,7 +2,8 @@
 
 A worker's pipe and its process sentinel are watched by the event loop; when the
 process dies every batch in flight fails with WorkerDied (the dispatcher retries
-it once elsewhere) and the worker is restarted with back-off.
+it once elsewhere) and the worker is restarted with back-off. A worker that has not
+answered a batch for `hang_s` (serve --worker-hang-s) is killed, which starts the same.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import dataclasses
 import itertools
 import logging
 import multiprocessing as mp
+import os
+import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
 from multiprocessing.connection import Client, Connection
@@ -62,8 +65,13 @@ class WorkerReplica:
         on_change: Callable[[], None],
         options: WorkerOptions = DEFAULT_OPTIONS,
         socket_path: str | None = None,
+        *,
+        hang_s: float = 300.0,
     ) -> None:
         self.partition = partition
+        self._hang_s = hang_s
+        self._sent = 0.0  # loop time the batch in flight was sent
+        self._hang_timer: asyncio.TimerHandle | None = None
         self.socket_path = socket_path  # where the worker takes batches from the gateway's other front-end processes
         # SCHED_IDLE only where the worker has cores of its own to yield
         self._options = dataclasses.replace(options, idle_priority=options.idle_priority and partition.kind is PartitionKind.CPU)
@@ -162,7 +170,26 @@ class WorkerReplica:
         except OSError as exc:
             self._pending.pop(batch_id)
             raise WorkerDied(f"worker {self.id}: {exc}") from None
+        loop = asyncio.get_running_loop()
+        self._sent = loop.time()
+        if self._hang_timer is None:  # one timer that re-arms itself for the time left, not one per batch
+            self._hang_timer = loop.call_later(self._hang_s, self._check_hang)
         return future
+
+    def _check_hang(self) -> None:
+        self._hang_timer = None
+        if not self._pending or not self._ready:
+            return
+        waited = asyncio.get_running_loop().time() - self._sent
+        if waited < self._hang_s:
+            self._hang_timer = asyncio.get_running_loop().call_later(self._hang_s - waited, self._check_hang)
+            return
+        # Killed, not asked: a hung process answers nothing. Its death is seen as any other (the process's sentinel,
+        # or its socket closing in a front-end process): batches retried, the worker restarted by the first process.
+        logger.error("worker %s (pid %s) has not answered a batch in %.0f s (--worker-hang-s): killing it", self.id, self.pid, waited)
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
 
     def _on_message(self) -> None:
         assert self._conn is not None
@@ -199,6 +226,9 @@ class WorkerReplica:
             return
         self._ready = False
         loop = asyncio.get_running_loop()
+        if self._hang_timer is not None:
+            self._hang_timer.cancel()
+            self._hang_timer = None
         if self._conn is not None:
             loop.remove_reader(self._conn.fileno())
             self._conn.close()
@@ -356,11 +386,14 @@ class LocalBackend:
         options: WorkerOptions = DEFAULT_OPTIONS,
         sockets: Mapping[str, str] | None = None,
         attached: bool = False,
+        *,
+        hang_s: float = 300.0,
     ) -> None:
         from .triton import TritonReplica
 
         self._listeners: list[Callable[[], None]] = []
         self._options = options
+        self._hang_s = hang_s
         self._sockets = dict(sockets or {})
         self._partitions = {p.id: p for p in partitions}
         self.workers: dict[str, WorkerReplica | TritonReplica] = {}
@@ -372,9 +405,9 @@ class LocalBackend:
                     self.workers[p.id] = TritonReplica(p, list(models), self._notify)
                 elif attached:
                     assert path is not None, f"front-end process without a socket for partition {p.id}"
-                    self.workers[p.id] = AttachedReplica(p, models, self._notify, options, path)
+                    self.workers[p.id] = AttachedReplica(p, models, self._notify, options, path, hang_s=hang_s)
                 else:
-                    self.workers[p.id] = WorkerReplica(p, models, self._notify, options, path)
+                    self.workers[p.id] = WorkerReplica(p, models, self._notify, options, path, hang_s=hang_s)
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Called whenever a replica finishes a batch or changes state."""
@@ -390,7 +423,9 @@ class LocalBackend:
         for pid, spec in specs.items():
             worker = self.workers.get(pid)
             if worker is None:
-                fresh = WorkerReplica(self._partitions[pid], {spec.name: spec}, self._notify, self._options, self._sockets.get(pid))
+                fresh = WorkerReplica(
+                    self._partitions[pid], {spec.name: spec}, self._notify, self._options, self._sockets.get(pid), hang_s=self._hang_s
+                )
                 try:
                     await fresh.start()
                 except Exception as exc:
@@ -427,7 +462,9 @@ class LocalBackend:
         for pid, spec in specs.items():
             worker = self.workers.get(pid)
             if worker is None:
-                fresh = AttachedReplica(self._partitions[pid], {spec.name: spec}, self._notify, self._options, self._sockets[pid])
+                fresh = AttachedReplica(
+                    self._partitions[pid], {spec.name: spec}, self._notify, self._options, self._sockets[pid], hang_s=self._hang_s
+                )
                 await fresh.start()
                 self.workers[pid] = fresh
             elif isinstance(worker, AttachedReplica):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -214,6 +215,41 @@ def test_requests_wait_for_the_only_worker_while_it_restarts(tiny_repo: Exported
     assert all("no other replica could take the batch" in text for code, _, text in answers if code == 503)
     assert any(code == 200 and seconds > 0.4 for code, seconds, _ in answers), "no request waited through the restart"
     assert unready_seen  # readiness said so meanwhile
+
+
+def test_a_hung_worker_is_killed_and_its_batches_answered_elsewhere(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    # SIGSTOP: the worker lives and answers nothing, as one stuck in a driver call or a deadlock. Each front-end
+    # process's batch in it is retried on the other worker once --worker-hang-s has passed and it is killed.
+    args = ("--cpu-slices", "1,1", "--models", "crowd-csrnet", "--worker-hang-s", "2", "--frontends", "2")
+    server = Gateway(tiny_repo.root, *args, log=tmp_path / "serve.log")
+    url = f"http://{server.url}"
+    body = _crowd_body(tiny_repo.root)
+
+    def call(_: int) -> tuple[int, float]:
+        started = time.monotonic()
+        code = httpx.post(f"{url}/v2/models/crowd-csrnet/infer", content=body, timeout=60).status_code  # a fresh connection
+        return code, time.monotonic() - started
+
+    victim = httpx.get(f"{url}/v1/partitions").json()["partitions"][0]
+    try:
+        os.kill(victim["pid"], signal.SIGSTOP)
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(call, range(48)))
+        assert [code for code, _ in answers] == [200] * 48
+        assert max(seconds for _, seconds in answers) > 1.5, "no batch was caught in the hung worker"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            state = {p["id"]: p for p in httpx.get(f"{url}/v1/partitions").json()["partitions"]}[victim["id"]]
+            if state["ready"] and state["restarts"] == 1:
+                break
+            time.sleep(0.2)
+        assert state["ready"] and state["restarts"] == 1 and state["pid"] != victim["pid"]
+        assert "has not answered a batch in" in server.log.read_text()
+        assert call(0)[0] == 200
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim["pid"], signal.SIGKILL)
+        server.close()
 
 
 def test_a_worker_back_without_the_model_answers_what_waited_503(tiny_repo: ExportedRepo, tmp_path: Path) -> None:

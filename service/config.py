@@ -19,6 +19,12 @@ class ServeConfig(BaseModel):
     cpu_slices: tuple[int, ...] | None = Field(None, description="cores per CPU slice when there is no GPU; default one per core")
     models: tuple[str, ...] | None = Field(None, description="serve only these models (default: every model in the repository)")
     max_body_bytes: int = Field(256 << 20, ge=1024, description="larger request bodies are refused with 413")
+    max_json_bytes: int = Field(
+        16 << 20,
+        ge=1024,
+        description="largest JSON part of an inference request; larger is refused with 413 (JSON tensors are parsed in "
+        "the event loop, about 10 ms per MB, which stalls every other request meanwhile: send large tensors as binary data)",
+    )
     max_pending_bytes: int = Field(
         1 << 30, ge=1024, description="request bodies held at once (received, queued or running); more are refused with 503"
     )

@@ -351,7 +351,7 @@ class Gateway:
 
         async def work(entry: ModelEntry) -> tuple[bytes, int | None]:
             started = time.monotonic()
-            decoded = decode_request(body, header_length, entry.contract, self.regions)
+            decoded = decode_request(body, header_length, entry.contract, self.regions, self.config.max_json_bytes)
             outputs = await self.infer_decoded(name, decoded, started, decoded.timeout_s or self.timeout(timeout_header))
             return encode_response(name, decoded, outputs)
 

@@ -416,6 +416,15 @@ BAD_REQUESTS = [
         "'shape' must be a list of non-negative integers",
     ),
     ("bad header length", "crowd-csrnet", b"{}", {"Inference-Header-Content-Length": "99"}, 400, "does not fit a body of 2 bytes"),
+    ("JSON over --max-json-mb", "crowd-csrnet", b'{"inputs": []' + b" " * (17 << 20) + b"}", None, 413, "over the limit of 16777216"),
+    (
+        "JSON header over --max-json-mb",
+        "crowd-csrnet",
+        b'{"inputs": []' + b" " * (17 << 20) + b"}" + bytes(16),
+        {"Inference-Header-Content-Length": str((17 << 20) + 14)},
+        413,
+        "send tensors as binary data",
+    ),
     ("JSON nested too deeply", "crowd-csrnet", b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None, 400, "nested too deeply"),
     (
         "parameters not an object",

@@ -11,6 +11,7 @@ point (its 1 s warm-up included).
 
     .venv/bin/python -m bench.gateway_ab --rounds 5 --b=--cpu-worker-priority=idle
     .venv/bin/python -m bench.gateway_ab --rounds 6 --b= --a-revision cf18f99    # this code against an older commit
+    .venv/bin/python -m bench.gateway_ab --rounds 4 --b= --a-revision fc56202 --body json --concurrency 8   # JSON tensors
 
 --a-revision runs A's gateway as that git revision had it (a worktree under results/revisions/,
 with this environment's packages): whether a change made the gateway slower.
@@ -34,12 +35,13 @@ def main() -> int:
     parser.add_argument("--a", default="", help="serve arguments of A, '='-joined, comma-separated (default: none)")
     parser.add_argument("--b", default="--cpu-worker-priority=idle", help="serve arguments of B (default: %(default)s)")
     parser.add_argument("--a-revision", help="run A as this git revision had the service (default: this checkout)")
+    parser.add_argument("--body", choices=("binary", "json"), default="binary", help="tensors as binary data or JSON (default: binary)")
     args = parser.parse_args()
     export(args.repo, args.model)
     settings = {"A": _serve_args(args.a), "B": _serve_args(args.b)}
     revisions = {"A": args.a_revision, "B": None}
     servers = {label: Server(args.repo, "--models", args.model, *extra, revision=revisions[label]) for label, extra in settings.items()}
-    body, headers = bodies(args.repo, args.model, {})["binary"]
+    body, headers = bodies(args.repo, args.model, {})[args.body]
     points: dict[str, list[dict[str, Any]]] = {label: [] for label in settings}
     try:
         for round_ in range(1, args.rounds + 1):
@@ -63,7 +65,7 @@ def main() -> int:
     finally:
         for server in servers.values():
             server.close()
-    print(f"\n{args.model}, concurrency {args.concurrency}, {args.rounds} rounds of {args.seconds:g} s, binary tensors\n")
+    print(f"\n{args.model}, concurrency {args.concurrency}, {args.rounds} rounds of {args.seconds:g} s, {args.body} tensors\n")
     print(
         "| setting | serve arguments | samples/s (mean) | x A | cores busy | machine idle | gateway run-queue wait, s/s "
         "| CPU ms/request: gateway / workers / wrk |"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 from migserve.contract import Contract, TensorSpec
 from migserve.types import Array
@@ -59,12 +60,18 @@ class DecodedRequest:
 
 
 def json_object(raw: bytes, expected: str = "a JSON object with an 'inputs' list") -> dict[str, Any]:
+    """orjson parses JSON tensors about 3.7x faster than the json module (bench/RESULTS.md); what it refuses is tried
+    again with the json module, which also reads the NaN and Infinity that Python's json.dumps writes, and whose
+    error messages the client gets."""
     try:
-        value = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise BadRequest("request body is not valid JSON: nested too deeply") from None
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            value = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise BadRequest("request body is not valid JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise BadRequest(f"request body must be {expected}")
     return value
@@ -343,12 +350,12 @@ def encode_response(model: str, request: DecodedRequest, outputs: dict[str, Arra
             entry["parameters"] = {"binary_data_size": array.nbytes}
             blobs.append(array.tobytes())
         else:
-            entry["data"] = array.reshape(-1).tolist()
+            entry["data"] = array.reshape(-1)  # orjson writes arrays itself, each float32 in its shortest exact form
         entries.append(entry)
     header: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": entries}
     if request.id is not None:
         header["id"] = request.id
-    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)  # NaN and infinities as null: JSON has neither
     if not blobs:
         return encoded, None
     return b"".join([encoded, *blobs]), len(encoded)

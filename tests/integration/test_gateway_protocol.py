@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -98,6 +99,24 @@ def test_json_tensors_and_a_subset_of_outputs(client: httpclient.InferenceServer
     expected = direct(tiny_repo.root, "face-pros", arrays)[1]
     np.testing.assert_allclose(result.as_numpy("attributes"), expected, rtol=1e-5, atol=1e-6)
     assert ((expected >= 0) & (expected <= 1)).all()
+
+
+def test_json_outputs_are_exact_and_a_nan_is_null(
+    client: httpclient.InferenceServerClient, gateway: Gateway, tiny_repo: ExportedRepo
+) -> None:
+    arrays = make_inputs(read_contract(tiny_repo.root / "crowd-csrnet"), batch=1, seed=7, dims={"height": 16, "width": 16})
+    binary = client.infer("crowd-csrnet", triton_inputs(arrays)).as_numpy("density")
+    wanted = [httpclient.InferRequestedOutput("density", binary_data=False)]
+    as_json = client.infer("crowd-csrnet", triton_inputs(arrays, binary=False), outputs=wanted).as_numpy("density")
+    assert as_json.dtype == np.float32 and np.array_equal(as_json, binary)  # each float32 written in a form that reads back exact
+    image = arrays["image"].copy()
+    image[0, :, :8, :8] = np.nan  # Python's json.dumps writes NaN, which is not JSON: read all the same
+    body = json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": list(image.shape), "data": image.ravel().tolist()}]})
+    assert "NaN" in body
+    response = httpx.post(f"http://{gateway.url}/v2/models/crowd-csrnet/infer", content=body.encode())
+    assert response.status_code == 200, response.text
+    data = response.json()["outputs"][0]["data"]
+    assert None in data and all(v is None or isinstance(v, float) for v in data)  # JSON has no NaN: null
 
 
 def test_dynamic_sizes_pass_through(client: httpclient.InferenceServerClient, tiny_repo: ExportedRepo) -> None:

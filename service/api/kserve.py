@@ -60,7 +60,7 @@ class DecodedRequest:
 
 
 def json_object(raw: bytes, expected: str = "a JSON object with an 'inputs' list") -> dict[str, Any]:
-    """orjson parses JSON tensors about 3.7x faster than the json module (bench/RESULTS.md); what it refuses is tried
+    """orjson parses JSON tensors (with its numpy output, 2.6x the JSON rate of the json module: bench/RESULTS.md); what it refuses is tried
     again with the json module, which also reads the NaN and Infinity that Python's json.dumps writes, and whose
     error messages the client gets."""
     try:

@@ -7,6 +7,7 @@ import functools
 import importlib.util
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -550,8 +551,8 @@ def _timeout_ms(raw: str | None) -> float | None:
         value = float(raw)
     except ValueError:
         raise BadRequest(f"X-Timeout-Ms {raw!r} is not a number") from None
-    if value <= 0:
-        raise BadRequest("X-Timeout-Ms must be positive")
+    if not 0 < value < math.inf:  # NaN fails both
+        raise BadRequest(f"X-Timeout-Ms must be a positive finite number of milliseconds, got {raw!r}")
     return value / 1000
 
 

@@ -416,6 +416,8 @@ BAD_REQUESTS = [
         "'shape' must be a list of non-negative integers",
     ),
     ("bad header length", "crowd-csrnet", b"{}", {"Inference-Header-Content-Length": "99"}, 400, "does not fit a body of 2 bytes"),
+    ("timeout NaN", "crowd-csrnet", _image_input([1, 3, 8, 8]), {"X-Timeout-Ms": "nan"}, 400, "positive finite number"),
+    ("timeout infinite", "crowd-csrnet", _image_input([1, 3, 8, 8]), {"X-Timeout-Ms": "inf"}, 400, "got 'inf'"),
     ("JSON over --max-json-mb", "crowd-csrnet", b'{"inputs": []' + b" " * (17 << 20) + b"}", None, 413, "over the limit of 16777216"),
     (
         "JSON header over --max-json-mb",

@@ -84,6 +84,7 @@ CASES: dict[str, tuple[Post, int, str]] = {
     "not an npy file": (grounding(b"\x93NUMPY garbage"), 422, ".npy"),
     "duration not positive": (grounding(duration="0"), 422, "duration"),
     "duration not a number": (grounding(duration="long"), 422, "duration"),
+    "duration infinite": (grounding(duration="inf"), 422, "finite number"),
     "empty sentence": (grounding(sentence=""), 422, "sentence"),
     "sentence without words": (grounding(sentence="?! ..."), 422, "no words"),
     "unknown variant": (grounding(variant="bert"), 422, "variant 'bert'"),

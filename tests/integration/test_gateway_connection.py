@@ -93,17 +93,22 @@ def test_pipelined_requests_are_answered_in_order(gateway: Gateway, tiny_repo: E
     assert json.loads(answers[3][2])["name"] == "migserve"
 
 
-def test_a_request_sent_a_few_bytes_at_a_time(gateway: Gateway, tiny_repo: ExportedRepo) -> None:
-    body, n = _infer_body(tiny_repo, seed=4)
+def _dribbled(gateway: Gateway, seed: int, repo: ExportedRepo, piece: int, pause: float) -> None:
+    """An inference request sent `piece` bytes at a time, `pause` seconds apart, is answered as a whole one is."""
+    body, n = _infer_body(repo, seed=seed)
     expected = _expected(gateway, body, n)
     raw = _request(body, n)
     sock, reader = _connect(gateway)
     with sock:
-        for start in range(0, len(raw), 97):  # the head itself arrives in pieces
-            sock.sendall(raw[start : start + 97])
-            time.sleep(0.001)
+        for start in range(0, len(raw), piece):
+            sock.sendall(raw[start : start + piece])
+            time.sleep(pause)
         status, headers, answer = read_response(reader)
     assert status == 200 and np.array_equal(_density(headers, answer), expected)
+
+
+def test_a_request_sent_a_few_bytes_at_a_time(gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+    _dribbled(gateway, 4, tiny_repo, piece=97, pause=0.001)  # the head itself arrives in pieces
 
 
 def _chunked(body: bytes) -> bytes:
@@ -288,15 +293,6 @@ def test_a_client_that_stops_in_the_body_is_disconnected_and_its_budget_given_ba
 
 
 def test_a_slow_client_that_keeps_sending_is_served(impatient: Gateway, tiny_repo: ExportedRepo) -> None:
-    """The receive timeout bounds the quiet between reads, not the whole request."""
-    body, n = _infer_body(tiny_repo, seed=12)
-    expected = _expected(impatient, body, n)
-    data = _request(body, n)
-    sock, reader = _connect(impatient)
-    with sock:
-        step = len(data) // 8 + 1
-        for start in range(0, len(data), step):  # about 4 s in all, twice the timeout, a piece every 0.5 s
-            sock.sendall(data[start : start + step])
-            time.sleep(RECEIVE_TIMEOUT_S / 4)
-        status, headers, answer = read_response(reader)
-    assert status == 200 and np.array_equal(_density(headers, answer), expected)
+    """The receive timeout bounds the quiet between reads, not the whole request: 8 pieces, 0.5 s apart."""
+    size = len(_request(*_infer_body(tiny_repo, seed=12)))
+    _dribbled(impatient, 12, tiny_repo, piece=size // 8 + 1, pause=RECEIVE_TIMEOUT_S / 4)

@@ -402,7 +402,7 @@ class LocalBackend:
                 models = placement[p.id]
                 path = self._sockets.get(p.id)
                 if p.kind is PartitionKind.TRITON:
-                    self.workers[p.id] = TritonReplica(p, list(models), self._notify)
+                    self.workers[p.id] = TritonReplica(p, list(models), self._notify, hang_s=hang_s)
                 elif attached:
                     assert path is not None, f"front-end process without a socket for partition {p.id}"
                     self.workers[p.id] = AttachedReplica(p, models, self._notify, options, path, hang_s=hang_s)

@@ -5,7 +5,10 @@ or gRPC). Readiness and the models it can run come from Triton itself: its
 `/v2/health/ready` and its repository index, polled every POLL_S. A request that
 cannot reach Triton fails its batch with WorkerDied (the dispatcher retries it
 once on another replica) and marks the partition unready until Triton answers
-again; an error Triton answers with is a 400 (bad input) or a 500.
+again; an error Triton answers with is a 400 (bad input) or a 500. A Triton that
+accepts connections and answers nothing (stopped, or hung) counts as unreachable:
+an inference unanswered for `hang_s` (serve --worker-hang-s), or a readiness check
+unanswered for CHECK_TIMEOUT_S.
 
 Batching: with `batching: gateway` the gateway's batcher sends one batch at a
 time, as to a local worker; with `batching: triton` it sends every request as it
@@ -30,15 +33,17 @@ from ..partitions import Partition
 
 logger = logging.getLogger(__name__)
 POLL_S = 1.0
+CHECK_TIMEOUT_S = 5.0  # a readiness probe that takes longer than this is a "not ready"
 TRITON_DEPTH = 64  # requests in flight to one Triton when it does the batching
 _V2 = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32", "float64": "FP64", "uint8": "UINT8", "bool": "BOOL"}
 
 
 class TritonReplica:
-    def __init__(self, partition: Partition, models: Sequence[str], on_change: Callable[[], None]) -> None:
+    def __init__(self, partition: Partition, models: Sequence[str], on_change: Callable[[], None], *, hang_s: float = 300.0) -> None:
         if partition.url is None:
             raise ValueError(f"triton partition {partition.id} has no url")
         self.partition = partition
+        self._hang_s = hang_s
         self.assigned = tuple(models)
         self._on_change = on_change
         self._client: Any = None
@@ -95,8 +100,9 @@ class TritonReplica:
     async def _check(self) -> None:
         """Ready when Triton says so and serves at least one assigned model; `loaded` is those it serves."""
         try:
-            ready = bool(await self._client.is_server_ready())
-            index = await self._repository_index() if ready else []
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                ready = bool(await self._client.is_server_ready())
+                index = await self._repository_index() if ready else []
         except Exception as exc:  # refused, reset, timed out: all mean "not reachable now"
             ready, index = False, []
             logger.debug("triton partition %s: %s", self.id, exc)
@@ -143,9 +149,12 @@ class TritonReplica:
                 tensor.set_data_from_numpy(array, binary_data=True)
             tensors.append(tensor)
         try:
-            result = await self._client.infer(model, tensors)
+            result = await asyncio.wait_for(self._client.infer(model, tensors), self._hang_s)
         except InferenceServerException as exc:
             raise self._classify(exc) from None
+        except TimeoutError:
+            self._lost(f"no answer to an inference in {self._hang_s:g} s (--worker-hang-s)")
+            raise WorkerDied(f"triton partition {self.id} did not answer in {self._hang_s:g} s") from None
         except Exception as exc:  # the connection failed: the batch may be retried elsewhere
             self._lost(f"{type(exc).__name__}: {exc}")
             raise WorkerDied(f"triton partition {self.id} unreachable: {type(exc).__name__}") from None

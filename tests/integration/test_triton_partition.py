@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +78,7 @@ def gateways(tiny_repo: ExportedRepo, triton: TritonServer, tmp_path_factory: py
         "both": _gateway(tiny_repo, tmp, "both", local, remote),
         # two front-end processes, each with its own client of the Triton partition (service/api/frontends.py)
         "frontends": _gateway(tiny_repo, tmp, "frontends", remote, flags=("--frontends", "2")),
+        "impatient": _gateway(tiny_repo, tmp, "impatient", local, remote, flags=("--worker-hang-s", "2")),
     }
     yield servers
     for server in servers.values():
@@ -250,3 +253,44 @@ def test_killing_triton_mid_load_fails_over_and_it_comes_back(
     while time.monotonic() < deadline and httpx.get(f"{only_triton}/v2/health/ready").status_code != 200:
         time.sleep(0.3)
     assert httpx.get(f"{only_triton}/v2/health/ready").status_code == 200
+
+
+def test_a_triton_that_answers_nothing_fails_over_and_comes_back(
+    gateways: dict[str, Gateway], triton: TritonServer, tiny_repo: ExportedRepo
+) -> None:
+    # SIGSTOP: Triton keeps its sockets and answers nothing, as a hung server. After --worker-hang-s (2 s) its
+    # batches go to the local partition, and readiness checks (5 s at most) mark it unready until it answers again.
+    url = f"http://{gateways['impatient'].url}"
+    contract = read_contract(tiny_repo.root / "crowd-csrnet")
+    payload, header_length = httpclient.InferenceServerClient.generate_request_body(
+        triton_inputs(make_inputs(contract, 1, seed=2, dims={"height": 64, "width": 64}))
+    )
+
+    def call(_: int) -> int:
+        headers = {"Inference-Header-Content-Length": str(header_length)} if header_length else {}
+        return httpx.post(f"{url}/v2/models/crowd-csrnet/infer", content=payload, headers=headers, timeout=60).status_code
+
+    def triton_state() -> dict[str, object]:
+        return {p["id"]: p for p in httpx.get(f"{url}/v1/partitions").json()["partitions"]}["triton-0"]  # type: ignore[no-any-return]
+
+    def ready_within(seconds: float) -> dict[str, object]:
+        deadline = time.monotonic() + seconds
+        while not (state := triton_state())["ready"] and time.monotonic() < deadline:
+            time.sleep(0.3)
+        return state
+
+    assert triton.process is not None
+    before = ready_within(30)  # the test before restarted Triton
+    assert before["ready"]
+    os.killpg(triton.process.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(call, range(40)))
+        assert codes == [200] * 40, codes
+        assert time.monotonic() - started < 45
+        assert not triton_state()["ready"]
+    finally:
+        os.killpg(triton.process.pid, signal.SIGCONT)
+    after = ready_within(30)
+    assert after["ready"] and after["restarts"] == before["restarts"] + 1  # type: ignore[operator]

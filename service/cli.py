@@ -137,7 +137,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
     import uvicorn
 
     from .api.app import create_app
-    from .api.connection import BoundedHttpToolsProtocol, infer_protocol
+    from .api.connection import bounded_protocol, infer_protocol
     from .config import ServeConfig
     from .errors import ServiceError
     from .heap import keep_request_buffers_in_heap
@@ -203,7 +203,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
         return 2
     keep_request_buffers_in_heap()
     # Inference requests are served off the socket by our protocol; it hands other requests to uvicorn's.
-    http = infer_protocol(app.gateway) if args.http_server == "migserve" else BoundedHttpToolsProtocol
+    http = infer_protocol(app.gateway) if args.http_server == "migserve" else bounded_protocol(config.receive_timeout_s)
     if listening is None:
         uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level, access_log=False, http=http)  # type: ignore[arg-type]  # a BufferedProtocol works; uvicorn types Protocol
         return 0

@@ -446,7 +446,7 @@ class InferConnection(asyncio.BufferedProtocol):
         transport = self._transport
         assert transport is not None
         logger.info("closing a connection that sent nothing for %g s in the middle of a request", self._stall.timeout)
-        if not self._writing_paused:
+        if not self._writing_paused and not self._discard:  # a refused body was answered already
             transport.write(timed_out(self._stall.timeout, self._state.default_headers))
         transport.close()  # connection_lost gives back the body's share of the budget
 

@@ -296,3 +296,23 @@ def test_a_slow_client_that_keeps_sending_is_served(impatient: Gateway, tiny_rep
     """The receive timeout bounds the quiet between reads, not the whole request: 8 pieces, 0.5 s apart."""
     size = len(_request(*_infer_body(tiny_repo, seed=12)))
     _dribbled(impatient, 12, tiny_repo, piece=size // 8 + 1, pause=RECEIVE_TIMEOUT_S / 4)
+
+
+def test_uvicorn_alone_bounds_heads_and_stalls_too(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """--http-server uvicorn: every connection is uvicorn's protocol, with the same 431 and --receive-timeout-s."""
+    args = ("--cpu-slices", "1", "--models", "crowd-csrnet", "--http-server", "uvicorn", "--receive-timeout-s", "1")
+    server = Gateway(tiny_repo.root, *args, log=tmp_path / "serve.log")
+    try:
+        sock, reader = _connect(server)
+        with sock:
+            sock.sendall(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Le".encode())
+            status, waited = _ends_within(reader, 4)
+        assert status == 408 and waited > 0.9
+        sock, reader = _connect(server)
+        with sock:
+            sock.sendall(f"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Padding: {'a' * (70 << 10)}\r\n\r\n".encode())
+            assert _ends_within(reader, 4)[0] == 431
+        body, n = _infer_body(tiny_repo, seed=13)
+        _expected(server, body, n)
+    finally:
+        server.close()

@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-json-mb",
         type=float,
         default=16.0,
-        help="largest JSON part of a KServe v2 inference request (JSON tensors cost the gateway about 10 ms per MB, "
-        "during which it answers nothing else); larger gets 413 asking for binary tensors (default: 16)",
+        help="largest JSON part of a KServe v2 inference request (JSON tensors are parsed in the gateway's event loop, "
+        "which answers nothing else meanwhile); larger gets 413 asking for binary tensors (default: 16)",
     )
     parser.add_argument(
         "--max-pending-mb",

@@ -29,7 +29,7 @@ import asyncio
 import http
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -39,6 +39,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from ..errors import HeadTooLarge, ReceiveTimeout, ServiceError, TooLarge
+from ..watchdog import StallWatch
 from .fastpath import BINARY_HEADER_LENGTH, CONTENT_LENGTH, TIMEOUT, WANTED, Reply, answer_infer, error_reply
 
 if TYPE_CHECKING:
@@ -111,38 +112,6 @@ def head_too_large(default_headers: list[tuple[bytes, bytes]]) -> bytes:
 def timed_out(timeout: float, default_headers: list[tuple[bytes, bytes]]) -> bytes:
     error = ReceiveTimeout(f"nothing received for {timeout:g} s in the middle of the request (--receive-timeout-s)")
     return closing_answer(error, default_headers)
-
-
-class StallWatch:
-    """Ends a connection whose client stopped sending in the middle of a request. The protocol stamps `last` at
-    each read (a float store); one timer, armed while a request is incomplete, re-arms itself for the quiet time
-    left instead of being re-made at every read."""
-
-    __slots__ = ("_expire", "_loop", "_timer", "_waiting", "last", "timeout")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, waiting: Callable[[], bool], expire: Callable[[], None]) -> None:
-        self._loop, self.timeout, self._waiting, self._expire = loop, timeout, waiting, expire
-        self._timer: asyncio.TimerHandle | None = None
-        self.last = loop.time()
-
-    def arm(self) -> None:
-        if self._timer is None:
-            self._timer = self._loop.call_later(self.timeout, self._check)
-
-    def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _check(self) -> None:
-        self._timer = None
-        if not self._waiting():
-            return
-        quiet = self._loop.time() - self.last
-        if quiet < self.timeout:
-            self._timer = self._loop.call_later(self.timeout - quiet, self._check)
-        else:
-            self._expire()
 
 
 def bounded_protocol(receive_timeout_s: float) -> type[BoundedHttpToolsProtocol]:

@@ -26,6 +26,7 @@ from migserve.types import Array
 
 from ..errors import BadRequest, InferenceFailed, Unavailable, WorkerDied
 from ..partitions import Partition, PartitionKind
+from ..watchdog import StallWatch
 from ..workers import shm
 from ..workers.process import worker_main
 from ..workers.protocol import (
@@ -70,8 +71,7 @@ class WorkerReplica:
     ) -> None:
         self.partition = partition
         self._hang_s = hang_s
-        self._sent = 0.0  # loop time the batch in flight was sent
-        self._hang_timer: asyncio.TimerHandle | None = None
+        self._hang: StallWatch | None = None  # made on the first batch, in the running loop
         self.socket_path = socket_path  # where the worker takes batches from the gateway's other front-end processes
         # SCHED_IDLE only where the worker has cores of its own to yield
         self._options = dataclasses.replace(options, idle_priority=options.idle_priority and partition.kind is PartitionKind.CPU)
@@ -171,22 +171,16 @@ class WorkerReplica:
             self._pending.pop(batch_id)
             raise WorkerDied(f"worker {self.id}: {exc}") from None
         loop = asyncio.get_running_loop()
-        self._sent = loop.time()
-        if self._hang_timer is None:  # one timer that re-arms itself for the time left, not one per batch
-            self._hang_timer = loop.call_later(self._hang_s, self._check_hang)
+        if self._hang is None:
+            self._hang = StallWatch(loop, self._hang_s, lambda: bool(self._pending) and self._ready, self._hung)
+        self._hang.last = loop.time()  # the batch just sent: its wait starts now
+        self._hang.arm()
         return future
 
-    def _check_hang(self) -> None:
-        self._hang_timer = None
-        if not self._pending or not self._ready:
-            return
-        waited = asyncio.get_running_loop().time() - self._sent
-        if waited < self._hang_s:
-            self._hang_timer = asyncio.get_running_loop().call_later(self._hang_s - waited, self._check_hang)
-            return
+    def _hung(self) -> None:
         # Killed, not asked: a hung process answers nothing. Its death is seen as any other (the process's sentinel,
         # or its socket closing in a front-end process): batches retried, the worker restarted by the first process.
-        logger.error("worker %s (pid %s) has not answered a batch in %.0f s (--worker-hang-s): killing it", self.id, self.pid, waited)
+        logger.error("worker %s (pid %s) has not answered a batch in %g s (--worker-hang-s): killing it", self.id, self.pid, self._hang_s)
         if self.pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
@@ -226,9 +220,8 @@ class WorkerReplica:
             return
         self._ready = False
         loop = asyncio.get_running_loop()
-        if self._hang_timer is not None:
-            self._hang_timer.cancel()
-            self._hang_timer = None
+        if self._hang is not None:
+            self._hang.cancel()
         if self._conn is not None:
             loop.remove_reader(self._conn.fileno())
             self._conn.close()

@@ -4,12 +4,18 @@
   fresh    session.run on a new copy of the arrays each time (not in the CPU's caches, as a batch from the gateway)
   worker   the worker's own code in this process: inputs written to a shared memory arena, read in place by
            run_batch, padded to a bucket on a GPU (service/workers/buckets.py), outputs written to an arena; on a
-           GPU the arena and the padding buffers are page-locked (service/workers/pinned.py)
-  unpinned (GPU only) the same with nothing page-locked, as before 2026-11-30
+           GPU the arena is page-locked (service/workers/pinned.py) and a padded batch is copied from it straight
+           into input buffers on the device
+  merged   the batch as two halves from two arenas (two front-ends), run as one by run_merged, as the worker does
+  host     (GPU only) worker, with padded batches gathered in a page-locked host buffer first, the way before device buffers
+  merged-host  (GPU only) merged, gathered on the host likewise
+  unpinned (GPU only) host, with nothing page-locked, the way before page-locking
   process  a real worker process (WorkerReplica), one batch at a time over its pipe: adds the gateway's copy into
            shared memory, the pipe, the wake-ups and the gateway's copy of the outputs
 
 Each way reports ms per batch (mean and p50) and rows/s. The gap between two adjacent ways is that step's cost.
+Each worker way's answer is checked against direct's: the largest difference, as a share of the output's range,
+is reported (`off`), and over 1% stops the bench.
 
     python -m bench.worker_path --repo DIR [--model face-pros] [--rows 8,15,32] [--seconds 2] [--device auto|cpu|GPU-UUID]
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import time
@@ -30,13 +37,15 @@ from typing import Any
 import numpy as np
 
 from bench.gateway_bench import sample
+from migserve.types import Array
 from service.backends.local import WorkerReplica
 from service.partitions import Partition, PartitionKind, discover
 from service.placement import model_spec
 from service.repository import load_model
 from service.workers import shm
+from service.workers.buckets import BucketedSession
 from service.workers.pinned import HostPinning
-from service.workers.process import cuda_pinning, load_sessions, run_batch
+from service.workers.process import cuda_pinning, load_sessions, run_batch, run_merged
 from service.workers.protocol import BatchDone, RunBatch, WorkerSpec
 
 Feeds = dict[str, np.ndarray[Any, Any]]
@@ -53,9 +62,10 @@ def timed(step: Callable[[], Any], seconds: float) -> list[float]:
     return times
 
 
-def row(way: str, rows: int, times: list[float]) -> dict[str, Any]:
+def row(way: str, rows: int, times: list[float], off: float | None = None) -> dict[str, Any]:
     mean = statistics.fmean(times)
     return {
+        "off": off,
         "way": way,
         "rows": rows,
         "batches": len(times),
@@ -75,27 +85,64 @@ def in_process(spec: WorkerSpec, feeds: Feeds, seconds: float) -> list[dict[str,
     plain = sessions[name]
     plain = getattr(plain, "_first", plain)  # the direct way: the session without padding
     rows = next(iter(feeds.values())).shape[0]
+    expected = plain.run(None, feeds)
     found = [row("direct", rows, timed(lambda: plain.run(None, feeds), seconds))]
     found.append(row("fresh", rows, timed(lambda: plain.run(None, {k: v.copy() for k, v in feeds.items()}), seconds)))
     pinning = cuda_pinning() if "CUDAExecutionProvider" in plain.get_providers() else None
-    found.append(row("worker", rows, timed(_worker_step(sessions, name, feeds, pinning), seconds)))
+    ways = [("worker", sessions, pinning, 1), ("merged", sessions, pinning, 2)]
+    if pinning is not None:
+        host, _ = load_sessions(ort, spec)
+        for session in host.values():
+            if isinstance(session, BucketedSession):
+                session.device = None
+        ways += [("host", host, pinning, 1), ("merged-host", host, pinning, 2)]
+    for way, chosen, pinned, parts in ways:
+        step = _worker_step(chosen, name, feeds, pinned, parts)
+        found.append(row(way, rows, timed(step, seconds), off(step(), expected)))
     if pinning is not None:
         pinning.enabled = False  # new sessions, so that no padding buffer made above is pinned either
         unpinned, _ = load_sessions(ort, spec)
-        found.append(row("unpinned", rows, timed(_worker_step(unpinned, name, feeds, None), seconds)))
+        for session in unpinned.values():
+            if isinstance(session, BucketedSession):
+                session.device = None
+        step = _worker_step(unpinned, name, feeds, None, 1)
+        found.append(row("unpinned", rows, timed(step, seconds), off(step(), expected)))
         pinning.enabled = True
     return found
 
 
-def _worker_step(sessions: dict[str, Any], name: str, feeds: Feeds, pinning: HostPinning | None) -> Callable[[], None]:
-    """One batch as the worker runs it, its inputs written to an arena first (as the gateway does)."""
-    arena, inputs, outputs = shm.Arena(), shm.Attachments(pinning=pinning), shm.Arena()
-    _arenas.extend((arena, inputs, outputs))
+def off(got: list[Array], expected: list[Array]) -> float:
+    """The largest difference from direct's answer, as a share of the output's range; over 1% stops the bench."""
+    worst = 0.0
+    for g, e in zip(got, expected, strict=True):
+        assert g.shape == e.shape, (g.shape, e.shape)
+        spread = float(np.ptp(e)) or 1.0
+        worst = max(worst, float(np.max(np.abs(g.astype(np.float64) - e))) / spread)
+    if worst > 0.01:
+        raise AssertionError(f"the worker's answer is {worst:.2%} of the range away from direct's")
+    return worst
 
-    def step() -> None:
-        refs = arena.write({k: [v] for k, v in feeds.items()})
-        done = run_batch(sessions, RunBatch(1, name, refs), inputs, outputs)
-        assert isinstance(done, BatchDone), done
+
+def _worker_step(sessions: dict[str, Any], name: str, feeds: Feeds, pinning: HostPinning | None, parts: int) -> Callable[[], list[Array]]:
+    """One batch as the worker runs it, its inputs written to arenas first (as the gateway's front-ends do): one
+    arena, or `parts` arenas with a share of the rows each, merged by the worker. Returns the batch's outputs."""
+    sent = [(shm.Arena(), shm.Attachments(pinning=pinning), shm.Arena(), shm.Attachments()) for _ in range(parts)]
+    _arenas.extend(segment for ends in sent for segment in ends)
+    rows = next(iter(feeds.values())).shape[0]
+    cuts = [rows * i // parts for i in range(parts + 1)]
+
+    def step() -> list[Array]:
+        group: list[tuple[shm.Attachments, shm.Arena, RunBatch]] = []
+        for (arena, inputs, outputs, _), (a, b) in zip(sent, itertools.pairwise(cuts), strict=True):
+            refs = arena.write({k: [v[a:b]] for k, v in feeds.items()})
+            group.append((inputs, outputs, RunBatch(len(group), name, refs)))
+        replies = run_merged(sessions, group) if parts > 1 else [run_batch(sessions, group[0][2], *group[0][:2])]
+        assert replies is not None, "the merged run failed"
+        answers = []
+        for (*_, reader), done in zip(sent, replies, strict=True):
+            assert isinstance(done, BatchDone), done
+            answers.append({k: reader.view(ref) for k, ref in done.outputs.items()})
+        return [np.concatenate([a[o] for a in answers]) for o in answers[0]]
 
     return step
 
@@ -149,7 +196,8 @@ def main() -> int:
         _arenas.clear()
         for r in [r for r in found if r["rows"] == rows]:
             shown = f"{r['mean_ms']:7.2f} ms/batch (p50 {r['p50_ms']:.2f})  {r['rows_per_s']:9.1f} rows/s"
-            print(f"  {args.model} rows {r['rows']:3d} {r['way']:8s} {shown}", flush=True)
+            checked = f"  off {r['off']:.2e}" if r["off"] is not None else ""
+            print(f"  {args.model} rows {r['rows']:3d} {r['way']:11s} {shown}{checked}", flush=True)
     print(json.dumps({"model": args.model, "device": args.device, "rows": found}))
     return 0
 

@@ -14,13 +14,18 @@ models (inference-mode batch norm), so padding changes no real row's answer. Ses
 are made on first use and the least recently used is dropped past `keep`, since each
 holds its own copy of the weights on the device; where the device has no room for one
 more, batches of a new shape run on an existing session (and pay the plan rebuild).
+
+A batch that is padded or merged is copied part by part, from wherever its rows are,
+into input buffers kept on the device per shape (`Device`, service/workers/pinned.py),
+and run on them with an IOBinding; without a device to copy to, it is gathered into
+page-locked host buffers instead.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -72,17 +77,74 @@ class _Staging:
             self._unpin.pop()()
 
 
+class Device(Protocol):
+    """Where input buffers live and how host bytes get there: pinned.DeviceBuffers on a GPU."""
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> Any: ...  # an onnxruntime OrtValue
+    def copy_in(self, target: int, source: int, size: int) -> None: ...
+    def zero(self, target: int, size: int) -> None: ...
+    def wait(self) -> None: ...
+
+
+class _DeviceStaging:
+    """One padded shape's input buffers on the device."""
+
+    def __init__(self, key: Shapes, dtypes: Mapping[str, np.dtype[Any]], device: Device) -> None:
+        self.device = device
+        self.values = {name: device.empty(shape, dtypes[name]) for name, shape in key}
+        self.sizes = {name: int(np.prod(shape)) * dtypes[name].itemsize for name, shape in key}
+
+    def fill(self, parts: Mapping[str, Sequence[Array]], rows: int) -> dict[str, Any]:
+        for name, pieces in parts.items():
+            start = self.values[name].data_ptr()
+            end, at = start + self.sizes[name], start
+            for piece in pieces:
+                piece = np.ascontiguousarray(piece)  # a view of an arena already is: no copy
+                self.device.copy_in(at, piece.ctypes.data, piece.nbytes)
+                at += piece.nbytes
+            if at < end:
+                self.device.zero(at, end - at)  # padding rows: zero, as on the host
+        self.device.wait()
+        return self.values
+
+    def release(self) -> None:
+        self.values.clear()
+
+
+def run_bound(session: Any, names: list[str] | None, values: Mapping[str, Any]) -> list[Array]:
+    """A run on inputs already on the device (OrtValues), with the outputs on the host."""
+    binding = session.io_binding()
+    for name, value in values.items():
+        binding.bind_ortvalue_input(name, value)
+    for name in names if names is not None else [o.name for o in session.get_outputs()]:
+        binding.bind_output(name, "cpu")
+    session.run_with_iobinding(binding)
+    outputs: list[Array] = binding.copy_outputs_to_cpu()
+    return outputs
+
+
 class BucketedSession:
     """Quacks like an onnxruntime InferenceSession for the worker: run, get_outputs, get_providers; and run_parts,
-    which runs several batches as one. Padded or merged batches are copied into buffers kept per shape (page-locked
-    with `pinning`, service/workers/pinned.py); a lone batch of a bucket's exact size runs where it is."""
+    which runs several batches as one. Padded or merged batches are copied into buffers kept per shape: on `device`
+    where there is one, else on the host (page-locked with `pinning`, service/workers/pinned.py); a lone batch of a
+    bucket's exact size runs where it is."""
 
-    def __init__(self, first: Any, make: Callable[[], Any], max_batch: int, keep: int = 8, pinning: HostPinning | None = None) -> None:
+    def __init__(
+        self,
+        first: Any,
+        make: Callable[[], Any],
+        max_batch: int,
+        *,
+        keep: int = 8,
+        pinning: HostPinning | None = None,
+        device: Device | None = None,
+    ) -> None:
         self._first = first  # already loaded and warmed up: serves the first shapes it meets
         self._make = make
         self._sessions: OrderedDict[Shapes, Any] = OrderedDict()
-        self._staging: OrderedDict[Shapes, _Staging] = OrderedDict()
+        self._staging: OrderedDict[Shapes, _Staging | _DeviceStaging] = OrderedDict()
         self._pinning = pinning
+        self.device = device  # None: padded and merged batches are gathered on the host (bench/worker_path.py compares)
         self.buckets = buckets(max_batch)
         self.keep = keep
         self._full = False  # a session could not be made: no more are tried
@@ -131,17 +193,22 @@ class BucketedSession:
             session = self._new_session(key)
         else:
             self._sessions.move_to_end(key)
+        outputs: list[Array]
         if len(pieces) == 1 and bucket == rows:
-            feeds = {name: p[0] for name, p in parts.items()}
+            outputs = session.run(names, {name: p[0] for name, p in parts.items()})
         else:
-            feeds = self._staged(key, {name: p[0].dtype for name, p in parts.items()}).fill(parts, rows)
-        outputs: list[Array] = session.run(names, feeds)
+            staging = self._staged(key, {name: p[0].dtype for name, p in parts.items()})
+            if isinstance(staging, _DeviceStaging):
+                outputs = run_bound(session, names, staging.fill(parts, rows))
+            else:
+                outputs = session.run(names, staging.fill(parts, rows))
         return outputs if bucket == rows else [output[:rows] for output in outputs]
 
-    def _staged(self, key: Shapes, dtypes: Mapping[str, np.dtype[Any]]) -> _Staging:
+    def _staged(self, key: Shapes, dtypes: Mapping[str, np.dtype[Any]]) -> _Staging | _DeviceStaging:
         staging = self._staging.get(key)
         if staging is None:
-            staging = self._staging[key] = _Staging(key, dtypes, self._pinning)
+            made = _DeviceStaging(key, dtypes, self.device) if self.device is not None else _Staging(key, dtypes, self._pinning)
+            staging = self._staging[key] = made
             while len(self._staging) > max(self.keep, 1):
                 self._staging.popitem(last=False)[1].release()
         else:

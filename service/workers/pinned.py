@@ -14,6 +14,12 @@ long-lived) and the buffers it pads or merges batches into. The CUDA runtime is 
 onnxruntime's CUDA provider loaded (found in this process's memory map), so the
 registration is in the same context its copies use. Where registration fails (no such
 library, a limit on locked memory), the worker logs it once and runs unpinned as before.
+
+A batch that is padded, or merged from several front-ends, is not first gathered in host
+memory: `DeviceBuffers` copies each part from the arena it is in straight into an input
+buffer on the device (service/workers/buckets.py). On an H200 that took a face-pros batch
+of 32 rows merged from two arenas from 4.94 to 3.75 ms, and a crowd-csrnet batch of 6 rows
+padded to 8 from 1.79 to 1.31 ms (`bench/worker_path.py`, bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 CUDA_HOST_REGISTER_DEFAULT = 0
+CUDA_MEMCPY_HOST_TO_DEVICE = 1
+LEGACY_STREAM = None  # the legacy default stream: the copies below and the wait for them
 PAGE_SIZE = 4096
 Unpin = Callable[[], None]
 
@@ -81,6 +89,50 @@ class HostPinning:
             self.pinned_bytes -= size
 
         return unpin
+
+
+class CudaError(RuntimeError):
+    pass
+
+
+class DeviceBuffers:
+    """Input buffers on the device (onnxruntime OrtValues) and the copies into them, through the CUDA runtime
+    already loaded. Copies are queued on the legacy default stream and `wait` returns once they are done; the
+    session runs after that, so it never reads a buffer being written, and never while one is being read:
+    a run with outputs on the host returns only once the device is done with it."""
+
+    device_type = "cuda"
+
+    def __init__(self, ort: Any, cudart: Any) -> None:
+        self._ort, self._cudart = ort, cudart
+        cudart.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        cudart.cudaMemsetAsync.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t, ctypes.c_void_p]
+        cudart.cudaStreamSynchronize.argtypes = [ctypes.c_void_p]
+        for function in (cudart.cudaMemcpyAsync, cudart.cudaMemsetAsync, cudart.cudaStreamSynchronize, cudart.cudaGetLastError):
+            function.restype = ctypes.c_int
+
+    @classmethod
+    def for_this_process(cls, ort: Any) -> DeviceBuffers | None:
+        cudart = _loaded_cudart()
+        return cls(ort, cudart) if cudart is not None else None
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """An uninitialised OrtValue of `shape` on the device (the only one CUDA_VISIBLE_DEVICES shows)."""
+        return self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device_type, 0)
+
+    def copy_in(self, target: int, source: int, size: int) -> None:
+        self._check("cudaMemcpyAsync", self._cudart.cudaMemcpyAsync(target, source, size, CUDA_MEMCPY_HOST_TO_DEVICE, LEGACY_STREAM))
+
+    def zero(self, target: int, size: int) -> None:
+        self._check("cudaMemsetAsync", self._cudart.cudaMemsetAsync(target, 0, size, LEGACY_STREAM))
+
+    def wait(self) -> None:
+        self._check("cudaStreamSynchronize", self._cudart.cudaStreamSynchronize(LEGACY_STREAM))
+
+    def _check(self, call: str, code: int) -> None:
+        if code != 0:
+            self._cudart.cudaGetLastError()  # clear it, or onnxruntime's next CUDA call reports it as its own
+            raise CudaError(f"{call} failed with CUDA error {code}")
 
 
 def address(buffer: Any) -> int:

@@ -28,7 +28,7 @@ from migserve.types import Array
 
 from . import shm
 from .buckets import BucketedSession
-from .pinned import HostPinning
+from .pinned import DeviceBuffers, HostPinning
 from .protocol import (
     BatchDone,
     BatchFailed,
@@ -120,7 +120,9 @@ def load_sessions(ort: Any, spec: WorkerSpec) -> tuple[dict[str, Any], dict[str,
             continue
         if session.get_providers()[0] == "CUDAExecutionProvider" and model.max_batch and spec.options.shape_sessions:
             # cuDNN plans are rebuilt at every shape change: pad batches to a few shapes, one session each
-            session = BucketedSession(session, make, model.max_batch, keep=spec.options.shape_sessions, pinning=cuda_pinning())
+            session = BucketedSession(
+                session, make, model.max_batch, keep=spec.options.shape_sessions, pinning=cuda_pinning(), device=cuda_buffers(ort)
+            )
         sessions[model.name] = session
     return sessions, refused
 
@@ -129,6 +131,12 @@ def load_sessions(ort: Any, spec: WorkerSpec) -> tuple[dict[str, Any], dict[str,
 def cuda_pinning() -> HostPinning | None:
     """Page-locking through the CUDA runtime onnxruntime loaded; call once a CUDA session exists."""
     return HostPinning.for_this_process()
+
+
+@functools.cache
+def cuda_buffers(ort: Any) -> DeviceBuffers | None:
+    """Input buffers on the device that padded and merged batches are copied into; call once a CUDA session exists."""
+    return DeviceBuffers.for_this_process(ort)
 
 
 def run_batch(sessions: dict[str, Any], message: RunBatch, inputs: shm.Attachments, outputs: shm.Arena) -> BatchDone | BatchFailed:

@@ -7,6 +7,8 @@ was measured on an H200 with bench/gpu_check.py.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -18,6 +20,7 @@ from service.workers import shm
 from service.workers.buckets import BucketedSession, buckets
 from service.workers.process import merged, run_merged
 from service.workers.protocol import BatchDone, RunBatch, TensorRef
+from tests.fake_cudart import FakeCudart, HostBuffers
 from tests.helpers import ExportedRepo
 
 
@@ -166,3 +169,37 @@ def test_batches_merged_into_a_padded_buffer_answer_as_one_concatenated_batch(ti
     for got, expected in zip(bucketed.run_parts(None, parts), plain.run(None, feeds), strict=True):
         assert got.shape == expected.shape
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["face-pros", "grounding-mgsl"])
+def test_batches_copied_part_by_part_into_device_buffers_answer_as_one_batch(tiny_repo: ExportedRepo, model: str) -> None:
+    """On a GPU, padded and merged batches are copied from the arenas their rows are in straight into input buffers
+    on the device, and run there with an IOBinding. Here the "device" is host memory and the copies memmove (only
+    the CUDA runtime is a stand-in); the session, the binding and the slicing are onnxruntime's own."""
+    root = tiny_repo.root / model
+    contract = read_contract(root).model_dump(mode="json")
+
+    def make() -> ort.InferenceSession:
+        return ort.InferenceSession(str(root / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    cudart = FakeCudart()
+    plain, bucketed = make(), BucketedSession(make(), make, max_batch=8, device=HostBuffers(ort, cudart))
+    feeds = sample(contract, {}, 8)
+    for pieces in ([2, 1, 2], [8], [3], [1, 1, 1, 1, 1, 1, 1, 1], [3]):  # padded to 8, lone and full, padded to 4, ...
+        cuts = np.cumsum([0, *pieces])
+        parts = {name: [value[a:b] for a, b in itertools.pairwise(cuts)] for name, value in feeds.items()}
+        rows = int(cuts[-1])
+        cudart.calls.clear()
+        got = bucketed.run_parts(None, parts)
+        expected = plain.run(None, {name: value[:rows] for name, value in feeds.items()})
+        for g, e in zip(got, expected, strict=True):
+            assert g.shape == e.shape
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+        if pieces == [8]:
+            assert not cudart.calls, "a lone batch of a bucket's size runs where it is"
+            continue
+        bucket = next(b for b in (1, 2, 4, 8) if b >= rows)
+        assert cudart.named().count("copy") == len(pieces) * len(feeds), "each part copied once, straight from where it is"
+        zeroed = sum(args[2] for name, args in cudart.calls if name == "memset")
+        assert zeroed == sum((bucket - rows) * value[0].nbytes for value in feeds.values()), "padding rows zeroed"
+        assert cudart.named()[-1] == "synchronize", "the copies are done before the run"

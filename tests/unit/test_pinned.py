@@ -1,38 +1,18 @@
-"""Page-locking a CUDA worker's input memory (service/workers/pinned.py), with a stand-in for the CUDA runtime.
-
-These machines have no GPU, so the CUDA runtime is replaced by an object with the same three C functions that
-records its calls; what the H200 made of real registration is in bench/RESULTS.md (bench/worker_path.py)."""
+"""Page-locking a CUDA worker's input memory and copying batches to the device (service/workers/pinned.py), with a
+stand-in for the CUDA runtime (tests/fake_cudart.py): these machines have no GPU. What the H200 made of the real
+calls is in bench/RESULTS.md (bench/worker_path.py)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+import pytest
 
 from service.workers import shm
 from service.workers.buckets import BucketedSession
-from service.workers.pinned import PAGE_SIZE, HostPinning, address
-
-
-class _Function:
-    def __init__(self, calls: list[tuple[str, tuple[Any, ...]]], name: str, result: int = 0) -> None:
-        self.calls, self.name, self.result = calls, name, result
-        self.argtypes: list[Any] = []
-        self.restype: Any = None
-
-    def __call__(self, *args: Any) -> int:
-        self.calls.append((self.name, args))
-        return self.result
-
-
-class FakeCudart:
-    """cudaHostRegister, cudaHostUnregister and cudaGetLastError, recorded."""
-
-    def __init__(self, register_result: int = 0) -> None:
-        self.calls: list[tuple[str, tuple[Any, ...]]] = []
-        self.cudaHostRegister = _Function(self.calls, "register", register_result)
-        self.cudaHostUnregister = _Function(self.calls, "unregister")
-        self.cudaGetLastError = _Function(self.calls, "last_error")
+from service.workers.pinned import PAGE_SIZE, CudaError, HostPinning, address
+from tests.fake_cudart import FakeCudart, HostBuffers
 
 
 def test_an_attached_arena_is_pinned_once_and_unpinned_before_it_is_released() -> None:
@@ -111,3 +91,33 @@ def test_merged_and_padded_batches_go_through_pinned_page_aligned_buffers_and_a_
     session.run_parts(None, {"x": [b, b]})  # bucket 2, merged: a third buffer, past keep=2: the first is unpinned
     assert [name for name, _ in cudart.calls] == ["register", "register", "register", "unregister"]
     assert cudart.calls[-1] == ("unregister", (staged.ctypes.data,))
+
+
+def test_device_copies_are_queued_on_the_legacy_stream_and_waited_for() -> None:
+    import onnxruntime as ort
+
+    cudart = FakeCudart()
+    device = HostBuffers(ort, cudart)
+    value = device.empty((3, 2), np.dtype(np.float32))
+    assert value.shape() == [3, 2]
+    rows = np.arange(4, dtype=np.float32).reshape(2, 2)
+    device.copy_in(value.data_ptr(), rows.ctypes.data, rows.nbytes)
+    device.zero(value.data_ptr() + rows.nbytes, 8)
+    device.wait()
+    np.testing.assert_array_equal(value.numpy(), [[0, 1], [2, 3], [0, 0]])
+    assert cudart.calls == [
+        ("copy", (value.data_ptr(), rows.ctypes.data, rows.nbytes, 1, None)),  # cudaMemcpyHostToDevice, stream 0
+        ("memset", (value.data_ptr() + rows.nbytes, 0, 8, None)),
+        ("synchronize", (None,)),
+    ]
+
+
+def test_a_failed_copy_raises_and_clears_the_cuda_error() -> None:
+    import onnxruntime as ort
+
+    cudart = FakeCudart(copy=700)  # cudaErrorIllegalAddress
+    device = HostBuffers(ort, cudart)
+    value = device.empty((1, 2), np.dtype(np.float32))
+    with pytest.raises(CudaError, match="cudaMemcpyAsync failed with CUDA error 700"):
+        device.copy_in(value.data_ptr(), np.zeros(2, np.float32).ctypes.data, 8)
+    assert cudart.named() == ["copy", "last_error"], "cleared, or onnxruntime's next call would report it"

@@ -48,8 +48,9 @@ CONCURRENCY = (1, 8, 32)
 BATCHES = (1, 2, 4, 8, 16, 32)
 DATATYPES = {"float32": "FP32", "int64": "INT64"}
 FRONTEND_MODES = {f"frontends{n}": n for n in (2, 4, 8)}  # serve --frontends N (bench/gpu_check.py)
-# onesession and the grpc modes: bench/gpu_check.py
-GATEWAY_MODES = ("binary", "json", "nobatch", "uvicorn", "idle", "onesession", *FRONTEND_MODES, "grpc", "grpc-frontends2")
+SERIAL_MODES = ("serial", "frontends2-serial", "frontends4-serial")  # --worker-threads 1 (bench/gpu_check.py)
+# onesession, the serial and the grpc modes: bench/gpu_check.py
+GATEWAY_MODES = ("binary", "json", "nobatch", "uvicorn", "idle", "onesession", *FRONTEND_MODES, *SERIAL_MODES, "grpc", "grpc-frontends2")
 
 
 def export(repo: Path, *models: str) -> None:
@@ -344,7 +345,7 @@ def report(rows: list[dict[str, Any]]) -> str:
                 f"| {r['gateway_cpu_ms']:.2f} / {r['workers_cpu_ms']:.2f} / {r['client_cpu_ms']:.2f} | {busy(r):.2f} |"
             )
         lines.append("")
-        for c32 in (r for r in rows_here if r["mode"] in ("binary", "idle", *FRONTEND_MODES) and r["concurrency"] == 32):
+        for c32 in (r for r in rows_here if r["mode"] in ("binary", "idle", *FRONTEND_MODES, *SERIAL_MODES) and r["concurrency"] == 32):
             lines.append(f"concurrency 32, {c32['mode']}: {c32['samples_per_s'] / best['samples_per_s']:.2f}x direct at best batch")
         lines.append("")
     tiny = {r["mode"]: r for r in rows if r["mode"] in ("direct-tiny", "binary-tiny")}

@@ -252,6 +252,9 @@ GPU_MODES: dict[str, tuple[str, ...]] = {
     "binary": ("--gpu-shape-sessions", "8"),
     "onesession": ("--gpu-shape-sessions", "0"),
     **{name: ("--frontends", str(n)) for name, n in gb.FRONTEND_MODES.items()},
+    "serial": ("--worker-threads", "1"),  # a GPU worker runs one batch at a time, as before --worker-threads
+    "frontends2-serial": ("--frontends", "2", "--worker-threads", "1"),
+    "frontends4-serial": ("--frontends", "4", "--worker-threads", "1"),
     "grpc": ("--gpu-shape-sessions", "8"),
     "grpc-frontends2": ("--frontends", "2"),
 }

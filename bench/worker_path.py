@@ -1,4 +1,4 @@
-"""Where a batch's time goes between the gateway and the model: one model, a few batch sizes, four ways.
+"""Where a batch's time goes between the gateway and the model: one model, a few batch sizes, several ways.
 
   direct   session.run on arrays made once (what gateway_bench's direct rows measure)
   fresh    session.run on a new copy of the arrays each time (not in the CPU's caches, as a batch from the gateway)
@@ -7,6 +7,8 @@
            GPU the arena is page-locked (service/workers/pinned.py) and a padded batch is copied from it straight
            into input buffers on the device
   merged   the batch as two halves from two arenas (two front-ends), run as one by run_merged, as the worker does
+  threads2 worker, from two threads at once on the same sessions (a CUDA worker's pool, serve --worker-threads), each
+           with its own arenas: ms per batch is the wall time over both threads' batches
   host     (GPU only) worker, with padded batches gathered in a page-locked host buffer first, the way before device buffers
   merged-host  (GPU only) merged, gathered on the host likewise
   unpinned (GPU only) host, with nothing page-locked, the way before page-locking
@@ -26,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +103,11 @@ def in_process(spec: WorkerSpec, feeds: Feeds, seconds: float) -> list[dict[str,
     for way, chosen, pinned, parts in ways:
         step = _worker_step(chosen, name, feeds, pinned, parts)
         found.append(row(way, rows, timed(step, seconds), off(step(), expected)))
+        if way == "worker":
+            steps = [step, _worker_step(chosen, name, feeds, pinned, parts)]
+            worst: list[float] = []
+            times = together(steps, seconds, functools.partial(_checked, worst, expected))
+            found.append(row("threads2", rows, times, max(worst)))
     if pinning is not None:
         pinning.enabled = False  # new sessions, so that no padding buffer made above is pinned either
         unpinned, _ = load_sessions(ort, spec)
@@ -109,6 +118,29 @@ def in_process(spec: WorkerSpec, feeds: Feeds, seconds: float) -> list[dict[str,
         found.append(row("unpinned", rows, timed(step, seconds), off(step(), expected)))
         pinning.enabled = True
     return found
+
+
+def together(steps: list[Callable[[], list[Array]]], seconds: float, check: Callable[[list[Array]], None]) -> list[float]:
+    """Each step looped on a thread of its own for `seconds`, every answer checked; the wall time per batch of all of
+    them together."""
+    for step in steps:
+        step()
+    counts = [0] * len(steps)
+    started = time.perf_counter()
+
+    def loop(i: int) -> None:
+        while time.perf_counter() - started < seconds:
+            check(steps[i]())
+            counts[i] += 1
+
+    with ThreadPoolExecutor(len(steps)) as pool:
+        list(pool.map(loop, range(len(steps))))
+    elapsed = time.perf_counter() - started
+    return [elapsed / max(sum(counts), 1)] * max(sum(counts), 1)
+
+
+def _checked(worst: list[float], expected: list[Array], got: list[Array]) -> None:
+    worst.append(off(got, expected))
 
 
 def off(got: list[Array], expected: list[Array]) -> float:

@@ -64,6 +64,14 @@ class ServeConfig(BaseModel):
         description="GPU partitions: onnxruntime sessions per model, one per batch shape; batches are padded to powers of two "
         "so that each session keeps one shape (cuDNN rebuilds its plans whenever the shape changes). 0: one session, no padding",
     )
+    worker_threads: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="batches each worker runs at once, one per thread: on a GPU a small model's batch leaves the device "
+        "mostly idle, and batches from different front-ends then overlap. 0: 4 on a GPU or MIG partition, 1 on a CPU slice "
+        "(whose cores onnxruntime's own threads already use)",
+    )
     model_control_mode: Literal["none", "explicit"] = Field(
         "none",
         description="explicit: models can be loaded and unloaded while the gateway runs (Triton's model repository "

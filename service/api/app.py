@@ -108,6 +108,7 @@ class Gateway:
                 idle_priority=config.cpu_worker_priority == "idle",
                 conv_algo_search=config.cudnn_conv_algo_search.upper(),
                 shape_sessions=config.gpu_shape_sessions,
+                threads=config.worker_threads,
             ),
             sockets=sockets,
             hang_s=config.worker_hang_s,

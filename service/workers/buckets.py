@@ -23,6 +23,7 @@ page-locked host buffers instead.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -127,7 +128,8 @@ class BucketedSession:
     """Quacks like an onnxruntime InferenceSession for the worker: run, get_outputs, get_providers; and run_parts,
     which runs several batches as one. Padded or merged batches are copied into buffers kept per shape: on `device`
     where there is one, else on the host (page-locked with `pinning`, service/workers/pinned.py); a lone batch of a
-    bucket's exact size runs where it is."""
+    bucket's exact size runs where it is. Threads may run batches at once (a CUDA worker's pool): each takes a shape's
+    buffers for itself while it runs, so two batches of one shape use two sets."""
 
     def __init__(
         self,
@@ -142,7 +144,8 @@ class BucketedSession:
         self._first = first  # already loaded and warmed up: serves the first shapes it meets
         self._make = make
         self._sessions: OrderedDict[Shapes, Any] = OrderedDict()
-        self._staging: OrderedDict[Shapes, _Staging | _DeviceStaging] = OrderedDict()
+        self._staging: OrderedDict[Shapes, list[_Staging | _DeviceStaging]] = OrderedDict()  # the sets not in use
+        self._lock = threading.Lock()  # the two dicts; held while a session is made
         self._pinning = pinning
         self.device = device  # None: padded and merged batches are gathered on the host (bench/worker_path.py compares)
         self.buckets = buckets(max_batch)
@@ -160,6 +163,11 @@ class BucketedSession:
     def shapes(self) -> list[Shapes]:
         """The input shapes that have a session now, least recently used first."""
         return list(self._sessions)
+
+    def free_buffer_sets(self) -> dict[int, int]:
+        """Batch size -> sets of padding buffers kept and not in use now."""
+        with self._lock:
+            return {key[0][1][0]: len(free) for key, free in self._staging.items()}
 
     def _new_session(self, key: Shapes) -> Any:
         """A session for a new shape. Where the device has no room for one more (onnxruntime raises), the most
@@ -188,29 +196,45 @@ class BucketedSession:
         rows = sum(piece.shape[0] for piece in pieces)
         bucket = next((b for b in self.buckets if b >= rows), rows)  # past the largest bucket: as it comes
         key: Shapes = tuple((name, (bucket, *p[0].shape[1:])) for name, p in parts.items())
-        session = self._sessions.get(key)
-        if session is None:
-            session = self._new_session(key)
-        else:
-            self._sessions.move_to_end(key)
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is None:
+                session = self._new_session(key)
+            else:
+                self._sessions.move_to_end(key)
         outputs: list[Array]
         if len(pieces) == 1 and bucket == rows:
             outputs = session.run(names, {name: p[0] for name, p in parts.items()})
         else:
-            staging = self._staged(key, {name: p[0].dtype for name, p in parts.items()})
-            if isinstance(staging, _DeviceStaging):
-                outputs = run_bound(session, names, staging.fill(parts, rows))
-            else:
-                outputs = session.run(names, staging.fill(parts, rows))
+            staging = self._take(key, {name: p[0].dtype for name, p in parts.items()})
+            try:
+                if isinstance(staging, _DeviceStaging):
+                    outputs = run_bound(session, names, staging.fill(parts, rows))
+                else:
+                    outputs = session.run(names, staging.fill(parts, rows))
+            finally:
+                self._give_back(key, staging)
         return outputs if bucket == rows else [output[:rows] for output in outputs]
 
-    def _staged(self, key: Shapes, dtypes: Mapping[str, np.dtype[Any]]) -> _Staging | _DeviceStaging:
-        staging = self._staging.get(key)
-        if staging is None:
-            made = _DeviceStaging(key, dtypes, self.device) if self.device is not None else _Staging(key, dtypes, self._pinning)
-            staging = self._staging[key] = made
-            while len(self._staging) > max(self.keep, 1):
-                self._staging.popitem(last=False)[1].release()
-        else:
-            self._staging.move_to_end(key)
-        return staging
+    def _take(self, key: Shapes, dtypes: Mapping[str, np.dtype[Any]]) -> _Staging | _DeviceStaging:
+        """A set of buffers of this shape for one run, reused where one is free; `keep` shapes are kept."""
+        with self._lock:
+            free = self._staging.get(key)
+            if free is None:
+                free = self._staging[key] = []
+                while len(self._staging) > max(self.keep, 1):
+                    for dropped in self._staging.popitem(last=False)[1]:
+                        dropped.release()
+            else:
+                self._staging.move_to_end(key)
+            if free:
+                return free.pop()
+        return _DeviceStaging(key, dtypes, self.device) if self.device is not None else _Staging(key, dtypes, self._pinning)
+
+    def _give_back(self, key: Shapes, staging: _Staging | _DeviceStaging) -> None:
+        with self._lock:
+            free = self._staging.get(key)
+            if free is None:
+                staging.release()  # its shape was dropped while it ran
+            else:
+                free.append(staging)

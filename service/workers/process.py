@@ -5,6 +5,13 @@ cores before onnxruntime is imported, so a process sees exactly one MIG instance
 (or GPU, or its cores). Each model's sha256 is checked against its contract before
 its session is created. Then: receive a batch, run it on views of shared memory,
 write the outputs to a new segment, reply. No logging on the hot path.
+
+A CUDA worker runs several batches at once, one per thread (serve --worker-threads): a
+small model's batch on a GPU is mostly onnxruntime launching kernels one after another
+and waiting for them, with the GPU's engines idle, and each process sending batches (the
+gateway and its front-ends) has at most one in flight, so batches from different
+front-ends that do not arrive together would otherwise wait for each other. onnxruntime
+runs concurrent `run` calls of one session with a CUDA stream and cuDNN handles per call.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ import hashlib
 import logging
 import os
 import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -42,6 +51,9 @@ from .protocol import (
     WorkerReady,
     WorkerSpec,
 )
+
+GPU_THREADS = 4  # batches a CUDA worker runs at once unless serve --worker-threads says otherwise
+logger = logging.getLogger(__name__)
 
 
 def _session_options(ort: Any, spec: WorkerSpec) -> Any:
@@ -234,6 +246,12 @@ class _Client:
     conn: Connection
     inputs: shm.Attachments = dataclasses.field(default_factory=shm.Attachments)
     outputs: shm.Arena = dataclasses.field(default_factory=shm.Arena)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # one message at a time on the connection
+
+    def send(self, message: object) -> None:
+        """Send from any thread; a front-end that went away is let go (its connection's EOF comes next)."""
+        with self.lock, contextlib.suppress(OSError):
+            self.conn.send(message)
 
     def close(self) -> None:
         self.conn.close()
@@ -255,6 +273,8 @@ class _Serving:
         self.gateway = self._client(conn)
         self.clients: dict[int, _Client] = {conn.fileno(): self.gateway}  # by file descriptor
         self.max_batch = {m.name: m.max_batch for m in spec.models if m.max_batch}  # rows a merged run may reach
+        self.threads = spec.options.threads or (GPU_THREADS if "CUDAExecutionProvider" in self.providers else 1)
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="batch") if self.threads > 1 else None
 
     def _client(self, conn: Connection) -> _Client:
         return _Client(conn, shm.Attachments(pinning=self.pinning))
@@ -278,7 +298,10 @@ class _Serving:
                     elif message is not None and not self._serve(client, message):
                         return
             for group in merged(batches, self.max_batch):
-                self._run(group)
+                if self.pool is None:
+                    self._run(group)
+                else:
+                    self.pool.submit(self._run_answered, group)
 
     def _receive(self, client: _Client) -> object:
         """The client's next message; None once a front-end has gone (Stop once the gateway has)."""
@@ -297,8 +320,16 @@ class _Serving:
         if replies is None:  # one batch, or a merged run that failed: each on its own, for its own answer
             replies = [run_batch(self.sessions, message, client.inputs, client.outputs) for client, message in group]
         for (client, _), reply in zip(group, replies, strict=True):
-            with contextlib.suppress(OSError):  # a front-end that went away: its connection's EOF comes next
-                client.conn.send(reply)
+            client.send(reply)
+
+    def _run_answered(self, group: list[tuple[_Client, RunBatch]]) -> None:
+        """_run on a thread of the pool, where an exception would be lost and its batches never answered."""
+        try:
+            self._run(group)
+        except Exception as exc:
+            logger.exception("a batch of %s failed in the worker", group[0][1].model)
+            for client, message in group:
+                client.send(BatchFailed(message.batch_id, FailureKind.RUNTIME, f"the worker failed: {type(exc).__name__}: {exc}"[:500]))
 
     def _accept(self) -> None:
         assert self.listener is not None
@@ -319,13 +350,15 @@ class _Serving:
             self.sessions.update(loaded)  # a reload replaces the old session only once the new one runs
             if loaded and message.model.max_batch:
                 self.max_batch[message.model.name] = message.model.max_batch
-            client.conn.send(ModelLoaded(message.model.name, refused.get(message.model.name)))
+            client.send(ModelLoaded(message.model.name, refused.get(message.model.name)))
         elif isinstance(message, UnloadModel):
             self.sessions.pop(message.model, None)
-            client.conn.send(ModelUnloaded(message.model))
+            client.send(ModelUnloaded(message.model))
         return True
 
     def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)  # the batches running finish (their answers may find no one) before the arenas go
         for client in self.clients.values():
             client.close()
         if self.listener is not None and self.spec.listen:

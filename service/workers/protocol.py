@@ -40,6 +40,7 @@ class WorkerOptions:
     idle_priority: bool = False  # a CPU slice's worker under SCHED_IDLE: its cores run anything else first
     conv_algo_search: str = "HEURISTIC"  # CUDA: how cuDNN picks convolution kernels (serve --cudnn-conv-algo-search)
     shape_sessions: int = 8  # CUDA: sessions per model, one per padded batch shape; 0: one session, no padding
+    threads: int = 0  # batches a worker runs at once (serve --worker-threads); 0: GPU_THREADS on a GPU, 1 on a CPU slice
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """serve --frontends: several processes take inference requests on one port and share the workers.
 
 Connections are spread by the kernel (SO_REUSEPORT), so each test opens many: with two processes the
-chance that 16 connections all land on one of them is 2 in 65,536."""
+chance that 16 connections all land on one of them is 2 in 65,536. The module's gateway runs two batches at once
+in each worker (--worker-threads 2, a GPU's default is 4), so that every test here also covers threaded workers."""
 
 from __future__ import annotations
 
@@ -36,7 +37,20 @@ MODEL = "crowd-csrnet"
 @pytest.fixture(scope="module")
 def frontends(tiny_repo: ExportedRepo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     log = tmp_path_factory.mktemp("frontends") / "serve.log"
-    server = Gateway(tiny_repo.root, "--cpu-slices", "1,1", "--frontends", "2", "--models", MODEL, "face-pros", log=log, grpc=True)
+    server = Gateway(
+        tiny_repo.root,
+        "--cpu-slices",
+        "1,1",
+        "--frontends",
+        "2",
+        "--worker-threads",
+        "2",
+        "--models",
+        MODEL,
+        "face-pros",
+        log=log,
+        grpc=True,
+    )
     yield server
     server.close()
 

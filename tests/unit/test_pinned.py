@@ -4,6 +4,8 @@ calls is in bench/RESULTS.md (bench/worker_path.py)."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -88,9 +90,9 @@ def test_merged_and_padded_batches_go_through_pinned_page_aligned_buffers_and_a_
     session.run_parts(None, {"x": [b, b, b, b, b]})  # bucket 8: a second buffer
     session.run_parts(None, {"x": [a, a, a, a]})  # bucket 8 again: the same buffer
     assert [name for name, _ in cudart.calls] == ["register", "register"]
-    session.run_parts(None, {"x": [b, b]})  # bucket 2, merged: a third buffer, past keep=2: the first is unpinned
-    assert [name for name, _ in cudart.calls] == ["register", "register", "register", "unregister"]
-    assert cudart.calls[-1] == ("unregister", (staged.ctypes.data,))
+    session.run_parts(None, {"x": [b, b]})  # bucket 2, merged: past keep=2 the first buffer is unpinned, a third made
+    assert [name for name, _ in cudart.calls] == ["register", "register", "unregister", "register"]
+    assert cudart.calls[2] == ("unregister", (staged.ctypes.data,))
 
 
 def test_device_copies_are_queued_on_the_legacy_stream_and_waited_for() -> None:
@@ -121,3 +123,31 @@ def test_a_failed_copy_raises_and_clears_the_cuda_error() -> None:
     with pytest.raises(CudaError, match="cudaMemcpyAsync failed with CUDA error 700"):
         device.copy_in(value.data_ptr(), np.zeros(2, np.float32).ctypes.data, 8)
     assert cudart.named() == ["copy", "last_error"], "cleared, or onnxruntime's next call would report it"
+
+
+class _Meeting(_Echo):
+    """An echo whose runs wait for each other: two batches are inside `run` at once, as in a CUDA worker's pool."""
+
+    def __init__(self, parties: int) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(parties, timeout=10)
+
+    def run(self, names: Any, feeds: dict[str, np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
+        self.fed.append(feeds["x"])
+        snapshot = feeds["x"].copy()
+        self.barrier.wait()  # both runs have their inputs in place; neither may have touched the other's
+        self.barrier.wait()
+        assert np.array_equal(feeds["x"], snapshot), "another run wrote into this run's buffers"
+        return [feeds["x"] * 2]
+
+
+def test_batches_of_one_shape_run_at_once_each_on_buffers_of_its_own() -> None:
+    meeting = _Meeting(2)
+    session = BucketedSession(meeting, lambda: meeting, max_batch=8, pinning=HostPinning(FakeCudart()))
+    inputs = [np.full((3, 2), float(i + 1), np.float32) for i in range(2)]  # 3 rows each: both padded to 4
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda x: session.run_parts(None, {"x": [x[:1], x[1:]]})[0], inputs))
+    for x, answer in zip(inputs, answers, strict=True):
+        np.testing.assert_array_equal(answer, x * 2)
+    assert len({fed.ctypes.data for fed in meeting.fed}) == 2, "two sets of padded buffers, one per run"
+    assert session.free_buffer_sets() == {4: 2}, "both sets kept for the next batches of that size"

@@ -56,6 +56,10 @@ _ids = itertools.count(1)
 START_TIMEOUT_S = 120.0
 ATTACH_TIMEOUT_S = 15.0  # a front-end process waiting for a restarted worker (a GPU worker restarted in 2.7 s on an H200)
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+# Batches each process may have in flight on a worker that runs several at once (a GPU worker's threads): the next
+# batch then starts while one runs, instead of waiting for its answer. Each needs an input arena of its own here and
+# an output arena in the worker.
+MAX_DEPTH = 2
 
 
 class WorkerReplica:
@@ -82,8 +86,10 @@ class WorkerReplica:
         self._conn: Connection | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Array]]] = {}
         self._control: asyncio.Future[ModelLoaded | ModelUnloaded] | None = None  # a load or unload awaiting its reply
-        self._inputs = shm.Arena()  # ours: the batch's inputs
-        self._outputs = shm.Attachments()  # the worker's: its latest outputs
+        self._inputs: list[shm.Arena] = []  # ours, one per slot: the inputs of the batch in flight there
+        self._outputs: list[shm.Attachments] = []  # the worker's, one per slot: its latest outputs there
+        self._slots: dict[int, int] = {}  # batch id -> slot, for the batches in flight
+        self.depth = 1  # batches in flight at once: up to MAX_DEPTH once the worker says it runs several
         self._ready = False
         self._stopping = False
         self.loaded: tuple[str, ...] = ()
@@ -107,7 +113,6 @@ class WorkerReplica:
     def recovering(self) -> bool:
         return self._recovering
 
-    depth = 1
     max_rows: int | None = None
 
     @property
@@ -146,6 +151,7 @@ class WorkerReplica:
         self._conn, self.pid = conn, ready.pid
         self.loaded, self.refused, self.providers = ready.models, ready.refused, ready.providers
         self.device_warning = ready.device_warning
+        self.depth = max(1, min(MAX_DEPTH, ready.threads))
         watch(conn, self._on_message)
         self._ready, self._recovering = True, False
         for model, reason in ready.refused.items():
@@ -156,19 +162,25 @@ class WorkerReplica:
     def submit(self, model: str, parts: Mapping[str, list[Array]]) -> asyncio.Future[dict[str, Array]]:
         if not self._ready or self._conn is None:
             raise WorkerDied(f"worker {self.id} is not running")
-        if self._pending:
-            raise RuntimeError(f"worker {self.id} already has a batch in flight")  # the batcher's job to prevent
+        if len(self._pending) >= self.depth:
+            raise RuntimeError(f"worker {self.id} already has {len(self._pending)} batches in flight")  # the batcher's job
+        slot = min(set(range(self.depth)) - set(self._slots.values()))
+        while len(self._inputs) <= slot:
+            self._inputs.append(shm.Arena())
+            self._outputs.append(shm.Attachments())
         try:
-            refs = self._inputs.write(parts)
+            refs = self._inputs[slot].write(parts)
         except shm.SharedMemoryFull as exc:
             raise InferenceFailed(f"partition {self.id}: {exc}") from None
         batch_id = next(_ids)
         future: asyncio.Future[dict[str, Array]] = asyncio.get_running_loop().create_future()
         self._pending[batch_id] = future
+        self._slots[batch_id] = slot
         try:
-            self._conn.send(RunBatch(batch_id=batch_id, model=model, inputs=refs))
+            self._conn.send(RunBatch(batch_id=batch_id, model=model, inputs=refs, slot=slot))
         except OSError as exc:
             self._pending.pop(batch_id)
+            self._slots.pop(batch_id)
             raise WorkerDied(f"worker {self.id}: {exc}") from None
         loop = asyncio.get_running_loop()
         if self._hang is None:
@@ -197,10 +209,11 @@ class WorkerReplica:
                 self._control.set_result(message)
             return
         future = self._pending.pop(message.batch_id, None)
+        slot = self._slots.pop(message.batch_id, 0)
         if future is None:
             return
         if isinstance(message, BatchDone):
-            outputs = {name: self._outputs.view(ref).copy() for name, ref in message.outputs.items()}
+            outputs = {name: self._outputs[slot].view(ref).copy() for name, ref in message.outputs.items()}
             if not future.done():
                 future.set_result(outputs)
         elif isinstance(message, BatchFailed) and not future.done():
@@ -227,8 +240,9 @@ class WorkerReplica:
             self._conn.close()
         if self._process is not None:
             loop.remove_reader(self._process.sentinel)
-        pending, self._pending = self._pending, {}
-        self._outputs.close(unlink=True)  # the dead worker cannot unlink its arena
+        pending, self._pending, self._slots = self._pending, {}, {}
+        for outputs in self._outputs:
+            outputs.close(unlink=True)  # the dead worker cannot unlink its arenas
         for future in pending.values():
             if not future.done():
                 future.set_exception(WorkerDied(f"worker {self.id} died: {why}"))
@@ -324,7 +338,8 @@ class WorkerReplica:
             await asyncio.to_thread(self._process.join, 5.0)
             if self._process.is_alive():
                 self._process.kill()
-        self._inputs.close()
+        for arena in self._inputs:
+            arena.close()
 
 
 class AttachedReplica(WorkerReplica):
@@ -361,7 +376,8 @@ class AttachedReplica(WorkerReplica):
         self._stopping = True  # the worker is the first process's to stop: only this connection closes
         if self._ready:
             self._died("stopped")
-        self._inputs.close()
+        for arena in self._inputs:
+            arena.close()
 
 
 class LocalBackend:

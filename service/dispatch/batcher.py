@@ -1,9 +1,10 @@
 """One dynamic batcher per model: a bounded queue, batches formed while replicas are busy.
 
 Requests with the same non-batch shapes are concatenated along the batch axis
-(up to max_batch_size). A replica runs one batch at a time; the next batch is
+(up to max_batch_size). A replica runs one batch at a time (a GPU worker that
+runs several takes a second while one runs: its `depth`); the next batch is
 whatever queued while it ran, sent to the free replica with the least
-outstanding work. When other replicas are busy (the service is under load) and
+outstanding work. When replicas are busy (the service is under load) and
 the batch is smaller than the contract's smallest preferred batch size (or than
 max_batch_size when it names none), the batcher holds it until max_queue_delay
 after its oldest request, as Triton's dynamic batcher does; an idle service
@@ -141,7 +142,7 @@ class ModelBatcher:
                 return  # the replica that finishes next calls notify()
             replica = min(free, key=lambda r: r.outstanding)
             limit = min(self.policy.max_batch_size, replica.max_rows or self.policy.max_batch_size)
-            busy = any(r.outstanding for r in replicas if r is not replica)
+            busy = any(r.outstanding for r in replicas)  # others, or this one with a batch in flight already (depth > 1)
             due = self._queue[0].enqueued + self.policy.max_queue_delay_s
             batch = self._next_batch(limit)
             if busy and due > time.monotonic() and sum(p.size for p in batch) < self.policy.enough(limit) and not batch[0].alone:

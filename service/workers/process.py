@@ -241,12 +241,20 @@ def _listen(path: str) -> socket.socket:
 
 @dataclasses.dataclass
 class _Client:
-    """One process that sends batches: its connection, the inputs it writes, the outputs written for it."""
+    """One process that sends batches: its connection, and per slot (a batch it may have in flight) the arena it
+    writes inputs to and the one outputs are written to for it."""
 
     conn: Connection
-    inputs: shm.Attachments = dataclasses.field(default_factory=shm.Attachments)
-    outputs: shm.Arena = dataclasses.field(default_factory=shm.Arena)
+    pinning: HostPinning | None = None  # a CUDA worker's: input arenas are page-locked while attached
+    inputs: dict[int, shm.Attachments] = dataclasses.field(default_factory=dict)
+    outputs: dict[int, shm.Arena] = dataclasses.field(default_factory=dict)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # one message at a time on the connection
+
+    def arenas(self, slot: int) -> tuple[shm.Attachments, shm.Arena]:
+        """The slot's two arenas, made on its first batch (in the loop's thread, before the batch is handed on)."""
+        if slot not in self.inputs:
+            self.inputs[slot], self.outputs[slot] = shm.Attachments(pinning=self.pinning), shm.Arena()
+        return self.inputs[slot], self.outputs[slot]
 
     def send(self, message: object) -> None:
         """Send from any thread; a front-end that went away is let go (its connection's EOF comes next)."""
@@ -255,8 +263,10 @@ class _Client:
 
     def close(self) -> None:
         self.conn.close()
-        self.inputs.close()
-        self.outputs.close()
+        for inputs in self.inputs.values():
+            inputs.close()
+        for outputs in self.outputs.values():
+            outputs.close()
 
 
 class _Serving:
@@ -277,10 +287,12 @@ class _Serving:
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="batch") if self.threads > 1 else None
 
     def _client(self, conn: Connection) -> _Client:
-        return _Client(conn, shm.Attachments(pinning=self.pinning))
+        return _Client(conn, self.pinning)
 
     def ready(self) -> WorkerReady:
-        return WorkerReady(self.spec.partition, tuple(self.sessions), self.providers, self.refused, self.device_warning, os.getpid())
+        return WorkerReady(
+            self.spec.partition, tuple(self.sessions), self.providers, self.refused, self.device_warning, os.getpid(), self.threads
+        )
 
     def run(self) -> None:
         self.gateway.conn.send(self.ready())
@@ -294,6 +306,7 @@ class _Serving:
                     client = self.clients[source.fileno()]
                     message = self._receive(client)
                     if isinstance(message, RunBatch):
+                        client.arenas(message.slot)
                         batches.append((client, message))
                     elif message is not None and not self._serve(client, message):
                         return
@@ -316,9 +329,9 @@ class _Serving:
 
     def _run(self, group: list[tuple[_Client, RunBatch]]) -> None:
         """Run batches of one model from several front-ends as one, each answered with its own rows."""
-        replies = run_merged(self.sessions, [(c.inputs, c.outputs, m) for c, m in group]) if len(group) > 1 else None
+        replies = run_merged(self.sessions, [(*c.arenas(m.slot), m) for c, m in group]) if len(group) > 1 else None
         if replies is None:  # one batch, or a merged run that failed: each on its own, for its own answer
-            replies = [run_batch(self.sessions, message, client.inputs, client.outputs) for client, message in group]
+            replies = [run_batch(self.sessions, message, *client.arenas(message.slot)) for client, message in group]
         for (client, _), reply in zip(group, replies, strict=True):
             client.send(reply)
 

@@ -58,6 +58,7 @@ class RunBatch:
     batch_id: int
     model: str
     inputs: dict[str, TensorRef]
+    slot: int = 0  # which of the sender's arenas (one per batch it may have in flight) the inputs are in, and outputs go to
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class WorkerReady:
     refused: dict[str, str]  # model -> why it was not loaded (e.g. sha256 mismatch)
     device_warning: str | None = None  # a GPU or MIG partition whose models run on the CPU, and why
     pid: int | None = None  # the worker's, for a front-end process that did not start it
+    threads: int = 1  # batches it runs at once
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ tests/integration/test_frontends.py, whose gateway starts its workers with --wor
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import multiprocessing as mp
 from collections.abc import Iterator
@@ -16,6 +17,9 @@ import pytest
 
 from bench.gateway_bench import sample
 from migserve.contract import read_contract
+from migserve.types import Array
+from service.backends.local import WorkerReplica
+from service.partitions import Partition, PartitionKind
 from service.placement import model_spec
 from service.repository import load_model
 from service.workers import shm
@@ -75,3 +79,42 @@ def test_a_batch_that_fails_on_a_thread_is_answered_and_the_worker_keeps_serving
     finally:
         outputs.close()
         arena.close()
+
+
+def test_one_process_has_two_batches_in_flight_on_a_threaded_worker_each_in_arenas_of_its_own(tiny_repo: ExportedRepo) -> None:
+    """A worker that runs several batches at once takes a second from the same process while the first runs (depth
+    2): the second's inputs must not overwrite the first's, nor its outputs the first's answer."""
+    contract = read_contract(tiny_repo.root / MODEL).model_dump(mode="json")
+    first = sample(contract, {"height": 32, "width": 32}, 3)
+    second = {name: np.ascontiguousarray(value[:2][::-1]) * 2 for name, value in first.items()}
+    session = ort.InferenceSession(str(tiny_repo.root / MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    async def main() -> list[dict[str, Array]]:
+        partition = Partition("threads", PartitionKind.CPU, cores=(0,))
+        replica = WorkerReplica(partition, {MODEL: model_spec(load_model(tiny_repo.root / MODEL))}, lambda: None, WorkerOptions(threads=2))
+        await replica.start()
+        try:
+            assert replica.depth == 2
+            answers = [replica.submit(MODEL, {k: [v] for k, v in arrays.items()}) for arrays in (first, second)]
+            with pytest.raises(RuntimeError, match="2 batches in flight"):
+                replica.submit(MODEL, {k: [v] for k, v in first.items()})
+            return list(await asyncio.gather(*answers))
+        finally:
+            await replica.stop()
+
+    for arrays, got in zip((first, second), asyncio.run(main()), strict=True):
+        (expected,) = session.run(None, arrays)
+        np.testing.assert_allclose(got["density"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_worker_on_a_cpu_slice_takes_one_batch_at_a_time_by_default(tiny_repo: ExportedRepo) -> None:
+    async def main() -> int:
+        partition = Partition("serial", PartitionKind.CPU, cores=(0,))
+        replica = WorkerReplica(partition, {MODEL: model_spec(load_model(tiny_repo.root / MODEL))}, lambda: None)
+        await replica.start()
+        try:
+            return replica.depth
+        finally:
+            await replica.stop()
+
+    assert asyncio.run(main()) == 1

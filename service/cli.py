@@ -89,6 +89,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "on a CPU slice)",
     )
     parser.add_argument(
+        "--batches-in-flight",
+        type=int,
+        default=0,
+        help="batches each gateway process may have in flight on a worker that runs several at once (--worker-threads "
+        "over 1): the next batch starts while one runs (default: 0, which is 2, at most the worker's threads)",
+    )
+    parser.add_argument(
         "--model-control-mode",
         default="none",
         choices=["none", "explicit"],
@@ -190,6 +197,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             cudnn_conv_algo_search=args.cudnn_conv_algo_search,
             gpu_shape_sessions=args.gpu_shape_sessions,
             worker_threads=args.worker_threads,
+            batches_in_flight=args.batches_in_flight,
             model_control_mode=args.model_control_mode,
             max_image_pixels=int(args.max_image_mp * 1e6),
             max_volume_voxels=int(args.max_volume_mvox * 1e6),

@@ -72,6 +72,13 @@ class ServeConfig(BaseModel):
         "mostly idle, and batches from different front-ends then overlap. 0: 4 on a GPU or MIG partition, 1 on a CPU slice "
         "(whose cores onnxruntime's own threads already use)",
     )
+    batches_in_flight: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="batches each gateway process may have in flight on a worker that runs several at once (--worker-threads "
+        "over 1), each in shared memory of its own: the next batch starts while one runs. 0: 2, at most the worker's threads",
+    )
     model_control_mode: Literal["none", "explicit"] = Field(
         "none",
         description="explicit: models can be loaded and unloaded while the gateway runs (Triton's model repository "

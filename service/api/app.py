@@ -109,6 +109,7 @@ class Gateway:
                 conv_algo_search=config.cudnn_conv_algo_search.upper(),
                 shape_sessions=config.gpu_shape_sessions,
                 threads=config.worker_threads,
+                in_flight=config.batches_in_flight,
             ),
             sockets=sockets,
             hang_s=config.worker_hang_s,

@@ -107,14 +107,27 @@ def test_one_process_has_two_batches_in_flight_on_a_threaded_worker_each_in_aren
         np.testing.assert_allclose(got["density"], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_a_worker_on_a_cpu_slice_takes_one_batch_at_a_time_by_default(tiny_repo: ExportedRepo) -> None:
+@pytest.mark.parametrize(
+    ("options", "depth"),
+    [
+        (WorkerOptions(), 1),
+        (WorkerOptions(threads=3), 2),
+        (WorkerOptions(threads=3, in_flight=3), 3),
+        (WorkerOptions(threads=3, in_flight=1), 1),
+    ],
+    ids=["cpu-default", "threads", "in-flight-3", "in-flight-1"],
+)
+def test_batches_in_flight_follow_the_worker_s_threads_and_the_setting(tiny_repo: ExportedRepo, options: WorkerOptions, depth: int) -> None:
+    """A CPU slice's worker runs one batch at a time by default; a threaded one takes 2 from each process unless
+    --batches-in-flight says otherwise, and never more than its threads."""
+
     async def main() -> int:
-        partition = Partition("serial", PartitionKind.CPU, cores=(0,))
-        replica = WorkerReplica(partition, {MODEL: model_spec(load_model(tiny_repo.root / MODEL))}, lambda: None)
+        partition = Partition("depth", PartitionKind.CPU, cores=(0,))
+        replica = WorkerReplica(partition, {MODEL: model_spec(load_model(tiny_repo.root / MODEL))}, lambda: None, options)
         await replica.start()
         try:
             return replica.depth
         finally:
             await replica.stop()
 
-    assert asyncio.run(main()) == 1
+    assert asyncio.run(main()) == depth

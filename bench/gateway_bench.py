@@ -48,8 +48,8 @@ CONCURRENCY = (1, 8, 32)
 BATCHES = (1, 2, 4, 8, 16, 32)
 DATATYPES = {"float32": "FP32", "int64": "INT64"}
 FRONTEND_MODES = {f"frontends{n}": n for n in (2, 4, 8)}  # serve --frontends N (bench/gpu_check.py)
-# --worker-threads 1, and --batches-in-flight 1 (bench/gpu_check.py)
-SERIAL_MODES = ("serial", "frontends2-serial", "frontends4-serial", "frontends2-one", "frontends4-one")
+# --worker-threads 1, and --batches-in-flight 2 (bench/gpu_check.py)
+SERIAL_MODES = ("serial", "frontends2-serial", "frontends4-serial", "frontends2-two", "frontends4-two")
 # onesession, the serial and the grpc modes: bench/gpu_check.py
 GATEWAY_MODES = ("binary", "json", "nobatch", "uvicorn", "idle", "onesession", *FRONTEND_MODES, *SERIAL_MODES, "grpc", "grpc-frontends2")
 

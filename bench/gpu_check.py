@@ -255,8 +255,8 @@ GPU_MODES: dict[str, tuple[str, ...]] = {
     "serial": ("--worker-threads", "1"),  # a GPU worker runs one batch at a time, as before --worker-threads
     "frontends2-serial": ("--frontends", "2", "--worker-threads", "1"),
     "frontends4-serial": ("--frontends", "4", "--worker-threads", "1"),
-    "frontends2-one": ("--frontends", "2", "--batches-in-flight", "1"),  # threads, one batch in flight per process
-    "frontends4-one": ("--frontends", "4", "--batches-in-flight", "1"),
+    "frontends2-two": ("--frontends", "2", "--batches-in-flight", "2"),  # threads, two batches in flight per process
+    "frontends4-two": ("--frontends", "4", "--batches-in-flight", "2"),
     "grpc": ("--gpu-shape-sessions", "8"),
     "grpc-frontends2": ("--frontends", "2"),
 }

@@ -73,11 +73,12 @@ class ServeConfig(BaseModel):
         "(whose cores onnxruntime's own threads already use)",
     )
     batches_in_flight: int = Field(
-        0,
-        ge=0,
+        1,
+        ge=1,
         le=64,
         description="batches each gateway process may have in flight on a worker that runs several at once (--worker-threads "
-        "over 1), each in shared memory of its own: the next batch starts while one runs. 0: 2, at most the worker's threads",
+        "over 1), each in shared memory of its own, at most the worker's threads: over 1 the next batch starts while one "
+        "runs. On an H200, 2 helped with four front-ends and hurt with two (bench/RESULTS.md)",
     )
     model_control_mode: Literal["none", "explicit"] = Field(
         "none",

@@ -56,10 +56,6 @@ _ids = itertools.count(1)
 START_TIMEOUT_S = 120.0
 ATTACH_TIMEOUT_S = 15.0  # a front-end process waiting for a restarted worker (a GPU worker restarted in 2.7 s on an H200)
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
-# Batches each process may have in flight on a worker that runs several at once (a GPU worker's threads), unless
-# serve --batches-in-flight says otherwise: the next batch then starts while one runs, instead of waiting for its
-# answer. Each needs an input arena of its own here and an output arena in the worker.
-IN_FLIGHT = 2
 
 
 class WorkerReplica:
@@ -89,7 +85,7 @@ class WorkerReplica:
         self._inputs: list[shm.Arena] = []  # ours, one per slot: the inputs of the batch in flight there
         self._outputs: list[shm.Attachments] = []  # the worker's, one per slot: its latest outputs there
         self._slots: dict[int, int] = {}  # batch id -> slot, for the batches in flight
-        self.depth = 1  # batches in flight at once: more once the worker says it runs several
+        self.depth = 1  # batches in flight at once, each in an arena (slot) of its own here and in the worker
         self._ready = False
         self._stopping = False
         self.loaded: tuple[str, ...] = ()
@@ -151,7 +147,8 @@ class WorkerReplica:
         self._conn, self.pid = conn, ready.pid
         self.loaded, self.refused, self.providers = ready.models, ready.refused, ready.providers
         self.device_warning = ready.device_warning
-        self.depth = max(1, min(ready.threads, self._options.in_flight or IN_FLIGHT))
+        # serve --batches-in-flight on a worker that runs several at once: the next batch starts while one runs
+        self.depth = max(1, min(ready.threads, self._options.in_flight))
         watch(conn, self._on_message)
         self._ready, self._recovering = True, False
         for model, reason in ready.refused.items():

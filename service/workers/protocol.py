@@ -41,7 +41,7 @@ class WorkerOptions:
     conv_algo_search: str = "HEURISTIC"  # CUDA: how cuDNN picks convolution kernels (serve --cudnn-conv-algo-search)
     shape_sessions: int = 8  # CUDA: sessions per model, one per padded batch shape; 0: one session, no padding
     threads: int = 0  # batches a worker runs at once (serve --worker-threads); 0: GPU_THREADS on a GPU, 1 on a CPU slice
-    in_flight: int = 0  # batches each process may have in flight on such a worker (serve --batches-in-flight); 0: 2
+    in_flight: int = 1  # batches each process may have in flight on a worker running several (serve --batches-in-flight)
 
 
 @dataclass(frozen=True)

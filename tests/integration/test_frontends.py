@@ -2,7 +2,8 @@
 
 Connections are spread by the kernel (SO_REUSEPORT), so each test opens many: with two processes the
 chance that 16 connections all land on one of them is 2 in 65,536. The module's gateway runs two batches at once
-in each worker (--worker-threads 2, a GPU's default is 4), so that every test here also covers threaded workers."""
+in each worker (--worker-threads 2, a GPU's default is 4) and keeps two in flight from each process
+(--batches-in-flight 2), so that every test here also covers both."""
 
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ def frontends(tiny_repo: ExportedRepo, tmp_path_factory: pytest.TempPathFactory)
         "--frontends",
         "2",
         "--worker-threads",
+        "2",
+        "--batches-in-flight",
         "2",
         "--models",
         MODEL,

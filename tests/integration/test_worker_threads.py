@@ -91,7 +91,9 @@ def test_one_process_has_two_batches_in_flight_on_a_threaded_worker_each_in_aren
 
     async def main() -> list[dict[str, Array]]:
         partition = Partition("threads", PartitionKind.CPU, cores=(0,))
-        replica = WorkerReplica(partition, {MODEL: model_spec(load_model(tiny_repo.root / MODEL))}, lambda: None, WorkerOptions(threads=2))
+        replica = WorkerReplica(
+            partition, {MODEL: model_spec(load_model(tiny_repo.root / MODEL))}, lambda: None, WorkerOptions(threads=2, in_flight=2)
+        )
         await replica.start()
         try:
             assert replica.depth == 2
@@ -110,16 +112,16 @@ def test_one_process_has_two_batches_in_flight_on_a_threaded_worker_each_in_aren
 @pytest.mark.parametrize(
     ("options", "depth"),
     [
-        (WorkerOptions(), 1),
-        (WorkerOptions(threads=3), 2),
-        (WorkerOptions(threads=3, in_flight=3), 3),
-        (WorkerOptions(threads=3, in_flight=1), 1),
+        (WorkerOptions(in_flight=2), 1),
+        (WorkerOptions(threads=3), 1),
+        (WorkerOptions(threads=3, in_flight=2), 2),
+        (WorkerOptions(threads=3, in_flight=5), 3),
     ],
-    ids=["cpu-default", "threads", "in-flight-3", "in-flight-1"],
+    ids=["one-thread", "threads", "in-flight-2", "at-most-threads"],
 )
 def test_batches_in_flight_follow_the_worker_s_threads_and_the_setting(tiny_repo: ExportedRepo, options: WorkerOptions, depth: int) -> None:
-    """A CPU slice's worker runs one batch at a time by default; a threaded one takes 2 from each process unless
-    --batches-in-flight says otherwise, and never more than its threads."""
+    """Each process keeps one batch in flight on a worker by default; --batches-in-flight more on a worker that runs
+    several at once, never more than its threads (a CPU slice's worker runs one)."""
 
     async def main() -> int:
         partition = Partition("depth", PartitionKind.CPU, cores=(0,))

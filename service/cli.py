@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=16.0,
         help="largest JSON part of a KServe v2 inference request (JSON tensors are parsed in the gateway's event loop, "
-        "which answers nothing else meanwhile); larger gets 413 asking for binary tensors (default: 16)",
+        "which answers nothing else meanwhile); larger gets 413 asking for binary tensors, and an output asked for as "
+        "JSON that would certainly be larger gets 400 asking for it as binary data (default: 16)",
     )
     parser.add_argument(
         "--max-pending-mb",

@@ -23,7 +23,8 @@ class ServeConfig(BaseModel):
         16 << 20,
         ge=1024,
         description="largest JSON part of an inference request; larger is refused with 413 (JSON tensors are parsed in "
-        "the event loop, which stalls every other request meanwhile: send large tensors as binary data)",
+        "the event loop, which stalls every other request meanwhile: send large tensors as binary data). An output asked "
+        "for as JSON that would certainly be larger gets 400",
     )
     max_pending_bytes: int = Field(
         1 << 30, ge=1024, description="request bodies held at once (received, queued or running); more are refused with 503"

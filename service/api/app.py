@@ -356,7 +356,7 @@ class Gateway:
             started = time.monotonic()
             decoded = decode_request(body, header_length, entry.contract, self.regions, self.config.max_json_bytes)
             outputs = await self.infer_decoded(name, decoded, started, decoded.timeout_s or self.timeout(timeout_header))
-            return encode_response(name, decoded, outputs)
+            return encode_response(name, decoded, outputs, self.config.max_json_bytes)
 
         return await self.counted(name, work)
 

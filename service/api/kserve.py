@@ -339,8 +339,30 @@ def response_headers(header_length: int | None) -> tuple[str, dict[str, str]]:
     return "application/octet-stream", {"Inference-Header-Content-Length": str(header_length)}
 
 
-def encode_response(model: str, request: DecodedRequest, outputs: dict[str, Array]) -> tuple[bytes, int | None]:
-    """The body, and the JSON header's length when binary outputs follow it."""
+# The fewest bytes orjson writes per value, with its separator: "0.0," for a float, "0," for an integer, "true,".
+MIN_JSON_BYTES = {"f": 4, "i": 2, "u": 2, "b": 5}
+
+
+def check_json_outputs(request: DecodedRequest, outputs: dict[str, Array], max_json: int) -> None:
+    """Outputs asked for as JSON are written in the event loop, which answers nothing else meanwhile: one that is
+    certainly over `max_json` bytes as JSON (counting the fewest bytes a value takes) is refused, before it is
+    written, with a 400 that says to ask for it as binary data."""
+    for name in request.outputs:
+        if name in request.binary_outputs or name in request.output_slices:
+            continue
+        array = outputs[name]
+        least = array.size * MIN_JSON_BYTES.get(array.dtype.kind, 2)
+        if least > max_json:
+            raise BadRequest(
+                f"output {name} has {array.size} values, over {least} bytes as JSON, past the limit of {max_json} "
+                "(--max-json-mb): ask for it as binary data (its 'parameters': {'binary_data': true})"
+            )
+
+
+def encode_response(model: str, request: DecodedRequest, outputs: dict[str, Array], max_json: int) -> tuple[bytes, int | None]:
+    """The body, and the JSON header's length when binary outputs follow it. Outputs over `max_json` bytes as JSON:
+    400 (check_json_outputs)."""
+    check_json_outputs(request, outputs, max_json)
     entries, blobs = [], []
     for name in request.outputs:
         array = np.ascontiguousarray(outputs[name])

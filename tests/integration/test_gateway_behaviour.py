@@ -831,3 +831,46 @@ def _kill_and_wait(base: str, restarts: int) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"the worker did not come back: {state}")
+
+
+def test_an_output_too_large_for_json_is_refused_and_the_same_as_binary_is_answered(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """JSON outputs are written in the event loop: one certainly over --max-json-mb as JSON gets 400 naming the
+    output and the way out (binary data), before it is written; small ones, and the same one as binary, are served."""
+    args = ("--cpu-slices", "1", "--models", "crowd-csrnet", "--max-json-mb", "0.001")
+    server = Gateway(tiny_repo.root, *args, log=tmp_path / "serve.log")
+    contract = read_contract(tiny_repo.root / "crowd-csrnet")
+
+    def post(side: int, binary_output: bool) -> httpx.Response:
+        image = make_inputs(contract, batch=1, seed=side, dims={"height": side, "width": side})["image"]
+        output: dict[str, object] = {"name": "density", **({"parameters": {"binary_data": True}} if binary_output else {})}
+        header = json.dumps(
+            {
+                "inputs": [
+                    {"name": "image", "datatype": "FP32", "shape": list(image.shape), "parameters": {"binary_data_size": image.nbytes}}
+                ],
+                "outputs": [output],
+            }
+        ).encode()
+        headers = {"Inference-Header-Content-Length": str(len(header))}
+        return httpx.post(
+            f"http://{server.url}/v2/models/crowd-csrnet/infer", content=header + image.tobytes(), headers=headers, timeout=60
+        )
+
+    try:
+        refused = post(256, binary_output=False)  # a 32x32 density: 1,024 floats, at least 4,096 bytes as JSON
+        assert refused.status_code == 400
+        assert refused.json()["error"] == (
+            "output density has 1024 values, over 4096 bytes as JSON, past the limit of 1048 (--max-json-mb): "
+            "ask for it as binary data (its 'parameters': {'binary_data': true})"
+        )
+        binary = post(256, binary_output=True)
+        assert binary.status_code == 200
+        assert (
+            int(binary.headers["inference-header-content-length"])
+            < len(binary.content)
+            == int(binary.headers["inference-header-content-length"]) + 4096
+        )
+        small = post(32, binary_output=False)  # a 4x4 density as JSON
+        assert small.status_code == 200 and len(small.json()["outputs"][0]["data"]) == 16
+    finally:
+        server.close()

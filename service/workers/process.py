@@ -249,6 +249,8 @@ class _Client:
     inputs: dict[int, shm.Attachments] = dataclasses.field(default_factory=dict)
     outputs: dict[int, shm.Arena] = dataclasses.field(default_factory=dict)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # one message at a time on the connection
+    running: int = 0  # its batches handed to the pool's threads and not yet answered
+    gone: bool = False  # its connection closed: its arenas go once none of its batches runs
 
     def arenas(self, slot: int) -> tuple[shm.Attachments, shm.Arena]:
         """The slot's two arenas, made on its first batch (in the loop's thread, before the batch is handed on)."""
@@ -261,8 +263,28 @@ class _Client:
         with self.lock, contextlib.suppress(OSError):
             self.conn.send(message)
 
+    def started(self) -> None:
+        with self.lock:
+            self.running += 1
+
+    def finished(self) -> None:
+        with self.lock:
+            self.running -= 1
+            last = self.gone and not self.running
+        if last:
+            self._close_arenas()
+
     def close(self) -> None:
+        """The connection now; the arenas once no thread runs a batch of this client's (a front-end that went away
+        while one ran: its output arena would be written again, and never unlinked, or its inputs unpinned mid-copy)."""
         self.conn.close()
+        with self.lock:
+            self.gone = True
+            idle = not self.running
+        if idle:
+            self._close_arenas()
+
+    def _close_arenas(self) -> None:
         for inputs in self.inputs.values():
             inputs.close()
         for outputs in self.outputs.values():
@@ -314,6 +336,8 @@ class _Serving:
                 if self.pool is None:
                     self._run(group)
                 else:
+                    for client, _ in group:
+                        client.started()
                     self.pool.submit(self._run_answered, group)
 
     def _receive(self, client: _Client) -> object:
@@ -343,6 +367,9 @@ class _Serving:
             logger.exception("a batch of %s failed in the worker", group[0][1].model)
             for client, message in group:
                 client.send(BatchFailed(message.batch_id, FailureKind.RUNTIME, f"the worker failed: {type(exc).__name__}: {exc}"[:500]))
+        finally:
+            for client, _ in group:
+                client.finished()
 
     def _accept(self) -> None:
         assert self.listener is not None

@@ -8,8 +8,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import multiprocessing as mp
+import shutil
+import tempfile
+import time
 from collections.abc import Iterator
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Client, Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -30,9 +35,23 @@ from tests.helpers import ExportedRepo
 MODEL = "crowd-csrnet"
 
 
+@dataclasses.dataclass
+class _Worker:
+    conn: Connection  # the gateway's side
+    listen: str  # where front-end processes connect
+    process: BaseProcess
+
+    def stop(self) -> None:
+        self.conn.send(Stop())
+        self.process.join(30)
+        assert self.process.exitcode == 0
+
+
 @pytest.fixture
-def threaded_worker(tiny_repo: ExportedRepo) -> Iterator[Connection]:
-    spec = WorkerSpec("threads", None, (0,), (model_spec(load_model(tiny_repo.root / MODEL)),), WorkerOptions(threads=2))
+def threaded_worker(tiny_repo: ExportedRepo) -> Iterator[_Worker]:
+    listen = tempfile.mkdtemp(prefix="mw-", dir="/tmp") + "/w.sock"  # a Unix socket's path has room for 107 bytes
+    model = model_spec(load_model(tiny_repo.root / MODEL))
+    spec = WorkerSpec("threads", None, (0,), (model,), WorkerOptions(threads=2), listen=listen)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     process = ctx.Process(target=worker_main, args=(spec, child), daemon=True)
@@ -41,14 +60,12 @@ def threaded_worker(tiny_repo: ExportedRepo) -> Iterator[Connection]:
     try:
         assert parent.poll(120), "the worker did not start"
         assert isinstance(parent.recv(), WorkerReady)
-        yield parent
-        parent.send(Stop())
-        process.join(30)
-        assert process.exitcode == 0
+        yield _Worker(parent, listen, process)
     finally:
         if process.is_alive():
             process.kill()
         parent.close()
+        shutil.rmtree(Path(listen).parent, ignore_errors=True)
 
 
 def _reply(conn: Connection) -> object:
@@ -56,9 +73,7 @@ def _reply(conn: Connection) -> object:
     return conn.recv()
 
 
-def test_a_batch_that_fails_on_a_thread_is_answered_and_the_worker_keeps_serving(
-    threaded_worker: Connection, tiny_repo: ExportedRepo
-) -> None:
+def test_a_batch_that_fails_on_a_thread_is_answered_and_the_worker_keeps_serving(threaded_worker: _Worker, tiny_repo: ExportedRepo) -> None:
     """On a thread an unexpected exception would be lost and its batch never answered; it is answered 500 instead.
     (A worker that runs batches itself dies of it, and the gateway restarts it.)"""
     feeds = sample(read_contract(tiny_repo.root / MODEL).model_dump(mode="json"), {"height": 32, "width": 32}, 2)
@@ -66,12 +81,12 @@ def test_a_batch_that_fails_on_a_thread_is_answered_and_the_worker_keeps_serving
     try:
         refs = arena.write({name: [value] for name, value in feeds.items()})
         gone = {name: dataclasses.replace(ref, segment="migserve-test-no-such-segment") for name, ref in refs.items()}
-        threaded_worker.send(RunBatch(1, MODEL, gone))
-        failed = _reply(threaded_worker)
+        threaded_worker.conn.send(RunBatch(1, MODEL, gone))
+        failed = _reply(threaded_worker.conn)
         assert isinstance(failed, BatchFailed) and failed.batch_id == 1 and failed.kind is FailureKind.RUNTIME
         assert "FileNotFoundError" in failed.message and "migserve-test-no-such-segment" in failed.message
-        threaded_worker.send(RunBatch(2, MODEL, refs))
-        done = _reply(threaded_worker)
+        threaded_worker.conn.send(RunBatch(2, MODEL, refs))
+        done = _reply(threaded_worker.conn)
         assert isinstance(done, BatchDone) and done.batch_id == 2
         session = ort.InferenceSession(str(tiny_repo.root / MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
         (expected,) = session.run(None, feeds)
@@ -79,6 +94,29 @@ def test_a_batch_that_fails_on_a_thread_is_answered_and_the_worker_keeps_serving
     finally:
         outputs.close()
         arena.close()
+    threaded_worker.stop()
+
+
+def test_a_front_end_that_leaves_while_its_batch_runs_leaves_no_shared_memory_behind(
+    threaded_worker: _Worker, tiny_repo: ExportedRepo
+) -> None:
+    """The worker sees the front-end's connection close while one of its threads still runs the batch: the arenas
+    go once the batch is done, not before (the answer would then be written to a new arena that nobody unlinks)."""
+    feeds = sample(read_contract(tiny_repo.root / MODEL).model_dump(mode="json"), {"height": 512, "width": 512}, 8)
+    arena = shm.Arena()
+    try:
+        front_end = Client(threaded_worker.listen, family="AF_UNIX")
+        assert front_end.poll(30) and isinstance(front_end.recv(), WorkerReady)
+        front_end.send(RunBatch(1, MODEL, arena.write({name: [value] for name, value in feeds.items()})))
+        time.sleep(0.05)  # the worker has it, and one of its threads runs it (8 rows of 512x512: most of a second)
+        front_end.close()
+        threaded_worker.conn.send(RunBatch(2, MODEL, arena.write({name: [value[:1]] for name, value in feeds.items()})))
+        assert isinstance(_reply(threaded_worker.conn), BatchDone), "the worker goes on serving the others"
+    finally:
+        arena.close()
+    threaded_worker.stop()
+    left = sorted(Path("/dev/shm").glob(f"{shm.ARENA_PREFIX}{threaded_worker.process.pid}-*"))
+    assert not left, f"the worker left shared memory behind: {left}"
 
 
 def test_one_process_has_two_batches_in_flight_on_a_threaded_worker_each_in_arenas_of_its_own(tiny_repo: ExportedRepo) -> None:

@@ -95,10 +95,7 @@ def in_process(spec: WorkerSpec, feeds: Feeds, seconds: float) -> list[dict[str,
     pinning = cuda_pinning() if "CUDAExecutionProvider" in plain.get_providers() else None
     ways = [("worker", sessions, pinning, 1), ("merged", sessions, pinning, 2)]
     if pinning is not None:
-        host, _ = load_sessions(ort, spec)
-        for session in host.values():
-            if isinstance(session, BucketedSession):
-                session.device = None
+        host = _gathered_on_host(load_sessions(ort, spec)[0])
         ways += [("host", host, pinning, 1), ("merged-host", host, pinning, 2)]
     for way, chosen, pinned, parts in ways:
         step = _worker_step(chosen, name, feeds, pinned, parts)
@@ -110,10 +107,7 @@ def in_process(spec: WorkerSpec, feeds: Feeds, seconds: float) -> list[dict[str,
             found.append(row("threads2", rows, times, max(worst)))
     if pinning is not None:
         pinning.enabled = False  # new sessions, so that no padding buffer made above is pinned either
-        unpinned, _ = load_sessions(ort, spec)
-        for session in unpinned.values():
-            if isinstance(session, BucketedSession):
-                session.device = None
+        unpinned = _gathered_on_host(load_sessions(ort, spec)[0])
         step = _worker_step(unpinned, name, feeds, None, 1)
         found.append(row("unpinned", rows, timed(step, seconds), off(step(), expected)))
         pinning.enabled = True
@@ -137,6 +131,14 @@ def together(steps: list[Callable[[], list[Array]]], seconds: float, check: Call
         list(pool.map(loop, range(len(steps))))
     elapsed = time.perf_counter() - started
     return [elapsed / max(sum(counts), 1)] * max(sum(counts), 1)
+
+
+def _gathered_on_host(sessions: dict[str, Any]) -> dict[str, Any]:
+    """The sessions, with padded and merged batches gathered in host buffers (the way before device buffers)."""
+    for session in sessions.values():
+        if isinstance(session, BucketedSession):
+            session.device = None
+    return sessions
 
 
 def _checked(worst: list[float], expected: list[Array], got: list[Array]) -> None:

@@ -73,6 +73,10 @@ class _Staging:
             target[rows:] = 0
         return self.arrays
 
+    def run(self, session: Any, names: list[str] | None, parts: Mapping[str, Sequence[Array]], rows: int) -> list[Array]:
+        outputs: list[Array] = session.run(names, self.fill(parts, rows))
+        return outputs
+
     def release(self) -> None:
         while self._unpin:
             self._unpin.pop()()
@@ -107,6 +111,9 @@ class _DeviceStaging:
                 self.device.zero(at, end - at)  # padding rows: zero, as on the host
         self.device.wait()
         return self.values
+
+    def run(self, session: Any, names: list[str] | None, parts: Mapping[str, Sequence[Array]], rows: int) -> list[Array]:
+        return run_bound(session, names, self.fill(parts, rows))
 
     def release(self) -> None:
         self.values.clear()
@@ -208,10 +215,7 @@ class BucketedSession:
         else:
             staging = self._take(key, {name: p[0].dtype for name, p in parts.items()})
             try:
-                if isinstance(staging, _DeviceStaging):
-                    outputs = run_bound(session, names, staging.fill(parts, rows))
-                else:
-                    outputs = session.run(names, staging.fill(parts, rows))
+                outputs = staging.run(session, names, parts, rows)
             finally:
                 self._give_back(key, staging)
         return outputs if bucket == rows else [output[:rows] for output in outputs]

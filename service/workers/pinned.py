@@ -25,6 +25,7 @@ padded to 8 from 1.79 to 1.31 ms (`bench/worker_path.py`, bench/RESULTS.md).
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,7 @@ PAGE_SIZE = 4096
 Unpin = Callable[[], None]
 
 
+@functools.cache  # one read of the memory map for both users below
 def _loaded_cudart() -> ctypes.CDLL | None:
     """The CUDA runtime library this process has loaded (onnxruntime's CUDA provider loads it), or None."""
     try:

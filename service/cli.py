@@ -44,7 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a client that sends nothing for this long in the middle of a request's head or body gets 408 and is "
         "disconnected, and the body's share of --max-pending-mb is given back (default: 30)",
     )
-    parser.add_argument("--queue-capacity", type=int, default=256, help="requests waiting per model before 503 (default: 256)")
+    parser.add_argument(
+        "--queue-capacity",
+        type=int,
+        default=256,
+        help="requests waiting per model before 503, all front-end processes together (default: 256)",
+    )
     parser.add_argument(
         "--worker-hang-s",
         type=float,

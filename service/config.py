@@ -92,7 +92,7 @@ class ServeConfig(BaseModel):
         le=64,
         description="processes that take inference requests on the port (SO_REUSEPORT), each with its own batchers, all "
         "sending batches to the same workers; the first also serves everything else. One Python process answers about "
-        "3,000 requests/s: more keep a GPU busy. Queue capacity is per process; --max-pending-mb bounds them all together",
+        "3,000 requests/s: more keep a GPU busy. --queue-capacity and --max-pending-mb bound them all together",
     )
     max_image_pixels: int = Field(40_000_000, ge=1, description="decoded images with more pixels are refused with 413")
     max_volume_voxels: int = Field(64_000_000, ge=1, description="CT volumes with more voxels are refused with 413")

@@ -38,9 +38,10 @@ from ..partitions import Partition, PartitionKind, discover, memory_used
 from ..placement import place, place_one
 from ..regions import Regions
 from ..repository import ModelEntry, RepositoryError, load_model, load_repository
+from ..shared import Published, SharedCounts
 from ..stats import ModelStatistics, model_config
 from ..workers.protocol import ModelSpec, WorkerOptions
-from .budget import BodyBudget, SharedHeld
+from .budget import BodyBudget
 from .errors import error_body
 from .fastpath import InferFastPath
 from .frontends import (
@@ -78,12 +79,12 @@ class Gateway:
     logs: LogSettings = field(default_factory=LogSettings.current)  # the logging extension's view of the log level
     control: asyncio.Lock = field(default_factory=asyncio.Lock)  # one model load or unload at a time
     frontends: Frontends | None = None  # the other front-end processes (serve --frontends), run by this one
-    held: SharedHeld | None = None  # with front-ends: the bodies every process holds, for one budget
+    shared: SharedCounts | None = None  # with front-ends: every process's bodies and queues, for the gateway's bounds
     index: int = 0  # this process's front-end index (0: the first process)
 
     def __post_init__(self) -> None:
         self.jobs = JobStore(self.config.max_jobs, self.config.job_ttl_s)
-        self.bodies = BodyBudget(self.config.max_pending_bytes, self.held, self.index)
+        self.bodies = BodyBudget(self.config.max_pending_bytes, self.shared, self.index)
 
     @classmethod
     def build(cls, config: ServeConfig) -> Gateway:
@@ -116,9 +117,9 @@ class Gateway:
         )
         left_out = {name: "not served: the gateway was started with --models naming others" for name in repo.models if name not in models}
         not_served = repo.refused | left_out
-        frontends = held = None
+        frontends = shared = None
         if directory is not None:
-            held = SharedHeld(config.frontends)
+            shared = SharedCounts(config.frontends, repo.models.keys() | repo.refused.keys())
             grpc_socket = str(directory / GRPC_SOCKET) if config.grpc_port is not None else None
             frontends = Frontends(
                 config.frontends - 1,
@@ -133,13 +134,13 @@ class Gateway:
                     sockets=sockets,
                     handoff=handoff,
                     grpc=grpc_socket,
-                    held=held,
+                    shared=shared,
                     log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
                 ),
-                held,
+                shared,
                 grpc_socket,
             )
-        return cls(config, models, partitions, placement, backend, not_served=not_served, frontends=frontends, held=held)
+        return cls(config, models, partitions, placement, backend, not_served=not_served, frontends=frontends, shared=shared)
 
     async def start(self) -> None:
         await self.backend.start()
@@ -175,10 +176,20 @@ class Gateway:
         """The model's batcher, statistics and configuration: from here on it takes requests."""
         policy = self._policy(entry)
         self.stats[name] = stats = ModelStatistics(name)
-        batcher = ModelBatcher(name, policy, functools.partial(self.backend.replicas, name), self.metrics, stats)
+        replicas = functools.partial(self.backend.replicas, name)
+        batcher = ModelBatcher(name, policy, replicas, self.metrics, stats, shared=self._queue_count(name))
         self.backend.add_listener(batcher.notify)
         self.batchers[name] = batcher
         self._configure(name, entry, policy)
+
+    def _queue_count(self, name: str) -> Published | None:
+        """With front-ends, where the model's batcher publishes its queue's length for the gateway's --queue-capacity."""
+        if self.shared is None:
+            return None
+        column = self.shared.assign(name) if self.index == 0 else self.shared.columns.get(name)
+        if column is None:
+            logger.warning("model %s: no shared queue count left; each front-end process queues up to --queue-capacity of it", name)
+        return self.shared.published(self.index, column)
 
     def _configure(self, name: str, entry: ModelEntry, policy: BatchPolicy) -> None:
         """The model's entry and Triton configuration, with the batching and the partitions it has now."""
@@ -222,8 +233,11 @@ class Gateway:
         """The local partitions a model is placed on now."""
         return {p.id for p in self.partitions if p.kind is not PartitionKind.TRITON and name in self.placement.get(p.id, {})}
 
-    async def serve_attached(self, name: str, entry: ModelEntry, specs: dict[str, ModelSpec]) -> None:
-        """A front-end process: the first process loaded (or reloaded) a model on these partitions; serve it too."""
+    async def serve_attached(self, name: str, entry: ModelEntry, specs: dict[str, ModelSpec], column: int | None) -> None:
+        """A front-end process: the first process loaded (or reloaded) a model on these partitions, its queue count in
+        this column of the shared counts; serve it too."""
+        if self.shared is not None:
+            self.shared.learn(name, column)
         await self.backend.attach_model(name, specs)
         self._placed(name, entry, specs)
 
@@ -282,7 +296,8 @@ class Gateway:
             left_out = self._local_partitions(name) - loaded.keys()  # a reload they did not take: they drop the old version
             self._placed(name, entry, loaded)
             if self.frontends is not None:  # each stops sending batches to the partitions left out before they drop it
-                await self.frontends.tell(ServeModel(name, entry, loaded), self.config.default_timeout_s)
+                column = None if self.shared is None else self.shared.assign(name)
+                await self.frontends.tell(ServeModel(name, entry, loaded, column), self.config.default_timeout_s)
             logger.info("loaded model %s on %s%s", name, ", ".join(loaded), f" ({refusals})" if refusals else "")
             if left_out:
                 await self.backend.unload_model(name, sorted(left_out))

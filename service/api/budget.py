@@ -10,43 +10,24 @@ gRPC has received it (gRPC reads a whole message, up to `--max-body-mb`, before 
 gateway sees it) and refused with UNAVAILABLE, so queued messages stay bounded too.
 
 With `serve --frontends N` the budget is the gateway's, not each process's: every process
-publishes what it holds in its own slot of a shared array and adds up all slots before it
-takes more. No lock: a lock that a killed process held would wedge every other process,
-so each slot has one writer (an aligned 8-byte store is atomic) and the others only read.
-Two processes admitting a body at the same instant can both pass, so the bound can be
-exceeded by at most one body per other process. The first process empties the slot of a
-front-end that died (its connections died with it) before it starts it again.
+publishes what it holds and adds up what all hold before it takes more (service/shared.py), so the
+bound can be exceeded by at most one body per other process admitted at the same instant.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from types import TracebackType
-from typing import Any
 
 from ..errors import Unavailable
+from ..shared import BODIES, SharedCounts
 from ..workers.shm import MB
 
 
-class SharedHeld:
-    """Bytes of request bodies each front-end process holds (slot 0: the first process), shared by all of them."""
-
-    def __init__(self, processes: int) -> None:
-        self.values: Any = mp.get_context("spawn").RawArray("q", processes)  # zeroed; passed to front-ends as they spawn
-
-    def total(self) -> int:
-        return sum(self.values)
-
-    def clear(self, slot: int) -> None:
-        """A process that is gone holds nothing (it no longer writes its slot)."""
-        self.values[slot] = 0
-
-
 class BodyBudget:
-    def __init__(self, limit: int, shared: SharedHeld | None = None, slot: int = 0) -> None:
+    def __init__(self, limit: int, shared: SharedCounts | None = None, slot: int = 0) -> None:
         self.limit = limit
         self.held = 0  # by this process
-        self.shared, self.slot = shared, slot
+        self.shared = None if shared is None else shared.published(slot, BODIES)
 
     def take(self, nbytes: int) -> None:
         """Count `nbytes` more, or refuse them (503) if they would pass the limit."""
@@ -65,7 +46,7 @@ class BodyBudget:
     def _set(self, held: int) -> None:
         self.held = held
         if self.shared is not None:
-            self.shared.values[self.slot] = held  # this process is its slot's one writer
+            self.shared.set(held)
 
 
 class Hold:

@@ -18,8 +18,8 @@ readiness, logs) lives in one process; /metrics and the
 statistics extension add the other front-ends' counts to the first's. With explicit model control
 the first process tells every front-end of a load (after the workers have the model) and of an
 unload (before they drop it), and answers once each has applied it. `--max-pending-mb` bounds the
-bodies all processes hold together (service/api/budget.py); queue capacity and the batchers are per
-process. A front-end that dies is started again.
+bodies all processes hold together, and `--queue-capacity` the requests all processes queue for a model
+(service/shared.py); each process batches its own. A front-end that dies is started again.
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ from ..backends.local import RESTART_BACKOFF_S, START_TIMEOUT_S
 from ..config import ServeConfig
 from ..partitions import Partition
 from ..repository import ModelEntry
+from ..shared import SharedCounts
 from ..stats import ModelStatistics
 from ..workers import shm
 from ..workers.protocol import ModelSpec, Stop, watch  # a front-end stops as a worker does
-from .budget import SharedHeld
 from .connection import InferConnection
 from .fastpath import BINARY_HEADER_LENGTH
 
@@ -81,7 +81,7 @@ class FrontendSpec:
     sockets: dict[str, str]  # partition id -> its worker's Unix socket
     handoff: str  # the first process's Unix socket for connections it should serve
     grpc: str | None  # the first process's Unix socket for the gRPC calls a front-end passes on (None: no gRPC)
-    held: SharedHeld  # the request bodies every process holds: --max-pending-mb bounds their sum
+    shared: SharedCounts  # every process's bodies and queues: --max-pending-mb and --queue-capacity bound their sums
     log_level: str
 
 
@@ -115,6 +115,7 @@ class ServeModel:
     name: str
     entry: ModelEntry
     specs: dict[str, ModelSpec]
+    column: int | None  # of its queue's length in the shared counts (None: each process bounds its own queue)
 
 
 @dataclass(frozen=True)
@@ -279,7 +280,7 @@ async def _frontend(spec: FrontendSpec, conn: Connection) -> None:
         spec.placement,
         backend,
         not_served=dict(spec.not_served),
-        held=spec.held,
+        shared=spec.shared,
         index=spec.index,
     )
     await gateway.start()
@@ -298,7 +299,7 @@ async def _frontend(spec: FrontendSpec, conn: Connection) -> None:
 
     async def apply(message: ServeModel | UnserveModel) -> None:
         if isinstance(message, ServeModel):
-            await gateway.serve_attached(message.name, message.entry, message.specs)
+            await gateway.serve_attached(message.name, message.entry, message.specs, message.column)
         else:
             await gateway.unserve_attached(message.name, message.reason)
         conn.send(Done(message.name))
@@ -379,7 +380,7 @@ class Frontends:
     count: int  # front-end processes besides this one
     directory: Path
     spec: Callable[[int, str], FrontendSpec]  # index, hand-over path -> the spec
-    held: SharedHeld  # each process's request bodies (service/api/budget.py)
+    shared: SharedCounts  # each process's bodies and queues (service/shared.py)
     grpc_path: str | None = None  # the first process's Unix socket for what front-ends pass on over gRPC (None: no gRPC)
     adopt: Callable[[socket.socket, bytes], None] | None = None  # serve a handed-over connection (set by `serve`)
     children: dict[int, _Child] = field(default_factory=dict)
@@ -442,7 +443,7 @@ class Frontends:
         if self.children.get(child.index) is child:
             del self.children[child.index]
         _remove_arenas(child.process.pid)
-        self.held.clear(child.index)  # the bodies it held went with its connections
+        self.shared.clear(child.index)  # the bodies and requests it held went with its connections
         if not self._stopping:
             logger.error("front-end %d (pid %s) exited with code %s; restarting", child.index, child.process.pid, child.process.exitcode)
             task = loop.create_task(self._restart(child.index, child.restarts + 1))

@@ -11,7 +11,9 @@ after its oldest request, as Triton's dynamic batcher does; an idle service
 answers at once. Holding for a full batch instead left a free CPU slice idle for
 most of the delay at every turn (face-pros at concurrency 32: 1.09x throughput
 with the preferred size, `bench/RESULTS.md`). Expired requests are answered
-504 before dispatch; a full queue answers 503 at once.
+504 before dispatch; a full queue answers 503 at once. With `serve --frontends N` each process
+has its own batchers, and the queue's capacity is the gateway's: a batcher publishes its queue's
+length and counts every process's before it takes a request (service/shared.py).
 
 The batcher has no task of its own: it acts when something changes (a request
 arrives, a replica finishes or changes state, a held batch's delay runs out), in
@@ -37,6 +39,7 @@ from migserve.types import Array
 from ..backends.base import Replica
 from ..errors import BadRequest, DeadlineExpired, InferenceFailed, ServiceError, Unavailable, WorkerDied
 from ..metrics import Metrics
+from ..shared import Published
 
 if TYPE_CHECKING:
     from ..stats import ModelStatistics
@@ -73,7 +76,14 @@ class BatchPolicy:
 
 class ModelBatcher:
     def __init__(
-        self, model: str, policy: BatchPolicy, replicas: Callable[[], Sequence[Replica]], metrics: Metrics, stats: ModelStatistics
+        self,
+        model: str,
+        policy: BatchPolicy,
+        replicas: Callable[[], Sequence[Replica]],
+        metrics: Metrics,
+        stats: ModelStatistics,
+        *,
+        shared: Published | None = None,
     ) -> None:
         self.model = model
         self.policy = policy
@@ -81,6 +91,7 @@ class ModelBatcher:
         self._metrics = metrics
         self._stats = stats
         self._depth = metrics.queue_depth.labels(model)
+        self._shared = shared  # with front-ends: this queue's length in a column every process adds up
         self._queue: deque[Pending] = deque()
         self._timer: asyncio.TimerHandle | None = None  # wakes the batcher when a held batch's delay runs out
         self._timer_due = 0.0  # the time.monotonic() it is set for
@@ -103,18 +114,27 @@ class ModelBatcher:
         self._cancel_timer()
         while self._queue:
             _fail(self._queue.popleft(), Unavailable("the server is shutting down"))
-        self._depth.set(0)
+        self._published()
 
     def submit(self, item: Pending) -> None:
         if self._stopped:
             raise Unavailable("the server is shutting down", retry_after_s=1.0)
-        if len(self._queue) >= self.policy.queue_capacity:
-            raise Unavailable(f"model {self.model}: queue full ({self.policy.queue_capacity} requests)", retry_after_s=1.0)
+        waiting = len(self._queue) if self._shared is None else self._shared.total()
+        if waiting >= self.policy.queue_capacity:
+            where = "" if self._shared is None else " across the front-end processes"
+            raise Unavailable(f"model {self.model}: queue full ({self.policy.queue_capacity} requests{where})", retry_after_s=1.0)
         if not any(r.ready or r.recovering for r in self._replicas()):
             raise Unavailable(f"model {self.model}: no ready replica", retry_after_s=1.0)
         self._queue.append(item)
-        self._depth.set(len(self._queue))
+        self._published()
         self._pump()
+
+    def _published(self) -> None:
+        """The queue's length, for the metrics and, with front-ends, for every process's capacity check."""
+        depth = len(self._queue)
+        self._depth.set(depth)
+        if self._shared is not None:
+            self._shared.set(depth)
 
     def _pump(self) -> None:
         """Dispatch every batch that can go now; hold a partial batch under load until its delay is up."""
@@ -169,7 +189,7 @@ class ModelBatcher:
     def _no_replica(self) -> None:
         while self._queue:
             _fail(self._queue.popleft(), Unavailable(f"model {self.model}: no ready replica", retry_after_s=1.0))
-        self._depth.set(0)
+        self._published()
 
     def _next_batch(self, limit: int) -> list[Pending]:
         """The oldest request and the queued ones that batch with it (same signature, unanswered), up to `limit` rows."""
@@ -186,7 +206,7 @@ class ModelBatcher:
     def _remove(self, batch: list[Pending]) -> None:
         taken = set(batch)  # Pending compares by identity
         self._queue = deque(p for p in self._queue if p not in taken)
-        self._depth.set(len(self._queue))
+        self._published()
 
     def _expire(self) -> None:
         """Answer 504 to queued requests past their deadline; drop those already answered (a client that hung up)."""
@@ -197,7 +217,7 @@ class ModelBatcher:
         for item in gone:
             self._queue.remove(item)
             _fail(item, DeadlineExpired(f"model {self.model}: deadline passed after {now - item.enqueued:.3f}s in the queue"))
-        self._depth.set(len(self._queue))
+        self._published()
 
     def _dispatch(self, replica: Replica, batch: list[Pending]) -> None:
         """Send the batch now, so the replica is busy before the next batch is formed."""
@@ -260,7 +280,7 @@ class ModelBatcher:
         for item in reversed(batch):
             item.alone = True
             self._queue.appendleft(item)  # ahead of newer requests, past the queue's capacity if need be
-        self._depth.set(len(self._queue))
+        self._published()
         self._pump()
 
     def _retry(self, replica: Replica, batch: list[Pending], died: WorkerDied) -> None:
@@ -274,7 +294,7 @@ class ModelBatcher:
         for item in reversed(batch):
             item.retried = True
             self._queue.appendleft(item)  # ahead of newer requests, past the queue's capacity if need be
-        self._depth.set(len(self._queue))
+        self._published()
         self._pump()
 
 

@@ -421,6 +421,55 @@ def test_max_pending_mb_bounds_the_bodies_of_every_process_together(tiny_repo: E
         gateway.close()
 
 
+def test_queue_capacity_bounds_the_requests_of_every_process_together(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """--queue-capacity 4 over two front-ends, the one worker stopped: each process has one batch of one request in
+    flight and the two queue 4 requests together, so at most 6 of 16 connections wait and the others get 503 at once
+    (with a queue of 4 per process, up to 10 would wait). Once the worker runs again every waiting request is answered."""
+    flags = ("--cpu-slices", "1", "--frontends", "2", "--models", MODEL, "--queue-capacity", "4", "--max-batch-size", "1")
+    gateway = Gateway(tiny_repo.root, *flags, log=tmp_path / "serve.log")
+    contract = read_contract(tiny_repo.root / MODEL)
+    arrays = make_inputs(contract, 1, seed=5, dims={"height": 16, "width": 16})
+    expected = direct(tiny_repo.root, MODEL, arrays)[0]
+    [worker] = _get(gateway, "/v1/partitions")["partitions"]
+    opened: list[tuple[socket.socket, Any]] = []
+    os.kill(worker["pid"], signal.SIGSTOP)
+    try:
+        for _ in range(CONNECTIONS):
+            sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=30)
+            sock.sendall(_binary_request(arrays))
+            opened.append((sock, sock.makefile("rb")))
+            time.sleep(0.05)  # one at a time: two processes admitting at the same instant may both pass (service/shared.py)
+        time.sleep(0.5)  # a refusal is sent as the request is read
+        waiting, refused = [], []
+        for sock, reader in opened:
+            sock.setblocking(False)
+            try:
+                sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                waiting.append((sock, reader))
+                continue
+            sock.setblocking(True)
+            refused.append(read_response(reader))
+        assert 5 <= len(waiting) <= 6, f"{len(waiting)} requests wait: the queues of both processes hold 4 in all"
+        for status, headers, payload in refused:
+            assert status == 503 and headers["retry-after"] == "1", payload
+            assert "queue full (4 requests across the front-end processes)" in json.loads(payload)["error"]
+        assert _metric(gateway, f'migserve_queue_depth{{model="{MODEL}"}}') == 4
+        os.kill(worker["pid"], signal.SIGCONT)
+        for sock, reader in waiting:
+            sock.setblocking(True)
+            status, headers, payload = read_response(reader)
+            assert status == 200, payload
+            np.testing.assert_allclose(_density(payload, headers, expected.shape), expected, rtol=1e-4, atol=1e-5)
+        _wait(lambda: _metric(gateway, f'migserve_queue_depth{{model="{MODEL}"}}') == 0, "the queues emptied")
+    finally:
+        os.kill(worker["pid"], signal.SIGCONT)
+        for sock, reader in opened:
+            reader.close()
+            sock.close()
+        gateway.close()
+
+
 def test_front_ends_need_the_gateway_s_own_http_server(tiny_repo: ExportedRepo) -> None:
     run = migserve("serve", "--model-repo", tiny_repo.root, "--port", "0", "--frontends", "2", "--http-server", "uvicorn", timeout=60)
     assert run.returncode == 2

@@ -28,7 +28,7 @@ from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .errors import BadOption, OutputError
 from .onnx_export import DEFAULT_OPSET, export_onnx, to_fp16
 from .parity import FP16_TOLERANCE, check_parity
-from .triton import PYTHON_MODEL, TritonBackend, render_config
+from .triton import PYTHON_MODEL, TritonBackend, label_files, render_config
 from .zoo.base import OptionError
 
 logger = logging.getLogger(__name__)
@@ -135,6 +135,8 @@ def write_model_dir(
         written = contract(sha256_file(tmp / MODEL_FILE))
         write_contract(tmp, written)
         (tmp / CONFIG_FILE).write_text(render_config(written, triton_backend))
+        for filename, data in label_files(written).items():
+            (tmp / filename).write_bytes(data)
         if triton_backend == "python":
             (tmp / MODEL_FILE).with_name("model.py").write_text(PYTHON_MODEL.read_text())
         for filename, data in extra.items():

@@ -2,7 +2,8 @@
 
 With the python backend, `1/model.py` (a copy of triton_python_model.py) runs the same
 `model.onnx` with onnxruntime. Triton's dims omit the batch dim when `max_batch_size > 0`; every other symbolic
-dim is -1. Warm-up requests are zeros at the contract's default dims, batch 1.
+dim is -1. Warm-up requests are zeros at the contract's default dims, batch 1. An output whose values are per class (face-pros's
+attributes and expression) names a label file beside config.pbtxt, so Triton's classification answers carry labels.
 """
 
 from __future__ import annotations
@@ -23,9 +24,19 @@ def _warm_dims(spec: TensorSpec, contract: Contract) -> list[int]:
     return [d if isinstance(d, int) else contract.dims[d].default for d in spec.shape[1:]]
 
 
-def _tensor(spec: TensorSpec) -> str:
+def _tensor(spec: TensorSpec, label_file: str | None = None) -> str:
     dims = ", ".join(str(d) for d in _dims(spec))
-    return f'  {{\n    name: "{spec.name}"\n    data_type: {TRITON_DTYPES[spec.dtype]}\n    dims: [ {dims} ]\n  }}'
+    labels = f'\n    label_filename: "{label_file}"' if label_file else ""
+    return f'  {{\n    name: "{spec.name}"\n    data_type: {TRITON_DTYPES[spec.dtype]}\n    dims: [ {dims} ]{labels}\n  }}'
+
+
+def label_files(contract: Contract) -> dict[str, bytes]:
+    """Each labelled output's classes, a line each (Triton's label_filename): the labels of classification answers."""
+    return {label_file(name): "".join(f"{label}\n" for label in labels).encode() for name, labels in contract.class_labels().items()}
+
+
+def label_file(output: str) -> str:
+    return f"{output}_labels.txt"
 
 
 def _warmup_input(spec: TensorSpec, contract: Contract) -> str:
@@ -47,12 +58,13 @@ def render_config(contract: Contract, backend: TritonBackend = "onnxruntime", in
     engine, kind = ('platform: "onnxruntime_onnx"', "KIND_GPU") if backend == "onnxruntime" else ('backend: "python"', "KIND_CPU")
     preferred = ", ".join(str(b) for b in batching.preferred_batch_sizes)
     warm_inputs = "\n".join(_warmup_input(s, contract) for s in contract.inputs)
+    labelled = contract.class_labels()
     parts = [
         f'name: "{contract.name}"',
         engine,
         f"max_batch_size: {batching.max_batch_size}",
         "input [\n" + ",\n".join(_tensor(s) for s in contract.inputs) + "\n]",
-        "output [\n" + ",\n".join(_tensor(s) for s in contract.outputs) + "\n]",
+        "output [\n" + ",\n".join(_tensor(s, label_file(s.name) if s.name in labelled else None) for s in contract.outputs) + "\n]",
         "dynamic_batching {\n"
         + (f"  preferred_batch_size: [ {preferred} ]\n" if preferred else "")
         + f"  max_queue_delay_microseconds: {batching.max_queue_delay_us}\n}}",

@@ -238,6 +238,15 @@ class Contract(_Frozen):
                 raise ValueError(f"{tensor.name}: the first dim must be 'batch'")
         return self
 
+    def class_labels(self) -> dict[str, tuple[str, ...]]:
+        """Outputs that hold one value per class, after the batch dim, and their classes' labels by index: Triton's
+        label files, and the labels in the gateway's answers to a classification request."""
+        post = self.postprocessing
+        if not isinstance(post, FacePostprocessing):
+            return {}
+        found = {"attributes": post.attribute_names, "expression": post.expression_labels}
+        return {name: labels for name, labels in found.items() if self.output(name).shape[1:] == (len(labels),)}
+
     def input(self, name: str) -> TensorSpec:
         return _by_name(self.inputs, name)
 

@@ -42,6 +42,7 @@ from ..shared import Published, SharedCounts
 from ..stats import ModelStatistics, model_config
 from ..workers.protocol import ModelSpec, WorkerOptions
 from .budget import BodyBudget
+from .classification import classified
 from .errors import error_body
 from .fastpath import InferFastPath
 from .frontends import (
@@ -396,11 +397,11 @@ class Gateway:
                 self.stats[name].request_done(status == "200", elapsed)
 
     async def infer_decoded(self, name: str, decoded: DecodedRequest, started: float, timeout: float) -> dict[str, Array]:
-        """A checked request through the model's batcher: its outputs, or 504 `timeout` seconds after `started`
-        (time.monotonic() when it arrived: decoding counts against its deadline)."""
+        """A checked request through the model's batcher: its outputs (those asked for as classes classified), or 504
+        `timeout` seconds after `started` (time.monotonic() when it arrived: decoding counts against its deadline)."""
         pending = Pending(inputs=decoded.inputs, size=decoded.batch, deadline=started + timeout)
         self.batcher(name).submit(pending)
-        return await _await_until(pending, name, timeout)
+        return classified(await _await_until(pending, name, timeout), decoded.classes)
 
     async def refresh_memory_used(self) -> None:
         """Memory in use per GPU and MIG partition, from NVML, for a /metrics scrape (nothing on CPU slices)."""

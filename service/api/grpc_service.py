@@ -47,6 +47,7 @@ from migserve.types import Array
 from ..errors import UNSUPPORTED, BadRequest, NotSupported, ServiceError
 from ..regions import PARAMETERS, Regions
 from .budget import Hold
+from .classification import BYTES, class_count, requested_classes, wire_bytes
 from .kserve import (
     EXTENSIONS,
     V2_OF_DTYPE,
@@ -281,6 +282,8 @@ def decode_infer_request(request: Any, entry: ModelEntry, regions: Regions) -> D
     outputs = tuple(o.name for o in request.outputs) or plan.output_names
     check_output_names(plan, list(outputs))
     out_regions = {o.name: regions.slice_of(_parameters(o.parameters), f"output {o.name}") for o in request.outputs}
+    output_slices = {name: where for name, where in out_regions.items() if where is not None}
+    counts = {o.name: _class_count(o) for o in request.outputs if "classification" in o.parameters}
     return DecodedRequest(
         id=request.id or None,
         inputs=inputs,
@@ -288,8 +291,16 @@ def decode_infer_request(request: Any, entry: ModelEntry, regions: Regions) -> D
         outputs=outputs,
         binary_outputs=frozenset(outputs),
         timeout_s=_timeout(request),
-        output_slices={name: where for name, where in out_regions.items() if where is not None},
+        output_slices=output_slices,
+        classes=requested_classes(counts, plan.labels, list(output_slices)),
     )
+
+
+def _class_count(output: Any) -> int:
+    """An output's classification parameter (tritonclient sends an int64_param)."""
+    parameter = output.parameters["classification"]
+    choice = parameter.WhichOneof("parameter_choice")
+    return class_count(parameter.int64_param if choice == "int64_param" else _plain(parameter), output.name)
 
 
 def _parameters(parameters: Any) -> dict[str, Any]:
@@ -312,7 +323,7 @@ def encode_infer_response(model: str, decoded: DecodedRequest, outputs: dict[str
             write_to_region(name, array, decoded.output_slices[name])
             response.raw_output_contents.append(b"")  # in its region, as Triton answers it
         else:
-            response.raw_output_contents.append(array.tobytes())
+            response.raw_output_contents.append(wire_bytes(array) if array.dtype == BYTES else array.tobytes())
     return response
 
 

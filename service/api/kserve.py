@@ -21,6 +21,7 @@ from migserve.types import Array
 
 from ..errors import BadRequest, TooLarge
 from ..regions import Regions, Slice
+from .classification import BYTES, Classes, class_count, json_strings, requested_classes, wire_bytes
 
 HEADER_LENGTH = "inference-header-content-length"
 Body = bytes | memoryview  # a request body: bytes from the ASGI path, a view of the raw connection's buffer
@@ -36,9 +37,11 @@ V2_TYPES = {
 }
 NUMPY_TO_V2 = {v: k for k, v in V2_TYPES.items()}
 V2_OF_DTYPE = {np.dtype(v): k for k, v in V2_TYPES.items()}  # dtype.name is slow enough to show per request
+V2_OF_DTYPE[BYTES] = "BYTES"  # outputs only: classification answers (service/api/classification.py)
 # What GET /v2 and gRPC's ServerMetadata announce.
 EXTENSIONS = [
     "binary_tensor_data",
+    "classification",
     "model_configuration",
     "model_repository",  # the index always; load and unload with --model-control-mode explicit
     "model_repository(unload_dependents)",
@@ -57,6 +60,7 @@ class DecodedRequest:
     binary_outputs: frozenset[str]
     timeout_s: float | None
     output_slices: Mapping[str, Slice] = field(default_factory=dict)  # outputs to write into shared memory regions
+    classes: Mapping[str, Classes] = field(default_factory=dict)  # outputs to answer as their top classes
 
 
 def json_object(raw: bytes, expected: str = "a JSON object with an 'inputs' list") -> dict[str, Any]:
@@ -125,6 +129,7 @@ class _Plan:
     inputs: dict[str, _InputPlan]
     expected: list[str]  # input names, in the contract's order
     output_names: tuple[str, ...]
+    labels: dict[str, tuple[str, ...]]  # outputs whose values are per class: their labels
 
 
 _plans: dict[int, _Plan] = {}
@@ -147,7 +152,7 @@ def plan_of(contract: Contract) -> _Plan:
                 dims.append((dim, limits.min, top))
         shown = "[" + ", ".join(str(d) for d in spec.shape) + "]"
         inputs[spec.name] = _InputPlan(spec, np.dtype(spec.dtype), NUMPY_TO_V2[spec.dtype], tuple(dims), shown)
-    plan = _Plan(contract, inputs, [s.name for s in contract.inputs], tuple(o.name for o in contract.outputs))
+    plan = _Plan(contract, inputs, [s.name for s in contract.inputs], tuple(o.name for o in contract.outputs), contract.class_labels())
     _plans[id(contract)] = plan
     return plan
 
@@ -269,8 +274,9 @@ def decode_request(body: Body, header_length: str | None, contract: Contract, re
     if offset != len(binary):
         raise BadRequest(f"body has {len(binary) - offset} bytes after the last binary input")
     inputs, batch = checked_inputs(plan, arrays)
-    outputs, binary_outputs = _requested_outputs(header, plan)
+    outputs, binary_outputs, counts = _requested_outputs(header, plan)
     request_id = header.get("id")
+    output_slices = _output_slices(header.get("outputs"), regions)
     return DecodedRequest(
         id=request_id if isinstance(request_id, str) else None,
         inputs=inputs,
@@ -278,7 +284,8 @@ def decode_request(body: Body, header_length: str | None, contract: Contract, re
         outputs=outputs,
         binary_outputs=binary_outputs,
         timeout_s=_timeout(header),
-        output_slices=_output_slices(header.get("outputs"), regions),
+        output_slices=output_slices,
+        classes=requested_classes(counts, plan.labels, list(output_slices)),
     )
 
 
@@ -303,17 +310,25 @@ def write_to_region(name: str, array: Array, where: Slice) -> None:
     target[: array.nbytes] = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
 
 
-def _requested_outputs(header: dict[str, Any], plan: _Plan) -> tuple[tuple[str, ...], frozenset[str]]:
+def _requested_outputs(header: dict[str, Any], plan: _Plan) -> tuple[tuple[str, ...], frozenset[str], dict[str, int]]:
+    """The outputs asked for, in order; those asked for as binary data; and the classification counts asked for."""
     all_binary = bool(parameters_of(header, "the request").get("binary_data_output", False))
     requested = header.get("outputs")
     if requested is None:
         names = plan.output_names
-        return names, frozenset(names) if all_binary else frozenset()
+        return names, frozenset(names) if all_binary else frozenset(), {}
     if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
         raise BadRequest("'outputs' must be a list of objects with a 'name'")
     check_output_names(plan, [o["name"] for o in requested])
-    binary = {o["name"] for o in requested if parameters_of(o, f"output {o['name']}").get("binary_data", all_binary)}
-    return tuple(o["name"] for o in requested), frozenset(binary)
+    binary, counts = set(), {}
+    for output in requested:
+        name = output["name"]
+        parameters = parameters_of(output, f"output {name}")
+        if parameters.get("binary_data", all_binary):
+            binary.add(name)
+        if "classification" in parameters:
+            counts[name] = class_count(parameters["classification"], name)
+    return tuple(o["name"] for o in requested), frozenset(binary), counts
 
 
 def check_output_names(plan: _Plan, names: list[str]) -> None:
@@ -370,8 +385,11 @@ def encode_response(model: str, request: DecodedRequest, outputs: dict[str, Arra
         if name in request.output_slices:
             write_to_region(name, array, request.output_slices[name])  # answered without data, as Triton does
         elif name in request.binary_outputs:
-            entry["parameters"] = {"binary_data_size": array.nbytes}
-            blobs.append(array.tobytes())
+            blob = wire_bytes(array) if array.dtype == BYTES else array.tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        elif array.dtype == BYTES:
+            entry["data"] = json_strings(array)
         else:
             entry["data"] = array.reshape(-1)  # orjson writes arrays itself, each float32 in its shortest exact form
         entries.append(entry)

@@ -36,6 +36,7 @@ def test_every_model_directory_is_complete_and_nothing_else_is_left(repo: Path) 
     for name in MODELS:
         files = {str(p.relative_to(repo / name)) for p in (repo / name).rglob("*") if p.is_file()}
         expected = {"config.pbtxt", "contract.json", "1/model.onnx"} | ({"vocab.txt"} if name.startswith("grounding-") else set())
+        expected |= {"attributes_labels.txt", "expression_labels.txt"} if name == "face-pros" else set()
         assert files == expected, name
 
 
@@ -142,6 +143,10 @@ def test_triton_config_parses_and_matches_the_graph(repo: Path, name: str) -> No
     for spec in contract.inputs:
         assert all(d > 0 for d in warmup.inputs[spec.name].dims)
     assert config.parameters["model_sha256"].string_value == contract.model_sha256
+    labelled = {o.name: (repo / name / o.label_filename).read_text().splitlines() for o in config.output if o.label_filename}
+    assert labelled == {output: list(labels) for output, labels in contract.class_labels().items()}
+    if name == "face-pros":
+        assert labelled["expression"][3] == "Happiness" and len(labelled["attributes"]) == 40
 
 
 def test_grounding_models_carry_the_vocabulary_their_embedding_indexes(repo: Path) -> None:

@@ -461,6 +461,26 @@ BAD_REQUESTS = [
         "inputs ['image'] are given more than once",
     ),
     (
+        "classification count not an integer",
+        "crowd-csrnet",
+        json.dumps(
+            {**json.loads(_image_input([1, 3, 8, 8])), "outputs": [{"name": "density", "parameters": {"classification": "3"}}]}
+        ).encode(),
+        None,
+        400,
+        "output density: 'classification' must be a non-negative integer",
+    ),
+    (
+        "classification count negative",
+        "crowd-csrnet",
+        json.dumps(
+            {**json.loads(_image_input([1, 3, 8, 8])), "outputs": [{"name": "density", "parameters": {"classification": -2}}]}
+        ).encode(),
+        None,
+        400,
+        "not -2",
+    ),
+    (
         "output requested twice",
         "crowd-csrnet",
         json.dumps({**json.loads(_image_input([1, 3, 8, 8])), "outputs": [{"name": "density"}, {"name": "density"}]}).encode(),

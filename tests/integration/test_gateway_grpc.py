@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
@@ -23,7 +24,7 @@ from service.api.grpc_service import UNSUPPORTED_RPCS
 from service.errors import UNSUPPORTED
 from tests.helpers import ExportedRepo, Gateway
 from tests.integration.test_gateway_behaviour import _metric
-from tests.integration.test_gateway_protocol import TRITON_DTYPES, direct, grpc_inputs, make_inputs
+from tests.integration.test_gateway_protocol import TRITON_DTYPES, direct, grpc_inputs, make_inputs, triton_inputs
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,25 @@ def test_a_subset_of_outputs(client: grpcclient.InferenceServerClient, tiny_repo
     result = client.infer("face-pros", grpc_inputs(arrays), outputs=[grpcclient.InferRequestedOutput("attributes")])
     assert [o.name for o in result.get_response().outputs] == ["attributes"]
     np.testing.assert_allclose(result.as_numpy("attributes"), direct(tiny_repo.root, "face-pros", arrays)[1], rtol=1e-5, atol=1e-6)
+
+
+def test_classification_over_grpc_answers_as_over_http(
+    client: grpcclient.InferenceServerClient, gateway: Gateway, tiny_repo: ExportedRepo
+) -> None:
+    """Triton's classification extension over gRPC: BYTES in raw_output_contents, the same as HTTP's answer (whose
+    strings test_triton_partition.py checks against a real tritonserver's)."""
+    arrays = make_inputs(read_contract(tiny_repo.root / "face-pros"), batch=2, seed=4)
+    wanted = [grpcclient.InferRequestedOutput("expression", class_count=2), grpcclient.InferRequestedOutput("landmarks")]
+    result = client.infer("face-pros", grpc_inputs(arrays), outputs=wanted)
+    classes = result.as_numpy("expression")
+    assert classes.shape == (2, 2) and result.get_output("expression").datatype == "BYTES"
+    http = httpclient.InferenceServerClient(gateway.url)
+    over_http = http.infer("face-pros", triton_inputs(arrays), outputs=[httpclient.InferRequestedOutput("expression", class_count=2)])
+    http.close()
+    assert classes.tolist() == over_http.as_numpy("expression").tolist()
+    value, index, label = classes[0, 0].decode().split(":")
+    assert 0 < float(value) < 1 and label == read_contract(tiny_repo.root / "face-pros").postprocessing.expression_labels[int(index)]  # type: ignore[union-attr]
+    assert result.as_numpy("landmarks").shape == (2, 68, 2), "outputs not asked for as classes come back as values"
 
 
 def _request(model: str, arrays: dict[str, Array], raw: bool = True, id: str = "", change: Callable[[Any], object] | None = None) -> Any:
@@ -155,6 +175,26 @@ BAD = [
         _request("crowd-csrnet", _crowd(), change=lambda r: r.outputs.add(name="heat")),
         "INVALID_ARGUMENT",
         "unknown outputs ['heat']",
+    ),
+    (
+        "classification of a negative count",
+        _request(
+            "crowd-csrnet",
+            _crowd(),
+            change=lambda r: setattr(r.outputs.add(name="density").parameters["classification"], "int64_param", -1),
+        ),
+        "INVALID_ARGUMENT",
+        "output density: 'classification' must be a non-negative integer",
+    ),
+    (
+        "classification given as a string",
+        _request(
+            "crowd-csrnet",
+            _crowd(),
+            change=lambda r: setattr(r.outputs.add(name="density").parameters["classification"], "string_param", "3"),
+        ),
+        "INVALID_ARGUMENT",
+        "not '3'",
     ),
     (
         "bad timeout",

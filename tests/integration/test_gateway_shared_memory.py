@@ -133,6 +133,19 @@ def test_bad_regions_and_slices_get_a_4xx_that_names_the_problem(
             400,
             "output landmarks: shared_memory_byte_size 16 is too small for its 1088 bytes",
         ),
+        (
+            {
+                "inputs": [_in(shared_memory_region="in", shared_memory_byte_size=size)],
+                "outputs": [
+                    {
+                        "name": "expression",
+                        "parameters": {"shared_memory_region": "out", "shared_memory_byte_size": 64, "classification": 2},
+                    }
+                ],
+            },
+            400,
+            "outputs ['expression']: a classification answer cannot go to a shared memory region",
+        ),
     ]
     for header, status, message in cases:
         got_status, error = _infer_error(gateway, header)

@@ -19,6 +19,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from migserve.contract import read_contract
+from migserve.types import Array
 from tests.helpers import ExportedRepo, Gateway, migserve
 from tests.integration.test_gateway_protocol import make_inputs, triton_inputs
 from tests.triton_server import TritonServer
@@ -115,6 +116,58 @@ def test_the_same_request_gets_the_same_answer_locally_and_through_triton(gatewa
         client.close()
     others = httpx.get(f"http://{gateways['frontends'].url}/v1/partitions").json()["frontends"]
     assert others[0]["requests"] > 0, "the second front-end answered through its own client of the Triton partition"
+
+
+CLASSES = {"expression": 3, "attributes": 5, "embedding": 2, "landmarks": 500}  # landmarks: all 136 values of a row
+
+
+def _classes(answer: Array) -> list[list[tuple[float, int, str]]]:
+    """A classification answer's rows, each element as (value, index, label)."""
+    rows = []
+    for row in answer:
+        parsed = []
+        for element in row:
+            text = element.decode() if isinstance(element, bytes) else element  # tritonclient: str from JSON, bytes from binary
+            value, index, *label = text.split(":")
+            parsed.append((float(value), int(index), ":".join(label)))
+        rows.append(parsed)
+    return rows
+
+
+def test_classification_answers_as_a_real_triton_s(gateways: dict[str, Gateway], triton: TritonServer, tiny_repo: ExportedRepo) -> None:
+    """Triton's classification extension: the gateway's top classes of face-pros's outputs, labelled from the contract,
+    read as tritonserver's own, labelled from the export's label files; over HTTP as JSON and as binary data."""
+    inputs = make_inputs(read_contract(tiny_repo.root / "face-pros"), 2, seed=9)
+
+    def answers(url: str, binary: bool) -> dict[str, Array]:
+        client = httpclient.InferenceServerClient(url)
+        outputs = [httpclient.InferRequestedOutput(name, binary_data=binary, class_count=n) for name, n in CLASSES.items()]
+        result = client.infer("face-pros", triton_inputs(inputs), outputs=outputs)
+        client.close()
+        return {name: result.as_numpy(name) for name in CLASSES}
+
+    reference = answers(triton.url, False)
+    assert {name: a.shape for name, a in reference.items()} == {
+        "expression": (2, 3),
+        "attributes": (2, 5),
+        "embedding": (2, 2),
+        "landmarks": (2, 136),
+    }
+    expected = {name: _classes(a) for name, a in reference.items()}
+    assert all(label for row in expected["expression"] + expected["attributes"] for _, _, label in row), "Triton read the label files"
+    assert not any(label for row in expected["embedding"] for _, _, label in row)
+    for kind in ("local", "triton", "frontends"):
+        for binary in (False, True):
+            got = answers(gateways[kind].url, binary)
+            for name, answer in got.items():
+                assert answer.shape == reference[name].shape and answer.dtype == np.object_, (kind, name)
+                for ours, theirs in zip(_classes(answer), expected[name], strict=True):
+                    assert [(i, label) for _, i, label in ours] == [(i, label) for _, i, label in theirs], (kind, binary, name)
+                    np.testing.assert_allclose([v for v, _, _ in ours], [v for v, _, _ in theirs], atol=2e-6)
+    client = httpclient.InferenceServerClient(gateways["local"].url)
+    plain = client.infer("face-pros", triton_inputs(inputs), outputs=[httpclient.InferRequestedOutput("expression", class_count=0)])
+    assert plain.as_numpy("expression").shape == (2, 7), "a count of 0 asks for the values, as in Triton"
+    client.close()
 
 
 def test_triton_partitions_report_triton_s_own_state(gateways: dict[str, Gateway]) -> None:

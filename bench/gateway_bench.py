@@ -271,9 +271,9 @@ class Server:
             time.sleep(0.2)
 
     def frontend_pids(self) -> list[int]:
-        """The gateway's other front-end processes (serve --frontends)."""
+        """The gateway's other front-end processes (serve --frontends; none from a revision before them)."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/partitions", timeout=5) as response:
-            return [f["pid"] for f in json.load(response)["frontends"]]
+            return [f["pid"] for f in json.load(response).get("frontends", [])]
 
     def close(self) -> None:
         self.process.terminate()

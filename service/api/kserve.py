@@ -276,9 +276,11 @@ def decode_request(body: Body, header_length: str | None, contract: Contract, re
     inputs, batch = checked_inputs(plan, arrays)
     outputs, binary_outputs, counts = _requested_outputs(header, plan)
     request_id = header.get("id")
+    if request_id is not None and type(request_id) is not str:
+        raise BadRequest(f"the request's 'id' must be a string, not {request_id!r}"[:300])
     output_slices = _output_slices(header.get("outputs"), regions)
     return DecodedRequest(
-        id=request_id if isinstance(request_id, str) else None,
+        id=request_id,
         inputs=inputs,
         batch=batch,
         outputs=outputs,
@@ -312,7 +314,7 @@ def write_to_region(name: str, array: Array, where: Slice) -> None:
 
 def _requested_outputs(header: dict[str, Any], plan: _Plan) -> tuple[tuple[str, ...], frozenset[str], dict[str, int]]:
     """The outputs asked for, in order; those asked for as binary data; and the classification counts asked for."""
-    all_binary = bool(parameters_of(header, "the request").get("binary_data_output", False))
+    all_binary = _flag(parameters_of(header, "the request"), "binary_data_output", False, "the request")
     requested = header.get("outputs")
     if requested is None:
         names = plan.output_names
@@ -324,11 +326,19 @@ def _requested_outputs(header: dict[str, Any], plan: _Plan) -> tuple[tuple[str, 
     for output in requested:
         name = output["name"]
         parameters = parameters_of(output, f"output {name}")
-        if parameters.get("binary_data", all_binary):
+        if _flag(parameters, "binary_data", all_binary, f"output {name}"):
             binary.add(name)
         if "classification" in parameters:
             counts[name] = class_count(parameters["classification"], name)
     return tuple(o["name"] for o in requested), frozenset(binary), counts
+
+
+def _flag(parameters: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    """A true-or-false parameter (binary_data, binary_data_output): anything else is refused, not read as truthy."""
+    value = parameters.get(key, default)
+    if type(value) is not bool:
+        raise BadRequest(f"{where}: '{key}' must be true or false, not {value!r}"[:300])
+    return value
 
 
 def check_output_names(plan: _Plan, names: list[str]) -> None:

@@ -461,6 +461,32 @@ BAD_REQUESTS = [
         "inputs ['image'] are given more than once",
     ),
     (
+        "binary_data not a boolean",
+        "crowd-csrnet",
+        json.dumps(
+            {**json.loads(_image_input([1, 3, 8, 8])), "outputs": [{"name": "density", "parameters": {"binary_data": "yes"}}]}
+        ).encode(),
+        None,
+        400,
+        "output density: 'binary_data' must be true or false, not 'yes'",
+    ),
+    (
+        "binary_data_output not a boolean",
+        "crowd-csrnet",
+        json.dumps({**json.loads(_image_input([1, 3, 8, 8])), "parameters": {"binary_data_output": 1}}).encode(),
+        None,
+        400,
+        "the request: 'binary_data_output' must be true or false, not 1",
+    ),
+    (
+        "id not a string",
+        "crowd-csrnet",
+        json.dumps({**json.loads(_image_input([1, 3, 8, 8])), "id": {"a": 1}}).encode(),
+        None,
+        400,
+        "the request's 'id' must be a string, not {'a': 1}",
+    ),
+    (
         "classification count not an integer",
         "crowd-csrnet",
         json.dumps(

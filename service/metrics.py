@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -48,6 +50,10 @@ class Metrics:
         )
         self._children: dict[tuple[str, ...], Any] = {}
 
+    def count_compute(self, seconds: Callable[[], dict[str, float]]) -> None:
+        """migserve_partition_compute_seconds_total, read from `seconds` (partition -> seconds) at each scrape."""
+        self.registry.register(_ComputeSeconds(seconds))
+
     def request_done(self, model: str, status: str, seconds: float) -> None:
         """Count one inference request and its latency (the labelled children are looked up once)."""
         counter = self._children.get(("requests", model, status))
@@ -58,3 +64,22 @@ class Metrics:
             histogram = self._children["latency", model] = self.latency.labels(model)
         counter.inc()
         histogram.observe(seconds)
+
+
+class _ComputeSeconds:
+    """The time each partition's worker spent running this gateway's batches, as the worker measured it: on a CPU
+    slice its rate is the partition's utilisation (1.0: always running a batch); a GPU worker running several batches
+    at once (--worker-threads) adds each one's time, so there the rate is the mean number of batches running."""
+
+    def __init__(self, seconds: Callable[[], dict[str, float]]) -> None:
+        self.seconds = seconds
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "migserve_partition_compute_seconds",
+            "Seconds a partition's worker spent running batches (summed over batches run at once)",
+            labels=["partition"],
+        )
+        for partition, seconds in self.seconds().items():
+            family.add_metric([partition], seconds)
+        yield family

@@ -151,6 +151,7 @@ class Gateway:
             await self.frontends.start()
         self.backend.add_listener(self._update_partition_metrics)
         self._update_partition_metrics()
+        self.metrics.count_compute(self.backend.compute_seconds)
         for partition in self.partitions:
             if partition.memory_bytes is not None:
                 self.metrics.memory.labels(partition.id).set(partition.memory_bytes)

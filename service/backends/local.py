@@ -93,6 +93,7 @@ class WorkerReplica:
         self.providers: tuple[str, ...] = ()
         self.device_warning: str | None = None  # a GPU partition running on the CPU, and why
         self.restarts = 0
+        self.compute_s = 0.0  # the worker's time running this process's batches (BatchDone.compute_s), over restarts too
         self.pid: int | None = None
         self._restart_task: asyncio.Task[None] | None = None
         self._recovering = False
@@ -210,6 +211,7 @@ class WorkerReplica:
         if future is None:
             return
         if isinstance(message, BatchDone):
+            self.compute_s += message.compute_s
             outputs = {name: self._outputs[slot].view(ref).copy() for name, ref in message.outputs.items()}
             if not future.done():
                 future.set_result(outputs)
@@ -497,6 +499,11 @@ class LocalBackend:
 
     async def stop(self) -> None:
         await asyncio.gather(*(w.stop() for w in self.workers.values()))
+
+    def compute_seconds(self) -> dict[str, float]:
+        """Seconds each local partition's worker spent running this process's batches (Triton partitions: Triton's
+        own metrics have it)."""
+        return {pid: worker.compute_s for pid, worker in self.workers.items() if isinstance(worker, WorkerReplica)}
 
     def replicas(self, model: str) -> list[WorkerReplica | TritonReplica]:
         return [w for w in self.workers.values() if model in w.loaded or (not w.ready and model in w.assigned)]

@@ -225,7 +225,8 @@ def run_merged(sessions: dict[str, Any], group: Group) -> list[BatchDone | Batch
     replies: list[BatchDone | BatchFailed] = []
     start = 0
     for (_, outputs, m), n in zip(group, rows, strict=True):
-        replies.append(_answer(m.batch_id, outputs, {name: value[start : start + n] for name, value in named.items()}, compute))
+        share = compute * n / sum(rows)  # each batch's rows' part of the run: the front-ends' counts add up to it
+        replies.append(_answer(m.batch_id, outputs, {name: value[start : start + n] for name, value in named.items()}, share))
         start += n
     return replies
 

@@ -110,7 +110,7 @@ class WorkerReady:
 class BatchDone:
     batch_id: int
     outputs: dict[str, TensorRef]
-    compute_s: float
+    compute_s: float  # the model run's time; of a run merged with other front-ends' batches, this batch's rows' share
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,8 @@ def test_dockerfile_is_slim_non_root_torch_free_and_checks_health() -> None:
 def test_grafana_dashboard_covers_the_partitions() -> None:
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "migserve.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
-    for metric in ("migserve_batch_size_sum", "migserve_request_seconds_bucket", "migserve_queue_depth", "DCGM_FI_PROF_GR_ENGINE_ACTIVE"):
+    gateway = ("migserve_batch_size_sum", "migserve_request_seconds_bucket", "migserve_queue_depth", "migserve_partition_compute_seconds")
+    for metric in (*gateway, "DCGM_FI_PROF_GR_ENGINE_ACTIVE"):
         assert metric in exprs
 
 

@@ -64,6 +64,15 @@ def test_batches_above_one_form_under_concurrency(gateway: Gateway, tiny_repo: E
     assert delta("migserve_batch_size_sum") == 96
     assert delta("migserve_batch_size_count") < 96, "no batch above 1 formed"
     client.close()
+    # each partition's compute time, as its worker measured it, within the batches' round trips and most of them
+    for partition in ("cpu-0", "cpu-1"):
+        computed = _metric(after, "migserve_partition_compute_seconds_total", partition=partition) - _metric(
+            before, "migserve_partition_compute_seconds_total", partition=partition
+        )
+        trips = _metric(after, "migserve_batch_seconds_sum", partition=partition) - _metric(
+            before, "migserve_batch_seconds_sum", partition=partition
+        )
+        assert 0.5 * trips < computed <= trips, (partition, computed, trips)
 
 
 @pytest.mark.parametrize(("extra", "preferred"), [((), 4), (("--preferred-batch-sizes", "2,8"), 2)], ids=["contract", "override"])

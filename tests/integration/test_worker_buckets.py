@@ -129,6 +129,8 @@ def test_batches_from_several_front_ends_run_as_one_and_each_gets_its_rows(tiny_
     try:
         replies = run_merged(sessions, [arrived[0][1], arrived[2][1]])
         assert replies is not None and [r.batch_id for r in replies] == [1, 3]
+        a, c = (r.compute_s for r in replies if isinstance(r, BatchDone))
+        assert a == pytest.approx(3 * c), "the run's time is shared by rows (3 and 1), so the front-ends' counts add up to it"
         for (_, (_, _, message)), reply in zip((arrived[0], arrived[2]), replies, strict=True):
             assert isinstance(reply, BatchDone)
             alone = sessions["crowd-csrnet"].run(None, {k: shm_view(message.inputs[k]) for k in message.inputs})

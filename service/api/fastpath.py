@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ServiceError, TooLarge
 from .budget import Hold
+from .encoding import inflated, is_identity
 from .errors import error_body
 from .kserve import HEADER_LENGTH, Body, response_headers
 
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 CONTENT_LENGTH, BINARY_HEADER_LENGTH, TIMEOUT = b"content-length", HEADER_LENGTH.encode(), b"x-timeout-ms"
-WANTED = frozenset({CONTENT_LENGTH, BINARY_HEADER_LENGTH, TIMEOUT})
+CONTENT_ENCODING = b"content-encoding"
+WANTED = frozenset({CONTENT_LENGTH, BINARY_HEADER_LENGTH, TIMEOUT, CONTENT_ENCODING})
 INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/1)?/infer$")  # other versions: FastAPI's route refuses them
 
 
@@ -47,7 +49,14 @@ class InferFastPath:
             except ServiceError as exc:
                 reply = error_reply(exc)
             else:
-                infer = answer_infer(self.gateway, match["name"], body, headers.get(BINARY_HEADER_LENGTH), headers.get(TIMEOUT))
+                infer = answer_infer(
+                    self.gateway,
+                    match["name"],
+                    body,
+                    headers.get(BINARY_HEADER_LENGTH),
+                    headers.get(TIMEOUT),
+                    encoding=headers.get(CONTENT_ENCODING),
+                )
                 answered = await unless_disconnected(infer, receive)
                 if answered is None:
                     return  # the client went away: its request left the queue (or its batch's answer is dropped)
@@ -68,10 +77,17 @@ class Reply:
         return found + [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.extra.items()]
 
 
-async def answer_infer(gateway: Gateway, name: str, body: Body, header_length: str | None, timeout: str | None) -> Reply:
-    """One inference request's answer, an error included; both HTTP paths (ASGI and the raw connection) use it."""
+async def answer_infer(
+    gateway: Gateway, name: str, body: Body, header_length: str | None, timeout: str | None, *, encoding: str | None = None
+) -> Reply:
+    """One inference request's answer, an error included; both HTTP paths (ASGI and the raw connection) use it.
+    A body with a Content-Encoding (gzip, deflate) is inflated first (service/api/encoding.py)."""
     try:
-        payload, json_length = await gateway.infer(name, body, header_length, timeout)
+        with Hold(gateway.bodies) as hold:  # the inflated bytes, beside the body the caller holds
+            if not is_identity(encoding):
+                assert encoding is not None
+                body = await inflated(body, encoding, gateway.config.max_body_bytes, hold)
+            payload, json_length = await gateway.infer(name, body, header_length, timeout)
     except ServiceError as exc:
         return error_reply(exc)
     media, extra = response_headers(json_length)

@@ -9,7 +9,7 @@ every front-end, merging batches of one model that arrive together).
 
 A front-end serves only `POST /v2/models/{name}/infer` over HTTP/1.1 (binary or JSON tensors). A
 connection that asks anything else (health, metadata, /v1, /metrics, shared memory registration, a
-request that names a shared memory region, a chunked body) is handed, with the bytes it has sent so
+request that names a shared memory region, a chunked or compressed body) is handed, with the bytes it has sent so
 far, to the first process (the socket itself, over SCM_RIGHTS), which serves it from then on. With
 `--grpc-port`, every front-end serves gRPC on that port too: ModelInfer and ModelStreamInfer with its
 own batchers, and every other call, or an inference that names a region, passed to the first process
@@ -56,7 +56,8 @@ from ..stats import ModelStatistics
 from ..workers import shm
 from ..workers.protocol import ModelSpec, Stop, watch  # a front-end stops as a worker does
 from .connection import InferConnection
-from .fastpath import BINARY_HEADER_LENGTH
+from .encoding import is_identity
+from .fastpath import BINARY_HEADER_LENGTH, CONTENT_ENCODING
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -211,12 +212,13 @@ class FrontendConnection(InferConnection):
     def _start(self) -> None:
         request, body = self._request, self._body
         assert request is not None and body is not None
-        length = request.fields.get(BINARY_HEADER_LENGTH)
+        length, encoding = request.fields.get(BINARY_HEADER_LENGTH), request.fields.get(CONTENT_ENCODING)
         header = body[: int(length)] if length is not None and length.isdigit() else body
-        if header.tobytes().find(b'"shared_memory_region"') < 0:
+        if is_identity(None if encoding is None else encoding.decode("latin-1")) and header.tobytes().find(b'"shared_memory_region"') < 0:
             super()._start()
             return
         # regions are registered with the first process: it serves this request, and the connection from here on
+        # (and a compressed body, which may name one: rare enough to leave to the first process)
         self._body, self._request = None, None
         self.gateway.bodies.give(self._held)
         self._held = 0

@@ -7,6 +7,7 @@ in each worker (--worker-threads 2, a GPU's default is 4) and keeps two in fligh
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import queue
@@ -140,6 +141,24 @@ def test_a_connection_that_asks_anything_else_is_handed_to_the_first_process(fro
             assert read_response(reader)[0] == 200
     handed = sum(f["handed_over"] for f in _front_end_counts(frontends)) - handed_before
     assert handed > 0, "some connections reached the second process and were handed over"
+
+
+def test_a_compressed_body_is_answered_whichever_process_takes_it(frontends: Gateway, tiny_repo: ExportedRepo) -> None:
+    """A gzip body may name a shared memory region only the first process knows: front-ends hand it over unread."""
+    arrays = make_inputs(read_contract(tiny_repo.root / MODEL), 1, seed=8, dims={"height": 16, "width": 16})
+    expected = direct(tiny_repo.root, MODEL, arrays)[0]
+    plain = _binary_request(arrays)
+    head, _, body = plain.partition(b"\r\n\r\n")
+    packed = gzip.compress(body)
+    head = head.replace(f"Content-Length: {len(body)}".encode(), f"Content-Length: {len(packed)}\r\nContent-Encoding: gzip".encode())
+    handed_before = sum(f["handed_over"] for f in _front_end_counts(frontends))
+    for _ in range(CONNECTIONS):
+        with socket.create_connection(("127.0.0.1", frontends.port), timeout=30) as sock, sock.makefile("rb") as reader:
+            sock.sendall(head + b"\r\n\r\n" + packed)
+            status, headers, payload = read_response(reader)
+            assert status == 200, payload
+            np.testing.assert_allclose(_density(payload, headers, expected.shape), expected, rtol=1e-4, atol=1e-5)
+    assert sum(f["handed_over"] for f in _front_end_counts(frontends)) > handed_before, "the second process handed some over"
 
 
 def test_shared_memory_regions_serve_whichever_process_takes_the_connection(frontends: Gateway, tiny_repo: ExportedRepo) -> None:

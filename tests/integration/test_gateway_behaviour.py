@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import signal
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -335,6 +337,27 @@ def test_overload_answers_503_with_retry_after(small_gateway: Gateway, tiny_repo
     rejected = next(r for r in responses if r.status_code == 503)
     assert rejected.headers["Retry-After"] == "1"
     assert "queue full (4 requests)" in rejected.json()["error"]
+
+
+def test_a_compressed_body_not_as_it_says_gets_a_4xx_that_names_the_problem(small_gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+    """Content-Encoding: an unknown one (415), a body that is not gzip, is cut short or has bytes after its end (400),
+    and one that inflates past --max-body-mb (1 MiB here: 413, not a gateway full of zeros)."""
+    body = _crowd_body(tiny_repo.root)
+    cases = [
+        ("br", body, 415, "Content-Encoding 'br' is not supported"),
+        ("gzip", body, 400, "request body is not valid gzip data"),
+        ("gzip", gzip.compress(body)[:-12], 400, "request body is truncated gzip data"),
+        ("gzip", gzip.compress(body) + b"xx", 400, "2 bytes after the end of its gzip data"),
+        ("gzip", gzip.compress(bytes(2 << 20)), 413, "inflates past the limit of 1048576 bytes"),
+        ("deflate", zlib.compress(body)[2:-4], 200, ""),  # deflate without zlib's wrapping, as some clients send it
+    ]
+    for encoding, data, status, message in cases:
+        response = httpx.post(
+            f"http://{small_gateway.url}/v2/models/crowd-csrnet/infer", content=data, headers={"Content-Encoding": encoding}, timeout=30
+        )
+        assert response.status_code == status, (encoding, response.text)
+        assert message in response.text
+    assert httpx.get(f"http://{small_gateway.url}/metrics").text.count("migserve_request_body_bytes 0.0") == 1, "every body given back"
 
 
 def test_expired_deadline_answers_504(small_gateway: Gateway, tiny_repo: ExportedRepo) -> None:

@@ -101,6 +101,18 @@ def test_json_tensors_and_a_subset_of_outputs(client: httpclient.InferenceServer
     assert ((expected >= 0) & (expected <= 1)).all()
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_answer_as_plain_ones(
+    client: httpclient.InferenceServerClient, tiny_repo: ExportedRepo, algorithm: str
+) -> None:
+    """tritonclient's request_compression_algorithm: the body sent with a Content-Encoding, binary or JSON tensors."""
+    arrays = make_inputs(read_contract(tiny_repo.root / "face-pros"), batch=2, seed=6)
+    expected = direct(tiny_repo.root, "face-pros", arrays)[0]
+    for binary in (True, False):
+        result = client.infer("face-pros", triton_inputs(arrays, binary=binary), request_compression_algorithm=algorithm)
+        np.testing.assert_allclose(result.as_numpy("embedding"), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_json_outputs_are_exact_and_a_nan_is_null(
     client: httpclient.InferenceServerClient, gateway: Gateway, tiny_repo: ExportedRepo
 ) -> None:

@@ -101,6 +101,16 @@ def test_classification_over_grpc_answers_as_over_http(
     assert result.as_numpy("landmarks").shape == (2, 68, 2), "outputs not asked for as classes come back as values"
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_messages_answer_as_plain_ones(
+    client: grpcclient.InferenceServerClient, tiny_repo: ExportedRepo, algorithm: str
+) -> None:
+    """tritonclient's compression_algorithm: gRPC inflates the message itself, before the servicer sees it."""
+    arrays = make_inputs(read_contract(tiny_repo.root / "crowd-csrnet"), batch=2, seed=12, dims={"height": 16, "width": 16})
+    result = client.infer("crowd-csrnet", grpc_inputs(arrays), compression_algorithm=algorithm)
+    np.testing.assert_allclose(result.as_numpy("density"), direct(tiny_repo.root, "crowd-csrnet", arrays)[0], rtol=1e-4, atol=1e-5)
+
+
 def _request(model: str, arrays: dict[str, Array], raw: bool = True, id: str = "", change: Callable[[Any], object] | None = None) -> Any:
     """A ModelInferRequest built by hand: raw contents, or typed contents (fp32_contents, int64_contents);
     `change` then breaks it."""

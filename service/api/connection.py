@@ -40,7 +40,17 @@ from uvicorn.server import ServerState
 
 from ..errors import HeadTooLarge, ReceiveTimeout, ServiceError, TooLarge
 from ..watchdog import StallWatch
-from .fastpath import BINARY_HEADER_LENGTH, CONTENT_ENCODING, CONTENT_LENGTH, TIMEOUT, WANTED, Reply, answer_infer, error_reply
+from .fastpath import (
+    ACCEPT_ENCODING,
+    BINARY_HEADER_LENGTH,
+    CONTENT_ENCODING,
+    CONTENT_LENGTH,
+    TIMEOUT,
+    WANTED,
+    Reply,
+    answer_infer,
+    error_reply,
+)
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -339,14 +349,18 @@ class InferConnection(asyncio.BufferedProtocol):
         assert request is not None and body is not None
         self._body = None
         fields = request.fields
-        header_length, timeout, encoding = (fields.get(f) for f in (BINARY_HEADER_LENGTH, TIMEOUT, CONTENT_ENCODING))
+        header_length, timeout, encoding, accept = (
+            None if (value := fields.get(f)) is None else value.decode("latin-1")
+            for f in (BINARY_HEADER_LENGTH, TIMEOUT, CONTENT_ENCODING, ACCEPT_ENCODING)
+        )
         work = answer_infer(
             self.gateway,
             request.name,
             memoryview(body),  # type: ignore[arg-type]
-            header_length.decode("latin-1") if header_length is not None else None,
-            timeout.decode("latin-1") if timeout is not None else None,
-            encoding=encoding.decode("latin-1") if encoding is not None else None,
+            header_length,
+            timeout,
+            encoding=encoding,
+            accept=accept,
         )
         self._task = self._loop.create_task(self._answer(work, request))
         self._state.tasks.add(self._task)

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ServiceError, TooLarge
 from .budget import Hold
-from .encoding import inflated, is_identity
+from .encoding import WORTH_COMPRESSING, answer_coding, compressed, inflated, is_identity
 from .errors import error_body
 from .kserve import HEADER_LENGTH, Body, response_headers
 
@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 CONTENT_LENGTH, BINARY_HEADER_LENGTH, TIMEOUT = b"content-length", HEADER_LENGTH.encode(), b"x-timeout-ms"
-CONTENT_ENCODING = b"content-encoding"
-WANTED = frozenset({CONTENT_LENGTH, BINARY_HEADER_LENGTH, TIMEOUT, CONTENT_ENCODING})
+CONTENT_ENCODING, ACCEPT_ENCODING = b"content-encoding", b"accept-encoding"
+WANTED = frozenset({CONTENT_LENGTH, BINARY_HEADER_LENGTH, TIMEOUT, CONTENT_ENCODING, ACCEPT_ENCODING})
 INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/1)?/infer$")  # other versions: FastAPI's route refuses them
 
 
@@ -56,6 +56,7 @@ class InferFastPath:
                     headers.get(BINARY_HEADER_LENGTH),
                     headers.get(TIMEOUT),
                     encoding=headers.get(CONTENT_ENCODING),
+                    accept=headers.get(ACCEPT_ENCODING),
                 )
                 answered = await unless_disconnected(infer, receive)
                 if answered is None:
@@ -78,10 +79,18 @@ class Reply:
 
 
 async def answer_infer(
-    gateway: Gateway, name: str, body: Body, header_length: str | None, timeout: str | None, *, encoding: str | None = None
+    gateway: Gateway,
+    name: str,
+    body: Body,
+    header_length: str | None,
+    timeout: str | None,
+    *,
+    encoding: str | None = None,
+    accept: str | None = None,
 ) -> Reply:
     """One inference request's answer, an error included; both HTTP paths (ASGI and the raw connection) use it.
-    A body with a Content-Encoding (gzip, deflate) is inflated first (service/api/encoding.py)."""
+    A body with a Content-Encoding (gzip, deflate) is inflated first, and the answer compressed as Accept-Encoding
+    asks (service/api/encoding.py)."""
     try:
         with Hold(gateway.bodies) as hold:  # the inflated bytes, beside the body the caller holds
             if not is_identity(encoding):
@@ -91,6 +100,10 @@ async def answer_infer(
     except ServiceError as exc:
         return error_reply(exc)
     media, extra = response_headers(json_length)
+    coding = answer_coding(accept) if json_length is None else None  # binary tensors go as they are (encoding.py)
+    if coding is not None and len(payload) > WORTH_COMPRESSING:
+        payload = await compressed(payload, coding)
+        extra["Content-Encoding"] = coding
     return Reply(200, media, payload, extra)
 
 

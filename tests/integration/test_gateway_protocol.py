@@ -102,15 +102,33 @@ def test_json_tensors_and_a_subset_of_outputs(client: httpclient.InferenceServer
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
-def test_compressed_requests_answer_as_plain_ones(
-    client: httpclient.InferenceServerClient, tiny_repo: ExportedRepo, algorithm: str
+def test_compressed_requests_and_answers_read_as_plain_ones(
+    client: httpclient.InferenceServerClient, gateway: Gateway, tiny_repo: ExportedRepo, algorithm: str
 ) -> None:
-    """tritonclient's request_compression_algorithm: the body sent with a Content-Encoding, binary or JSON tensors."""
+    """tritonclient's request_compression_algorithm and response_compression_algorithm, binary or JSON tensors."""
     arrays = make_inputs(read_contract(tiny_repo.root / "face-pros"), batch=2, seed=6)
     expected = direct(tiny_repo.root, "face-pros", arrays)[0]
     for binary in (True, False):
-        result = client.infer("face-pros", triton_inputs(arrays, binary=binary), request_compression_algorithm=algorithm)
+        outputs = [httpclient.InferRequestedOutput("embedding", binary_data=binary)]
+        result = client.infer(
+            "face-pros",
+            triton_inputs(arrays, binary=binary),
+            outputs=outputs,
+            request_compression_algorithm=algorithm,
+            response_compression_algorithm=algorithm,
+        )
         np.testing.assert_allclose(result.as_numpy("embedding"), expected, rtol=1e-5, atol=1e-5)
+    body = json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 224, 224], "data": [0.5] * 150528}]})
+    url = f"http://{gateway.url}/v2/models/face-pros/infer"
+    answer = httpx.post(url, content=body, headers={"Accept-Encoding": f"br, {algorithm};q=0.5"}, timeout=30)
+    assert answer.headers["content-encoding"] == algorithm
+    assert int(answer.headers["content-length"]) < len(answer.content) and answer.json()["outputs"][0]["shape"] == [1, 48]
+    refused = httpx.post(url, content=body, headers={"Accept-Encoding": f"{algorithm};q=0, identity"}, timeout=30)
+    assert "content-encoding" not in refused.headers and refused.status_code == 200
+    binary_out = json.dumps({**json.loads(body), "parameters": {"binary_data_output": True}})
+    floats = httpx.post(url, content=binary_out, headers={"Accept-Encoding": algorithm}, timeout=30)
+    assert "content-encoding" not in floats.headers, "binary tensor data goes as it is"
+    assert int(floats.headers["inference-header-content-length"]) < len(floats.content)
 
 
 def test_json_outputs_are_exact_and_a_nan_is_null(

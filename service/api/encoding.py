@@ -7,9 +7,10 @@ ones.
 
 Answers: with `Accept-Encoding: gzip` or `deflate` (tritonclient's `response_compression_algorithm=`) a
 JSON answer of more than a few hundred bytes goes out compressed, with its `Content-Encoding`, at zlib's
-fastest level (a face-pros answer: 2,535 bytes to 1,272 in 0.02 ms). An answer with binary tensor data goes
+fastest level (a face-pros answer: 2,781 bytes to 1,390 in 0.01 ms). An answer with binary tensor data goes
 out as it is, which HTTP allows (Triton would compress it): float tensors hardly shrink, and the CPU they
-would take is the models' (an lns-stations row of logits: 851,968 bytes to 791,469, 7%, for 18 ms of CPU).
+would take is the models' (an lns-stations answer: 852,130 bytes to 779,941, 8%, for 18 ms of CPU;
+`bench/compression.py`).
 Clients such as httpx and requests ask for gzip by default.
 
 Bodies over 256 KiB are inflated and deflated on a thread (zlib lets go of the GIL), so the event loop answers

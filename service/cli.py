@@ -114,6 +114,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-volume-mvox", type=float, default=64.0, help="largest CT volume, million voxels (default: 64)")
     parser.add_argument("--job-min-tiles", type=int, default=32, help="CT volumes needing more tiles run as jobs (default: 32)")
     parser.add_argument(
+        "--trace-file",
+        type=Path,
+        help="Triton's trace extension: where traces of sampled requests go (PATH, or PATH.0, PATH.1, ... with log_frequency); "
+        'turn tracing on with POST /v2/trace/setting {"trace_level": ["TIMESTAMPS"]} (default: no tracing)',
+    )
+    parser.add_argument(
         "--http-server",
         default="migserve",
         choices=["migserve", "uvicorn"],
@@ -209,6 +215,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             max_image_pixels=int(args.max_image_mp * 1e6),
             max_volume_voxels=int(args.max_volume_mvox * 1e6),
             job_min_tiles=args.job_min_tiles,
+            trace_file=args.trace_file,
             frontends=args.frontends,
         )
         if config.grpc_port is not None and listening is None:  # with front-ends the port is held already

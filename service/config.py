@@ -101,6 +101,7 @@ class ServeConfig(BaseModel):
     max_jobs: int = Field(4, ge=1, description="jobs running at once; more are answered 503")
     job_ttl_s: float = Field(900.0, gt=0, description="how long a finished job's result is kept")
     tiles_in_flight: int = Field(32, ge=1, description="tiles of one volume outstanding in the dispatcher at once")
+    trace_file: Path | None = Field(None, description="where Triton's trace extension writes traces (none: tracing is off)")
 
     @model_validator(mode="after")
     def _one_body_fits(self) -> ServeConfig:

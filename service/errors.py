@@ -82,7 +82,6 @@ class NotSupported(ServiceError):
 # Triton protocol extensions the gateway does not offer, with what to do instead (HTTP 501, gRPC UNIMPLEMENTED).
 UNSUPPORTED = {
     "cuda_shared_memory": "CUDA shared memory is not supported: use system shared memory (/v2/systemsharedmemory)",
-    "trace": "request tracing is not supported",
 }
 
 

@@ -40,6 +40,7 @@ from ..regions import Regions
 from ..repository import ModelEntry, RepositoryError, load_model, load_repository
 from ..shared import Published, SharedCounts
 from ..stats import ModelStatistics, model_config
+from ..trace import Trace, Tracer
 from ..workers.protocol import ModelSpec, WorkerOptions
 from .budget import BodyBudget
 from .classification import classified
@@ -82,10 +83,12 @@ class Gateway:
     frontends: Frontends | None = None  # the other front-end processes (serve --frontends), run by this one
     shared: SharedCounts | None = None  # with front-ends: every process's bodies and queues, for the gateway's bounds
     index: int = 0  # this process's front-end index (0: the first process)
+    tracer: Tracer = field(init=False)  # Triton's trace extension; only the first process traces (service/trace.py)
 
     def __post_init__(self) -> None:
         self.jobs = JobStore(self.config.max_jobs, self.config.job_ttl_s)
         self.bodies = BodyBudget(self.config.max_pending_bytes, self.shared, self.index)
+        self.tracer = Tracer(self.config.trace_file if self.index == 0 else None)
 
     @classmethod
     def build(cls, config: ServeConfig) -> Gateway:
@@ -338,6 +341,7 @@ class Gateway:
             await batcher.stop()
         await self.backend.stop()
         self.regions.unregister()
+        self.tracer.close()
 
     def _update_partition_metrics(self) -> None:
         for worker in self.backend.workers.values():
@@ -369,20 +373,27 @@ class Gateway:
     async def infer(self, name: str, body: Body, header_length: str | None, timeout_header: str | None) -> tuple[bytes, int | None]:
         """One KServe v2 inference over HTTP: the response body, and its JSON header's length when binary follows."""
 
-        async def work(entry: ModelEntry) -> tuple[bytes, int | None]:
+        async def work(entry: ModelEntry, trace: Trace | None) -> tuple[bytes, int | None]:
             started = time.monotonic()
             decoded = decode_request(body, header_length, entry.contract, self.regions, self.config.max_json_bytes)
-            outputs = await self.infer_decoded(name, decoded, started, decoded.timeout_s or self.timeout(timeout_header))
+            timeout = decoded.timeout_s or self.timeout(timeout_header)
+            outputs = await self.infer_decoded(name, decoded, started, timeout, trace)
             return encode_response(name, decoded, outputs, self.config.max_json_bytes)
 
         return await self.counted(name, work)
 
-    async def counted(self, name: str, work: Callable[[ModelEntry], Awaitable[T]]) -> T:
-        """`work` on the model's entry, counted in the request metrics by its outcome (both protocols use it)."""
+    async def counted(self, name: str, work: Callable[[ModelEntry, Trace | None], Awaitable[T]]) -> T:
+        """`work` on the model's entry, counted in the request metrics by its outcome, and traced if the trace
+        settings pick it (service/trace.py); both protocols use it."""
         started = time.monotonic()
         status = "500"
+        trace = None
         try:
-            result = await work(self.entry(name))
+            entry = self.entry(name)
+            trace = self.tracer.sample(name)
+            if trace is not None:
+                trace.stamp("REQUEST_START")
+            result = await work(entry, trace)
             status = "200"
             return result
         except ServiceError as exc:
@@ -396,11 +407,18 @@ class Gateway:
                 elapsed = time.monotonic() - started
                 self.metrics.request_done(name, status, elapsed)
                 self.stats[name].request_done(status == "200", elapsed)
+            if trace is not None:
+                trace.stamp("REQUEST_END")
+                self.tracer.done(trace)
 
-    async def infer_decoded(self, name: str, decoded: DecodedRequest, started: float, timeout: float) -> dict[str, Array]:
+    async def infer_decoded(
+        self, name: str, decoded: DecodedRequest, started: float, timeout: float, trace: Trace | None = None
+    ) -> dict[str, Array]:
         """A checked request through the model's batcher: its outputs (those asked for as classes classified), or 504
         `timeout` seconds after `started` (time.monotonic() when it arrived: decoding counts against its deadline)."""
-        pending = Pending(inputs=decoded.inputs, size=decoded.batch, deadline=started + timeout)
+        pending = Pending(inputs=decoded.inputs, size=decoded.batch, deadline=started + timeout, trace=trace)
+        if trace is not None:
+            trace.stamp("QUEUE_START")
         self.batcher(name).submit(pending)
         return classified(await _await_until(pending, name, timeout), decoded.classes)
 

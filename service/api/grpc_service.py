@@ -8,8 +8,8 @@ types and service stubs are the ones tritonclient ships (generated from Triton's
 proto talk to it: health, server and model metadata, model configuration and
 statistics (`service/stats.py`), the repository index, system shared memory
 (`service/regions.py`), model load and unload (explicit model control), ModelInfer and
-ModelStreamInfer. CUDA shared memory and trace settings answer UNIMPLEMENTED with what
-to use instead. LogSettings reads and changes the gateway's log level
+ModelStreamInfer, trace settings (`service/trace.py`). CUDA shared memory answers UNIMPLEMENTED
+with what to use instead. LogSettings reads and changes the gateway's log level
 (`service/logsettings.py`).
 
 With `serve --frontends N` every front-end process serves gRPC on the same port
@@ -46,6 +46,7 @@ from migserve.types import Array
 
 from ..errors import UNSUPPORTED, BadRequest, NotSupported, ServiceError
 from ..regions import PARAMETERS, Regions
+from ..trace import Trace
 from .budget import Hold
 from .classification import BYTES, class_count, requested_classes, wire_bytes
 from .kserve import (
@@ -84,7 +85,6 @@ UNSUPPORTED_RPCS = {
     "CudaSharedMemoryStatus": "cuda_shared_memory",
     "CudaSharedMemoryRegister": "cuda_shared_memory",
     "CudaSharedMemoryUnregister": "cuda_shared_memory",
-    "TraceSetting": "trace",
 }
 # The typed-contents field of each datatype (FP16 has none: raw only).
 CONTENTS = {
@@ -186,6 +186,20 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         self.gateway.regions.unregister(request.name)
         return service_pb2.SystemSharedMemoryUnregisterResponse()
 
+    async def TraceSetting(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        """Triton's trace extension (service/trace.py): each value a list of strings; an empty one clears it."""
+        changes = {key: list(value.value) or None for key, value in request.settings.items()}
+        model = request.model_name or None
+        try:
+            if model is not None:
+                self.gateway.entry(model)
+            settings = self.gateway.tracer.update(model, changes) if changes else self.gateway.tracer.settings(model)
+        except ServiceError as exc:
+            await _abort(context, exc)
+        value = service_pb2.TraceSettingResponse.SettingValue
+        listed = {key: v if isinstance(v, list) else [v] for key, v in settings.items()}
+        return service_pb2.TraceSettingResponse(settings={key: value(value=v) for key, v in listed.items()})
+
     async def LogSettings(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         changes = {key: _plain(value) for key, value in request.settings.items()}
         try:
@@ -237,7 +251,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     async def _infer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         name = request.model_name
 
-        async def work(entry: ModelEntry) -> Any:
+        async def work(entry: ModelEntry, trace: Trace | None) -> Any:
             started = time.monotonic()
             self.gateway.check_version(name, request.model_version)
             with Hold(self.gateway.bodies) as hold:
@@ -245,7 +259,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
                 decoded = decode_infer_request(request, entry, self.gateway.regions)
                 timeouts = [t for t in (decoded.timeout_s, context.time_remaining()) if t is not None]
                 timeout = min(timeouts, default=self.gateway.config.default_timeout_s)
-                outputs = await self.gateway.infer_decoded(name, decoded, started, timeout)
+                outputs = await self.gateway.infer_decoded(name, decoded, started, timeout, trace)
             return encode_infer_response(name, decoded, outputs)
 
         return await self.gateway.counted(name, work)

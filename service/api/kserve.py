@@ -48,6 +48,7 @@ EXTENSIONS = [
     "statistics",
     "system_shared_memory",
     "logging",
+    "trace",  # with serve --trace-file
 ]
 
 

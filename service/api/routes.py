@@ -29,12 +29,13 @@ UNSUPPORTED_ROUTES = {
         ("POST", "/v2/cudasharedmemory/region/{name}/unregister"),
         ("POST", "/v2/cudasharedmemory/unregister"),
     ],
-    "trace": [(method, path) for method in ("GET", "POST") for path in ("/v2/trace/setting", "/v2/models/{name}/trace/setting")],
 }
 SMALL_BODY_LIMIT = 64 * 1024  # a repository index or region registration request is a small JSON object
 
 
 def register(app: FastAPI, gateway: Gateway) -> None:
+    _register_trace(app, gateway)
+
     @app.get("/v2", summary="Server metadata (KServe v2)")
     async def server_metadata() -> dict[str, Any]:
         return {"name": "migserve", "version": migserve.__version__, "extensions": EXTENSIONS}
@@ -165,3 +166,22 @@ async def _parameters(request: Request) -> dict[str, Any]:
     if not isinstance(parameters, dict):
         raise BadRequest(f"'parameters' must be a JSON object, not {parameters!r}")
     return parameters
+
+
+def _register_trace(app: FastAPI, gateway: Gateway) -> None:
+    """Triton's trace extension (service/trace.py)."""
+
+    @app.get("/v2/trace/setting", summary="The trace settings for every model (Triton's trace extension)")
+    @app.get("/v2/models/{name}/trace/setting", summary="The trace settings in force for one model")
+    async def trace_settings(name: str | None = None) -> dict[str, Any]:
+        if name is not None:
+            gateway.entry(name)
+        return gateway.tracer.settings(name)
+
+    @app.post("/v2/trace/setting", summary="Change the trace settings for every model (Triton's trace extension)")
+    @app.post("/v2/models/{name}/trace/setting", summary="Change one model's trace settings (null clears one)")
+    async def update_trace_settings(request: Request, name: str | None = None) -> dict[str, Any]:
+        if name is not None:
+            gateway.entry(name)
+        body = await read_body(request.receive, request.headers.get("content-length"), SMALL_BODY_LIMIT)
+        return gateway.tracer.update(name, json_object(body, 'a JSON object such as {"trace_level": ["TIMESTAMPS"], "trace_rate": "1"}'))

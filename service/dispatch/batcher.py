@@ -40,6 +40,7 @@ from ..backends.base import Replica
 from ..errors import BadRequest, DeadlineExpired, InferenceFailed, ServiceError, Unavailable, WorkerDied
 from ..metrics import Metrics
 from ..shared import Published
+from ..trace import Trace
 
 if TYPE_CHECKING:
     from ..stats import ModelStatistics
@@ -56,6 +57,7 @@ class Pending:
     enqueued: float = field(default_factory=time.monotonic)
     retried: bool = False  # its batch's worker died once already
     alone: bool = False  # its batch failed: it runs as a batch of its own, so an error reaches only the request at fault
+    trace: Trace | None = None  # its timestamps, when the trace settings picked it (service/trace.py)
     signature: tuple[tuple[str, tuple[int, ...], str], ...] = field(init=False)  # requests batch with equal signatures
 
     def __post_init__(self) -> None:
@@ -269,8 +271,14 @@ class ModelBatcher:
         self._metrics.batch_size.labels(self.model, replica.id).observe(rows)
         self._metrics.batch_seconds.labels(self.model, replica.id).observe(answered - sent)
         if _split(batch, outputs, rows, self.model):
+            split = time.monotonic()
             queued = (sent - p.enqueued for p in batch)
-            self._stats.batch_done(rows, queued, copied - sent, answered - copied, time.monotonic() - answered)
+            self._stats.batch_done(rows, queued, copied - sent, answered - copied, split - answered)
+            for item in batch:
+                if item.trace is not None:
+                    for name, at in (("COMPUTE_START", sent), ("COMPUTE_INPUT_END", copied), ("COMPUTE_OUTPUT_START", answered)):
+                        item.trace.stamp(name, int(at * 1e9))  # time.monotonic(): the clock of monotonic_ns
+                    item.trace.stamp("COMPUTE_END", int(split * 1e9))
 
     def _run_alone(self, batch: list[Pending], error: ServiceError) -> None:
         """Queue a failed batch's requests again at the front, each to run as a batch of its own: onnxruntime's error

@@ -170,6 +170,18 @@ def test_classification_answers_as_a_real_triton_s(gateways: dict[str, Gateway],
     client.close()
 
 
+def test_trace_settings_read_as_a_real_triton_s(gateways: dict[str, Gateway], triton: TritonServer) -> None:
+    """Triton's trace extension, neither server given a trace file: the same settings, the same strings."""
+    for path in ("/v2/trace/setting", "/v2/models/face-pros/trace/setting"):
+        theirs = httpx.get(f"http://{triton.url}{path}", timeout=10).json()
+        assert httpx.get(f"http://{gateways['local'].url}{path}", timeout=10).json() == theirs, path
+    refused = {"trace_file": "/tmp/elsewhere.json"}
+    theirs_refused = httpx.post(f"http://{triton.url}/v2/trace/setting", json=refused, timeout=10)
+    ours_refused = httpx.post(f"http://{gateways['local'].url}/v2/trace/setting", json=refused, timeout=10)
+    assert ours_refused.status_code == theirs_refused.status_code == 501
+    assert theirs_refused.json()["error"] in ours_refused.json()["error"]
+
+
 def test_triton_partitions_report_triton_s_own_state(gateways: dict[str, Gateway]) -> None:
     view = {p["id"]: p for p in httpx.get(f"http://{gateways['both'].url}/v1/partitions").json()["partitions"]}
     remote = view["triton-0"]

@@ -1,0 +1,101 @@
+"""Triton's trace extension (service/trace.py): settings over HTTP and gRPC with tritonclient, and the trace files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+from migserve.contract import read_contract
+from tests.helpers import ExportedRepo, Gateway
+from tests.integration.test_gateway_protocol import make_inputs, triton_inputs
+
+MODEL = "crowd-csrnet"
+ORDER = ["REQUEST_START", "QUEUE_START", "COMPUTE_START", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START", "COMPUTE_END", "REQUEST_END"]
+DEFAULTS = {"trace_level": ["OFF"], "trace_rate": "1000", "trace_count": "-1", "log_frequency": "0", "trace_mode": "triton"}
+
+
+def _infer(client: httpclient.InferenceServerClient, arrays: dict[str, Any], times: int) -> None:
+    for _ in range(times):
+        client.infer(MODEL, triton_inputs(arrays))
+
+
+def _traces(path: Path) -> list[dict[str, Any]]:
+    traces = json.loads(path.read_text())
+    assert isinstance(traces, list)
+    return traces
+
+
+def test_sampled_requests_are_traced_to_files_as_the_settings_say(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """Every request traced globally, every 2nd of one model by its own settings, 5 traces at most, 2 per file, over
+    HTTP and gRPC; what is held when the gateway stops goes to the next file."""
+    trace_file = tmp_path / "traces" / "trace.json"
+    trace_file.parent.mkdir()
+    gateway = Gateway(
+        tiny_repo.root, "--models", MODEL, "face-pros", "--trace-file", str(trace_file), log=tmp_path / "serve.log", grpc=True
+    )
+    arrays = make_inputs(read_contract(tiny_repo.root / MODEL), 1, seed=2, dims={"height": 16, "width": 16})
+    try:
+        client = httpclient.InferenceServerClient(gateway.url)
+        assert "trace" in client.get_server_metadata()["extensions"]
+        assert client.get_trace_settings() == {**DEFAULTS, "trace_file": str(trace_file)}
+        _infer(client, arrays, 3)
+        assert not list(trace_file.parent.iterdir()), "tracing is off until asked for"
+        settings = {"trace_level": ["TIMESTAMPS"], "trace_rate": "1", "trace_count": "5", "log_frequency": "2"}
+        assert client.update_trace_settings(settings=settings) == {**DEFAULTS, **settings, "trace_file": str(trace_file)}
+        own = client.update_trace_settings(model_name=MODEL, settings={"trace_rate": "2"})
+        assert own["trace_rate"] == "2" and own["trace_count"] == "5", "the rest comes from the global settings"
+        _infer(client, arrays, 6)  # the 2nd, 4th and 6th are traced
+        assert client.get_trace_settings(model_name=MODEL)["trace_count"] == "2", "the model counts down its own traces"
+        assert client.get_trace_settings()["trace_count"] == "5"
+        assert client.get_trace_settings(model_name="face-pros")["trace_rate"] == "1"
+        first = _traces(trace_file.with_name("trace.json.0"))
+        assert [t["id"] for t in first] == [1, 2] and {t["model_name"] for t in first} == {MODEL}
+        for trace in first:
+            assert [s["name"] for s in trace["timestamps"]] == ORDER
+            times = [s["ns"] for s in trace["timestamps"]]
+            assert times == sorted(times) and 0 < times[-1] - times[0] < 30e9, times
+
+        grpc = grpcclient.InferenceServerClient(gateway.grpc_url or "")
+        cleared = grpc.update_trace_settings(model_name=MODEL, settings={"trace_rate": None}, as_json=True)["settings"]
+        assert cleared["trace_rate"]["value"] == ["1"] and cleared["trace_count"]["value"] == ["2"]
+        grpc_inputs = grpcclient.InferInput("image", list(arrays["image"].shape), "FP32")
+        grpc_inputs.set_data_from_numpy(arrays["image"])
+        grpc.infer(MODEL, [grpc_inputs])  # traced over gRPC too: the 4th, which fills the second file
+        grpc.close()
+        assert [t["id"] for t in _traces(trace_file.with_name("trace.json.1"))] == [3, 4]
+        _infer(client, arrays, 3)  # the 5th trace is the model's last (trace_count 0 after it)
+        assert client.get_trace_settings(model_name=MODEL)["trace_count"] == "0"
+        assert not trace_file.with_name("trace.json.2").exists(), "one trace held, a file takes two"
+    finally:
+        gateway.close()
+    assert [t["id"] for t in _traces(trace_file.with_name("trace.json.2"))] == [5], "what was held is written as the gateway stops"
+    assert sorted(p.name for p in trace_file.parent.iterdir()) == ["trace.json.0", "trace.json.1", "trace.json.2"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "status", "message"),
+    [
+        ({"trace_rate": "x"}, 400, "trace_rate must be an integer (as a string) of at least 1, not 'x'"),
+        ({"trace_rate": "0"}, 400, "of at least 1, not 0"),
+        ({"trace_count": "-2"}, 400, "trace_count must be an integer (as a string) of at least -1"),
+        ({"trace_level": "TIMESTAMPS"}, 400, "trace_level must be a list of levels"),
+        ({"trace_level": ["TENSORS"]}, 400, "the gateway traces OFF or TIMESTAMPS (no TENSORS)"),
+        ({"trace_mode": "opentelemetry"}, 400, "trace_mode 'opentelemetry' is not supported"),
+        ({"trace_rat": "1"}, 400, "unknown trace setting 'trace_rat'"),
+        ({"trace_file": "/tmp/elsewhere.json"}, 501, "trace file location can not be updated through network protocol"),
+        ({"trace_level": ["TIMESTAMPS"], "trace_rate": "1"}, 400, "tracing needs a file: start the gateway with --trace-file PATH"),
+    ],
+)
+def test_bad_trace_settings_are_refused_and_change_nothing(gateway: Gateway, settings: dict[str, Any], status: int, message: str) -> None:
+    """The module gateway has no --trace-file: asking it to trace is refused too."""
+    response = httpx.post(f"http://{gateway.url}/v2/trace/setting", json=settings, timeout=10)
+    assert response.status_code == status and message in response.json()["error"], response.text
+    assert httpx.get(f"http://{gateway.url}/v2/trace/setting", timeout=10).json() == {**DEFAULTS, "trace_file": ""}
+    unknown = httpx.get(f"http://{gateway.url}/v2/models/no-such-model/trace/setting", timeout=10)
+    assert unknown.status_code == 404 and "unknown model 'no-such-model'" in unknown.json()["error"]

@@ -3,12 +3,16 @@
 Reads trace files (the gateway's, or tritonserver's whose entries hold one timestamp each) and prints, per
 model, the mean, p50 and p99 in ms of each step between two timestamps:
 
+  receive  HTTP_RECV_START -> HTTP_RECV_END    the body arriving, from its head to its last byte (HTTP only)
+  start    HTTP_RECV_END -> REQUEST_START      waiting for the event loop to take the request up
   decode   REQUEST_START -> QUEUE_START        the body checked and turned into arrays
   queue    QUEUE_START -> COMPUTE_START        waiting for a free replica and a batch
   copy     COMPUTE_START -> COMPUTE_INPUT_END  the batch written into the worker's shared memory
   run      COMPUTE_INPUT_END -> COMPUTE_OUTPUT_START  the worker's round trip: the model run, pipe and wake-ups
   split    COMPUTE_OUTPUT_START -> COMPUTE_END  the request's rows cut out of the batch's outputs
   answer   COMPUTE_END -> REQUEST_END          the request's task woken and its answer encoded
+  send     REQUEST_END -> HTTP_SEND_END        the answer handed to the socket (HTTP only)
+  total    from the first stamp to the last
 
     .venv/bin/python -m bench.trace_summary TRACE_FILE [TRACE_FILE ...]
     .venv/bin/python -m bench.trace_summary --run face-pros [--concurrency 32] [--seconds 8] [--rate 10]
@@ -34,12 +38,15 @@ import numpy as np
 from bench.gateway_bench import Server, bodies, closed_loop, export
 
 STEPS = [
+    ("receive", "HTTP_RECV_START", "HTTP_RECV_END"),
+    ("start", "HTTP_RECV_END", "REQUEST_START"),
     ("decode", "REQUEST_START", "QUEUE_START"),
     ("queue", "QUEUE_START", "COMPUTE_START"),
     ("copy", "COMPUTE_START", "COMPUTE_INPUT_END"),
     ("run", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START"),
     ("split", "COMPUTE_OUTPUT_START", "COMPUTE_END"),
     ("answer", "COMPUTE_END", "REQUEST_END"),
+    ("send", "REQUEST_END", "HTTP_SEND_END"),
 ]
 
 
@@ -59,9 +66,11 @@ def summary(traces: list[dict[str, Any]]) -> str:
     steps: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for trace in traces:
         stamps = trace["stamps"]
-        for step, start, end in [*STEPS, ("total", "REQUEST_START", "REQUEST_END")]:
+        for step, start, end in STEPS:
             if start in stamps and end in stamps:
                 steps[trace["model_name"]][step].append((stamps[end] - stamps[start]) / 1e6)
+        if len(stamps) > 1:
+            steps[trace["model_name"]]["total"].append((max(stamps.values()) - min(stamps.values())) / 1e6)
     lines = ["| model | step | traces | mean ms | p50 ms | p99 ms |", "| --- | --- | ---: | ---: | ---: | ---: |"]
     for model, found in sorted(steps.items()):
         for step in [*(s for s, _, _ in STEPS), "total"]:

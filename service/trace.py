@@ -15,10 +15,12 @@ A model's own settings override the global ones key by key; a null value clears 
 to the global one, a global one to its default). A model with settings of its own counts its own rate and
 trace_count. Each trace is `{"id", "model_name", "model_version", "timestamps": [{"name", "ns"}, ...]}`, the
 form Triton's trace documentation gives, with the timestamps Triton's requests carry in the gateway's terms:
-REQUEST_START (decoding begins), QUEUE_START (the request enters its model's queue), COMPUTE_START (its batch
-is sent), COMPUTE_INPUT_END (the batch is in the worker's shared memory), COMPUTE_OUTPUT_START (the worker
-answered), COMPUTE_END (the request's rows are cut out), REQUEST_END (its answer is encoded); `ns` is
-time.monotonic_ns(), a steady clock as Triton's. With `--frontends`, requests that the other front-end
+HTTP_RECV_START (the request's head is read) and HTTP_RECV_END (its whole body is in), REQUEST_START (decoding
+begins), QUEUE_START (the request enters its model's queue), COMPUTE_START (its batch is sent),
+COMPUTE_INPUT_END (the batch is in the worker's shared memory), COMPUTE_OUTPUT_START (the worker answered),
+COMPUTE_END (the request's rows are cut out), REQUEST_END (its answer is encoded), HTTP_SEND_START and
+HTTP_SEND_END (the answer handed to the socket); a gRPC request has no HTTP_ stamps, and one whose client
+went away none of HTTP_SEND. `ns` is time.monotonic_ns(), a steady clock as Triton's. With `--frontends`, requests that the other front-end
 processes take are not traced: the sample comes from the first process's connections.
 """
 

@@ -45,7 +45,7 @@ from ..workers.protocol import ModelSpec, WorkerOptions
 from .budget import BodyBudget
 from .classification import classified
 from .errors import error_body
-from .fastpath import InferFastPath
+from .fastpath import InferFastPath, Received
 from .frontends import (
     GRPC_SOCKET,
     Frontends,
@@ -370,8 +370,12 @@ class Gateway:
     def model_ready(self, name: str) -> bool:
         return any(r.ready for r in self.backend.replicas(name))
 
-    async def infer(self, name: str, body: Body, header_length: str | None, timeout_header: str | None) -> tuple[bytes, int | None]:
-        """One KServe v2 inference over HTTP: the response body, and its JSON header's length when binary follows."""
+    async def infer(
+        self, name: str, body: Body, header_length: str | None, timeout_header: str | None, *, received: Received | None = None
+    ) -> tuple[bytes, int | None]:
+        """One KServe v2 inference over HTTP: the response body, and its JSON header's length when binary follows.
+        With `received`, a trace gets the body's arrival times, and is left to the caller to finish once it has sent
+        the answer (HTTP_SEND_START, HTTP_SEND_END)."""
 
         async def work(entry: ModelEntry, trace: Trace | None) -> tuple[bytes, int | None]:
             started = time.monotonic()
@@ -380,9 +384,9 @@ class Gateway:
             outputs = await self.infer_decoded(name, decoded, started, timeout, trace)
             return encode_response(name, decoded, outputs, self.config.max_json_bytes)
 
-        return await self.counted(name, work)
+        return await self.counted(name, work, received)
 
-    async def counted(self, name: str, work: Callable[[ModelEntry, Trace | None], Awaitable[T]]) -> T:
+    async def counted(self, name: str, work: Callable[[ModelEntry, Trace | None], Awaitable[T]], received: Received | None = None) -> T:
         """`work` on the model's entry, counted in the request metrics by its outcome, and traced if the trace
         settings pick it (service/trace.py); both protocols use it."""
         started = time.monotonic()
@@ -392,6 +396,9 @@ class Gateway:
             entry = self.entry(name)
             trace = self.tracer.sample(name)
             if trace is not None:
+                if received is not None:
+                    trace.stamp("HTTP_RECV_START", received.start_ns)
+                    trace.stamp("HTTP_RECV_END", received.end_ns)
                 trace.stamp("REQUEST_START")
             result = await work(entry, trace)
             status = "200"
@@ -409,7 +416,10 @@ class Gateway:
                 self.stats[name].request_done(status == "200", elapsed)
             if trace is not None:
                 trace.stamp("REQUEST_END")
-                self.tracer.done(trace)
+                if received is not None:
+                    received.trace = trace  # finished by the HTTP path once the answer is written
+                else:
+                    self.tracer.done(trace)
 
     async def infer_decoded(
         self, name: str, decoded: DecodedRequest, started: float, timeout: float, trace: Trace | None = None

@@ -29,6 +29,7 @@ import asyncio
 import http
 import logging
 import re
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -47,6 +48,7 @@ from .fastpath import (
     CONTENT_LENGTH,
     TIMEOUT,
     WANTED,
+    Received,
     Reply,
     answer_infer,
     error_reply,
@@ -198,6 +200,7 @@ def infer_protocol(gateway: Gateway) -> type[InferConnection]:
 class InferConnection(asyncio.BufferedProtocol):
     gateway: Gateway  # set by infer_protocol
     prelude = b""  # what a front-end process read of a connection before it handed it here (service/api/frontends.py)
+    _head_ns = 0  # time.monotonic_ns() when the request being received had its head parsed
 
     def __init__(
         self, config: Config, server_state: ServerState, app_state: dict[str, Any], _loop: asyncio.AbstractEventLoop | None = None
@@ -333,6 +336,7 @@ class InferConnection(asyncio.BufferedProtocol):
                 continue
             self._held = request.length
             self._request = request
+            self._head_ns = time.monotonic_ns()
             body = np.empty(request.length, dtype=np.uint8)
             arrived = min(len(self._pending), request.length)
             body[:arrived] = np.frombuffer(self._pending, dtype=np.uint8, count=arrived)
@@ -361,24 +365,28 @@ class InferConnection(asyncio.BufferedProtocol):
             timeout,
             encoding=encoding,
             accept=accept,
+            received=(received := Received(self._head_ns, time.monotonic_ns())),
         )
-        self._task = self._loop.create_task(self._answer(work, request))
+        self._task = self._loop.create_task(self._answer(work, request, received))
         self._state.tasks.add(self._task)
         self._task.add_done_callback(self._state.tasks.discard)
         held, self._held = self._held, 0  # the task holds the body now; given back when it ends, cancelled or not
         self._task.add_done_callback(lambda _: self.gateway.bodies.give(held))
 
-    async def _answer(self, work: Awaitable[Reply], request: _Request) -> None:
+    async def _answer(self, work: Awaitable[Reply], request: _Request, received: Received) -> None:
         try:
             reply = await work
         except asyncio.CancelledError:
+            received.dropped(self.gateway.tracer)
             return  # the client hung up; nobody is left to answer
         except Exception as exc:  # a gateway bug must still answer, and leave the connection usable
             logger.exception("infer %s failed", request.name)
             reply = error_reply(ServiceError(f"internal error: {type(exc).__name__}: {exc}"))
         self._task = None
         self._request = None
+        sending = time.monotonic_ns()
         self._respond(reply, request)
+        received.sent(self.gateway.tracer, sending)
         if self._transport is not None and not self._transport.is_closing():
             self._transport.resume_reading()
             self._advance()

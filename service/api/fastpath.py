@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -21,6 +22,9 @@ from .budget import Hold
 from .encoding import WORTH_COMPRESSING, answer_coding, compressed, inflated, is_identity
 from .errors import error_body
 from .kserve import HEADER_LENGTH, Body, response_headers
+
+if TYPE_CHECKING:
+    from ..trace import Trace, Tracer
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -43,12 +47,14 @@ class InferFastPath:
             await self.app(scope, receive, send)
             return
         headers = wanted_headers(scope["headers"])
+        received = Received(time.monotonic_ns(), 0)
         with Hold(self.gateway.bodies) as hold:
             try:
                 body = await read_body(receive, headers.get(CONTENT_LENGTH), self.gateway.config.max_body_bytes, hold)
             except ServiceError as exc:
                 reply = error_reply(exc)
             else:
+                received.end_ns = time.monotonic_ns()
                 infer = answer_infer(
                     self.gateway,
                     match["name"],
@@ -57,12 +63,40 @@ class InferFastPath:
                     headers.get(TIMEOUT),
                     encoding=headers.get(CONTENT_ENCODING),
                     accept=headers.get(ACCEPT_ENCODING),
+                    received=received,
                 )
                 answered = await unless_disconnected(infer, receive)
                 if answered is None:
+                    received.dropped(self.gateway.tracer)
                     return  # the client went away: its request left the queue (or its batch's answer is dropped)
                 reply = answered
+        sending = time.monotonic_ns()
         await respond(send, reply)
+        received.sent(self.gateway.tracer, sending)
+
+
+@dataclass(slots=True)
+class Received:
+    """When an HTTP request's head and its whole body had arrived (time.monotonic_ns()); and its trace, if the trace
+    settings picked it, for the HTTP path to finish once the answer is written (service/trace.py)."""
+
+    start_ns: int
+    end_ns: int
+    trace: Trace | None = None
+
+    def sent(self, tracer: Tracer, started_ns: int) -> None:
+        """The answer went out (begun at `started_ns`): the trace, if any, is complete."""
+        if self.trace is not None:
+            self.trace.stamp("HTTP_SEND_START", started_ns)
+            self.trace.stamp("HTTP_SEND_END")
+            tracer.done(self.trace)
+            self.trace = None
+
+    def dropped(self, tracer: Tracer) -> None:
+        """The client went away before its answer: the trace, if any, ends without sending."""
+        if self.trace is not None:
+            tracer.done(self.trace)
+            self.trace = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +121,7 @@ async def answer_infer(
     *,
     encoding: str | None = None,
     accept: str | None = None,
+    received: Received | None = None,
 ) -> Reply:
     """One inference request's answer, an error included; both HTTP paths (ASGI and the raw connection) use it.
     A body with a Content-Encoding (gzip, deflate) is inflated first, and the answer compressed as Accept-Encoding
@@ -96,7 +131,7 @@ async def answer_infer(
             if not is_identity(encoding):
                 assert encoding is not None
                 body = await inflated(body, encoding, gateway.config.max_body_bytes, hold)
-            payload, json_length = await gateway.infer(name, body, header_length, timeout)
+            payload, json_length = await gateway.infer(name, body, header_length, timeout, received=received)
     except ServiceError as exc:
         return error_reply(exc)
     media, extra = response_headers(json_length)

@@ -17,6 +17,7 @@ from tests.integration.test_gateway_protocol import make_inputs, triton_inputs
 
 MODEL = "crowd-csrnet"
 ORDER = ["REQUEST_START", "QUEUE_START", "COMPUTE_START", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START", "COMPUTE_END", "REQUEST_END"]
+SENT = ["HTTP_SEND_START", "HTTP_SEND_END"]
 DEFAULTS = {"trace_level": ["OFF"], "trace_rate": "1000", "trace_count": "-1", "log_frequency": "0", "trace_mode": "triton"}
 
 
@@ -57,7 +58,7 @@ def test_sampled_requests_are_traced_to_files_as_the_settings_say(tiny_repo: Exp
         first = _traces(trace_file.with_name("trace.json.0"))
         assert [t["id"] for t in first] == [1, 2] and {t["model_name"] for t in first} == {MODEL}
         for trace in first:
-            assert [s["name"] for s in trace["timestamps"]] == ORDER
+            assert [s["name"] for s in trace["timestamps"]] == ["HTTP_RECV_START", "HTTP_RECV_END", *ORDER, *SENT]
             times = [s["ns"] for s in trace["timestamps"]]
             assert times == sorted(times) and 0 < times[-1] - times[0] < 30e9, times
 
@@ -68,7 +69,9 @@ def test_sampled_requests_are_traced_to_files_as_the_settings_say(tiny_repo: Exp
         grpc_inputs.set_data_from_numpy(arrays["image"])
         grpc.infer(MODEL, [grpc_inputs])  # traced over gRPC too: the 4th, which fills the second file
         grpc.close()
-        assert [t["id"] for t in _traces(trace_file.with_name("trace.json.1"))] == [3, 4]
+        third, fourth = _traces(trace_file.with_name("trace.json.1"))
+        assert (third["id"], fourth["id"]) == (3, 4)
+        assert [s["name"] for s in fourth["timestamps"]] == ORDER, "over gRPC: no HTTP stamps"
         _infer(client, arrays, 3)  # the 5th trace is the model's last (trace_count 0 after it)
         assert client.get_trace_settings(model_name=MODEL)["trace_count"] == "0"
         assert not trace_file.with_name("trace.json.2").exists(), "one trace held, a file takes two"

@@ -134,7 +134,7 @@ class Tracer:
                 self._dropped = True
             return
         self._held.append(trace.record())
-        frequency = self.base["log_frequency"] if trace.model not in self.models else self._effective(trace.model)["log_frequency"]
+        frequency = self._effective(trace.model)["log_frequency"]
         if frequency and len(self._held) >= frequency:
             assert self.file is not None
             self._write(self.file.with_name(f"{self.file.name}.{self._next_file}"))

@@ -25,8 +25,6 @@ from .kserve import HEADER_LENGTH, Body, response_headers
 
 if TYPE_CHECKING:
     from ..trace import Trace, Tracer
-
-if TYPE_CHECKING:
     from .app import Gateway
 
 T = TypeVar("T")
@@ -71,8 +69,10 @@ class InferFastPath:
                     return  # the client went away: its request left the queue (or its batch's answer is dropped)
                 reply = answered
         sending = time.monotonic_ns()
-        await respond(send, reply)
-        received.sent(self.gateway.tracer, sending)
+        try:
+            await respond(send, reply)
+        finally:
+            received.sent(self.gateway.tracer, sending)  # a send cut short still ends the trace
 
 
 @dataclass(slots=True)

@@ -44,6 +44,7 @@ class TritonServer:
         self.log = log
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self._regions_before: set[Path] = set()  # the python backend's /dev/shm regions before this server started
 
     @property
     def url(self) -> str:
@@ -69,6 +70,7 @@ class TritonServer:
             "--log-verbose=0",
             "--exit-timeout-secs=3",
         ]
+        self._regions_before = _backend_regions()
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -78,10 +80,13 @@ class TritonServer:
             raise
 
     def kill(self) -> None:
-        """SIGKILL the server and its python stubs, as a crash would."""
+        """SIGKILL the server and its python stubs, as a crash would. Its python backend's shared memory regions
+        (1 MiB each, one per model instance) are left behind by a killed server: they are removed here."""
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+            for region in _backend_regions() - self._regions_before:
+                region.unlink(missing_ok=True)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -90,3 +95,7 @@ class TritonServer:
                 self.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def _backend_regions() -> set[Path]:
+    return set(Path("/dev/shm").glob("triton_python_backend_shm_region_*"))

@@ -102,3 +102,22 @@ def test_bad_trace_settings_are_refused_and_change_nothing(gateway: Gateway, set
     assert httpx.get(f"http://{gateway.url}/v2/trace/setting", timeout=10).json() == {**DEFAULTS, "trace_file": ""}
     unknown = httpx.get(f"http://{gateway.url}/v2/models/no-such-model/trace/setting", timeout=10)
     assert unknown.status_code == 404 and "unknown model 'no-such-model'" in unknown.json()["error"]
+
+
+def test_requests_through_uvicorn_are_traced_with_their_http_stamps_too(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """--http-server uvicorn: inference goes through the ASGI fast path (service/api/fastpath.py), which stamps too."""
+    trace_file = tmp_path / "trace.json"
+    flags = ("--http-server", "uvicorn", "--models", MODEL, "--trace-file", str(trace_file))
+    gateway = Gateway(tiny_repo.root, *flags, log=tmp_path / "serve.log")
+    try:
+        client = httpclient.InferenceServerClient(gateway.url)
+        client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"], "trace_rate": "1"})
+        _infer(client, make_inputs(read_contract(tiny_repo.root / MODEL), 1, seed=3, dims={"height": 16, "width": 16}), 2)
+    finally:
+        gateway.close()
+    traces = _traces(trace_file)  # log_frequency 0: the file itself, written as the gateway stops
+    assert [t["id"] for t in traces] == [1, 2]
+    for trace in traces:
+        assert [s["name"] for s in trace["timestamps"]] == ["HTTP_RECV_START", "HTTP_RECV_END", *ORDER, *SENT]
+        times = [s["ns"] for s in trace["timestamps"]]
+        assert times == sorted(times)

@@ -85,20 +85,18 @@ class Tracer:
 
     def update(self, model: str | None, changes: Mapping[str, Any]) -> dict[str, Any]:
         """Apply `changes` (all checked first: a bad one changes nothing) and answer the settings now in force."""
-        parsed = {key: _parsed(key, value) for key, value in changes.items() if key not in ("trace_file", "trace_mode")}
-        for key in ("trace_file", "trace_mode"):
-            if key in changes:
-                _parsed(key, changes[key])
+        parsed = {key: _parsed(key, value) for key, value in changes.items()}
         target = dict(self.base if model is None else self.models.get(model, {}))
         for key, value in parsed.items():
+            if key == "trace_mode":
+                continue  # checked by _parsed: the only mode there is
             if value is not None:
                 target[key] = value
             elif model is None:
                 target[key] = DEFAULTS[key]
             else:
                 target.pop(key, None)
-        level = {**self.base, **target}["trace_level"] if model is not None else target["trace_level"]
-        if self.file is None and level != ("OFF",):
+        if self.file is None and {**self.base, **target}["trace_level"] != ("OFF",):
             raise BadRequest("tracing needs a file: start the gateway with --trace-file PATH")
         if model is None:
             self.base = target

@@ -301,7 +301,7 @@ class Gateway:
             left_out = self._local_partitions(name) - loaded.keys()  # a reload they did not take: they drop the old version
             self._placed(name, entry, loaded)
             if self.frontends is not None:  # each stops sending batches to the partitions left out before they drop it
-                column = None if self.shared is None else self.shared.assign(name)
+                column = None if self.shared is None else self.shared.columns.get(name)  # given as _placed served it
                 await self.frontends.tell(ServeModel(name, entry, loaded, column), self.config.default_timeout_s)
             logger.info("loaded model %s on %s%s", name, ", ".join(loaded), f" ({refusals})" if refusals else "")
             if left_out:
@@ -506,6 +506,12 @@ class Gateway:
         others = self.frontends.latest if self.frontends is not None else []
         merged = {n: merge_statistics(self.stats[n], [c.stats[n] for c in others if n in c.stats]) for n in names}
         return service_pb2.ModelStatisticsResponse(model_stats=[merged[n].message() for n in names])
+
+    def trace_settings(self, model: str | None, changes: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Triton's trace extension, both protocols: the settings for every model or a served one, after `changes`."""
+        if model is not None:
+            self.entry(model)  # raises UnknownModel
+        return self.tracer.update(model, changes) if changes else self.tracer.settings(model)
 
     async def update_logs(self, changes: dict[str, Any]) -> dict[str, Any]:
         """Triton's logging extension: change the log level here and in every other front-end process."""

@@ -82,14 +82,17 @@ def _float_text(value: float) -> str:
     return f"{value:f}"  # as C's %f (Triton's std::to_string)
 
 
-def wire_bytes(array: Array) -> bytes:
-    """A BYTES tensor as Triton sends it in binary: per element, its length (4 bytes, little-endian) and its bytes."""
+def _int_text(value: float) -> str:
+    return str(int(value))  # a bool as 1 or 0, as Triton's std::to_string
+
+
+def tensor_bytes(array: Array) -> bytes:
+    """An output's bytes as binary data (HTTP) or raw contents (gRPC): a numeric tensor's own, a BYTES tensor as
+    Triton sends it (per element, its length in 4 bytes, little-endian, then its bytes)."""
+    if array.dtype != BYTES:
+        return array.tobytes()
     return b"".join(part for element in array.reshape(-1) for part in (LENGTH.pack(len(element)), element))
 
 
 def json_strings(array: Array) -> list[str]:
     return [element.decode() for element in array.reshape(-1)]
-
-
-def _int_text(value: float) -> str:
-    return str(int(value))  # a bool as 1 or 0, as Triton's std::to_string

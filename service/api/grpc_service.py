@@ -48,7 +48,7 @@ from ..errors import UNSUPPORTED, BadRequest, NotSupported, ServiceError
 from ..regions import PARAMETERS, Regions
 from ..trace import Trace
 from .budget import Hold
-from .classification import BYTES, class_count, requested_classes, wire_bytes
+from .classification import class_count, requested_classes, tensor_bytes
 from .kserve import (
     EXTENSIONS,
     V2_OF_DTYPE,
@@ -189,11 +189,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     async def TraceSetting(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         """Triton's trace extension (service/trace.py): each value a list of strings; an empty one clears it."""
         changes = {key: list(value.value) or None for key, value in request.settings.items()}
-        model = request.model_name or None
         try:
-            if model is not None:
-                self.gateway.entry(model)
-            settings = self.gateway.tracer.update(model, changes) if changes else self.gateway.tracer.settings(model)
+            settings = self.gateway.trace_settings(request.model_name or None, changes)
         except ServiceError as exc:
             await _abort(context, exc)
         value = service_pb2.TraceSettingResponse.SettingValue
@@ -337,7 +334,7 @@ def encode_infer_response(model: str, decoded: DecodedRequest, outputs: dict[str
             write_to_region(name, array, decoded.output_slices[name])
             response.raw_output_contents.append(b"")  # in its region, as Triton answers it
         else:
-            response.raw_output_contents.append(wire_bytes(array) if array.dtype == BYTES else array.tobytes())
+            response.raw_output_contents.append(tensor_bytes(array))
     return response
 
 

@@ -21,7 +21,7 @@ from migserve.types import Array
 
 from ..errors import BadRequest, TooLarge
 from ..regions import Regions, Slice
-from .classification import BYTES, Classes, class_count, json_strings, requested_classes, wire_bytes
+from .classification import BYTES, Classes, class_count, json_strings, requested_classes, tensor_bytes
 
 HEADER_LENGTH = "inference-header-content-length"
 Body = bytes | memoryview  # a request body: bytes from the ASGI path, a view of the raw connection's buffer
@@ -396,7 +396,7 @@ def encode_response(model: str, request: DecodedRequest, outputs: dict[str, Arra
         if name in request.output_slices:
             write_to_region(name, array, request.output_slices[name])  # answered without data, as Triton does
         elif name in request.binary_outputs:
-            blob = wire_bytes(array) if array.dtype == BYTES else array.tobytes()
+            blob = tensor_bytes(array)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif array.dtype == BYTES:

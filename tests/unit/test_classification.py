@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from service.api.classification import Classes, class_count, top_classes, wire_bytes
+from service.api.classification import Classes, class_count, tensor_bytes, top_classes
 from service.errors import BadRequest
 
 
@@ -25,7 +25,7 @@ def test_a_count_past_the_values_answers_them_all_over_the_flattened_row() -> No
 
 def test_bytes_go_out_length_first() -> None:
     answer = top_classes(np.array([[0.5, 0.125]], dtype=np.float32), Classes(2, ("x", "yz")))
-    assert wire_bytes(answer) == struct.pack("<I", 12) + b"0.500000:0:x" + struct.pack("<I", 13) + b"0.125000:1:yz"
+    assert tensor_bytes(answer) == struct.pack("<I", 12) + b"0.500000:0:x" + struct.pack("<I", 13) + b"0.125000:1:yz"
 
 
 @pytest.mark.parametrize("value", [-1, 2.0, "2", True, None])

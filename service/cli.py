@@ -7,7 +7,7 @@ import logging
 import socket
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Literal, TextIO
 
 from pydantic import ValidationError
 
@@ -70,6 +70,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["normal", "idle"],
         help="idle: CPU-slice workers run under SCHED_IDLE and yield their cores to the gateway and clients at once; "
         "for hosts that serve nothing else (default: normal)",
+    )
+    parser.add_argument(
+        "--cpu-run-slices",
+        default="auto",
+        help="auto: CPU-slice workers time each model at 1, 2, 4, ... rows as they load it and run larger batches as "
+        "consecutive runs of the size fastest per row, which on a CPU is often a small one (the activations fit the "
+        "caches); N: runs of N rows at each model's default sizes (more rows of smaller inputs), untimed; off: every "
+        "batch in one run (default: auto)",
     )
     parser.add_argument(
         "--cudnn-conv-algo-search",
@@ -149,6 +157,14 @@ def _sizes(flag: str, raw: str | None, what: str, example: str) -> tuple[int, ..
     return sizes
 
 
+def _run_slices(raw: str) -> Literal["auto", "off"] | int:
+    if raw in ("auto", "off"):
+        return "auto" if raw == "auto" else "off"
+    if raw.isdigit() and int(raw) >= 1:
+        return int(raw)
+    raise ValueError(f"--cpu-run-slices {raw!r}: expected auto, off, or rows per run (1 or more), e.g. 4")
+
+
 def _check_port(host: str, port: int, flag: str) -> None:
     """Refuse at once a port another process holds, instead of after the workers start (gRPC binds late)."""
     import socket
@@ -207,6 +223,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             if args.preferred_batch_sizes == "none"
             else _sizes("--preferred-batch-sizes", args.preferred_batch_sizes, "batch sizes of 1 or more", "4,8"),
             cpu_worker_priority=args.cpu_worker_priority,
+            cpu_run_slices=_run_slices(args.cpu_run_slices),
             cudnn_conv_algo_search=args.cudnn_conv_algo_search,
             gpu_shape_sessions=args.gpu_shape_sessions,
             worker_threads=args.worker_threads,

@@ -111,6 +111,7 @@ class Gateway:
             placement,
             WorkerOptions(
                 idle_priority=config.cpu_worker_priority == "idle",
+                run_slices=config.cpu_run_slices,
                 conv_algo_search=config.cudnn_conv_algo_search.upper(),
                 shape_sessions=config.gpu_shape_sessions,
                 threads=config.worker_threads,
@@ -564,6 +565,7 @@ class Gateway:
                     "restarts": worker.restarts if worker else 0,
                     "outstanding_batches": worker.outstanding if worker else 0,
                     "refused": worker.refused if worker else {},
+                    "run_slices": dict(worker.slices) if worker else {},
                 }
             )
         return view

@@ -92,6 +92,7 @@ class WorkerReplica:
         self.refused: dict[str, str] = {}
         self.providers: tuple[str, ...] = ()
         self.device_warning: str | None = None  # a GPU partition running on the CPU, and why
+        self.slices: dict[str, int] = {}  # model -> rows per run at its default sizes, where the worker slices its batches
         self.restarts = 0
         self.compute_s = 0.0  # the worker's time running this process's batches (BatchDone.compute_s), over restarts too
         self.pid: int | None = None
@@ -137,7 +138,10 @@ class WorkerReplica:
         self._process = process
         self._attach(parent, ready)
         asyncio.get_running_loop().add_reader(process.sentinel, self._on_exit)
-        logger.info("worker %s ready (pid %s, %s, models: %s)", self.id, process.pid, ",".join(self.providers), ",".join(self.loaded))
+        sliced = "".join(f"; {model} in runs of {rows} rows" for model, rows in sorted(self.slices.items()))
+        logger.info(
+            "worker %s ready (pid %s, %s, models: %s%s)", self.id, process.pid, ",".join(self.providers), ",".join(self.loaded), sliced
+        )
         self._on_change()
 
     def _attach(self, conn: Connection, ready: object) -> None:
@@ -147,7 +151,7 @@ class WorkerReplica:
             raise RuntimeError(f"worker {self.id} sent {type(ready).__name__} before it was ready")
         self._conn, self.pid = conn, ready.pid
         self.loaded, self.refused, self.providers = ready.models, ready.refused, ready.providers
-        self.device_warning = ready.device_warning
+        self.device_warning, self.slices = ready.device_warning, dict(ready.slices)
         # serve --batches-in-flight on a worker that runs several at once: the next batch starts while one runs
         self.depth = max(1, min(ready.threads, self._options.in_flight))
         watch(conn, self._on_message)
@@ -282,6 +286,9 @@ class WorkerReplica:
         if reply.refused is None:
             self.learn(spec)
             self.refused.pop(spec.name, None)
+            self.slices.pop(spec.name, None)
+            if reply.slice_rows is not None:
+                self.slices[spec.name] = reply.slice_rows
         elif previous is not None and spec.name in self.loaded:
             self._models[spec.name] = previous  # the worker kept the old session
         else:
@@ -295,6 +302,7 @@ class WorkerReplica:
         from now on; those sent before run first (the worker answers its pipe in order)."""
         self.forget(model)  # first: no more batches, and if the worker dies meanwhile its restart leaves the model out
         self.refused.pop(model, None)
+        self.slices.pop(model, None)
         self._on_change()
         if self._ready:
             await self._ask(UnloadModel(model))

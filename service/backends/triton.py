@@ -55,6 +55,7 @@ class TritonReplica:
         self.refused: dict[str, str] = {}
         self.providers = (f"triton-{partition.protocol}",)
         self.device_warning: str | None = None  # the Triton server chooses its own devices
+        self.slices: dict[str, int] = {}  # the Triton server runs each batch as it comes
         self.recovering = False  # an unreachable server may be gone for long: requests get 503 meanwhile
         self.restarts = 0  # times Triton came back after being unreachable
         self.pid: int | None = None

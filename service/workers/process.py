@@ -51,6 +51,7 @@ from .protocol import (
     WorkerReady,
     WorkerSpec,
 )
+from .slices import SlicedSession
 
 GPU_THREADS = 4  # batches a CUDA worker runs at once unless serve --worker-threads says otherwise
 logger = logging.getLogger(__name__)
@@ -135,6 +136,8 @@ def load_sessions(ort: Any, spec: WorkerSpec) -> tuple[dict[str, Any], dict[str,
             session = BucketedSession(
                 session, make, model.max_batch, keep=spec.options.shape_sessions, pinning=cuda_pinning(), device=cuda_buffers(ort)
             )
+        elif session.get_providers()[0] == "CPUExecutionProvider" and spec.options.run_slices != "off":
+            session = SlicedSession.made(session, model, spec.options.run_slices)  # or itself, where slices gain nothing
         sessions[model.name] = session
     return sessions, refused
 
@@ -314,7 +317,14 @@ class _Serving:
 
     def ready(self) -> WorkerReady:
         return WorkerReady(
-            self.spec.partition, tuple(self.sessions), self.providers, self.refused, self.device_warning, os.getpid(), self.threads
+            self.spec.partition,
+            tuple(self.sessions),
+            self.providers,
+            self.refused,
+            self.device_warning,
+            os.getpid(),
+            self.threads,
+            {name: s.rows for name, s in self.sessions.items() if isinstance(s, SlicedSession)},
         )
 
     def run(self) -> None:
@@ -391,7 +401,9 @@ class _Serving:
             self.sessions.update(loaded)  # a reload replaces the old session only once the new one runs
             if loaded and message.model.max_batch:
                 self.max_batch[message.model.name] = message.model.max_batch
-            client.send(ModelLoaded(message.model.name, refused.get(message.model.name)))
+            session = loaded.get(message.model.name)
+            rows = session.rows if isinstance(session, SlicedSession) else None
+            client.send(ModelLoaded(message.model.name, refused.get(message.model.name), rows))
         elif isinstance(message, UnloadModel):
             self.sessions.pop(message.model, None)
             client.send(ModelUnloaded(message.model))

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class WorkerOptions:
     """How `serve` asks its workers to run models."""
 
     idle_priority: bool = False  # a CPU slice's worker under SCHED_IDLE: its cores run anything else first
+    run_slices: Literal["auto", "off"] | int = "auto"  # CPU: batches run in slices of rows, timed at load or fixed (slices.py)
     conv_algo_search: str = "HEURISTIC"  # CUDA: how cuDNN picks convolution kernels (serve --cudnn-conv-algo-search)
     shape_sessions: int = 8  # CUDA: sessions per model, one per padded batch shape; 0: one session, no padding
     threads: int = 0  # batches a worker runs at once (serve --worker-threads); 0: GPU_THREADS on a GPU, 1 on a CPU slice
@@ -83,6 +84,7 @@ class UnloadModel:
 class ModelLoaded:
     model: str
     refused: str | None  # why the worker did not load it (sha256, onnxruntime); None: loaded and warmed up
+    slice_rows: int | None = None  # rows per run at the model's default sizes where its batches run in slices
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class WorkerReady:
     device_warning: str | None = None  # a GPU or MIG partition whose models run on the CPU, and why
     pid: int | None = None  # the worker's, for a front-end process that did not start it
     threads: int = 1  # batches it runs at once
+    slices: dict[str, int] = field(default_factory=dict)  # model -> rows per run at its default sizes, where sliced
 
 
 @dataclass(frozen=True)

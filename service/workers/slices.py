@@ -1,0 +1,118 @@
+"""CPU sessions that run a batch in slices of the size onnxruntime runs fastest per row.
+
+The gateway batches requests to spend one round trip to a worker on many of them, but
+on a CPU slice onnxruntime's time per row grows with the rows of a run once a run's
+activations no longer fit the core's caches: face-pros (3x224x224) on one core of this
+host took 0.44 ms a row at 2 and 4 rows and 0.58 ms at 16 and 32; crowd-csrnet
+(3x256x256) 4.9 ms at 1 row and 5.5 ms at 8 (bench/RESULTS.md). So a CPU worker times
+each model once as it loads it, at 1, 2, 4, ... rows up to the model's largest batch,
+on its own cores and threads, and from then on runs a larger batch as consecutive
+runs of that many rows (views of the batch, no copy), joining their outputs.
+
+A slice is kept as input bytes, not rows: a batch of images smaller than the
+contract's default size runs in slices of more rows, a larger one in fewer (at least
+one). Rows are independent in these models (inference-mode batch norm), as the
+dynamic batcher already assumes, so slicing changes no row's answer beyond rounding.
+The timing stops at the first size whose run takes longer than `RUN_LIMIT_S`: a model
+that slow (a CT volume) spends nothing on a round trip per row anyway, and is not
+sliced. Nor is one whose outputs do not lead with the batch axis, nor one that runs
+fastest per row at its largest size measured (a larger one might be faster still).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from migserve.types import Array
+
+from .buckets import buckets
+from .protocol import ModelSpec
+
+RUN_LIMIT_S = 0.1  # a run at one size that takes longer ends the timing there
+REPEATS = 3  # runs timed at each size, the fastest kept (the first at a new shape allocates)
+TOLERANCE = 0.03  # sizes within 3% of the least time per row count as fastest; the largest of them is taken
+
+Warmup = Mapping[str, tuple[tuple[int, ...], str]]  # input -> (shape with batch 1, dtype), as ModelSpec.warmup
+
+
+def time_per_row(
+    session: Any, warmup: Warmup, max_batch: int, clock: Callable[[], float] = time.perf_counter
+) -> tuple[dict[int, float], bool]:
+    """Seconds per row of the fastest of REPEATS runs at 1, 2, 4, ... rows (zeros at the warm-up shape), up to
+    `max_batch` or the first size slower than RUN_LIMIT_S a run; and whether every output led with the batch axis."""
+    per_row: dict[int, float] = {}
+    batch_first = True
+    for rows in buckets(max_batch):
+        feeds = {name: np.zeros((rows, *shape[1:]), dtype) for name, (shape, dtype) in warmup.items()}
+        runs = []
+        for _ in range(REPEATS):
+            started = clock()
+            outputs = session.run(None, feeds)
+            runs.append(clock() - started)
+            if runs[-1] > RUN_LIMIT_S:
+                break
+        batch_first = batch_first and all(np.ndim(o) > 0 and np.shape(o)[0] == rows for o in outputs)
+        per_row[rows] = min(runs) / rows
+        if max(runs) > RUN_LIMIT_S:
+            break
+    return per_row, batch_first
+
+
+def fastest_rows(per_row: Mapping[int, float], batch_first: bool = True) -> int | None:
+    """The rows a run should have at most: the largest size within TOLERANCE of the least time per row; None (run
+    batches whole) where that is the largest size measured, or where outputs cannot be joined along the batch axis."""
+    if not per_row or not batch_first:
+        return None
+    least = min(per_row.values())
+    rows = max(r for r, t in per_row.items() if t <= least * (1 + TOLERANCE))
+    return None if rows == max(per_row) else rows
+
+
+def row_bytes(feeds: Mapping[str, Array]) -> int:
+    """Input bytes of one row (every input leads with the batch axis)."""
+    return sum(int(a.nbytes // max(a.shape[0], 1)) for a in feeds.values())
+
+
+@dataclass
+class SlicedSession:
+    """A CPU session that runs at most `slice_bytes` of input per run; the rest of a session's API is the wrapped one's."""
+
+    session: Any
+    slice_bytes: int
+    rows: int  # rows per slice at the warm-up shape (what /v1/partitions shows)
+
+    @classmethod
+    def made(cls, session: Any, model: ModelSpec, rows: int | Literal["auto"]) -> Any:
+        """`session` sliced at `rows` at the model's default sizes, or at its fastest size per row ("auto"); or
+        `session` itself where slicing gains nothing (the model takes one row, or `rows` is its largest batch)."""
+        max_batch = model.max_batch or 1
+        if rows == "auto" and max_batch > 1:
+            found = fastest_rows(*time_per_row(session, model.warmup, max_batch))
+        else:
+            found = rows if isinstance(rows, int) else None
+        if found is None or found >= max_batch:
+            return session
+        one = row_bytes({name: np.empty((1, *shape[1:]), dtype) for name, (shape, dtype) in model.warmup.items()})
+        return cls(session, found * one, found)
+
+    def run(self, names: list[str] | None, feeds: Mapping[str, Array]) -> list[Array]:
+        total = next(iter(feeds.values())).shape[0]
+        step = max(1, self.slice_bytes // max(row_bytes(feeds), 1))
+        if total <= step:
+            return list(self.session.run(names, feeds))
+        parts = [self.session.run(names, {k: v[start : start + step] for k, v in feeds.items()}) for start in range(0, total, step)]
+        return [np.concatenate(column) for column in zip(*parts, strict=True)]
+
+    def get_outputs(self) -> Any:
+        return self.session.get_outputs()
+
+    def get_inputs(self) -> Any:
+        return self.session.get_inputs()
+
+    def get_providers(self) -> list[str]:
+        return list(self.session.get_providers())

@@ -1,0 +1,135 @@
+"""CPU workers run batches in slices (service/workers/slices.py), checked with real exported models and a real gateway.
+
+Each sliced answer must equal the whole batch's run; the gateway reports the slices it runs at /v1/partitions and
+answers a request larger than a slice as direct onnxruntime does. Which size `auto` picks depends on this machine's
+timings, so the gateway here is given a fixed size; the throughput gain is measured in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.http as httpclient
+
+from migserve.contract import read_contract
+from migserve.types import Array
+from service.placement import model_spec
+from service.repository import load_model
+from service.workers.process import load_sessions
+from service.workers.protocol import WorkerOptions, WorkerSpec
+from service.workers.slices import SlicedSession, time_per_row
+from tests.helpers import ExportedRepo, Gateway
+from tests.integration.test_gateway_protocol import direct, make_inputs, triton_inputs
+
+
+class _Recorded:
+    """A real session whose runs' row counts are recorded."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.runs: list[int] = []
+
+    def run(self, names: list[str] | None, feeds: dict[str, Array]) -> list[Array]:
+        self.runs.append(next(iter(feeds.values())).shape[0])
+        return list(self.session.run(names, feeds))
+
+
+@pytest.mark.parametrize("model", ["crowd-csrnet", "grounding-mgsl", "face-pros"])
+def test_sliced_batches_answer_as_whole_ones(tiny_repo: ExportedRepo, model: str) -> None:
+    root = tiny_repo.root / model
+    contract = read_contract(root)
+    plain = ort.InferenceSession(str(root / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    recorded = _Recorded(plain)
+    sliced = SlicedSession.made(recorded, model_spec(load_model(root)), 2)
+    assert isinstance(sliced, SlicedSession)
+    for rows in (1, 2, 5, 8):
+        feeds = make_inputs(contract, rows, seed=rows)
+        recorded.runs.clear()
+        got, expected = sliced.run(None, feeds), plain.run(None, feeds)
+        assert recorded.runs == [2] * (rows // 2) + [1] * (rows % 2)
+        assert [g.shape for g in got] == [e.shape for e in expected]
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_smaller_inputs_run_in_slices_of_more_rows(tiny_repo: ExportedRepo) -> None:
+    root = tiny_repo.root / "crowd-csrnet"
+    contract = read_contract(root)
+    default = {name: r.default for name, r in contract.dims.items() if name in ("height", "width")}
+    recorded = _Recorded(ort.InferenceSession(str(root / "1" / "model.onnx"), providers=["CPUExecutionProvider"]))
+    sliced = SlicedSession.made(recorded, model_spec(load_model(root)), 1)
+    half = {name: size // 2 for name, size in default.items()}  # a quarter of the bytes per row: 4 rows a run
+    sliced.run(None, make_inputs(contract, 6, seed=0, dims=half))
+    double = {name: size * 2 for name, size in default.items()}  # four times the bytes: still one row a run
+    sliced.run(None, make_inputs(contract, 2, seed=0, dims=double))
+    assert recorded.runs == [4, 2, 1, 1]
+
+
+def test_every_model_that_batches_leads_its_outputs_with_the_batch_axis(tiny_repo: ExportedRepo) -> None:
+    # what slicing rests on (and merging batches already did); a model whose outputs did not would be left whole
+    checked = []
+    for root in sorted(p for p in tiny_repo.root.iterdir() if (p / "contract.json").exists()):
+        spec = model_spec(load_model(root))
+        if (spec.max_batch or 1) < 2:
+            continue
+        session = ort.InferenceSession(spec.path, providers=["CPUExecutionProvider"])
+        per_row, batch_first = time_per_row(session, spec.warmup, min(spec.max_batch or 1, 4))
+        assert batch_first, spec.name
+        assert per_row and all(t > 0 for t in per_row.values())
+        checked.append(spec.name)
+    assert {"crowd-csrnet", "face-pros", "grounding-mgsl"} <= set(checked)
+
+
+def test_a_worker_slices_cpu_sessions_unless_told_not_to(tiny_repo: ExportedRepo) -> None:
+    specs = tuple(model_spec(load_model(tiny_repo.root / m)) for m in ("crowd-csrnet", "face-pros"))
+
+    def loaded(run_slices: str | int) -> dict[str, object]:
+        spec = WorkerSpec(partition="cpu-0", device=None, cores=(0,), models=specs, options=WorkerOptions(run_slices=run_slices))  # type: ignore[arg-type]
+        sessions, refused = load_sessions(ort, spec)
+        assert not refused
+        return sessions
+
+    assert {name: s.rows for name, s in loaded(2).items() if isinstance(s, SlicedSession)} == {"crowd-csrnet": 2, "face-pros": 2}
+    assert not any(isinstance(s, SlicedSession) for s in loaded("off").values())
+
+
+@pytest.fixture(scope="module")
+def sliced_gateway(tiny_repo: ExportedRepo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    log = tmp_path_factory.mktemp("slices") / "serve.log"
+    args = ("--cpu-slices", "1,1", "--cpu-run-slices", "2", "--model-control-mode", "explicit", "--models", "face-pros")
+    gateway = Gateway(tiny_repo.root, *args, log=log)
+    yield gateway
+    gateway.close()
+
+
+def _slices(gateway: Gateway) -> list[dict[str, int]]:
+    return [p["run_slices"] for p in httpx.get(f"http://{gateway.url}/v1/partitions").json()["partitions"]]
+
+
+def test_the_gateway_reports_its_slices_and_answers_larger_batches_whole(tiny_repo: ExportedRepo, sliced_gateway: Gateway) -> None:
+    assert _slices(sliced_gateway) == [{"face-pros": 2}, {"face-pros": 2}]
+    assert "face-pros in runs of 2 rows" in Path(sliced_gateway.log).read_text()
+    client = httpclient.InferenceServerClient(url=sliced_gateway.url, network_timeout=60)
+    arrays = make_inputs(read_contract(tiny_repo.root / "face-pros"), 5, seed=3)
+    result = client.infer("face-pros", triton_inputs(arrays))
+    outputs = [o.name for o in ort.InferenceSession(str(tiny_repo.root / "face-pros" / "1" / "model.onnx")).get_outputs()]
+    for name, expected in zip(outputs, direct(tiny_repo.root, "face-pros", arrays), strict=True):
+        np.testing.assert_allclose(result.as_numpy(name), expected, rtol=1e-5, atol=1e-6)
+    # a model loaded later is sliced too, and forgotten with its unloading
+    assert httpx.post(f"http://{sliced_gateway.url}/v2/repository/models/crowd-csrnet/load", timeout=60).status_code == 200
+    assert _slices(sliced_gateway) == [{"crowd-csrnet": 2, "face-pros": 2}] * 2
+    assert httpx.post(f"http://{sliced_gateway.url}/v2/repository/models/crowd-csrnet/unload", timeout=60).status_code == 200
+    assert _slices(sliced_gateway) == [{"face-pros": 2}] * 2
+
+
+def test_the_default_gateway_slices_only_below_each_models_largest_batch(tiny_repo: ExportedRepo, gateway: Gateway) -> None:
+    # auto: sizes chosen by this machine's timings, so only what any choice must satisfy
+    for partition in httpx.get(f"http://{gateway.url}/v1/partitions").json()["partitions"]:
+        for model, rows in partition["run_slices"].items():
+            largest = read_contract(tiny_repo.root / model).dims["batch"].max
+            assert rows & (rows - 1) == 0 and 1 <= rows < largest, (model, rows)

@@ -1,0 +1,122 @@
+"""Which slice a CPU worker picks from its timings (service/workers/slices.py).
+
+The timings come from a scripted clock, so the choice and the stop rule are checked without this machine's
+noise; the runs themselves are a real onnxruntime session of a one-node graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from migserve.types import Array
+from service.workers import slices
+from service.workers.protocol import ModelSpec
+from service.workers.slices import SlicedSession, fastest_rows, time_per_row
+
+
+def test_the_largest_size_within_tolerance_of_the_fastest_is_taken() -> None:
+    # face-pros on one core of this host, ms per row: 4 is within 3% of 2, 8 is not
+    assert fastest_rows({1: 0.52, 2: 0.446, 4: 0.455, 8: 0.469, 16: 0.531, 32: 0.582}) == 4
+    assert fastest_rows({1: 0.52, 2: 0.446, 4: 0.46, 8: 0.469, 16: 0.531, 32: 0.582}) == 2
+    assert fastest_rows({1: 4.88, 2: 5.46, 4: 5.32, 8: 5.64}) == 1
+
+
+def test_no_slices_where_the_largest_size_measured_is_fastest_or_outputs_cannot_be_joined() -> None:
+    assert fastest_rows({1: 0.9, 2: 0.6, 4: 0.5}) is None  # a larger batch might be faster still
+    assert fastest_rows({1: 0.5, 2: 0.6, 4: 0.505}) is None  # within 3% of the best: the largest wins
+    assert fastest_rows({1: 2.5}) is None  # one size measured (a slow model)
+    assert fastest_rows({}) is None
+    assert fastest_rows({1: 0.4, 2: 0.5}, batch_first=False) is None
+
+
+def _double(path: Path, output_shape: list[str | int | None]) -> ort.InferenceSession:
+    """y = x + x on `x` of shape [batch, 4]; `output_shape` is what the graph declares for y."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "x"], ["y"])],
+        "double",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_shape)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+class _Timed:
+    """A real session whose runs take `cost(rows)` seconds on a scripted clock, and are recorded."""
+
+    def __init__(self, session: ort.InferenceSession, cost: dict[int, float]) -> None:
+        self.session, self.cost, self.now = session, cost, 0.0
+        self.runs: list[int] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def run(self, names: list[str] | None, feeds: dict[str, Array]) -> list[Array]:
+        rows = next(iter(feeds.values())).shape[0]
+        self.runs.append(rows)
+        self.now += self.cost[rows]
+        return list(self.session.run(names, feeds))
+
+
+def test_sizes_are_timed_in_turn_and_the_timing_stops_at_a_slow_one(tmp_path: Path) -> None:
+    timed = _Timed(_double(tmp_path / "m.onnx", ["batch", 4]), {1: 0.001, 2: 0.0016, 4: 0.0028, 8: 0.2, 16: 0.5})
+    warmup = {"x": ((1, 4), "float32")}
+    per_row, batch_first = time_per_row(timed, warmup, 16, clock=timed.clock)
+    assert per_row == pytest.approx({1: 0.001, 2: 0.0008, 4: 0.0007, 8: 0.025})
+    assert batch_first
+    assert timed.runs == [1, 1, 1, 2, 2, 2, 4, 4, 4, 8]  # 8 took longer than RUN_LIMIT_S: once, and no 16
+    assert fastest_rows(per_row, batch_first) == 4
+
+
+def test_outputs_without_the_batch_axis_first_are_not_sliced(tmp_path: Path) -> None:
+    session = _double(tmp_path / "m.onnx", ["batch", 4])
+    transposed = _Timed(session, {1: 0.002, 2: 0.002, 4: 0.004})
+    transposed.run = lambda names, feeds: [o.T for o in session.run(names, feeds)]  # type: ignore[method-assign]
+    per_row, batch_first = time_per_row(transposed, {"x": ((1, 4), "float32")}, 4, clock=transposed.clock)
+    assert not batch_first and fastest_rows(per_row, batch_first) is None
+
+
+def _spec(max_batch: int | None) -> ModelSpec:
+    return ModelSpec(name="double", path="m.onnx", sha256="0" * 64, warmup={"x": ((1, 4), "float32")}, max_batch=max_batch)
+
+
+def test_fixed_rows_slice_without_timing_and_are_left_off_where_they_cover_the_batch(tmp_path: Path) -> None:
+    session = _double(tmp_path / "m.onnx", ["batch", 4])
+    sliced = SlicedSession.made(session, _spec(8), 2)
+    assert isinstance(sliced, SlicedSession) and sliced.rows == 2 and sliced.slice_bytes == 2 * 4 * 4
+    assert SlicedSession.made(session, _spec(8), 8) is session
+    assert SlicedSession.made(session, _spec(1), "auto") is session  # one row at most: nothing to time
+    assert SlicedSession.made(session, _spec(None), 2) is session
+
+
+def test_a_sliced_run_joins_its_slices_in_order(tmp_path: Path) -> None:
+    session = _double(tmp_path / "m.onnx", ["batch", 4])
+    sliced = SlicedSession(session, slice_bytes=3 * 16, rows=3)
+    x = np.arange(7 * 4, dtype=np.float32).reshape(7, 4)
+    (y,) = sliced.run(None, {"x": x})
+    np.testing.assert_array_equal(y, 2 * x)
+    assert sliced.get_outputs()[0].name == "y" and sliced.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_auto_keeps_the_session_whole_where_larger_runs_are_faster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    session = _double(tmp_path / "m.onnx", ["batch", 4])
+    measured: list[int] = []
+
+    def faster_when_larger(session: object, warmup: object, max_batch: int) -> tuple[dict[int, float], bool]:
+        measured.append(max_batch)
+        return {1: 1.0, 2: 0.8, 4: 0.5, 8: 0.4}, True
+
+    monkeypatch.setattr(slices, "time_per_row", faster_when_larger)
+    assert SlicedSession.made(session, _spec(8), "auto") is session
+    monkeypatch.setattr(slices, "time_per_row", lambda s, w, m: ({1: 1.0, 2: 0.5, 4: 0.6, 8: 0.7}, True))
+    sliced = SlicedSession.made(session, _spec(8), "auto")
+    assert isinstance(sliced, SlicedSession) and sliced.rows == 2
+    assert measured == [8]

@@ -181,12 +181,30 @@ def binary_tensor(plan: _InputPlan, shape: list[int], count: int, data: memoryvi
     return np.frombuffer(data, dtype=plan.dtype).reshape(shape)
 
 
+# What numpy makes of a JSON list, by kind, that an input of each kind takes: numbers for a float input (as Triton
+# does), integers for an integer one. Converting straight to the input's dtype took true as 1.0, "2.5" as 2.5 and
+# 2.7 as 2 for an INT64 input.
+_LISTED_KINDS = {"f": "fiu", "i": "i"}
+_KIND_NAMES = {
+    "b": "booleans",
+    "U": "strings",
+    "f": "numbers that are not all 64-bit integers (fractions, or past INT64's range)",
+    "u": "integers past INT64's range",
+    "O": "values of mixed or unsupported types",
+}
+
+
 def listed_tensor(plan: _InputPlan, shape: list[int], count: int, values: Any) -> Array:
     """A tensor from a list of values (JSON `data`, or a gRPC request's typed contents)."""
     try:
-        array = np.asarray(values, dtype=plan.dtype)
+        raw = np.asarray(values)
     except (ValueError, TypeError, OverflowError) as exc:
         raise BadRequest(f"input {plan.spec.name}: data is not {plan.datatype}: {exc}") from None
+    if raw.size and raw.dtype.kind not in _LISTED_KINDS.get(plan.dtype.kind, plan.dtype.kind):
+        found = _KIND_NAMES.get(raw.dtype.kind, f"{raw.dtype} values")
+        wanted = "integers" if plan.dtype.kind == "i" else "numbers"
+        raise BadRequest(f"input {plan.spec.name}: data holds {found}; {plan.datatype} takes {wanted}")
+    array = raw.astype(plan.dtype, copy=False)
     if array.size != count:
         raise BadRequest(f"input {plan.spec.name}: {array.size} values for shape {shape} ({count} expected)")
     return array.reshape(shape)

@@ -405,6 +405,17 @@ def _image_input(shape: list[int], datatype: str = "FP32", name: str = "image") 
     return json.dumps({"inputs": [{"name": name, "datatype": datatype, "shape": shape, "data": [0.0] * count}]}).encode()
 
 
+def _grounding(words: list[list[float]]) -> bytes:
+    """A grounding-mgsl request (8 frames) with these word ids as JSON data."""
+    inputs = [
+        {"name": "video", "datatype": "FP32", "shape": [1, 8, 1024], "data": [0.0] * 8 * 1024},
+        {"name": "video_mask", "datatype": "FP32", "shape": [1, 8], "data": [1.0] * 8},
+        {"name": "words", "datatype": "INT64", "shape": [1, len(words[0])], "data": words},
+        {"name": "word_mask", "datatype": "FP32", "shape": [1, len(words[0])], "data": [1.0] * len(words[0])},
+    ]
+    return json.dumps({"inputs": inputs}).encode()
+
+
 BAD_REQUESTS = [
     ("unknown model", "crowd", _image_input([1, 3, 16, 16]), None, 404, "unknown model 'crowd'"),
     ("malformed JSON", "crowd-csrnet", b'{"inputs": [', None, 400, "not valid JSON"),
@@ -429,7 +440,48 @@ BAD_REQUESTS = [
         json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": ["a"]}]}).encode(),
         None,
         400,
-        "data is not FP32",
+        "data holds strings; FP32 takes numbers",
+    ),
+    (
+        "numbers as strings",
+        "crowd-csrnet",
+        json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 8, 8], "data": ["1.5"] * 192}]}).encode(),
+        None,
+        400,
+        "data holds strings; FP32 takes numbers",
+    ),
+    (
+        "booleans for FP32",
+        "crowd-csrnet",
+        json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 8, 8], "data": [True] * 192}]}).encode(),
+        None,
+        400,
+        "data holds booleans; FP32 takes numbers",
+    ),
+    (
+        "nulls in the data",
+        "crowd-csrnet",
+        json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 8, 8], "data": [1.0] * 191 + [None]}]}).encode(),
+        None,
+        400,
+        "data holds values of mixed or unsupported types; FP32 takes numbers",
+    ),
+    (
+        "fractions for INT64",
+        "grounding-mgsl",
+        _grounding(words=[[5, 2.5]]),
+        None,
+        400,
+        "(fractions, or past INT64's range); INT64 takes integers",
+    ),
+    ("INT64 out of range", "grounding-mgsl", _grounding(words=[[2**63, 2**63]]), None, 400, "data holds integers past INT64's range"),
+    (
+        "INT64 far out of range",
+        "grounding-mgsl",
+        _grounding(words=[[5, 2**64]]),
+        None,
+        400,
+        "data holds numbers that are not all 64-bit integers",
     ),
     (
         "name not a string",
@@ -556,6 +608,15 @@ def test_bad_requests_get_a_4xx_that_names_the_problem(
     response = _post(gateway, model, body, headers)
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
+
+
+def test_json_data_of_the_right_kinds_is_taken(gateway: Gateway) -> None:
+    # the requests above refused for their values, with values of the kinds Triton takes: integers are numbers too
+    assert _post(gateway, "grounding-mgsl", _grounding(words=[[5, 6]])).status_code == 200
+    image = {"name": "image", "datatype": "FP32", "shape": [1, 3, 8, 8]}
+    for data in ([1.5] * 192, [1] * 192, [[[1, 2.5] * 4] * 8] * 3):
+        response = _post(gateway, "crowd-csrnet", json.dumps({"inputs": [image | {"data": data}]}).encode())
+        assert response.status_code == 200, response.text
 
 
 def test_truncated_and_overlong_binary_bodies(gateway: Gateway, tiny_repo: ExportedRepo) -> None:

@@ -35,7 +35,7 @@ from .protocol import ModelSpec
 
 RUN_LIMIT_S = 0.1  # a run at one size that takes longer ends the timing there
 REPEATS = 3  # runs timed at each size, the fastest kept (the first at a new shape allocates)
-TOLERANCE = 0.03  # sizes within 3% of the least time per row count as fastest; the largest of them is taken
+TOLERANCE = 0.05  # sizes within 5% of the least time per row count as fastest; the smallest of them is taken
 
 Warmup = Mapping[str, tuple[tuple[int, ...], str]]  # input -> (shape with batch 1, dtype), as ModelSpec.warmup
 
@@ -64,13 +64,16 @@ def time_per_row(
 
 
 def fastest_rows(per_row: Mapping[int, float], batch_first: bool = True) -> int | None:
-    """The rows a run should have at most: the largest size within TOLERANCE of the least time per row; None (run
-    batches whole) where that is the largest size measured, or where outputs cannot be joined along the batch axis."""
+    """The rows a run should have at most: the smallest size within TOLERANCE of the least time per row; None (run
+    batches whole) where the least is at the largest size measured, or where outputs cannot be joined along the
+    batch axis. The smallest, because a worker under load shares the caches with the gateway and the other workers,
+    and there smaller runs did better than the timing alone says (face-pros: bench/RESULTS.md)."""
     if not per_row or not batch_first:
         return None
     least = min(per_row.values())
-    rows = max(r for r, t in per_row.items() if t <= least * (1 + TOLERANCE))
-    return None if rows == max(per_row) else rows
+    if per_row[max(per_row)] == least:
+        return None
+    return min(r for r, t in per_row.items() if t <= least * (1 + TOLERANCE))
 
 
 def row_bytes(feeds: Mapping[str, Array]) -> int:

@@ -56,7 +56,7 @@ class ServeConfig(BaseModel):
     cpu_run_slices: Literal["auto", "off"] | Annotated[int, Field(ge=1)] = Field(
         "auto",
         description="auto: a CPU-slice worker times each model at 1, 2, 4, ... rows as it loads it and runs larger batches "
-        "as consecutive runs of the size fastest per row (face-pros: 0.44 ms a row at 4 rows, 0.58 at 32 on one core); "
+        "as consecutive runs of a size fastest per row (face-pros: 0.47-0.52 ms a row at 2-8 rows, 0.56-0.64 at 32 on one core); "
         "N: runs of N rows at each model's default sizes, untimed; off: every batch in one run",
     )
     cudnn_conv_algo_search: Literal["heuristic", "exhaustive", "default"] = Field(

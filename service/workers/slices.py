@@ -1,13 +1,14 @@
-"""CPU sessions that run a batch in slices of the size onnxruntime runs fastest per row.
+"""CPU sessions that run a batch in slices of a size onnxruntime runs fastest per row.
 
 The gateway batches requests to spend one round trip to a worker on many of them, but
 on a CPU slice onnxruntime's time per row grows with the rows of a run once a run's
 activations no longer fit the core's caches: face-pros (3x224x224) on one core of this
-host took 0.44 ms a row at 2 and 4 rows and 0.58 ms at 16 and 32; crowd-csrnet
-(3x256x256) 4.9 ms at 1 row and 5.5 ms at 8 (bench/RESULTS.md). So a CPU worker times
-each model once as it loads it, at 1, 2, 4, ... rows up to the model's largest batch,
-on its own cores and threads, and from then on runs a larger batch as consecutive
-runs of that many rows (views of the batch, no copy), joining their outputs.
+host took 0.47-0.52 ms a row at 2-8 rows and 0.56-0.64 ms at 32; crowd-csrnet
+(3x256x256) 4.9 ms at 1 row and 5.5 ms at 8 (bench/run_slices.py, bench/RESULTS.md). So a
+CPU worker times each model once as it loads it, at 1, 2, 4, ... rows up to the model's
+largest batch, on its own cores and threads, and from then on runs a larger batch as
+consecutive runs of the smallest size within TOLERANCE of the fastest per row (views of
+the batch, no copy), joining their outputs.
 
 A slice is kept as input bytes, not rows: a batch of images smaller than the
 contract's default size runs in slices of more rows, a larger one in fewer (at least

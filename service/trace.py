@@ -20,8 +20,15 @@ begins), QUEUE_START (the request enters its model's queue), COMPUTE_START (its 
 COMPUTE_INPUT_END (the batch is in the worker's shared memory), COMPUTE_OUTPUT_START (the worker answered),
 COMPUTE_END (the request's rows are cut out), REQUEST_END (its answer is encoded), HTTP_SEND_START and
 HTTP_SEND_END (the answer handed to the socket); a gRPC request has no HTTP_ stamps, and one whose client
-went away none of HTTP_SEND. `ns` is time.monotonic_ns(), a steady clock as Triton's. With `--frontends`, requests that the other front-end
-processes take are not traced: the sample comes from the first process's connections.
+went away none of HTTP_SEND. `ns` is time.monotonic_ns(), a steady clock as Triton's (one clock for every process
+of the host).
+
+With `--frontends N` every process traces the requests it takes. The first process keeps the settings and the file:
+it sends its settings to the other front-ends as they change and every TRACE_SYNC_S, and takes their finished
+traces each time, numbering them in its own sequence and writing them as its own. Each process counts the rate
+over its own requests (every N-th of a process's requests). trace_count is kept by the first process across all:
+a front-end counts down its copy between two syncs, and traces past the count are dropped as they arrive. Traces
+a front-end finishes after the gateway's last sync, as it stops, are lost.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ LEVELS = ("OFF", "TIMESTAMPS")
 DEFAULTS: dict[str, Any] = {"trace_level": ("OFF",), "trace_rate": 1000, "trace_count": -1, "log_frequency": 0}
 LOWEST = {"trace_rate": 1, "trace_count": -1, "log_frequency": 0}
 HELD_AT_MOST = 100_000  # traces kept in memory for log_frequency 0; past this, new ones are dropped (with a warning)
+TRACE_SYNC_S = 1.0  # with --frontends: how often the first process sends its settings and takes the others' traces
 
 
 @dataclass
@@ -60,9 +68,18 @@ class Trace:
         return {"id": self.id, "model_name": self.model, "model_version": 1, "timestamps": timestamps}
 
 
+@dataclass(frozen=True)
+class TraceState:
+    """The settings in force: what the first process sends its front-ends."""
+
+    base: dict[str, Any]
+    models: dict[str, dict[str, Any]]
+
+
 class Tracer:
-    def __init__(self, file: Path | None) -> None:
-        self.file = file
+    def __init__(self, file: Path | None, *, collected: bool = False) -> None:
+        """`collected`: a front-end process's tracer, whose traces the first process takes (`take`) and writes."""
+        self.file, self.collected = file, collected
         self.base: dict[str, Any] = dict(DEFAULTS)
         self.models: dict[str, dict[str, Any]] = {}  # model -> the settings it overrides
         self._seen: dict[str | None, int] = {}  # requests counted for the rate, per settings owner (None: global)
@@ -110,7 +127,7 @@ class Tracer:
     def sample(self, model: str) -> Trace | None:
         """A trace for this request of `model` if the settings say it is one to trace, else None."""
         if self.file is None:
-            return None  # no tracing without a file (and in every front-end process but the first)
+            return None  # no tracing without a file
         owner = model if model in self.models else None
         values = self._effective(model)
         if values["trace_level"] == ("OFF",) or values["trace_count"] == 0:
@@ -118,33 +135,63 @@ class Tracer:
         seen = self._seen[owner] = self._seen.get(owner, 0) + 1
         if seen % values["trace_rate"]:
             return None
-        if values["trace_count"] > 0:
-            (self.models[model] if owner else self.base)["trace_count"] = values["trace_count"] - 1
+        self._count_down(model, values["trace_count"])
         trace = Trace(self._next_id, model)
         self._next_id += 1
         return trace
 
     def done(self, trace: Trace) -> None:
         """A traced request is answered: keep its trace, and write a file's worth once there is one."""
+        self._keep(trace.record())
+
+    def state(self) -> TraceState:
+        return TraceState(dict(self.base), {model: dict(values) for model, values in self.models.items()})
+
+    def adopt(self, state: TraceState) -> None:
+        """A front-end: the first process's settings from now on (the rate goes on counting)."""
+        self.base, self.models = dict(state.base), {model: dict(values) for model, values in state.models.items()}
+
+    def take(self) -> list[dict[str, Any]]:
+        """A front-end: its finished traces, for the first process."""
+        held, self._held = self._held, []
+        self._dropped = False
+        return held
+
+    def accept(self, records: list[dict[str, Any]]) -> None:
+        """The first process: a front-end's traces, counted against trace_count, numbered here and kept."""
+        for record in records:
+            model = record["model_name"]
+            count = self._effective(model)["trace_count"]
+            if count == 0:
+                continue  # past the count: the front-end sampled it before it heard the count was reached
+            self._count_down(model, count)
+            self._keep(record | {"id": self._next_id})
+            self._next_id += 1
+
+    def close(self) -> None:
+        """The gateway stops: what is held goes to the trace file itself (log_frequency 0) or the next numbered one."""
+        if self._held and self.file is not None and not self.collected:
+            if self._next_file:
+                self._write(self.file.with_name(f"{self.file.name}.{self._next_file}"))
+            else:
+                self._write(self.file)
+
+    def _count_down(self, model: str, count: int) -> None:
+        if count > 0:
+            self.models.get(model, self.base)["trace_count"] = count - 1
+
+    def _keep(self, record: dict[str, Any]) -> None:
         if len(self._held) >= HELD_AT_MOST:
             if not self._dropped:
                 logger.warning("%d traces held for --trace-file %s: set log_frequency to write them as they come", HELD_AT_MOST, self.file)
                 self._dropped = True
             return
-        self._held.append(trace.record())
-        frequency = self._effective(trace.model)["log_frequency"]
-        if frequency and len(self._held) >= frequency:
+        self._held.append(record)
+        frequency = self._effective(record["model_name"])["log_frequency"]
+        if frequency and len(self._held) >= frequency and not self.collected:
             assert self.file is not None
             self._write(self.file.with_name(f"{self.file.name}.{self._next_file}"))
             self._next_file += 1
-
-    def close(self) -> None:
-        """The gateway stops: what is held goes to the trace file itself (log_frequency 0) or the next numbered one."""
-        if self._held and self.file is not None:
-            if self._next_file:
-                self._write(self.file.with_name(f"{self.file.name}.{self._next_file}"))
-            else:
-                self._write(self.file)
 
     def _write(self, path: Path) -> None:
         held, self._held = self._held, []

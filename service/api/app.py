@@ -40,7 +40,7 @@ from ..regions import Regions
 from ..repository import ModelEntry, RepositoryError, load_model, load_repository
 from ..shared import Published, SharedCounts
 from ..stats import ModelStatistics, model_config
-from ..trace import Trace, Tracer
+from ..trace import TRACE_SYNC_S, Trace, Tracer
 from ..workers.protocol import ModelSpec, WorkerOptions
 from .budget import BodyBudget
 from .classification import classified
@@ -83,12 +83,13 @@ class Gateway:
     frontends: Frontends | None = None  # the other front-end processes (serve --frontends), run by this one
     shared: SharedCounts | None = None  # with front-ends: every process's bodies and queues, for the gateway's bounds
     index: int = 0  # this process's front-end index (0: the first process)
-    tracer: Tracer = field(init=False)  # Triton's trace extension; only the first process traces (service/trace.py)
+    tracer: Tracer = field(init=False)  # Triton's trace extension; the first process writes every process's traces
+    _syncing: asyncio.Task[None] | None = None  # with front-ends and a trace file: their settings and traces, each second
 
     def __post_init__(self) -> None:
         self.jobs = JobStore(self.config.max_jobs, self.config.job_ttl_s)
         self.bodies = BodyBudget(self.config.max_pending_bytes, self.shared, self.index)
-        self.tracer = Tracer(self.config.trace_file if self.index == 0 else None)
+        self.tracer = Tracer(self.config.trace_file, collected=self.index != 0)
 
     @classmethod
     def build(cls, config: ServeConfig) -> Gateway:
@@ -153,6 +154,8 @@ class Gateway:
             self._serve(name, entry)
         if self.frontends is not None:
             await self.frontends.start()
+            if self.tracer.file is not None:
+                self._syncing = asyncio.get_running_loop().create_task(self._sync_traces_forever())
         self.backend.add_listener(self._update_partition_metrics)
         self._update_partition_metrics()
         self.metrics.count_compute(self.backend.compute_seconds)
@@ -335,6 +338,9 @@ class Gateway:
             logger.info("unloaded model %s", name)
 
     async def stop(self) -> None:
+        if self._syncing is not None:
+            self._syncing.cancel()
+            await self.sync_traces()  # what the front-ends traced before they stop (after a sync under way)
         if self.frontends is not None:
             await self.frontends.stop()
         await self.jobs.stop()
@@ -508,11 +514,35 @@ class Gateway:
         merged = {n: merge_statistics(self.stats[n], [c.stats[n] for c in others if n in c.stats]) for n in names}
         return service_pb2.ModelStatisticsResponse(model_stats=[merged[n].message() for n in names])
 
-    def trace_settings(self, model: str | None, changes: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Triton's trace extension, both protocols: the settings for every model or a served one, after `changes`."""
+    async def trace_settings(self, model: str | None, changes: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Triton's trace extension, both protocols: the settings for every model or a served one, after `changes`
+        (which reach the other front-end processes before the answer)."""
         if model is not None:
             self.entry(model)  # raises UnknownModel
-        return self.tracer.update(model, changes) if changes else self.tracer.settings(model)
+        if not changes:
+            return self.tracer.settings(model)
+        settings = self.tracer.update(model, changes)
+        await self.sync_traces()
+        return settings
+
+    async def sync_traces(self) -> None:
+        """The first process's trace settings to every other front-end, and their finished traces into its file."""
+        if self.frontends is not None and self.tracer.file is not None:
+            for records in await self.frontends.sync_traces(self.tracer.state()):
+                self.tracer.accept(records)
+
+    async def _sync_traces_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TRACE_SYNC_S)
+            # shielded: stopping the gateway cancels this task, and a question cancelled halfway would leave a
+            # front-end's answer (its traces) to be taken as the answer to the next question
+            await asyncio.shield(self._sync_traces_logged())
+
+    async def _sync_traces_logged(self) -> None:
+        try:
+            await self.sync_traces()
+        except Exception:  # the next turn asks again
+            logger.exception("could not take the front-ends' traces")
 
     async def update_logs(self, changes: dict[str, Any]) -> dict[str, Any]:
         """Triton's logging extension: change the log level here and in every other front-end process."""

@@ -53,6 +53,7 @@ from ..partitions import Partition
 from ..repository import ModelEntry
 from ..shared import SharedCounts
 from ..stats import ModelStatistics
+from ..trace import TraceState
 from ..workers import shm
 from ..workers.protocol import ModelSpec, Stop, watch  # a front-end stops as a worker does
 from .connection import InferConnection
@@ -132,6 +133,18 @@ class SetLogs:
     """Triton's logging extension: the first process's log settings changed; the same changes here."""
 
     changes: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SyncTraces:
+    """Triton's trace extension: the first process's trace settings; the answer is the front-end's finished traces."""
+
+    state: TraceState
+
+
+@dataclass(frozen=True)
+class TracesTaken:
+    records: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -320,6 +333,9 @@ async def _frontend(spec: FrontendSpec, conn: Connection) -> None:
         elif isinstance(message, SetLogs):
             gateway.logs.update(message.changes)  # checked by the first process already
             conn.send(Done("logging"))
+        elif isinstance(message, SyncTraces):
+            gateway.tracer.adopt(message.state)
+            conn.send(TracesTaken(gateway.tracer.take()))
         elif isinstance(message, ServeModel | UnserveModel):
             task = asyncio.get_running_loop().create_task(apply(message))  # the first process waits for its Done
             tasks.add(task)
@@ -505,6 +521,12 @@ class Frontends:
             if not isinstance(answer, Done):
                 logger.error("front-end %d did not apply %s in %.0f s; restarting it", child.index, type(message).__name__, timeout_s)
                 child.process.kill()
+
+    async def sync_traces(self, state: TraceState) -> list[list[dict[str, Any]]]:
+        """Every live front-end takes up the trace settings `state` and gives its finished traces."""
+        return [
+            answer.records for _, answer in await self._ask_all(SyncTraces(state), SNAPSHOT_TIMEOUT_S) if isinstance(answer, TracesTaken)
+        ]
 
     async def _ask_all(self, message: object, timeout_s: float) -> list[tuple[_Child, object]]:
         """Each live front-end with its answer to `message` (an exception where it gave none in time)."""

@@ -190,7 +190,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         """Triton's trace extension (service/trace.py): each value a list of strings; an empty one clears it."""
         changes = {key: list(value.value) or None for key, value in request.settings.items()}
         try:
-            settings = self.gateway.trace_settings(request.model_name or None, changes)
+            settings = await self.gateway.trace_settings(request.model_name or None, changes)
         except ServiceError as exc:
             await _abort(context, exc)
         value = service_pb2.TraceSettingResponse.SettingValue

@@ -174,10 +174,12 @@ def _register_trace(app: FastAPI, gateway: Gateway) -> None:
     @app.get("/v2/trace/setting", summary="The trace settings for every model (Triton's trace extension)")
     @app.get("/v2/models/{name}/trace/setting", summary="The trace settings in force for one model")
     async def trace_settings(name: str | None = None) -> dict[str, Any]:
-        return gateway.trace_settings(name)
+        return await gateway.trace_settings(name)
 
     @app.post("/v2/trace/setting", summary="Change the trace settings for every model (Triton's trace extension)")
     @app.post("/v2/models/{name}/trace/setting", summary="Change one model's trace settings (null clears one)")
     async def update_trace_settings(request: Request, name: str | None = None) -> dict[str, Any]:
         body = await read_body(request.receive, request.headers.get("content-length"), SMALL_BODY_LIMIT)
-        return gateway.trace_settings(name, json_object(body, 'a JSON object such as {"trace_level": ["TIMESTAMPS"], "trace_rate": "1"}'))
+        return await gateway.trace_settings(
+            name, json_object(body, 'a JSON object such as {"trace_level": ["TIMESTAMPS"], "trace_rate": "1"}')
+        )

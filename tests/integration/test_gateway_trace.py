@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +122,39 @@ def test_requests_through_uvicorn_are_traced_with_their_http_stamps_too(tiny_rep
         assert [s["name"] for s in trace["timestamps"]] == ["HTTP_RECV_START", "HTTP_RECV_END", *ORDER, *SENT]
         times = [s["ns"] for s in trace["timestamps"]]
         assert times == sorted(times)
+
+
+def test_every_front_end_process_traces_and_the_first_writes_it_all(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """--frontends 2: requests on fresh connections land in both processes (SO_REUSEPORT); each process traces its
+    own, the first numbers and writes them all, and trace_count holds across the two."""
+    trace_file = tmp_path / "trace.json"
+    gateway = Gateway(tiny_repo.root, "--frontends", "2", "--models", MODEL, "--trace-file", str(trace_file), log=tmp_path / "serve.log")
+    arrays = make_inputs(read_contract(tiny_repo.root / MODEL), 1, seed=4, dims={"height": 16, "width": 16})
+    try:
+        settings = {"trace_level": ["TIMESTAMPS"], "trace_rate": "1", "log_frequency": "10"}
+        httpclient.InferenceServerClient(gateway.url).update_trace_settings(settings=settings)
+        for _ in range(30):
+            client = httpclient.InferenceServerClient(gateway.url)  # a new connection each time
+            _infer(client, arrays, 1)
+            client.close()
+        served = httpx.get(f"http://{gateway.url}/v1/partitions", timeout=10).json()["frontends"][0]["requests"]
+        assert 0 < served < 30, f"the second front-end served {served} of 30: the test needs both to serve some"
+        deadline = time.monotonic() + 10
+        while not trace_file.with_name("trace.json.2").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)  # the first process takes the front-end's traces every second
+        traces = [t for k in range(3) for t in _traces(trace_file.with_name(f"trace.json.{k}"))]
+        assert sorted(t["id"] for t in traces) == list(range(1, 31))
+        for trace in traces:
+            assert trace["model_name"] == MODEL
+            assert [s["name"] for s in trace["timestamps"]] == ["HTTP_RECV_START", "HTTP_RECV_END", *ORDER, *SENT]
+        counted = httpclient.InferenceServerClient(gateway.url).update_trace_settings(settings={"trace_count": "4"})
+        assert counted["trace_count"] == "4"
+        for _ in range(20):
+            client = httpclient.InferenceServerClient(gateway.url)
+            _infer(client, arrays, 1)
+            client.close()
+    finally:
+        gateway.close()
+    last = _traces(trace_file.with_name("trace.json.3"))  # held (fewer than 10) until the gateway stopped
+    assert sorted(t["id"] for t in last) == [31, 32, 33, 34], "four traces in all, from both processes"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("trace")) == [f"trace.json.{k}" for k in range(4)]

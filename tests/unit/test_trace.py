@@ -32,3 +32,26 @@ def test_a_refused_update_changes_nothing_and_levels_are_read_as_triton_lists_th
     with pytest.raises(BadRequest, match="start the gateway with --trace-file"):
         untraced.update("m", {"trace_level": ["TIMESTAMPS"]})
     assert untraced.models == {} and untraced.sample("m") is None
+
+
+def test_a_front_end_traces_by_the_first_process_s_settings_and_the_first_counts_and_numbers_its_traces(tmp_path: Path) -> None:
+    first, front = Tracer(tmp_path / "trace.json"), Tracer(tmp_path / "trace.json", collected=True)
+    first.update(None, {"trace_level": ["TIMESTAMPS"], "trace_rate": "1"})
+    first.update("m", {"trace_count": "3"})
+    assert front.sample("m") is None, "off until the first process's settings arrive"
+    front.adopt(first.state())
+    mine = first.sample("m")  # the first process's own trace counts at once: 2 left
+    assert mine is not None and mine.id == 1
+    for _ in range(3):  # the front-end's copy still says 3
+        trace = front.sample("m")
+        assert trace is not None
+        front.done(trace)
+    assert front.sample("m") is None, "its own copy of the count is spent"
+    first.accept(front.take())
+    assert front.take() == [], "taken once"
+    assert [r["id"] for r in first.take()] == [2, 3], "two of its three: the count across both processes is 3"
+    assert first.settings("m")["trace_count"] == "0"
+    front.adopt(first.state())
+    assert front.sample("m") is None
+    front.close()
+    assert not list(tmp_path.iterdir()), "a front-end's tracer writes nothing itself"

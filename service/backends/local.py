@@ -138,7 +138,7 @@ class WorkerReplica:
         self._process = process
         self._attach(parent, ready)
         asyncio.get_running_loop().add_reader(process.sentinel, self._on_exit)
-        sliced = "".join(f"; {model} in runs of {rows} rows" for model, rows in sorted(self.slices.items()))
+        sliced = "".join(f"; {model} in runs of {rows} row{'s' * (rows != 1)}" for model, rows in sorted(self.slices.items()))
         logger.info(
             "worker %s ready (pid %s, %s, models: %s%s)", self.id, process.pid, ",".join(self.providers), ",".join(self.loaded), sliced
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import time
 from pathlib import Path
 
 import onnxruntime as ort
@@ -43,15 +44,17 @@ def main() -> int:
         shapes = ", ".join(f"{name} {list(shape[1:])}" for name, (shape, _) in spec.warmup.items())
         print(f"\n{model}: ms per row by rows per run (fastest of 3 runs), one core, one thread; a row is {shapes}\n")
         sizes = buckets(spec.max_batch or 1)
-        print("| trial | " + " | ".join(f"{rows} rows" for rows in sizes) + " | slice chosen |")
-        print("| ---: | " + " | ".join("---:" for _ in sizes) + " | ---: |")
+        print("| trial | " + " | ".join(f"{rows} rows" for rows in sizes) + " | slice chosen | timing took, s |")
+        print("| ---: | " + " | ".join("---:" for _ in sizes) + " | ---: | ---: |")
         chosen: collections.Counter[str] = collections.Counter()
         for trial in range(1, args.trials + 1):
+            started = time.perf_counter()
             per_row, batch_first = time_per_row(session, spec.warmup, spec.max_batch or 1)
+            took = time.perf_counter() - started
             rows = fastest_rows(per_row, batch_first)
             chosen[str(rows or "whole batch")] += 1
             times = " | ".join(f"{per_row[r] * 1000:.3f}" if r in per_row else "-" for r in sizes)  # - : not timed (slow)
-            print(f"| {trial} | {times} | {rows or 'whole batch'} |")
+            print(f"| {trial} | {times} | {rows or 'whole batch'} | {took:.2f} |")
         print(f"\nchosen: {', '.join(f'{rows} ({n}x)' for rows, n in chosen.most_common())}")
     return 0
 

@@ -96,7 +96,10 @@ class SlicedSession:
         `session` itself where slicing gains nothing (the model takes one row, or `rows` is its largest batch)."""
         max_batch = model.max_batch or 1
         if rows == "auto" and max_batch > 1:
-            found = fastest_rows(*time_per_row(session, model.warmup, max_batch))
+            try:
+                found = fastest_rows(*time_per_row(session, model.warmup, max_batch))
+            except Exception:  # onnxruntime's own types: a model that runs one row but not several runs batches as they come
+                found = None
         else:
             found = rows if isinstance(rows, int) else None
         if found is None or found >= max_batch:

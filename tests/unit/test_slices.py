@@ -97,6 +97,22 @@ def test_fixed_rows_slice_without_timing_and_are_left_off_where_they_cover_the_b
     assert SlicedSession.made(session, _spec(None), 2) is session
 
 
+def test_a_model_that_fails_at_several_rows_is_left_whole_not_a_failed_start(tmp_path: Path) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "x"], ["y"])],
+        "one-row",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],  # a batch axis fixed at 1 by a faulty export
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "one.onnx")
+    session = ort.InferenceSession(str(tmp_path / "one.onnx"), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="INVALID_ARGUMENT"):
+        time_per_row(session, {"x": ((1, 4), "float32")}, 8)
+    assert SlicedSession.made(session, _spec(8), "auto") is session
+
+
 def test_a_sliced_run_joins_its_slices_in_order(tmp_path: Path) -> None:
     session = _double(tmp_path / "m.onnx", ["batch", 4])
     sliced = SlicedSession(session, slice_bytes=3 * 16, rows=3)

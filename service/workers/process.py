@@ -127,7 +127,9 @@ def load_sessions(ort: Any, spec: WorkerSpec) -> tuple[dict[str, Any], dict[str,
         )
         try:
             session = make()
+            started = time.perf_counter()
             session.run(None, {k: np.zeros(shape, dtype) for k, (shape, dtype) in model.warmup.items()})  # first runs are slow
+            warmup_s = time.perf_counter() - started
         except Exception as exc:  # onnxruntime raises its own exception types
             refused[model.name] = f"onnxruntime cannot load or run {model.path}: {exc}"
             continue
@@ -137,7 +139,7 @@ def load_sessions(ort: Any, spec: WorkerSpec) -> tuple[dict[str, Any], dict[str,
                 session, make, model.max_batch, keep=spec.options.shape_sessions, pinning=cuda_pinning(), device=cuda_buffers(ort)
             )
         elif session.get_providers()[0] == "CPUExecutionProvider" and spec.options.run_slices != "off":
-            session = SlicedSession.made(session, model, spec.options.run_slices)  # or itself, where slices gain nothing
+            session = SlicedSession.made(session, model, spec.options.run_slices, warmup_s)  # or itself, where slices gain nothing
         sessions[model.name] = session
     return sessions, refused
 

@@ -16,7 +16,8 @@ one). Rows are independent in these models (inference-mode batch norm), as the
 dynamic batcher already assumes, so slicing changes no row's answer beyond rounding.
 The timing stops at the first size whose run takes longer than `RUN_LIMIT_S`: a model
 that slow (a CT volume) spends nothing on a round trip per row anyway, and is not
-sliced. Nor is one whose outputs do not lead with the batch axis, nor one that runs
+sliced; one whose warm-up run took over UNTIMED_AFTER_S is not timed at all, so that
+its worker's start costs no run more. Nor is one whose outputs do not lead with the batch axis, nor one that runs
 fastest per row at its largest size measured (a larger one might be faster still).
 """
 
@@ -35,6 +36,7 @@ from .buckets import buckets
 from .protocol import ModelSpec
 
 RUN_LIMIT_S = 0.1  # a run at one size that takes longer ends the timing there
+UNTIMED_AFTER_S = 1.0  # a model whose warm-up run took longer is not timed at all (not even one run more at start)
 REPEATS = 3  # runs timed at each size, the fastest kept (the first at a new shape allocates)
 TOLERANCE = 0.05  # sizes within 5% of the least time per row count as fastest; the smallest of them is taken
 
@@ -91,11 +93,12 @@ class SlicedSession:
     rows: int  # rows per slice at the warm-up shape (what /v1/partitions shows)
 
     @classmethod
-    def made(cls, session: Any, model: ModelSpec, rows: int | Literal["auto"]) -> Any:
+    def made(cls, session: Any, model: ModelSpec, rows: int | Literal["auto"], warmup_s: float = 0.0) -> Any:
         """`session` sliced at `rows` at the model's default sizes, or at its fastest size per row ("auto"); or
-        `session` itself where slicing gains nothing (the model takes one row, or `rows` is its largest batch)."""
+        `session` itself where slicing gains nothing (the model takes one row, `rows` is its largest batch, or its
+        warm-up run, `warmup_s`, was too slow for a round trip per row to matter)."""
         max_batch = model.max_batch or 1
-        if rows == "auto" and max_batch > 1:
+        if rows == "auto" and max_batch > 1 and warmup_s <= UNTIMED_AFTER_S:
             try:
                 found = fastest_rows(*time_per_row(session, model.warmup, max_batch))
             except Exception:  # onnxruntime's own types: a model that runs one row but not several runs batches as they come

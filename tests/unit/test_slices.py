@@ -136,3 +136,6 @@ def test_auto_keeps_the_session_whole_where_larger_runs_are_faster(tmp_path: Pat
     sliced = SlicedSession.made(session, _spec(8), "auto")
     assert isinstance(sliced, SlicedSession) and sliced.rows == 2
     assert measured == [8]
+    monkeypatch.setattr(slices, "time_per_row", faster_when_larger)
+    assert SlicedSession.made(session, _spec(8), "auto", warmup_s=1.5) is session
+    assert measured == [8], "a model whose warm-up took over a second is not timed"

@@ -216,8 +216,8 @@ def run_merged(sessions: dict[str, Any], group: Group) -> list[BatchDone | Batch
     parts = {name: [inputs.view(m.inputs[name]) for inputs, _, m in group] for name in message.inputs}
     started = time.perf_counter()
     try:
-        if isinstance(session, BucketedSession):
-            results = session.run_parts(None, parts)  # copied once, into its padded (pinned) buffers
+        if isinstance(session, BucketedSession | SlicedSession):
+            results = session.run_parts(None, parts)  # copied once into padded (pinned) buffers, or run in slices
         else:
             results = session.run(None, {name: np.concatenate(p) for name, p in parts.items()})
     except Exception:  # onnxruntime's own types; the batches alone say whose input it was

@@ -24,7 +24,7 @@ fastest per row at its largest size measured (a larger one might be faster still
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -79,6 +79,19 @@ def fastest_rows(per_row: Mapping[int, float], batch_first: bool = True) -> int 
     return min(r for r, t in per_row.items() if t <= least * (1 + TOLERANCE))
 
 
+def _window(pieces: Sequence[Array], rows: Sequence[int], start: int, stop: int) -> Array:
+    """Rows [start, stop) of `pieces` laid end to end: a view where they lie in one piece."""
+    chosen, offset = [], 0
+    for piece, count in zip(pieces, rows, strict=True):
+        low, high = max(start - offset, 0), min(stop - offset, count)
+        if low < high:
+            chosen.append(piece[low:high])
+        offset += count
+        if offset >= stop:
+            break
+    return chosen[0] if len(chosen) == 1 else np.concatenate(chosen)
+
+
 def row_bytes(feeds: Mapping[str, Array]) -> int:
     """Input bytes of one row (every input leads with the batch axis)."""
     return sum(int(a.nbytes // max(a.shape[0], 1)) for a in feeds.values())
@@ -111,12 +124,21 @@ class SlicedSession:
         return cls(session, found * one, found)
 
     def run(self, names: list[str] | None, feeds: Mapping[str, Array]) -> list[Array]:
-        total = next(iter(feeds.values())).shape[0]
-        step = max(1, self.slice_bytes // max(row_bytes(feeds), 1))
-        if total <= step:
-            return list(self.session.run(names, feeds))
-        parts = [self.session.run(names, {k: v[start : start + step] for k, v in feeds.items()}) for start in range(0, total, step)]
-        return [np.concatenate(column) for column in zip(*parts, strict=True)]
+        return self.run_parts(names, {name: [value] for name, value in feeds.items()})
+
+    def run_parts(self, names: list[str] | None, parts: Mapping[str, Sequence[Array]]) -> list[Array]:
+        """Batches merged from several front-ends (`parts`: each input's pieces, end to end) run in slices taken
+        from the pieces where they lie, so the merged batch is never copied whole; a slice across two pieces is."""
+        rows = [piece.shape[0] for piece in next(iter(parts.values()))]
+        total = sum(rows)
+        step = max(1, self.slice_bytes // max(row_bytes({name: pieces[0] for name, pieces in parts.items()}), 1))
+        runs = [
+            self.session.run(names, {name: _window(pieces, rows, start, min(start + step, total)) for name, pieces in parts.items()})
+            for start in range(0, total, step)
+        ]
+        if len(runs) == 1:
+            return list(runs[0])
+        return [np.concatenate(column) for column in zip(*runs, strict=True)]
 
     def get_outputs(self) -> Any:
         return self.session.get_outputs()

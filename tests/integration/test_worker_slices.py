@@ -20,11 +20,13 @@ from migserve.contract import read_contract
 from migserve.types import Array
 from service.placement import model_spec
 from service.repository import load_model
-from service.workers.process import load_sessions
-from service.workers.protocol import WorkerOptions, WorkerSpec
+from service.workers import shm
+from service.workers.process import load_sessions, run_merged
+from service.workers.protocol import BatchDone, WorkerOptions, WorkerSpec
 from service.workers.slices import SlicedSession, time_per_row
 from tests.helpers import ExportedRepo, Gateway
 from tests.integration.test_gateway_protocol import direct, make_inputs, triton_inputs
+from tests.integration.test_worker_buckets import _batch, _keep
 
 
 class _Recorded:
@@ -37,6 +39,9 @@ class _Recorded:
     def run(self, names: list[str] | None, feeds: dict[str, Array]) -> list[Array]:
         self.runs.append(next(iter(feeds.values())).shape[0])
         return list(self.session.run(names, feeds))
+
+    def get_outputs(self) -> list[ort.NodeArg]:
+        return list(self.session.get_outputs())
 
 
 @pytest.mark.parametrize("model", ["crowd-csrnet", "grounding-mgsl", "face-pros"])
@@ -55,6 +60,30 @@ def test_sliced_batches_answer_as_whole_ones(tiny_repo: ExportedRepo, model: str
         assert [g.shape for g in got] == [e.shape for e in expected]
         for g, e in zip(got, expected, strict=True):
             np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_merged_batches_run_in_slices_taken_from_their_pieces(tiny_repo: ExportedRepo) -> None:
+    """serve --frontends: batches merged in a worker run slice by slice from where their rows lie; only a slice
+    across two front-ends' pieces is copied."""
+    root = tiny_repo.root / "face-pros"
+    contract = read_contract(root)
+    plain = ort.InferenceSession(str(root / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    pieces = [make_inputs(contract, rows, seed=rows) for rows in (3, 1, 2)]
+    fed: list[bool] = []
+
+    class Viewed(_Recorded):
+        def run(self, names: list[str] | None, feeds: dict[str, Array]) -> list[Array]:
+            fed.append(any(np.shares_memory(feeds["image"], piece["image"]) for piece in pieces))
+            return super().run(names, feeds)
+
+    recorded = Viewed(plain)
+    sliced = SlicedSession.made(recorded, model_spec(load_model(root)), 2)
+    got = sliced.run_parts(None, {name: [piece[name] for piece in pieces] for name in pieces[0]})
+    expected = plain.run(None, {name: np.concatenate([piece[name] for piece in pieces]) for name in pieces[0]})
+    assert recorded.runs == [2, 2, 2]
+    assert fed == [True, False, True], "rows 0-1 and 4-5 are views of their pieces; rows 2-3 cross two and are copied"
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
 
 
 def test_smaller_inputs_run_in_slices_of_more_rows(tiny_repo: ExportedRepo) -> None:
@@ -133,3 +162,30 @@ def test_the_default_gateway_slices_only_below_each_models_largest_batch(tiny_re
         for model, rows in partition["run_slices"].items():
             largest = read_contract(tiny_repo.root / model).dims["batch"].max
             assert rows & (rows - 1) == 0 and 1 <= rows < largest, (model, rows)
+
+
+def test_a_worker_merging_batches_into_a_sliced_session_answers_each_its_rows(tiny_repo: ExportedRepo) -> None:
+    root = tiny_repo.root / "face-pros"
+    contract = read_contract(root)
+    plain = ort.InferenceSession(str(root / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    recorded = _Recorded(plain)
+    sessions = {"face-pros": SlicedSession.made(recorded, model_spec(load_model(root)), 2)}
+    first, second = make_inputs(contract, 3, seed=5), make_inputs(contract, 2, seed=6)
+    batches = [_batch(1, "face-pros", first), _batch(2, "face-pros", second)]
+    try:
+        replies = run_merged(sessions, batches)
+        assert replies is not None and [r.batch_id for r in replies] == [1, 2]
+        assert recorded.runs == [2, 2, 1]
+        reader = shm.Attachments()
+        for arrays, reply in zip((first, second), replies, strict=True):
+            assert isinstance(reply, BatchDone)
+            for output, expected in zip(plain.get_outputs(), plain.run(None, arrays), strict=True):
+                np.testing.assert_allclose(reader.view(reply.outputs[output.name]), expected, rtol=1e-5, atol=1e-6)
+        reader.close()
+    finally:
+        for inputs, outputs, _ in batches:
+            inputs.close()
+            outputs.close()
+        for arena in _keep:
+            arena.close()
+        _keep.clear()

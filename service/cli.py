@@ -74,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cpu-run-slices",
         default="auto",
+        metavar="auto|off|N",
         help="auto: CPU-slice workers time each model at 1, 2, 4, ... rows as they load it and run larger batches as "
         "consecutive runs of a size fastest per row, which on a CPU is often a small one (the activations fit the "
         "caches); N: runs of N rows at each model's default sizes (more rows of smaller inputs), untimed; off: every "

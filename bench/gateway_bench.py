@@ -11,6 +11,8 @@ Load comes from wrk (C, one thread, N keep-alive connections; `apt-get install -
 a Python client spent 2.2 ms of CPU per request here, more than the gateway itself, on
 the same two cores. wrk still shares the machine: ratios, not absolute figures, are the
 result. A last point measures the gateway's added latency on a tiny tensor (16x16 image).
+Direct runs minutes after the gateway modes, so on a host whose speed drifts its ratios
+drift too: bench/direct_ab.py measures the ratio at concurrency 32 in interleaved rounds.
 
     .venv/bin/python -m bench.gateway_bench [--seconds 5] [--out results/gateway_bench.json]
 """
@@ -347,7 +349,8 @@ def report(rows: list[dict[str, Any]]) -> str:
             )
         lines.append("")
         for c32 in (r for r in rows_here if r["mode"] in ("binary", "idle", *FRONTEND_MODES, *SERIAL_MODES) and r["concurrency"] == 32):
-            lines.append(f"concurrency 32, {c32['mode']}: {c32['samples_per_s'] / best['samples_per_s']:.2f}x direct at best batch")
+            ratio = c32["samples_per_s"] / best["samples_per_s"]
+            lines.append(f"concurrency 32, {c32['mode']}: {ratio:.2f}x direct at best batch (measured apart: see bench/direct_ab.py)")
         lines.append("")
     tiny = {r["mode"]: r for r in rows if r["mode"] in ("direct-tiny", "binary-tiny")}
     if len(tiny) < 2:

@@ -7,6 +7,7 @@ steady the choice is on a noisy host.
 
     .venv/bin/python -m bench.run_slices                       # crowd-csrnet and face-pros, bench exports
     .venv/bin/python -m bench.run_slices --models face-pros --trials 5
+    .venv/bin/python -m bench.run_slices --trials 1 --fresh    # inputs hot in the caches or fresh each run
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from bench.gateway_bench import MODELS, ROOT, export
+from migserve.types import Array
 from service.placement import model_spec
 from service.repository import load_model
 from service.workers.buckets import buckets
-from service.workers.slices import fastest_rows, time_per_row
+from service.workers.slices import Warmup, fastest_rows, time_per_row
 
 
 def main() -> int:
@@ -32,6 +35,12 @@ def main() -> int:
     parser.add_argument("--repo", type=Path, default=ROOT / "results" / "bench_repo")
     parser.add_argument("--trials", type=int, default=3, help="timings of each model, one after another (default: 3)")
     parser.add_argument("--core", type=int, default=0, help="the core to run on (default: 0)")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="also time each size for 1 s with the same input every run (as the timing does, and direct onnxruntime in "
+        "gateway_bench) and with a different one every run, from a pool larger than the caches (as a worker sees requests)",
+    )
     args = parser.parse_args()
     os.sched_setaffinity(0, {args.core})
     for model in args.models:
@@ -56,7 +65,43 @@ def main() -> int:
             times = " | ".join(f"{per_row[r] * 1000:.3f}" if r in per_row else "-" for r in sizes)  # - : not timed (slow)
             print(f"| {trial} | {times} | {rows or 'whole batch'} | {took:.2f} |")
         print(f"\nchosen: {', '.join(f'{rows} ({n}x)' for rows, n in chosen.most_common())}")
+        if args.fresh:
+            _hot_and_cold(session, spec.warmup, sizes)
     return 0
+
+
+POOL_BYTES = 128 << 20  # inputs cycled through for "fresh": four times this host's 32 MiB L3
+
+
+def _hot_and_cold(session: ort.InferenceSession, warmup: Warmup, sizes: tuple[int, ...]) -> None:
+    """ms per row (mean over 1 s) with the same input every run and with a different one every run."""
+    rng = np.random.default_rng(0)
+    hot: list[float] = []
+    cold: list[float] = []
+    for rows in sizes:
+        row = sum(int(np.prod(shape[1:])) * np.dtype(dtype).itemsize for shape, dtype in warmup.values())
+        pool = [
+            {name: _random(rng, (rows, *shape[1:]), dtype) for name, (shape, dtype) in warmup.items()}
+            for _ in range(max(2, POOL_BYTES // (rows * row)))
+        ]
+        for label, inputs in (("hot", pool[:1]), ("cold", pool)):
+            session.run(None, inputs[0])
+            runs, started = 0, time.perf_counter()
+            while time.perf_counter() - started < 1.0:
+                session.run(None, inputs[runs % len(inputs)])
+                runs += 1
+            (hot if label == "hot" else cold).append((time.perf_counter() - started) / runs / rows * 1000)
+    print("\n| input | " + " | ".join(f"{rows} rows" for rows in sizes) + " |")
+    print("| --- | " + " | ".join("---:" for _ in sizes) + " |")
+    print("| the same every run | " + " | ".join(f"{t:.3f}" for t in hot) + " |")
+    print("| a fresh one every run | " + " | ".join(f"{t:.3f}" for t in cold) + " |")
+    print("| fresh / same | " + " | ".join(f"{c / h:.2f}" for h, c in zip(hot, cold, strict=True)) + " |")
+
+
+def _random(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -> Array:
+    if np.dtype(dtype).kind == "i":
+        return rng.integers(2, 700, shape).astype(dtype)  # token ids in these vocabularies
+    return rng.standard_normal(shape).astype(dtype)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ from migserve.types import Array
 from service.placement import model_spec
 from service.repository import load_model
 from service.workers.buckets import buckets
-from service.workers.slices import Warmup, fastest_rows, time_per_row
+from service.workers.process import _session_options
+from service.workers.protocol import WorkerSpec
+from service.workers.slices import Warmup, fastest_rows, time_per_row, warmup_row_bytes
 
 
 def main() -> int:
@@ -46,9 +48,7 @@ def main() -> int:
     for model in args.models:
         export(args.repo, model)
         spec = model_spec(load_model(args.repo / model))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = _session_options(ort, WorkerSpec(partition="bench", device=None, cores=(args.core,), models=()))  # a slice's
         session = ort.InferenceSession(spec.path, options, providers=["CPUExecutionProvider"])
         shapes = ", ".join(f"{name} {list(shape[1:])}" for name, (shape, _) in spec.warmup.items())
         print(f"\n{model}: ms per row by rows per run (fastest of 3 runs), one core, one thread; a row is {shapes}\n")
@@ -79,7 +79,7 @@ def _hot_and_cold(session: ort.InferenceSession, warmup: Warmup, sizes: tuple[in
     hot: list[float] = []
     cold: list[float] = []
     for rows in sizes:
-        row = sum(int(np.prod(shape[1:])) * np.dtype(dtype).itemsize for shape, dtype in warmup.values())
+        row = warmup_row_bytes(warmup)
         pool = [
             {name: _random(rng, (rows, *shape[1:]), dtype) for name, (shape, dtype) in warmup.items()}
             for _ in range(max(2, POOL_BYTES // (rows * row)))

@@ -133,12 +133,13 @@ def load_sessions(ort: Any, spec: WorkerSpec) -> tuple[dict[str, Any], dict[str,
         except Exception as exc:  # onnxruntime raises its own exception types
             refused[model.name] = f"onnxruntime cannot load or run {model.path}: {exc}"
             continue
-        if session.get_providers()[0] == "CUDAExecutionProvider" and model.max_batch and spec.options.shape_sessions:
+        provider = session.get_providers()[0]
+        if provider == "CUDAExecutionProvider" and model.max_batch and spec.options.shape_sessions:
             # cuDNN plans are rebuilt at every shape change: pad batches to a few shapes, one session each
             session = BucketedSession(
                 session, make, model.max_batch, keep=spec.options.shape_sessions, pinning=cuda_pinning(), device=cuda_buffers(ort)
             )
-        elif session.get_providers()[0] == "CPUExecutionProvider" and spec.options.run_slices != "off":
+        elif provider == "CPUExecutionProvider" and spec.options.run_slices != "off":
             session = SlicedSession.made(session, model, spec.options.run_slices, warmup_s)  # or itself, where slices gain nothing
         sessions[model.name] = session
     return sessions, refused

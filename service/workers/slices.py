@@ -92,6 +92,11 @@ def _window(pieces: Sequence[Array], rows: Sequence[int], start: int, stop: int)
     return chosen[0] if len(chosen) == 1 else np.concatenate(chosen)
 
 
+def warmup_row_bytes(warmup: Warmup) -> int:
+    """Input bytes of one row at the warm-up (the contract's default) sizes."""
+    return sum(int(np.prod(shape[1:])) * np.dtype(dtype).itemsize for shape, dtype in warmup.values())
+
+
 def row_bytes(feeds: Mapping[str, Array]) -> int:
     """Input bytes of one row (every input leads with the batch axis)."""
     return sum(int(a.nbytes // max(a.shape[0], 1)) for a in feeds.values())
@@ -120,8 +125,7 @@ class SlicedSession:
             found = rows if isinstance(rows, int) else None
         if found is None or found >= max_batch:
             return session
-        one = row_bytes({name: np.empty((1, *shape[1:]), dtype) for name, (shape, dtype) in model.warmup.items()})
-        return cls(session, found * one, found)
+        return cls(session, found * warmup_row_bytes(model.warmup), found)
 
     def run(self, names: list[str] | None, feeds: Mapping[str, Array]) -> list[Array]:
         return self.run_parts(names, {name: [value] for name, value in feeds.items()})

@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from migserve.contract import read_contract
 from migserve.types import Array
-from tests.helpers import ExportedRepo, Gateway
+from tests.helpers import ExportedRepo, Gateway, assert_equal_but_rounding
 from tests.integration.test_gateway_protocol import direct, grpc_inputs, make_inputs, triton_inputs
 
 
@@ -64,8 +64,10 @@ def test_http_reads_inputs_from_a_region_and_writes_outputs_into_one(
     embedding.set_shared_memory("out", 2 * 48 * 4, offset=256)
     result = client.infer("face-pros", [tensor], outputs=[embedding, httpclient.InferRequestedOutput("attributes")])
     assert result.get_output("embedding") == {"name": "embedding", "datatype": "FP32", "shape": [2, 48]}, "no data: it is in the region"
-    np.testing.assert_allclose(shm.get_contents_as_numpy(regions["out"].handle, np.float32, [2, 48], offset=256), expected[0], rtol=1e-5)
-    np.testing.assert_allclose(result.as_numpy("attributes"), expected[1], rtol=1e-5)
+    # a CPU worker may run the two rows as two runs (service/workers/slices.py): equal to direct's one run up to rounding
+    embedded = shm.get_contents_as_numpy(regions["out"].handle, np.float32, [2, 48], offset=256)
+    assert_equal_but_rounding(embedded, expected[0])
+    assert_equal_but_rounding(result.as_numpy("attributes"), expected[1])
     status = client.get_system_shared_memory_status("in")
     assert status == [{"name": "in", "key": regions["in"].key, "offset": 0, "byte_size": image.nbytes}]
 

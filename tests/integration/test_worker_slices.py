@@ -24,7 +24,7 @@ from service.workers import shm
 from service.workers.process import load_sessions, run_merged
 from service.workers.protocol import BatchDone, WorkerOptions, WorkerSpec
 from service.workers.slices import SlicedSession, time_per_row
-from tests.helpers import ExportedRepo, Gateway
+from tests.helpers import ExportedRepo, Gateway, assert_equal_but_rounding
 from tests.integration.test_gateway_protocol import direct, make_inputs, triton_inputs
 from tests.integration.test_worker_buckets import _batch, _keep
 
@@ -59,7 +59,7 @@ def test_sliced_batches_answer_as_whole_ones(tiny_repo: ExportedRepo, model: str
         assert recorded.runs == [2] * (rows // 2) + [1] * (rows % 2)
         assert [g.shape for g in got] == [e.shape for e in expected]
         for g, e in zip(got, expected, strict=True):
-            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+            assert_equal_but_rounding(g, e)
 
 
 def test_merged_batches_run_in_slices_taken_from_their_pieces(tiny_repo: ExportedRepo) -> None:
@@ -83,7 +83,7 @@ def test_merged_batches_run_in_slices_taken_from_their_pieces(tiny_repo: Exporte
     assert recorded.runs == [2, 2, 2]
     assert fed == [True, False, True], "rows 0-1 and 4-5 are views of their pieces; rows 2-3 cross two and are copied"
     for g, e in zip(got, expected, strict=True):
-        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+        assert_equal_but_rounding(g, e)
 
 
 def test_smaller_inputs_run_in_slices_of_more_rows(tiny_repo: ExportedRepo) -> None:
@@ -148,7 +148,7 @@ def test_the_gateway_reports_its_slices_and_answers_larger_batches_whole(tiny_re
     result = client.infer("face-pros", triton_inputs(arrays))
     outputs = [o.name for o in ort.InferenceSession(str(tiny_repo.root / "face-pros" / "1" / "model.onnx")).get_outputs()]
     for name, expected in zip(outputs, direct(tiny_repo.root, "face-pros", arrays), strict=True):
-        np.testing.assert_allclose(result.as_numpy(name), expected, rtol=1e-5, atol=1e-6)
+        assert_equal_but_rounding(result.as_numpy(name), expected)
     # a model loaded later is sliced too, and forgotten with its unloading
     assert httpx.post(f"http://{sliced_gateway.url}/v2/repository/models/crowd-csrnet/load", timeout=60).status_code == 200
     assert _slices(sliced_gateway) == [{"crowd-csrnet": 2, "face-pros": 2}] * 2
@@ -180,7 +180,7 @@ def test_a_worker_merging_batches_into_a_sliced_session_answers_each_its_rows(ti
         for arrays, reply in zip((first, second), replies, strict=True):
             assert isinstance(reply, BatchDone)
             for output, expected in zip(plain.get_outputs(), plain.run(None, arrays), strict=True):
-                np.testing.assert_allclose(reader.view(reply.outputs[output.name]), expected, rtol=1e-5, atol=1e-6)
+                assert_equal_but_rounding(reader.view(reply.outputs[output.name]), expected)
         reader.close()
     finally:
         for inputs, outputs, _ in batches:

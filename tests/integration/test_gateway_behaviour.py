@@ -459,6 +459,42 @@ BAD_REQUESTS = [
         "data holds booleans; FP32 takes numbers",
     ),
     (
+        "a boolean among numbers",
+        "crowd-csrnet",
+        json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 8, 8], "data": [1.5] * 191 + [True]}]}).encode(),
+        None,
+        400,
+        "input image: data holds booleans among its numbers; FP32 takes numbers",
+    ),
+    (
+        "a boolean among nested numbers, and booleans elsewhere",
+        "crowd-csrnet",
+        json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "datatype": "FP32",
+                        "shape": [1, 3, 8, 8],
+                        "data": [[[1.0] * 8] * 8] * 2 + [[[False] + [2.0] * 7] * 8],
+                    }
+                ],
+                "outputs": [{"name": "density", "parameters": {"binary_data": True}}],
+            }
+        ).encode(),
+        None,
+        400,
+        "input image: data holds booleans among its numbers",
+    ),
+    (
+        "a boolean among token ids",
+        "grounding-mgsl",
+        _grounding(words=[[5, True]]),
+        None,
+        400,
+        "input words: data holds booleans among its numbers; INT64 takes integers",
+    ),
+    (
         "nulls in the data",
         "crowd-csrnet",
         json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 8, 8], "data": [1.0] * 191 + [None]}]}).encode(),
@@ -617,6 +653,11 @@ def test_json_data_of_the_right_kinds_is_taken(gateway: Gateway) -> None:
     for data in ([1.5] * 192, [1] * 192, [[[1, 2.5] * 4] * 8] * 3):
         response = _post(gateway, "crowd-csrnet", json.dumps({"inputs": [image | {"data": data}]}).encode())
         assert response.status_code == 200, response.text
+    # true and false elsewhere in the request, as a boolean parameter and inside a string, leave the numbers taken
+    outputs = [{"name": "density", "parameters": {"binary_data": False}}]
+    request = {"id": "true or false", "inputs": [image | {"data": [1.5] * 192}], "outputs": outputs}
+    response = _post(gateway, "crowd-csrnet", json.dumps(request).encode())
+    assert response.status_code == 200 and response.json()["id"] == "true or false", response.text
 
 
 def test_truncated_and_overlong_binary_bodies(gateway: Gateway, tiny_repo: ExportedRepo) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from service.api.kserve import may_hold_booleans
+from service.api.kserve import letters_past_f, may_hold_booleans
 
 IMAGE = {"name": "image", "datatype": "FP32", "shape": [1, 3]}
 ELSEWHERE: list[dict[str, Any]] = [
@@ -37,7 +37,7 @@ def _texts(request: dict[str, Any]) -> list[bytes]:
 def test_a_boolean_in_the_data_is_never_missed(elsewhere: dict[str, Any], data: list[Any]) -> None:
     request = elsewhere | {"inputs": [IMAGE | {"data": [1.5, 2.5]}, IMAGE | {"name": "mask", "data": data}]}
     for text in _texts(request):
-        assert may_hold_booleans(request, text), text
+        assert may_hold_booleans(request, letters_past_f(text)), text
 
 
 @pytest.mark.parametrize("data", [[1.0, 2.5e-5, -3e7], [[0, 1], [1, 0]], [], [1e300, -0.0]])
@@ -45,11 +45,17 @@ def test_numbers_alone_with_plain_strings_need_no_second_look(data: list[Any]) -
     for elsewhere in [ELSEWHERE[k] for k in (0, 1, 2, 4)]:  # ASCII strings with nothing to escape
         request = elsewhere | {"inputs": [IMAGE | {"data": data}]}
         for text in _texts(request):
-            assert not may_hold_booleans(request, text), text
+            assert not may_hold_booleans(request, letters_past_f(text)), text
 
 
 @pytest.mark.parametrize("name", ["line\nbreak", "caf\u00e9", "中文"])
 def test_escapes_and_characters_past_ascii_cost_a_second_look(name: str) -> None:
     """Reckoned at their fewest letters: a newline as none (\\n has one), é as one (two bytes of UTF-8)."""
     request = {"id": name, "inputs": [IMAGE | {"data": [1.0, 2.0]}]}
-    assert may_hold_booleans(request, json.dumps(request, ensure_ascii=False).encode())
+    assert may_hold_booleans(request, letters_past_f(json.dumps(request, ensure_ascii=False).encode()))
+
+
+def test_letters_are_counted_across_pieces() -> None:
+    text = b"".join(bytes([i % 256]) * 1000 for i in range(300))  # 300,000 bytes: five pieces of 65,536 and a rest
+    assert letters_past_f(text) == sum(1000 for i in range(300) if i % 256 > ord("f"))
+    assert letters_past_f(b"") == 0

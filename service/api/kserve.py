@@ -111,7 +111,8 @@ def _split(body: Body, header_length: str | None, max_json: int) -> tuple[dict[s
             "(the binary tensor extension, binary_data_size; tritonclient does by default) or in shared memory"
         )
     text = bytes(body[:n])
-    return json_object(text), letters_past_f(text), memoryview(body)[n:]
+    letters = letters_past_f(text)  # while the text is in the caches
+    return json_object(text), letters, memoryview(body)[n:]
 
 
 @dataclass(frozen=True)

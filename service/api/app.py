@@ -342,7 +342,9 @@ class Gateway:
             self._syncing.cancel()
             await self.sync_traces()  # what the front-ends traced before they stop (after a sync under way)
         if self.frontends is not None:
-            await self.frontends.stop()
+            for records in await self.frontends.stop():  # and what they traced as they stopped
+                if self.tracer.file is not None:
+                    self.tracer.accept(records)
         await self.jobs.stop()
         for batcher in self.batchers.values():
             await batcher.stop()

@@ -35,6 +35,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
@@ -53,7 +54,7 @@ from ..partitions import Partition
 from ..repository import ModelEntry
 from ..shared import SharedCounts
 from ..stats import ModelStatistics
-from ..trace import TraceState
+from ..trace import Tracer, TraceState
 from ..workers import shm
 from ..workers.protocol import ModelSpec, Stop, watch  # a front-end stops as a worker does
 from .connection import InferConnection
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 SNAPSHOT_TIMEOUT_S = 2.0
+STOP_WAIT_S = 10.0  # a stopping front-end finishes the requests it holds; then it is killed
 LENGTH = struct.Struct("!Q")
 GRPC_SOCKET = "grpc.sock"  # in the run directory: the first process's gRPC service, for its front-ends
 SUMMED_GAUGES = frozenset({"migserve_queue_depth", "migserve_request_body_bytes"})  # per process: the total is the sum
@@ -144,6 +146,8 @@ class SyncTraces:
 
 @dataclass(frozen=True)
 class TracesTaken:
+    """A front-end's finished traces: its answer to SyncTraces, and its last words as it stops."""
+
     records: list[dict[str, Any]]
 
 
@@ -353,6 +357,13 @@ async def _frontend(spec: FrontendSpec, conn: Connection) -> None:
     finally:
         await gateway.stop()
         handoff.close()
+        _send_last_traces(conn, gateway.tracer)
+
+
+def _send_last_traces(conn: Connection, tracer: Tracer) -> None:
+    """The requests a front-end answered as it stopped, traced after the first process's last sync."""
+    with contextlib.suppress(OSError):  # the first process is gone
+        conn.send(TracesTaken(tracer.take()))
 
 
 @contextlib.asynccontextmanager
@@ -563,7 +574,8 @@ class Frontends:
             )
         return view
 
-    async def stop(self) -> None:
+    async def stop(self) -> list[list[dict[str, Any]]]:
+        """Every front-end finishes the requests it holds and stops; the traces they finished since the last sync."""
         self._stopping = True
         loop = asyncio.get_running_loop()
         for child in list(self.children.values()):
@@ -572,14 +584,31 @@ class Frontends:
                 loop.remove_reader(child.conn.fileno())
             with contextlib.suppress(OSError):
                 child.conn.send(Stop())
+        traces = []
         for child in list(self.children.values()):
-            await asyncio.to_thread(child.process.join, 10.0)
+            traces += await asyncio.to_thread(_last_traces, child, time.monotonic() + STOP_WAIT_S)
             if child.process.is_alive():
                 child.process.kill()
         self.children.clear()
         if self._listener is not None:
             self._listener.close()
         shutil.rmtree(self.directory, ignore_errors=True)
+        return traces
+
+
+def _last_traces(child: _Child, deadline: float) -> list[list[dict[str, Any]]]:
+    """What a stopping front-end sends until it exits (or the deadline passes): its last traces are kept, answers
+    to questions asked before the stop are dropped. Read as it goes, so that no send of its blocks on a full pipe."""
+    traces = []
+    while (left := deadline - time.monotonic()) > 0 and child.conn.poll(left):
+        try:
+            message = child.conn.recv()
+        except (EOFError, OSError):  # it has exited
+            break
+        if isinstance(message, TracesTaken):
+            traces.append(message.records)
+    child.process.join(max(0.0, deadline - time.monotonic()))
+    return traces
 
 
 def _remove_arenas(pid: int | None) -> None:

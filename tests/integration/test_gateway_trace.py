@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from migserve.contract import read_contract
-from tests.helpers import ExportedRepo, Gateway
+from tests.helpers import ExportedRepo, Gateway, read_response
+from tests.integration.test_frontends import _binary_request
 from tests.integration.test_gateway_protocol import make_inputs, triton_inputs
 
 MODEL = "crowd-csrnet"
@@ -158,3 +161,43 @@ def test_every_front_end_process_traces_and_the_first_writes_it_all(tiny_repo: E
     last = _traces(trace_file.with_name("trace.json.3"))  # held (fewer than 10) until the gateway stopped
     assert sorted(t["id"] for t in last) == [31, 32, 33, 34], "four traces in all, from both processes"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("trace")) == [f"trace.json.{k}" for k in range(4)]
+
+
+def test_a_request_a_front_end_answers_as_the_gateway_stops_is_traced(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """A front-end holding half a request when the gateway is told to stop answers it once the rest comes, after the
+    first process's last sync of traces: its trace comes with the front-end's last words and is written too."""
+    trace_file = tmp_path / "trace.json"
+    gateway = Gateway(tiny_repo.root, "--frontends", "2", "--models", MODEL, "--trace-file", str(trace_file), log=tmp_path / "serve.log")
+    request = _binary_request(make_inputs(read_contract(tiny_repo.root / MODEL), 1, seed=5, dims={"height": 16, "width": 16}))
+    sent = 0
+    try:
+        with httpclient.InferenceServerClient(gateway.url) as client:
+            client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"], "trace_rate": "1"})
+        for _ in range(40):  # a connection the second front-end took: it answers the request sent on it
+            before = httpx.get(f"http://{gateway.url}/v1/partitions", timeout=10).json()["frontends"][0]["requests"]
+            sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=30)
+            reader = sock.makefile("rb")
+            sock.sendall(request)
+            sent += 1
+            assert read_response(reader)[0] == 200
+            if httpx.get(f"http://{gateway.url}/v1/partitions", timeout=10).json()["frontends"][0]["requests"] > before:
+                break
+            reader.close()
+            sock.close()
+        else:
+            pytest.fail("40 connections in a row went to the first process")
+        with sock, reader:
+            sock.sendall(request[:-100])
+            time.sleep(0.5)  # the front-end has the head and most of the body
+            gateway.process.send_signal(signal.SIGTERM)
+            time.sleep(3)  # the first process has taken the front-ends' traces one last time, and waits for them
+            assert gateway.process.poll() is None, "the gateway waits for the front-end's request"
+            sock.sendall(request[-100:])
+            sent += 1
+            assert read_response(reader)[0] == 200
+        assert gateway.process.wait(timeout=20) in (0, -signal.SIGTERM), "a stop, not a kill"
+    finally:
+        gateway.close()
+    traces = _traces(trace_file)
+    assert len(traces) == sent, f"{sent} requests answered, {len(traces)} traced"
+    assert sorted(t["id"] for t in traces) == list(range(1, sent + 1))

@@ -27,8 +27,8 @@ With `--frontends N` every process traces the requests it takes. The first proce
 it sends its settings to the other front-ends as they change and every TRACE_SYNC_S, and takes their finished
 traces each time, numbering them in its own sequence and writing them as its own. Each process counts the rate
 over its own requests (every N-th of a process's requests). trace_count is kept by the first process across all:
-a front-end counts down its copy between two syncs, and traces past the count are dropped as they arrive. Traces
-a front-end finishes after the gateway's last sync, as it stops, are lost.
+a front-end counts down its copy between two syncs, and traces past the count are dropped as they arrive. As the
+gateway stops, a front-end finishes the requests it holds and sends what it traced since the last sync as it exits.
 """
 
 from __future__ import annotations

@@ -217,7 +217,10 @@ def listed_tensor(plan: _InputPlan, shape: list[int], count: int, values: Any, b
 
 def letters_past_f(text: bytes) -> int:
     """How many bytes of `text` are past 'f', counted a piece at a time: a comparison of the whole text at once
-    took fresh memory (page faults) and cost a JSON face-pros row 2.9 ms, not 0.2."""
+    took fresh memory (page faults) and cost a JSON face-pros row 2.9 ms, not 0.2. A short text (a binary request's
+    header) is counted by deleting the rest: 0.2 us for 377 bytes against numpy's 2.3."""
+    if len(text) <= _SHORT:
+        return len(text.translate(None, _TO_F))
     chars, counted = np.frombuffer(text, np.uint8), 0
     past = np.empty(min(len(chars), _PIECE), bool)
     for start in range(0, len(chars), _PIECE):
@@ -249,6 +252,7 @@ def may_hold_booleans(header: dict[str, Any], letters: int) -> bool:
 
 _F = ord("f")
 _PIECE = 1 << 16
+_SHORT = 4096
 _TO_F = bytes(range(_F + 1))  # deleted, to count the bytes past 'f'
 _LITERAL_LETTERS = {True: 3, False: 2, None: 4}  # true, false, null
 

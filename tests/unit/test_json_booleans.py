@@ -59,3 +59,4 @@ def test_letters_are_counted_across_pieces() -> None:
     text = b"".join(bytes([i % 256]) * 1000 for i in range(300))  # 300,000 bytes: five pieces of 65,536 and a rest
     assert letters_past_f(text) == sum(1000 for i in range(300) if i % 256 > ord("f"))
     assert letters_past_f(b"") == 0
+    assert letters_past_f(b'{"name": "x"}') == 5  # short: counted another way, the same

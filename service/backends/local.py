@@ -93,6 +93,7 @@ class WorkerReplica:
         self.providers: tuple[str, ...] = ()
         self.device_warning: str | None = None  # a GPU partition running on the CPU, and why
         self.slices: dict[str, int] = {}  # model -> rows per run at its default sizes, where the worker slices its batches
+        self.timed: dict[str, int] = {}  # model -> what the worker's timing chose (0: whole): a restart takes it
         self.restarts = 0
         self.compute_s = 0.0  # the worker's time running this process's batches (BatchDone.compute_s), over restarts too
         self.pid: int | None = None
@@ -129,6 +130,7 @@ class WorkerReplica:
             models=tuple(self._models.values()),
             options=self._options,
             listen=self.socket_path,
+            timed=dict(self.timed),
         )
         parent, child = self._ctx.Pipe()
         process = self._ctx.Process(target=worker_main, args=(spec, child), name=f"migserve-worker-{self.id}", daemon=True)
@@ -152,6 +154,7 @@ class WorkerReplica:
         self._conn, self.pid = conn, ready.pid
         self.loaded, self.refused, self.providers = ready.models, ready.refused, ready.providers
         self.device_warning, self.slices = ready.device_warning, dict(ready.slices)
+        self.timed.update(ready.timed)
         # serve --batches-in-flight on a worker that runs several at once: the next batch starts while one runs
         self.depth = max(1, min(ready.threads, self._options.in_flight))
         watch(conn, self._on_message)
@@ -287,8 +290,11 @@ class WorkerReplica:
             self.learn(spec)
             self.refused.pop(spec.name, None)
             self.slices.pop(spec.name, None)
+            self.timed.pop(spec.name, None)
             if reply.slice_rows is not None:
                 self.slices[spec.name] = reply.slice_rows
+            if reply.timed is not None:
+                self.timed[spec.name] = reply.timed
         elif previous is not None and spec.name in self.loaded:
             self._models[spec.name] = previous  # the worker kept the old session
         else:
@@ -303,6 +309,7 @@ class WorkerReplica:
         self.forget(model)  # first: no more batches, and if the worker dies meanwhile its restart leaves the model out
         self.refused.pop(model, None)
         self.slices.pop(model, None)
+        self.timed.pop(model, None)
         self._on_change()
         if self._ready:
             await self._ask(UnloadModel(model))

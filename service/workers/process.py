@@ -26,6 +26,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -140,9 +141,22 @@ def load_sessions(ort: Any, spec: WorkerSpec) -> tuple[dict[str, Any], dict[str,
                 session, make, model.max_batch, keep=spec.options.shape_sessions, pinning=cuda_pinning(), device=cuda_buffers(ort)
             )
         elif provider == "CPUExecutionProvider" and spec.options.run_slices != "off":
-            session = SlicedSession.made(session, model, spec.options.run_slices, warmup_s)  # or itself, where slices gain nothing
+            rows = spec.timed.get(model.name, spec.options.run_slices) if spec.options.run_slices == "auto" else spec.options.run_slices
+            session = SlicedSession.made(session, model, rows, warmup_s)  # or itself, where slices gain nothing
         sessions[model.name] = session
     return sessions, refused
+
+
+def timed_choices(spec: WorkerSpec, sessions: Mapping[str, Any]) -> dict[str, int]:
+    """What `--cpu-run-slices auto` chose for each CPU model (0: run whole), for a restart of this worker to take
+    instead of timing again: a restart then comes back sooner, and runs its batches as the worker before it did."""
+    if spec.options.run_slices != "auto":
+        return {}
+    return {
+        name: session.rows if isinstance(session, SlicedSession) else 0
+        for name, session in sessions.items()
+        if session.get_providers()[0] == "CPUExecutionProvider"
+    }
 
 
 @functools.cache
@@ -328,6 +342,7 @@ class _Serving:
             os.getpid(),
             self.threads,
             {name: s.rows for name, s in self.sessions.items() if isinstance(s, SlicedSession)},
+            timed_choices(self.spec, self.sessions),
         )
 
     def run(self) -> None:
@@ -400,13 +415,15 @@ class _Serving:
         if isinstance(message, Stop):
             return False
         if isinstance(message, LoadModel):
-            loaded, refused = load_sessions(self.ort, dataclasses.replace(self.spec, models=(message.model,)))
+            # timed afresh: a reload may bring another model under the same name
+            loaded, refused = load_sessions(self.ort, dataclasses.replace(self.spec, models=(message.model,), timed={}))
             self.sessions.update(loaded)  # a reload replaces the old session only once the new one runs
             if loaded and message.model.max_batch:
                 self.max_batch[message.model.name] = message.model.max_batch
             session = loaded.get(message.model.name)
             rows = session.rows if isinstance(session, SlicedSession) else None
-            client.send(ModelLoaded(message.model.name, refused.get(message.model.name), rows))
+            timed = timed_choices(self.spec, loaded).get(message.model.name)
+            client.send(ModelLoaded(message.model.name, refused.get(message.model.name), rows, timed))
         elif isinstance(message, UnloadModel):
             self.sessions.pop(message.model, None)
             client.send(ModelUnloaded(message.model))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from multiprocessing.connection import Connection
@@ -53,6 +53,7 @@ class WorkerSpec:
     models: tuple[ModelSpec, ...]
     options: WorkerOptions = field(default_factory=WorkerOptions)
     listen: str | None = None  # a Unix socket where the gateway's other front-end processes connect (serve --frontends)
+    timed: Mapping[str, int] = field(default_factory=dict)  # model -> rows per run an earlier worker here chose (0: whole)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class ModelLoaded:
     model: str
     refused: str | None  # why the worker did not load it (sha256, onnxruntime); None: loaded and warmed up
     slice_rows: int | None = None  # rows per run at the model's default sizes where its batches run in slices
+    timed: int | None = None  # what its timing chose (0: whole), for a restart to take; None where none ran
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class WorkerReady:
     pid: int | None = None  # the worker's, for a front-end process that did not start it
     threads: int = 1  # batches it runs at once
     slices: dict[str, int] = field(default_factory=dict)  # model -> rows per run at its default sizes, where sliced
+    timed: dict[str, int] = field(default_factory=dict)  # model -> what its timing chose (0: whole), for a restart to take
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ host took 0.47-0.52 ms a row at 2-8 rows and 0.56-0.64 ms at 32; crowd-csrnet
 CPU worker times each model once as it loads it, at 1, 2, 4, ... rows up to the model's
 largest batch, on its own cores and threads, and from then on runs a larger batch as
 consecutive runs of the smallest size within TOLERANCE of the fastest per row (views of
-the batch, no copy), joining their outputs.
+the batch, no copy), joining their outputs. The gateway keeps each choice: a worker that
+replaces a crashed one takes it rather than timing again (WorkerSpec.timed).
 
 A slice is kept as input bytes, not rows: a batch of images smaller than the
 contract's default size runs in slices of more rows, a larger one in fewer (at least
@@ -113,8 +114,8 @@ class SlicedSession:
     @classmethod
     def made(cls, session: Any, model: ModelSpec, rows: int | Literal["auto"], warmup_s: float = 0.0) -> Any:
         """`session` sliced at `rows` at the model's default sizes, or at its fastest size per row ("auto"); or
-        `session` itself where slicing gains nothing (the model takes one row, `rows` is its largest batch, or its
-        warm-up run, `warmup_s`, was too slow for a round trip per row to matter)."""
+        `session` itself where slicing gains nothing (the model takes one row, `rows` is 0 or its largest batch,
+        or its warm-up run, `warmup_s`, was too slow for a round trip per row to matter)."""
         max_batch = model.max_batch or 1
         if rows == "auto" and max_batch > 1 and warmup_s <= UNTIMED_AFTER_S:
             try:
@@ -123,7 +124,7 @@ class SlicedSession:
                 found = None
         else:
             found = rows if isinstance(rows, int) else None
-        if found is None or found >= max_batch:
+        if not found or found >= max_batch:
             return session
         return cls(session, found * warmup_row_bytes(model.warmup), found)
 

@@ -7,6 +7,10 @@ timings, so the gateway here is given a fixed size; the throughput gain is measu
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,10 +22,12 @@ import tritonclient.http as httpclient
 
 from migserve.contract import read_contract
 from migserve.types import Array
+from service.backends.local import WorkerReplica
+from service.partitions import Partition, PartitionKind
 from service.placement import model_spec
 from service.repository import load_model
 from service.workers import shm
-from service.workers.process import load_sessions, run_merged
+from service.workers.process import load_sessions, run_merged, timed_choices
 from service.workers.protocol import BatchDone, WorkerOptions, WorkerSpec
 from service.workers.slices import SlicedSession, time_per_row
 from tests.helpers import ExportedRepo, Gateway, assert_equal_but_rounding
@@ -125,6 +131,50 @@ def test_a_worker_slices_cpu_sessions_unless_told_not_to(tiny_repo: ExportedRepo
 
     assert {name: s.rows for name, s in loaded(2).items() if isinstance(s, SlicedSession)} == {"crowd-csrnet": 2, "face-pros": 2}
     assert not any(isinstance(s, SlicedSession) for s in loaded("off").values())
+
+
+def test_a_worker_takes_the_choices_an_earlier_worker_timed(tiny_repo: ExportedRepo) -> None:
+    """`timed` (what the worker before it chose) stands in for the timing: 3 rows, which the timing never picks (it
+    times 1, 2, 4, ...), and 0, run whole; a fixed --cpu-run-slices still wins."""
+    specs = tuple(model_spec(load_model(tiny_repo.root / m)) for m in ("crowd-csrnet", "face-pros"))
+    timed = {"crowd-csrnet": 3, "face-pros": 0}
+    spec = WorkerSpec(partition="cpu-0", device=None, cores=(0,), models=specs, timed=timed)
+    sessions, refused = load_sessions(ort, spec)
+    assert not refused
+    assert {name: s.rows for name, s in sessions.items() if isinstance(s, SlicedSession)} == {"crowd-csrnet": 3}
+    assert timed_choices(spec, sessions) == timed, "reported again, for the next restart"
+    fixed = WorkerSpec(partition="cpu-0", device=None, cores=(0,), models=specs, options=WorkerOptions(run_slices=2), timed=timed)
+    sessions, _ = load_sessions(ort, fixed)
+    assert {name: s.rows for name, s in sessions.items() if isinstance(s, SlicedSession)} == {"crowd-csrnet": 2, "face-pros": 2}
+    assert timed_choices(fixed, sessions) == {}, "nothing timed: nothing to remember"
+
+
+def test_a_restarted_worker_runs_its_batches_as_the_one_before_it_chose(tiny_repo: ExportedRepo) -> None:
+    """The replica keeps what its worker timed and hands it to the worker that replaces a killed one, which then
+    skips the timing (its start is shorter by it) and slices as before: here a choice set by hand to 3 rows."""
+
+    async def main() -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+        specs = {m: model_spec(load_model(tiny_repo.root / m)) for m in ("crowd-csrnet", "face-pros")}
+        replica = WorkerReplica(Partition("cpu-t", PartitionKind.CPU, cores=(0,)), specs, lambda: None)
+        await replica.start()
+        try:
+            first = dict(replica.timed)
+            replica.timed["crowd-csrnet"] = 3
+            pid = replica.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while not (replica.ready and replica.pid != pid) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert replica.ready and replica.pid != pid, "the worker came back"
+            return first, dict(replica.timed), dict(replica.slices)
+        finally:
+            await replica.stop()
+
+    first, timed, slices = asyncio.run(main())
+    assert set(first) == {"crowd-csrnet", "face-pros"} and all(0 <= rows <= 8 for rows in first.values())
+    assert timed["crowd-csrnet"] == 3 and slices["crowd-csrnet"] == 3
+    assert timed["face-pros"] == first["face-pros"], "the other model as first timed"
 
 
 @pytest.fixture(scope="module")

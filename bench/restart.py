@@ -1,0 +1,92 @@
+"""How long a killed worker takes to serve again, two gateways side by side (issue 3).
+
+Both gateways run at once, each with one CPU worker and the same models; each round kills A's worker (SIGKILL),
+times until /v1/partitions shows its replacement ready, then does the same to B. The time runs from the kill to
+the first poll (every 20 ms) that sees the new worker: the gateway's backoff before a restart (0.5 s), the new
+process's start, imports, sessions, warm-up runs and, with `--cpu-run-slices auto`, the slice timing.
+
+    .venv/bin/python -m bench.restart --rounds 5 --a-revision 54ba31b    # this code against an older commit
+    .venv/bin/python -m bench.restart --rounds 5 --a=--cpu-run-slices=off
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import time
+import urllib.request
+from pathlib import Path
+
+from bench.gateway_ab import _serve_args
+from bench.gateway_bench import ROOT, Server, export
+
+POLL_S = 0.02
+
+
+def _worker(server: Server) -> dict[str, object]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/v1/partitions", timeout=5) as response:
+        [partition] = json.load(response)["partitions"]
+    return dict(partition)
+
+
+def restart_seconds(server: Server, limit_s: float = 120.0) -> tuple[float, dict[str, int]]:
+    """Kill the server's worker; seconds until its replacement is ready, and the slices it runs."""
+    before = _worker(server)
+    pid = before["pid"]
+    assert isinstance(pid, int) and before["ready"], before
+    killed = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    while time.monotonic() - killed < limit_s:
+        now = _worker(server)
+        if now["ready"] and now["pid"] != pid:
+            slices = now["run_slices"]
+            assert isinstance(slices, dict)
+            return time.monotonic() - killed, slices
+        time.sleep(POLL_S)
+    raise RuntimeError(f"the worker of the gateway on port {server.port} did not come back in {limit_s:g} s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["face-pros", "crowd-csrnet"])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repo", type=Path, default=ROOT / "results" / "bench_repo")
+    parser.add_argument("--a", default="", help="serve arguments of A, '='-joined, comma-separated (default: none)")
+    parser.add_argument("--b", default="", help="serve arguments of B (default: none)")
+    parser.add_argument("--a-revision", help="run A as this git revision had the service (default: this checkout)")
+    args = parser.parse_args()
+    export(args.repo, *args.models)
+    settings = {"A": _serve_args(args.a), "B": _serve_args(args.b)}
+    revisions = {"A": args.a_revision, "B": None}
+    common = ["--cpu-slices", "1", "--models", *args.models]
+    servers = {label: Server(args.repo, *common, *extra, revision=revisions[label]) for label, extra in settings.items()}
+    times: dict[str, list[float]] = {label: [] for label in servers}
+    try:
+        for round_ in range(1, args.rounds + 1):
+            for label, server in servers.items():
+                seconds, slices = restart_seconds(server)
+                times[label].append(seconds)
+                print(f"round {round_} {label}: back in {seconds:.3f} s, slices {slices}", flush=True)
+    finally:
+        for server in servers.values():
+            server.process.send_signal(signal.SIGTERM)
+            server.process.wait(30)
+    print(f"\nworker restart, {', '.join(args.models)}, one CPU worker, {args.rounds} rounds\n")
+    print("| setting | serve arguments | seconds (mean) | min | max | x A |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    base = statistics.mean(times["A"])
+    for label, extra in settings.items():
+        shown = " ".join(extra) or "(defaults)"
+        if revisions[label]:
+            shown += f" at {revisions[label]}"
+        values = times[label]
+        mean = statistics.mean(values)
+        print(f"| {label} | `{shown}` | {mean:.3f} | {min(values):.3f} | {max(values):.3f} | {mean / base:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

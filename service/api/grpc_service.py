@@ -262,6 +262,14 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         return await self.gateway.counted(name, work)
 
 
+def _no_contents(tensor: Any, field: str, shape: list[int], count: int) -> str:
+    """Why an input has no values: its data in another typed field than its datatype's, or none at all."""
+    filled = ", ".join(f"contents.{descriptor.name}" for descriptor, _ in tensor.contents.ListFields())
+    if filled:
+        return f"input {tensor.name}: {tensor.datatype} values go in contents.{field}; the request filled {filled}"
+    return f"input {tensor.name}: no data: give raw_input_contents or contents.{field} ({count} values for shape {shape})"
+
+
 def decode_infer_request(request: Any, entry: ModelEntry, regions: Regions) -> DecodedRequest:
     """A ModelInferRequest as named arrays, checked against the contract like an HTTP body."""
     plan = plan_of(entry.contract)
@@ -288,7 +296,10 @@ def decode_infer_request(request: Any, entry: ModelEntry, regions: Regions) -> D
         field = CONTENTS.get(tensor.datatype)
         if field is None:
             raise BadRequest(f"input {tensor.name}: {tensor.datatype} has no typed contents in the protocol: send raw_input_contents")
-        arrays[tensor.name] = listed_tensor(input_plan, shape, count, getattr(tensor.contents, field))
+        values = getattr(tensor.contents, field)
+        if not values and count:
+            raise BadRequest(_no_contents(tensor, field, shape, count))
+        arrays[tensor.name] = listed_tensor(input_plan, shape, count, values)
     inputs, batch = checked_inputs(plan, arrays)
     outputs = tuple(o.name for o in request.outputs) or plan.output_names
     check_output_names(plan, list(outputs))

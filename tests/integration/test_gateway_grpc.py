@@ -175,6 +175,22 @@ BAD = [
         "768 values for shape [1, 3, 16, 17] (816 expected)",
     ),
     (
+        "typed values in another type's field",
+        _request(
+            "crowd-csrnet",
+            {},
+            change=lambda r: r.inputs.add(name="image", datatype="FP32", shape=[1, 3, 8, 8]).contents.int64_contents.extend([1] * 192),
+        ),
+        "INVALID_ARGUMENT",
+        "input image: FP32 values go in contents.fp32_contents; the request filled contents.int64_contents",
+    ),
+    (
+        "no data at all",
+        _request("crowd-csrnet", {}, change=lambda r: r.inputs.add(name="image", datatype="FP32", shape=[1, 3, 8, 8])),
+        "INVALID_ARGUMENT",
+        "input image: no data: give raw_input_contents or contents.fp32_contents (192 values for shape [1, 3, 8, 8])",
+    ),
+    (
         "a raw part missing",
         _request("grounding-ssrn", GROUNDING, change=lambda r: r.raw_input_contents.pop()),
         "INVALID_ARGUMENT",

@@ -11,7 +11,7 @@ each request's head itself. `POST /v2/models/{name}[/versions/{v}]/infer` over H
 with a Content-Length is served here: its body lands in one buffer, is decoded in place
 and answered by the same code as the ASGI fast path. Anything else (another path or
 method, a query string or escapes, a chunked body, Expect, Upgrade, HTTP/1.0, repeated
-or malformed headers) hands the connection over, from that request on, to uvicorn's own
+or malformed headers, lines ended by a bare LF) hands the connection over, from that request on, to uvicorn's own
 protocol, which serves the whole ASGI app as before (uvicorn hands connections over to
 its WebSocket protocol the same way). A head over 64 KiB is answered 431 and the
 connection closed, here and in uvicorn's protocol (`BoundedHttpToolsProtocol`).
@@ -65,6 +65,7 @@ JOINED_WRITE = 64 << 10  # answers up to this size go out in one write with thei
 # The path as sent: no query string, no %-escapes (those requests go to uvicorn, which decodes them).
 INFER_TARGET = re.compile(rb"/v2/models/(?P<name>[^/?%]+)(?:/versions/1)?/infer")  # the only version there is
 HANDED_OVER = frozenset({b"transfer-encoding", b"expect", b"upgrade"})  # framing or semantics uvicorn handles
+BARE_LF = re.compile(rb"(?<!\r)\n")  # a line ended without CR: no head here ends, uvicorn's parser answers it (400)
 READ = WANTED | {b"connection"}  # the fast path's headers, and whether to keep the connection
 STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in http.HTTPStatus}
 
@@ -311,6 +312,9 @@ class InferConnection(asyncio.BufferedProtocol):
             if end > MAX_HEAD or (end < 0 and len(self._pending) > MAX_HEAD):
                 transport.write(head_too_large(self._state.default_headers))
                 transport.close()
+                return
+            if end < 0 and BARE_LF.search(self._pending):
+                self._hand_over()  # it waited for a CRLF CRLF that never came: the receive timeout's 408, not a 400
                 return
             if end < 0:
                 if self._pending:

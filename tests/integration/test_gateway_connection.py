@@ -144,8 +144,11 @@ def test_framings_the_fast_path_hands_to_uvicorn_are_served(gateway: Gateway, ti
         f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nno colon here\r\n\r\n{{}}",
         f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: two\r\n\r\n{{}}",
         f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{{}}",
+        f"POST {PATH} HTTP/1.1\nHost: x\nContent-Length: 2\n\n{{}}",  # at once, not at the receive timeout (408)
+        "GET /v2/health/ready HTTP/1.1\nHost: x\n\n",
+        "GET /v2/health/ready HTTP/1.1\r\nHost: x\n\r\n",
     ],
-    ids=["header-without-colon", "non-numeric-length", "two-lengths"],
+    ids=["header-without-colon", "non-numeric-length", "two-lengths", "bare-lf", "bare-lf-get", "one-bare-lf"],
 )
 def test_malformed_heads_get_a_400_and_the_gateway_serves_on(gateway: Gateway, tiny_repo: ExportedRepo, head: str) -> None:
     sock, reader = _connect(gateway)

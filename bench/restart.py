@@ -7,6 +7,10 @@ process's start, imports, sessions, warm-up runs and, with `--cpu-run-slices aut
 
     .venv/bin/python -m bench.restart --rounds 5 --a-revision 54ba31b    # this code against an older commit
     .venv/bin/python -m bench.restart --rounds 5 --a=--cpu-run-slices=off
+    .venv/bin/python -m bench.restart --start --cpu-slices 1,1 --rounds 3 --a-revision a614cea   # a gateway's start
+
+--start times a whole gateway's start instead: from launching `migserve serve` to its first ready answer
+(polled every 0.2 s), A and B in turn, one gateway up at a time.
 """
 
 from __future__ import annotations
@@ -26,10 +30,14 @@ from bench.gateway_bench import ROOT, Server, export
 POLL_S = 0.02
 
 
-def _worker(server: Server) -> dict[str, object]:
+def _partitions(server: Server) -> list[dict[str, object]]:
     with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/v1/partitions", timeout=5) as response:
-        [partition] = json.load(response)["partitions"]
-    return dict(partition)
+        return list(json.load(response)["partitions"])
+
+
+def _worker(server: Server) -> dict[str, object]:
+    """The first partition's worker (the one a restart round kills)."""
+    return _partitions(server)[0]
 
 
 def restart_seconds(server: Server, limit_s: float = 120.0) -> tuple[float, dict[str, int]]:
@@ -57,11 +65,15 @@ def main() -> int:
     parser.add_argument("--a", default="", help="serve arguments of A, '='-joined, comma-separated (default: none)")
     parser.add_argument("--b", default="", help="serve arguments of B (default: none)")
     parser.add_argument("--a-revision", help="run A as this git revision had the service (default: this checkout)")
+    parser.add_argument("--start", action="store_true", help="time a gateway's start, not a worker's restart")
+    parser.add_argument("--cpu-slices", default="1", help="the gateway's CPU slices (default: one worker on one core)")
     args = parser.parse_args()
     export(args.repo, *args.models)
     settings = {"A": _serve_args(args.a), "B": _serve_args(args.b)}
     revisions = {"A": args.a_revision, "B": None}
-    common = ["--cpu-slices", "1", "--models", *args.models]
+    common = ["--cpu-slices", args.cpu_slices, "--models", *args.models]
+    if args.start:
+        return _starts(args, settings, revisions, common)
     servers = {label: Server(args.repo, *common, *extra, revision=revisions[label]) for label, extra in settings.items()}
     times: dict[str, list[float]] = {label: [] for label in servers}
     try:
@@ -74,7 +86,28 @@ def main() -> int:
         for server in servers.values():
             server.process.send_signal(signal.SIGTERM)
             server.process.wait(30)
-    print(f"\nworker restart, {', '.join(args.models)}, one CPU worker, {args.rounds} rounds\n")
+    _table(f"worker restart, {', '.join(args.models)}, CPU slices {args.cpu_slices}", args.rounds, settings, revisions, times)
+    return 0
+
+
+def _starts(args: argparse.Namespace, settings: dict[str, list[str]], revisions: dict[str, str | None], common: list[str]) -> int:
+    times: dict[str, list[float]] = {label: [] for label in settings}
+    for round_ in range(1, args.rounds + 1):
+        for label, extra in settings.items():
+            started = time.monotonic()
+            server = Server(args.repo, *common, *extra, revision=revisions[label])
+            times[label].append(time.monotonic() - started)
+            print(f"round {round_} {label}: ready in {times[label][-1]:.2f} s, slices {[p['run_slices'] for p in _partitions(server)]}")
+            server.process.send_signal(signal.SIGTERM)
+            server.process.wait(30)
+    _table(f"gateway start, {', '.join(args.models)}, CPU slices {args.cpu_slices}", args.rounds, settings, revisions, times)
+    return 0
+
+
+def _table(
+    title: str, rounds: int, settings: dict[str, list[str]], revisions: dict[str, str | None], times: dict[str, list[float]]
+) -> None:
+    print(f"\n{title}, {rounds} rounds\n")
     print("| setting | serve arguments | seconds (mean) | min | max | x A |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     base = statistics.mean(times["A"])
@@ -85,7 +118,6 @@ def main() -> int:
         values = times[label]
         mean = statistics.mean(values)
         print(f"| {label} | `{shown}` | {mean:.3f} | {min(values):.3f} | {max(values):.3f} | {mean / base:.2f} |")
-    return 0
 
 
 if __name__ == "__main__":

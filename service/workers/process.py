@@ -45,6 +45,7 @@ from .protocol import (
     FailureKind,
     LoadModel,
     ModelLoaded,
+    ModelSpec,
     ModelUnloaded,
     RunBatch,
     Stop,
@@ -52,7 +53,7 @@ from .protocol import (
     WorkerReady,
     WorkerSpec,
 )
-from .slices import SlicedSession
+from .slices import SlicedSession, agreed_rows, rows_of
 
 GPU_THREADS = 4  # batches a CUDA worker runs at once unless serve --worker-threads says otherwise
 logger = logging.getLogger(__name__)
@@ -141,10 +142,30 @@ def load_sessions(ort: Any, spec: WorkerSpec) -> tuple[dict[str, Any], dict[str,
                 session, make, model.max_batch, keep=spec.options.shape_sessions, pinning=cuda_pinning(), device=cuda_buffers(ort)
             )
         elif provider == "CPUExecutionProvider" and spec.options.run_slices != "off":
-            rows = spec.timed.get(model.name, spec.options.run_slices) if spec.options.run_slices == "auto" else spec.options.run_slices
-            session = SlicedSession.made(session, model, rows, warmup_s)  # or itself, where slices gain nothing
+            session = _sliced(session, model, spec, warmup_s)  # or itself, where slices gain nothing
         sessions[model.name] = session
     return sessions, refused
+
+
+def _sliced(session: Any, model: ModelSpec, spec: WorkerSpec, warmup_s: float) -> Any:
+    """A CPU session run in slices as `--cpu-run-slices` says: a fixed size; or (auto) what this partition's worker
+    before chose, else what another worker of the gateway timed for this model file on as many cores, else timed
+    here (and recorded for the others)."""
+    option = spec.options.run_slices
+    if isinstance(option, int):
+        return SlicedSession.made(session, model, option, warmup_s)
+    if model.name in spec.timed:
+        return SlicedSession.made(session, model, spec.timed[model.name], warmup_s)
+    if spec.options.timings is None:
+        return SlicedSession.made(session, model, "auto", warmup_s)
+    timed_here: list[Any] = []
+
+    def decide() -> int:
+        timed_here.append(SlicedSession.made(session, model, "auto", warmup_s))
+        return rows_of(timed_here[0])
+
+    rows = agreed_rows(spec.options.timings, f"{model.sha256}/{len(spec.cores)}", decide)
+    return timed_here[0] if timed_here else SlicedSession.made(session, model, rows, warmup_s)
 
 
 def timed_choices(spec: WorkerSpec, sessions: Mapping[str, Any]) -> dict[str, int]:
@@ -152,11 +173,7 @@ def timed_choices(spec: WorkerSpec, sessions: Mapping[str, Any]) -> dict[str, in
     instead of timing again: a restart then comes back sooner, and runs its batches as the worker before it did."""
     if spec.options.run_slices != "auto":
         return {}
-    return {
-        name: session.rows if isinstance(session, SlicedSession) else 0
-        for name, session in sessions.items()
-        if session.get_providers()[0] == "CPUExecutionProvider"
-    }
+    return {name: rows_of(session) for name, session in sessions.items() if session.get_providers()[0] == "CPUExecutionProvider"}
 
 
 @functools.cache

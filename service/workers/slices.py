@@ -24,9 +24,13 @@ fastest per row at its largest size measured (a larger one might be faster still
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -78,6 +82,31 @@ def fastest_rows(per_row: Mapping[int, float], batch_first: bool = True) -> int 
     if per_row[max(per_row)] == least:
         return None
     return min(r for r, t in per_row.items() if t <= least * (1 + TOLERANCE))
+
+
+def agreed_rows(path: str, key: str, decide: Callable[[], int]) -> int:
+    """The rows recorded under `key` in the JSON file at `path`, or `decide()`'s, recorded there: under an
+    exclusive lock, so the gateway's workers time a model once between them (one at a time, each alone on its
+    cores) and the others take that choice: every replica on equal slices runs the same slices. The kernel drops
+    the lock of a worker killed while it holds it; a file it left half written counts as empty."""
+    with Path(path).open("a+", encoding="utf-8") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        file.seek(0)
+        known: dict[str, int] = {}
+        with contextlib.suppress(ValueError):
+            known = json.loads(file.read() or "{}")
+        if key in known:
+            return int(known[key])
+        rows = decide()
+        file.seek(0)
+        file.truncate()
+        file.write(json.dumps(known | {key: rows}))
+        return rows
+
+
+def rows_of(session: Any) -> int:
+    """Rows per run of a session made by SlicedSession.made (0: batches run whole)."""
+    return session.rows if isinstance(session, SlicedSession) else 0
 
 
 def _window(pieces: Sequence[Array], rows: Sequence[int], start: int, stop: int) -> Array:

@@ -8,6 +8,7 @@ timings, so the gateway here is given a fixed size; the throughput gain is measu
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -147,6 +148,27 @@ def test_a_worker_takes_the_choices_an_earlier_worker_timed(tiny_repo: ExportedR
     sessions, _ = load_sessions(ort, fixed)
     assert {name: s.rows for name, s in sessions.items() if isinstance(s, SlicedSession)} == {"crowd-csrnet": 2, "face-pros": 2}
     assert timed_choices(fixed, sessions) == {}, "nothing timed: nothing to remember"
+
+
+def test_a_worker_takes_what_another_worker_of_the_gateway_timed(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """The gateway's timings file: a model file already timed on as many cores is not timed again (3 rows, which
+    the timing never picks, stands for another worker's choice); one timed here is recorded for the others."""
+    specs = tuple(model_spec(load_model(tiny_repo.root / m)) for m in ("crowd-csrnet", "face-pros"))
+    timings = tmp_path / "timings.json"
+    timings.write_text(json.dumps({f"{specs[0].sha256}/1": 3}))
+    options = WorkerOptions(timings=str(timings))
+    sessions, _ = load_sessions(ort, WorkerSpec(partition="cpu-1", device=None, cores=(1,), models=specs, options=options))
+    assert isinstance(sessions["crowd-csrnet"], SlicedSession) and sessions["crowd-csrnet"].rows == 3
+    recorded = json.loads(timings.read_text())
+    assert set(recorded) == {f"{specs[0].sha256}/1", f"{specs[1].sha256}/1"}, "face-pros timed here and recorded"
+    assert recorded[f"{specs[1].sha256}/1"] == timed_choices(WorkerSpec("cpu-1", None, (1,), specs, options), sessions)["face-pros"]
+
+
+def test_every_worker_of_a_gateway_runs_a_model_in_the_same_slices(gateway: Gateway) -> None:
+    """The session's gateway: two one-core slices, --cpu-run-slices auto (the default). Each worker timed its
+    models alone before; they could pick different sizes (1 and 2 rows for face-pros in one start)."""
+    first, second = _slices(gateway)
+    assert first == second
 
 
 def test_a_restarted_worker_runs_its_batches_as_the_one_before_it_chose(tiny_repo: ExportedRepo) -> None:

@@ -6,7 +6,11 @@ noise; the runs themselves are a real onnxruntime session of a one-node graph.
 
 from __future__ import annotations
 
+import json
+import multiprocessing as mp
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -139,3 +143,41 @@ def test_auto_keeps_the_session_whole_where_larger_runs_are_faster(tmp_path: Pat
     monkeypatch.setattr(slices, "time_per_row", faster_when_larger)
     assert SlicedSession.made(session, _spec(8), "auto", warmup_s=1.5) is session
     assert measured == [8], "a model whose warm-up took over a second is not timed"
+
+
+def _agree(path: str, key: str, rows: int, queue: Any) -> None:
+    """In a process of its own: what agreed_rows gives a worker whose timing would pick `rows` after 0.3 s."""
+
+    def decide() -> int:
+        time.sleep(0.3)  # long enough for the other process to be waiting on the lock
+        return rows
+
+    queue.put(slices.agreed_rows(path, key, decide))
+
+
+def test_workers_time_a_model_once_between_them_and_take_the_same_rows(tmp_path: Path) -> None:
+    path = str(tmp_path / "timings.json")
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=_agree, args=(path, "sha/1", rows, queue)) for rows in (2, 4)]
+    for worker in workers:
+        worker.start()
+    got = [queue.get(timeout=60), queue.get(timeout=60)]
+    for worker in workers:
+        worker.join(10)
+    assert got[0] == got[1] in (2, 4), "the second to take the lock took the first's choice"
+    assert json.loads(Path(path).read_text()) == {"sha/1": got[0]}
+
+
+def test_a_recorded_choice_is_taken_without_timing_and_a_torn_file_counts_as_empty(tmp_path: Path) -> None:
+    path = tmp_path / "timings.json"
+
+    def never() -> int:
+        raise AssertionError("timed although a choice was recorded")
+
+    assert slices.agreed_rows(str(path), "a/1", lambda: 3) == 3
+    assert slices.agreed_rows(str(path), "a/1", never) == 3
+    assert slices.agreed_rows(str(path), "a/2", lambda: 0) == 0, "another core count is another key"
+    assert json.loads(path.read_text()) == {"a/1": 3, "a/2": 0}
+    path.write_text('{"a/1": 3, "a')  # a worker killed as it wrote
+    assert slices.agreed_rows(str(path), "a/1", lambda: 5) == 5

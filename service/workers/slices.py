@@ -9,7 +9,8 @@ CPU worker times each model once as it loads it, at 1, 2, 4, ... rows up to the 
 largest batch, on its own cores and threads, and from then on runs a larger batch as
 consecutive runs of the smallest size within TOLERANCE of the fastest per row (views of
 the batch, no copy), joining their outputs. The gateway keeps each choice: a worker that
-replaces a crashed one takes it rather than timing again (WorkerSpec.timed).
+replaces a crashed one takes it rather than timing again (WorkerSpec.timed), and its
+workers time a model once between them (agreed_rows), so equal slices run equal slices.
 
 A slice is kept as input bytes, not rows: a batch of images smaller than the
 contract's default size runs in slices of more rows, a larger one in fewer (at least

@@ -260,8 +260,7 @@ class Server:
         """Until no request of an earlier point is still queued or running for this model."""
         stop = time.monotonic() + limit_s
         while time.monotonic() < stop:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/partitions", timeout=5) as response:
-                busy = sum(p["outstanding_batches"] for p in json.load(response)["partitions"])
+            busy = sum(p["outstanding_batches"] for p in self.partitions())
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
                 queued = sum(
                     float(line.rsplit(" ", 1)[1])
@@ -274,8 +273,15 @@ class Server:
 
     def frontend_pids(self) -> list[int]:
         """The gateway's other front-end processes (serve --frontends; none from a revision before them)."""
+        return [f["pid"] for f in self._v1_partitions().get("frontends", [])]
+
+    def partitions(self) -> list[dict[str, Any]]:
+        """GET /v1/partitions: each partition with its worker (pid, ready, restarts, run_slices, ...)."""
+        return list(self._v1_partitions()["partitions"])
+
+    def _v1_partitions(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/partitions", timeout=5) as response:
-            return [f["pid"] for f in json.load(response).get("frontends", [])]
+            return dict(json.load(response))
 
     def close(self) -> None:
         self.process.terminate()

@@ -16,12 +16,10 @@ process's start, imports, sessions, warm-up runs and, with `--cpu-run-slices aut
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
 import time
-import urllib.request
 from pathlib import Path
 
 from bench.gateway_ab import _serve_args
@@ -30,14 +28,9 @@ from bench.gateway_bench import ROOT, Server, export
 POLL_S = 0.02
 
 
-def _partitions(server: Server) -> list[dict[str, object]]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/v1/partitions", timeout=5) as response:
-        return list(json.load(response)["partitions"])
-
-
 def _worker(server: Server) -> dict[str, object]:
     """The first partition's worker (the one a restart round kills)."""
-    return _partitions(server)[0]
+    return server.partitions()[0]
 
 
 def restart_seconds(server: Server, limit_s: float = 120.0) -> tuple[float, dict[str, int]]:
@@ -84,8 +77,7 @@ def main() -> int:
                 print(f"round {round_} {label}: back in {seconds:.3f} s, slices {slices}", flush=True)
     finally:
         for server in servers.values():
-            server.process.send_signal(signal.SIGTERM)
-            server.process.wait(30)
+            server.close()
     _table(f"worker restart, {', '.join(args.models)}, CPU slices {args.cpu_slices}", args.rounds, settings, revisions, times)
     return 0
 
@@ -97,9 +89,8 @@ def _starts(args: argparse.Namespace, settings: dict[str, list[str]], revisions:
             started = time.monotonic()
             server = Server(args.repo, *common, *extra, revision=revisions[label])
             times[label].append(time.monotonic() - started)
-            print(f"round {round_} {label}: ready in {times[label][-1]:.2f} s, slices {[p['run_slices'] for p in _partitions(server)]}")
-            server.process.send_signal(signal.SIGTERM)
-            server.process.wait(30)
+            print(f"round {round_} {label}: ready in {times[label][-1]:.2f} s, slices {[p['run_slices'] for p in server.partitions()]}")
+            server.close()
     _table(f"gateway start, {', '.join(args.models)}, CPU slices {args.cpu_slices}", args.rounds, settings, revisions, times)
     return 0
 

@@ -168,6 +168,11 @@ def _sliced(session: Any, model: ModelSpec, spec: WorkerSpec, warmup_s: float) -
     return timed_here[0] if timed_here else SlicedSession.made(session, model, rows, warmup_s)
 
 
+def sliced_rows(sessions: Mapping[str, Any]) -> dict[str, int]:
+    """Rows per run of each model whose batches run in slices (what /v1/partitions shows as run_slices)."""
+    return {name: rows for name, session in sessions.items() if (rows := rows_of(session))}
+
+
 def timed_choices(spec: WorkerSpec, sessions: Mapping[str, Any]) -> dict[str, int]:
     """What `--cpu-run-slices auto` chose for each CPU model (0: run whole), for a restart of this worker to take
     instead of timing again: a restart then comes back sooner, and runs its batches as the worker before it did."""
@@ -358,7 +363,7 @@ class _Serving:
             self.device_warning,
             os.getpid(),
             self.threads,
-            {name: s.rows for name, s in self.sessions.items() if isinstance(s, SlicedSession)},
+            sliced_rows(self.sessions),
             timed_choices(self.spec, self.sessions),
         )
 
@@ -437,10 +442,9 @@ class _Serving:
             self.sessions.update(loaded)  # a reload replaces the old session only once the new one runs
             if loaded and message.model.max_batch:
                 self.max_batch[message.model.name] = message.model.max_batch
-            session = loaded.get(message.model.name)
-            rows = session.rows if isinstance(session, SlicedSession) else None
-            timed = timed_choices(self.spec, loaded).get(message.model.name)
-            client.send(ModelLoaded(message.model.name, refused.get(message.model.name), rows, timed))
+            name = message.model.name
+            rows, timed = sliced_rows(loaded).get(name), timed_choices(self.spec, loaded).get(name)
+            client.send(ModelLoaded(name, refused.get(name), rows, timed))
         elif isinstance(message, UnloadModel):
             self.sessions.pop(message.model, None)
             client.send(ModelUnloaded(message.model))

@@ -18,6 +18,8 @@ import os
 import sys
 from typing import Any
 
+# Before onnxruntime is imported: its Linux wheels upload usage events unless told not to (migserve/__init__.py).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 for _path in reversed([p for p in os.environ.get("MIGSERVE_SITE_PACKAGES", "").split(":") if p]):
     if _path not in sys.path:
         sys.path.insert(0, _path)

@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -72,7 +72,14 @@ class Gateway:
     """A real `migserve serve` process on a free local port; stopped on close."""
 
     def __init__(
-        self, repo: Path, *args: str, log: Path, grpc: bool = False, new_session: bool = False, prefix: Sequence[str] = ()
+        self,
+        repo: Path,
+        *args: str,
+        log: Path,
+        grpc: bool = False,
+        new_session: bool = False,
+        prefix: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
@@ -86,7 +93,9 @@ class Gateway:
             command += ["--grpc-port", str(grpc_port)]
         self._out = log.open("w")
         # new_session: a process group of its own, as a terminal's foreground job, to signal it as Ctrl-C does
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=new_session)
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=new_session
+        )
         try:
             wait_ready(self.url, self.process, log, "gateway", 120)
         except RuntimeError:

@@ -45,6 +45,7 @@ class TritonServer:
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self._regions_before: set[Path] = set()  # the python backend's /dev/shm regions before this server started
+        self.home = workdir / "home"  # the server's HOME and TMPDIR, where nothing should write (test_offline.py)
 
     @property
     def url(self) -> str:
@@ -55,7 +56,8 @@ class TritonServer:
         libs = source.parent.parent / "nvidia_pytriton.libs"
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": os.environ.get("HOME", "/tmp"),
+            "HOME": str(self.home),
+            "TMPDIR": str(self.home),
             "LD_LIBRARY_PATH": str(libs),
             "MIGSERVE_SITE_PACKAGES": ":".join(site.getsitepackages()),
         }
@@ -70,6 +72,7 @@ class TritonServer:
             "--log-verbose=0",
             "--exit-timeout-secs=3",
         ]
+        self.home.mkdir(exist_ok=True)
         self._regions_before = _backend_regions()
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

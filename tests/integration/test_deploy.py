@@ -105,9 +105,10 @@ def test_k8s_manifests_request_mig_resources_per_profile(topology: Path, tmp_pat
     assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"http", "metrics"}
 
 
-def test_dockerfile_is_slim_non_root_torch_free_and_checks_health() -> None:
+def test_dockerfile_is_slim_non_root_torch_free_offline_and_checks_health() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     assert "FROM python:3.11-slim" in text and "\nUSER migserve" in text and "HEALTHCHECK" in text
+    assert "\nENV ORT_DISABLE_TELEMETRY=1\n" in text  # onnxruntime's usage events (tests/integration/test_offline.py)
     assert "/v2/health/ready" in text and "torch" not in text.replace("No torch", "") and "[export" not in text
 
 

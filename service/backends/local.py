@@ -16,12 +16,10 @@ import logging
 import multiprocessing as mp
 import os
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from multiprocessing.connection import Client, Connection
 from multiprocessing.process import BaseProcess
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from migserve.types import Array
@@ -417,12 +415,13 @@ class LocalBackend:
         from .triton import TritonReplica
 
         self._listeners: list[Callable[[], None]] = []
-        self._timings: str | None = None
+        self._timings: int | None = None
         timing = not attached and options.run_slices == "auto" and options.timings is None
         if timing and any(p.kind is PartitionKind.CPU and placement.get(p.id) for p in partitions):
-            descriptor, self._timings = tempfile.mkstemp(prefix="migserve-timings-", suffix=".json")
-            os.close(descriptor)  # the workers time each model once between them (service/workers/slices.py)
-            options = dataclasses.replace(options, timings=self._timings)
+            # The workers time each model once between them (service/workers/slices.py), in a file with no name that
+            # they open through this process's descriptor: it goes with the gateway, even one killed with -9.
+            self._timings = os.memfd_create("migserve-timings")
+            options = dataclasses.replace(options, timings=f"/proc/{os.getpid()}/fd/{self._timings}")
         self._options = options
         self._hang_s = hang_s
         self._sockets = dict(sockets or {})
@@ -523,7 +522,8 @@ class LocalBackend:
     async def stop(self) -> None:
         await asyncio.gather(*(w.stop() for w in self.workers.values()))
         if self._timings is not None:
-            Path(self._timings).unlink(missing_ok=True)
+            os.close(self._timings)
+            self._timings = None
 
     def compute_seconds(self) -> dict[str, float]:
         """Seconds each local partition's worker spent running this process's batches (Triton partitions: Triton's

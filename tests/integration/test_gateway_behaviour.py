@@ -290,6 +290,54 @@ def test_a_worker_back_without_the_model_answers_what_waited_503(tiny_repo: Expo
         server.close()
 
 
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is `pid` (the gateway's workers and its shared memory tracker)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(stat.parent.name))
+    return found
+
+
+def test_a_gateway_killed_with_9_leaves_no_process_file_or_shared_memory(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    # A gateway gets no chance to clean up after kill -9: its workers must notice and exit, the tracker must unlink
+    # the batch arenas, and the workers' shared timings (two CPU slices, sizes timed) must not be left in TMPDIR.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    server = Gateway(
+        tiny_repo.root,
+        "--cpu-slices",
+        "1,1",
+        "--models",
+        "face-pros",
+        log=tmp_path / "serve.log",
+        env=os.environ | {"TMPDIR": str(scratch)},
+    )
+    gateway = server.process.pid
+    try:
+        face = make_inputs(read_contract(tiny_repo.root / "face-pros"), batch=1, seed=0)
+        client = httpclient.InferenceServerClient(url=server.url, concurrency=4)
+        for request in [client.async_infer("face-pros", triton_inputs(face)) for _ in range(16)]:
+            assert request.get_result().as_numpy("embedding").shape == (1, 48)
+        workers = {p["pid"] for p in httpx.get(f"http://{server.url}/v1/partitions").json()["partitions"]}
+        processes = _children(gateway)
+        assert workers < processes  # the tracker too
+        owners = {gateway, *processes}
+        arenas = {p for p in Path("/dev/shm").glob("migserve-arena-*") if int(p.name.split("-")[2]) in owners}
+        assert arenas  # the requests made some
+        server.process.kill()
+        server.process.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (any(Path(f"/proc/{pid}").exists() for pid in processes) or any(map(Path.exists, arenas))):
+            time.sleep(0.1)
+        assert not [pid for pid in processes if Path(f"/proc/{pid}").exists()]
+        assert not [p for p in arenas if p.exists()]
+        assert not list(scratch.iterdir())
+    finally:
+        server.close()
+
+
 @pytest.fixture(scope="module")
 def small_gateway(tiny_repo: ExportedRepo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """One core, a queue of 4, bodies up to 1 MiB: easy to overload."""

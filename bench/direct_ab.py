@@ -33,13 +33,14 @@ def main() -> int:
     server = Server(args.repo, "--models", args.model, *extra)
     body, headers = bodies(args.repo, args.model, {})[args.body]
     url = f"http://127.0.0.1:{server.port}/v2/models/{args.model}/infer"
-    rounds: list[tuple[float, int, float]] = []  # direct best samples/s, its batch, gateway samples/s
+    rounds: list[tuple[float, int, float, str]] = []  # direct best samples/s, its batch, gateway samples/s, its CPU
     try:
         for round_ in range(1, args.rounds + 1):
             best = max(direct(args.repo, args.model, {}, args.direct_seconds), key=lambda row: row["samples_per_s"])
             server.wait_idle(args.model)
             point = closed_loop(url, body, headers, args.concurrency, args.seconds, server_pid=server.process.pid)
-            rounds.append((best["samples_per_s"], best["batch"], point["samples_per_s"]))
+            cpu = " / ".join(f"{point[k] or 0:.2f}" for k in ("gateway_cpu_ms", "workers_cpu_ms", "client_cpu_ms"))
+            rounds.append((best["samples_per_s"], best["batch"], point["samples_per_s"], cpu))
             print(
                 f"round {round_}: direct {best['samples_per_s']:.1f}/s (batch {best['batch']}), gateway {point['samples_per_s']:.1f}/s, "
                 f"{point['samples_per_s'] / best['samples_per_s']:.2f}x",
@@ -49,11 +50,11 @@ def main() -> int:
         server.close()
     shown = " ".join(extra) or "(defaults)"
     print(f"\n{args.model}, concurrency {args.concurrency}, {args.body} tensors, gateway `{shown}`, {args.rounds} rounds\n")
-    print("| round | direct best, samples/s (batch) | gateway, samples/s | x direct |")
-    print("| ---: | ---: | ---: | ---: |")
-    for i, (limit, batch, gateway) in enumerate(rounds, 1):
-        print(f"| {i} | {limit:.1f} ({batch}) | {gateway:.1f} | {gateway / limit:.2f} |")
-    ratios = [gateway / limit for limit, _, gateway in rounds]
+    print("| round | direct best, samples/s (batch) | gateway, samples/s | x direct | CPU ms per request: gateway / workers / wrk |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for i, (limit, batch, gateway, cpu) in enumerate(rounds, 1):
+        print(f"| {i} | {limit:.1f} ({batch}) | {gateway:.1f} | {gateway / limit:.2f} | {cpu} |")
+    ratios = [gateway / limit for limit, _, gateway, _ in rounds]
     print(f"\nmean {statistics.mean(ratios):.2f}x direct at best batch (rounds {min(ratios):.2f}-{max(ratios):.2f})")
     return 0
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from migserve.types import Array
 
 from .buckets import buckets
 from .protocol import ModelSpec
+
+logger = logging.getLogger(__name__)
 
 RUN_LIMIT_S = 0.1  # a run at one size that takes longer ends the timing there
 UNTIMED_AFTER_S = 1.0  # a model whose warm-up run took longer is not timed at all (not even one run more at start)
@@ -89,8 +92,15 @@ def agreed_rows(path: str, key: str, decide: Callable[[], int]) -> int:
     """The rows recorded under `key` in the JSON file at `path`, or `decide()`'s, recorded there: under an
     exclusive lock, so the gateway's workers time a model once between them (one at a time, each alone on its
     cores) and the others take that choice: every replica on equal slices runs the same slices. The kernel drops
-    the lock of a worker killed while it holds it; a file it left half written counts as empty."""
-    with Path(path).open("a+", encoding="utf-8") as file:
+    the lock of a worker killed while it holds it; a file it left half written counts as empty. A file that
+    cannot be opened (the gateway's /proc entry out of reach) leaves this worker to decide alone, as it would
+    without one."""
+    try:
+        file = Path(path).open("a+", encoding="utf-8")  # noqa: SIM115  (closed below)
+    except OSError as exc:
+        logger.warning("the gateway's shared timings (%s) cannot be opened (%s): this worker times its models alone", path, exc)
+        return decide()
+    with file:
         fcntl.flock(file, fcntl.LOCK_EX)
         file.seek(0)
         known: dict[str, int] = {}

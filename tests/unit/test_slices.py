@@ -7,6 +7,7 @@ noise; the runs themselves are a real onnxruntime session of a one-node graph.
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing as mp
 import time
 from pathlib import Path
@@ -181,3 +182,12 @@ def test_a_recorded_choice_is_taken_without_timing_and_a_torn_file_counts_as_emp
     assert json.loads(path.read_text()) == {"a/1": 3, "a/2": 0}
     path.write_text('{"a/1": 3, "a')  # a worker killed as it wrote
     assert slices.agreed_rows(str(path), "a/1", lambda: 5) == 5
+
+
+def test_a_timings_file_that_cannot_be_opened_leaves_the_worker_to_decide_alone(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The gateway's file is a memfd the workers open through /proc/<gateway>/fd/<n>: where that is out of reach
+    # (a descriptor gone, /proc locked down), the worker times the model itself instead of failing to load it.
+    unreachable = tmp_path / "no-such-folder" / "timings"
+    with caplog.at_level(logging.WARNING):
+        assert slices.agreed_rows(str(unreachable), "a/1", lambda: 4) == 4
+    assert "times its models alone" in caplog.text and not unreachable.parent.exists()

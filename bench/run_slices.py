@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from bench.gateway_bench import MODELS, ROOT, export
 from migserve.types import Array
 from service.placement import model_spec
 from service.repository import load_model
+from service.workers.affinity import pin_threads
 from service.workers.buckets import buckets
 from service.workers.process import _session_options
 from service.workers.protocol import WorkerSpec
@@ -44,7 +44,7 @@ def main() -> int:
         "gateway_bench) and with a different one every run, from a pool larger than the caches (as a worker sees requests)",
     )
     args = parser.parse_args()
-    os.sched_setaffinity(0, {args.core})
+    pin_threads({args.core})
     for model in args.models:
         export(args.repo, model)
         spec = model_spec(load_model(args.repo / model))

@@ -38,6 +38,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from service.workers.affinity import pin_threads
+
 from .load import milliseconds, timed_runs
 from .mig import MigError, Smi
 from .profile import Recorder, environment, parse_dims, parse_seconds
@@ -229,7 +231,7 @@ def infer_child(spec: dict[str, Any]) -> dict[str, Any]:
     import resource
 
     if spec["cores"]:
-        os.sched_setaffinity(0, spec["cores"])
+        pin_threads(spec["cores"])
     import onnxruntime as ort
 
     from service.repository import load_repository

@@ -27,6 +27,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from service.workers.affinity import pin_threads
+
 from .load import milliseconds, timed_runs
 from .profile import Progress, Recorder, environment, parse_dims, parse_list
 
@@ -183,7 +185,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     import resource
 
     if spec["cores"]:
-        os.sched_setaffinity(0, spec["cores"])
+        pin_threads(spec["cores"])
     import torch
 
     from exporters.zoo import get

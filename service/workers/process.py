@@ -37,6 +37,7 @@ import numpy as np
 from migserve.types import Array
 
 from . import shm
+from .affinity import pin_threads
 from .buckets import BucketedSession
 from .pinned import DeviceBuffers, HostPinning
 from .protocol import (
@@ -469,7 +470,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     if spec.device:
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.device
     if spec.cores:
-        os.sched_setaffinity(0, spec.cores)
+        pin_threads(spec.cores)
         if spec.options.idle_priority:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         os.environ["OMP_NUM_THREADS"] = str(len(spec.cores))

@@ -786,7 +786,11 @@ def test_partitions_view(gateway: Gateway) -> None:
     assert all(p["kind"] == "cpu" and len(p["cores"]) == 1 and len(p["models"]) == 10 for p in partitions)
     assert all(p["providers"] == ["CPUExecutionProvider"] and p["device_warning"] is None for p in partitions)
     assert all(p["scheduling"] == "normal" and os.sched_getscheduler(p["pid"]) == os.SCHED_OTHER for p in partitions)
-    assert all(os.sched_getaffinity(p["pid"]) == set(p["cores"]) for p in partitions)
+    # Every thread, not just the first: onnxruntime left to its default thread count pins its own pool's threads to
+    # cores by number, whatever the process's mask, so a slice's sessions must set their thread counts.
+    for partition in partitions:
+        threads = list(Path(f"/proc/{partition['pid']}/task").iterdir())
+        assert {tuple(os.sched_getaffinity(int(t.name))) for t in threads} == {tuple(partition["cores"])}, partition["id"]
 
 
 def test_a_gpu_partition_without_cuda_onnxruntime_serves_on_the_cpu_and_says_why(tiny_repo: ExportedRepo, tmp_path: Path) -> None:

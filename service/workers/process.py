@@ -61,11 +61,22 @@ logger = logging.getLogger(__name__)
 
 
 def _session_options(ort: Any, spec: WorkerSpec) -> Any:
+    """Thread counts always set: left to its default, onnxruntime pins a pool thread to each core of the machine by
+    number, whatever the process's mask (in a container limited to some cores it logs "pthread_setaffinity_np
+    failed" for each), and its threads spin between parallel sections. A CPU slice: a thread per core of the slice,
+    no spinning. A GPU or MIG worker: the CUDA provider computes on the device and the CPU runs shape-sized nodes
+    only, so one thread (what onnxruntime's maintainers advise for GPU providers); on the CPU instead (an onnxruntime
+    without CUDA: the partition reports it), a thread per core the process may use."""
     options = ort.SessionOptions()
     if spec.cores:
-        options.intra_op_num_threads = len(spec.cores)
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        threads = len(spec.cores)
+    elif "CUDAExecutionProvider" in _providers(ort, spec):
+        threads = 1
+    else:
+        threads = len(os.sched_getaffinity(0))
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return options
 

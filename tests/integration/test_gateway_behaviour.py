@@ -799,9 +799,15 @@ def test_a_gpu_partition_without_cuda_onnxruntime_serves_on_the_cpu_and_says_why
     topology = tmp_path / "topology.yaml"
     device = "GPU-5d9f1e7a-0000-4000-8000-000000000000"
     topology.write_text(f"partitions:\n  - {{id: gpu-0, kind: gpu, device: {device}, profile: NVIDIA H200}}\n")
-    server = Gateway(tiny_repo.root, "--topology", str(topology), "--models", "crowd-csrnet", log=tmp_path / "serve.log")
+    # Served on core 0 alone (as a container's cpuset would): onnxruntime left to its default thread count pins a
+    # pool thread to core 1 anyway; the worker sets the count, so every thread stays where the process may run.
+    server = Gateway(
+        tiny_repo.root, "--topology", str(topology), "--models", "crowd-csrnet", log=tmp_path / "serve.log", prefix=("taskset", "-c", "0")
+    )
     try:
         (partition,) = httpx.get(f"http://{server.url}/v1/partitions").json()["partitions"]
+        threads = list(Path(f"/proc/{partition['pid']}/task").iterdir())
+        assert {tuple(os.sched_getaffinity(int(t.name))) for t in threads} == {(0,)}
         assert partition["kind"] == "gpu" and partition["device"] == device
         assert partition["providers"] == ["CPUExecutionProvider"]
         assert "runs its models on the CPU" in partition["device_warning"]

@@ -7,12 +7,14 @@ declared GPU partition).
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import onnxruntime
 
-from service.workers.process import used_providers
+from service.workers.process import _session_options, used_providers
 from service.workers.protocol import WorkerSpec
 
 GPU_SPEC = WorkerSpec(partition="gpu-0", device="GPU-5d9f1e7a-0000-4000-8000-000000000000", cores=(), models=())
@@ -61,3 +63,18 @@ def test_sessions_on_cuda_need_no_warning_and_list_each_provider_once(tmp_path: 
     both = ("CUDAExecutionProvider", "CPUExecutionProvider")
     sessions = {"a": _session(*both), "b": _session(*both)}
     assert used_providers(ort, GPU_SPEC, sessions) == (("CUDAExecutionProvider", "CPUExecutionProvider"), None)
+
+
+def test_every_worker_sets_its_session_thread_counts(tmp_path: Path) -> None:
+    # Left to its default, onnxruntime pins a pool thread to each core of the machine whatever the process's mask
+    # (tests/integration/test_gateway_behaviour.py sees it); so every kind of worker sets the count itself.
+    cuda = SimpleNamespace(
+        SessionOptions=onnxruntime.SessionOptions, get_available_providers=_cuda_onnxruntime(tmp_path, None).get_available_providers
+    )
+    cases = [(onnxruntime, CPU_SPEC, 1), (cuda, GPU_SPEC, 1), (onnxruntime, GPU_SPEC, len(os.sched_getaffinity(0)))]
+    for ort, spec, threads in cases:
+        options = _session_options(ort, spec)
+        assert (options.intra_op_num_threads, options.inter_op_num_threads) == (threads, 1), spec.partition
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    two_cores = dataclasses.replace(CPU_SPEC, cores=(0, 1))
+    assert _session_options(onnxruntime, two_cores).intra_op_num_threads == 2

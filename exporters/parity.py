@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -36,6 +38,14 @@ def compare(expected: Array, got: Array, name: str) -> OutputError:
     return OutputError(max_abs=max_abs, max_rel=max_abs / scale)
 
 
+def cpu_session(model: bytes) -> ort.InferenceSession:
+    """onnxruntime on the cores this process may use. Left to its default thread count it pins a thread to every core
+    of the machine by number, which in a container limited to some cores logs "pthread_setaffinity_np failed"."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = len(os.sched_getaffinity(0))
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
 def check_parity(
     module: nn.Module,
     proto: onnx.ModelProto,
@@ -44,7 +54,7 @@ def check_parity(
     tolerance: float,
 ) -> Parity:
     """Every output of every sample within `tolerance` of torch, relative to the output's scale."""
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = cpu_session(proto.SerializeToString())
     results = []
     for sample in samples:
         expected = run_torch(module, sample.inputs)

@@ -46,7 +46,8 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"{path}: sha256 does not match config.pbtxt's model_sha256; re-export it")
         options = ort.SessionOptions()
         threads = int(config.get("parameters", {}).get("intra_op_threads", {}).get("string_value", "0") or 0)
-        options.intra_op_num_threads = threads
+        # Never onnxruntime's default (0): it pins a thread to every core of the machine whatever the stub may use
+        options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]

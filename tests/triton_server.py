@@ -14,6 +14,7 @@ import shutil
 import signal
 import site
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.helpers import free_port, wait_ready
@@ -51,7 +52,8 @@ class TritonServer:
     def url(self) -> str:
         return f"127.0.0.1:{self.http_port}"
 
-    def start(self, timeout: float = 120) -> None:
+    def start(self, timeout: float = 120, prefix: Sequence[str] = ()) -> None:
+        """prefix: a command that execs the rest (e.g. taskset, to serve on some cores)."""
         source = _pytriton()
         libs = source.parent.parent / "nvidia_pytriton.libs"
         env = {
@@ -62,6 +64,7 @@ class TritonServer:
             "MIGSERVE_SITE_PACKAGES": ":".join(site.getsitepackages()),
         }
         command = [
+            *prefix,
             str(source / "bin" / "tritonserver"),
             f"--model-repository={self.repo}",
             f"--backend-directory={backend_directory(self.workdir)}",

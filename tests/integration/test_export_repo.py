@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from exporters.zoo import ZOO
 from migserve.contract import Contract, TensorSpec, read_contract, sha256_file
 from migserve.types import Array
 from service.repository import load_repository
-from tests.helpers import ExportedRepo
+from tests.helpers import ROOT, ExportedRepo
 
 MODELS = list(ZOO)
 TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
@@ -156,3 +158,22 @@ def test_grounding_models_carry_the_vocabulary_their_embedding_indexes(repo: Pat
         graph = onnx.load(str(repo / name / "1" / "model.onnx")).graph
         tables = [t for t in graph.initializer if len(t.dims) == 2 and t.dims[0] == len(vocab)]
         assert tables, f"{name}: no embedding table with {len(vocab)} rows"
+
+
+AFFINITIES = "sorted({tuple(sorted(os.sched_getaffinity(int(t)))) for t in os.listdir('/proc/self/task')})"
+
+
+def test_the_parity_check_runs_onnxruntime_on_the_cores_the_process_may_use(tiny_repo: ExportedRepo) -> None:
+    # onnxruntime left to its default thread count pins a thread to every core of the machine, whatever the
+    # process's mask: an export in a container limited to some cores would log "pthread_setaffinity_np failed".
+    script = (
+        "import os, sys\n"
+        "from service.workers.affinity import pin_threads\n"
+        "pin_threads({0})\n"
+        "from exporters.parity import cpu_session\n"
+        "session = cpu_session(open(sys.argv[1], 'rb').read())\n"
+        f"print({AFFINITIES})\n"
+    )
+    model = tiny_repo.root / "face-pros" / "1" / "model.onnx"
+    done = subprocess.run([sys.executable, "-c", script, str(model)], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[(0,)]", done.stdout

@@ -18,7 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument("--grpc-port", type=int, help="also serve KServe v2 over gRPC on this port, e.g. 8001 as Triton (default: off)")
     parser.add_argument("--topology", type=Path, help="declared partitions (YAML); overrides discovery")
-    parser.add_argument("--cpu-slices", help="cores per CPU slice without a GPU, e.g. 2,2 (default: one slice per core)")
+    parser.add_argument(
+        "--cpu-slices",
+        help="cores per CPU slice without a GPU, e.g. 2,2 (default: one slice per core, and no more slices than a CPU "
+        "quota (docker --cpus, a Kubernetes CPU limit) has CPUs)",
+    )
     parser.add_argument("--models", nargs="+", metavar="NAME", help="serve only these models")
     parser.add_argument("--max-body-mb", type=float, default=256.0, help="largest request body (default: 256)")
     parser.add_argument(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .cpuquota import cpu_quota
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +61,22 @@ class TopologyError(ValueError):
     """A topology file or --cpu-slices value that cannot be used; the message says how to fix it."""
 
 
-def cpu_slices(sizes: Sequence[int] | None = None, cores: Sequence[int] | None = None) -> list[Partition]:
-    """Split the usable cores into slices: one per core by default, or `sizes` cores each."""
+def cpu_slices(sizes: Sequence[int] | None = None, cores: Sequence[int] | None = None, quota: float | None = None) -> list[Partition]:
+    """Split the usable cores into slices: `sizes` cores each, or by default one per core, and no more of them than a
+    CPU quota of `quota` CPUs (service/cpuquota.py) can keep busy: the first cores, one slice each."""
     available = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    if not sizes and quota is not None and quota < len(available):
+        kept = max(1, math.floor(quota))
+        logger.warning(
+            "this process may use %g CPUs' time (its cgroup's CPU quota: docker --cpus, a Kubernetes CPU limit) of the %d cores "
+            "it sees: %d CPU slice%s, not %d (--cpu-slices sets them)",
+            quota,
+            len(available),
+            kept,
+            "" if kept == 1 else "s",
+            len(available),
+        )
+        available = available[:kept]
     sizes = list(sizes) if sizes else [1] * len(available)
     if any(s < 1 for s in sizes) or sum(sizes) > len(available):
         raise TopologyError(f"--cpu-slices {','.join(map(str, sizes))} needs {sum(sizes)} cores; {len(available)} are usable: {available}")
@@ -215,4 +231,4 @@ def discover(topology: Path | None = None, slices: Sequence[int] | None = None, 
         if found:
             return found
         logger.warning("NVML found no GPUs; using CPU slices")
-    return cpu_slices(slices)
+    return cpu_slices(slices, quota=None if slices else cpu_quota())

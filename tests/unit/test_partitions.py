@@ -69,6 +69,15 @@ def test_cpu_slices() -> None:
         cpu_slices([2, 2, 2], cores=[0, 1, 2, 3])
 
 
+def test_default_cpu_slices_fit_a_cpu_quota() -> None:
+    # docker --cpus 2 on a 4-core host: every core listed, 2 CPUs' time (service/cpuquota.py reads it)
+    assert [p.cores for p in cpu_slices(cores=[0, 1, 2, 3], quota=2.0)] == [(0,), (1,)]
+    assert [p.cores for p in cpu_slices(cores=[4, 5, 6, 7], quota=2.5)] == [(4,), (5,)]
+    assert [p.cores for p in cpu_slices(cores=[0, 1, 2, 3], quota=0.5)] == [(0,)], "at least one slice"
+    assert len(cpu_slices(cores=[0, 1, 2, 3], quota=8.0)) == 4
+    assert [p.cores for p in cpu_slices([2, 2], cores=[0, 1, 2, 3], quota=1.0)] == [(0, 1), (2, 3)], "--cpu-slices wins"
+
+
 def test_without_nvml_discovery_falls_back_to_cpu_slices() -> None:
     found = discover(slices=[1])
     assert len(found) == 1 and found[0].kind is PartitionKind.CPU

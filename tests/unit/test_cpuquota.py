@@ -1,0 +1,78 @@
+"""The CPU quota of a process's cgroup (service/cpuquota.py), read from host layouts laid out in a folder.
+
+The mountinfo and cgroup lines are as the kernel writes them: the cgroup v1 and hybrid ones were captured on this
+machine (cat /proc/self/mountinfo /proc/self/cgroup); the cgroup v2 ones follow the kernel's cgroup-v2 documentation
+(a container with its own cgroup namespace sees its cgroup as "/"). A real cgroup with a quota is exercised by
+tests/integration/test_cpu_quota.py where this machine lets the tests make one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from service.cpuquota import cpu_quota
+
+V1_MOUNTS = (
+    "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"
+    "32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n"
+    "33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct\n"
+    "34 31 0:31 / /sys/fs/cgroup/cpuset rw,relatime - cgroup cgroup rw,cpuset\n"
+    "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n"
+)
+V2_MOUNTS = "24 30 0:22 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n"
+
+
+def _host(root: Path, mountinfo: str, cgroup: str, files: dict[str, str]) -> Path:
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/self/mountinfo").write_text(mountinfo)
+    (root / "proc/self/cgroup").write_text(cgroup)
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_this_machine_reads_without_error() -> None:
+    quota = cpu_quota()
+    assert quota is None or quota > 0
+
+
+def test_a_v2_container_limited_to_two_cpus(tmp_path: Path) -> None:
+    root = _host(tmp_path, V2_MOUNTS, "0::/\n", {"sys/fs/cgroup/cpu.max": "200000 100000\n"})
+    assert cpu_quota(root) == 2.0
+
+
+def test_v2_without_a_limit_and_a_parent_s_lower_limit(tmp_path: Path) -> None:
+    files = {"sys/fs/cgroup/kubepods/cpu.max": "150000 100000\n", "sys/fs/cgroup/kubepods/pod1/app/cpu.max": "max 100000\n"}
+    root = _host(tmp_path / "a", V2_MOUNTS, "0::/kubepods/pod1/app\n", files)
+    assert cpu_quota(root) == 1.5, "the least limit on the way up counts"
+    root = _host(tmp_path / "b", V2_MOUNTS, "0::/user.slice\n", {"sys/fs/cgroup/user.slice/cpu.max": "max 100000\n"})
+    assert cpu_quota(root) is None
+
+
+def test_v1_quota_over_period_and_no_quota(tmp_path: Path) -> None:
+    cgroup = "3:cpuset:/\n2:cpuacct:/\n1:cpu:/migserve\n0::/\n"
+    files = {"sys/fs/cgroup/cpu/migserve/cpu.cfs_quota_us": "150000\n", "sys/fs/cgroup/cpu/migserve/cpu.cfs_period_us": "100000\n"}
+    files |= {"sys/fs/cgroup/cpu/cpu.cfs_quota_us": "-1\n", "sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000\n"}
+    assert cpu_quota(_host(tmp_path / "a", V1_MOUNTS, cgroup, files)) == 1.5
+    unlimited = {k.replace("migserve/", ""): v for k, v in files.items() if "migserve" not in k}
+    assert cpu_quota(_host(tmp_path / "b", V1_MOUNTS, "3:cpuset:/\n2:cpuacct:/\n1:cpu:/\n0::/\n", unlimited)) is None
+
+
+def test_v1_mounted_at_the_container_s_own_cgroup(tmp_path: Path) -> None:
+    # Docker without a cgroup namespace: /proc/self/cgroup names the host's path, the mount's root is that path
+    mounts = "32 31 0:29 /docker/abc /sys/fs/cgroup/cpu,cpuacct ro,nosuid - cgroup cgroup rw,cpu,cpuacct\n"
+    files = {"sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us": "50000\n", "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us": "100000\n"}
+    assert cpu_quota(_host(tmp_path, mounts, "4:cpu,cpuacct:/docker/abc\n", files)) == 0.5
+
+
+def test_hybrid_hierarchies_take_the_least_and_unreadable_files_count_as_none(tmp_path: Path) -> None:
+    cgroup = "1:cpu:/a\n0::/b\n"
+    files = {
+        "sys/fs/cgroup/cpu/a/cpu.cfs_quota_us": "300000\n",
+        "sys/fs/cgroup/cpu/a/cpu.cfs_period_us": "100000\n",
+        "sys/fs/cgroup/unified/b/cpu.max": "100000 100000\n",
+    }
+    assert cpu_quota(_host(tmp_path / "a", V1_MOUNTS, cgroup, files)) == 1.0
+    assert cpu_quota(_host(tmp_path / "b", V1_MOUNTS, cgroup, {"sys/fs/cgroup/cpu/a/cpu.cfs_quota_us": "junk\n"})) is None
+    assert cpu_quota(tmp_path / "nothing") is None

@@ -36,9 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-pending-mb",
         type=float,
-        default=1024.0,
         help="request bodies held at once, received to answered; an HTTP body that would pass it gets 503 before it is read "
-        "(default: 1024)",
+        "(default: 1024, or a quarter of a memory limit (docker --memory, a Kubernetes limit) where that is less)",
     )
     parser.add_argument("--timeout-s", type=float, default=30.0, help="default per-request deadline (default: 30)")
     parser.add_argument(
@@ -182,6 +181,19 @@ def _check_port(host: str, port: int, flag: str) -> None:
         raise ValueError(f"{flag} {port}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
+def _pending_bytes(max_pending_mb: float | None, max_body: int) -> int:
+    """--max-pending-mb, or its default: 1 GiB, less under a memory limit (service/config.default_pending_bytes)."""
+    from .cgroups import memory_limit
+    from .config import default_pending_bytes
+
+    if max_pending_mb is not None:
+        return int(max_pending_mb * (1 << 20))
+    pending, lowered = default_pending_bytes(max_body, memory_limit())
+    if lowered:
+        logging.getLogger("service.config").warning(lowered)
+    return pending
+
+
 def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
     import uvicorn
 
@@ -207,6 +219,8 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
                 _check_port(args.host, grpc_port, "--grpc-port")
                 reserved = _reuse_port(args.host, grpc_port, "--grpc-port", listen=False)
                 grpc_port = reserved.getsockname()[1]  # held, never listening (no connection lands on it), until exit
+        max_body = int(args.max_body_mb * (1 << 20))
+        pending = _pending_bytes(args.max_pending_mb, max_body)
         config = ServeConfig(
             model_repo=args.model_repo,
             host=args.host,
@@ -215,9 +229,9 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             topology=args.topology,
             cpu_slices=_sizes("--cpu-slices", args.cpu_slices, "cores per slice", "2,2"),
             models=tuple(args.models) if args.models else None,
-            max_body_bytes=int(args.max_body_mb * (1 << 20)),
+            max_body_bytes=max_body,
             max_json_bytes=int(args.max_json_mb * (1 << 20)),
-            max_pending_bytes=int(args.max_pending_mb * (1 << 20)),
+            max_pending_bytes=pending,
             default_timeout_s=args.timeout_s,
             receive_timeout_s=args.receive_timeout_s,
             queue_capacity=args.queue_capacity,

@@ -7,6 +7,26 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+MB = 1 << 20
+DEFAULT_PENDING_BYTES = 1 << 30
+PENDING_SHARE_OF_MEMORY = 4  # at most a quarter of a memory limit holds request bodies by default
+
+
+def default_pending_bytes(max_body_bytes: int, memory_limit: int | None) -> tuple[int, str | None]:
+    """--max-pending-mb's default: 1 GiB, or under a memory limit (service/cgroups.py) a quarter of it, though never
+    below one body of --max-body-mb; and, where the limit lowered it, a warning saying so."""
+    if memory_limit is None or memory_limit // PENDING_SHARE_OF_MEMORY >= DEFAULT_PENDING_BYTES:
+        return DEFAULT_PENDING_BYTES, None
+    pending = max(memory_limit // PENDING_SHARE_OF_MEMORY, max_body_bytes)
+    warning = (
+        f"this process may use {memory_limit / MB:g} MB of memory (its cgroup's limit: docker --memory, a Kubernetes memory "
+        f"limit): request bodies held at once are bounded at {pending / MB:g} MB, not {DEFAULT_PENDING_BYTES / MB:g} "
+        "(--max-pending-mb sets it)"
+    )
+    if pending * 2 > memory_limit:
+        warning += f"; one body of --max-body-mb {max_body_bytes / MB:g} is over half the memory: lower --max-body-mb"
+    return pending, warning
+
 
 class ServeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")

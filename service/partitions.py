@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .cpuquota import cpu_quota
+from .cgroups import cpu_quota
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class TopologyError(ValueError):
 
 def cpu_slices(sizes: Sequence[int] | None = None, cores: Sequence[int] | None = None, quota: float | None = None) -> list[Partition]:
     """Split the usable cores into slices: `sizes` cores each, or by default one per core, and no more of them than a
-    CPU quota of `quota` CPUs (service/cpuquota.py) can keep busy: the first cores, one slice each."""
+    CPU quota of `quota` CPUs (service/cgroups.py) can keep busy: the first cores, one slice each."""
     available = sorted(cores if cores is not None else os.sched_getaffinity(0))
     if not sizes and quota is not None and quota < len(available):
         kept = max(1, math.floor(quota))

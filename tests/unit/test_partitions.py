@@ -70,7 +70,7 @@ def test_cpu_slices() -> None:
 
 
 def test_default_cpu_slices_fit_a_cpu_quota() -> None:
-    # docker --cpus 2 on a 4-core host: every core listed, 2 CPUs' time (service/cpuquota.py reads it)
+    # docker --cpus 2 on a 4-core host: every core listed, 2 CPUs' time (service/cgroups.py reads it)
     assert [p.cores for p in cpu_slices(cores=[0, 1, 2, 3], quota=2.0)] == [(0,), (1,)]
     assert [p.cores for p in cpu_slices(cores=[4, 5, 6, 7], quota=2.5)] == [(4,), (5,)]
     assert [p.cores for p in cpu_slices(cores=[0, 1, 2, 3], quota=0.5)] == [(0,)], "at least one slice"

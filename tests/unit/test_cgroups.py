@@ -1,16 +1,17 @@
-"""The CPU quota of a process's cgroup (service/cpuquota.py), read from host layouts laid out in a folder.
+"""The CPU quota and memory limit of a process's cgroup (service/cgroups.py), read from host layouts laid out in a folder.
 
 The mountinfo and cgroup lines are as the kernel writes them: the cgroup v1 and hybrid ones were captured on this
 machine (cat /proc/self/mountinfo /proc/self/cgroup); the cgroup v2 ones follow the kernel's cgroup-v2 documentation
 (a container with its own cgroup namespace sees its cgroup as "/"). A real cgroup with a quota is exercised by
-tests/integration/test_cpu_quota.py where this machine lets the tests make one.
+tests/integration/test_cgroup_limits.py where this machine lets the tests make one.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from service.cpuquota import cpu_quota
+from service.cgroups import cpu_quota, memory_limit
+from service.config import default_pending_bytes
 
 V1_MOUNTS = (
     "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"
@@ -76,3 +77,31 @@ def test_hybrid_hierarchies_take_the_least_and_unreadable_files_count_as_none(tm
     assert cpu_quota(_host(tmp_path / "a", V1_MOUNTS, cgroup, files)) == 1.0
     assert cpu_quota(_host(tmp_path / "b", V1_MOUNTS, cgroup, {"sys/fs/cgroup/cpu/a/cpu.cfs_quota_us": "junk\n"})) is None
     assert cpu_quota(tmp_path / "nothing") is None
+
+
+def test_memory_limits_v2_v1_and_none(tmp_path: Path) -> None:
+    files = {"sys/fs/cgroup/kubepods/memory.max": "2147483648\n", "sys/fs/cgroup/kubepods/app/memory.max": "max\n"}
+    assert memory_limit(_host(tmp_path / "a", V2_MOUNTS, "0::/kubepods/app\n", files)) == 2 << 30
+    v1_mounts = V1_MOUNTS + "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
+    cgroup = "4:memory:/process_api/eacc787c6adef6e2020fcad07a7567b1\n1:cpu:/\n0::/\n"  # as on this machine
+    unlimited = "9223372036854771712\n"  # what this machine's memory.limit_in_bytes holds
+    files = {
+        "sys/fs/cgroup/memory/memory.limit_in_bytes": unlimited,
+        "sys/fs/cgroup/memory/process_api/eacc787c6adef6e2020fcad07a7567b1/memory.limit_in_bytes": unlimited,
+    }
+    assert memory_limit(_host(tmp_path / "b", v1_mounts, cgroup, files)) is None
+    files["sys/fs/cgroup/memory/process_api/memory.limit_in_bytes"] = "1073741824\n"
+    assert memory_limit(_host(tmp_path / "c", v1_mounts, cgroup, files)) == 1 << 30
+    assert memory_limit(_host(tmp_path / "d", V2_MOUNTS, "0::/\n", {"sys/fs/cgroup/memory.max": "max\n"})) is None
+
+
+def test_the_default_body_bound_fits_a_memory_limit() -> None:
+    mb, gib = 1 << 20, 1 << 30
+    assert default_pending_bytes(256 * mb, None) == (gib, None)
+    assert default_pending_bytes(256 * mb, 8 * gib) == (gib, None), "a quarter of 8 GiB is over the default"
+    pending, warning = default_pending_bytes(256 * mb, 2 * gib)
+    assert pending == 512 * mb and warning is not None and "bounded at 512 MB, not 1024" in warning
+    assert "lower --max-body-mb" not in warning
+    pending, warning = default_pending_bytes(256 * mb, 400 * mb)
+    assert pending == 256 * mb, "never below one body of --max-body-mb"
+    assert warning is not None and "one body of --max-body-mb 256 is over half the memory" in warning

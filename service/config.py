@@ -133,7 +133,7 @@ class ServeConfig(BaseModel):
     def _one_body_fits(self) -> ServeConfig:
         if self.max_pending_bytes < self.max_body_bytes:
             raise ValueError(
-                f"--max-pending-mb {self.max_pending_bytes / (1 << 20):g} is below --max-body-mb {self.max_body_bytes / (1 << 20):g}: "
+                f"--max-pending-mb {self.max_pending_bytes / MB:g} is below --max-body-mb {self.max_body_bytes / MB:g}: "
                 "a request of the largest allowed size could never be served"
             )
         return self

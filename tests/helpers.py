@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -174,3 +175,27 @@ def assert_equal_but_rounding(got: Array, expected: Array) -> None:
     """Equal up to float32 rounding, as a run of a different number of rows gives (onnxruntime's kernels block the
     rows differently): a few units in the last place of the output's largest value."""
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+
+
+PARENT, GROUP = 1, 2  # fields of /proc/PID/stat after the command name: the parent's pid, the process group
+
+
+def processes_where(field: int, value: int) -> set[int]:
+    """Processes whose /proc/PID/stat `field` (PARENT, GROUP) is `value`; those that end meanwhile are left out."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[field]) == value:
+                found.add(int(stat.parent.name))
+    return found
+
+
+def thread_affinities(pid: int) -> set[tuple[int, ...]]:
+    """The cores each thread of process `pid` may run on, as sorted tuples (one entry per distinct mask); none for a
+    process that has ended."""
+    found: set[tuple[int, ...]] = set()
+    with contextlib.suppress(FileNotFoundError):
+        for thread in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+                found.add(tuple(sorted(os.sched_getaffinity(int(thread.name)))))
+    return found

@@ -43,7 +43,7 @@ class WorkerOptions:
     shape_sessions: int = 8  # CUDA: sessions per model, one per padded batch shape; 0: one session, no padding
     threads: int = 0  # batches a worker runs at once (serve --worker-threads); 0: GPU_THREADS on a GPU, 1 on a CPU slice
     in_flight: int = 1  # batches each process may have in flight on a worker running several (serve --batches-in-flight)
-    timings: str | None = None  # CPU, run_slices auto: a file where the gateway's workers share what they timed (slices.py)
+    timings: str | None = None  # CPU, run_slices auto: where the gateway's workers share what they timed (its memfd, slices.py)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from tritonclient.utils import InferenceServerException
 
 from migserve.contract import read_contract
 from migserve.types import Array
-from tests.helpers import ExportedRepo, Gateway, read_response, small_dev_shm
+from tests.helpers import PARENT, ExportedRepo, Gateway, processes_where, read_response, small_dev_shm, thread_affinities
 from tests.integration.test_gateway_protocol import grpc_inputs, make_inputs, triton_inputs
 
 
@@ -290,16 +290,6 @@ def test_a_worker_back_without_the_model_answers_what_waited_503(tiny_repo: Expo
         server.close()
 
 
-def _children(pid: int) -> set[int]:
-    """Processes whose parent is `pid` (the gateway's workers and its shared memory tracker)."""
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.add(int(stat.parent.name))
-    return found
-
-
 def test_a_gateway_killed_with_9_leaves_no_process_file_or_shared_memory(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
     # A gateway gets no chance to clean up after kill -9: its workers must notice and exit, the tracker must unlink
     # the batch arenas, and the workers' shared timings (two CPU slices, sizes timed) must not be left in TMPDIR.
@@ -321,7 +311,7 @@ def test_a_gateway_killed_with_9_leaves_no_process_file_or_shared_memory(tiny_re
         for request in [client.async_infer("face-pros", triton_inputs(face)) for _ in range(16)]:
             assert request.get_result().as_numpy("embedding").shape == (1, 48)
         workers = {p["pid"] for p in httpx.get(f"http://{server.url}/v1/partitions").json()["partitions"]}
-        processes = _children(gateway)
+        processes = processes_where(PARENT, gateway)
         assert workers < processes  # the tracker too
         owners = {gateway, *processes}
         arenas = {p for p in Path("/dev/shm").glob("migserve-arena-*") if int(p.name.split("-")[2]) in owners}
@@ -789,8 +779,7 @@ def test_partitions_view(gateway: Gateway) -> None:
     # Every thread, not just the first: onnxruntime left to its default thread count pins its own pool's threads to
     # cores by number, whatever the process's mask, so a slice's sessions must set their thread counts.
     for partition in partitions:
-        threads = list(Path(f"/proc/{partition['pid']}/task").iterdir())
-        assert {tuple(os.sched_getaffinity(int(t.name))) for t in threads} == {tuple(partition["cores"])}, partition["id"]
+        assert thread_affinities(partition["pid"]) == {tuple(partition["cores"])}, partition["id"]
 
 
 def test_a_gpu_partition_without_cuda_onnxruntime_serves_on_the_cpu_and_says_why(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
@@ -806,8 +795,7 @@ def test_a_gpu_partition_without_cuda_onnxruntime_serves_on_the_cpu_and_says_why
     )
     try:
         (partition,) = httpx.get(f"http://{server.url}/v1/partitions").json()["partitions"]
-        threads = list(Path(f"/proc/{partition['pid']}/task").iterdir())
-        assert {tuple(os.sched_getaffinity(int(t.name))) for t in threads} == {(0,)}
+        assert thread_affinities(partition["pid"]) == {(0,)}
         assert partition["kind"] == "gpu" and partition["device"] == device
         assert partition["providers"] == ["CPUExecutionProvider"]
         assert "runs its models on the CPU" in partition["device_warning"]

@@ -20,7 +20,7 @@ from tritonclient.grpc import model_config_pb2
 
 from migserve.contract import read_contract
 from migserve.types import Array
-from tests.helpers import ExportedRepo, Gateway, migserve
+from tests.helpers import GROUP, ExportedRepo, Gateway, migserve, processes_where, thread_affinities
 from tests.integration.test_gateway_protocol import make_inputs, triton_inputs
 from tests.triton_server import TritonServer
 
@@ -361,20 +361,6 @@ def test_a_triton_that_answers_nothing_fails_over_and_comes_back(
     assert after["ready"] and after["restarts"] == before["restarts"] + 1  # type: ignore[operator]
 
 
-def _group_threads(leader: int) -> dict[int, set[tuple[int, ...]]]:
-    """The CPU affinities of the threads of every process in `leader`'s process group, by process."""
-    found: dict[int, set[tuple[int, ...]]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) != leader:
-                continue
-            tasks = list((stat.parent / "task").iterdir())
-            found[int(stat.parent.name)] = {tuple(sorted(os.sched_getaffinity(int(t.name)))) for t in tasks}
-        except (OSError, IndexError, ValueError):
-            continue  # a process or thread that ended meanwhile
-    return found
-
-
 def test_a_twin_runs_onnxruntime_on_the_cores_triton_may_use(twins: Path, tmp_path: Path) -> None:
     # Served on core 0 alone (as a container's cpuset would): onnxruntime left to its default thread count pins a
     # pool thread to core 1 anyway, and in a real cpuset logs "pthread_setaffinity_np failed"; the twin sets it.
@@ -387,7 +373,7 @@ def test_a_twin_runs_onnxruntime_on_the_cores_triton_may_use(twins: Path, tmp_pa
         inputs = make_inputs(read_contract(repo / "crowd-csrnet"), batch=1, seed=0)
         assert httpclient.InferenceServerClient(url=server.url).infer("crowd-csrnet", triton_inputs(inputs)).as_numpy("density") is not None
         assert server.process is not None
-        threads = _group_threads(server.process.pid)
+        threads = {pid: thread_affinities(pid) for pid in processes_where(GROUP, server.process.pid)}
         assert len(threads) >= 2, threads  # tritonserver and the model's python stub
         assert set().union(*threads.values()) == {(0,)}, threads
     finally:

@@ -37,6 +37,17 @@ def memory_limit(root: Path = Path("/")) -> int | None:
     return None if limit is None else int(limit)
 
 
+def oom_kills(root: Path = Path("/")) -> int | None:
+    """Processes the kernel has killed for want of memory since boot: on the whole host, its cgroups' limits included
+    (/proc/vmstat's `oom_kill`, Linux 4.13 and later, also inside a container); None where it cannot be read."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in (root / "proc/vmstat").read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == "oom_kill":
+                return int(value)
+    return None
+
+
 def _least_of(root: Path, controller: str, reader: Reader) -> float | None:
     limits = [
         limit

@@ -32,6 +32,12 @@ class Metrics:
             "migserve_requests_run_alone", "Requests run again as batches of one after their batch failed", ["model"], registry=r
         )
         self.restarts = Gauge("migserve_worker_restarts", "Times a partition's worker was restarted", ["partition"], registry=r)
+        self.oom_kills = Gauge(
+            "migserve_worker_oom_kills",
+            "Times the kernel killed a partition's worker for want of memory (its OOM killer)",
+            ["partition"],
+            registry=r,
+        )
         self.ready = Gauge("migserve_partition_ready", "1 while a partition's worker is ready", ["partition"], registry=r)
         self.memory = Gauge("migserve_partition_memory_bytes", "Partition memory (NVML; unset on CPU slices)", ["partition"], registry=r)
         self.memory_used = Gauge(

@@ -356,6 +356,7 @@ class Gateway:
         for worker in self.backend.workers.values():
             self.metrics.ready.labels(worker.id).set(1 if worker.ready else 0)
             self.metrics.restarts.labels(worker.id).set(worker.restarts)
+            self.metrics.oom_kills.labels(worker.id).set(worker.oom_kills)
 
     def entry(self, name: str) -> ModelEntry:
         if name not in self.models:
@@ -595,6 +596,8 @@ class Gateway:
                     "providers": list(worker.providers) if worker else [],
                     "device_warning": worker.device_warning if worker else None,
                     "restarts": worker.restarts if worker else 0,
+                    "oom_kills": worker.oom_kills if worker else 0,
+                    "last_death": worker.last_death if worker else None,
                     "outstanding_batches": worker.outstanding if worker else 0,
                     "refused": worker.refused if worker else {},
                     "run_slices": dict(worker.slices) if worker else {},

@@ -28,6 +28,7 @@ from ..errors import BadRequest, InferenceFailed, Unavailable, WorkerDied
 from ..partitions import Partition, PartitionKind
 from ..watchdog import StallWatch
 from ..workers import shm
+from ..workers.oom import OomWatch
 from ..workers.process import worker_main
 from ..workers.protocol import (
     BatchDone,
@@ -95,6 +96,10 @@ class WorkerReplica:
         self.slices: dict[str, int] = {}  # model -> rows per run at its default sizes, where the worker slices its batches
         self.timed: dict[str, int] = {}  # model -> what the worker's timing chose (0: whole): a restart takes it
         self.restarts = 0
+        self.oom_kills = 0  # deaths the kernel's OOM killer caused (service/workers/oom.py)
+        self.last_death: str | None = None  # why the worker last died, for /v1/partitions
+        self._oom = OomWatch(None)
+        self._hang_killed = False  # this process killed the worker as hung: its SIGKILL is no mystery
         self.compute_s = 0.0  # the worker's time running this process's batches (BatchDone.compute_s), over restarts too
         self.pid: int | None = None
         self._restart_task: asyncio.Task[None] | None = None
@@ -134,9 +139,20 @@ class WorkerReplica:
         )
         parent, child = self._ctx.Pipe()
         process = self._ctx.Process(target=worker_main, args=(spec, child), name=f"migserve-worker-{self.id}", daemon=True)
+        self._oom, self._hang_killed = OomWatch.now(), False
         process.start()
         child.close()
-        ready = await asyncio.wait_for(asyncio.to_thread(parent.recv), START_TIMEOUT_S)
+        try:
+            ready = await asyncio.wait_for(asyncio.to_thread(parent.recv), START_TIMEOUT_S)
+        except EOFError:  # it died loading its models: say how, and why where the kernel knows
+            await asyncio.to_thread(process.join, 5)
+            why = self._oom.explain(process.exitcode)
+            if why is not None:
+                self.oom_kills += 1
+            parent.close()
+            raise RuntimeError(
+                f"worker {self.id} exited with code {process.exitcode} before it was ready" + (f": {why}" if why else "")
+            ) from None
         self._process = process
         self._attach(parent, ready)
         asyncio.get_running_loop().add_reader(process.sentinel, self._on_exit)
@@ -199,6 +215,7 @@ class WorkerReplica:
         # or its socket closing in a front-end process): batches retried, the worker restarted by the first process.
         logger.error("worker %s (pid %s) has not answered a batch in %g s (--worker-hang-s): killing it", self.id, self.pid, self._hang_s)
         if self.pid is not None:
+            self._hang_killed = True
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
 
@@ -207,7 +224,7 @@ class WorkerReplica:
         try:
             message = self._conn.recv()
         except (EOFError, OSError):
-            self._died("its pipe closed")
+            self._died(self._exit_reason() or "its pipe closed")  # the pipe can close before the sentinel says so
             return
         if isinstance(message, ModelLoaded | ModelUnloaded):
             if self._control is not None and not self._control.done():
@@ -228,11 +245,24 @@ class WorkerReplica:
         self._on_change()
 
     def _on_exit(self) -> None:
-        code = None
-        if self._process is not None:
-            self._process.join(1)  # the sentinel can close a moment before the process can be reaped
-            code = self._process.exitcode
-        self._died(f"it exited with code {code}")
+        self._died(self._exit_reason() or "it exited")
+
+    def _exit_reason(self) -> str | None:
+        """Why the worker process ended (None while it has not): killed as hung, by the kernel for memory, or its
+        exit code."""
+        if not self._ready or self._process is None:
+            return None  # already told
+        self._process.join(1)  # the sentinel can close a moment before the process can be reaped
+        code = self._process.exitcode
+        if code is None:
+            return None
+        if self._hang_killed:
+            return f"killed as hung: no answer to a batch in {self._hang_s:g} s (--worker-hang-s)"
+        why = self._oom.explain(code)
+        if why is not None:
+            self.oom_kills += 1
+            return why
+        return f"it exited with code {code}"
 
     def _died(self, why: str) -> None:
         if not self._ready:
@@ -255,6 +285,8 @@ class WorkerReplica:
         if self._control is not None and not self._control.done():
             self._control.set_exception(WorkerDied(f"worker {self.id} died: {why}"))
         self._recovering = not self._stopping  # set before the batchers hear of it: their queues wait for the restart
+        if not self._stopping:
+            self.last_death = why
         self._on_change()
         if not self._stopping:
             logger.error("worker %s died (%s); restarting", self.id, why)

@@ -58,6 +58,8 @@ class TritonReplica:
         self.slices: dict[str, int] = {}  # the Triton server runs each batch as it comes
         self.recovering = False  # an unreachable server may be gone for long: requests get 503 meanwhile
         self.restarts = 0  # times Triton came back after being unreachable
+        self.oom_kills = 0  # a remote server's processes are not this host's to watch
+        self.last_death: str | None = None
         self.pid: int | None = None
         self.depth = TRITON_DEPTH if partition.batching == "triton" else 1
         self.max_rows: int | None = 1 if partition.batching == "triton" else None

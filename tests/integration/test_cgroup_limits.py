@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
-from tests.helpers import ExportedRepo, Gateway
+from tests.helpers import ROOT, ExportedRepo, Gateway
 
 CGROUP_V1 = Path("/sys/fs/cgroup")
 MakeGroup = Callable[[str, dict[str, str]], Path]
@@ -94,3 +99,55 @@ def test_a_gateway_under_a_memory_limit_holds_fewer_bodies_by_default(
     )
     explicit.close()
     assert "bounded at" not in explicit.log.read_text(), "--max-pending-mb given: the user's bound stands"
+
+
+def _crowd_input(batch: int, side: int) -> list[httpclient.InferInput]:
+    image = np.random.default_rng(0).random((batch, 3, side, side), dtype=np.float32)
+    tensor = httpclient.InferInput("image", list(image.shape), "FP32")
+    tensor.set_data_from_numpy(image, binary_data=True)
+    return [tensor]
+
+
+def test_a_worker_the_kernel_kills_for_memory_goes_first_is_named_and_comes_back(
+    tiny_repo: ExportedRepo, make_group: MakeGroup, tmp_path: Path
+) -> None:
+    # 360 MB holds the gateway and a worker serving crowd-csrnet (about 245 MB of their own memory here), not a batch
+    # of eight 1024x1024 images (100 MB of body, as much again in shared memory, and the activations: 500 MB at peak).
+    group = make_group("memory", {"memory.swappiness": "0", "memory.limit_in_bytes": str(360 << 20)})  # no swapping out
+    server = Gateway(tiny_repo.root, "--cpu-slices", "1", "--models", "crowd-csrnet", log=tmp_path / "serve.log", prefix=_entering(group))
+    try:
+        client = httpclient.InferenceServerClient(server.url, network_timeout=120)
+        (worker,) = httpx.get(f"http://{server.url}/v1/partitions").json()["partitions"]
+        gateway_adj = int(Path(f"/proc/{server.process.pid}/oom_score_adj").read_text())
+        assert int(Path(f"/proc/{worker['pid']}/oom_score_adj").read_text()) == min(1000, gateway_adj + 500)
+        with pytest.raises(InferenceServerException) as failed:
+            client.infer("crowd-csrnet", _crowd_input(8, 1024))
+        assert failed.value.status() == "503", failed.value.message()
+        assert server.process.poll() is None, "the kernel took the gateway"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            (worker,) = httpx.get(f"http://{server.url}/v1/partitions").json()["partitions"]
+            if worker["ready"] and worker["restarts"] == 1:
+                break
+            time.sleep(0.5)
+        assert worker["ready"] and worker["restarts"] == 1 and worker["oom_kills"] == 1, worker
+        assert "the kernel killed it for want of memory" in worker["last_death"]
+        assert "memory limit of 360 MB" in worker["last_death"]
+        assert "worker cpu-0 died (the kernel killed it for want of memory" in server.log.read_text()
+        assert 'migserve_worker_oom_kills{partition="cpu-0"} 1.0' in httpx.get(f"http://{server.url}/metrics").text
+        assert client.infer("crowd-csrnet", _crowd_input(1, 256)).as_numpy("density").shape == (1, 1, 32, 32)
+    finally:
+        server.close()
+
+
+def test_a_worker_killed_for_memory_while_it_loads_stops_the_gateway_saying_why(
+    tiny_repo: ExportedRepo, make_group: MakeGroup, tmp_path: Path
+) -> None:
+    group = make_group("memory", {"memory.swappiness": "0", "memory.limit_in_bytes": str(180 << 20)})  # the gateway alone fits
+    command = [*_entering(group), sys.executable, "-m", "migserve", "serve", "--model-repo", str(tiny_repo.root), "--port", "0"]
+    run = subprocess.run(
+        [*command, "--cpu-slices", "1", "--models", "crowd-csrnet"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode != 0
+    assert "worker cpu-0 exited with code -9 before it was ready: the kernel killed it for want of memory" in run.stderr, run.stderr
+    assert "memory limit of 180 MB" in run.stderr

@@ -180,10 +180,12 @@ def test_a_killed_worker_is_restarted_and_requests_around_it_are_answered(gatewa
             break
         time.sleep(0.2)
     assert state["ready"] and state["restarts"] == 1 and state["pid"] != victim["pid"]
+    assert state["last_death"] == "it exited with code -9" and state["oom_kills"] == 0, "killed by hand: not called an OOM kill"
     assert httpx.get(f"{url}/v2/health/ready").status_code == 200
     assert call(0) == 200
     metrics = httpx.get(f"{url}/metrics").text
     assert _metric(metrics, "migserve_worker_restarts", partition=victim["id"]) == 1
+    assert _metric(metrics, "migserve_worker_oom_kills", partition=victim["id"]) == 0
 
 
 def test_requests_wait_for_the_only_worker_while_it_restarts(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
@@ -256,6 +258,7 @@ def test_a_hung_worker_is_killed_and_its_batches_answered_elsewhere(tiny_repo: E
             time.sleep(0.2)
         assert state["ready"] and state["restarts"] == 1 and state["pid"] != victim["pid"]
         assert "has not answered a batch in" in server.log.read_text()
+        assert "died (killed as hung: no answer to a batch in 2 s (--worker-hang-s)); restarting" in server.log.read_text()
         assert call(0)[0] == 200
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -1,0 +1,78 @@
+"""When memory runs out: the kernel takes a worker rather than the gateway, and the gateway says so.
+
+Under a memory limit (docker --memory, a Kubernetes pod's limit) or on a host out of memory, the kernel's OOM killer
+kills the process with the highest badness: its resident memory, plus its /proc/PID/oom_score_adj (-1000 to 1000,
+in thousandths of the memory it may use). The gateway holds every client's connection and queued request, and a
+worker is restarted with its batches retried; but a gateway holding a few large request bodies can outweigh a
+worker. So each worker raises its own adjustment by WORKER_OOM_SCORE_ADJ (any process may raise its own; lowering
+needs privilege), keeping the order a container runtime set between containers (Kubernetes gives a Guaranteed pod's
+processes -997).
+
+A worker the kernel killed died of SIGKILL, as one killed by hand or by the gateway's hang check; what tells them
+apart is the kernel's count of OOM kills (/proc/vmstat oom_kill) having moved while it ran. The gateway then names
+the cause and the limit, and what to change, where before it said "exited with code -9" and restarted it into the
+same end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..cgroups import memory_limit, oom_kills
+
+logger = logging.getLogger(__name__)
+
+WORKER_OOM_SCORE_ADJ = 500  # half of what the process may use: a worker goes before a gateway of up to twice its size
+MB = 1 << 20
+
+
+def killed_first(step: int = WORKER_OOM_SCORE_ADJ, path: Path = Path("/proc/self/oom_score_adj")) -> None:
+    """This process (a worker) goes before the gateway when the kernel must kill one for memory."""
+    try:
+        current = int(path.read_text())
+        path.write_text(str(min(1000, current + step)))
+    except (OSError, ValueError) as exc:
+        logger.warning("cannot raise this worker's oom_score_adj (%s): the kernel may take the gateway first when memory runs out", exc)
+
+
+@dataclass(frozen=True)
+class OomWatch:
+    """The kernel's count of OOM kills when a worker started, to tell afterwards whether its SIGKILL was one."""
+
+    before: int | None
+    root: Path = Path("/")
+
+    @classmethod
+    def now(cls, root: Path = Path("/")) -> OomWatch:
+        return cls(oom_kills(root), root)
+
+    def explain(self, exitcode: int | None) -> str | None:
+        """Why a worker that exited with `exitcode` died, where the OOM killer took it; None otherwise."""
+        if exitcode != -signal.SIGKILL or self.before is None:
+            return None
+        after = oom_kills(self.root)
+        if after is None or after <= self.before:
+            return None
+        limit = memory_limit(self.root)
+        if limit is not None:
+            short = f"its cgroup's memory limit of {limit / MB:.0f} MB (docker --memory, a Kubernetes memory limit)"
+        else:
+            short = f"the host's memory ({_total(self.root) or '?'} MB)"
+        return (
+            f"the kernel killed it for want of memory (its OOM killer: /proc/vmstat oom_kill went from {self.before} to {after}): "
+            f"the gateway and its workers outgrew {short}; serve fewer models (--models) or on fewer CPU slices "
+            "(--cpu-slices), hold fewer request bodies (--max-pending-mb), or give it more memory"
+        )
+
+
+def _total(root: Path) -> int | None:
+    """MemTotal of /proc/meminfo in MB."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in (root / "proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    return None

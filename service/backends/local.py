@@ -100,6 +100,7 @@ class WorkerReplica:
         self.last_death: str | None = None  # why the worker last died, for /v1/partitions
         self._oom = OomWatch(None)
         self._hang_killed = False  # this process killed the worker as hung: its SIGKILL is no mystery
+        self._ended: str | None = None  # why the current process ended, once known
         self.compute_s = 0.0  # the worker's time running this process's batches (BatchDone.compute_s), over restarts too
         self.pid: int | None = None
         self._restart_task: asyncio.Task[None] | None = None
@@ -139,7 +140,7 @@ class WorkerReplica:
         )
         parent, child = self._ctx.Pipe()
         process = self._ctx.Process(target=worker_main, args=(spec, child), name=f"migserve-worker-{self.id}", daemon=True)
-        self._oom, self._hang_killed = OomWatch.now(), False
+        self._oom, self._hang_killed, self._ended = OomWatch.now(), False, None
         process.start()
         child.close()
         try:
@@ -199,10 +200,13 @@ class WorkerReplica:
         self._slots[batch_id] = slot
         try:
             self._conn.send(RunBatch(batch_id=batch_id, model=model, inputs=refs, slot=slot))
-        except OSError as exc:
+        except OSError as exc:  # it died (or is dying) before the sentinel or the pipe told the loop
             self._pending.pop(batch_id)
             self._slots.pop(batch_id)
-            raise WorkerDied(f"worker {self.id}: {exc}") from None
+            why = self._exit_reason()
+            if why is not None:
+                asyncio.get_running_loop().call_soon(self._died, why)  # not from inside the batcher's dispatch
+            raise WorkerDied(f"worker {self.id} died: {why}" if why else f"worker {self.id}: {exc}") from None
         loop = asyncio.get_running_loop()
         if self._hang is None:
             self._hang = StallWatch(loop, self._hang_s, lambda: bool(self._pending) and self._ready, self._hung)
@@ -250,19 +254,20 @@ class WorkerReplica:
     def _exit_reason(self) -> str | None:
         """Why the worker process ended (None while it has not): killed as hung, by the kernel for memory, or its
         exit code."""
-        if not self._ready or self._process is None:
-            return None  # already told
+        if self._ended is not None or not self._ready or self._process is None:
+            return self._ended  # told already, or nothing to tell
         self._process.join(1)  # the sentinel can close a moment before the process can be reaped
         code = self._process.exitcode
         if code is None:
             return None
         if self._hang_killed:
-            return f"killed as hung: no answer to a batch in {self._hang_s:g} s (--worker-hang-s)"
-        why = self._oom.explain(code)
-        if why is not None:
+            self._ended = f"killed as hung: no answer to a batch in {self._hang_s:g} s (--worker-hang-s)"
+        elif (oom := self._oom.explain(code)) is not None:
             self.oom_kills += 1
-            return why
-        return f"it exited with code {code}"
+            self._ended = oom
+        else:
+            self._ended = f"it exited with code {code}"
+        return self._ended
 
     def _died(self, why: str) -> None:
         if not self._ready:

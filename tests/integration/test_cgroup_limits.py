@@ -123,6 +123,7 @@ def test_a_worker_the_kernel_kills_for_memory_goes_first_is_named_and_comes_back
         with pytest.raises(InferenceServerException) as failed:
             client.infer("crowd-csrnet", _crowd_input(8, 1024))
         assert failed.value.status() == "503", failed.value.message()
+        assert "worker cpu-0 died: the kernel killed it for want of memory" in str(failed.value.message()), "the client is told why"
         assert server.process.poll() is None, "the kernel took the gateway"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -48,13 +48,39 @@ def oom_kills(root: Path = Path("/")) -> int | None:
     return None
 
 
+def memory_in_use(root: Path = Path("/")) -> int | None:
+    """Bytes held in the cgroup whose memory limit binds this process (the least on the way up), less the page cache
+    the kernel can drop to make room: the working set that `docker stats` and Kubernetes show against the limit.
+    None where nothing limits this process's memory or the files cannot be read."""
+    limits = _limits(root, "memory", _memory_limit)
+    if not limits:
+        return None
+    _, folder, version = min(limits, key=lambda found: found[0])
+    with contextlib.suppress(OSError, ValueError):
+        usage = int((folder / ("memory.current" if version == 2 else "memory.usage_in_bytes")).read_text())
+        stat = dict(line.split(maxsplit=1) for line in (folder / "memory.stat").read_text().splitlines() if " " in line)
+        return max(usage - int(stat.get("inactive_file" if version == 2 else "total_inactive_file", "0")), 0)
+    return None
+
+
 def _least_of(root: Path, controller: str, reader: Reader) -> float | None:
-    limits = [
-        limit
-        for mount, path, version in _hierarchies(root, controller)
-        if (limit := _least(root, mount, path, version, reader)) is not None
-    ]
-    return min(limits, default=None)
+    return min((limit for limit, _, _ in _limits(root, controller, reader)), default=None)
+
+
+def _limits(root: Path, controller: str, reader: Reader) -> list[tuple[float, Path, int]]:
+    """(limit, its cgroup folder, cgroup version) of every limit from the process's cgroups up to their mounts' roots."""
+    found = []
+    for mount, path, version in _hierarchies(root, controller):
+        here = root / mount.relative_to("/") / path.strip("/")
+        top = root / mount.relative_to("/")
+        while True:
+            limit = reader(here, version)
+            if limit is not None:
+                found.append((limit, here, version))
+            if here == top or top not in here.parents:
+                break
+            here = here.parent
+    return found
 
 
 def _hierarchies(root: Path, controller: str) -> list[tuple[Path, str, int]]:
@@ -86,20 +112,6 @@ def _hierarchies(root: Path, controller: str) -> list[tuple[Path, str, int]]:
         relative = path[len(mount_root) :] if path.startswith(mount_root) and mount_root != "/" else path
         found.append((mount, relative, version))
     return found
-
-
-def _least(root: Path, mount: Path, path: str, version: int, reader: Reader) -> float | None:
-    """The least limit from the process's cgroup up to the mount's root."""
-    here = root / mount.relative_to("/") / path.strip("/")
-    top = root / mount.relative_to("/")
-    least: float | None = None
-    while True:
-        limit = reader(here, version)
-        if limit is not None:
-            least = limit if least is None else min(least, limit)
-        if here == top or top not in here.parents:
-            return least
-        here = here.parent
 
 
 def _cpu_limit(folder: Path, version: int) -> float | None:

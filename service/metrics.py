@@ -46,6 +46,14 @@ class Metrics:
             ["partition"],
             registry=r,
         )
+        self.memory_limit = Gauge(
+            "migserve_memory_limit_bytes", "The memory limit of the gateway's cgroup (docker --memory, a Kubernetes limit)", registry=r
+        )
+        self.memory_in_use = Gauge(
+            "migserve_memory_working_set_bytes",
+            "Memory the gateway's cgroup holds against that limit, less the page cache the kernel can drop (read at each scrape)",
+            registry=r,
+        )
         self.v1_requests = Counter("migserve_v1_requests", "Family endpoint requests answered", ["endpoint", "status"], registry=r)
         self.v1_latency = Histogram(
             "migserve_v1_request_seconds", "Family endpoint latency, decoding to answer", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r

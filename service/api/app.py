@@ -28,7 +28,8 @@ import migserve
 from migserve.types import Array
 
 from ..backends.local import LocalBackend
-from ..config import ServeConfig
+from ..cgroups import memory_in_use, memory_limit
+from ..config import MB, ServeConfig
 from ..dispatch.batcher import BatchPolicy, ModelBatcher, Pending
 from ..errors import BadRequest, DeadlineExpired, NotFound, ServiceError, UnknownModel
 from ..jobs import JobStore
@@ -41,6 +42,7 @@ from ..repository import ModelEntry, RepositoryError, load_model, load_repositor
 from ..shared import Published, SharedCounts
 from ..stats import ModelStatistics, model_config
 from ..trace import TRACE_SYNC_S, Trace, Tracer
+from ..workers.oom import ADVICE
 from ..workers.protocol import ModelSpec, WorkerOptions
 from .budget import BodyBudget
 from .classification import classified
@@ -150,6 +152,7 @@ class Gateway:
 
     async def start(self) -> None:
         await self.backend.start()
+        self._check_memory_headroom()
         for name, entry in self.models.items():
             self._serve(name, entry)
         if self.frontends is not None:
@@ -443,12 +446,32 @@ class Gateway:
         return classified(await _await_until(pending, name, timeout), decoded.classes)
 
     async def refresh_memory_used(self) -> None:
-        """Memory in use per GPU and MIG partition, from NVML, for a /metrics scrape (nothing on CPU slices)."""
+        """Memory in use per GPU and MIG partition, from NVML, and in the gateway's cgroup where it has a memory limit,
+        for a /metrics scrape."""
+        if (limit := memory_limit()) is not None and (in_use := memory_in_use()) is not None:
+            self.metrics.memory_limit.set(limit)
+            self.metrics.memory_in_use.set(in_use)
         devices = {p.device: p.id for p in self.partitions if p.kind in (PartitionKind.GPU, PartitionKind.MIG) and p.device}
         if not devices:
             return
         for uuid, used in (await asyncio.to_thread(memory_used, list(devices))).items():
             self.metrics.memory_used.labels(devices[uuid]).set(used)
+
+    def _check_memory_headroom(self) -> None:
+        """A warning where the workers, their models loaded, leave less of the cgroup's memory limit than the request
+        bodies the gateway may hold: under load a worker would be killed for memory (service/workers/oom.py)."""
+        limit, in_use = memory_limit(), memory_in_use()
+        if limit is None or in_use is None or in_use + self.config.max_pending_bytes <= limit:
+            return
+        logger.warning(
+            "with their models loaded the gateway and its workers hold %.0f MB of their cgroup's memory limit of %.0f MB "
+            "(docker --memory, a Kubernetes memory limit), and may hold %.0f MB of request bodies more (--max-pending-mb), "
+            "besides larger batches' activations: under load the kernel can kill a worker for memory; %s",
+            in_use / MB,
+            limit / MB,
+            self.config.max_pending_bytes / MB,
+            ADVICE,
+        )
 
     def timeout(self, header: str | None) -> float:
         """Seconds from an X-Timeout-Ms header, else the configured default."""

@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 
 WORKER_OOM_SCORE_ADJ = 500  # half of what the process may use: a worker goes before a gateway of up to twice its size
 MB = 1 << 20
+ADVICE = (
+    "serve fewer models (--models) or on fewer CPU slices (--cpu-slices), hold fewer request bodies (--max-pending-mb), "
+    "or give it more memory"
+)
 
 
 def killed_first(step: int = WORKER_OOM_SCORE_ADJ, path: Path = Path("/proc/self/oom_score_adj")) -> None:
@@ -64,8 +68,7 @@ class OomWatch:
             short = f"the host's memory ({_total(self.root) or '?'} MB)"
         return (
             f"the kernel killed it for want of memory (its OOM killer: /proc/vmstat oom_kill went from {self.before} to {after}): "
-            f"the gateway and its workers outgrew {short}; serve fewer models (--models) or on fewer CPU slices "
-            "(--cpu-slices), hold fewer request bodies (--max-pending-mb), or give it more memory"
+            f"the gateway and its workers outgrew {short}; {ADVICE}"
         )
 
 

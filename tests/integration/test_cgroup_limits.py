@@ -84,6 +84,12 @@ def test_a_gateway_under_a_memory_limit_holds_fewer_bodies_by_default(
     try:
         assert "request bodies held at once are bounded at 512 MB, not 1024" in server.log.read_text()
         assert httpx.get(f"http://{server.url}/v2/health/ready").status_code == 200
+        assert "can kill a worker for memory" not in server.log.read_text(), "2 GiB leaves room for 512 MB of bodies"
+        metrics = httpx.get(f"http://{server.url}/metrics").text
+        lines = (line.split() for line in metrics.splitlines() if line.startswith("migserve_memory_"))
+        values = {name: float(value) for name, value in lines}
+        assert values["migserve_memory_limit_bytes"] == 2 << 30
+        assert 50 << 20 < values["migserve_memory_working_set_bytes"] < 1 << 30, "the gateway and a worker with one model loaded"
     finally:
         server.close()
     explicit = Gateway(
@@ -115,8 +121,10 @@ def test_a_worker_the_kernel_kills_for_memory_goes_first_is_named_and_comes_back
     # of eight 1024x1024 images (100 MB of body, as much again in shared memory, and the activations: 500 MB at peak).
     group = make_group("memory", {"memory.swappiness": "0", "memory.limit_in_bytes": str(360 << 20)})  # no swapping out
     server = Gateway(tiny_repo.root, "--cpu-slices", "1", "--models", "crowd-csrnet", log=tmp_path / "serve.log", prefix=_entering(group))
+    client = httpclient.InferenceServerClient(server.url, network_timeout=120)
     try:
-        client = httpclient.InferenceServerClient(server.url, network_timeout=120)
+        warning = "hold fewer request bodies (--max-pending-mb), or give it more memory"  # 256 MB of bodies on top
+        assert "under load the kernel can kill a worker for memory" in server.log.read_text() and warning in server.log.read_text()
         (worker,) = httpx.get(f"http://{server.url}/v1/partitions").json()["partitions"]
         gateway_adj = int(Path(f"/proc/{server.process.pid}/oom_score_adj").read_text())
         assert int(Path(f"/proc/{worker['pid']}/oom_score_adj").read_text()) == min(1000, gateway_adj + 500)
@@ -138,6 +146,7 @@ def test_a_worker_the_kernel_kills_for_memory_goes_first_is_named_and_comes_back
         assert 'migserve_worker_oom_kills{partition="cpu-0"} 1.0' in httpx.get(f"http://{server.url}/metrics").text
         assert client.infer("crowd-csrnet", _crowd_input(1, 256)).as_numpy("density").shape == (1, 1, 32, 32)
     finally:
+        client.close()
         server.close()
 
 

@@ -116,7 +116,8 @@ def test_grafana_dashboard_covers_the_partitions() -> None:
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "migserve.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
     gateway = ("migserve_batch_size_sum", "migserve_request_seconds_bucket", "migserve_queue_depth", "migserve_partition_compute_seconds")
-    for metric in (*gateway, "DCGM_FI_PROF_GR_ENGINE_ACTIVE"):
+    memory = ("migserve_worker_oom_kills", "migserve_memory_working_set_bytes", "migserve_memory_limit_bytes")
+    for metric in (*gateway, *memory, "DCGM_FI_PROF_GR_ENGINE_ACTIVE"):
         assert metric in exprs
 
 

@@ -85,6 +85,7 @@ class Gateway:
     frontends: Frontends | None = None  # the other front-end processes (serve --frontends), run by this one
     shared: SharedCounts | None = None  # with front-ends: every process's bodies and queues, for the gateway's bounds
     index: int = 0  # this process's front-end index (0: the first process)
+    start_error: str | None = None  # why start() failed, for uvicorn to log in one line (fastpath.InferFastPath)
     tracer: Tracer = field(init=False)  # Triton's trace extension; the first process writes every process's traces
     _syncing: asyncio.Task[None] | None = None  # with front-ends and a trace file: their settings and traces, each second
 
@@ -678,7 +679,11 @@ def create_app(config: ServeConfig) -> InferFastPath:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await gateway.start()
+        try:
+            await gateway.start()
+        except ServiceError as exc:  # said in one line, not under a traceback (InferFastPath)
+            gateway.start_error = str(exc)
+            raise
         grpc = None
         try:
             if config.grpc_port is not None:

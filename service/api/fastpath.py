@@ -40,6 +40,9 @@ class InferFastPath:
         self.gateway = gateway
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, self._plain_startup_failure(send))
+            return
         match = INFER_PATH.match(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if match is None:
             await self.app(scope, receive, send)
@@ -73,6 +76,17 @@ class InferFastPath:
             await respond(send, reply)
         finally:
             received.sent(self.gateway.tracer, sending)  # a send cut short still ends the trace
+
+    def _plain_startup_failure(self, send: Send) -> Send:
+        """`send`, with a start that failed for a reason the gateway can say (workers that died loading their models,
+        say) told in that one line: uvicorn logs the message Starlette sends, a traceback of the gateway's own code."""
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and self.gateway.start_error is not None:
+                message = {**message, "message": f"cannot start: {self.gateway.start_error}"}
+            await send(message)
+
+        return sending
 
 
 @dataclass(slots=True)

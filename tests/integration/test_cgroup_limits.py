@@ -161,3 +161,5 @@ def test_a_worker_killed_for_memory_while_it_loads_stops_the_gateway_saying_why(
     assert run.returncode != 0
     assert "worker cpu-0 exited with code -9 before it was ready: the kernel killed it for want of memory" in run.stderr, run.stderr
     assert "memory limit of 180 MB" in run.stderr
+    assert "cannot start: workers failed to start: cpu-0: RuntimeError: worker cpu-0 exited" in run.stderr
+    assert "Traceback" not in run.stderr, "the reason in a line, not under the gateway's own stack"

@@ -86,4 +86,9 @@ UNSUPPORTED = {
 
 
 class WorkerDied(Exception):
-    """The worker process serving a batch exited; the batch may be retried on another replica."""
+    """The worker process serving a batch exited; the batch may be retried on another replica, unless the kernel
+    killed the worker for memory (`for_memory`): then the batch may be what outgrew it (service/dispatch/batcher.py)."""
+
+    def __init__(self, message: str, *, for_memory: bool = False) -> None:
+        super().__init__(message)
+        self.for_memory = for_memory

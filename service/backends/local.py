@@ -101,6 +101,7 @@ class WorkerReplica:
         self._oom = OomWatch(None)
         self._hang_killed = False  # this process killed the worker as hung: its SIGKILL is no mystery
         self._ended: str | None = None  # why the current process ended, once known
+        self._ended_for_memory = False  # the kernel killed it for memory
         self.compute_s = 0.0  # the worker's time running this process's batches (BatchDone.compute_s), over restarts too
         self.pid: int | None = None
         self._restart_task: asyncio.Task[None] | None = None
@@ -140,7 +141,7 @@ class WorkerReplica:
         )
         parent, child = self._ctx.Pipe()
         process = self._ctx.Process(target=worker_main, args=(spec, child), name=f"migserve-worker-{self.id}", daemon=True)
-        self._oom, self._hang_killed, self._ended = OomWatch.now(), False, None
+        self._oom, self._hang_killed, self._ended, self._ended_for_memory = OomWatch.now(), False, None, False
         process.start()
         child.close()
         try:
@@ -206,7 +207,8 @@ class WorkerReplica:
             why = self._exit_reason()
             if why is not None:
                 asyncio.get_running_loop().call_soon(self._died, why)  # not from inside the batcher's dispatch
-            raise WorkerDied(f"worker {self.id} died: {why}" if why else f"worker {self.id}: {exc}") from None
+            message = f"worker {self.id} died: {why}" if why else f"worker {self.id}: {exc}"
+            raise WorkerDied(message, for_memory=self._ended_for_memory) from None
         loop = asyncio.get_running_loop()
         if self._hang is None:
             self._hang = StallWatch(loop, self._hang_s, lambda: bool(self._pending) and self._ready, self._hung)
@@ -264,7 +266,7 @@ class WorkerReplica:
             self._ended = f"killed as hung: no answer to a batch in {self._hang_s:g} s (--worker-hang-s)"
         elif (oom := self._oom.explain(code)) is not None:
             self.oom_kills += 1
-            self._ended = oom
+            self._ended, self._ended_for_memory = oom, True
         else:
             self._ended = f"it exited with code {code}"
         return self._ended
@@ -284,9 +286,12 @@ class WorkerReplica:
         pending, self._pending, self._slots = self._pending, {}, {}
         for outputs in self._outputs:
             outputs.close(unlink=True)  # the dead worker cannot unlink its arenas
+        for inputs in self._inputs:
+            inputs.close()  # grown to its largest batch: made again, as large as needed, when the next one is sent
+        self._inputs, self._outputs = [], []
         for future in pending.values():
             if not future.done():
-                future.set_exception(WorkerDied(f"worker {self.id} died: {why}"))
+                future.set_exception(WorkerDied(f"worker {self.id} died: {why}", for_memory=self._ended_for_memory))
         if self._control is not None and not self._control.done():
             self._control.set_exception(WorkerDied(f"worker {self.id} died: {why}"))
         self._recovering = not self._stopping  # set before the batchers hear of it: their queues wait for the restart

@@ -254,7 +254,10 @@ class ModelBatcher:
         try:
             outputs = await future
         except WorkerDied as died:
-            self._retry(replica, batch, died)
+            if died.for_memory:
+                self._after_memory_kill(batch, died)
+            else:
+                self._retry(replica, batch, died)
             return
         except (BadRequest, InferenceFailed) as exc:  # the model refused or failed on the batch's values
             if len(batch) > 1:
@@ -280,7 +283,17 @@ class ModelBatcher:
                         item.trace.stamp(name, int(at * 1e9))  # time.monotonic(): the clock of monotonic_ns
                     item.trace.stamp("COMPUTE_END", int(split * 1e9))
 
-    def _run_alone(self, batch: list[Pending], error: ServiceError) -> None:
+    def _after_memory_kill(self, batch: list[Pending], died: WorkerDied) -> None:
+        """A batch whose worker the kernel killed for memory is not sent whole to another replica: the batch may be what
+        outgrew the memory, and would take that replica down too. Its requests run each alone instead, so that those
+        batched with a large one are answered; a request that ran alone is answered 503 saying why, not retried."""
+        if len(batch) > 1 and not self._stopped:
+            self._run_alone(batch, died)
+            return
+        for item in batch:
+            _fail(item, Unavailable(f"model {self.model}: {died}; not retried on another replica, which this request could take down too"))
+
+    def _run_alone(self, batch: list[Pending], error: Exception) -> None:
         """Queue a failed batch's requests again at the front, each to run as a batch of its own: onnxruntime's error
         (a token id past the vocabulary, say) names no row, so only running them apart tells whose values it was."""
         logger.info("batcher %s: a batch of %d requests failed (%s); running each alone", self.model, len(batch), error)

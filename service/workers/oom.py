@@ -3,10 +3,13 @@
 Under a memory limit (docker --memory, a Kubernetes pod's limit) or on a host out of memory, the kernel's OOM killer
 kills the process with the highest badness: its resident memory, plus its /proc/PID/oom_score_adj (-1000 to 1000,
 in thousandths of the memory it may use). The gateway holds every client's connection and queued request, and a
-worker is restarted with its batches retried; but a gateway holding a few large request bodies can outweigh a
-worker. So each worker raises its own adjustment by WORKER_OOM_SCORE_ADJ (any process may raise its own; lowering
-needs privilege), keeping the order a container runtime set between containers (Kubernetes gives a Guaranteed pod's
-processes -997).
+worker is restarted with its batches retried; but a gateway holding large request bodies, and mapping the batch
+arenas it fills, can outweigh a worker: with workers raised by 500 the kernel still took the gateway in two of three
+runs of eight concurrent 12 MB requests under a 420 MB limit. So each worker raises its own adjustment by the whole
+range, WORKER_OOM_SCORE_ADJ (any process may raise its own; lowering needs privilege), to 1000 at most: at an
+adjustment 1000 above the gateway's a worker outweighs it whatever their sizes. Where the gateway starts above 0
+(Kubernetes gives a Burstable pod's processes 2 to 999) the gap is smaller; a Guaranteed pod's -997 leaves the whole
+gap, and the workers at 3 between pods.
 
 A worker the kernel killed died of SIGKILL, as one killed by hand or by the gateway's hang check; what tells them
 apart is the kernel's count of OOM kills (/proc/vmstat oom_kill) having moved while it ran. The gateway then names
@@ -26,7 +29,7 @@ from ..cgroups import memory_limit, oom_kills
 
 logger = logging.getLogger(__name__)
 
-WORKER_OOM_SCORE_ADJ = 500  # half of what the process may use: a worker goes before a gateway of up to twice its size
+WORKER_OOM_SCORE_ADJ = 1000  # the whole range: a worker goes before the gateway, whatever their sizes
 MB = 1 << 20
 ADVICE = (
     "serve fewer models (--models) or on fewer CPU slices (--cpu-slices), hold fewer request bodies (--max-pending-mb), "

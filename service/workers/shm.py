@@ -4,7 +4,11 @@ Each replica keeps two long-lived segments (arenas): the gateway writes a batch'
 inputs into its input arena, the worker writes outputs into its output arena. One
 batch is in flight per replica, so neither is overwritten while the other side
 reads it. An arena that is too small is replaced by one twice the size; the old
-name is unlinked and each side re-attaches when it sees a new name.
+name is unlinked and each side re-attaches when it sees a new name. One that stays
+more than SHRINK_FACTOR times larger than every batch written to it over SHRINK_AFTER
+writes is replaced by a smaller one the same way: a single large request (a CT volume)
+would otherwise hold its size of shared memory (allocated up front, so counted against
+a container's memory limit) for as long as the worker lives, in each replica's arenas.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from .protocol import TensorRef
 ALIGN = 64
 MB = 1 << 20
 MIN_ARENA = MB
+SHRINK_AFTER = 64  # writes an arena is watched over before it may shrink
+SHRINK_FACTOR = 4  # ... to twice the largest of them, where it is more than this many times that
 SHM_DIR = Path("/dev/shm")  # where POSIX shared memory objects live on Linux
 ARENA_PREFIX = "migserve-arena-"  # clients cannot register these as shared memory regions (service/regions.py)
 
@@ -66,10 +72,21 @@ class Arena:
     """A growable segment this process owns (creates, writes and unlinks)."""
 
     segment: shared_memory.SharedMemory | None = None
+    _writes: int = 0  # since the last look at shrinking
+    _largest: int = 0  # the largest of those writes
 
     def ensure(self, size: int) -> shared_memory.SharedMemory:
         """An arena of at least `size` bytes: twice the old one if /dev/shm has room, else just enough; the old one
-        stays in use if neither fits (SharedMemoryFull)."""
+        stays in use if neither fits (SharedMemoryFull). Every SHRINK_AFTER calls, one far larger than all of them
+        needed is made smaller (where /dev/shm has no room for the smaller one, the old one stays)."""
+        self._writes, self._largest = self._writes + 1, max(self._largest, size)
+        if self._writes >= SHRINK_AFTER:
+            wanted = max(2 * self._largest, MIN_ARENA)
+            if self.segment is not None and self.segment.size > SHRINK_FACTOR * self._largest and self.segment.size > wanted:
+                with contextlib.suppress(SharedMemoryFull):
+                    oversized, self.segment = self.segment, _create(wanted)
+                    release(oversized, unlink=True)
+            self._writes = self._largest = 0
         if self.segment is None or self.segment.size < size:
             old = self.segment
             wanted = max(size, MIN_ARENA)

@@ -1103,3 +1103,29 @@ def test_an_output_too_large_for_json_is_refused_and_the_same_as_binary_is_answe
         assert small.status_code == 200 and len(small.json()["outputs"][0]["data"]) == 16
     finally:
         server.close()
+
+
+def test_batch_arenas_grown_by_one_large_request_shrink_back(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    # Allocated up front, an arena counts against a container's memory limit for as long as it exists.
+    server = Gateway(tiny_repo.root, "--cpu-slices", "1", "--models", "crowd-csrnet", log=tmp_path / "serve.log")
+    client = httpclient.InferenceServerClient(server.url, network_timeout=60)
+
+    def arenas() -> dict[str, int]:
+        prefix = f"migserve-arena-{server.process.pid}-"
+        return {p.name: p.stat().st_size for p in Path("/dev/shm").iterdir() if p.name.startswith(prefix)}
+
+    def infer(batch: int, side: int) -> None:
+        image = np.zeros((batch, 3, side, side), np.float32)
+        tensor = httpclient.InferInput("image", list(image.shape), "FP32")
+        tensor.set_data_from_numpy(image, binary_data=True)
+        client.infer("crowd-csrnet", [tensor])
+
+    try:
+        infer(8, 512)  # 24 MiB of inputs
+        assert max(arenas().values()) >= 24 << 20
+        for _ in range(130):  # two watches of SHRINK_AFTER (64) writes: the one that saw the large batch, then one without
+            infer(1, 64)  # 48 KiB
+        assert max(arenas().values()) <= 1 << 20, arenas()
+    finally:
+        client.close()
+        server.close()

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from multiprocessing.connection import Client, Connection
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from migserve.types import Array
@@ -28,7 +29,7 @@ from ..errors import BadRequest, InferenceFailed, Unavailable, WorkerDied
 from ..partitions import Partition, PartitionKind
 from ..watchdog import StallWatch
 from ..workers import shm
-from ..workers.oom import OomWatch
+from ..workers.oom import OomWatch, killed_first
 from ..workers.process import worker_main
 from ..workers.protocol import (
     BatchDone,
@@ -143,6 +144,8 @@ class WorkerReplica:
         process = self._ctx.Process(target=worker_main, args=(spec, child), name=f"migserve-worker-{self.id}", daemon=True)
         self._oom, self._hang_killed, self._ended, self._ended_for_memory = OomWatch.now(), False, None, False
         process.start()
+        if process.pid is not None:  # raised here too: the worker raises its own only once its imports are done
+            killed_first(Path(f"/proc/{process.pid}/oom_score_adj"), Path("/proc/self/oom_score_adj"))
         child.close()
         try:
             ready = await asyncio.wait_for(asyncio.to_thread(parent.recv), START_TIMEOUT_S)
@@ -258,10 +261,12 @@ class WorkerReplica:
         exit code."""
         if self._ended is not None or not self._ready or self._process is None:
             return self._ended  # told already, or nothing to tell
-        self._process.join(1)  # the sentinel can close a moment before the process can be reaped
+        self._process.join(0.2)  # the sentinel can close a moment before the process can be reaped
         code = self._process.exitcode
-        if code is None:
-            return None
+        if code is None:  # a broken pipe, and no exit yet: a process the OOM killer took can take longer to go
+            if not self._oom.moved():
+                return None
+            code = -signal.SIGKILL
         if self._hang_killed:
             self._ended = f"killed as hung: no answer to a batch in {self._hang_s:g} s (--worker-hang-s)"
         elif (oom := self._oom.explain(code)) is not None:

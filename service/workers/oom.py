@@ -37,11 +37,12 @@ ADVICE = (
 )
 
 
-def killed_first(step: int = WORKER_OOM_SCORE_ADJ, path: Path = Path("/proc/self/oom_score_adj")) -> None:
-    """This process (a worker) goes before the gateway when the kernel must kill one for memory."""
+def killed_first(worker: Path, gateway: Path, step: int = WORKER_OOM_SCORE_ADJ) -> None:
+    """A worker (its /proc/PID/oom_score_adj at `worker`) goes before the gateway (its own at `gateway`) when the
+    kernel must kill one for memory: set to the gateway's plus `step`, so that the gateway (right after starting the
+    process) and the worker itself (at its start) can both set it."""
     try:
-        current = int(path.read_text())
-        path.write_text(str(min(1000, current + step)))
+        worker.write_text(str(min(1000, int(gateway.read_text()) + step)))
     except (OSError, ValueError) as exc:
         logger.warning("cannot raise this worker's oom_score_adj (%s): the kernel may take the gateway first when memory runs out", exc)
 
@@ -56,6 +57,11 @@ class OomWatch:
     @classmethod
     def now(cls, root: Path = Path("/")) -> OomWatch:
         return cls(oom_kills(root), root)
+
+    def moved(self) -> bool:
+        """Whether the kernel has killed a process for memory since."""
+        after = oom_kills(self.root)
+        return self.before is not None and after is not None and after > self.before
 
     def explain(self, exitcode: int | None) -> str | None:
         """Why a worker that exited with `exitcode` died, where the OOM killer took it; None otherwise."""

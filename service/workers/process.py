@@ -477,7 +477,8 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     # A process group of its own: Ctrl-C in a terminal (or a supervisor's signal to the gateway's group) reaches
     # the gateway alone, which stops its workers in order; a worker killed alongside it looked like a crash.
     os.setpgid(0, 0)
-    killed_first()  # when memory runs out, the kernel takes a worker (restarted) before the gateway (service/workers/oom.py)
+    # When memory runs out, the kernel takes a worker (restarted) before the gateway (service/workers/oom.py).
+    killed_first(Path("/proc/self/oom_score_adj"), Path(f"/proc/{os.getppid()}/oom_score_adj"))
     # A worker logs only what goes wrong (a refused page-locking), in the gateway's format; not on the hot path.
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s %(levelname)s %(name)s[worker {spec.partition}]: %(message)s")
     if spec.device:

@@ -6,6 +6,7 @@ of the tiny exports so a test can change a model's files.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -129,22 +130,27 @@ def test_unload_answers_what_it_accepted_first(server: Gateway, repo: Path) -> N
     if not client.is_model_ready("crowd-csrnet"):
         client.load_model("crowd-csrnet")
     image = make_inputs(read_contract(repo / "crowd-csrnet"), 1, seed=1)["image"]  # 256x256: some ms each on one core
-    body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": list(image.shape), "data": image.ravel().tolist()}]}
+    body = json.dumps(
+        {"inputs": [{"name": "image", "datatype": "FP32", "shape": list(image.shape), "data": image.ravel().tolist()}]}
+    ).encode()  # once: eight threads encoding 200,000 floats each under the GIL answered nothing in a second on CI
 
-    unloaded = threading.Event()
+    unloaded, answering = threading.Event(), threading.Event()
 
     def steady() -> list[tuple[int, bool]]:
         """(status, whether the request was sent after the unload returned), until shortly after it did."""
         answers: list[tuple[int, bool]] = []
         while not unloaded.is_set() or len(answers) < 3:
             after = unloaded.is_set()
-            response = httpx.post(f"http://{server.url}/v2/models/crowd-csrnet/infer", json=body, timeout=60)
+            response = httpx.post(f"http://{server.url}/v2/models/crowd-csrnet/infer", content=body, timeout=60)
             answers.append((response.status_code, after))
+            if response.status_code == 200:
+                answering.set()
         return answers
 
     with ThreadPoolExecutor(8) as pool:
         clients = [pool.submit(steady) for _ in range(8)]
-        time.sleep(1.0)
+        assert answering.wait(60), "no request was answered before the unload"
+        time.sleep(0.3)  # requests in flight and queued when the unload comes
         client.unload_model("crowd-csrnet")  # returns once the requests it accepted are answered
         unloaded.set()
         answers = [a for c in clients for a in c.result()]

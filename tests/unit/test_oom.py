@@ -46,9 +46,11 @@ def test_without_a_cgroup_limit_the_host_s_memory_is_named(tmp_path: Path) -> No
     assert why is not None and "the host's memory (24105 MB)" in why
 
 
-def test_a_worker_raises_its_own_oom_score_adjustment_within_the_kernel_s_range(tmp_path: Path) -> None:
-    adj = tmp_path / "oom_score_adj"
+def test_a_worker_s_oom_score_adjustment_is_the_gateway_s_raised_within_the_kernel_s_range(tmp_path: Path) -> None:
+    worker, gateway = tmp_path / "worker", tmp_path / "gateway"
     for before, after in (("0", "1000"), ("-997", "3"), ("800", "1000")):
-        adj.write_text(before)
-        killed_first(path=adj)
-        assert adj.read_text() == after
+        gateway.write_text(before)
+        worker.write_text(before)
+        killed_first(worker, gateway)
+        killed_first(worker, gateway)  # the gateway sets it, then the worker itself: once, not twice
+        assert worker.read_text() == after

@@ -119,8 +119,8 @@ def test_a_worker_the_kernel_kills_for_memory_goes_first_is_named_and_comes_back
 ) -> None:
     # 420 MB holds the gateway and a worker serving crowd-csrnet (about 255 MB here) and the batch's 100 MB body as it
     # arrives, not the batch of eight 1024x1024 images besides (as much again in shared memory, and the activations:
-    # 470 MB at peak); without the worker the rest (about 280 MB) fits. Under 360 MB the body alone was too much on
-    # CI: the worker was killed while the body arrived, and the gateway when it came back to run the batch.
+    # 470 MB at peak); without the worker the rest (about 280 MB) fits. Under 360 MB the gateway was killed on CI,
+    # most likely as here in a two-replica run: the worker killed while the body arrived, then the gateway, alone.
     group = make_group("memory", {"memory.swappiness": "0", "memory.limit_in_bytes": str(420 << 20)})  # no swapping out
     server = Gateway(tiny_repo.root, "--cpu-slices", "1", "--models", "crowd-csrnet", log=tmp_path / "serve.log", prefix=_entering(group))
     client = httpclient.InferenceServerClient(server.url, network_timeout=120)

@@ -4,11 +4,13 @@ Each replica keeps two long-lived segments (arenas): the gateway writes a batch'
 inputs into its input arena, the worker writes outputs into its output arena. One
 batch is in flight per replica, so neither is overwritten while the other side
 reads it. An arena that is too small is replaced by one twice the size; the old
-name is unlinked and each side re-attaches when it sees a new name. One that stays
-more than SHRINK_FACTOR times larger than every batch written to it over SHRINK_AFTER
-writes is replaced by a smaller one the same way: a single large request (a CT volume)
-would otherwise hold its size of shared memory (allocated up front, so counted against
-a container's memory limit) for as long as the worker lives, in each replica's arenas.
+name is unlinked and each side re-attaches when it sees a new name. One over
+SHRINK_ABOVE that stays more than SHRINK_FACTOR times larger than every batch written
+to it over SHRINK_AFTER writes is replaced by a smaller one the same way: a single large
+request (a CT volume) would otherwise hold its size of shared memory (allocated up
+front, so counted against a container's memory limit) for as long as the worker lives,
+in each replica's arenas. Smaller arenas are kept: with face-pros' batches of 1 to 32
+rows (0.6-19 MB) shrinking and growing again cost 7% of the throughput (bench/gateway_ab.py).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ ALIGN = 64
 MB = 1 << 20
 MIN_ARENA = MB
 SHRINK_AFTER = 64  # writes an arena is watched over before it may shrink
+SHRINK_ABOVE = 64 * MB  # arenas up to this size are kept
 SHRINK_FACTOR = 4  # ... to twice the largest of them, where it is more than this many times that
 SHM_DIR = Path("/dev/shm")  # where POSIX shared memory objects live on Linux
 ARENA_PREFIX = "migserve-arena-"  # clients cannot register these as shared memory regions (service/regions.py)
@@ -82,7 +85,8 @@ class Arena:
         self._writes, self._largest = self._writes + 1, max(self._largest, size)
         if self._writes >= SHRINK_AFTER:
             wanted = max(2 * self._largest, MIN_ARENA)
-            if self.segment is not None and self.segment.size > SHRINK_FACTOR * self._largest and self.segment.size > wanted:
+            large = self.segment is not None and self.segment.size > max(SHRINK_ABOVE, SHRINK_FACTOR * self._largest, wanted)
+            if large and self.segment is not None:
                 with contextlib.suppress(SharedMemoryFull):
                     oversized, self.segment = self.segment, _create(wanted)
                     release(oversized, unlink=True)

@@ -1121,8 +1121,8 @@ def test_batch_arenas_grown_by_one_large_request_shrink_back(tiny_repo: Exported
         client.infer("crowd-csrnet", [tensor])
 
     try:
-        infer(8, 512)  # 24 MiB of inputs
-        assert max(arenas().values()) >= 24 << 20
+        infer(8, 1024)  # 96 MiB of inputs: over the 64 MB below which arenas are kept
+        assert max(arenas().values()) >= 96 << 20
         for _ in range(130):  # two watches of SHRINK_AFTER (64) writes: the one that saw the large batch, then one without
             infer(1, 64)  # 48 KiB
         assert max(arenas().values()) <= 1 << 20, arenas()

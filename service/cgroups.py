@@ -49,17 +49,24 @@ def oom_kills(root: Path = Path("/")) -> int | None:
 
 
 def memory_in_use(root: Path = Path("/")) -> int | None:
-    """Bytes held in the cgroup whose memory limit binds this process (the least on the way up), less the page cache
-    the kernel can drop to make room: the working set that `docker stats` and Kubernetes show against the limit.
-    None where nothing limits this process's memory or the files cannot be read."""
+    """Bytes held in the cgroup whose memory limit binds this process, less the page cache the kernel can drop (see
+    memory_usage); None where nothing limits this process's memory or the files cannot be read."""
+    usage = memory_usage(root)
+    return None if usage is None else usage[1]
+
+
+def memory_usage(root: Path = Path("/")) -> tuple[int, int] | None:
+    """(limit, working set) of the cgroup whose memory limit binds this process (the least on the way up), read in one
+    walk: the working set is its usage less the page cache the kernel can drop to make room, what `docker stats` and
+    Kubernetes show against the limit. None where nothing limits this process's memory or the files cannot be read."""
     limits = _limits(root, "memory", _memory_limit)
     if not limits:
         return None
-    _, folder, version = min(limits, key=lambda found: found[0])
+    limit, folder, version = min(limits, key=lambda found: found[0])
     with contextlib.suppress(OSError, ValueError):
         usage = int((folder / ("memory.current" if version == 2 else "memory.usage_in_bytes")).read_text())
         stat = dict(line.split(maxsplit=1) for line in (folder / "memory.stat").read_text().splitlines() if " " in line)
-        return max(usage - int(stat.get("inactive_file" if version == 2 else "total_inactive_file", "0")), 0)
+        return int(limit), max(usage - int(stat.get("inactive_file" if version == 2 else "total_inactive_file", "0")), 0)
     return None
 
 

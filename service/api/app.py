@@ -28,7 +28,7 @@ import migserve
 from migserve.types import Array
 
 from ..backends.local import LocalBackend
-from ..cgroups import memory_in_use, memory_limit
+from ..cgroups import memory_usage
 from ..config import MB, ServeConfig
 from ..dispatch.batcher import BatchPolicy, ModelBatcher, Pending
 from ..errors import BadRequest, DeadlineExpired, NotFound, ServiceError, UnknownModel
@@ -449,9 +449,9 @@ class Gateway:
     async def refresh_memory_used(self) -> None:
         """Memory in use per GPU and MIG partition, from NVML, and in the gateway's cgroup where it has a memory limit,
         for a /metrics scrape."""
-        if (limit := memory_limit()) is not None and (in_use := memory_in_use()) is not None:
-            self.metrics.memory_limit.set(limit)
-            self.metrics.memory_in_use.set(in_use)
+        if (usage := memory_usage()) is not None:
+            self.metrics.memory_limit.set(usage[0])
+            self.metrics.memory_in_use.set(usage[1])
         devices = {p.device: p.id for p in self.partitions if p.kind in (PartitionKind.GPU, PartitionKind.MIG) and p.device}
         if not devices:
             return
@@ -461,9 +461,10 @@ class Gateway:
     def _check_memory_headroom(self) -> None:
         """A warning where the workers, their models loaded, leave less of the cgroup's memory limit than the request
         bodies the gateway may hold: under load a worker would be killed for memory (service/workers/oom.py)."""
-        limit, in_use = memory_limit(), memory_in_use()
-        if limit is None or in_use is None or in_use + self.config.max_pending_bytes <= limit:
+        usage = memory_usage()
+        if usage is None or usage[1] + self.config.max_pending_bytes <= usage[0]:
             return
+        limit, in_use = usage
         logger.warning(
             "with their models loaded the gateway and its workers hold %.0f MB of their cgroup's memory limit of %.0f MB "
             "(docker --memory, a Kubernetes memory limit), and may hold %.0f MB of request bodies more (--max-pending-mb), "

@@ -151,9 +151,7 @@ class WorkerReplica:
             ready = await asyncio.wait_for(asyncio.to_thread(parent.recv), START_TIMEOUT_S)
         except EOFError:  # it died loading its models: say how, and why where the kernel knows
             await asyncio.to_thread(process.join, 5)
-            why = self._oom.explain(process.exitcode)
-            if why is not None:
-                self.oom_kills += 1
+            why = self._killed_for_memory(process.exitcode)
             parent.close()
             raise RuntimeError(
                 f"worker {self.id} exited with code {process.exitcode} before it was ready" + (f": {why}" if why else "")
@@ -269,12 +267,17 @@ class WorkerReplica:
             code = -signal.SIGKILL
         if self._hang_killed:
             self._ended = f"killed as hung: no answer to a batch in {self._hang_s:g} s (--worker-hang-s)"
-        elif (oom := self._oom.explain(code)) is not None:
-            self.oom_kills += 1
-            self._ended, self._ended_for_memory = oom, True
         else:
-            self._ended = f"it exited with code {code}"
+            self._ended = self._killed_for_memory(code) or f"it exited with code {code}"
         return self._ended
+
+    def _killed_for_memory(self, code: int | None) -> str | None:
+        """Why the process that exited with `code` died, where the kernel's OOM killer took it (counted); else None."""
+        why = self._oom.explain(code)
+        if why is not None:
+            self.oom_kills += 1
+            self._ended_for_memory = True
+        return why
 
     def _died(self, why: str) -> None:
         if not self._ready:
@@ -300,10 +303,9 @@ class WorkerReplica:
         if self._control is not None and not self._control.done():
             self._control.set_exception(WorkerDied(f"worker {self.id} died: {why}"))
         self._recovering = not self._stopping  # set before the batchers hear of it: their queues wait for the restart
-        if not self._stopping:
-            self.last_death = why
         self._on_change()
         if not self._stopping:
+            self.last_death = why
             logger.error("worker %s died (%s); restarting", self.id, why)
             self._restart_task = loop.create_task(self._restart())
 

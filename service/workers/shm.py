@@ -85,10 +85,10 @@ class Arena:
         self._writes, self._largest = self._writes + 1, max(self._largest, size)
         if self._writes >= SHRINK_AFTER:
             wanted = max(2 * self._largest, MIN_ARENA)
-            large = self.segment is not None and self.segment.size > max(SHRINK_ABOVE, SHRINK_FACTOR * self._largest, wanted)
-            if large and self.segment is not None:
+            oversized = self.segment
+            if oversized is not None and oversized.size > max(SHRINK_ABOVE, SHRINK_FACTOR * self._largest, wanted):
                 with contextlib.suppress(SharedMemoryFull):
-                    oversized, self.segment = self.segment, _create(wanted)
+                    self.segment = _create(wanted)
                     release(oversized, unlink=True)
             self._writes = self._largest = 0
         if self.segment is None or self.segment.size < size:

@@ -24,6 +24,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests.helpers import ROOT, ExportedRepo, Gateway
+from tests.integration.test_gateway_protocol import triton_inputs
 
 CGROUP_V1 = Path("/sys/fs/cgroup")
 MakeGroup = Callable[[str, dict[str, str]], Path]
@@ -108,10 +109,7 @@ def test_a_gateway_under_a_memory_limit_holds_fewer_bodies_by_default(
 
 
 def _crowd_input(batch: int, side: int) -> list[httpclient.InferInput]:
-    image = np.random.default_rng(0).random((batch, 3, side, side), dtype=np.float32)
-    tensor = httpclient.InferInput("image", list(image.shape), "FP32")
-    tensor.set_data_from_numpy(image, binary_data=True)
-    return [tensor]
+    return triton_inputs({"image": np.random.default_rng(0).random((batch, 3, side, side), dtype=np.float32)})
 
 
 def test_a_worker_the_kernel_kills_for_memory_goes_first_is_named_and_comes_back(

@@ -1114,11 +1114,10 @@ def test_batch_arenas_grown_by_one_large_request_shrink_back(tiny_repo: Exported
         prefix = f"migserve-arena-{server.process.pid}-"
         return {p.name: p.stat().st_size for p in Path("/dev/shm").iterdir() if p.name.startswith(prefix)}
 
+    contract = read_contract(tiny_repo.root / "crowd-csrnet")
+
     def infer(batch: int, side: int) -> None:
-        image = np.zeros((batch, 3, side, side), np.float32)
-        tensor = httpclient.InferInput("image", list(image.shape), "FP32")
-        tensor.set_data_from_numpy(image, binary_data=True)
-        client.infer("crowd-csrnet", [tensor])
+        client.infer("crowd-csrnet", triton_inputs(make_inputs(contract, batch, seed=0, dims={"height": side, "width": side})))
 
     try:
         infer(8, 1024)  # 96 MiB of inputs: over the 64 MB below which arenas are kept

@@ -38,6 +38,15 @@ class TensorSpec(_Frozen):
     dtype: DType
     shape: tuple[int | str, ...] = Field(description="ints are fixed; strs name a dim in Contract.dims")
     description: str = ""
+    values: tuple[int, int] | None = Field(
+        default=None, description="an integer input's valid values, inclusive (token ids: 0 to the vocabulary's size - 1)"
+    )
+
+    @model_validator(mode="after")
+    def _values(self) -> TensorSpec:
+        if self.values is not None and (self.dtype != "int64" or self.values[0] > self.values[1]):
+            raise ValueError(f"{self.name}: 'values' is an int64 tensor's (min, max), got {self.values} for {self.dtype}")
+        return self
 
 
 class DimRange(_Frozen):

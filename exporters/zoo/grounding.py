@@ -190,7 +190,13 @@ class _GroundingBase(ModelDef[GroundingConfig]):
                 name="video", dtype="float32", shape=("batch", "frames", cfg.feature_dim), description="clip features, one row per clip"
             ),
             TensorSpec(name="video_mask", dtype="float32", shape=("batch", "frames"), description="1 for a real clip, 0 for padding"),
-            TensorSpec(name="words", dtype="int64", shape=("batch", "words"), description="token ids into vocab.txt; 0 pads"),
+            TensorSpec(
+                name="words",
+                dtype="int64",
+                shape=("batch", "words"),
+                description="token ids into vocab.txt; 0 pads",
+                values=(0, cfg.vocab_size - 1),
+            ),
             TensorSpec(name="word_mask", dtype="float32", shape=("batch", "words"), description="1 for a real word, 0 for padding"),
         )
 

@@ -73,7 +73,7 @@ def json_object(raw: bytes, expected: str = "a JSON object with an 'inputs' list
     except orjson.JSONDecodeError:
         try:
             value = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except ValueError as exc:  # malformed JSON, bytes that are not UTF-8, an integer of over 4300 digits
             raise BadRequest(f"request body is not valid JSON: {exc}") from None
         except RecursionError:
             raise BadRequest("request body is not valid JSON: nested too deeply") from None
@@ -321,6 +321,21 @@ def _check_shape(plan: _InputPlan, shape: tuple[int, ...], bound: dict[str, int]
             raise BadRequest(f"input {name}: {dim_name}={size}, but another input has {dim_name}={bound[dim_name]}")
 
 
+def _check_values(spec: TensorSpec, array: Array) -> None:
+    """An integer input with a range in its contract (token ids) holds only values in it: onnxruntime would read a
+    negative id as one counted from the end of the table, and fail on one past it with a message about a node."""
+    if spec.values is None or array.size == 0:
+        return
+    low, high = spec.values
+    outside = (array < low) | (array > high)
+    if outside.any():
+        where = np.unravel_index(int(outside.argmax()), array.shape)
+        raise BadRequest(
+            f"input {spec.name}: {int(outside.sum())} values outside [{low}, {high}] ({spec.description}), "
+            f"the first {int(array[where])} at index {[int(i) for i in where]}"
+        )
+
+
 def check_input_names(plan: _Plan, given: list[Any]) -> None:
     if not all(type(n) is str for n in given):
         raise BadRequest(f"every input needs a 'name' string; got names {given!r}")
@@ -337,6 +352,7 @@ def checked_inputs(plan: _Plan, inputs: dict[str, Array]) -> tuple[dict[str, Arr
     bound: dict[str, int] = {}
     for name, array in inputs.items():
         _check_shape(plan.inputs[name], array.shape, bound)
+        _check_values(plan.inputs[name].spec, array)
     return {name: inputs[name] for name in plan.expected}, bound["batch"]
 
 

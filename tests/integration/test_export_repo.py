@@ -158,6 +158,7 @@ def test_grounding_models_carry_the_vocabulary_their_embedding_indexes(repo: Pat
         graph = onnx.load(str(repo / name / "1" / "model.onnx")).graph
         tables = [t for t in graph.initializer if len(t.dims) == 2 and t.dims[0] == len(vocab)]
         assert tables, f"{name}: no embedding table with {len(vocab)} rows"
+        assert contract.input("words").values == (0, len(vocab) - 1), "the gateway refuses token ids outside this range"
 
 
 AFFINITIES = "sorted({tuple(sorted(os.sched_getaffinity(int(t)))) for t in os.listdir('/proc/self/task')})"

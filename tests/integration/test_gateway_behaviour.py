@@ -26,7 +26,7 @@ import tritonclient.http as httpclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from migserve.contract import read_contract
+from migserve.contract import Contract, read_contract
 from migserve.types import Array
 from tests.helpers import PARENT, ExportedRepo, Gateway, processes_where, read_response, small_dev_shm, thread_affinities
 from tests.integration.test_gateway_protocol import grpc_inputs, make_inputs, triton_inputs
@@ -551,6 +551,15 @@ BAD_REQUESTS = [
         400,
         "(fractions, or past INT64's range); INT64 takes integers",
     ),
+    (
+        "a token id past the vocabulary",
+        "grounding-mgsl",
+        _grounding(words=[[5, 746, 10**6]]),
+        None,
+        400,
+        "input words: 2 values outside [0, 745] (token ids into vocab.txt; 0 pads), the first 746 at index [0, 1]",
+    ),
+    ("a negative token id", "grounding-mgsl", _grounding(words=[[-1, 5]]), None, 400, "the first -1 at index [0, 0]"),
     ("INT64 out of range", "grounding-mgsl", _grounding(words=[[2**63, 2**63]]), None, 400, "data holds integers past INT64's range"),
     (
         "INT64 far out of range",
@@ -587,6 +596,14 @@ BAD_REQUESTS = [
         {"Inference-Header-Content-Length": str((17 << 20) + 14)},
         413,
         "send tensors as binary data",
+    ),
+    (
+        "an integer of over 4300 digits",
+        "crowd-csrnet",
+        b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [' + b"9" * 5000 + b"]}]}",
+        None,
+        400,
+        "request body is not valid JSON: Exceeds the limit (4300 digits)",
     ),
     ("JSON nested too deeply", "crowd-csrnet", b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None, 400, "nested too deeply"),
     (
@@ -715,10 +732,25 @@ def test_truncated_and_overlong_binary_bodies(gateway: Gateway, tiny_repo: Expor
     assert ok.status_code == 200
 
 
-def test_a_request_onnxruntime_refuses_fails_alone_not_the_batch_it_was_in(gateway: Gateway, tiny_repo: ExportedRepo) -> None:
-    """A token id past the vocabulary passes every check the gateway makes; onnxruntime refuses the whole batch.
-    The requests batched with it must still be answered, and it alone gets the 400."""
-    contract = read_contract(tiny_repo.root / "grounding-mgsl")
+def test_a_request_onnxruntime_refuses_fails_alone_not_the_batch_it_was_in(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """A request onnxruntime refuses makes it refuse the whole batch it is in. The requests batched with it must
+    still be answered, and it alone gets the 400. The gateway refuses every such request it knows of before it is
+    batched; a model exported before contracts gave token ids their range (`values`) leaves a token id past the
+    vocabulary to onnxruntime, so that is the model here."""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo.root / "grounding-mgsl", repo / "grounding-mgsl")
+    written = json.loads((repo / "grounding-mgsl" / "contract.json").read_text())
+    for spec in written["inputs"]:
+        del spec["values"]
+    (repo / "grounding-mgsl" / "contract.json").write_text(json.dumps(written))
+    gateway = Gateway(repo, "--cpu-slices", "1,1", log=tmp_path / "serve.log")
+    try:
+        _refused_alone(gateway, read_contract(repo / "grounding-mgsl"))
+    finally:
+        gateway.close()
+
+
+def _refused_alone(gateway: Gateway, contract: Contract) -> None:
     good = [make_inputs(contract, 1, seed=i, dims={"frames": 256}) for i in range(15)]
     bad = make_inputs(contract, 1, seed=99, dims={"frames": 256})
     bad["words"][0, 1] = 10**6  # the tiny vocabulary has 746 entries

@@ -197,6 +197,12 @@ BAD = [
         "raw_input_contents has 3 entries for 4 inputs",
     ),
     (
+        "token ids past the vocabulary",
+        _request("grounding-ssrn", GROUNDING | {"words": np.array([[3, -1]], np.int64)}),
+        "INVALID_ARGUMENT",
+        "input words: 1 values outside [0, 745] (token ids into vocab.txt; 0 pads), the first -1 at index [0, 1]",
+    ),
+    (
         "unknown output",
         _request("crowd-csrnet", _crowd(), change=lambda r: r.outputs.add(name="heat")),
         "INVALID_ARGUMENT",

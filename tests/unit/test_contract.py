@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from migserve.contract import Contract, DimRange, read_contract, sha256_file, write_contract
+from migserve.contract import Contract, DimRange, TensorSpec, read_contract, sha256_file, write_contract
 
 
 def _contract(**changes: Any) -> dict[str, Any]:
@@ -67,6 +67,17 @@ def test_unknown_family_and_extra_fields_are_rejected() -> None:
 def test_dim_range_order() -> None:
     with pytest.raises(ValidationError, match="min <= default <= max"):
         DimRange(min=4, max=8, default=9)
+
+
+def test_value_ranges_are_for_integer_tensors_and_ordered() -> None:
+    words = TensorSpec(name="words", dtype="int64", shape=("batch", "words"), values=(0, 745))
+    assert words.values == (0, 745)
+    with pytest.raises(ValidationError, match="'values' is an int64 tensor's"):
+        TensorSpec(name="image", dtype="float32", shape=("batch",), values=(0, 1))
+    with pytest.raises(ValidationError, match=r"got \(5, 4\)"):
+        TensorSpec(name="words", dtype="int64", shape=("batch",), values=(5, 4))
+    # a contract written before ranges existed reads as before: no range
+    assert Contract.model_validate(_contract()).input("image").values is None
 
 
 def test_unknown_tensor_name() -> None:

@@ -195,7 +195,7 @@ class FamilyEndpoints:
         organs, stations = self.lns_models()
         limits = {"max_bytes": self.config.max_body_bytes * 4, "max_voxels": self.config.max_volume_voxels}
         volume = await asyncio.to_thread(read_volume, require_file(upload, "volume"), **limits)
-        _, total = lns.plan(volume, organs.contract, stations.contract)
+        _, total = lns.plan(volume, organs.contract, stations.contract, self.config.max_volume_voxels)
         as_job = opts.mode == "job" or (opts.mode == "auto" and total > self.config.job_min_tiles)
         deadline = time.monotonic() + self.config.job_timeout_s if as_job else self.deadline(request)
 

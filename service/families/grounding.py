@@ -61,12 +61,29 @@ class Vocabulary:
 def load_features(data: bytes, pre: GroundingPreprocessing) -> Array:
     """A .npy file of [T, D] clip features, checked: numeric, finite, D as the contract says, T >= 1."""
     try:
+        _check_npy_size(data)
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise Unprocessable(f"features: not a readable .npy array ({exc})") from None
     if not isinstance(array, np.ndarray):
         raise Unprocessable("features: expected one .npy array, got an archive")
     return check_features(array, pre)
+
+
+def _check_npy_size(data: bytes) -> None:
+    """ValueError where a .npy header gives a shape its bytes do not hold: numpy allocates the array before it reads
+    them, so a 128-byte file claiming 10^14 values raised MemoryError, and one claiming a few GB would take them."""
+    stream = io.BytesIO(data)
+    if data[:6] != b"\x93NUMPY":
+        return  # an archive, or not .npy at all: np.load says which
+    version = np.lib.format.read_magic(stream)  # type: ignore[no-untyped-call]  # numpy's stubs leave these untyped
+    header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = header(stream)  # type: ignore[no-untyped-call]
+    if dtype.hasobject:
+        return  # refused by np.load without pickle
+    needed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if needed > len(data) - stream.tell():
+        raise ValueError(f"its header gives shape {list(shape)} of {dtype}, {needed} bytes, but {len(data) - stream.tell()} follow it")
 
 
 def features_from_list(value: object, pre: GroundingPreprocessing) -> Array:

@@ -23,6 +23,7 @@ import numpy as np
 from migserve.contract import Contract, SegmentationPostprocessing, VolumePreprocessing
 from migserve.types import Array
 
+from ..errors import TooLarge
 from ..jobs import Progress
 from .volume import Volume, back_to_grid, resample, to_nifti, window
 
@@ -105,12 +106,18 @@ class Stations:
     nifti: bytes
 
 
-def plan(volume: Volume, organs: Contract, stations: Contract) -> tuple[tuple[int, int, int], int]:
-    """The resampled shape and the number of tiles both stages will run."""
+def plan(volume: Volume, organs: Contract, stations: Contract, max_voxels: int) -> tuple[tuple[int, int, int], int]:
+    """The resampled shape and the number of tiles both stages will run; TooLarge where the resampled volume would
+    be over `max_voxels` (a few voxels that claim to be a metre wide each would make one too large to hold)."""
     pre = _pre(organs)
     factors = [max(s / t, 1.0 / n) for s, t, n in zip(volume.spacing, pre.spacing_mm, volume.hu.shape, strict=True)]
     shape = tuple(max(1, round(n * f)) for n, f in zip(volume.hu.shape, factors, strict=True))
     shape3 = (shape[0], shape[1], shape[2])
+    if (voxels := int(np.prod(shape3, dtype=object))) > max_voxels:
+        raise TooLarge(
+            f"volume: its voxels of {[round(s, 4) for s in volume.spacing[::-1]]} mm, resampled to the model's "
+            f"{list(pre.spacing_mm[::-1])} mm, make {voxels} voxels, over the limit of {max_voxels}"
+        )
     padded = [tuple(max(n, p) for n, p in zip(shape3, _pre(c).patch_size, strict=True)) for c in (organs, stations)]
     return shape3, sum(len(grid(p, _pre(c))) for p, c in zip(padded, (organs, stations), strict=True))
 

@@ -58,7 +58,7 @@ def read_volume(data: bytes, *, max_bytes: int, max_voxels: int) -> Volume:
             raise UnsupportedMedia("volume: a gzip file that does not hold a NIfTI image")
         kind = "nifti"
     if kind == "nifti":
-        volume = _nifti(data)
+        volume = _nifti(data, max_voxels)
     elif kind == "zip":
         volume = _dicom_series(_zip_members(data, max_bytes))
     elif kind == "dicom":
@@ -81,12 +81,17 @@ def _gunzip(data: bytes, max_bytes: int) -> bytes:
     return out
 
 
-def _nifti(data: bytes) -> Volume:
+def _nifti(data: bytes, max_voxels: int) -> Volume:
     big = int.from_bytes(data[:4], "big") in (348, 540)
     image_class = nib.Nifti2Image if int.from_bytes(data[:4], "big" if big else "little") == 540 else nib.Nifti1Image
     try:
         image = image_class.from_bytes(data)
+        shape = tuple(int(n) for n in image.header.get_data_shape())
+        if (voxels := int(np.prod(shape, dtype=object))) > max_voxels:  # before reading: the header alone says it
+            raise TooLarge(f"volume: the NIfTI header gives shape {list(shape)}, {voxels} voxels, over the limit of {max_voxels}")
         array = np.asarray(image.dataobj, dtype=np.float32)
+    except TooLarge:
+        raise
     except Exception as exc:  # nibabel raises a dozen kinds on a bad header or short data
         raise Unprocessable(f"volume: bad NIfTI file ({type(exc).__name__}: {exc})") from None
     if array.ndim == 4 and array.shape[3] == 1:

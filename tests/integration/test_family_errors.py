@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import struct
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,19 @@ def _bad_nifti_header() -> bytes:
     data = bytearray(ANATOMICAL)
     data[40:56] = b"\xff" * 16  # dim[]: nonsense dimensions
     return bytes(data)
+
+
+def _nifti_claiming(size: int) -> bytes:
+    data = bytearray(ANATOMICAL)
+    order = ">" if int.from_bytes(data[:4], "big") == 348 else "<"  # this one is big-endian
+    data[42:48] = struct.pack(f"{order}3h", size, size, size)  # dim[1..3], with the data of the small volume after them
+    return bytes(data)
+
+
+def _npy_claiming(rows: int) -> bytes:
+    """A .npy header alone, saying [rows, 1024] float32 follow."""
+    header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, 1024), }}".encode().ljust(117) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header
 
 
 Post = Callable[[httpx.Client], httpx.Response]
@@ -98,6 +112,19 @@ CASES: dict[str, tuple[Post, int, str]] = {
     "zip of non-dicom": (volume(_zip("notes.txt", b"hello")), 422, "not a DICOM file"),
     "broken zip": (volume(_zip("a.dcm", CT_SMALL)[:3000]), 422, "broken zip"),
     "not a volume": (volume(JPEG), 415, "not NIfTI"),
+    # a 20 KB upload whose voxels claim to be a kilometre wide: resampled to the model's spacing, 5e20 voxels
+    # (before: the gateway grew to 24 GB resampling it and the kernel killed it)
+    "voxels a kilometre wide": (
+        volume(nifti_gz(np.zeros((40, 40, 20), np.int16), np.diag([1e6, 1e6, 1e6, 1.0]))),
+        413,
+        "resampled to the model's [4.0, 4.0, 4.0] mm, make 500000000000000000000 voxels, over the limit of 64000000",
+    ),
+    "a nifti header of 30000^3 voxels": (volume(_nifti_claiming(30000)), 413, "the NIfTI header gives shape [30000, 30000, 30000]"),
+    "an npy header of 10^14 values": (
+        grounding(_npy_claiming(10**11)),
+        422,
+        "its header gives shape [100000000000, 1024] of float32, 409600000000000 bytes, but 0 follow it",
+    ),
 }
 
 

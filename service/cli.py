@@ -201,6 +201,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
     from .api.connection import bounded_protocol, infer_protocol
     from .config import ServeConfig
     from .errors import ServiceError
+    from .fds import raise_open_files
     from .heap import keep_request_buffers_in_heap
     from .partitions import TopologyError
     from .repository import RepositoryError
@@ -269,6 +270,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
         print(f"error: {exc}", file=err)
         return 2
     keep_request_buffers_in_heap()
+    raise_open_files()  # before the front-end processes start: they inherit it
     # Inference requests are served off the socket by our protocol; it hands other requests to uvicorn's.
     http = infer_protocol(app.gateway) if args.http_server == "migserve" else bounded_protocol(config.receive_timeout_s)
     if listening is None:

@@ -32,6 +32,7 @@ from ..cgroups import memory_usage
 from ..config import MB, ServeConfig
 from ..dispatch.batcher import BatchPolicy, ModelBatcher, Pending
 from ..errors import BadRequest, DeadlineExpired, NotFound, ServiceError, UnknownModel
+from ..fds import few_open_files
 from ..jobs import JobStore
 from ..logsettings import LogSettings
 from ..metrics import Metrics
@@ -154,6 +155,8 @@ class Gateway:
     async def start(self) -> None:
         await self.backend.start()
         self._check_memory_headroom()
+        if (few := few_open_files()) is not None:
+            logger.warning("%s", few)
         for name, entry in self.models.items():
             self._serve(name, entry)
         if self.frontends is not None:

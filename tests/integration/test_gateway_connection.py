@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import socket
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ import pytest
 
 from migserve.contract import read_contract
 from migserve.types import Array
+from service.fds import FEW
 from tests.helpers import ExportedRepo, Gateway, read_response
 from tests.integration.test_gateway_protocol import make_inputs
 
@@ -319,3 +321,30 @@ def test_uvicorn_alone_bounds_heads_and_stalls_too(tiny_repo: ExportedRepo, tmp_
         _expected(server, body, n)
     finally:
         server.close()
+
+
+def _open_files(pid: int) -> tuple[int, int]:
+    line = next(x for x in Path(f"/proc/{pid}/limits").read_text().splitlines() if x.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_one_and_a_low_one_is_warned_of(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """Each connection is a descriptor; past the limit uvloop drops new connections unanswered and logs nothing. A
+    soft limit of 1024 under a higher hard one (a common default) is raised; a low hard limit is warned of at start."""
+    args = ("--models", "crowd-csrnet", "--cpu-slices", "1")
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    roomy = min(hard, 8192)  # the hard limit this test may set: at most the one it runs under
+    raised = Gateway(tiny_repo.root, *args, log=tmp_path / "raised.log", prefix=("prlimit", f"--nofile={roomy // 8}:{roomy}"))
+    try:
+        assert _open_files(raised.process.pid) == (roomy, roomy)
+        assert ("client connections at once" in raised.log.read_text()) == (roomy < FEW)
+    finally:
+        raised.close()
+    low = Gateway(tiny_repo.root, *args, log=tmp_path / "low.log", prefix=("prlimit", "--nofile=300:300"))
+    try:
+        assert _open_files(low.process.pid) == (300, 300)
+        assert "may open 300 files (hard limit 300), so it can hold fewer than 300 client connections" in low.log.read_text()
+        assert httpx.get(f"http://{low.url}/v2/health/ready").status_code == 200
+    finally:
+        low.close()

@@ -185,6 +185,12 @@ BAD = [
         "input image: FP32 values go in contents.fp32_contents; the request filled contents.int64_contents",
     ),
     (
+        "raw and typed contents both",
+        _request("crowd-csrnet", _crowd(), change=lambda r: r.inputs[0].contents.fp32_contents.extend([1.0] * 768)),
+        "INVALID_ARGUMENT",
+        "input image: its values are given both in raw_input_contents and in contents: give them once",
+    ),
+    (
         "no data at all",
         _request("crowd-csrnet", {}, change=lambda r: r.inputs.add(name="image", datatype="FP32", shape=[1, 3, 8, 8])),
         "INVALID_ARGUMENT",

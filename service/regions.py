@@ -13,19 +13,21 @@ the same host saves that (`bench/RESULTS.md`).
 Keys are single /dev/shm names (no paths); the gateway's own arenas (`migserve-arena-*`)
 cannot be registered. As in Triton, the client owns the object: unregistering unmaps it
 and never unlinks it, and the client must not change a region while a request that
-reads or writes it is in flight. The gateway checks the object's size at each use: one
-that shrank is refused (400) rather than read past its end, which would kill the
-gateway with SIGBUS.
+reads or writes it is in flight. The gateway reads and writes the object through its
+descriptor (pread, pwrite), never through a mapping: reading a mapping past the end of
+an object the client has shrunk kills the reader with SIGBUS, and checking the size
+first left a moment in which the client could shrink it. A read that comes up short is
+refused (400) instead, whenever the object shrank.
 """
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 import os
 import re
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from .errors import BadRequest, InferenceFailed, NotFound
 from .workers.shm import ARENA_PREFIX, SHM_DIR
@@ -40,15 +42,12 @@ class Region:
     key: str
     offset: int  # where the region starts in the shared memory object
     byte_size: int
-    mapping: mmap.mmap
-    fd: int  # kept open to see the object's size at each use
+    fd: int  # the object, read and written with pread and pwrite
     closed: bool = False
 
     def close(self) -> None:
         self.closed = True
         os.close(self.fd)
-        with contextlib.suppress(BufferError):  # a request still reads it: unmapped when its last view goes
-            self.mapping.close()
 
     def status(self) -> dict[str, Any]:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
@@ -62,24 +61,32 @@ class Region:
                 f"{what}: {nbytes} bytes at offset {offset} do not fit shared memory region '{self.name}' of {self.byte_size} bytes"
             )
 
-    def view(self, offset: int, nbytes: int, what: str) -> memoryview:
-        """`nbytes` at `offset` in the region, in place, if they fit and the object behind it still holds them."""
+    def read(self, offset: int, nbytes: int, what: str) -> memoryview:
+        """A copy of `nbytes` at `offset` in the region, if they fit and the object behind it still holds them."""
         self.check(offset, nbytes, what)
-        start = self.offset + offset
-        size = os.fstat(self.fd).st_size  # reading past the end of a shrunk object would kill the gateway (SIGBUS)
-        if start + nbytes > size:
-            raise BadRequest(f"{what}: the object behind shared memory region '{self.name}' ({self.key!r}) shrank to {size} bytes")
-        return memoryview(self.mapping)[start : start + nbytes]
+        copy = np.empty(nbytes, np.uint8).data  # not zeroed first, as a bytearray would be
+        done, start = 0, self.offset + offset
+        while done < nbytes:
+            got = os.preadv(self.fd, [copy[done:]], start + done)
+            if got == 0:
+                size = os.fstat(self.fd).st_size
+                raise BadRequest(f"{what}: the object behind shared memory region '{self.name}' ({self.key!r}) shrank to {size} bytes")
+            done += got
+        return copy
 
-    def writable(self, offset: int, nbytes: int, what: str) -> memoryview:
-        """As `view`, with the pages allocated first: the client's object may be sparse, and writing a page that a
-        full /dev/shm cannot back would kill the gateway with SIGBUS."""
-        target = self.view(offset, nbytes, what)
+    def write(self, offset: int, data: memoryview, what: str) -> None:
+        """`data` written at `offset` in the region, its pages allocated first: the client's object may be sparse,
+        and /dev/shm may have no room for them (then InferenceFailed, and nothing is written)."""
+        self.check(offset, len(data), what)
+        start = self.offset + offset
         try:
-            os.posix_fallocate(self.fd, self.offset + offset, max(nbytes, 1))
+            os.posix_fallocate(self.fd, start, max(len(data), 1))
+            done = 0
+            while done < len(data):
+                done += os.pwritev(self.fd, [data[done:]], start + done)
         except OSError as exc:
-            raise InferenceFailed(f"{what}: no room in {SHM_DIR} for its {nbytes} bytes in region '{self.name}': {exc.strerror}") from None
-        return target
+            room = f"no room in {SHM_DIR} for its {len(data)} bytes in region '{self.name}'"
+            raise InferenceFailed(f"{what}: {room}: {exc.strerror}") from None
 
 
 @dataclass(frozen=True)
@@ -90,11 +97,11 @@ class Slice:
     offset: int
     byte_size: int
 
-    def view(self, what: str) -> memoryview:
-        return self.region.view(self.offset, self.byte_size, what)
+    def read(self, what: str) -> memoryview:
+        return self.region.read(self.offset, self.byte_size, what)
 
-    def writable(self, what: str) -> memoryview:
-        return self.region.writable(self.offset, self.byte_size, what)
+    def write(self, data: memoryview, what: str) -> None:
+        self.region.write(self.offset, data, what)
 
 
 class Regions:
@@ -124,11 +131,10 @@ class Regions:
                 raise BadRequest(
                     f"shared memory region '{name}': offset {offset} + byte_size {byte_size} is past the end of {key!r} ({size} bytes)"
                 )
-            mapping = mmap.mmap(fd, size)
         except BaseException:
             os.close(fd)
             raise
-        self._regions[name] = Region(name, key, offset, byte_size, mapping, fd)
+        self._regions[name] = Region(name, key, offset, byte_size, fd)
 
     def unregister(self, name: str | None = None) -> None:
         """One region (unknown names are fine, as in Triton), or every region when `name` is None or empty."""

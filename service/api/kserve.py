@@ -272,11 +272,10 @@ def _letters(value: Any) -> int:
 
 
 def region_tensor(plan: _InputPlan, shape: list[int], count: int, where: Slice) -> Array:
-    """A tensor copied out of a shared memory region as the request is decoded, right after the region's size
-    is checked: a view kept until the batch is sent would be read after the client could have shrunk the object
-    (SIGBUS in the gateway) or changed its bytes. The copy costs less than receiving the bytes would have."""
-    data = where.view(f"input {plan.spec.name}")
-    return binary_tensor(plan, shape, count, data, f"shared memory region '{where.region.name}'").copy()
+    """A tensor copied out of a shared memory region as the request is decoded (service/regions.py), so that the
+    client changing its bytes later cannot change the batch. The copy costs less than receiving the bytes would."""
+    data = where.read(f"input {plan.spec.name}")
+    return binary_tensor(plan, shape, count, data, f"shared memory region '{where.region.name}'")
 
 
 def _array(
@@ -407,8 +406,7 @@ def write_to_region(name: str, array: Array, where: Slice) -> None:
             f"output {name}: shared_memory_byte_size {where.byte_size} is too small for its {array.nbytes} bytes "
             f"(shape {list(array.shape)})"
         )
-    target = where.writable(f"output {name}")
-    target[: array.nbytes] = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
+    where.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data, f"output {name}")
 
 
 def _requested_outputs(header: dict[str, Any], plan: _Plan) -> tuple[tuple[str, ...], frozenset[str], dict[str, int]]:

@@ -126,6 +126,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-volume-mvox", type=float, default=64.0, help="largest CT volume, million voxels (default: 64)")
     parser.add_argument("--job-min-tiles", type=int, default=32, help="CT volumes needing more tiles run as jobs (default: 32)")
     parser.add_argument(
+        "--job-results-mb",
+        type=float,
+        default=512.0,
+        help="finished jobs' results (label maps) kept at once for GET /v1/jobs/ID; past it the oldest finished are "
+        "dropped, and their URLs say so (default: 512)",
+    )
+    parser.add_argument(
         "--trace-file",
         type=Path,
         help="Triton's trace extension: where traces of sampled requests go (PATH, or PATH.0, PATH.1, ... with log_frequency); "
@@ -252,6 +259,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             max_image_pixels=int(args.max_image_mp * 1e6),
             max_volume_voxels=int(args.max_volume_mvox * 1e6),
             job_min_tiles=args.job_min_tiles,
+            max_job_results_bytes=int(args.job_results_mb * (1 << 20)),
             trace_file=args.trace_file,
             frontends=args.frontends,
         )

@@ -126,6 +126,9 @@ class ServeConfig(BaseModel):
     job_timeout_s: float = Field(1800.0, gt=0, description="deadline of one job's inference")
     max_jobs: int = Field(4, ge=1, description="jobs running at once; more are answered 503")
     job_ttl_s: float = Field(900.0, gt=0, description="how long a finished job's result is kept")
+    max_job_results_bytes: int = Field(
+        512 << 20, ge=0, description="finished jobs' results kept at once; past it the oldest finished jobs are dropped"
+    )
     tiles_in_flight: int = Field(32, ge=1, description="tiles of one volume outstanding in the dispatcher at once")
     trace_file: Path | None = Field(None, description="where Triton's trace extension writes traces (none: tracing is off)")
 

@@ -2,7 +2,9 @@
 
 A job is an asyncio task in the gateway process. At most `max_running` run at
 once (more are answered 503 with Retry-After); finished jobs are kept for
-`ttl_s` and then forgotten, so memory stays bounded.
+`ttl_s` and then forgotten, and their results (a label map is megabytes) together
+take at most `max_kept_bytes`: past it the oldest finished jobs are dropped first,
+so memory stays bounded however fast jobs finish. A dropped job's URL says why.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from .errors import NotFound, ServiceError, Unavailable
 
@@ -40,6 +42,14 @@ class Progress:
         self.done += 1
 
 
+@runtime_checkable
+class Measured(Protocol):
+    """A result that says how many bytes it holds."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+
 @dataclass(eq=False)
 class Job(Generic[T]):
     id: str
@@ -50,6 +60,10 @@ class Job(Generic[T]):
     result: T | None = None
     error: ServiceError | None = None
     task: asyncio.Task[None] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.result.nbytes if isinstance(self.result, Measured) else 0
 
     @property
     def state(self) -> JobState:
@@ -71,10 +85,12 @@ class Job(Generic[T]):
 
 
 class JobStore:
-    def __init__(self, max_running: int, ttl_s: float) -> None:
+    def __init__(self, max_running: int, ttl_s: float, max_kept_bytes: int) -> None:
         self.max_running = max_running
         self.ttl_s = ttl_s
-        self._jobs: dict[str, Job[Any]] = {}
+        self.max_kept_bytes = max_kept_bytes
+        self._jobs: dict[str, Job[Any]] = {}  # in the order they were submitted
+        self._dropped: dict[str, float] = {}  # job id -> when it was dropped for room, to say so until ttl_s passes
 
     def running(self) -> int:
         return sum(1 for job in self._jobs.values() if job.state is JobState.RUNNING)
@@ -102,6 +118,21 @@ class JobStore:
             job.error = ServiceError(f"{job.kind} failed: {type(exc).__name__}: {exc}")
         finally:
             job.finished = time.time()
+            self._make_room()
+
+    def kept_bytes(self) -> int:
+        return sum(job.nbytes for job in self._jobs.values())
+
+    def _make_room(self) -> None:
+        """Drop the jobs that finished first until the kept results fit max_kept_bytes."""
+        kept = self.kept_bytes()
+        for job in sorted((j for j in self._jobs.values() if j.finished is not None and j.nbytes), key=lambda j: j.finished or 0):
+            if kept <= self.max_kept_bytes:
+                break
+            kept -= job.nbytes
+            del self._jobs[job.id]
+            self._dropped[job.id] = time.time()
+            logger.info("dropped finished job %s (%s, %d bytes): finished results are over --job-results-mb", job.id, job.kind, job.nbytes)
 
     def cancel(self, job: Job[Any], why: str) -> None:
         """Stop a running job; it is kept as failed with `why` (its tiles leave the batch queues)."""
@@ -111,6 +142,11 @@ class JobStore:
 
     def get(self, job_id: str) -> Job[Any]:
         self._forget_expired()
+        if job_id in self._dropped:
+            raise NotFound(
+                f"job {job_id!r} finished, and its result was dropped to keep finished results under "
+                f"{self.max_kept_bytes / (1 << 20):.3g} MB (serve --job-results-mb): fetch results sooner after they finish"
+            )
         if job_id not in self._jobs:
             raise NotFound(f"no job {job_id!r} (finished jobs are kept for {self.ttl_s:.0f} s)")
         return self._jobs[job_id]
@@ -129,6 +165,8 @@ class JobStore:
         cutoff = time.time() - self.ttl_s
         for job_id in [j.id for j in self._jobs.values() if j.finished is not None and j.finished < cutoff]:
             del self._jobs[job_id]
+        for job_id in [i for i, when in self._dropped.items() if when < cutoff]:
+            del self._dropped[job_id]
 
     async def stop(self) -> None:
         for job in self._jobs.values():

@@ -91,7 +91,7 @@ class Gateway:
     _syncing: asyncio.Task[None] | None = None  # with front-ends and a trace file: their settings and traces, each second
 
     def __post_init__(self) -> None:
-        self.jobs = JobStore(self.config.max_jobs, self.config.job_ttl_s)
+        self.jobs = JobStore(self.config.max_jobs, self.config.job_ttl_s, self.config.max_job_results_bytes)
         self.bodies = BodyBudget(self.config.max_pending_bytes, self.shared, self.index)
         self.tracer = Tracer(self.config.trace_file, collected=self.index != 0)
 

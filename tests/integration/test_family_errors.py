@@ -155,10 +155,10 @@ def test_bad_input_disturbs_nothing_else(http: httpx.Client) -> None:
 
 @pytest.fixture(scope="module")
 def limited(tiny_repo: ExportedRepo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    """A gateway with small limits: 1 MiB bodies, 0.1 MP images, 0.5 M voxels."""
+    """A gateway with small limits: 1 MiB bodies, 0.1 MP images, 0.5 M voxels, 100 KiB of finished jobs' results."""
     log = tmp_path_factory.mktemp("limited") / "serve.log"
     args = ("--cpu-slices", "1", "--models", "crowd-csrnet", "lns-organs", "lns-stations")
-    limits = ("--max-body-mb", "1", "--max-image-mp", "0.1", "--max-volume-mvox", "0.5")
+    limits = ("--max-body-mb", "1", "--max-image-mp", "0.1", "--max-volume-mvox", "0.5", "--job-results-mb", "0.1")
     server = Gateway(tiny_repo.root, *args, *limits, log=log)
     with httpx.Client(base_url=f"http://{server.url}", timeout=60) as client:
         yield client
@@ -184,3 +184,21 @@ def test_other_models_are_not_found(limited: httpx.Client) -> None:
     response = limited.post("/v1/face/analyze", files={"image": ("face.png", PNG)})
     assert response.status_code == 404 and "no face model" in response.json()["error"]
     assert limited.get("/v1/jobs/0123").status_code == 404
+
+
+def test_finished_results_are_bounded_the_oldest_dropped_first(limited: httpx.Client) -> None:
+    """Every /v1/lns/segment keeps its label map for GET /v1/jobs/ID/labels.nii.gz; under a steady stream of requests
+    those results would grow the gateway for the whole --job-ttl. Past --job-results-mb the oldest are dropped."""
+    rng = np.random.default_rng(7)
+    urls, sizes = [], []
+    for _ in range(4):  # each label map about 50 KB compressed: the budget holds one
+        ct = nifti_gz(rng.normal(-300, 400, (80, 80, 40)).astype(np.int16), np.diag([4.0, 4.0, 4.0, 1.0]))
+        answer = limited.post("/v1/lns/segment", files={"volume": ("ct.nii.gz", ct)}, data={"mode": "sync"})
+        assert answer.status_code == 200, answer.text
+        urls.append(answer.json()["label_map_url"])
+        sizes.append(len(limited.get(urls[-1]).content))
+    assert all(40_000 < size < 100_000 for size in sizes), sizes  # the test's premise: two cannot both be kept
+    first = limited.get(urls[0])
+    assert first.status_code == 404
+    assert "finished, and its result was dropped to keep finished results under 0.1 MB" in first.json()["error"]
+    assert limited.get(urls[-1]).status_code == 200  # the newest is kept

@@ -11,13 +11,25 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import numpy as np
+import tritonclient.http as httpclient
 
 from migserve.types import Array
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
+
+
+def with_http_client(url: str, call: Callable[[httpclient.InferenceServerClient], T]) -> T:
+    """`call` on a tritonclient HTTP client made for it and closed after: one left to the garbage collector closes
+    its gevent pool from whichever thread collects it, and fails there (an unraisable error in another test)."""
+    client = httpclient.InferenceServerClient(url=url)
+    try:
+        return call(client)
+    finally:
+        client.close()
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from tritonclient.utils import InferenceServerException
 
 from migserve.contract import read_contract
 from migserve.types import Array
-from tests.helpers import ExportedRepo, Gateway, migserve, read_response
+from tests.helpers import ExportedRepo, Gateway, migserve, read_response, with_http_client
 from tests.integration.test_gateway_protocol import direct, grpc_inputs, make_inputs, triton_inputs
 
 CONNECTIONS = 16
@@ -169,7 +169,7 @@ def test_shared_memory_regions_serve_whichever_process_takes_the_connection(fron
     handle = shm.create_shared_memory_region("fe-in", "/migserve_test_frontends", image.nbytes)
     try:
         shm.set_shared_memory_region(handle, [image])
-        httpclient.InferenceServerClient(frontends.url).register_system_shared_memory("fe-in", "/migserve_test_frontends", image.nbytes)
+        with_http_client(frontends.url, lambda c: c.register_system_shared_memory("fe-in", "/migserve_test_frontends", image.nbytes))
         for _ in range(CONNECTIONS):
             client = httpclient.InferenceServerClient(frontends.url)  # a connection of its own
             tensor = httpclient.InferInput("image", list(image.shape), "FP32")
@@ -178,7 +178,7 @@ def test_shared_memory_regions_serve_whichever_process_takes_the_connection(fron
             np.testing.assert_allclose(result.as_numpy("embedding"), expected[0], rtol=1e-4, atol=1e-5)
             client.close()
     finally:
-        httpclient.InferenceServerClient(frontends.url).unregister_system_shared_memory()
+        with_http_client(frontends.url, lambda c: c.unregister_system_shared_memory())
         shm.destroy_shared_memory_region(handle)
 
 

@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from migserve.contract import read_contract
-from tests.helpers import ExportedRepo, Gateway, read_response
+from tests.helpers import ExportedRepo, Gateway, read_response, with_http_client
 from tests.integration.test_frontends import _binary_request
 from tests.integration.test_gateway_protocol import make_inputs, triton_inputs
 
@@ -135,7 +135,7 @@ def test_every_front_end_process_traces_and_the_first_writes_it_all(tiny_repo: E
     arrays = make_inputs(read_contract(tiny_repo.root / MODEL), 1, seed=4, dims={"height": 16, "width": 16})
     try:
         settings = {"trace_level": ["TIMESTAMPS"], "trace_rate": "1", "log_frequency": "10"}
-        httpclient.InferenceServerClient(gateway.url).update_trace_settings(settings=settings)
+        with_http_client(gateway.url, lambda c: c.update_trace_settings(settings=settings))
         for _ in range(30):
             client = httpclient.InferenceServerClient(gateway.url)  # a new connection each time
             _infer(client, arrays, 1)
@@ -150,7 +150,7 @@ def test_every_front_end_process_traces_and_the_first_writes_it_all(tiny_repo: E
         for trace in traces:
             assert trace["model_name"] == MODEL
             assert [s["name"] for s in trace["timestamps"]] == ["HTTP_RECV_START", "HTTP_RECV_END", *ORDER, *SENT]
-        counted = httpclient.InferenceServerClient(gateway.url).update_trace_settings(settings={"trace_count": "4"})
+        counted = with_http_client(gateway.url, lambda c: c.update_trace_settings(settings={"trace_count": "4"}))
         assert counted["trace_count"] == "4"
         for _ in range(20):
             client = httpclient.InferenceServerClient(gateway.url)

@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 from migserve.contract import read_contract
 from migserve.types import Array
 from service.placement import MEMORY_FACTOR
-from tests.helpers import ExportedRepo, Gateway, migserve
+from tests.helpers import ExportedRepo, Gateway, migserve, with_http_client
 from tests.integration.test_gateway_protocol import direct, grpc_inputs, make_inputs, triton_inputs
 
 MODELS = ("crowd-csrnet", "face-pros", "lns-organs")
@@ -245,7 +245,7 @@ def test_a_reload_that_no_longer_fits_a_partition_drops_the_old_version_there(ti
         assert _placed(server.url) == [["face-pros"], ["face-pros"]]
         shutil.rmtree(repo / "face-pros")
         shutil.copytree(deeper / "face-pros", repo / "face-pros")
-        httpclient.InferenceServerClient(url=server.url).load_model("face-pros")
+        with_http_client(server.url, lambda c: c.load_model("face-pros"))
         assert _placed(server.url) == [["face-pros"], []], "cpu-b no longer runs the model"
         sent = [make_inputs(read_contract(repo / "face-pros"), 1, seed=i) for i in range(32)]
 

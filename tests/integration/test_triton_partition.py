@@ -20,7 +20,7 @@ from tritonclient.grpc import model_config_pb2
 
 from migserve.contract import read_contract
 from migserve.types import Array
-from tests.helpers import GROUP, ExportedRepo, Gateway, migserve, processes_where, thread_affinities
+from tests.helpers import GROUP, ExportedRepo, Gateway, migserve, processes_where, thread_affinities, with_http_client
 from tests.integration.test_gateway_protocol import make_inputs, triton_inputs
 from tests.triton_server import TritonServer
 
@@ -371,7 +371,7 @@ def test_a_twin_runs_onnxruntime_on_the_cores_triton_may_use(twins: Path, tmp_pa
     server.start(prefix=("taskset", "-c", "0"))
     try:
         inputs = make_inputs(read_contract(repo / "crowd-csrnet"), batch=1, seed=0)
-        assert httpclient.InferenceServerClient(url=server.url).infer("crowd-csrnet", triton_inputs(inputs)).as_numpy("density") is not None
+        assert with_http_client(server.url, lambda c: c.infer("crowd-csrnet", triton_inputs(inputs))).as_numpy("density") is not None
         assert server.process is not None
         threads = {pid: thread_affinities(pid) for pid in processes_where(GROUP, server.process.pid)}
         assert len(threads) >= 2, threads  # tritonserver and the model's python stub

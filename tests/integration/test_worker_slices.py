@@ -194,7 +194,8 @@ def test_a_restarted_worker_runs_its_batches_as_the_one_before_it_chose(tiny_rep
             await replica.stop()
 
     first, timed, slices = asyncio.run(main())
-    assert set(first) == {"crowd-csrnet", "face-pros"} and all(0 <= rows <= 8 for rows in first.values())
+    # what the timing chose, whatever it is on a busy host: whole batches (0), or a power of two of rows
+    assert set(first) == {"crowd-csrnet", "face-pros"} and all(rows == 0 or rows & (rows - 1) == 0 for rows in first.values()), first
     assert timed["crowd-csrnet"] == 3 and slices["crowd-csrnet"] == 3
     assert timed["face-pros"] == first["face-pros"], "the other model as first timed"
 

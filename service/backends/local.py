@@ -58,6 +58,7 @@ _ids = itertools.count(1)
 START_TIMEOUT_S = 120.0
 ATTACH_TIMEOUT_S = 15.0  # a front-end process waiting for a restarted worker (a GPU worker restarted in 2.7 s on an H200)
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+HUNG = ".hung"  # beside a worker's socket: the pid of a worker a front-end process killed as hung
 
 
 class WorkerReplica:
@@ -223,8 +224,25 @@ class WorkerReplica:
         logger.error("worker %s (pid %s) has not answered a batch in %g s (--worker-hang-s): killing it", self.id, self.pid, self._hang_s)
         if self.pid is not None:
             self._hang_killed = True
+            if self.socket_path is not None:  # for the first process, which restarts it, if this is another front-end
+                with contextlib.suppress(OSError):
+                    Path(self.socket_path + HUNG).write_text(f"{self.pid}\n")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
+
+    def _hung_reason(self) -> str:
+        return f"killed as hung: no answer to a batch in {self._hang_s:g} s (--worker-hang-s)"
+
+    def _killed_as_hung(self) -> bool:
+        """This process killed the worker as hung, or another front-end process did (it left a note by the socket)."""
+        if self._hang_killed or self.socket_path is None or self.pid is None:
+            return self._hang_killed
+        note = Path(self.socket_path + HUNG)
+        with contextlib.suppress(OSError, ValueError):
+            if int(note.read_text()) == self.pid:
+                note.unlink()
+                self._hang_killed = True
+        return self._hang_killed
 
     def _on_message(self) -> None:
         assert self._conn is not None
@@ -257,16 +275,19 @@ class WorkerReplica:
     def _exit_reason(self) -> str | None:
         """Why the worker process ended (None while it has not): killed as hung, by the kernel for memory, or its
         exit code."""
-        if self._ended is not None or not self._ready or self._process is None:
+        if self._ended is not None or not self._ready:
             return self._ended  # told already, or nothing to tell
+        if self._process is None:  # a front-end process's: it knows only what it did itself
+            return self._hung_reason() if self._hang_killed else None
         self._process.join(0.2)  # the sentinel can close a moment before the process can be reaped
         code = self._process.exitcode
-        if code is None:  # a broken pipe, and no exit yet: a process the OOM killer took can take longer to go
-            if not self._oom.moved():
+        hung = self._killed_as_hung()
+        if code is None:  # a broken pipe, and no exit yet: a killed process can take longer to go on a busy host
+            if not (hung or self._oom.moved()):
                 return None
             code = -signal.SIGKILL
-        if self._hang_killed:
-            self._ended = f"killed as hung: no answer to a batch in {self._hang_s:g} s (--worker-hang-s)"
+        if hung:
+            self._ended = self._hung_reason()
         else:
             self._ended = self._killed_for_memory(code) or f"it exited with code {code}"
         return self._ended

@@ -1,24 +1,36 @@
 """`migserve export`: arguments, per-model progress, and the closing table.
 
-Importing this module needs no torch; `run` imports the export side.
+Importing this module needs no torch; `run` imports the export side. Models are exported
+`--jobs` at a time, each in a process of its own: an export is mostly one core's work
+(torch's tracing and ONNX passes), so on a machine with more cores the whole zoo takes a
+fraction of the time. Each process reports its progress lines through a queue, which this
+one prints as they come.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import multiprocessing as mp
+import os
+import queue
 import sys
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from migserve.contract import SIZES, read_contract, sha256_file
 
 from .errors import BadOption, ExportError
 
 if TYPE_CHECKING:
-    from .pipeline import ExportResult
+    from .pipeline import ExportRequest, ExportResult
+
+MAX_JOBS = 4  # default: one process per usable core, at most this many (each holds torch and a model)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,12 +74,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--skip-existing", action="store_true", help="skip models whose directory already holds a valid export of this size"
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help=f"models exported at once, each in a process of its own (default: one per usable core, at most {MAX_JOBS}; "
+        "1: one after another in this process)",
+    )
 
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     try:
         from . import zoo
-        from .pipeline import ExportRequest, export_model
+        from .pipeline import ExportRequest
     except ImportError as exc:
         print(f"error: exporting needs the export extra ({exc}); run: pip install 'migserve[export]'", file=err)
         return 2
@@ -82,14 +101,15 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     except ExportError as exc:
         print(f"error: {exc}", file=err)
         return 2
-    results: list[ExportResult] = []
-    failures: list[tuple[str, str]] = []
+    if args.jobs < 0:
+        print(f"error: --jobs {args.jobs}: give 1 or more, or 0 for one per usable core", file=err)
+        return 2
+    work: list[tuple[str, ExportRequest]] = []
     for i, name in enumerate(names, 1):
         prefix = f"[{i:>2}/{len(names)}] {name} ({args.size})"
         if args.skip_existing and up_to_date(args.out / name, args.size):
             print(f"{prefix}: up to date, skipped", file=err, flush=True)
             continue
-        started = time.perf_counter()
         request = ExportRequest(
             name=name,
             size=args.size,
@@ -101,25 +121,89 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
             options=options.get(name, {}),
             triton_backend=args.triton_backend,
         )
-        try:
-            result = export_model(request, _progress(prefix, started, err))
-        except ExportError as exc:
-            print(f"{prefix}: FAILED: {exc}", file=err, flush=True)
-            failures.append((name, str(exc)))
-            continue
-        print(f"{prefix}: wrote {result.path} in {result.seconds:.1f}s", file=err, flush=True)
-        results.append(result)
+        work.append((prefix, request))
+    cores = len(os.sched_getaffinity(0))
+    jobs = max(1, min(args.jobs or min(cores, MAX_JOBS), len(work)))
+    outcomes = _in_processes(work, jobs, max(1, cores // jobs), err) if jobs > 1 else _here(work, err)
+    results: list[ExportResult] = []
+    failures: list[tuple[str, str]] = []
+    for (_, request), outcome in zip(work, outcomes, strict=True):  # in the order asked for, whatever finished first
+        if isinstance(outcome, str):
+            failures.append((request.name, outcome))
+        else:
+            results.append(outcome)
     print(format_table(results, failures), file=out)
     for name, reason in failures:
         print(f"error: {name}: {reason}", file=err)
     return 1 if failures else 0
 
 
-def _progress(prefix: str, started: float, err: TextIO) -> Callable[[str], None]:
+def _progress(prefix: str, started: float, say: Callable[[str], None]) -> Callable[[str], None]:
     def report(step: str) -> None:
-        print(f"{prefix}: {step} (+{time.perf_counter() - started:.1f}s)", file=err, flush=True)
+        say(f"{prefix}: {step} (+{time.perf_counter() - started:.1f}s)")
 
     return report
+
+
+def _export_one(prefix: str, request: ExportRequest, say: Callable[[str], None]) -> ExportResult | str:
+    """The result, or why the export failed (said as it happens too)."""
+    from .pipeline import export_model
+
+    try:
+        result = export_model(request, _progress(prefix, time.perf_counter(), say))
+    except ExportError as exc:
+        say(f"{prefix}: FAILED: {exc}")
+        return str(exc)
+    say(f"{prefix}: wrote {result.path} in {result.seconds:.1f}s")
+    return result
+
+
+def _here(work: list[tuple[str, ExportRequest]], err: TextIO) -> list[ExportResult | str]:
+    def say(line: str) -> None:
+        print(line, file=err, flush=True)
+
+    return [_export_one(prefix, request, say) for prefix, request in work]
+
+
+_process: dict[str, Any] = {}  # in an export process: "lines", the queue its progress lines go to
+
+
+def _start_process(lines: Any, threads: int) -> None:
+    _process["lines"] = lines
+    import torch
+
+    torch.set_num_threads(threads)  # the cores shared out between the processes
+    logging.getLogger("torch").setLevel(logging.ERROR)
+
+
+def _in_process(prefix: str, request: ExportRequest) -> ExportResult | str:
+    return _export_one(prefix, request, _process["lines"].put)
+
+
+def _in_processes(work: list[tuple[str, ExportRequest]], jobs: int, threads: int, err: TextIO) -> list[ExportResult | str]:
+    """Each export in one of `jobs` processes; their progress printed as it comes. A process that dies (killed, out
+    of memory) fails the exports it had not finished, with the reason."""
+    context = mp.get_context("spawn")
+    lines = context.Queue()
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_process, initargs=(lines, threads)) as pool:
+        futures: list[Future[ExportResult | str]] = [pool.submit(_in_process, prefix, request) for prefix, request in work]
+        while not all(f.done() for f in futures):
+            with contextlib.suppress(queue.Empty):
+                print(lines.get(timeout=0.1), file=err, flush=True)
+    while True:  # what came after the last check
+        try:
+            print(lines.get_nowait(), file=err, flush=True)
+        except queue.Empty:
+            break
+    outcomes: list[ExportResult | str] = []
+    for (prefix, _), future in zip(work, futures, strict=True):
+        try:
+            outcomes.append(future.result())
+        except BrokenProcessPool as exc:
+            reason = f"its export process died ({exc}); try --jobs 1, or more memory"
+            print(f"{prefix}: FAILED: {reason}", file=err, flush=True)
+            outcomes.append(reason)
+    return outcomes
 
 
 def up_to_date(model_dir: Path, size: str) -> bool:

@@ -118,3 +118,18 @@ def test_failed_re_export_keeps_the_good_model(tmp_path: Path) -> None:
     again = export_model(ExportRequest(name="frontalize-dalgan", out=tmp_path, seed=1))
     assert again.path == first.path and sha256_file(again.path / "1" / "model.onnx") != digest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["frontalize-dalgan"]
+
+
+def test_models_exported_in_parallel_processes_report_each_outcome_in_order(tmp_path: Path) -> None:
+    """--jobs 2: two export processes; one model's failure fails it alone, its progress and reason are printed, and
+    the table lists the models in the order asked for."""
+    out = tmp_path / "repo"
+    missing = tmp_path / "nope.pth"
+    args = ("--model", "lns-organs", "frontalize-dalgan", "lns-stations", "--checkpoint", f"frontalize-dalgan={missing}")
+    run = migserve("export", *args, "--out", out, "--jobs", "2")
+    assert run.returncode == 1
+    assert sorted(p.name for p in out.iterdir()) == ["lns-organs", "lns-stations"]
+    assert "[ 2/3] frontalize-dalgan (tiny): FAILED: checkpoint not found" in run.stderr
+    assert "[ 1/3] lns-organs (tiny): checking parity" in run.stderr and "[ 3/3] lns-stations (tiny): wrote" in run.stderr
+    assert [line.split()[0] for line in run.stdout.splitlines()[2:]] == ["lns-organs", "lns-stations", "frontalize-dalgan"]
+    assert "Traceback" not in run.stderr

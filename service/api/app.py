@@ -266,8 +266,13 @@ class Gateway:
 
     def _model_dir(self, name: str) -> Path | None:
         """The model's directory in the repository, if `name` names one (hidden ones are exports in progress)."""
+        if not name or name.startswith(".") or "/" in name:
+            return None
         directory = self.config.model_repo / name
-        return directory if name and not name.startswith(".") and "/" not in name and directory.is_dir() else None
+        try:
+            return directory if directory.is_dir() else None
+        except (OSError, ValueError):  # a name too long for the file system, or holding NUL
+            return None
 
     def _check_control(self, what: str) -> None:
         if self.config.model_control_mode != "explicit":

@@ -98,6 +98,8 @@ def test_bad_loads_and_unloads_say_what_was_wrong_and_change_nothing(server: Gat
         (lambda: client.load_model("no-such-model"), "failed to load 'no-such-model': no such model in"),
         (lambda: client.load_model("crowd-csrnet", config='{"max_batch_size": 2}'), "parameters ['config'] are not supported"),
         (lambda: client.unload_model("no-such-model"), "failed to unload 'no-such-model': no such model in"),
+        (lambda: client.load_model("x" * 300), "no such model in"),  # a name too long for a file name: was a 500
+        (lambda: client.unload_model("x" * 300), "no such model in"),
     ]
     for call, says in calls:
         with pytest.raises(InferenceServerException) as caught:

@@ -89,8 +89,10 @@ def _nifti(data: bytes, max_voxels: int) -> Volume:
         shape = tuple(int(n) for n in image.header.get_data_shape())
         if (voxels := int(np.prod(shape, dtype=object))) > max_voxels:  # before reading: the header alone says it
             raise TooLarge(f"volume: the NIfTI header gives shape {list(shape)}, {voxels} voxels, over the limit of {max_voxels}")
+        if (dtype := image.header.get_data_dtype()).kind not in "biuf":  # complex: numpy would drop the imaginary part
+            raise Unprocessable(f"volume: NIfTI voxels of type {dtype}; a CT volume holds real numbers (Hounsfield units)")
         array = np.asarray(image.dataobj, dtype=np.float32)
-    except TooLarge:
+    except (TooLarge, Unprocessable):
         raise
     except Exception as exc:  # nibabel raises a dozen kinds on a bad header or short data
         raise Unprocessable(f"volume: bad NIfTI file ({type(exc).__name__}: {exc})") from None

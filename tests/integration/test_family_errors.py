@@ -119,6 +119,7 @@ CASES: dict[str, tuple[Post, int, str]] = {
         413,
         "resampled to the model's [4.0, 4.0, 4.0] mm, make 500000000000000000000 voxels, over the limit of 64000000",
     ),
+    "complex voxels": (volume(nifti_gz(np.zeros((8, 8, 8), np.complex64), np.eye(4))), 422, "NIfTI voxels of type complex64"),
     "a nifti header of 30000^3 voxels": (volume(_nifti_claiming(30000)), 413, "the NIfTI header gives shape [30000, 30000, 30000]"),
     "an npy header of 10^14 values": (
         grounding(_npy_claiming(10**11)),

@@ -71,6 +71,8 @@ async def _multipart(request: Request, file_field: str, query: dict[str, str]) -
 
 
 def require_file(upload: Upload, file_field: str) -> bytes:
+    if upload.data is None and upload.inline is not None:  # JSON, but not the list of values some endpoints take
+        raise Unprocessable(f"{file_field!r} must be the file as base64 text, not {type(upload.inline).__name__} {upload.inline!r:.40}")
     if upload.data is None:
         raise Unprocessable(f"no {file_field!r} in the request")
     return upload.data

@@ -91,6 +91,7 @@ CASES: dict[str, tuple[Post, int, str]] = {
     "unknown option": (image("/v1/crowd/count", PNG, densty="true"), 422, "densty"),
     "malformed json": (lambda c: c.post("/v1/face/analyze", content=b"{oops", headers={"content-type": "application/json"}), 400, "JSON"),
     "bad base64": (lambda c: c.post("/v1/face/analyze", json={"image": "***"}), 422, "base64"),
+    "a number for the image": (lambda c: c.post("/v1/crowd/count", json={"image": 5}), 422, "must be the file as base64 text, not int 5"),
     "features with wrong D": (grounding(npy(np.zeros((10, 500), np.float32))), 422, "D is 500"),
     "zero-length features": (grounding(npy(np.zeros((0, 1024), np.float32))), 422, "zero frames"),
     "features of one dim": (grounding(npy(np.zeros(1024, np.float32))), 422, "expected shape"),

@@ -14,7 +14,9 @@ gap, and the workers at 3 between pods.
 A worker the kernel killed died of SIGKILL, as one killed by hand or by the gateway's hang check; what tells them
 apart is the kernel's count of OOM kills (/proc/vmstat oom_kill) having moved while it ran. The gateway then names
 the cause and the limit, and what to change, where before it said "exited with code -9" and restarted it into the
-same end.
+same end. Each death named an OOM kill claims one of the count's steps, so that a worker killed later by hand,
+which started before that OOM kill, is not named one too (the count is the host's: an OOM kill of some other
+process on the host while a worker ran still reads as the worker's, if that worker then dies of SIGKILL).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def killed_first(worker: Path, gateway: Path, step: int = WORKER_OOM_SCORE_ADJ) 
         logger.warning("cannot raise this worker's oom_score_adj (%s): the kernel may take the gateway first when memory runs out", exc)
 
 
+_claimed: dict[Path, int] = {}  # host root -> the count up to which OOM kills were named as some worker's death
+
+
 @dataclass(frozen=True)
 class OomWatch:
     """The kernel's count of OOM kills when a worker started, to tell afterwards whether its SIGKILL was one."""
@@ -58,18 +63,25 @@ class OomWatch:
     def now(cls, root: Path = Path("/")) -> OomWatch:
         return cls(oom_kills(root), root)
 
+    def _since(self) -> int | None:
+        """The count from which a new OOM kill is this worker's to claim: its start, or past the kills claimed."""
+        return None if self.before is None else max(self.before, _claimed.get(self.root, self.before))
+
     def moved(self) -> bool:
-        """Whether the kernel has killed a process for memory since."""
-        after = oom_kills(self.root)
-        return self.before is not None and after is not None and after > self.before
+        """Whether the kernel has killed a process for memory since (that no other worker's death has claimed)."""
+        since, after = self._since(), oom_kills(self.root)
+        return since is not None and after is not None and after > since
 
     def explain(self, exitcode: int | None) -> str | None:
-        """Why a worker that exited with `exitcode` died, where the OOM killer took it; None otherwise."""
-        if exitcode != -signal.SIGKILL or self.before is None:
+        """Why a worker that exited with `exitcode` died, where the OOM killer took it (one kill, claimed); None
+        otherwise."""
+        since = self._since()
+        if exitcode != -signal.SIGKILL or since is None:
             return None
         after = oom_kills(self.root)
-        if after is None or after <= self.before:
+        if after is None or after <= since:
             return None
+        _claimed[self.root] = since + 1
         limit = memory_limit(self.root)
         if limit is not None:
             short = f"its cgroup's memory limit of {limit / MB:.0f} MB (docker --memory, a Kubernetes memory limit)"

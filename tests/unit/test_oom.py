@@ -37,6 +37,18 @@ def test_a_sigkill_is_called_an_oom_kill_only_where_the_kernel_counted_one(tmp_p
     assert "cgroup's memory limit of 512 MB" in why and "--cpu-slices" in why
 
 
+def test_each_oom_kill_names_one_death_so_a_later_kill_by_hand_is_not_one(tmp_path: Path) -> None:
+    root = _host(tmp_path, V2_MOUNTS, "0::/\n", {"sys/fs/cgroup/memory.max": f"{512 << 20}\n"})
+    _kills(root, 5)
+    first, second = OomWatch.now(root), OomWatch.now(root)  # two workers, started before anything was killed
+    _kills(root, 6)
+    assert first.explain(-signal.SIGKILL) is not None  # the kernel took the first one
+    assert not second.moved() and second.explain(-signal.SIGKILL) is None, "the second, killed later by hand"
+    third, fourth = OomWatch.now(root), OomWatch.now(root)
+    _kills(root, 8)  # one memory shortage, two workers taken
+    assert third.explain(-signal.SIGKILL) is not None and fourth.moved() and fourth.explain(-signal.SIGKILL) is not None
+
+
 def test_without_a_cgroup_limit_the_host_s_memory_is_named(tmp_path: Path) -> None:
     root = _host(tmp_path, V2_MOUNTS, "0::/\n", {"sys/fs/cgroup/memory.max": "max\n", "proc/meminfo": "MemTotal:       24683520 kB\n"})
     _kills(root, 0)

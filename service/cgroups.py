@@ -48,13 +48,6 @@ def oom_kills(root: Path = Path("/")) -> int | None:
     return None
 
 
-def memory_in_use(root: Path = Path("/")) -> int | None:
-    """Bytes held in the cgroup whose memory limit binds this process, less the page cache the kernel can drop (see
-    memory_usage); None where nothing limits this process's memory or the files cannot be read."""
-    usage = memory_usage(root)
-    return None if usage is None else usage[1]
-
-
 def memory_usage(root: Path = Path("/")) -> tuple[int, int] | None:
     """(limit, working set) of the cgroup whose memory limit binds this process (the least on the way up), read in one
     walk: the working set is its usage less the page cache the kernel can drop to make room, what `docker stats` and

@@ -10,23 +10,20 @@ even that leaves room for few connections.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 
 CEILING = 1 << 20  # Linux's default nr_open: no soft limit above it can be set
 FEW = 4096  # connections, roughly, below which the start-up log warns
 
 
-def raise_open_files() -> int:
-    """The soft limit on open files, raised to the hard limit where it was lower (up to CEILING)."""
+def raise_open_files() -> None:
+    """The soft limit on open files raised to the hard limit where it was lower (up to CEILING)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = CEILING if hard == resource.RLIM_INFINITY else min(hard, CEILING)
     if soft != resource.RLIM_INFINITY and soft < wanted:
-        try:
+        with contextlib.suppress(ValueError, OSError):  # a hard limit above the kernel's nr_open: keep what there is
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            soft = wanted
-        except (ValueError, OSError):  # a hard limit above the kernel's nr_open: keep what there is
-            pass
-    return soft
 
 
 def few_open_files() -> str | None:

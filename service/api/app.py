@@ -723,8 +723,8 @@ def create_app(config: ServeConfig) -> InferFastPath:
     async def gateway_bug(request: Request, exc: Exception) -> Response:
         """A bug answers in the gateway's {"error": ...} form too, as the infer fast path does (Starlette logs the
         traceback); the client is told it is the gateway's fault, not the request's."""
-        body = json.dumps({"error": f"internal error: {type(exc).__name__}: {exc}"[:1000]})
-        return Response(body, status_code=500, media_type="application/json")
+        status, headers, body = error_body(ServiceError(f"internal error: {type(exc).__name__}: {exc}"[:1000]))
+        return Response(body, status_code=status, headers=headers, media_type="application/json")
 
     @app.exception_handler(StarletteHTTPException)
     async def no_route(request: Request, exc: StarletteHTTPException) -> Response:

@@ -285,10 +285,11 @@ def decode_infer_request(request: Any, entry: ModelEntry, regions: Regions) -> D
         input_plan = plan.inputs[tensor.name]
         check_datatype(input_plan, tensor.datatype)
         shape, count = shape_and_count(input_plan, list(tensor.shape))
-        if (raw or in_regions[tensor.name] is not None) and tensor.contents.ListFields():  # Triton refuses it too
-            given = "a shared memory region" if in_regions[tensor.name] is not None else "raw_input_contents"
+        where = in_regions[tensor.name]
+        if (raw or where is not None) and tensor.contents.ListFields():  # Triton refuses it too
+            given = "a shared memory region" if where is not None else "raw_input_contents"
             raise BadRequest(f"input {tensor.name}: its values are given both in {given} and in contents: give them once")
-        if (where := in_regions[tensor.name]) is not None:
+        if where is not None:
             arrays[tensor.name] = region_tensor(input_plan, shape, count, where)
             continue
         if raw:

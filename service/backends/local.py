@@ -224,9 +224,6 @@ class WorkerReplica:
         logger.error("worker %s (pid %s) has not answered a batch in %g s (--worker-hang-s): killing it", self.id, self.pid, self._hang_s)
         if self.pid is not None:
             self._hang_killed = True
-            if self.socket_path is not None:  # for the first process, which restarts it, if this is another front-end
-                with contextlib.suppress(OSError):
-                    Path(self.socket_path + HUNG).write_text(f"{self.pid}\n")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
 
@@ -430,6 +427,12 @@ class AttachedReplica(WorkerReplica):
     """A worker that the gateway's first process runs, seen from one of its other front-end processes
     (serve --frontends): this process connects to the worker's socket and sends its own batches there. When the
     worker dies the first process restarts it, and this one connects again."""
+
+    def _hung(self) -> None:
+        if self.pid is not None and self.socket_path is not None:  # the first process restarts it: tell it why it died
+            with contextlib.suppress(OSError):
+                Path(self.socket_path + HUNG).write_text(f"{self.pid}\n")
+        super()._hung()
 
     async def start(self) -> None:
         assert self.socket_path is not None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.cgroups import cpu_quota, memory_in_use, memory_limit
+from service.cgroups import cpu_quota, memory_limit, memory_usage
 from service.config import default_pending_bytes
 
 V1_MOUNTS = (
@@ -107,6 +107,12 @@ def test_the_default_body_bound_fits_a_memory_limit() -> None:
     assert warning is not None and "one body of --max-body-mb 256 is over half the memory" in warning
 
 
+def _in_use(root: Path) -> int | None:
+    """The working set memory_usage reads beside the limit."""
+    usage = memory_usage(root)
+    return None if usage is None else usage[1]
+
+
 def test_memory_in_use_is_the_working_set_of_the_group_whose_limit_binds(tmp_path: Path) -> None:
     mb = 1 << 20
     files = {
@@ -117,7 +123,7 @@ def test_memory_in_use_is_the_working_set_of_the_group_whose_limit_binds(tmp_pat
         "sys/fs/cgroup/kubepods/pod1/memory.current": f"{90 * mb}\n",
         "sys/fs/cgroup/kubepods/pod1/memory.stat": "inactive_file 0\n",
     }
-    assert memory_in_use(_host(tmp_path / "v2", V2_MOUNTS, "0::/kubepods/pod1\n", files)) == 300 * mb, "the pod's limit binds"
+    assert _in_use(_host(tmp_path / "v2", V2_MOUNTS, "0::/kubepods/pod1\n", files)) == 300 * mb, "the pod's limit binds"
     v1 = "2:memory:/migserve\n1:cpu:/\n0::/\n"
     mounts = V1_MOUNTS + "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
     group = "sys/fs/cgroup/memory/migserve/"
@@ -127,6 +133,6 @@ def test_memory_in_use_is_the_working_set_of_the_group_whose_limit_binds(tmp_pat
         group + "memory.stat": f"cache {20 * mb}\nrss {240 * mb}\ntotal_inactive_file {15 * mb}\n",
         "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n",
     }
-    assert memory_in_use(_host(tmp_path / "v1", mounts, v1, files)) == 245 * mb
+    assert _in_use(_host(tmp_path / "v1", mounts, v1, files)) == 245 * mb
     unlimited = {"sys/fs/cgroup/memory.max": "max\n", "sys/fs/cgroup/memory.current": "1000\n", "sys/fs/cgroup/memory.stat": ""}
-    assert memory_in_use(_host(tmp_path / "none", V2_MOUNTS, "0::/\n", unlimited)) is None
+    assert _in_use(_host(tmp_path / "none", V2_MOUNTS, "0::/\n", unlimited)) is None

@@ -23,9 +23,10 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from migserve.contract import SIZES, read_contract, sha256_file
+from migserve.contract import SIZES, Contract, read_contract, sha256_file
 
 from .errors import BadOption, ExportError
+from .triton import switch_backend
 
 if TYPE_CHECKING:
     from .pipeline import ExportRequest, ExportResult
@@ -72,7 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="config.pbtxt for Triton's onnxruntime backend on GPUs (default), or python twins (model.py) for a CPU-only Triton",
     )
     parser.add_argument(
-        "--skip-existing", action="store_true", help="skip models whose directory already holds a valid export of this size"
+        "--skip-existing",
+        action="store_true",
+        help="skip models whose directory already holds an intact export of the same size, precision, seed or checkpoint "
+        "(only its config.pbtxt is rewritten where --triton-backend differs); exports with --option are always redone",
     )
     parser.add_argument(
         "--jobs",
@@ -107,9 +111,6 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     work: list[tuple[str, ExportRequest]] = []
     for i, name in enumerate(names, 1):
         prefix = f"[{i:>2}/{len(names)}] {name} ({args.size})"
-        if args.skip_existing and up_to_date(args.out / name, args.size):
-            print(f"{prefix}: up to date, skipped", file=err, flush=True)
-            continue
         request = ExportRequest(
             name=name,
             size=args.size,
@@ -121,6 +122,15 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
             options=options.get(name, {}),
             triton_backend=args.triton_backend,
         )
+        if args.skip_existing and (kept := up_to_date(args.out / name, request)) is not None:
+            try:
+                switched = switch_backend(args.out / name, kept, args.triton_backend)
+            except OSError as exc:
+                print(f"error: cannot write {args.out / name}: {exc.strerror or exc}", file=err)
+                return 1
+            note = f" (its config.pbtxt switched to Triton's {args.triton_backend} backend)" if switched else ""
+            print(f"{prefix}: up to date, skipped{note}", file=err, flush=True)
+            continue
         work.append((prefix, request))
     cores = len(os.sched_getaffinity(0))
     jobs = max(1, min(args.jobs or min(cores, MAX_JOBS), len(work)))
@@ -206,13 +216,21 @@ def _in_processes(work: list[tuple[str, ExportRequest]], jobs: int, threads: int
     return outcomes
 
 
-def up_to_date(model_dir: Path, size: str) -> bool:
-    """A complete export of this size whose model.onnx still has the contract's sha256."""
+def up_to_date(model_dir: Path, request: ExportRequest) -> Contract | None:
+    """The contract of a complete export that the request would write again (same size, precision, and seed or
+    checkpoint) and whose model.onnx still has the contract's sha256; None where the model must be exported. An
+    export with --option is always redone: contracts do not record options."""
     try:
         contract = read_contract(model_dir)
-        return contract.size == size and sha256_file(model_dir / contract.model_file) == contract.model_sha256
+        made = contract.provenance
+        same = contract.size == request.size and made.fp16 == request.fp16 and not request.options
+        if request.checkpoint is None:
+            same = same and made.weights == "random-init" and made.seed == request.seed
+        else:
+            same = same and made.weights == "checkpoint" and made.checkpoint_sha256 == sha256_file(request.checkpoint)
+        return contract if same and sha256_file(model_dir / contract.model_file) == contract.model_sha256 else None
     except (OSError, ValueError):
-        return False
+        return None
 
 
 def format_table(results: list[ExportResult], failures: list[tuple[str, str]]) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from migserve.contract import Contract, TensorSpec
+from migserve.contract import CONFIG_FILE, Contract, TensorSpec
 
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}
 
@@ -73,3 +73,32 @@ def render_config(contract: Contract, backend: TritonBackend = "onnxruntime", in
         f'parameters {{\n  key: "model_sha256"\n  value {{ string_value: "{contract.model_sha256}" }}\n}}',
     ]
     return "\n".join(parts) + "\n"
+
+
+def config_backend(config: str) -> TritonBackend:
+    """Which of the two backends a config.pbtxt runs its model with."""
+    return "python" if 'backend: "python"' in config else "onnxruntime"
+
+
+def switch_backend(model_dir: Path, contract: Contract, backend: TritonBackend) -> bool:
+    """Point an exported model's config.pbtxt (and model.py) at `backend`, leaving model.onnx as it is; False where
+    it ran on that backend already. Each file is written beside itself and renamed into place."""
+    config = model_dir / CONFIG_FILE
+    try:
+        if config_backend(config.read_text()) == backend:
+            return False
+    except FileNotFoundError:
+        pass
+    twin = (model_dir / contract.model_file).with_name("model.py")
+    if backend == "python":
+        _replace_text(twin, PYTHON_MODEL.read_text())
+    else:
+        twin.unlink(missing_ok=True)
+    _replace_text(config, render_config(contract, backend))
+    return True
+
+
+def _replace_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,12 @@ import torch
 from safetensors.torch import save_file
 
 from exporters import zoo
+from exporters.cli import up_to_date
 from exporters.errors import ParityFailed
 from exporters.parity import run_torch
 from exporters.pipeline import ExportRequest, export_model
 from migserve.contract import read_contract, sha256_file
-from tests.helpers import migserve
+from tests.helpers import ExportedRepo, migserve
 
 
 def _failed_cleanly(run_out: Path, returncode: int, stderr: str, fragment: str) -> None:
@@ -87,6 +89,37 @@ def test_trained_checkpoint_is_exported_and_recorded(tmp_path: Path) -> None:
     (density,) = session.run(None, {"image": image})
     (expected,) = run_torch(trained, {"image": image})
     np.testing.assert_allclose(density, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    same = ExportRequest(name="crowd-csrnet", out=out, checkpoint=path)
+    assert up_to_date(out / "crowd-csrnet", same) is not None, "--skip-existing keeps an export of the same checkpoint"
+    assert up_to_date(out / "crowd-csrnet", ExportRequest(name="crowd-csrnet", out=out)) is None, "not for the random init"
+    save_file(mdef.build(cfg).state_dict(), str(path))  # the same file name, other weights
+    assert up_to_date(out / "crowd-csrnet", same) is None
+
+
+def test_skip_existing_keeps_only_the_export_it_would_write_again(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo.root / "face-pros", repo / "face-pros")
+    model = repo / "face-pros"
+    assert up_to_date(model, ExportRequest(name="face-pros")) is not None
+    for other in (
+        ExportRequest(name="face-pros", size="small"),
+        ExportRequest(name="face-pros", seed=1),
+        ExportRequest(name="face-pros", fp16=True),
+        ExportRequest(name="face-pros", options={"expression_classes": "8"}),  # not in the contract: always redone
+    ):
+        assert up_to_date(model, other) is None, other
+    args = ("export", "--model", "face-pros", "--skip-existing", "--out", repo)
+    run = migserve(*args, "--triton-backend", "python")
+    assert run.returncode == 0 and "up to date, skipped (its config.pbtxt switched to Triton's python backend)" in run.stderr
+    assert 'backend: "python"' in (model / "config.pbtxt").read_text() and (model / "1" / "model.py").is_file()
+    run = migserve(*args)  # and back: Triton's onnxruntime backend, no model.py left behind
+    assert "up to date, skipped (its config.pbtxt switched to Triton's onnxruntime backend)" in run.stderr
+    assert (model / "config.pbtxt").read_text() == (tiny_repo.root / "face-pros" / "config.pbtxt").read_text()
+    assert sorted(p.name for p in (model / "1").iterdir()) == ["model.onnx"]
+    run = migserve(*args)
+    assert run.returncode == 0 and "up to date, skipped\n" in run.stderr, run.stderr
+    (model / "1" / "model.onnx").write_bytes(b"not the exported model")
+    assert up_to_date(model, ExportRequest(name="face-pros")) is None
 
 
 def test_fp16_keeps_fp32_io_and_records_it(tmp_path: Path) -> None:

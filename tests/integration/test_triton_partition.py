@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator, Mapping
@@ -39,11 +40,14 @@ MODELS = (  # every model: each one's twin must answer as the local worker does
 
 
 @pytest.fixture(scope="module")
-def twins(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`migserve export --triton-backend python` of every model (same seed as the tiny repo: same weights)."""
-    root = tmp_path_factory.mktemp("triton_repo")
-    run = migserve("export", "--model", *MODELS, "--triton-backend", "python", "--out", root)
+def twins(tiny_repo: ExportedRepo, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Python twins of every model: the tiny repo's exports, switched to Triton's python backend by
+    `export --skip-existing --triton-backend python` without exporting again (test_offline exports a twin afresh)."""
+    root = tmp_path_factory.mktemp("triton_repo") / "repo"
+    shutil.copytree(tiny_repo.root, root)
+    run = migserve("export", "--model", *MODELS, "--triton-backend", "python", "--skip-existing", "--out", root)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("up to date, skipped (its config.pbtxt switched to Triton's python backend)") == len(MODELS), run.stderr
     return root
 
 

@@ -7,7 +7,9 @@ is counted from its head (its Content-Length; a chunked body as it arrives) unti
 its request is answered, and one that would take the total over the budget is
 answered 503 with Retry-After before it is read. A gRPC message is counted once
 gRPC has received it (gRPC reads a whole message, up to `--max-body-mb`, before the
-gateway sees it) and refused with UNAVAILABLE, so queued messages stay bounded too.
+gateway sees it) and refused with UNAVAILABLE, so queued messages stay bounded too. What a body unpacks
+to is counted with it: a compressed KServe body's inflated bytes (encoding.py), a gzipped or zipped CT
+volume's as it is unpacked (families/volume.py).
 
 With `serve --frontends N` the budget is the gateway's, not each process's: every process
 publishes what it holds and adds up what all hold before it takes more (service/shared.py), so the
@@ -16,6 +18,7 @@ bound can be exceeded by at most one body per other process admitted at the same
 
 from __future__ import annotations
 
+import threading
 from types import TracebackType
 
 from ..errors import Unavailable
@@ -28,20 +31,23 @@ class BodyBudget:
         self.limit = limit
         self.held = 0  # by this process
         self.shared = None if shared is None else shared.published(slot, BODIES)
+        self._lock = threading.Lock()  # a volume is unpacked on a thread, counted as it grows
 
     def take(self, nbytes: int) -> None:
         """Count `nbytes` more, or refuse them (503) if they would pass the limit."""
-        held = self.held if self.shared is None else self.shared.total()
-        if held + nbytes > self.limit:
-            raise Unavailable(
-                f"the gateway holds {held / MB:.1f} MB of request bodies; {nbytes / MB:.1f} MB more would pass "
-                f"--max-pending-mb {self.limit / MB:g}",
-                retry_after_s=1.0,
-            )
-        self._set(self.held + nbytes)
+        with self._lock:
+            held = self.held if self.shared is None else self.shared.total()
+            if held + nbytes > self.limit:
+                raise Unavailable(
+                    f"the gateway holds {held / MB:.1f} MB of request bodies; {nbytes / MB:.1f} MB more would pass "
+                    f"--max-pending-mb {self.limit / MB:g}",
+                    retry_after_s=1.0,
+                )
+            self._set(self.held + nbytes)
 
     def give(self, nbytes: int) -> None:
-        self._set(self.held - nbytes)
+        with self._lock:
+            self._set(self.held - nbytes)
 
     def _set(self, held: int) -> None:
         self.held = held
@@ -50,19 +56,27 @@ class BodyBudget:
 
 
 class Hold:
-    """What one request holds of the budget; all of it is given back when the `with` block ends."""
+    """What one request holds of the budget; all of it is given back when the `with` block ends. A thread still
+    working for a request that ended (its client hung up) can take no more: `add` raises."""
 
     def __init__(self, budget: BodyBudget) -> None:
         self.budget = budget
         self.nbytes = 0
+        self._ended = False
+        self._lock = threading.Lock()
 
     def add(self, nbytes: int) -> None:
-        self.budget.take(nbytes)
-        self.nbytes += nbytes
+        with self._lock:
+            if self._ended:
+                raise Unavailable("the request has ended", retry_after_s=0.0)
+            self.budget.take(nbytes)
+            self.nbytes += nbytes
 
     def __enter__(self) -> Hold:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.budget.give(self.nbytes)
-        self.nbytes = 0
+        with self._lock:
+            self._ended = True
+            self.budget.give(self.nbytes)
+            self.nbytes = 0

@@ -59,6 +59,7 @@ class FamilyLimits:
         except ServiceError as exc:
             await respond(sending, error_reply(exc))
             return False
+        scope[HOLD] = hold  # a route counts what it unpacks from the body too (v1.py)
         replayed = False
         gone = asyncio.Event()
 
@@ -74,4 +75,5 @@ class FamilyLimits:
         return gone.is_set()
 
 
+HOLD = "migserve.hold"  # the scope key of the request's Hold
 FAMILY_ROUTES = ("/v1/face/analyze", "/v1/frontalize", "/v1/grounding", "/v1/lns/segment", "/v1/crowd/count")

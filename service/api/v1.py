@@ -37,6 +37,8 @@ from ..families import crowd, face, frontalize, grounding, lns, media
 from ..families.volume import read_volume
 from ..jobs import Job, Progress
 from ..repository import ModelEntry
+from .budget import Hold
+from .limits import HOLD
 from .schemas import (
     CrowdOptions,
     CrowdResult,
@@ -193,8 +195,11 @@ class FamilyEndpoints:
         upload = await read_upload(request, "volume")
         opts = options(LnsOptions, upload)
         organs, stations = self.lns_models()
-        limits = {"max_bytes": self.config.max_body_bytes * 4, "max_voxels": self.config.max_volume_voxels}
-        volume = await asyncio.to_thread(read_volume, require_file(upload, "volume"), **limits)
+        hold: Hold = request.scope[HOLD]  # what the volume unpacks to is counted with its body
+        data, config = require_file(upload, "volume"), self.config
+        volume = await asyncio.to_thread(
+            lambda: read_volume(data, max_bytes=config.max_body_bytes * 4, max_voxels=config.max_volume_voxels, unpacking=hold.add)
+        )
         _, total = lns.plan(volume, organs.contract, stations.contract, self.config.max_volume_voxels)
         as_job = opts.mode == "job" or (opts.mode == "auto" and total > self.config.job_min_tiles)
         deadline = time.monotonic() + self.config.job_timeout_s if as_job else self.deadline(request)

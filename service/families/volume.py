@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -24,6 +25,7 @@ from migserve.types import Array
 from ..errors import TooLarge, Unprocessable, UnsupportedMedia
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+UNPACK_STEP = 1 << 20  # a gzip is inflated this much at a time, each step counted as it comes
 
 
 @dataclass(frozen=True)
@@ -50,17 +52,20 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def read_volume(data: bytes, *, max_bytes: int, max_voxels: int) -> Volume:
+def read_volume(data: bytes, *, max_bytes: int, max_voxels: int, unpacking: Callable[[int], None] = lambda n: None) -> Volume:
+    """The volume in `data`. A gzip or zip is unpacked up to `max_bytes` (413 past it), and `unpacking` is told of
+    the bytes as they come: a gzip's a step of UNPACK_STEP at a time, a zip's all at once before it is read, from
+    its directory (service/api/v1.py counts them in --max-pending-mb; it raises to stop the unpacking)."""
     kind = sniff(data)
     if kind == "gzip":
-        data = _gunzip(data, max_bytes)
+        data = _gunzip(data, max_bytes, unpacking)
         if sniff(data) != "nifti":
             raise UnsupportedMedia("volume: a gzip file that does not hold a NIfTI image")
         kind = "nifti"
     if kind == "nifti":
         volume = _nifti(data, max_voxels)
     elif kind == "zip":
-        volume = _dicom_series(_zip_members(data, max_bytes))
+        volume = _dicom_series(_zip_members(data, max_bytes, unpacking))
     elif kind == "dicom":
         volume = _dicom_series([("upload", data)])
     else:
@@ -70,15 +75,18 @@ def read_volume(data: bytes, *, max_bytes: int, max_voxels: int) -> Volume:
     return volume
 
 
-def _gunzip(data: bytes, max_bytes: int) -> bytes:
+def _gunzip(data: bytes, max_bytes: int, unpacking: Callable[[int], None]) -> bytes:
+    out = bytearray()
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(data)) as fh:
-            out = fh.read(max_bytes + 1)
+            while len(out) <= max_bytes and (chunk := fh.read(min(UNPACK_STEP, max_bytes + 1 - len(out)))):
+                unpacking(len(chunk))
+                out += chunk
     except (OSError, EOFError) as exc:
         raise Unprocessable(f"volume: corrupt gzip data ({exc})") from None
     if len(out) > max_bytes:
         raise TooLarge(f"volume: decompresses to more than {max_bytes} bytes")
-    return out
+    return bytes(out)
 
 
 def _nifti(data: bytes, max_voxels: int) -> Volume:
@@ -109,12 +117,13 @@ def _nifti(data: bytes, max_voxels: int) -> Volume:
     return Volume(np.ascontiguousarray(array.transpose(2, 1, 0)), (zooms[2], zooms[1], zooms[0]), np.asarray(affine, float), "nifti")
 
 
-def _zip_members(data: bytes, max_bytes: int) -> list[tuple[str, bytes]]:
+def _zip_members(data: bytes, max_bytes: int, unpacking: Callable[[int], None]) -> list[tuple[str, bytes]]:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         infos = [i for i in archive.infolist() if not i.is_dir() and not i.filename.startswith("__MACOSX/")]
-        if sum(i.file_size for i in infos) > max_bytes:
+        if (size := sum(i.file_size for i in infos)) > max_bytes:
             raise TooLarge(f"volume: the zip unpacks to more than {max_bytes} bytes")
+        unpacking(size)  # zipfile reads no member past the size the directory gives it
         return [(i.filename, archive.read(i)) for i in infos]
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
         raise Unprocessable(f"volume: broken zip file ({exc})") from None

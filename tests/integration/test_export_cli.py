@@ -102,7 +102,7 @@ def test_skip_existing_keeps_only_the_export_it_would_write_again(tiny_repo: Exp
     model = repo / "face-pros"
     assert up_to_date(model, ExportRequest(name="face-pros")) is not None
     for other in (
-        ExportRequest(name="face-pros", size="small"),
+        ExportRequest(name="face-pros", size="paper"),
         ExportRequest(name="face-pros", seed=1),
         ExportRequest(name="face-pros", fp16=True),
         ExportRequest(name="face-pros", options={"expression_classes": "8"}),  # not in the contract: always redone

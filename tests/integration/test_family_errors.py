@@ -24,9 +24,9 @@ MR_TRUNCATED = pydicom_file("MR_truncated.dcm").read_bytes()
 FEATURES = npy(np.random.default_rng(0).standard_normal((40, 1024)).astype(np.float32))
 
 
-def _zip(name: str, data: bytes) -> bytes:
+def _zip(name: str, data: bytes, compression: int = zipfile.ZIP_STORED) -> bytes:
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
         archive.writestr(name, data)
     return buffer.getvalue()
 
@@ -157,10 +157,12 @@ def test_bad_input_disturbs_nothing_else(http: httpx.Client) -> None:
 
 @pytest.fixture(scope="module")
 def limited(tiny_repo: ExportedRepo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    """A gateway with small limits: 1 MiB bodies, 0.1 MP images, 0.5 M voxels, 100 KiB of finished jobs' results."""
+    """A gateway with small limits: 1 MiB bodies, 3 MiB of bodies held at once, 0.1 MP images, 0.5 M voxels, 100 KiB
+    of finished jobs' results."""
     log = tmp_path_factory.mktemp("limited") / "serve.log"
     args = ("--cpu-slices", "1", "--models", "crowd-csrnet", "lns-organs", "lns-stations")
-    limits = ("--max-body-mb", "1", "--max-image-mp", "0.1", "--max-volume-mvox", "0.5", "--job-results-mb", "0.1")
+    limits = ("--max-body-mb", "1", "--max-pending-mb", "3", "--max-image-mp", "0.1", "--max-volume-mvox", "0.5")
+    limits += ("--job-results-mb", "0.1")
     server = Gateway(tiny_repo.root, *args, *limits, log=log)
     with httpx.Client(base_url=f"http://{server.url}", timeout=60) as client:
         yield client
@@ -180,6 +182,22 @@ def test_over_the_limits_answers_413(limited: httpx.Client) -> None:
     )
     assert streamed.status_code == 413
     assert limited.post("/v1/crowd/count", files={"image": ("face.png", PNG)}).status_code == 200
+
+
+def test_what_a_volume_unpacks_to_is_held_within_the_pending_budget(limited: httpx.Client) -> None:
+    """A gzipped or zipped volume of a few KB may unpack to 4x --max-body-mb; what it unpacks to is counted with the
+    bodies the gateway holds (--max-pending-mb, 3 MiB here), so a handful of them at once cannot take its memory."""
+    ct = np.zeros((80, 80, 70))  # float64: 3.6 MB unpacked, within the 4 MiB a volume may unpack to; 0.45 M voxels
+    packed = {"gzip": ("ct.nii.gz", nifti_gz(ct, np.eye(4))), "zip": ("series.zip", _zip("a.dcm", b"\0" * 3_500_000, zipfile.ZIP_DEFLATED))}
+    for kind, (name, data) in packed.items():
+        assert len(data) < 100_000, kind
+        answer = limited.post("/v1/lns/segment", files={"volume": (name, data)}, data={"mode": "sync"})
+        assert answer.status_code == 503 and "--max-pending-mb 3" in answer.json()["error"], (kind, answer.text)
+        assert answer.headers["retry-after"] == "1"
+    held = [line for line in limited.get("/metrics").text.splitlines() if line.startswith("migserve_request_body_bytes ")]
+    assert held == ["migserve_request_body_bytes 0.0"], "what the refused volumes unpacked was given back"
+    small = nifti_gz(np.zeros((40, 40, 20), np.int16), np.diag([4.0, 4.0, 4.0, 1.0]))
+    assert limited.post("/v1/lns/segment", files={"volume": ("ct.nii.gz", small)}, data={"mode": "sync"}).status_code == 200
 
 
 def test_other_models_are_not_found(limited: httpx.Client) -> None:

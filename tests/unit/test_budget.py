@@ -4,11 +4,12 @@ and the columns that hold each model's queue length (service/shared.py)."""
 from __future__ import annotations
 
 import multiprocessing as mp
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 
 import pytest
 
-from service.api.budget import BodyBudget
+from service.api.budget import BodyBudget, Hold
 from service.errors import Unavailable
 from service.shared import BODIES, SharedCounts
 
@@ -98,3 +99,24 @@ def test_each_model_counts_in_a_column_of_its_own_and_a_dead_process_s_row_is_em
     front_end.learn("added-later", 3)
     front_end.learn("one-too-many", None)
     assert front_end.columns == {"crowd-csrnet": 1, "face-pros": 2, "added-later": 3}
+
+
+def test_threads_counting_at_once_lose_no_count_and_nothing_is_taken_after_the_request_ends() -> None:
+    """A volume is unpacked on a thread and counted as it grows, while the event loop takes and gives for others;
+    a thread still unpacking for a request whose client hung up (its Hold ended) takes nothing more."""
+    budget = BodyBudget(10**9)
+    holds = [Hold(budget) for _ in range(8)]
+
+    def count(hold: Hold) -> None:
+        for _ in range(20_000):
+            hold.add(1)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(count, holds))
+    assert budget.held == 8 * 20_000
+    for hold in holds:
+        hold.__exit__(None, None, None)
+    assert budget.held == 0
+    with pytest.raises(Unavailable, match="the request has ended"):
+        holds[0].add(1)
+    assert budget.held == 0

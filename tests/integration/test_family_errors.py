@@ -161,8 +161,7 @@ def limited(tiny_repo: ExportedRepo, tmp_path_factory: pytest.TempPathFactory) -
     of finished jobs' results."""
     log = tmp_path_factory.mktemp("limited") / "serve.log"
     args = ("--cpu-slices", "1", "--models", "crowd-csrnet", "lns-organs", "lns-stations")
-    limits = ("--max-body-mb", "1", "--max-pending-mb", "3", "--max-image-mp", "0.1", "--max-volume-mvox", "0.5")
-    limits += ("--job-results-mb", "0.1")
+    limits = ("--max-body-mb", "1", "--max-pending-mb", "3", "--max-image-mp", "0.1", "--max-volume-mvox", "0.5", "--job-results-mb", "0.1")
     server = Gateway(tiny_repo.root, *args, *limits, log=log)
     with httpx.Client(base_url=f"http://{server.url}", timeout=60) as client:
         yield client

@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import queue
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -108,6 +109,9 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     if args.jobs < 0:
         print(f"error: --jobs {args.jobs}: give 1 or more, or 0 for one per usable core", file=err)
         return 2
+    if (unwritable := _unwritable(args.out)) is not None:  # before minutes of exports, not after them
+        print(f"error: cannot write to {args.out}: {unwritable}", file=err)
+        return 1
     work: list[tuple[str, ExportRequest]] = []
     for i, name in enumerate(names, 1):
         prefix = f"[{i:>2}/{len(names)}] {name} ({args.size})"
@@ -214,6 +218,16 @@ def _in_processes(work: list[tuple[str, ExportRequest]], jobs: int, threads: int
             print(f"{prefix}: FAILED: {reason}", file=err, flush=True)
             outcomes.append(reason)
     return outcomes
+
+
+def _unwritable(out: Path) -> str | None:
+    """Why nothing can be written into `out` (made if need be), or None."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def up_to_date(model_dir: Path, request: ExportRequest) -> Contract | None:

@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 
 from exporters import zoo
 from exporters.cli import up_to_date
-from exporters.errors import ParityFailed
+from exporters.errors import OutputError, ParityFailed
 from exporters.parity import run_torch
-from exporters.pipeline import ExportRequest, export_model
+from exporters.pipeline import ExportRequest, export_model, write_model_dir
 from migserve.contract import read_contract, sha256_file
 from tests.helpers import ExportedRepo, migserve
 
@@ -52,13 +52,16 @@ def test_checkpoint_of_another_model_names_the_keys(tmp_path: Path) -> None:
     assert "unexpected" in run.stderr and "blocks.0.attn.qkv.weight" in run.stderr
 
 
-def test_unwritable_output(tmp_path: Path) -> None:
+def test_unwritable_output(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    run = migserve("export", "--model", "frontalize-dalgan", "--out", blocker / "repo")
+    run = migserve("export", "--all", "--out", blocker / "repo")
     assert run.returncode == 1
-    assert f"cannot write to {blocker / 'repo'}" in run.stderr
-    assert "Traceback" not in run.stderr
+    assert run.stderr.splitlines() == [f"error: cannot write to {blocker / 'repo'}: Not a directory"], "said before any export"
+    # an output that stops being writable during the exports: the model's write fails the same way, and leaves nothing
+    proto = onnx.load(str(tiny_repo.root / "crowd-csrnet" / "1" / "model.onnx"))
+    with pytest.raises(OutputError, match=f"cannot write to {blocker / 'repo'}: Not a directory"):
+        write_model_dir(blocker / "repo", "crowd-csrnet", proto, lambda _: read_contract(tiny_repo.root / "crowd-csrnet"), {})
 
 
 def test_parity_failure_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

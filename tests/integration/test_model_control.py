@@ -19,15 +19,17 @@ from pathlib import Path
 import grpc
 import httpx
 import numpy as np
+import onnx
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from onnx import numpy_helper
 from tritonclient.utils import InferenceServerException
 
-from migserve.contract import read_contract
+from migserve.contract import read_contract, sha256_file, write_contract
 from migserve.types import Array
 from service.placement import MEMORY_FACTOR
-from tests.helpers import ExportedRepo, Gateway, migserve, with_http_client
+from tests.helpers import ExportedRepo, Gateway, with_http_client
 from tests.integration.test_gateway_protocol import direct, grpc_inputs, make_inputs, triton_inputs
 
 MODELS = ("crowd-csrnet", "face-pros", "lns-organs")
@@ -225,6 +227,21 @@ def test_load_and_unload_over_grpc(server: Gateway, repo: Path) -> None:
     assert caught.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT) and "no such model" in str(caught.value.message())
 
 
+def _retrained(source: Path, target: Path, extra_weights: int) -> Path:
+    """A new version of an exported model, as a re-export after training would be, without the minutes of an export:
+    other values in its patch embedding (other answers) and `extra_weights` bytes of weights more (a larger model
+    file), with its contract's sha256."""
+    shutil.copytree(source, target)
+    model = onnx.load(str(target / "1" / "model.onnx"))
+    (patches,) = (t for t in model.graph.initializer if t.name == "patch_embed.proj.weight")
+    patches.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(patches) * np.float32(1.5), patches.name))
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(extra_weights // 4, np.float32), "unused_weights"))
+    onnx.save(model, str(target / "1" / "model.onnx"))
+    contract = read_contract(target)
+    write_contract(target, contract.model_copy(update={"model_sha256": sha256_file(target / "1" / "model.onnx")}))
+    return target
+
+
 def test_a_reload_that_no_longer_fits_a_partition_drops_the_old_version_there(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
     """cpu-b has memory for face-pros as exported, not for a deeper version: after the reload only cpu-a runs the
     model, and every answer, whichever front-end process or partition would have taken it, is the new version's."""
@@ -237,16 +254,14 @@ def test_a_reload_that_no_longer_fits_a_partition_drops_the_old_version_there(ti
         "  - {id: cpu-a, kind: cpu, cores: [0]}\n"
         f"  - {{id: cpu-b, kind: cpu, cores: [1], memory_bytes: {small * MEMORY_FACTOR + 4096}}}\n"
     )
-    deeper = tmp_path / "deeper"
-    run = migserve("export", "--model", "face-pros", "--size", "tiny", "--set", "face-pros.depth=6", "--seed", "1", "--out", deeper)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert (deeper / "face-pros" / "1" / "model.onnx").stat().st_size * MEMORY_FACTOR > small * MEMORY_FACTOR + 4096
+    deeper = _retrained(tiny_repo.root / "face-pros", tmp_path / "deeper" / "face-pros", extra_weights=small // 4)
+    assert (deeper / "1" / "model.onnx").stat().st_size * MEMORY_FACTOR > small * MEMORY_FACTOR + 4096
     flags = ("--topology", str(topology), "--frontends", "2", "--model-control-mode", "explicit", "--models", "face-pros")
     server = Gateway(repo, *flags, log=tmp_path / "serve.log")
     try:
         assert _placed(server.url) == [["face-pros"], ["face-pros"]]
         shutil.rmtree(repo / "face-pros")
-        shutil.copytree(deeper / "face-pros", repo / "face-pros")
+        shutil.copytree(deeper, repo / "face-pros")
         with_http_client(server.url, lambda c: c.load_model("face-pros"))
         assert _placed(server.url) == [["face-pros"], []], "cpu-b no longer runs the model"
         sent = [make_inputs(read_contract(repo / "face-pros"), 1, seed=i) for i in range(32)]

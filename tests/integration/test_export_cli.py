@@ -17,6 +17,7 @@ from exporters.cli import up_to_date
 from exporters.errors import OutputError, ParityFailed
 from exporters.parity import run_torch
 from exporters.pipeline import ExportRequest, export_model, write_model_dir
+from exporters.triton import PYTHON_MODEL
 from migserve.contract import read_contract, sha256_file
 from tests.helpers import ExportedRepo, migserve
 
@@ -136,11 +137,15 @@ def test_fp16_keeps_fp32_io_and_records_it(tmp_path: Path) -> None:
 
 
 def test_options_change_the_exported_graph(tmp_path: Path) -> None:
-    run = migserve("export", "--model", "face-pros", "--set", "face-pros.expression_classes=8", "--out", tmp_path)
+    args = ("--set", "face-pros.expression_classes=8", "--triton-backend", "python", "--out", tmp_path)
+    run = migserve("export", "--model", "face-pros", *args)
     assert run.returncode == 0, run.stderr
     contract = read_contract(tmp_path / "face-pros")
     assert contract.output("expression").shape == ("batch", 8)
     assert contract.postprocessing.expression_labels[-1] == "Contempt"  # type: ignore[union-attr]
+    # exported as a python-backend twin (the Triton tests switch the tiny repo's exports to twins instead)
+    assert 'backend: "python"' in (tmp_path / "face-pros" / "config.pbtxt").read_text()
+    assert (tmp_path / "face-pros" / "1" / "model.py").read_text() == PYTHON_MODEL.read_text()
 
 
 def test_failed_re_export_keeps_the_good_model(tmp_path: Path) -> None:

@@ -9,12 +9,14 @@ pointed at empty folders, a process that left telemetry on leaves them there.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
 
+from exporters.triton import switch_backend
 from migserve.contract import read_contract
 from tests.helpers import ROOT, ExportedRepo, Gateway
 from tests.integration.test_gateway_protocol import make_inputs, triton_inputs
@@ -66,13 +68,13 @@ def test_exporting_and_serving_write_no_onnxruntime_telemetry(tiny_repo: Exporte
     assert _telemetry(folders) == []
 
 
-def test_a_triton_python_backend_twin_writes_no_onnxruntime_telemetry(tmp_path: Path) -> None:
+def test_a_triton_python_backend_twin_writes_no_onnxruntime_telemetry(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
     # The twin's model.py runs in Triton's stub, which migserve's package never reaches: it opts out itself.
     import tritonclient.http as httpclient
 
     repo = tmp_path / "repo"
-    export = [sys.executable, "-m", "migserve", "export", "--model", "crowd-csrnet", "--triton-backend", "python", "--out", str(repo)]
-    subprocess.run(export, cwd=ROOT, check=True, capture_output=True)
+    shutil.copytree(tiny_repo.root / "crowd-csrnet", repo / "crowd-csrnet")
+    assert switch_backend(repo / "crowd-csrnet", read_contract(repo / "crowd-csrnet"), "python")  # as export writes twins
     server = TritonServer(repo, tmp_path, log=tmp_path / "triton.log")
     server.start()
     try:

@@ -263,8 +263,10 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             trace_file=args.trace_file,
             frontends=args.frontends,
         )
-        if config.grpc_port is not None and listening is None:  # with front-ends the port is held already
-            _check_port(config.host, config.grpc_port, "--grpc-port")
+        if listening is None:  # with front-ends the ports are held already; uvicorn binds only once the workers are up
+            _check_port(config.host, config.port, "--port")
+            if config.grpc_port is not None:
+                _check_port(config.host, config.grpc_port, "--grpc-port")
         app = create_app(config)
     except ValidationError as exc:  # a ValueError too, but its text is a multi-line report
         first = exc.errors()[0]

@@ -87,6 +87,7 @@ def test_export_without_torch_says_how_to_install_it() -> None:
         (["--cpu-slices", "64,64"], "--cpu-slices 64,64 needs 128 cores"),
         (["--preferred-batch-sizes", "4,0"], "--preferred-batch-sizes '4,0': expected batch sizes of 1 or more, comma-separated"),
         (["--topology", "/nonexistent.yaml"], "cannot read topology /nonexistent.yaml"),
+        (["--port", "HELD"], "--port HELD: cannot listen on 127.0.0.1:HELD: Address already in use"),
         (["--grpc-port", "HELD"], "cannot listen on 127.0.0.1:HELD: Address already in use"),
         (["--max-pending-mb", "100"], "error: --max-pending-mb 100 is below --max-body-mb 256: a request of the largest"),
         (["--queue-capacity", "0"], "error: queue_capacity: Input should be greater than or equal to 1"),
@@ -100,6 +101,7 @@ def test_serve_start_up_errors_are_one_line(args: list[str], message: str, tmp_p
     port = str(held.getsockname()[1])
     args, message = [a.replace("HELD", port) for a in args], message.replace("HELD", port)
     argv = ["serve", *(["--model-repo", str(repo)] if "--model-repo" not in args else []), *args]
+    argv += ["--port", "0"] if "--port" not in args else []  # not 8000, which something on the host may hold
     with held:
         proc = subprocess.run([sys.executable, "-m", "migserve", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2

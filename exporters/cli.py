@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--skip-existing",
         action="store_true",
         help="skip models whose directory already holds an intact export of the same size, precision, seed or checkpoint "
-        "(only its config.pbtxt is rewritten where --triton-backend differs); exports with --option are always redone",
+        "(only its config.pbtxt is rewritten where --triton-backend differs); exports with --set are always redone",
     )
     parser.add_argument(
         "--jobs",
@@ -233,7 +233,7 @@ def _unwritable(out: Path) -> str | None:
 def up_to_date(model_dir: Path, request: ExportRequest) -> Contract | None:
     """The contract of a complete export that the request would write again (same size, precision, and seed or
     checkpoint) and whose model.onnx still has the contract's sha256; None where the model must be exported. An
-    export with --option is always redone: contracts do not record options."""
+    export with --set is always redone: contracts do not record options."""
     try:
         contract = read_contract(model_dir)
         made = contract.provenance

@@ -217,14 +217,16 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
     listening = reserved = None
     grpc_port = args.grpc_port
     try:
+        # Refused at once, not once the workers are up (uvicorn and gRPC bind only then); with front-ends free first
+        # too: SO_REUSEPORT alone would share a port with another server that set it too (Triton does).
+        _check_port(args.host, args.port, "--port")
+        if grpc_port is not None:
+            _check_port(args.host, grpc_port, "--grpc-port")
         if args.frontends > 1:
             if args.http_server != "migserve":
                 raise ValueError("--frontends above 1 needs --http-server migserve: front-end processes read requests off the socket")
-            # Free first: SO_REUSEPORT alone would share a port with another server that set it too (Triton does).
-            _check_port(args.host, args.port, "--port")
             listening = _reuse_port(args.host, args.port)
             if grpc_port is not None:  # every front-end binds the same gRPC port: --grpc-port 0 is chosen once, here
-                _check_port(args.host, grpc_port, "--grpc-port")
                 reserved = _reuse_port(args.host, grpc_port, "--grpc-port", listen=False)
                 grpc_port = reserved.getsockname()[1]  # held, never listening (no connection lands on it), until exit
         max_body = int(args.max_body_mb * (1 << 20))
@@ -263,10 +265,6 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             trace_file=args.trace_file,
             frontends=args.frontends,
         )
-        if listening is None:  # with front-ends the ports are held already; uvicorn binds only once the workers are up
-            _check_port(config.host, config.port, "--port")
-            if config.grpc_port is not None:
-                _check_port(config.host, config.grpc_port, "--grpc-port")
         app = create_app(config)
     except ValidationError as exc:  # a ValueError too, but its text is a multi-line report
         first = exc.errors()[0]

@@ -76,17 +76,17 @@ def read_volume(data: bytes, *, max_bytes: int, max_voxels: int, unpacking: Call
 
 
 def _gunzip(data: bytes, max_bytes: int, unpacking: Callable[[int], None]) -> bytes:
-    out = bytearray()
+    out = io.BytesIO()  # its getvalue() hands over the bytes it grew, where a bytearray's would be copied once more
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(data)) as fh:
-            while len(out) <= max_bytes and (chunk := fh.read(min(UNPACK_STEP, max_bytes + 1 - len(out)))):
+            while out.tell() <= max_bytes and (chunk := fh.read(min(UNPACK_STEP, max_bytes + 1 - out.tell()))):
                 unpacking(len(chunk))
-                out += chunk
+                out.write(chunk)
     except (OSError, EOFError) as exc:
         raise Unprocessable(f"volume: corrupt gzip data ({exc})") from None
-    if len(out) > max_bytes:
+    if out.tell() > max_bytes:
         raise TooLarge(f"volume: decompresses to more than {max_bytes} bytes")
-    return bytes(out)
+    return out.getvalue()
 
 
 def _nifti(data: bytes, max_voxels: int) -> Volume:

@@ -132,3 +132,15 @@ def _memory_limit(folder: Path, version: int) -> float | None:
         limit = int((folder / "memory.limit_in_bytes").read_text())
         return None if limit >= UNLIMITED_V1_MEMORY else limit
     return None
+
+
+def memory_available(root: Path = Path("/")) -> int | None:
+    """Bytes the host can give without swapping (/proc/meminfo's MemAvailable: free memory and the page cache it can
+    drop); None where it cannot be read."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in (root / "proc/meminfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name == "MemAvailable":
+                number, *unit = value.split()
+                return int(number) * (1024 if unit == ["kB"] else 1)
+    return None

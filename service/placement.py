@@ -1,9 +1,20 @@
-"""Which models run on which partitions: every model everywhere, bounded by partition memory."""
+"""Which models run on which partitions: every model everywhere, bounded by memory.
+
+A GPU or MIG partition has memory of its own (NVML says how much, or a topology file): the models placed on it must
+fit in it. CPU slices share the host's: what the gateway's cgroup may use (docker --memory, a Kubernetes memory limit)
+or, with no limit, what the host has available at start, less the request bodies the gateway may hold
+(--max-pending-mb). There each model gets one replica before any gets a second, on the slice with the least placed,
+so memory too small for every model on every slice still serves each model somewhere before it replicates any. A
+model that fits nowhere is not served, saying why. Triton partitions serve their own models: nothing bounds them here.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+from .cgroups import memory_available, memory_limit
 from .partitions import Partition, PartitionKind
 from .repository import ModelEntry
 from .workers.protocol import ModelSpec
@@ -11,6 +22,34 @@ from .workers.protocol import ModelSpec
 # A session needs its weights plus activations and workspace; 4x the file is a
 # conservative rule of thumb for these models at their max batch.
 MEMORY_FACTOR = 4
+MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class SharedMemory:
+    """The memory the models on CPU slices share, and where the figure comes from, for messages."""
+
+    bytes: int
+    source: str
+
+    @classmethod
+    def of_host(cls, pending_bytes: int, root: Path = Path("/")) -> SharedMemory | None:
+        """The cgroup's memory limit, else the host's available memory, less `pending_bytes` of request bodies; None
+        where neither can be read (nothing bounds the slices then)."""
+        limit = memory_limit(root)
+        if limit is not None:
+            whence = f"the cgroup's memory limit of {limit / MB:.0f} MB"
+        elif (available := memory_available(root)) is not None:
+            limit, whence = available, f"the {available / MB:.0f} MB the host had available at start"
+        else:
+            return None
+        return cls(max(limit - pending_bytes, 0), f"{whence}, less --max-pending-mb {pending_bytes / MB:g} for request bodies")
+
+
+@dataclass(frozen=True)
+class Placement:
+    by_partition: dict[str, dict[str, ModelSpec]]  # partition id -> {model: its spec}
+    left_off: dict[str, str]  # models placed on no partition -> why
 
 
 def model_spec(entry: ModelEntry) -> ModelSpec:
@@ -29,34 +68,80 @@ def model_spec(entry: ModelEntry) -> ModelSpec:
     )
 
 
-def place(partitions: list[Partition], models: dict[str, ModelEntry]) -> dict[str, dict[str, ModelSpec]]:
-    """partition id -> {model: its spec}; models that do not fit are left off that partition."""
-    placement: dict[str, dict[str, ModelSpec]] = {}
-    for partition in partitions:
-        budget = partition.memory_bytes
-        chosen: dict[str, ModelSpec] = {}
-        for name, entry in sorted(models.items(), key=lambda kv: kv[1].model_path.stat().st_size):
-            need = entry.model_path.stat().st_size * MEMORY_FACTOR
-            if budget is not None:
-                if need > budget:
-                    continue
-                budget -= need
-            chosen[name] = model_spec(entry)
-        placement[partition.id] = chosen
-    return placement
+def footprint(path: str | Path) -> int:
+    """Bytes a session of this model file is taken to need."""
+    return Path(path).stat().st_size * MEMORY_FACTOR
 
 
-def place_one(partitions: list[Partition], placement: dict[str, dict[str, ModelSpec]], entry: ModelEntry) -> dict[str, ModelSpec]:
-    """Where a model loaded at run time goes: every local partition with memory left beside what is placed there
-    (the model's own older placement not counted: a reload replaces it). Triton partitions serve their own models."""
-    name, need = entry.contract.name, entry.model_path.stat().st_size * MEMORY_FACTOR
-    chosen: dict[str, ModelSpec] = {}
+def place(partitions: list[Partition], models: Mapping[str, ModelEntry], shared: SharedMemory | None = None) -> Placement:
+    """Every model on every partition with memory for it, smallest first; on CPU slices within `shared` (if given)."""
+    need = {name: footprint(entry.model_path) for name, entry in models.items()}
+    order = sorted(models, key=lambda name: (need[name], name))
+    placed: dict[str, dict[str, ModelSpec]] = {p.id: {} for p in partitions}
+    pooled = _pooled(partitions, shared)
     for partition in partitions:
-        if partition.kind is PartitionKind.TRITON:
-            continue
-        if partition.memory_bytes is not None:
-            used = sum(Path(s.path).stat().st_size * MEMORY_FACTOR for m, s in placement.get(partition.id, {}).items() if m != name)
-            if used + need > partition.memory_bytes:
-                continue
-        chosen[partition.id] = model_spec(entry)
+        if partition not in pooled:
+            for name in order:
+                if need[name] <= _room(partition, placed[partition.id].values()):
+                    placed[partition.id][name] = model_spec(models[name])
+    left = shared.bytes if shared is not None else 0
+    for _ in pooled:  # each round gives each model one more replica, while the shared memory lasts
+        for name in order:
+            slices = [p for p in pooled if name not in placed[p.id] and need[name] <= _room(p, placed[p.id].values())]
+            if slices and need[name] <= left:
+                target = min(slices, key=lambda p: _used(placed[p.id].values()))
+                placed[target.id][name] = model_spec(models[name])
+                left -= need[name]
+    nowhere = [name for name in order if not any(name in there for there in placed.values())]
+    return Placement(placed, {name: why_nowhere(partitions, placed, need[name], shared, name) for name in nowhere})
+
+
+def place_one(
+    partitions: list[Partition], placement: dict[str, dict[str, ModelSpec]], entry: ModelEntry, shared: SharedMemory | None = None
+) -> dict[str, ModelSpec]:
+    """Where a model loaded at run time goes: every local partition with memory left beside what is placed there (the
+    model's own older placement not counted: a reload replaces it), on CPU slices as many as `shared` has room for.
+    Triton partitions serve their own models."""
+    name, need = entry.contract.name, footprint(entry.model_path)
+    others = {p.id: [s for m, s in placement.get(p.id, {}).items() if m != name] for p in partitions}
+    pooled = _pooled(partitions, shared)
+    chosen = {
+        p.id: model_spec(entry)
+        for p in partitions
+        if p.kind is not PartitionKind.TRITON and p not in pooled and need <= _room(p, others[p.id])
+    }
+    left = (shared.bytes if shared is not None else 0) - sum(_used(others[p.id]) for p in pooled)
+    for partition in sorted(pooled, key=lambda p: _used(others[p.id])):
+        if need <= min(left, _room(partition, others[partition.id])):
+            chosen[partition.id] = model_spec(entry)
+            left -= need
     return chosen
+
+
+def why_nowhere(
+    partitions: list[Partition], placement: Mapping[str, Mapping[str, ModelSpec]], need: int, shared: SharedMemory | None, name: str
+) -> str:
+    """Why a model that needs `need` bytes is on no partition: what each kind of partition has left beside the others."""
+    others = {p.id: [s for m, s in placement.get(p.id, {}).items() if m != name] for p in partitions}
+    pooled = _pooled(partitions, shared)
+    rooms = [_room(p, others[p.id]) for p in partitions if p.kind is not PartitionKind.TRITON and p not in pooled]
+    why = f"it needs about {need / MB:.1f} MB of memory ({MEMORY_FACTOR}x its model.onnx)"
+    if rooms:
+        why += f"; the most any partition has left of its own memory is {max(rooms) / MB:.1f} MB"
+    if pooled and shared is not None:
+        left = shared.bytes - sum(_used(others[p.id]) for p in pooled)
+        why += f"; the CPU slices' models share {shared.bytes / MB:.0f} MB ({shared.source}), {left / MB:.1f} MB of it left"
+    return why
+
+
+def _pooled(partitions: list[Partition], shared: SharedMemory | None) -> list[Partition]:
+    return [p for p in partitions if p.kind is PartitionKind.CPU] if shared is not None else []
+
+
+def _used(specs: Iterable[ModelSpec]) -> int:
+    return sum(footprint(s.path) for s in specs)
+
+
+def _room(partition: Partition, specs: Iterable[ModelSpec]) -> float:
+    """Bytes left on a partition of its own memory (a GPU's, or one a topology file declares); unbounded without."""
+    return float("inf") if partition.memory_bytes is None else partition.memory_bytes - _used(specs)

@@ -37,7 +37,7 @@ from ..jobs import JobStore
 from ..logsettings import LogSettings
 from ..metrics import Metrics
 from ..partitions import Partition, PartitionKind, discover, memory_used
-from ..placement import place, place_one
+from ..placement import SharedMemory, footprint, place, place_one, why_nowhere
 from ..regions import Regions
 from ..repository import ModelEntry, RepositoryError, load_model, load_repository
 from ..shared import Published, SharedCounts
@@ -88,6 +88,7 @@ class Gateway:
     index: int = 0  # this process's front-end index (0: the first process)
     start_error: str | None = None  # why start() failed, for uvicorn to log in one line (fastpath.InferFastPath)
     tracer: Tracer = field(init=False)  # Triton's trace extension; the first process writes every process's traces
+    cpu_memory: SharedMemory | None = None  # what the models on CPU slices share (service/placement.py)
     _syncing: asyncio.Task[None] | None = None  # with front-ends and a trace file: their settings and traces, each second
 
     def __post_init__(self) -> None:
@@ -106,7 +107,12 @@ class Gateway:
             raise UnknownModel(f"models not in {config.model_repo}: {missing}")
         if not models:
             raise UnknownModel(f"no servable models in {config.model_repo}; run: migserve export --all --out {config.model_repo}")
-        placement = place(partitions, models)
+        cpu_memory = SharedMemory.of_host(config.max_pending_bytes) if any(p.kind is PartitionKind.CPU for p in partitions) else None
+        placed = place(partitions, models, cpu_memory)
+        if placed.left_off and len(placed.left_off) == len(models):
+            raise ServiceError(f"no model fits in memory: {'; '.join(f'{n}: {why}' for n, why in placed.left_off.items())}")
+        placement, models = placed.by_partition, {n: e for n, e in models.items() if n not in placed.left_off}
+        _log_placement_bounds(partitions, placement, placed.left_off, cpu_memory)
         directory = run_dir() if config.frontends > 1 else None
         sockets = {
             p.id: str(directory / f"worker-{i}.sock") for i, p in enumerate(partitions) if directory and p.kind is not PartitionKind.TRITON
@@ -126,7 +132,7 @@ class Gateway:
             hang_s=config.worker_hang_s,
         )
         left_out = {name: "not served: the gateway was started with --models naming others" for name in repo.models if name not in models}
-        not_served = repo.refused | left_out
+        not_served = repo.refused | left_out | placed.left_off
         frontends = shared = None
         if directory is not None:
             shared = SharedCounts(config.frontends, repo.models.keys() | repo.refused.keys())
@@ -150,7 +156,9 @@ class Gateway:
                 shared,
                 grpc_socket,
             )
-        return cls(config, models, partitions, placement, backend, not_served=not_served, frontends=frontends, shared=shared)
+        return cls(
+            config, models, partitions, placement, backend, not_served=not_served, frontends=frontends, shared=shared, cpu_memory=cpu_memory
+        )
 
     async def start(self) -> None:
         await self.backend.start()
@@ -301,9 +309,9 @@ class Gateway:
                 if name not in self.models:  # a served model serves on from its old files
                     self.not_served[name] = str(exc)
                 raise BadRequest(f"failed to load '{name}': {exc}") from None
-            specs = place_one(self.partitions, self.placement, entry)
+            specs = place_one(self.partitions, self.placement, entry, self.cpu_memory)
             if not specs:
-                self.not_served[name] = "no local partition has memory for it"
+                self.not_served[name] = why_nowhere(self.partitions, self.placement, footprint(entry.model_path), self.cpu_memory, name)
                 raise BadRequest(f"failed to load '{name}': {self.not_served[name]}")
             outcome = await self.backend.load_model(specs)  # a served model is swapped in place, between batches
             loaded = {pid: specs[pid] for pid, why in outcome.items() if why is None}
@@ -372,6 +380,8 @@ class Gateway:
 
     def entry(self, name: str) -> ModelEntry:
         if name not in self.models:
+            if (why := self.not_served.get(name)) is not None:
+                raise UnknownModel(f"unknown model {name!r}: it is in the repository but not served: {why}")
             raise UnknownModel(f"unknown model {name!r}; served: {', '.join(sorted(self.models))}")
         return self.models[name]
 
@@ -613,7 +623,18 @@ class Gateway:
     async def partitions_document(self) -> dict[str, Any]:
         """GET /v1/partitions: the partitions, and the other front-end processes with their latest counts."""
         await self.refresh_frontends()
-        return {"partitions": self.partitions_view(), "frontends": self.frontends.view() if self.frontends is not None else []}
+        return {
+            "partitions": self.partitions_view(),
+            "frontends": self.frontends.view() if self.frontends is not None else [],
+            "cpu_models_memory": self._cpu_models_memory(),
+        }
+
+    def _cpu_models_memory(self) -> dict[str, Any] | None:
+        """What the models on CPU slices share (service/placement.py), and how much of it those placed take."""
+        if self.cpu_memory is None:
+            return None
+        placed = [s for p in self.partitions if p.kind is PartitionKind.CPU for s in self.placement.get(p.id, {}).values()]
+        return {"bytes": self.cpu_memory.bytes, "placed_bytes": sum(footprint(s.path) for s in placed), "source": self.cpu_memory.source}
 
     def partitions_view(self) -> list[dict[str, Any]]:
         view = []
@@ -655,6 +676,28 @@ async def _await_until(pending: Pending, name: str, timeout: float) -> dict[str,
 
 
 SCHEDULING = {os.SCHED_OTHER: "normal", os.SCHED_BATCH: "batch", os.SCHED_IDLE: "idle"}
+
+
+def _log_placement_bounds(
+    partitions: list[Partition], placement: dict[str, dict[str, ModelSpec]], left_off: dict[str, str], cpu_memory: SharedMemory | None
+) -> None:
+    """Warnings where memory kept models off partitions: those served nowhere, and those on fewer CPU slices than all."""
+    for name, why in left_off.items():
+        logger.warning("model %s is not served: %s", name, why)
+    slices = [p.id for p in partitions if p.kind is PartitionKind.CPU]
+    fewer = {
+        n: k
+        for n in sorted({m for pid in slices for m in placement[pid]})
+        if (k := sum(n in placement[pid] for pid in slices)) < len(slices)
+    }
+    if cpu_memory is not None and fewer:
+        logger.warning(
+            "the models on the %d CPU slices share %.0f MB of memory (%s): %s",
+            len(slices),
+            cpu_memory.bytes / MB,
+            cpu_memory.source,
+            ", ".join(f"{name} runs on {k}" for name, k in fewer.items()),
+        )
 
 
 def _scheduling(pid: int | None) -> str | None:

@@ -1,11 +1,17 @@
-"""Placement of the real exported models on partitions of bounded memory."""
+"""Placement of the real exported models on partitions of bounded memory (service/placement.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from service.partitions import Partition, PartitionKind
-from service.placement import MEMORY_FACTOR, place
+from service.placement import MB, MEMORY_FACTOR, SharedMemory, model_spec, place, place_one
 from service.repository import load_repository
 from tests.helpers import ExportedRepo
+
+
+def _slices(n: int) -> list[Partition]:
+    return [Partition(id=f"cpu-{i}", kind=PartitionKind.CPU, cores=(i,)) for i in range(n)]
 
 
 def test_every_model_everywhere_unless_memory_runs_out(tiny_repo: ExportedRepo) -> None:
@@ -16,10 +22,79 @@ def test_every_model_everywhere_unless_memory_runs_out(tiny_repo: ExportedRepo) 
         Partition(id="mig-0-0", kind=PartitionKind.MIG, device="MIG-a", memory_bytes=budget),
         Partition(id="cpu-0", kind=PartitionKind.CPU, cores=(0,)),
     ]
-    placement = place(partitions, models)
-    assert sorted(placement["cpu-0"]) == sorted(models)
-    assert sorted(placement["mig-0-0"]) == sorted(sorted(sizes, key=sizes.__getitem__)[:3])
-    assert sum(sizes[m] for m in placement["mig-0-0"]) <= budget
-    spec = placement["cpu-0"]["crowd-csrnet"]
+    placed = place(partitions, models)
+    assert sorted(placed.by_partition["cpu-0"]) == sorted(models) and placed.left_off == {}
+    assert sorted(placed.by_partition["mig-0-0"]) == sorted(sorted(sizes, key=sizes.__getitem__)[:3])
+    assert sum(sizes[m] for m in placed.by_partition["mig-0-0"]) <= budget
+    spec = placed.by_partition["cpu-0"]["crowd-csrnet"]
     assert spec.path.endswith("crowd-csrnet/1/model.onnx") and spec.sha256 == models["crowd-csrnet"].contract.model_sha256
     assert spec.warmup == {"image": ((1, 3, 256, 256), "float32")}
+
+
+def test_cpu_slices_share_memory_each_model_once_before_any_twice(tiny_repo: ExportedRepo) -> None:
+    models = load_repository(tiny_repo.root).models
+    sizes = {name: e.model_path.stat().st_size * MEMORY_FACTOR for name, e in models.items()}
+    smallest = sorted(sizes, key=lambda n: (sizes[n], n))
+    everything = sum(sizes.values())
+    extra = sizes[smallest[0]] + sizes[smallest[1]]  # room for the two smallest models' second replicas, no more
+    shared = SharedMemory(everything + extra, "a test's")
+    placed = place(_slices(3), models, shared)
+    by_partition = placed.by_partition
+    replicas = {name: sum(name in there for there in by_partition.values()) for name in models}
+    assert placed.left_off == {}
+    assert replicas == {name: 2 if name in smallest[:2] else 1 for name in models}, "one each first, then the smallest again"
+    used = {pid: sum(sizes[m] for m in there) for pid, there in by_partition.items()}
+    assert sum(used.values()) <= shared.bytes
+    assert all(by_partition.values()), "spread: each model on the slice with the least placed"
+    assert max(used.values()) - min(used.values()) <= max(sizes.values()), used
+
+    roomy = place(_slices(3), models, SharedMemory(3 * everything, "a test's"))
+    assert all(sorted(there) == sorted(models) for there in roomy.by_partition.values()), "room for all: every model everywhere"
+
+
+def test_a_model_the_shared_memory_cannot_hold_is_left_off_saying_why(tiny_repo: ExportedRepo) -> None:
+    models = load_repository(tiny_repo.root).models
+    sizes = {name: e.model_path.stat().st_size * MEMORY_FACTOR for name, e in models.items()}
+    largest = max(sizes, key=lambda n: (sizes[n], n))
+    shared = SharedMemory(sum(sizes.values()) - 1, "the cgroup's memory limit of 1 MB")  # one byte short of them all
+    placed = place(_slices(2), models, shared)
+    assert list(placed.left_off) == [largest], "the others first: smallest first"
+    why = placed.left_off[largest]
+    assert f"it needs about {sizes[largest] / MB:.1f} MB of memory ({MEMORY_FACTOR}x its model.onnx)" in why
+    used = {pid: sum(sizes[m] for m in there) for pid, there in placed.by_partition.items()}
+    left = shared.bytes - sum(used.values())  # after the smaller models' second replicas, which took what room was left
+    assert 0 <= left < sizes[largest]
+    assert f"the CPU slices' models share {shared.bytes / MB:.0f} MB (the cgroup's memory limit of 1 MB), {left / MB:.1f} MB of it" in why
+
+    # loaded at run time: on as many slices as the shared memory holds beside the others, the least used first
+    entry = models[largest]
+    assert place_one(_slices(2), placed.by_partition, entry, shared) == {}
+    once = SharedMemory(sum(used.values()) + sizes[largest], "a test's")
+    assert list(place_one(_slices(2), placed.by_partition, entry, once)) == [min(used, key=lambda pid: (used[pid], pid))]
+    twice = SharedMemory(sum(used.values()) + 2 * sizes[largest], "a test's")
+    assert sorted(place_one(_slices(2), placed.by_partition, entry, twice)) == ["cpu-0", "cpu-1"]
+    # a reload: its own placement is not counted (it is replaced)
+    reloaded = {pid: dict(there) for pid, there in placed.by_partition.items()} | {
+        "cpu-0": placed.by_partition["cpu-0"] | {largest: model_spec(entry)}
+    }
+    assert sorted(place_one(_slices(2), reloaded, entry, twice)) == ["cpu-0", "cpu-1"]
+
+
+def test_the_shared_memory_is_the_cgroup_limit_else_what_the_host_has_available(tmp_path: Path) -> None:
+    meminfo = "MemTotal:       24598304 kB\nMemFree:         1205968 kB\nMemAvailable:   20457872 kB\n"  # as on this machine
+    v2 = "24 30 0:22 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate\n"
+    files = {"proc/meminfo": meminfo, "proc/self/mountinfo": v2, "proc/self/cgroup": "0::/\n", "sys/fs/cgroup/memory.max": "max\n"}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    host = SharedMemory.of_host(256 * MB, tmp_path)
+    assert host == SharedMemory(
+        20457872 * 1024 - 256 * MB, "the 19978 MB the host had available at start, less --max-pending-mb 256 for request bodies"
+    )
+    (tmp_path / "sys/fs/cgroup/memory.max").write_text(f"{2 << 30}\n")
+    limited = SharedMemory.of_host(512 * MB, tmp_path)
+    assert limited == SharedMemory(1536 * MB, "the cgroup's memory limit of 2048 MB, less --max-pending-mb 512 for request bodies")
+    assert SharedMemory.of_host(4096 * MB, tmp_path) == SharedMemory(0, limited.source.replace("512", "4096"))
+    (tmp_path / "proc/meminfo").unlink()
+    (tmp_path / "sys/fs/cgroup/memory.max").write_text("max\n")
+    assert SharedMemory.of_host(0, tmp_path) is None, "nothing to read: nothing bounds the slices"

@@ -125,6 +125,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-image-mp", type=float, default=40.0, help="largest decoded image, megapixels (default: 40)")
     parser.add_argument("--max-volume-mvox", type=float, default=64.0, help="largest CT volume, million voxels (default: 64)")
     parser.add_argument("--job-min-tiles", type=int, default=32, help="CT volumes needing more tiles run as jobs (default: 32)")
+    parser.add_argument("--max-jobs", type=int, default=4, help="CT jobs running at once; more are answered 503 (default: 4)")
+    parser.add_argument(
+        "--tiles-in-flight",
+        type=int,
+        default=32,
+        help="tiles of one CT volume outstanding in the dispatcher at once; each holds its input and logits in the gateway "
+        "(29 and 55 MB at paper size) (default: 32)",
+    )
     parser.add_argument(
         "--job-results-mb",
         type=float,
@@ -261,6 +269,8 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             max_image_pixels=int(args.max_image_mp * 1e6),
             max_volume_voxels=int(args.max_volume_mvox * 1e6),
             job_min_tiles=args.job_min_tiles,
+            max_jobs=args.max_jobs,
+            tiles_in_flight=args.tiles_in_flight,
             max_job_results_bytes=int(args.job_results_mb * (1 << 20)),
             trace_file=args.trace_file,
             frontends=args.frontends,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
+import signal
 import struct
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -158,10 +161,11 @@ def test_bad_input_disturbs_nothing_else(http: httpx.Client) -> None:
 @pytest.fixture(scope="module")
 def limited(tiny_repo: ExportedRepo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     """A gateway with small limits: 1 MiB bodies, 3 MiB of bodies held at once, 0.1 MP images, 0.5 M voxels, 100 KiB
-    of finished jobs' results."""
+    of finished jobs' results, one CT job at a time, two of its tiles outstanding."""
     log = tmp_path_factory.mktemp("limited") / "serve.log"
     args = ("--cpu-slices", "1", "--models", "crowd-csrnet", "lns-organs", "lns-stations")
-    limits = ("--max-body-mb", "1", "--max-pending-mb", "3", "--max-image-mp", "0.1", "--max-volume-mvox", "0.5", "--job-results-mb", "0.1")
+    limits = ["--max-body-mb", "1", "--max-pending-mb", "3", "--max-image-mp", "0.1", "--max-volume-mvox", "0.5", "--job-results-mb", "0.1"]
+    limits += ["--max-jobs", "1", "--tiles-in-flight", "2"]
     server = Gateway(tiny_repo.root, *args, *limits, log=log)
     with httpx.Client(base_url=f"http://{server.url}", timeout=60) as client:
         yield client
@@ -197,6 +201,35 @@ def test_what_a_volume_unpacks_to_is_held_within_the_pending_budget(limited: htt
     assert held == ["migserve_request_body_bytes 0.0"], "what the refused volumes unpacked was given back"
     small = nifti_gz(np.zeros((40, 40, 20), np.int16), np.diag([4.0, 4.0, 4.0, 1.0]))
     assert limited.post("/v1/lns/segment", files={"volume": ("ct.nii.gz", small)}, data={"mode": "sync"}).status_code == 200
+
+
+def test_ct_jobs_and_their_tiles_in_flight_are_bounded(limited: httpx.Client) -> None:
+    """--max-jobs 1: while a CT job runs (its worker stopped) another is answered 503; --tiles-in-flight 2: the job
+    never has more than two tiles out, so no batch of them has more than two rows once the worker goes on."""
+    ct = nifti_gz(np.random.default_rng(5).normal(-300, 400, (80, 80, 40)).astype(np.int16), np.diag([4.0, 4.0, 4.0, 1.0]))
+    (worker,) = limited.get("/v1/partitions").json()["partitions"]
+    os.kill(worker["pid"], signal.SIGSTOP)
+    try:
+        first = limited.post("/v1/lns/segment", files={"volume": ("ct.nii.gz", ct)}, data={"mode": "job"})
+        assert first.status_code == 202, first.text
+        second = limited.post("/v1/lns/segment", files={"volume": ("ct.nii.gz", ct)}, data={"mode": "job"})
+        assert second.status_code == 503 and "1 jobs are already running" in second.json()["error"], second.text
+    finally:
+        os.kill(worker["pid"], signal.SIGCONT)
+    job = first.json()
+    deadline = time.monotonic() + 60
+    while job["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        job = limited.get(job["status_url"]).json()
+    assert job["state"] == "done", job
+    metrics = limited.get("/metrics").text.splitlines()
+    for model in ("lns-organs", "lns-stations"):
+        batches = _summed(metrics, "migserve_batch_size_count{", f'model="{model}"')
+        assert batches > 1 and _summed(metrics, "migserve_batch_size_bucket{", f'model="{model}"', 'le="2.0"') == batches, model
+
+
+def _summed(metrics: list[str], start: str, *labels: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics if line.startswith(start) and all(label in line for label in labels))
 
 
 def test_other_models_are_not_found(limited: httpx.Client) -> None:

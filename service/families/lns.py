@@ -64,16 +64,41 @@ def _post(contract: Contract) -> SegmentationPostprocessing:
     return contract.postprocessing
 
 
-async def segment(channels: Array, contract: Contract, *, run: Run, progress: Progress, in_flight: int) -> Array:
-    """Labels [z, y, x] of `channels` [C, z, y, x] (already resampled and windowed) by one model."""
+class Channels:
+    """A stage's input, one patch at a time: the windowed CT, and after it a mask per organ label of `organs` (stage 1's
+    labels), so that the masks are never stacked whole: each patch's channels are made as it is sent. Past the
+    volume's edge a patch is zero, as np.pad would make it."""
+
+    def __init__(self, ct: Array, organs: Array | None = None, labels: tuple[int, ...] = ()) -> None:
+        self.ct, self.organs, self.labels = ct, organs, labels
+        self.shape: tuple[int, int, int] = (ct.shape[0], ct.shape[1], ct.shape[2])
+
+    def patch(self, corner: tuple[int, int, int], size: tuple[int, int, int]) -> Array:
+        """[1, C, *size] float32 at `corner`."""
+        (z, y, x), (dz, dy, dx) = corner, size
+        out = np.zeros((1, 1 + len(self.labels), dz, dy, dx), dtype=np.float32)
+        region = (slice(z, z + dz), slice(y, y + dy), slice(x, x + dx))
+        ct = self.ct[region]
+        a, b, c = ct.shape
+        out[0, 0, :a, :b, :c] = ct
+        if self.organs is not None:
+            organs = self.organs[region]
+            for channel, label in enumerate(self.labels, start=1):
+                np.equal(organs, label, out=out[0, channel, :a, :b, :c], casting="unsafe")
+        return out
+
+
+async def segment(channels: Channels, contract: Contract, *, run: Run, progress: Progress, in_flight: int) -> Array:
+    """Labels [z, y, x] of `channels` (resampled and windowed) by one model.
+
+    Memory: each label's blended score over the volume (float32) and at most `in_flight` tiles with their logits. The
+    Gaussian weights' sum per voxel is not kept: dividing every label's score by the same positive number does not
+    change which label is largest."""
     pre, post = _pre(contract), _post(contract)
-    shape = channels.shape[1:]
+    shape = channels.shape
     padded = tuple(max(n, p) for n, p in zip(shape, pre.patch_size, strict=True))
-    if padded != shape:
-        channels = np.pad(channels, [(0, 0)] + [(0, p - n) for n, p in zip(shape, padded, strict=True)])
     weight = gaussian(pre.patch_size, pre.gaussian_sigma_scale)
     scores = np.zeros((len(post.labels), *padded), dtype=np.float32)
-    weights = np.zeros(padded, dtype=np.float32)
     lock = threading.Lock()
     limit = asyncio.Semaphore(in_flight)
     input_name = contract.inputs[0].name
@@ -81,23 +106,33 @@ async def segment(channels: Array, contract: Contract, *, run: Run, progress: Pr
 
     def blend(corner: tuple[int, int, int], logits: Array) -> None:
         z, y, x = corner
-        shifted = np.exp(logits - logits.max(axis=0, keepdims=True))
-        probs = shifted / shifted.sum(axis=0, keepdims=True)
+        probs = np.exp(logits - logits.max(axis=0, keepdims=True))
+        probs /= probs.sum(axis=0, keepdims=True)
+        probs *= weight
         with lock:
-            scores[:, z : z + dz, y : y + dy, x : x + dx] += probs * weight
-            weights[z : z + dz, y : y + dy, x : x + dx] += weight
+            scores[:, z : z + dz, y : y + dy, x : x + dx] += probs
 
     async def tile(corner: tuple[int, int, int]) -> None:
-        z, y, x = corner
-        async with limit:
-            patch = np.ascontiguousarray(channels[None, :, z : z + dz, y : y + dy, x : x + dx])
+        async with limit:  # the tile and its logits are let go before another tile starts
+            patch = await asyncio.to_thread(channels.patch, corner, pre.patch_size)  # off the loop: 29 MB at paper size
             outputs = await run(contract.name, {input_name: patch})
-        await asyncio.to_thread(blend, corner, outputs[contract.outputs[0].name][0])
+            del patch
+            await asyncio.to_thread(blend, corner, outputs[contract.outputs[0].name][0])
         progress.advance()
 
     await asyncio.gather(*(tile(c) for c in grid(padded, pre)))
-    labels = np.argmax(scores / np.maximum(weights, 1e-6), axis=0).astype(np.uint8)
-    return np.asarray(labels[: shape[0], : shape[1], : shape[2]])
+    return await asyncio.to_thread(_argmax, scores, shape)
+
+
+def _argmax(scores: Array, shape: tuple[int, int, int]) -> Array:
+    """uint8 labels [z, y, x] of the largest score, cropped to `shape`, a few slices at a time (argmax's int64 answer
+    for the whole volume would be twice the size of the labels' float32 score)."""
+    labels = np.empty(shape, dtype=np.uint8)
+    step = max(1, (1 << 24) // max(1, shape[1] * shape[2]))  # about 16 M voxels a step
+    for z in range(0, shape[0], step):
+        stop = min(z + step, shape[0])  # the scores run past the volume where it was padded to a patch
+        labels[z:stop] = scores[:, z:stop, : shape[1], : shape[2]].argmax(axis=0)
+    return labels
 
 
 @dataclass(frozen=True)
@@ -132,18 +167,19 @@ async def stations_of(volume: Volume, organs: Contract, stations: Contract, *, r
         raise ValueError(f"{organs.name} and {stations.name} contracts disagree on spacing or HU window; re-export them together")
     ct = await asyncio.to_thread(lambda: window(resample(volume.hu, volume.spacing, pre.spacing_mm), *pre.hu_window))
     progress.stage = "organs"
-    organ_labels = await segment(ct[None], organs, run=run, progress=progress, in_flight=in_flight)
+    organ_labels = await segment(Channels(ct), organs, run=run, progress=progress, in_flight=in_flight)
     organ_names = _post(organs).labels
     missing = [name for name in _pre(stations).extra_channels if name not in organ_names]
     if missing:
         raise ValueError(f"{stations.name} needs organ masks {missing} that {organs.name} does not segment")
-    masks = [(organ_labels == organ_names.index(name)).astype(np.float32) for name in _pre(stations).extra_channels]
+    masks = tuple(organ_names.index(name) for name in _pre(stations).extra_channels)
     progress.stage = "stations"
-    station_labels = await segment(np.stack([ct, *masks]), stations, run=run, progress=progress, in_flight=in_flight)
+    station_labels = await segment(Channels(ct, organ_labels, masks), stations, run=run, progress=progress, in_flight=in_flight)
     progress.stage = "writing"
     labels = await asyncio.to_thread(back_to_grid, station_labels, volume.hu.shape)
     names = _post(stations).labels
-    counts = np.bincount(labels.ravel(), minlength=len(names))
+    # a slice at a time: bincount takes its input as int64, 8 bytes a voxel of the whole volume at once
+    counts = sum((np.bincount(plane.ravel(), minlength=len(names)) for plane in labels), np.zeros(len(names), dtype=np.int64))
     summary = {
         "shape": list(volume.hu.shape[::-1]),
         "spacing_mm": [round(s, 4) for s in volume.spacing[::-1]],

@@ -192,11 +192,16 @@ def back_to_grid(labels: Array, shape: tuple[int, ...]) -> Array:
 
 
 def window(hu: Array, low: float, high: float) -> Array:
-    return np.asarray((np.clip(hu, low, high) - low) / (high - low), dtype=np.float32)
+    """HU clipped to [low, high] and scaled to [0, 1], float32, in one array (no temporaries the size of the volume)."""
+    out: Array = np.clip(hu, low, high, dtype=np.float32)
+    out -= np.float32(low)
+    out /= np.float32(high - low)
+    return out
 
 
 def to_nifti(labels: Array, volume: Volume) -> bytes:
     """uint8 labels [z, y, x] on the input grid -> .nii.gz bytes with the input's affine."""
-    image = nib.Nifti1Image(np.ascontiguousarray(labels.transpose(2, 1, 0)).astype(np.uint8), volume.affine)
+    # [x, y, z] as a view: NIfTI stores Fortran order, which the view already is, so nibabel writes it without a copy
+    image = nib.Nifti1Image(labels.astype(np.uint8, copy=False).transpose(2, 1, 0), volume.affine)
     image.header.set_xyzt_units("mm")
     return gzip.compress(image.to_bytes(), compresslevel=6)

@@ -1,0 +1,98 @@
+"""DeepStationing's two stages by sliding window (service/families/lns.py) against the plain computation, with the real
+tiny models run by onnxruntime in this process.
+
+The service makes each tile's channels as it sends it and keeps no sum of the Gaussian weights (memory: a paper-size
+CT would otherwise stack its masks whole and divide every label's score by that sum); the plain computation here stacks
+the masks, pads the volume, and divides, as the papers' nnU-Net-style inference does. The labels must be the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+
+import nibabel as nib
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from migserve.contract import Contract, SegmentationPostprocessing, VolumePreprocessing, read_contract
+from migserve.types import Array
+from service.families import lns
+from service.families.volume import Volume, back_to_grid, resample, window
+from service.jobs import Progress
+from tests.helpers import ExportedRepo
+
+
+def _sessions(tiny_repo: ExportedRepo) -> dict[str, tuple[Contract, ort.InferenceSession]]:
+    found = {}
+    for name in ("lns-organs", "lns-stations"):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(str(tiny_repo.root / name / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        found[name] = (read_contract(tiny_repo.root / name), session)
+    return found
+
+
+def _plain_stage(channels: Array, contract: Contract, session: ort.InferenceSession) -> Array:
+    """Labels of `channels` [C, z, y, x]: pad to a patch, tile, blend softmax by a Gaussian, divide by the weights."""
+    pre, post = contract.preprocessing, contract.postprocessing
+    assert isinstance(pre, VolumePreprocessing) and isinstance(post, SegmentationPostprocessing)
+    shape = channels.shape[1:]
+    padded = tuple(max(n, p) for n, p in zip(shape, pre.patch_size, strict=True))
+    channels = np.pad(channels, [(0, 0)] + [(0, p - n) for n, p in zip(shape, padded, strict=True)])
+    weight = lns.gaussian(pre.patch_size, pre.gaussian_sigma_scale)
+    scores = np.zeros((len(post.labels), *padded), dtype=np.float32)
+    weights = np.zeros(padded, dtype=np.float32)
+    dz, dy, dx = pre.patch_size
+    for z, y, x in lns.grid(padded, pre):
+        patch = np.ascontiguousarray(channels[None, :, z : z + dz, y : y + dy, x : x + dx])
+        (logits,) = session.run(None, {contract.inputs[0].name: patch})
+        shifted = np.exp(logits[0] - logits[0].max(axis=0, keepdims=True))
+        scores[:, z : z + dz, y : y + dy, x : x + dx] += shifted / shifted.sum(axis=0, keepdims=True) * weight
+        weights[z : z + dz, y : y + dy, x : x + dx] += weight
+    labels = np.argmax(scores / np.maximum(weights, 1e-6), axis=0).astype(np.uint8)
+    return np.asarray(labels[: shape[0], : shape[1], : shape[2]])
+
+
+def _plain(volume: Volume, models: dict[str, tuple[Contract, ort.InferenceSession]]) -> Array:
+    (organs, organ_session), (stations, station_session) = models["lns-organs"], models["lns-stations"]
+    pre = organs.preprocessing
+    assert isinstance(pre, VolumePreprocessing) and isinstance(organs.postprocessing, SegmentationPostprocessing)
+    ct = np.clip(resample(volume.hu, volume.spacing, pre.spacing_mm), *pre.hu_window)
+    ct = ((ct - pre.hu_window[0]) / (pre.hu_window[1] - pre.hu_window[0])).astype(np.float32)
+    organ_labels = _plain_stage(ct[None], organs, organ_session)
+    extra = stations.preprocessing.extra_channels  # type: ignore[union-attr]
+    masks = [(organ_labels == organs.postprocessing.labels.index(name)).astype(np.float32) for name in extra]
+    return back_to_grid(_plain_stage(np.stack([ct, *masks]), stations, station_session), volume.hu.shape)
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing"),
+    [((40, 150, 150), (2.5, 1.5, 1.5)), ((12, 60, 90), (4.0, 4.0, 4.0))],  # the second under a patch on two axes: padded
+    ids=["tiled", "padded"],
+)
+def test_the_service_s_stages_label_as_the_plain_computation(
+    tiny_repo: ExportedRepo, shape: tuple[int, int, int], spacing: tuple[float, float, float]
+) -> None:
+    models = _sessions(tiny_repo)
+    rng = np.random.default_rng(11)
+    hu = rng.normal(-300, 500, shape).astype(np.float32)
+    hu[:, shape[1] // 3 : shape[1] // 2] += 900  # a bright block, so that the organ stage finds more than one label
+    volume = Volume(hu=hu, spacing=spacing, affine=np.eye(4), source="nifti")
+
+    async def run(name: str, inputs: dict[str, Array]) -> dict[str, Array]:
+        contract, session = models[name]
+        (logits,) = session.run(None, inputs)
+        return {contract.outputs[0].name: logits}
+
+    organs, stations = models["lns-organs"][0], models["lns-stations"][0]
+    _, tiles = lns.plan(volume, organs, stations, 10**9)
+    progress = Progress(tiles)
+    result = asyncio.run(lns.stations_of(volume, organs, stations, run=run, progress=progress, in_flight=4))
+    expected = _plain(volume, models)
+    served = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(result.nifti)).dataobj).transpose(2, 1, 0)
+    assert progress.done == tiles and len(np.unique(expected)) > 1, "more than one station: the comparison says something"
+    assert served.shape == expected.shape == shape
+    assert np.array_equal(served, expected), f"{np.count_nonzero(served != expected)} of {served.size} voxels differ"
+    assert window(np.array([-2000.0, 0.0, 2000.0], np.float32), -1000.0, 1000.0).tolist() == [0.0, 0.5, 1.0]

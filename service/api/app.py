@@ -182,7 +182,7 @@ class Gateway:
                 partition.id,
                 partition.kind.value,
                 partition.profile or partition.cores,
-                ", ".join(self.placement[partition.id]) or "no models",
+                ", ".join(sorted(self.placement[partition.id])) or "no models",
             )
 
     def _policy(self, entry: ModelEntry) -> BatchPolicy:
@@ -690,6 +690,11 @@ def _log_placement_bounds(
         for n in sorted({m for pid in slices for m in placement[pid]})
         if (k := sum(n in placement[pid] for pid in slices)) < len(slices)
     }
+    if cpu_memory is not None:
+        placed = sum(footprint(spec.path) for pid in slices for spec in placement[pid].values())
+        logger.info(
+            "the models on the CPU slices take %.0f of the %.0f MB they share (%s)", placed / MB, cpu_memory.bytes / MB, cpu_memory.source
+        )
     if cpu_memory is not None and fewer:
         logger.warning(
             "the models on the %d CPU slices share %.0f MB of memory (%s): %s",

@@ -233,11 +233,12 @@ def _unwritable(out: Path) -> str | None:
 def up_to_date(model_dir: Path, request: ExportRequest) -> Contract | None:
     """The contract of a complete export that the request would write again (same size, precision, and seed or
     checkpoint) and whose model.onnx still has the contract's sha256; None where the model must be exported. An
-    export with --set is always redone: contracts do not record options."""
+    export with --set is always redone: contracts do not record options; one whose contract has no memory estimate
+    (made before contracts carried it) is made again once, for placement to have it."""
     try:
         contract = read_contract(model_dir)
         made = contract.provenance
-        same = contract.size == request.size and made.fp16 == request.fp16 and not request.options
+        same = contract.size == request.size and made.fp16 == request.fp16 and not request.options and contract.memory is not None
         if request.checkpoint is None:
             same = same and made.weights == "random-init" and made.seed == request.seed
         else:

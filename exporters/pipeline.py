@@ -26,6 +26,7 @@ from migserve.contract import CONFIG_FILE, MODEL_FILE, Contract, Provenance, sha
 from . import zoo
 from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .errors import BadOption, OutputError
+from .memory import estimate as estimate_memory
 from .onnx_export import DEFAULT_OPSET, export_onnx, to_fp16
 from .parity import FP16_TOLERANCE, check_parity
 from .triton import PYTHON_MODEL, TritonBackend, label_files, render_config
@@ -81,6 +82,7 @@ def export_model(req: ExportRequest, progress: Progress = lambda _: None) -> Exp
     tolerance = FP16_TOLERANCE if req.fp16 else mdef.tolerance
     parity = check_parity(module, proto, mdef.samples(cfg, req.seed), outputs, tolerance)
     parameters = sum(p.numel() for p in module.parameters())
+    memory = estimate_memory(proto, mdef.dims(cfg))
 
     def contract(model_sha256: str) -> Contract:
         return Contract(
@@ -99,6 +101,7 @@ def export_model(req: ExportRequest, progress: Progress = lambda _: None) -> Exp
             parity=parity,
             parameters=parameters,
             model_sha256=model_sha256,
+            memory=memory,
         )
 
     progress("writing")

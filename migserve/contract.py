@@ -217,6 +217,14 @@ class Batching(_Frozen):
     preferred_batch_sizes: tuple[int, ...] = ()
 
 
+class Memory(_Frozen):
+    """What running the model takes beyond its weights, estimated at export from the graph (exporters/memory.py)."""
+
+    activation_bytes: int = Field(ge=0, description="peak bytes of the tensors between the layers at `batch` rows, default sizes")
+    batch: int = Field(ge=1, description="the rows it was estimated at: the largest batch")
+    unsized_tensors: int = Field(0, ge=0, description="tensors whose size hangs on values (top-k, nonzero), counted as 0 bytes")
+
+
 class Contract(_Frozen):
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str
@@ -236,6 +244,7 @@ class Contract(_Frozen):
     parameters: int
     model_file: str = MODEL_FILE
     model_sha256: str
+    memory: Memory | None = None  # exports before it was estimated have none
 
     @model_validator(mode="after")
     def _dims_named(self) -> Contract:

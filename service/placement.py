@@ -19,10 +19,15 @@ from .partitions import Partition, PartitionKind
 from .repository import ModelEntry
 from .workers.protocol import ModelSpec
 
-# A session needs its weights plus activations and workspace; 4x the file is a
-# conservative rule of thumb for these models at their max batch.
-MEMORY_FACTOR = 4
 MB = 1 << 20
+# What a model takes on a partition: onnxruntime's session (its own structures, and arena slack a small model's run
+# does not fill: SESSION_BYTES), the weights twice (the session's copy, and the pre-packed copies its matrix kernels
+# make), and the tensors between the layers at the largest batch, which the export estimates from the graph
+# (contract.json's `memory`, exporters/memory.py). Measured against it in bench/RESULTS.md (bench/footprint.py).
+SESSION_BYTES = 32 * MB
+WEIGHT_COPIES = 2
+# An export made before contracts carried `memory`: 4x its file, the rule of thumb placement used before.
+MEMORY_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -65,17 +70,21 @@ def model_spec(entry: ModelEntry) -> ModelSpec:
         sha256=contract.model_sha256,
         warmup=warmup,
         max_batch=contract.dims["batch"].max,  # every tensor leads with the batch dim (the contract checks)
+        memory_bytes=footprint(entry),
     )
 
 
-def footprint(path: str | Path) -> int:
-    """Bytes a session of this model file is taken to need."""
-    return Path(path).stat().st_size * MEMORY_FACTOR
+def footprint(entry: ModelEntry) -> int:
+    """Bytes the model is taken to need on a partition, running at its largest batch."""
+    weights = entry.model_path.stat().st_size
+    if entry.contract.memory is None:
+        return weights * MEMORY_FACTOR
+    return SESSION_BYTES + WEIGHT_COPIES * weights + entry.contract.memory.activation_bytes
 
 
 def place(partitions: list[Partition], models: Mapping[str, ModelEntry], shared: SharedMemory | None = None) -> Placement:
     """Every model on every partition with memory for it, smallest first; on CPU slices within `shared` (if given)."""
-    need = {name: footprint(entry.model_path) for name, entry in models.items()}
+    need = {name: footprint(entry) for name, entry in models.items()}
     order = sorted(models, key=lambda name: (need[name], name))
     placed: dict[str, dict[str, ModelSpec]] = {p.id: {} for p in partitions}
     pooled = _pooled(partitions, shared)
@@ -102,7 +111,7 @@ def place_one(
     """Where a model loaded at run time goes: every local partition with memory left beside what is placed there (the
     model's own older placement not counted: a reload replaces it), on CPU slices as many as `shared` has room for.
     Triton partitions serve their own models."""
-    name, need = entry.contract.name, footprint(entry.model_path)
+    name, need = entry.contract.name, footprint(entry)
     others = {p.id: [s for m, s in placement.get(p.id, {}).items() if m != name] for p in partitions}
     pooled = _pooled(partitions, shared)
     chosen = {
@@ -125,7 +134,7 @@ def why_nowhere(
     others = {p.id: [s for m, s in placement.get(p.id, {}).items() if m != name] for p in partitions}
     pooled = _pooled(partitions, shared)
     rooms = [_room(p, others[p.id]) for p in partitions if p.kind is not PartitionKind.TRITON and p not in pooled]
-    why = f"it needs about {need / MB:.1f} MB of memory ({MEMORY_FACTOR}x its model.onnx)"
+    why = f"it needs about {need / MB:.1f} MB of memory at its largest batch"
     if rooms:
         why += f"; the most any partition has left of its own memory is {max(rooms) / MB:.1f} MB"
     if pooled and shared is not None:
@@ -139,7 +148,7 @@ def _pooled(partitions: list[Partition], shared: SharedMemory | None) -> list[Pa
 
 
 def _used(specs: Iterable[ModelSpec]) -> int:
-    return sum(footprint(s.path) for s in specs)
+    return sum(s.memory_bytes for s in specs)
 
 
 def _room(partition: Partition, specs: Iterable[ModelSpec]) -> float:

@@ -311,7 +311,7 @@ class Gateway:
                 raise BadRequest(f"failed to load '{name}': {exc}") from None
             specs = place_one(self.partitions, self.placement, entry, self.cpu_memory)
             if not specs:
-                self.not_served[name] = why_nowhere(self.partitions, self.placement, footprint(entry.model_path), self.cpu_memory, name)
+                self.not_served[name] = why_nowhere(self.partitions, self.placement, footprint(entry), self.cpu_memory, name)
                 raise BadRequest(f"failed to load '{name}': {self.not_served[name]}")
             outcome = await self.backend.load_model(specs)  # a served model is swapped in place, between batches
             loaded = {pid: specs[pid] for pid, why in outcome.items() if why is None}
@@ -634,7 +634,7 @@ class Gateway:
         if self.cpu_memory is None:
             return None
         placed = [s for p in self.partitions if p.kind is PartitionKind.CPU for s in self.placement.get(p.id, {}).values()]
-        return {"bytes": self.cpu_memory.bytes, "placed_bytes": sum(footprint(s.path) for s in placed), "source": self.cpu_memory.source}
+        return {"bytes": self.cpu_memory.bytes, "placed_bytes": sum(s.memory_bytes for s in placed), "source": self.cpu_memory.source}
 
     def partitions_view(self) -> list[dict[str, Any]]:
         view = []
@@ -691,7 +691,7 @@ def _log_placement_bounds(
         if (k := sum(n in placement[pid] for pid in slices)) < len(slices)
     }
     if cpu_memory is not None:
-        placed = sum(footprint(spec.path) for pid in slices for spec in placement[pid].values())
+        placed = sum(spec.memory_bytes for pid in slices for spec in placement[pid].values())
         logger.info(
             "the models on the CPU slices take %.0f of the %.0f MB they share (%s)", placed / MB, cpu_memory.bytes / MB, cpu_memory.source
         )

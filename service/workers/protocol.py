@@ -31,6 +31,7 @@ class ModelSpec:
     sha256: str  # the contract's; the worker refuses a file that differs
     warmup: dict[str, tuple[tuple[int, ...], str]]  # input -> (shape at default dims, batch 1; dtype)
     max_batch: int | None = None  # the contract's largest batch; GPU sessions pad batches to buckets up to it
+    memory_bytes: int = 0  # what placement takes the model to need on a partition (service/placement.py, footprint)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from exporters.errors import OutputError, ParityFailed
 from exporters.parity import run_torch
 from exporters.pipeline import ExportRequest, export_model, write_model_dir
 from exporters.triton import PYTHON_MODEL
-from migserve.contract import read_contract, sha256_file
+from migserve.contract import read_contract, sha256_file, write_contract
 from tests.helpers import ExportedRepo, migserve
 
 
@@ -122,6 +122,10 @@ def test_skip_existing_keeps_only_the_export_it_would_write_again(tiny_repo: Exp
     assert sorted(p.name for p in (model / "1").iterdir()) == ["model.onnx"]
     run = migserve(*args)
     assert run.returncode == 0 and "up to date, skipped\n" in run.stderr, run.stderr
+    contract = read_contract(model)
+    write_contract(model, contract.model_copy(update={"memory": None}))  # as exported before contracts carried it
+    assert up_to_date(model, ExportRequest(name="face-pros")) is None, "made again, for placement to have the estimate"
+    write_contract(model, contract)
     (model / "1" / "model.onnx").write_bytes(b"not the exported model")
     assert up_to_date(model, ExportRequest(name="face-pros")) is None
 

@@ -28,7 +28,8 @@ from tritonclient.utils import InferenceServerException
 
 from migserve.contract import read_contract, sha256_file, write_contract
 from migserve.types import Array
-from service.placement import MEMORY_FACTOR
+from service.placement import footprint
+from service.repository import load_model
 from tests.helpers import ExportedRepo, Gateway, with_http_client
 from tests.integration.test_gateway_protocol import direct, grpc_inputs, make_inputs, triton_inputs
 
@@ -248,14 +249,13 @@ def test_a_reload_that_no_longer_fits_a_partition_drops_the_old_version_there(ti
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo.root / "face-pros", repo / "face-pros")
     small = (repo / "face-pros" / "1" / "model.onnx").stat().st_size
+    room = footprint(load_model(repo / "face-pros")) + 4096
     topology = tmp_path / "topology.yaml"
     topology.write_text(
-        "partitions:\n"
-        "  - {id: cpu-a, kind: cpu, cores: [0]}\n"
-        f"  - {{id: cpu-b, kind: cpu, cores: [1], memory_bytes: {small * MEMORY_FACTOR + 4096}}}\n"
+        f"partitions:\n  - {{id: cpu-a, kind: cpu, cores: [0]}}\n  - {{id: cpu-b, kind: cpu, cores: [1], memory_bytes: {room}}}\n"
     )
     deeper = _retrained(tiny_repo.root / "face-pros", tmp_path / "deeper" / "face-pros", extra_weights=small // 4)
-    assert (deeper / "1" / "model.onnx").stat().st_size * MEMORY_FACTOR > small * MEMORY_FACTOR + 4096
+    assert footprint(load_model(deeper)) > room
     flags = ("--topology", str(topology), "--frontends", "2", "--model-control-mode", "explicit", "--models", "face-pros")
     server = Gateway(repo, *flags, log=tmp_path / "serve.log")
     try:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from service.partitions import Partition, PartitionKind
-from service.placement import MB, MEMORY_FACTOR, SharedMemory, model_spec, place, place_one
+from service.placement import MB, MEMORY_FACTOR, SESSION_BYTES, WEIGHT_COPIES, SharedMemory, footprint, model_spec, place, place_one
 from service.repository import load_repository
 from tests.helpers import ExportedRepo
 
@@ -16,7 +17,7 @@ def _slices(n: int) -> list[Partition]:
 
 def test_every_model_everywhere_unless_memory_runs_out(tiny_repo: ExportedRepo) -> None:
     models = load_repository(tiny_repo.root).models
-    sizes = {name: e.model_path.stat().st_size * MEMORY_FACTOR for name, e in models.items()}
+    sizes = {name: footprint(e) for name, e in models.items()}
     budget = sum(sorted(sizes.values())[:3]) + 1  # room for exactly the three smallest
     partitions = [
         Partition(id="mig-0-0", kind=PartitionKind.MIG, device="MIG-a", memory_bytes=budget),
@@ -33,7 +34,7 @@ def test_every_model_everywhere_unless_memory_runs_out(tiny_repo: ExportedRepo) 
 
 def test_cpu_slices_share_memory_each_model_once_before_any_twice(tiny_repo: ExportedRepo) -> None:
     models = load_repository(tiny_repo.root).models
-    sizes = {name: e.model_path.stat().st_size * MEMORY_FACTOR for name, e in models.items()}
+    sizes = {name: footprint(e) for name, e in models.items()}
     smallest = sorted(sizes, key=lambda n: (sizes[n], n))
     everything = sum(sizes.values())
     extra = sizes[smallest[0]] + sizes[smallest[1]]  # room for the two smallest models' second replicas, no more
@@ -54,13 +55,13 @@ def test_cpu_slices_share_memory_each_model_once_before_any_twice(tiny_repo: Exp
 
 def test_a_model_the_shared_memory_cannot_hold_is_left_off_saying_why(tiny_repo: ExportedRepo) -> None:
     models = load_repository(tiny_repo.root).models
-    sizes = {name: e.model_path.stat().st_size * MEMORY_FACTOR for name, e in models.items()}
+    sizes = {name: footprint(e) for name, e in models.items()}
     largest = max(sizes, key=lambda n: (sizes[n], n))
     shared = SharedMemory(sum(sizes.values()) - 1, "the cgroup's memory limit of 1 MB")  # one byte short of them all
     placed = place(_slices(2), models, shared)
     assert list(placed.left_off) == [largest], "the others first: smallest first"
     why = placed.left_off[largest]
-    assert f"it needs about {sizes[largest] / MB:.1f} MB of memory ({MEMORY_FACTOR}x its model.onnx)" in why
+    assert f"it needs about {sizes[largest] / MB:.1f} MB of memory at its largest batch" in why
     used = {pid: sum(sizes[m] for m in there) for pid, there in placed.by_partition.items()}
     left = shared.bytes - sum(used.values())  # after the smaller models' second replicas, which took what room was left
     assert 0 <= left < sizes[largest]
@@ -98,3 +99,15 @@ def test_the_shared_memory_is_the_cgroup_limit_else_what_the_host_has_available(
     (tmp_path / "proc/meminfo").unlink()
     (tmp_path / "sys/fs/cgroup/memory.max").write_text("max\n")
     assert SharedMemory.of_host(0, tmp_path) is None, "nothing to read: nothing bounds the slices"
+
+
+def test_a_model_needs_its_session_its_weights_twice_and_its_activations_at_the_largest_batch(tiny_repo: ExportedRepo) -> None:
+    entry = load_repository(tiny_repo.root).models["crowd-csrnet"]
+    memory = entry.contract.memory
+    assert memory is not None and memory.batch == entry.contract.dims["batch"].max and memory.unsized_tensors == 0
+    weights = entry.model_path.stat().st_size
+    assert memory.activation_bytes > 10 * weights, "a convolutional net's activations at batch 8 outweigh its tiny weights"
+    assert footprint(entry) == SESSION_BYTES + WEIGHT_COPIES * weights + memory.activation_bytes
+    older = dataclasses.replace(entry, contract=entry.contract.model_copy(update={"memory": None}))  # an export made before
+    assert footprint(older) == MEMORY_FACTOR * weights
+    assert model_spec(entry).memory_bytes == footprint(entry)

@@ -5,7 +5,8 @@ For each model of a repository, a child process with nothing else loaded opens a
 default sizes; its peak resident memory (ru_maxrss) is read before the session, after it, and after the run, and the inputs'
 bytes (resident before, live in the estimate) are added. Beside
 it: the contract's estimate of the tensors between the layers (exporters/memory.py) and placement's footprint
-(SESSION_BYTES + WEIGHT_COPIES x the file + that estimate; 4x the file for an export without one).
+(SESSION_BYTES + WEIGHT_COPIES x the file + that estimate; 4x the file for an export without one). First, what a
+worker and the gateway hold once they have imported what they run, against GATEWAY_BYTES and WORKER_BYTES.
 
     .venv/bin/python -m bench.footprint --repo model_repo
     .venv/bin/python -m bench.footprint --repo results/lns_repo_paper --threads 2
@@ -48,6 +49,23 @@ def measure(directory: Path, threads: int) -> dict[str, float]:
     return {"load_mb": (loaded - before) / 1024, "inputs_mb": inputs, "run_mb": (ran - loaded) / 1024}  # ru_maxrss: KiB
 
 
+PROCESSES = {  # what each kind of process imports before its models
+    "a worker": "import numpy, onnxruntime, service.workers.process",
+    "the gateway": "import service.api.app, uvicorn",
+}
+
+
+def processes() -> dict[str, dict[str, float]]:
+    """MB resident in each kind of process once it has imported what it runs: private (RssAnon) and mapped files."""
+    found = {}
+    for kind, imports in PROCESSES.items():
+        probe = f"{imports}\nprint(open('/proc/self/status').read())"
+        status = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        found[kind] = {name: int(fields[name].split()[0]) / 1024 for name in ("RssAnon", "RssFile")}
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=Path("model_repo"))
@@ -58,9 +76,15 @@ def main() -> int:
         print(json.dumps(measure(args.measure, args.threads)))
         return 0
 
-    from service.placement import footprint
+    from service.placement import GATEWAY_BYTES, WORKER_BYTES, footprint
     from service.repository import load_repository
 
+    taken = {"a worker": WORKER_BYTES, "the gateway": GATEWAY_BYTES}
+    for kind, resident in processes().items():
+        print(
+            f"{kind} before its models: {resident['RssAnon']:.0f} MB of its own, {resident['RssFile']:.0f} MB of mapped files "
+            f"(shared between processes); placement takes {taken[kind] / MB:.0f} MB"
+        )
     repo = load_repository(args.repo)
     print(f"{args.repo}: one CPU session of {args.threads} thread(s) per model, one run at the largest batch")
     print("| model | file MB | batch | estimated activations MB | footprint MB | measured: load + inputs + run MB | footprint / measured |")

@@ -28,6 +28,11 @@ SESSION_BYTES = 32 * MB
 WEIGHT_COPIES = 2
 # An export made before contracts carried `memory`: 4x its file, the rule of thumb placement used before.
 MEMORY_FACTOR = 4
+# The processes' own memory, models aside, out of what CPU slices' models share: the gateway's (its Python, FastAPI,
+# numpy, scipy, and the shared libraries every process maps, counted once) and each worker's (Python, numpy and
+# onnxruntime), as bench/footprint.py measures them.
+GATEWAY_BYTES = 128 * MB
+WORKER_BYTES = 32 * MB
 
 
 @dataclass(frozen=True)
@@ -38,9 +43,9 @@ class SharedMemory:
     source: str
 
     @classmethod
-    def of_host(cls, pending_bytes: int, root: Path = Path("/")) -> SharedMemory | None:
-        """The cgroup's memory limit, else the host's available memory, less `pending_bytes` of request bodies; None
-        where neither can be read (nothing bounds the slices then)."""
+    def of_host(cls, pending_bytes: int, workers: int, root: Path = Path("/")) -> SharedMemory | None:
+        """The cgroup's memory limit, else the host's available memory, less `pending_bytes` of request bodies and the
+        gateway's and its `workers` processes' own memory; None where neither can be read (nothing bounds the slices)."""
         limit = memory_limit(root)
         if limit is not None:
             whence = f"the cgroup's memory limit of {limit / MB:.0f} MB"
@@ -48,7 +53,12 @@ class SharedMemory:
             limit, whence = available, f"the {available / MB:.0f} MB the host had available at start"
         else:
             return None
-        return cls(max(limit - pending_bytes, 0), f"{whence}, less --max-pending-mb {pending_bytes / MB:g} for request bodies")
+        own = GATEWAY_BYTES + workers * WORKER_BYTES
+        return cls(
+            max(limit - pending_bytes - own, 0),
+            f"{whence}, less --max-pending-mb {pending_bytes / MB:g} for request bodies and {own / MB:.0f} MB for the processes' "
+            f"own (the gateway and {workers} worker{'s' if workers != 1 else ''})",
+        )
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,10 @@ class Gateway:
             raise UnknownModel(f"models not in {config.model_repo}: {missing}")
         if not models:
             raise UnknownModel(f"no servable models in {config.model_repo}; run: migserve export --all --out {config.model_repo}")
-        cpu_memory = SharedMemory.of_host(config.max_pending_bytes) if any(p.kind is PartitionKind.CPU for p in partitions) else None
+        workers = sum(p.kind is not PartitionKind.TRITON for p in partitions)
+        cpu_memory = (
+            SharedMemory.of_host(config.max_pending_bytes, workers) if any(p.kind is PartitionKind.CPU for p in partitions) else None
+        )
         placed = place(partitions, models, cpu_memory)
         if placed.left_off and len(placed.left_off) == len(models):
             raise ServiceError(f"no model fits in memory: {'; '.join(f'{n}: {why}' for n, why in placed.left_off.items())}")

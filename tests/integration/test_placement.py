@@ -6,7 +6,19 @@ import dataclasses
 from pathlib import Path
 
 from service.partitions import Partition, PartitionKind
-from service.placement import MB, MEMORY_FACTOR, SESSION_BYTES, WEIGHT_COPIES, SharedMemory, footprint, model_spec, place, place_one
+from service.placement import (
+    GATEWAY_BYTES,
+    MB,
+    MEMORY_FACTOR,
+    SESSION_BYTES,
+    WEIGHT_COPIES,
+    WORKER_BYTES,
+    SharedMemory,
+    footprint,
+    model_spec,
+    place,
+    place_one,
+)
 from service.repository import load_repository
 from tests.helpers import ExportedRepo
 
@@ -88,17 +100,21 @@ def test_the_shared_memory_is_the_cgroup_limit_else_what_the_host_has_available(
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    host = SharedMemory.of_host(256 * MB, tmp_path)
+    host = SharedMemory.of_host(256 * MB, 2, tmp_path)
+    own = GATEWAY_BYTES + 2 * WORKER_BYTES
     assert host == SharedMemory(
-        20457872 * 1024 - 256 * MB, "the 19978 MB the host had available at start, less --max-pending-mb 256 for request bodies"
+        20457872 * 1024 - 256 * MB - own,
+        "the 19978 MB the host had available at start, less --max-pending-mb 256 for request bodies and 192 MB for the "
+        "processes' own (the gateway and 2 workers)",
     )
     (tmp_path / "sys/fs/cgroup/memory.max").write_text(f"{2 << 30}\n")
-    limited = SharedMemory.of_host(512 * MB, tmp_path)
-    assert limited == SharedMemory(1536 * MB, "the cgroup's memory limit of 2048 MB, less --max-pending-mb 512 for request bodies")
-    assert SharedMemory.of_host(4096 * MB, tmp_path) == SharedMemory(0, limited.source.replace("512", "4096"))
+    limited = SharedMemory.of_host(512 * MB, 2, tmp_path)
+    assert limited is not None and limited.bytes == 1536 * MB - own
+    assert limited.source.startswith("the cgroup's memory limit of 2048 MB, less --max-pending-mb 512 for request bodies")
+    assert SharedMemory.of_host(4096 * MB, 2, tmp_path) == SharedMemory(0, limited.source.replace("512", "4096"))
     (tmp_path / "proc/meminfo").unlink()
     (tmp_path / "sys/fs/cgroup/memory.max").write_text("max\n")
-    assert SharedMemory.of_host(0, tmp_path) is None, "nothing to read: nothing bounds the slices"
+    assert SharedMemory.of_host(0, 2, tmp_path) is None, "nothing to read: nothing bounds the slices"
 
 
 def test_a_model_needs_its_session_its_weights_twice_and_its_activations_at_the_largest_batch(tiny_repo: ExportedRepo) -> None:

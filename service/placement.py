@@ -3,9 +3,10 @@
 A GPU or MIG partition has memory of its own (NVML says how much, or a topology file): the models placed on it must
 fit in it. CPU slices share the host's: what the gateway's cgroup may use (docker --memory, a Kubernetes memory limit)
 or, with no limit, what the host has available at start, less the request bodies the gateway may hold
-(--max-pending-mb). There each model gets one replica before any gets a second, on the slice with the least placed,
-so memory too small for every model on every slice still serves each model somewhere before it replicates any. A
-model that fits nowhere is not served, saying why. Triton partitions serve their own models: nothing bounds them here.
+(--max-pending-mb) and the processes' own memory. There each model gets one replica before any gets a second, on
+the slice with the least placed, so memory too small for every model on every slice still serves each model
+somewhere before it replicates any. A model that fits nowhere is not served, saying why. Triton partitions serve
+their own models: nothing bounds them here.
 """
 
 from __future__ import annotations

@@ -95,7 +95,8 @@ def footprint(entry: ModelEntry) -> int:
 
 def place(partitions: list[Partition], models: Mapping[str, ModelEntry], shared: SharedMemory | None = None) -> Placement:
     """Every model on every partition with memory for it, smallest first; on CPU slices within `shared` (if given)."""
-    need = {name: footprint(entry) for name, entry in models.items()}
+    specs = {name: model_spec(entry) for name, entry in models.items()}  # one each, shared by its partitions
+    need = {name: spec.memory_bytes for name, spec in specs.items()}
     order = sorted(models, key=lambda name: (need[name], name))
     placed: dict[str, dict[str, ModelSpec]] = {p.id: {} for p in partitions}
     pooled = _pooled(partitions, shared)
@@ -103,14 +104,14 @@ def place(partitions: list[Partition], models: Mapping[str, ModelEntry], shared:
         if partition not in pooled:
             for name in order:
                 if need[name] <= _room(partition, placed[partition.id].values()):
-                    placed[partition.id][name] = model_spec(models[name])
+                    placed[partition.id][name] = specs[name]
     left = shared.bytes if shared is not None else 0
     for _ in pooled:  # each round gives each model one more replica, while the shared memory lasts
         for name in order:
             slices = [p for p in pooled if name not in placed[p.id] and need[name] <= _room(p, placed[p.id].values())]
             if slices and need[name] <= left:
                 target = min(slices, key=lambda p: _used(placed[p.id].values()))
-                placed[target.id][name] = model_spec(models[name])
+                placed[target.id][name] = specs[name]
                 left -= need[name]
     nowhere = [name for name in order if not any(name in there for there in placed.values())]
     return Placement(placed, {name: why_nowhere(partitions, placed, need[name], shared, name) for name in nowhere})
@@ -122,18 +123,15 @@ def place_one(
     """Where a model loaded at run time goes: every local partition with memory left beside what is placed there (the
     model's own older placement not counted: a reload replaces it), on CPU slices as many as `shared` has room for.
     Triton partitions serve their own models."""
-    name, need = entry.contract.name, footprint(entry)
-    others = {p.id: [s for m, s in placement.get(p.id, {}).items() if m != name] for p in partitions}
+    spec = model_spec(entry)
+    name, need = spec.name, spec.memory_bytes
+    others = _others(partitions, placement, name)
     pooled = _pooled(partitions, shared)
-    chosen = {
-        p.id: model_spec(entry)
-        for p in partitions
-        if p.kind is not PartitionKind.TRITON and p not in pooled and need <= _room(p, others[p.id])
-    }
-    left = (shared.bytes if shared is not None else 0) - sum(_used(others[p.id]) for p in pooled)
+    chosen = {p.id: spec for p in partitions if p.kind is not PartitionKind.TRITON and p not in pooled and need <= _room(p, others[p.id])}
+    left = _left(shared, pooled, others)
     for partition in sorted(pooled, key=lambda p: _used(others[p.id])):
         if need <= min(left, _room(partition, others[partition.id])):
-            chosen[partition.id] = model_spec(entry)
+            chosen[partition.id] = spec
             left -= need
     return chosen
 
@@ -142,16 +140,31 @@ def why_nowhere(
     partitions: list[Partition], placement: Mapping[str, Mapping[str, ModelSpec]], need: int, shared: SharedMemory | None, name: str
 ) -> str:
     """Why a model that needs `need` bytes is on no partition: what each kind of partition has left beside the others."""
-    others = {p.id: [s for m, s in placement.get(p.id, {}).items() if m != name] for p in partitions}
+    others = _others(partitions, placement, name)
     pooled = _pooled(partitions, shared)
     rooms = [_room(p, others[p.id]) for p in partitions if p.kind is not PartitionKind.TRITON and p not in pooled]
     why = f"it needs about {need / MB:.1f} MB of memory at its largest batch"
     if rooms:
         why += f"; the most any partition has left of its own memory is {max(rooms) / MB:.1f} MB"
     if pooled and shared is not None:
-        left = shared.bytes - sum(_used(others[p.id]) for p in pooled)
+        left = _left(shared, pooled, others)
         why += f"; the CPU slices' models share {shared.bytes / MB:.0f} MB ({shared.source}), {left / MB:.1f} MB of it left"
     return why
+
+
+def cpu_placed_bytes(partitions: list[Partition], placement: Mapping[str, Mapping[str, ModelSpec]]) -> int:
+    """What the models placed on CPU slices take of the memory they share."""
+    return sum(_used(placement.get(p.id, {}).values()) for p in partitions if p.kind is PartitionKind.CPU)
+
+
+def _others(partitions: list[Partition], placement: Mapping[str, Mapping[str, ModelSpec]], name: str) -> dict[str, list[ModelSpec]]:
+    """Each partition's placed models but `name` (whose own older placement a reload replaces)."""
+    return {p.id: [s for m, s in placement.get(p.id, {}).items() if m != name] for p in partitions}
+
+
+def _left(shared: SharedMemory | None, pooled: list[Partition], others: Mapping[str, list[ModelSpec]]) -> int:
+    """What the shared memory has left beside the pooled slices' other models."""
+    return (shared.bytes if shared is not None else 0) - sum(_used(others[p.id]) for p in pooled)
 
 
 def _pooled(partitions: list[Partition], shared: SharedMemory | None) -> list[Partition]:

@@ -37,7 +37,7 @@ from ..jobs import JobStore
 from ..logsettings import LogSettings
 from ..metrics import Metrics
 from ..partitions import Partition, PartitionKind, discover, memory_used
-from ..placement import SharedMemory, footprint, place, place_one, why_nowhere
+from ..placement import SharedMemory, cpu_placed_bytes, footprint, place, place_one, why_nowhere
 from ..regions import Regions
 from ..repository import ModelEntry, RepositoryError, load_model, load_repository
 from ..shared import Published, SharedCounts
@@ -112,7 +112,7 @@ class Gateway:
             SharedMemory.of_host(config.max_pending_bytes, workers) if any(p.kind is PartitionKind.CPU for p in partitions) else None
         )
         placed = place(partitions, models, cpu_memory)
-        if placed.left_off and len(placed.left_off) == len(models):
+        if len(placed.left_off) == len(models):
             raise ServiceError(f"no model fits in memory: {'; '.join(f'{n}: {why}' for n, why in placed.left_off.items())}")
         placement, models = placed.by_partition, {n: e for n, e in models.items() if n not in placed.left_off}
         _log_placement_bounds(partitions, placement, placed.left_off, cpu_memory)
@@ -636,8 +636,8 @@ class Gateway:
         """What the models on CPU slices share (service/placement.py), and how much of it those placed take."""
         if self.cpu_memory is None:
             return None
-        placed = [s for p in self.partitions if p.kind is PartitionKind.CPU for s in self.placement.get(p.id, {}).values()]
-        return {"bytes": self.cpu_memory.bytes, "placed_bytes": sum(s.memory_bytes for s in placed), "source": self.cpu_memory.source}
+        placed = cpu_placed_bytes(self.partitions, self.placement)
+        return {"bytes": self.cpu_memory.bytes, "placed_bytes": placed, "source": self.cpu_memory.source}
 
     def partitions_view(self) -> list[dict[str, Any]]:
         view = []
@@ -687,23 +687,20 @@ def _log_placement_bounds(
     """Warnings where memory kept models off partitions: those served nowhere, and those on fewer CPU slices than all."""
     for name, why in left_off.items():
         logger.warning("model %s is not served: %s", name, why)
+    if cpu_memory is None:
+        return
+    share, source = cpu_memory.bytes / MB, cpu_memory.source
+    logger.info(
+        "the models on the CPU slices take %.0f of the %.0f MB they share (%s)", cpu_placed_bytes(partitions, placement) / MB, share, source
+    )
     slices = [p.id for p in partitions if p.kind is PartitionKind.CPU]
-    fewer = {
-        n: k
-        for n in sorted({m for pid in slices for m in placement[pid]})
-        if (k := sum(n in placement[pid] for pid in slices)) < len(slices)
-    }
-    if cpu_memory is not None:
-        placed = sum(spec.memory_bytes for pid in slices for spec in placement[pid].values())
-        logger.info(
-            "the models on the CPU slices take %.0f of the %.0f MB they share (%s)", placed / MB, cpu_memory.bytes / MB, cpu_memory.source
-        )
-    if cpu_memory is not None and fewer:
+    runs_on = {name: sum(name in placement[pid] for pid in slices) for name in sorted({m for pid in slices for m in placement[pid]})}
+    if fewer := {name: k for name, k in runs_on.items() if k < len(slices)}:
         logger.warning(
             "the models on the %d CPU slices share %.0f MB of memory (%s): %s",
             len(slices),
-            cpu_memory.bytes / MB,
-            cpu_memory.source,
+            share,
+            source,
             ", ".join(f"{name} runs on {k}" for name, k in fewer.items()),
         )
 

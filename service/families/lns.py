@@ -172,9 +172,9 @@ async def stations_of(volume: Volume, organs: Contract, stations: Contract, *, r
     missing = [name for name in _pre(stations).extra_channels if name not in organ_names]
     if missing:
         raise ValueError(f"{stations.name} needs organ masks {missing} that {organs.name} does not segment")
-    masks = tuple(organ_names.index(name) for name in _pre(stations).extra_channels)
+    mask_labels = tuple(organ_names.index(name) for name in _pre(stations).extra_channels)
     progress.stage = "stations"
-    station_labels = await segment(Channels(ct, organ_labels, masks), stations, run=run, progress=progress, in_flight=in_flight)
+    station_labels = await segment(Channels(ct, organ_labels, mask_labels), stations, run=run, progress=progress, in_flight=in_flight)
     progress.stage = "writing"
     labels = await asyncio.to_thread(back_to_grid, station_labels, volume.hu.shape)
     names = _post(stations).labels

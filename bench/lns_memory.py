@@ -5,7 +5,10 @@ lns-stations over the CT and six organ masks, and maps the labels back: all of i
 workers run the tiles. This runs those stages (service/families/lns.py, `stations_of`) in a child process per side,
 with the real exported models run by onnxruntime in that process, and reports the peak of the memory Python and
 numpy allocate during them (tracemalloc: every numpy array, not onnxruntime's own arena, which lives in the workers),
-above the decoded volume that both sides hold before they start. The two sides' label maps must be the same.
+above the decoded volume that both sides hold before they start. The two sides' label maps must be the same. It
+also prints what this checkout estimates a job holds (`lns.job_bytes`, which serve --max-job-mb bounds), beside its
+peak with the volume: here tiles are answered as they come, so fewer hold their logits at once than behind a busy
+worker, the case the estimate is for (tests/integration/test_lns_stages.py checks that case).
 
     .venv/bin/python -m bench.lns_memory --a-revision 1c45242                       # tiny models (4 mm spacing, 16x32x32 patches)
     .venv/bin/python -m bench.lns_memory --a-revision 1c45242 --size paper --shape 60 200 200 --spacing 2.5 0.8 0.8
@@ -46,7 +49,7 @@ def measure(repo: Path, shape: tuple[int, int, int], spacing: tuple[float, float
 
     async def run(name: str, inputs: dict[str, Array]) -> dict[str, Array]:
         (logits,) = await asyncio.to_thread(sessions[name].run, None, inputs)
-        return {contracts[name].outputs[0].name: logits}
+        return {contracts[name].outputs[0].name: np.array(logits)}  # a copy, traced, as the gateway copies it from shared memory
 
     rng = np.random.default_rng(5)
     hu = rng.normal(-300, 500, shape).astype(np.float32)
@@ -68,6 +71,18 @@ def measure(repo: Path, shape: tuple[int, int, int], spacing: tuple[float, float
         "resampled": list(resampled),
         "labels_sha256": hashlib.sha256(gzip.decompress(result.nifti)).hexdigest(),  # not the gzip header's time
     }
+
+
+def _estimate(repo: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float], in_flight: int) -> int:
+    import numpy as np
+
+    from migserve.contract import read_contract
+    from service.families import lns
+    from service.families.volume import Volume
+
+    organs, stations = read_contract(repo / "lns-organs"), read_contract(repo / "lns-stations")
+    volume = Volume(hu=np.empty(shape, np.float32), spacing=spacing, affine=np.eye(4), source="nifti")
+    return lns.job_bytes(shape, lns.plan(volume, organs, stations, 10**10)[0], organs, stations, in_flight)
 
 
 def main() -> int:
@@ -111,6 +126,10 @@ def main() -> int:
         seconds = ", ".join(f"{float(r['seconds']):.1f}" for r in runs)
         print(f"| {shown} | {peaks} | {seconds} |")
     ratio = min(int(r["peak_bytes"]) for r in found["B"]) / min(int(r["peak_bytes"]) for r in found["A"])
+    estimate = _estimate(repo, shape, spacing, args.tiles_in_flight)
+    peak = max(int(r["peak_bytes"]) for r in found["B"]) + 4 * shape[0] * shape[1] * shape[2]
+    print(f"B's estimate of a job (lns.job_bytes): {estimate / MB:.1f} MB; B's peak with the volume {peak / MB:.1f} MB", end="")
+    print(f" ({peak / estimate:.2f} of it)")
     same = len({r["labels_sha256"] for runs in found.values() for r in runs}) == 1
     print(f"B / A peak: {ratio:.2f}; label maps {'the same' if same else 'DIFFER'}")
     return 0 if same else 1

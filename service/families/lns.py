@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
+import os
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +30,8 @@ from ..jobs import Progress
 from .volume import Volume, back_to_grid, resample, to_nifti, window
 
 Run = Callable[[str, dict[str, Array]], Awaitable[dict[str, Array]]]
+BLEND_THREADS = min(32, (os.cpu_count() or 1) + 4)  # asyncio.to_thread's executor: tiles blended at once, at most
+ARGMAX_VOXELS = 1 << 20  # voxels of one slab of the labels' argmax (5 bytes each while it runs)
 
 
 def starts(size: int, patch: int, overlap: float) -> list[int]:
@@ -98,7 +102,7 @@ async def segment(channels: Channels, contract: Contract, *, run: Run, progress:
     shape = channels.shape
     padded = tuple(max(n, p) for n, p in zip(shape, pre.patch_size, strict=True))
     weight = gaussian(pre.patch_size, pre.gaussian_sigma_scale)
-    scores = np.zeros((len(post.labels), *padded), dtype=np.float32)
+    scores = [np.zeros((len(post.labels), *padded), dtype=np.float32)]  # in a list for the argmax to take (below)
     lock = threading.Lock()
     limit = asyncio.Semaphore(in_flight)
     input_name = contract.inputs[0].name
@@ -110,7 +114,7 @@ async def segment(channels: Channels, contract: Contract, *, run: Run, progress:
         probs /= probs.sum(axis=0, keepdims=True)
         probs *= weight
         with lock:
-            scores[:, z : z + dz, y : y + dy, x : x + dx] += probs
+            scores[0][:, z : z + dz, y : y + dy, x : x + dx] += probs
 
     async def tile(corner: tuple[int, int, int]) -> None:
         async with limit:  # the tile and its logits are let go before another tile starts
@@ -121,18 +125,56 @@ async def segment(channels: Channels, contract: Contract, *, run: Run, progress:
         progress.advance()
 
     await asyncio.gather(*(tile(c) for c in grid(padded, pre)))
-    return await asyncio.to_thread(_argmax, scores, shape)
+    # the thread takes the only reference to the scores: as an argument, its work item would keep them alive until
+    # the thread next ran, which may be after this returns and the next stage has made its own
+    return await asyncio.to_thread(lambda: _argmax(scores.pop(), shape))
 
 
 def _argmax(scores: Array, shape: tuple[int, int, int]) -> Array:
-    """uint8 labels [z, y, x] of the largest score, cropped to `shape`, a few slices at a time (argmax's int64 answer
-    for the whole volume would be twice the size of the labels' float32 score)."""
-    labels = np.empty(shape, dtype=np.uint8)
-    step = max(1, (1 << 24) // max(1, shape[1] * shape[2]))  # about 16 M voxels a step
+    """uint8 labels [z, y, x] of the largest score (the first of equal ones, as argmax), cropped to `shape`, a slab of
+    about ARGMAX_VOXELS at a time, by a running maximum over the labels: numpy's argmax along the first axis copies the
+    slab's scores of every label to take them along its last, and answers in int64."""
+    labels = np.zeros(shape, dtype=np.uint8)
+    step = _slab(shape)
     for z in range(0, shape[0], step):
         stop = min(z + step, shape[0])  # the scores run past the volume where it was padded to a patch
-        labels[z:stop] = scores[:, z:stop, : shape[1], : shape[2]].argmax(axis=0)
+        slab, out = scores[:, z:stop, : shape[1], : shape[2]], labels[z:stop]
+        best, higher = slab[0].copy(), np.empty(out.shape, dtype=bool)
+        for label in range(1, len(slab)):
+            np.greater(slab[label], best, out=higher)
+            np.copyto(out, label, where=higher)
+            np.maximum(best, slab[label], out=best)
     return labels
+
+
+def _slab(shape: tuple[int, ...]) -> int:
+    """Planes of `shape` in one slab of the argmax: about ARGMAX_VOXELS."""
+    return max(1, ARGMAX_VOXELS // max(1, shape[1] * shape[2]))
+
+
+def job_bytes(shape: tuple[int, int, int], resampled: tuple[int, int, int], organs: Contract, stations: Contract, in_flight: int) -> int:
+    """About the most a job on a volume of `shape` (resampled to `resampled`, both [z, y, x]) holds at once with
+    `in_flight` tiles outstanding, its decoded volume included and its request's body not (--max-pending-mb counts
+    that). What holds it, in the order `stations_of` makes it, per voxel of the volume (v) or of the resampled
+    volume (r): the volume, float32 (4v); the resampled CT and its windowed copy (8r); in each stage, the CT (4r,
+    and in stage 2 the organ labels, 1r), every label's score (4 bytes a label and padded voxel) and the Gaussian
+    weight, then either each outstanding tile's input and logits and the blends' temporaries (two of a tile's
+    logits, two of a patch), or the labels (1r) with one slab's running maximum and mask (5 bytes a voxel); last the
+    station labels (1r) back on the input grid (1v) and the NIfTI's bytes before and after gzip (at most 2v). A
+    tile's logits are a view of its batch's output, which the batch's other rows keep alive until they are blended
+    too; those rows are other outstanding tiles, counted already."""
+    voxels = math.prod(resampled)
+
+    def stage(contract: Contract, held: int) -> int:
+        pre, labels = _pre(contract), len(_post(contract).labels)
+        padded = tuple(max(n, p) for n, p in zip(resampled, pre.patch_size, strict=True))
+        tiles, patch = min(in_flight, len(grid(padded, pre))), math.prod(pre.patch_size)
+        running = tiles * (1 + len(pre.extra_channels) + labels) * patch * 4 + min(tiles, BLEND_THREADS) * (2 * labels + 2) * patch * 4
+        ending = voxels + 5 * min(_slab(resampled), resampled[0]) * resampled[1] * resampled[2]
+        return held + 4 * labels * math.prod(padded) + 4 * patch + max(running, ending)
+
+    prepare, writing = 8 * voxels, 6 * voxels + 3 * math.prod(shape)
+    return 4 * math.prod(shape) + max(prepare, stage(organs, 4 * voxels), stage(stations, 5 * voxels), writing)
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,16 @@ tiny models run by onnxruntime in this process.
 The service makes each tile's channels as it sends it and keeps no sum of the Gaussian weights (memory: a paper-size
 CT would otherwise stack its masks whole and divide every label's score by that sum); the plain computation here stacks
 the masks, pads the volume, and divides, as the papers' nnU-Net-style inference does. The labels must be the same.
+
+What a job holds is estimated before it starts (`lns.job_bytes`, bounded by serve --max-job-mb); it is checked here
+against what the stages allocate while a worker that has fallen behind answers their tiles in batches.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gzip
+import tracemalloc
 
 import nibabel as nib
 import numpy as np
@@ -96,3 +100,63 @@ def test_the_service_s_stages_label_as_the_plain_computation(
     assert served.shape == expected.shape == shape
     assert np.array_equal(served, expected), f"{np.count_nonzero(served != expected)} of {served.size} voxels differ"
     assert window(np.array([-2000.0, 0.0, 2000.0], np.float32), -1000.0, 1000.0).tolist() == [0.0, 0.5, 1.0]
+
+
+class _Behind:
+    """A worker that has fallen behind: it answers a model's tiles only once `batch` of them wait (or none has come for
+    50 ms), all at once, one output for the batch copied out (as the gateway copies it out of shared memory) and a row
+    of it to each tile (service/dispatch/batcher.py), so that every tile in flight holds its logits at once."""
+
+    def __init__(self, models: dict[str, tuple[Contract, ort.InferenceSession]], batch: int) -> None:
+        self.models, self.batch = models, batch
+        self.waiting: list[tuple[str, Array, asyncio.Future[dict[str, Array]]]] = []
+        self.timer: asyncio.TimerHandle | None = None
+
+    async def run(self, name: str, inputs: dict[str, Array]) -> dict[str, Array]:
+        future: asyncio.Future[dict[str, Array]] = asyncio.get_running_loop().create_future()
+        self.waiting.append((name, next(iter(inputs.values())), future))
+        if len(self.waiting) >= self.batch:
+            self.answer()
+        elif self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(0.05, self.answer)
+        return await future
+
+    def answer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        waiting, self.waiting = self.waiting, []
+        for name in {name for name, _, _ in waiting}:
+            contract, session = self.models[name]
+            rows = [(tile, future) for model, tile, future in waiting if model == name]
+            (logits,) = session.run(None, {contract.inputs[0].name: np.concatenate([tile for tile, _ in rows])})
+            logits = np.array(logits)  # onnxruntime's own buffer is not traced; the gateway's copy is
+            for row, (_, future) in enumerate(rows):
+                future.set_result({contract.outputs[0].name: logits[row : row + 1]})
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing", "in_flight"),
+    [((80, 80, 40), (4.0, 4.0, 4.0), 2), ((80, 80, 40), (4.0, 4.0, 4.0), 32), ((40, 300, 300), (1.0, 1.0, 1.0), 8)],
+    ids=["2-in-flight", "32-in-flight", "resampled"],
+)
+def test_a_job_holds_no_more_than_its_estimate_and_not_far_less(
+    tiny_repo: ExportedRepo, shape: tuple[int, int, int], spacing: tuple[float, float, float], in_flight: int
+) -> None:
+    """The peak of what numpy and Python allocate while the stages run (tracemalloc), with the decoded volume, is at
+    most `job_bytes` and more than 3/4 of it (over that, --max-job-mb would turn away jobs it has room for)."""
+    models = _sessions(tiny_repo)
+    hu = np.random.default_rng(3).normal(-300, 500, shape).astype(np.float32)
+    hu[:, shape[1] // 3 : shape[1] // 2] += 900
+    volume = Volume(hu=hu, spacing=spacing, affine=np.eye(4), source="nifti")
+    organs, stations = models["lns-organs"][0], models["lns-stations"][0]
+    resampled, tiles = lns.plan(volume, organs, stations, 10**9)
+    estimate = lns.job_bytes(shape, resampled, organs, stations, in_flight)
+    tracemalloc.start()
+    try:
+        run = _Behind(models, in_flight).run
+        asyncio.run(lns.stations_of(volume, organs, stations, run=run, progress=Progress(tiles), in_flight=in_flight))
+        peak = tracemalloc.get_traced_memory()[1] + hu.nbytes
+    finally:
+        tracemalloc.stop()
+    assert 0.75 * estimate < peak <= estimate, f"peak {peak / 2**20:.2f} MB, estimate {estimate / 2**20:.2f} MB"

@@ -131,7 +131,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=32,
         help="tiles of one CT volume outstanding in the dispatcher at once; each holds its input and logits in the gateway "
-        "(29 and 55 MB at paper size) (default: 32)",
+        "(at paper size 4 and 96 MB at the organ stage), and a job runs fewer where --max-job-mb has no room (default: 32)",
+    )
+    parser.add_argument(
+        "--max-job-mb",
+        type=float,
+        help="memory the running CT jobs (/v1/lns/segment) may hold in the gateway together: the volume, its resampled "
+        "copies, each label's score and the tiles in flight, estimated from the volume's size before the job starts; a "
+        "job that would pass it runs fewer tiles at once, else is answered 503, or 413 if alone it would "
+        "(default: 4096, or a quarter of a memory limit)",
     )
     parser.add_argument(
         "--job-results-mb",
@@ -209,6 +217,14 @@ def _pending_bytes(max_pending_mb: float | None, max_body: int) -> int:
     return pending
 
 
+def _job_bytes(max_job_mb: float | None) -> int:
+    """--max-job-mb, or its default (service/config.default_job_bytes)."""
+    from .cgroups import memory_limit
+    from .config import default_job_bytes
+
+    return int(max_job_mb * (1 << 20)) if max_job_mb is not None else default_job_bytes(memory_limit())
+
+
 def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
     import uvicorn
 
@@ -271,6 +287,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             job_min_tiles=args.job_min_tiles,
             max_jobs=args.max_jobs,
             tiles_in_flight=args.tiles_in_flight,
+            max_job_bytes=_job_bytes(args.max_job_mb),
             max_job_results_bytes=int(args.job_results_mb * (1 << 20)),
             trace_file=args.trace_file,
             frontends=args.frontends,

@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MB = 1 << 20
 DEFAULT_PENDING_BYTES = 1 << 30
-PENDING_SHARE_OF_MEMORY = 4  # at most a quarter of a memory limit holds request bodies by default
+PENDING_SHARE_OF_MEMORY = 4  # at most a quarter of a memory limit holds request bodies by default, and CT jobs another
+DEFAULT_JOB_BYTES = 4 << 30
 
 
 def default_pending_bytes(max_body_bytes: int, memory_limit: int | None) -> tuple[int, str | None]:
@@ -26,6 +27,11 @@ def default_pending_bytes(max_body_bytes: int, memory_limit: int | None) -> tupl
     if pending * 2 > memory_limit:
         warning += f"; one body of --max-body-mb {max_body_bytes / MB:g} is over half the memory: lower --max-body-mb"
     return pending, warning
+
+
+def default_job_bytes(memory_limit: int | None) -> int:
+    """--max-job-mb's default: 4 GiB, or under a memory limit a quarter of it."""
+    return DEFAULT_JOB_BYTES if memory_limit is None else min(DEFAULT_JOB_BYTES, memory_limit // PENDING_SHARE_OF_MEMORY)
 
 
 class ServeConfig(BaseModel):
@@ -130,6 +136,12 @@ class ServeConfig(BaseModel):
         512 << 20, ge=0, description="finished jobs' results kept at once; past it the oldest finished jobs are dropped"
     )
     tiles_in_flight: int = Field(32, ge=1, description="tiles of one volume outstanding in the dispatcher at once")
+    max_job_bytes: int = Field(
+        DEFAULT_JOB_BYTES,
+        ge=1,
+        description="memory the running CT jobs may hold in the gateway together, by their estimates (service/families/lns.py "
+        "job_bytes); a job that would pass it runs fewer tiles at once, else is answered 503 (413 if alone it would)",
+    )
     trace_file: Path | None = Field(None, description="where Triton's trace extension writes traces (none: tracing is off)")
 
     @model_validator(mode="after")

@@ -1,7 +1,9 @@
 """Long requests as jobs: `202 Accepted` with a status URL that reports progress, then the result.
 
 A job is an asyncio task in the gateway process. At most `max_running` run at
-once (more are answered 503 with Retry-After); finished jobs are kept for
+once, and together they hold at most `max_bytes` by their own estimates (`submit`'s
+`nbytes`): past either, more are answered 503 with Retry-After, and a job that would
+pass `max_bytes` alone 413. Finished jobs are kept for
 `ttl_s` and then forgotten, and their results (a label map is megabytes) together
 take at most `max_kept_bytes`: past it the oldest finished jobs are dropped first,
 so memory stays bounded however fast jobs finish. A dropped job's URL says why.
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
-from .errors import NotFound, ServiceError, Unavailable
+from .errors import NotFound, ServiceError, TooLarge, Unavailable
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -60,6 +62,7 @@ class Job(Generic[T]):
     result: T | None = None
     error: ServiceError | None = None
     task: asyncio.Task[None] | None = None
+    reserved: int = 0  # of JobStore.max_bytes, while it runs
 
     @property
     def nbytes(self) -> int:
@@ -84,9 +87,13 @@ class Job(Generic[T]):
         }
 
 
+MB = 1 << 20
+
+
 class JobStore:
-    def __init__(self, max_running: int, ttl_s: float, max_kept_bytes: int) -> None:
+    def __init__(self, max_running: int, ttl_s: float, max_kept_bytes: int, max_bytes: int) -> None:
         self.max_running = max_running
+        self.max_bytes = max_bytes
         self.ttl_s = ttl_s
         self.max_kept_bytes = max_kept_bytes
         self._jobs: dict[str, Job[Any]] = {}  # in the order they were submitted
@@ -95,12 +102,29 @@ class JobStore:
     def running(self) -> int:
         return sum(1 for job in self._jobs.values() if job.state is JobState.RUNNING)
 
-    def submit(self, kind: str, total: int, work: Callable[[Progress], Awaitable[T]]) -> Job[T]:
+    def reserved(self) -> int:
+        """What the running jobs hold, by their estimates."""
+        return sum(job.reserved for job in self._jobs.values())
+
+    def submit(self, kind: str, total: int, work: Callable[[Progress], Awaitable[T]], nbytes: int = 0) -> Job[T]:
+        """Start `work`, which holds about `nbytes` of memory until it ends."""
         self._forget_expired()
+        if nbytes > self.max_bytes:
+            raise TooLarge(
+                f"this {kind} job would hold about {nbytes / MB:.0f} MB of the gateway's memory, over --max-job-mb "
+                f"{self.max_bytes / MB:g} even with no other job running"
+            )
         if self.running() >= self.max_running:
             raise Unavailable(f"{self.max_running} jobs are already running; try again later", retry_after_s=5.0)
-        job: Job[T] = Job(id=uuid.uuid4().hex, kind=kind, progress=Progress(total))
+        if (held := self.reserved()) + nbytes > self.max_bytes:
+            raise Unavailable(
+                f"the running jobs hold about {held / MB:.0f} MB; this {kind} job's {nbytes / MB:.0f} MB more would pass "
+                f"--max-job-mb {self.max_bytes / MB:g}; try again when one has finished",
+                retry_after_s=5.0,
+            )
+        job: Job[T] = Job(id=uuid.uuid4().hex, kind=kind, progress=Progress(total), reserved=nbytes)
         job.task = asyncio.get_running_loop().create_task(self._run(job, work), name=f"job-{job.id}")
+        job.task.add_done_callback(lambda _: self._ended(job))  # also where it was cancelled before it began
         self._jobs[job.id] = job
         return job
 
@@ -117,7 +141,12 @@ class JobStore:
             logger.exception("job %s (%s) failed", job.id, job.kind)
             job.error = ServiceError(f"{job.kind} failed: {type(exc).__name__}: {exc}")
         finally:
-            job.finished = time.time()
+            self._ended(job)
+
+    def _ended(self, job: Job[Any]) -> None:
+        if job.finished is None:
+            job.finished, job.reserved = time.time(), 0
+            job.error = job.error or (ServiceError("cancelled before it began") if job.result is None else None)
             self._make_room()
 
     def kept_bytes(self) -> int:

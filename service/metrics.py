@@ -59,6 +59,7 @@ class Metrics:
             "migserve_v1_request_seconds", "Family endpoint latency, decoding to answer", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.jobs_running = Gauge("migserve_jobs_running", "Jobs (202 Accepted) still running", registry=r)
+        self.job_bytes = Gauge("migserve_job_bytes", "Memory the running CT jobs hold, by their estimates (--max-job-mb)", registry=r)
         self.body_bytes = Gauge(
             "migserve_request_body_bytes", "Request bodies held, from their head to their answer (--max-pending-mb)", registry=r
         )

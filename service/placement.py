@@ -44,9 +44,10 @@ class SharedMemory:
     source: str
 
     @classmethod
-    def of_host(cls, pending_bytes: int, workers: int, root: Path = Path("/")) -> SharedMemory | None:
-        """The cgroup's memory limit, else the host's available memory, less `pending_bytes` of request bodies and the
-        gateway's and its `workers` processes' own memory; None where neither can be read (nothing bounds the slices)."""
+    def of_host(cls, pending_bytes: int, workers: int, root: Path = Path("/"), job_bytes: int = 0) -> SharedMemory | None:
+        """The cgroup's memory limit, else the host's available memory, less `pending_bytes` of request bodies,
+        `job_bytes` for CT jobs (where the gateway serves them) and the gateway's and its `workers` processes' own
+        memory; None where neither can be read (nothing bounds the slices)."""
         limit = memory_limit(root)
         if limit is not None:
             whence = f"the cgroup's memory limit of {limit / MB:.0f} MB"
@@ -55,10 +56,11 @@ class SharedMemory:
         else:
             return None
         own = GATEWAY_BYTES + workers * WORKER_BYTES
+        jobs = f", --max-job-mb {job_bytes / MB:g} for CT jobs" if job_bytes else ""
         return cls(
-            max(limit - pending_bytes - own, 0),
-            f"{whence}, less --max-pending-mb {pending_bytes / MB:g} for request bodies and {own / MB:.0f} MB for the processes' "
-            f"own (the gateway and {workers} worker{'s' if workers != 1 else ''})",
+            max(limit - pending_bytes - job_bytes - own, 0),
+            f"{whence}, less --max-pending-mb {pending_bytes / MB:g} for request bodies{jobs} and {own / MB:.0f} MB for the "
+            f"processes' own (the gateway and {workers} worker{'s' if workers != 1 else ''})",
         )
 
 

@@ -92,7 +92,8 @@ class Gateway:
     _syncing: asyncio.Task[None] | None = None  # with front-ends and a trace file: their settings and traces, each second
 
     def __post_init__(self) -> None:
-        self.jobs = JobStore(self.config.max_jobs, self.config.job_ttl_s, self.config.max_job_results_bytes)
+        config = self.config
+        self.jobs = JobStore(config.max_jobs, config.job_ttl_s, config.max_job_results_bytes, config.max_job_bytes)
         self.bodies = BodyBudget(self.config.max_pending_bytes, self.shared, self.index)
         self.tracer = Tracer(self.config.trace_file, collected=self.index != 0)
 
@@ -108,9 +109,8 @@ class Gateway:
         if not models:
             raise UnknownModel(f"no servable models in {config.model_repo}; run: migserve export --all --out {config.model_repo}")
         workers = sum(p.kind is not PartitionKind.TRITON for p in partitions)
-        cpu_memory = (
-            SharedMemory.of_host(config.max_pending_bytes, workers) if any(p.kind is PartitionKind.CPU for p in partitions) else None
-        )
+        cpu = any(p.kind is PartitionKind.CPU for p in partitions)
+        cpu_memory = SharedMemory.of_host(config.max_pending_bytes, workers, job_bytes=_job_memory(config, models)) if cpu else None
         placed = place(partitions, models, cpu_memory)
         if len(placed.left_off) == len(models):
             raise ServiceError(f"no model fits in memory: {'; '.join(f'{n}: {why}' for n, why in placed.left_off.items())}")
@@ -467,6 +467,12 @@ class Gateway:
         self.batcher(name).submit(pending)
         return classified(await _await_until(pending, name, timeout), decoded.classes)
 
+    def count_held(self) -> None:
+        """The running jobs, their memory and the request bodies held, for a /metrics scrape."""
+        self.metrics.jobs_running.set(self.jobs.running())
+        self.metrics.job_bytes.set(self.jobs.reserved())
+        self.metrics.body_bytes.set(self.bodies.held)
+
     async def refresh_memory_used(self) -> None:
         """Memory in use per GPU and MIG partition, from NVML, and in the gateway's cgroup where it has a memory limit,
         for a /metrics scrape."""
@@ -482,17 +488,18 @@ class Gateway:
     def _check_memory_headroom(self) -> None:
         """A warning where the workers, their models loaded, leave less of the cgroup's memory limit than the request
         bodies the gateway may hold: under load a worker would be killed for memory (service/workers/oom.py)."""
-        usage = memory_usage()
-        if usage is None or usage[1] + self.config.max_pending_bytes <= usage[0]:
+        usage, jobs = memory_usage(), _job_memory(self.config, self.models)
+        if usage is None or usage[1] + self.config.max_pending_bytes + jobs <= usage[0]:
             return
         limit, in_use = usage
         logger.warning(
             "with their models loaded the gateway and its workers hold %.0f MB of their cgroup's memory limit of %.0f MB "
-            "(docker --memory, a Kubernetes memory limit), and may hold %.0f MB of request bodies more (--max-pending-mb), "
+            "(docker --memory, a Kubernetes memory limit), and may hold %.0f MB of request bodies more (--max-pending-mb)%s, "
             "besides larger batches' activations: under load the kernel can kill a worker for memory; %s",
             in_use / MB,
             limit / MB,
             self.config.max_pending_bytes / MB,
+            f" and {jobs / MB:.0f} MB for CT jobs (--max-job-mb)" if jobs else "",
             ADVICE,
         )
 
@@ -679,6 +686,11 @@ async def _await_until(pending: Pending, name: str, timeout: float) -> dict[str,
 
 
 SCHEDULING = {os.SCHED_OTHER: "normal", os.SCHED_BATCH: "batch", os.SCHED_IDLE: "idle"}
+
+
+def _job_memory(config: ServeConfig, models: dict[str, ModelEntry]) -> int:
+    """What CT jobs may hold in the gateway (--max-job-mb) where it serves a CT model, else nothing."""
+    return config.max_job_bytes if any(e.contract.family == "lns" for e in models.values()) else 0
 
 
 def _log_placement_bounds(

@@ -144,8 +144,7 @@ def register(app: FastAPI, gateway: Gateway) -> None:
 
     @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
     async def metrics() -> Response:
-        gateway.metrics.jobs_running.set(gateway.jobs.running())
-        gateway.metrics.body_bytes.set(gateway.bodies.held)
+        gateway.count_held()
         await gateway.refresh_memory_used()
         await gateway.refresh_frontends()
         return Response(gateway.metrics_text(), media_type=CONTENT_TYPE_LATEST)

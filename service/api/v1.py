@@ -9,6 +9,7 @@ Which model serves an endpoint is found from the contracts (family, variant).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from migserve.contract import (
+    Contract,
     DensityPostprocessing,
     FacePostprocessing,
     GroundingPostprocessing,
@@ -35,7 +37,7 @@ from migserve.types import Array
 from ..errors import NotFound, NotReady, ServiceError, Unprocessable
 from ..families import crowd, face, frontalize, grounding, lns, media
 from ..families.volume import read_volume
-from ..jobs import Job, Progress
+from ..jobs import MB, Job, Progress
 from ..repository import ModelEntry
 from .budget import Hold
 from .limits import HOLD
@@ -58,6 +60,8 @@ from .schemas import (
     request_body,
 )
 from .uploads import options, read_upload, require_file
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -200,7 +204,8 @@ class FamilyEndpoints:
         volume = await asyncio.to_thread(
             lambda: read_volume(data, max_bytes=config.max_body_bytes * 4, max_voxels=config.max_volume_voxels, unpacking=hold.add)
         )
-        _, total = lns.plan(volume, organs.contract, stations.contract, self.config.max_volume_voxels)
+        resampled, total = lns.plan(volume, organs.contract, stations.contract, self.config.max_volume_voxels)
+        in_flight, nbytes = self.tiles_that_fit(volume.hu.shape, resampled, organs.contract, stations.contract)
         as_job = opts.mode == "job" or (opts.mode == "auto" and total > self.config.job_min_tiles)
         deadline = time.monotonic() + self.config.job_timeout_s if as_job else self.deadline(request)
 
@@ -208,11 +213,17 @@ class FamilyEndpoints:
             return await self.gateway.run(name, inputs, deadline)
 
         async def work(progress: Progress) -> lns.Stations:
-            return await lns.stations_of(
-                volume, organs.contract, stations.contract, run=run, progress=progress, in_flight=self.config.tiles_in_flight
-            )
+            return await lns.stations_of(volume, organs.contract, stations.contract, run=run, progress=progress, in_flight=in_flight)
 
-        job = self.gateway.jobs.submit("lns-segment", total, work)
+        job = self.gateway.jobs.submit("lns-segment", total, work, nbytes)
+        if in_flight < self.config.tiles_in_flight:
+            logger.info(
+                "job %s runs %d tiles at once, not --tiles-in-flight %d: the running CT jobs would pass --max-job-mb %g",
+                job.id,
+                in_flight,
+                self.config.tiles_in_flight,
+                self.config.max_job_bytes / MB,
+            )
         if as_job:
             url = f"/v1/jobs/{job.id}"
             return JSONResponse(self.job_view(job).model_dump(), status_code=202, headers={"Location": url})
@@ -222,6 +233,17 @@ class FamilyEndpoints:
             self.gateway.jobs.cancel(job, "cancelled: the client disconnected before the answer")
             raise
         return JSONResponse(self.lns_result(job, opts.inline).model_dump())
+
+    def tiles_that_fit(
+        self, shape: tuple[int, ...], resampled: tuple[int, int, int], organs: Contract, stations: Contract
+    ) -> tuple[int, int]:
+        """The most tiles up to --tiles-in-flight a CT job may have outstanding with the running jobs' memory and its own
+        within --max-job-mb, and what it holds then; where not even one tile fits, one (the job store refuses it)."""
+        room, in_flight = self.config.max_job_bytes - self.gateway.jobs.reserved(), self.config.tiles_in_flight
+        volume = (shape[0], shape[1], shape[2])
+        while in_flight > 1 and lns.job_bytes(volume, resampled, organs, stations, in_flight) > room:
+            in_flight -= 1
+        return in_flight, lns.job_bytes(volume, resampled, organs, stations, in_flight)
 
     def lns_result(self, job: Job[Any], inline: bool) -> LnsResult:
         result = cast(lns.Stations, job.result)  # a finished lns job's

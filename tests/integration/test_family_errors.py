@@ -11,14 +11,19 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
+from migserve.contract import read_contract
+from service.families import lns
+from service.families.volume import read_volume
 from tests.helpers import ExportedRepo, Gateway
 from tests.integration.test_family_endpoints import ASTRONAUT, NIBABEL_DATA, encode, lfw_faces, nifti_gz, npy, pydicom_file
 
+MB = 1 << 20
 JPEG = encode(ASTRONAUT)
 PNG = lfw_faces(1)[0]
 ANATOMICAL = (NIBABEL_DATA / "anatomical.nii").read_bytes()
@@ -226,6 +231,57 @@ def test_ct_jobs_and_their_tiles_in_flight_are_bounded(limited: httpx.Client) ->
     for model in ("lns-organs", "lns-stations"):
         batches = _summed(metrics, "migserve_batch_size_count{", f'model="{model}"')
         assert batches > 1 and _summed(metrics, "migserve_batch_size_bucket{", f'model="{model}"', 'le="2.0"') == batches, model
+
+
+def test_ct_jobs_hold_their_memory_within_max_job_mb(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """--max-job-mb bounds what running CT jobs hold by their estimates (service/families/lns.py job_bytes): here it
+    has room for a 80x80x40 volume's job with 2 of its --tiles-in-flight 8, which it then runs with 2 (the log says
+    so; no batch has more rows); while it runs, /metrics shows what it holds and the same volume again is 503; a
+    volume whose job could not fit alone is 413."""
+    ct = nifti_gz(np.random.default_rng(5).normal(-300, 400, (80, 80, 40)).astype(np.int16), np.diag([4.0, 4.0, 4.0, 1.0]))
+    big = nifti_gz(np.zeros((100, 100, 40), np.int16), np.diag([4.0, 4.0, 4.0, 1.0]))
+    organs, stations = (read_contract(tiny_repo.root / name) for name in ("lns-organs", "lns-stations"))
+
+    def needs(data: bytes, in_flight: int) -> int:
+        volume = read_volume(data, max_bytes=1 << 30, max_voxels=1 << 30)
+        shape = (volume.hu.shape[0], volume.hu.shape[1], volume.hu.shape[2])
+        return lns.job_bytes(shape, lns.plan(volume, organs, stations, 1 << 30)[0], organs, stations, in_flight)
+
+    assert needs(ct, 2) < needs(ct, 3) and needs(big, 1) > needs(ct, 3), "the test's premise"
+    budget_mb = (needs(ct, 2) + needs(ct, 3)) / 2 / MB
+    args = ("--cpu-slices", "1", "--models", "lns-organs", "lns-stations", "--tiles-in-flight", "8", "--max-jobs", "2")
+    server = Gateway(tiny_repo.root, *args, "--max-job-mb", f"{budget_mb:.3f}", log=tmp_path / "serve.log")
+    try:
+        with httpx.Client(base_url=f"http://{server.url}", timeout=60) as client:
+            alone = client.post("/v1/lns/segment", files={"volume": ("big.nii.gz", big)}, data={"mode": "job"})
+            assert alone.status_code == 413, alone.text
+            assert f"would hold about {needs(big, 1) / MB:.0f} MB of the gateway's memory, over --max-job-mb" in alone.json()["error"]
+            (worker,) = client.get("/v1/partitions").json()["partitions"]
+            os.kill(worker["pid"], signal.SIGSTOP)
+            try:
+                first = client.post("/v1/lns/segment", files={"volume": ("ct.nii.gz", ct)}, data={"mode": "job"})
+                assert first.status_code == 202, first.text
+                assert _summed(client.get("/metrics").text.splitlines(), "migserve_job_bytes ") == needs(ct, 2)
+                again = client.post("/v1/lns/segment", files={"volume": ("ct.nii.gz", ct)}, data={"mode": "job"})
+                assert again.status_code == 503 and again.headers["retry-after"] == "5", again.text
+                assert f"the running jobs hold about {needs(ct, 2) / MB:.0f} MB; this lns-segment job's" in again.json()["error"]
+            finally:
+                os.kill(worker["pid"], signal.SIGCONT)
+            job = first.json()
+            deadline = time.monotonic() + 60
+            while job["state"] == "running" and time.monotonic() < deadline:
+                time.sleep(0.1)
+                job = client.get(job["status_url"]).json()
+            assert job["state"] == "done", job
+            metrics = client.get("/metrics").text.splitlines()
+            assert _summed(metrics, "migserve_job_bytes ") == 0
+            for model in ("lns-organs", "lns-stations"):
+                batches = _summed(metrics, "migserve_batch_size_count{", f'model="{model}"')
+                assert batches > 1 and _summed(metrics, "migserve_batch_size_bucket{", f'model="{model}"', 'le="2.0"') == batches, model
+    finally:
+        server.close()
+    fewer = f"runs 2 tiles at once, not --tiles-in-flight 8: the running CT jobs would pass --max-job-mb {budget_mb:.3f}"
+    assert fewer in server.log.read_text()
 
 
 def _summed(metrics: list[str], start: str, *labels: str) -> float:

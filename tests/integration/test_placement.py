@@ -112,6 +112,12 @@ def test_the_shared_memory_is_the_cgroup_limit_else_what_the_host_has_available(
     assert limited is not None and limited.bytes == 1536 * MB - own
     assert limited.source.startswith("the cgroup's memory limit of 2048 MB, less --max-pending-mb 512 for request bodies")
     assert SharedMemory.of_host(4096 * MB, 2, tmp_path) == SharedMemory(0, limited.source.replace("512", "4096"))
+    with_jobs = SharedMemory.of_host(512 * MB, 2, tmp_path, job_bytes=512 * MB)  # where the gateway serves the CT models
+    assert with_jobs == SharedMemory(
+        1024 * MB - own,
+        "the cgroup's memory limit of 2048 MB, less --max-pending-mb 512 for request bodies, --max-job-mb 512 for CT jobs "
+        "and 192 MB for the processes' own (the gateway and 2 workers)",
+    )
     (tmp_path / "proc/meminfo").unlink()
     (tmp_path / "sys/fs/cgroup/memory.max").write_text("max\n")
     assert SharedMemory.of_host(0, 2, tmp_path) is None, "nothing to read: nothing bounds the slices"

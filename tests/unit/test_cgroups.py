@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from service.cgroups import cpu_quota, memory_limit, memory_usage
-from service.config import default_pending_bytes
+from service.config import default_job_bytes, default_pending_bytes
 
 V1_MOUNTS = (
     "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"
@@ -105,6 +105,13 @@ def test_the_default_body_bound_fits_a_memory_limit() -> None:
     pending, warning = default_pending_bytes(256 * mb, 400 * mb)
     assert pending == 256 * mb, "never below one body of --max-body-mb"
     assert warning is not None and "one body of --max-body-mb 256 is over half the memory" in warning
+
+
+def test_the_default_ct_job_bound_is_4_gib_or_a_quarter_of_a_memory_limit() -> None:
+    mb, gib = 1 << 20, 1 << 30
+    assert default_job_bytes(None) == 4 * gib
+    assert default_job_bytes(32 * gib) == 4 * gib
+    assert default_job_bytes(2 * gib) == 512 * mb
 
 
 def _in_use(root: Path) -> int | None:

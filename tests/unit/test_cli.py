@@ -92,6 +92,7 @@ def test_export_without_torch_says_how_to_install_it() -> None:
         (["--max-pending-mb", "100"], "error: --max-pending-mb 100 is below --max-body-mb 256: a request of the largest"),
         (["--queue-capacity", "0"], "error: queue_capacity: Input should be greater than or equal to 1"),
         (["--tiles-in-flight", "0"], "error: tiles_in_flight: Input should be greater than or equal to 1"),
+        (["--max-job-mb", "0"], "error: max_job_bytes: Input should be greater than or equal to 1"),
     ],
 )
 def test_serve_start_up_errors_are_one_line(args: list[str], message: str, tmp_path: Path) -> None:

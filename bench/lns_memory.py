@@ -12,6 +12,7 @@ worker, the case the estimate is for (tests/integration/test_lns_stages.py check
 
     .venv/bin/python -m bench.lns_memory --a-revision 1c45242                       # tiny models (4 mm spacing, 16x32x32 patches)
     .venv/bin/python -m bench.lns_memory --a-revision 1c45242 --size paper --shape 60 200 200 --spacing 2.5 0.8 0.8
+    .venv/bin/python -m bench.lns_memory --size paper --shape 150 512 512 --spacing 2.5 0.7 0.7 --estimate-only
 """
 
 from __future__ import annotations
@@ -87,12 +88,15 @@ def _estimate(repo: Path, shape: tuple[int, int, int], spacing: tuple[float, flo
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--a-revision", required=True, help="A: the service as this git revision had it; B: this checkout")
+    parser.add_argument("--a-revision", help="A: the service as this git revision had it; B: this checkout (needed unless --estimate-only)")
     parser.add_argument("--size", choices=("tiny", "paper"), default="tiny", help="the lns exports to use (made once)")
     parser.add_argument("--shape", type=int, nargs=3, default=(120, 256, 256), help="the CT's voxels, z y x")
     parser.add_argument("--spacing", type=float, nargs=3, default=(2.5, 0.8, 0.8), help="its voxel spacing in mm, z y x")
     parser.add_argument("--tiles-in-flight", type=int, default=32, help="as serve --tiles-in-flight (default 32)")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--estimate-only", action="store_true", help="print this checkout's estimate for 1 to --tiles-in-flight tiles; run nothing"
+    )
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # a child: measure with this repo, print JSON
     args = parser.parse_args()
     shape, spacing = (args.shape[0], args.shape[1], args.shape[2]), (args.spacing[0], args.spacing[1], args.spacing[2])
@@ -105,6 +109,12 @@ def main() -> int:
     repo = ROOT / "results" / f"lns_repo_{args.size}"
     command = [sys.executable, "-m", "migserve", "export", "--model", "lns-organs", "lns-stations", "--size", args.size]
     subprocess.run([*command, "--out", str(repo), "--skip-existing"], check=True, cwd=ROOT)
+    if not args.a_revision and not args.estimate_only:
+        parser.error("--a-revision is needed to compare (or --estimate-only)")
+    if args.estimate_only:
+        for in_flight in range(1, args.tiles_in_flight + 1):
+            print(f"{in_flight} tiles in flight: {_estimate(repo, shape, spacing, in_flight) / MB:.1f} MB")
+        return 0
     pythons = {"A": checkout(args.a_revision)[0], "B": sys.executable}
     child = [str(Path(__file__).resolve()), "--a-revision", args.a_revision, "--measure", str(repo), "--shape", *map(str, shape)]
     child += ["--spacing", *map(str, spacing), "--tiles-in-flight", str(args.tiles_in_flight)]

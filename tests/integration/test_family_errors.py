@@ -12,6 +12,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -221,16 +222,7 @@ def test_ct_jobs_and_their_tiles_in_flight_are_bounded(limited: httpx.Client) ->
         assert second.status_code == 503 and "1 jobs are already running" in second.json()["error"], second.text
     finally:
         os.kill(worker["pid"], signal.SIGCONT)
-    job = first.json()
-    deadline = time.monotonic() + 60
-    while job["state"] == "running" and time.monotonic() < deadline:
-        time.sleep(0.1)
-        job = limited.get(job["status_url"]).json()
-    assert job["state"] == "done", job
-    metrics = limited.get("/metrics").text.splitlines()
-    for model in ("lns-organs", "lns-stations"):
-        batches = _summed(metrics, "migserve_batch_size_count{", f'model="{model}"')
-        assert batches > 1 and _summed(metrics, "migserve_batch_size_bucket{", f'model="{model}"', 'le="2.0"') == batches, model
+    _no_batch_over_two_rows(_done(limited, first.json()))
 
 
 def test_ct_jobs_hold_their_memory_within_max_job_mb(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
@@ -267,21 +259,29 @@ def test_ct_jobs_hold_their_memory_within_max_job_mb(tiny_repo: ExportedRepo, tm
                 assert f"the running jobs hold about {needs(ct, 2) / MB:.0f} MB; this lns-segment job's" in again.json()["error"]
             finally:
                 os.kill(worker["pid"], signal.SIGCONT)
-            job = first.json()
-            deadline = time.monotonic() + 60
-            while job["state"] == "running" and time.monotonic() < deadline:
-                time.sleep(0.1)
-                job = client.get(job["status_url"]).json()
-            assert job["state"] == "done", job
-            metrics = client.get("/metrics").text.splitlines()
+            metrics = _done(client, first.json())
             assert _summed(metrics, "migserve_job_bytes ") == 0
-            for model in ("lns-organs", "lns-stations"):
-                batches = _summed(metrics, "migserve_batch_size_count{", f'model="{model}"')
-                assert batches > 1 and _summed(metrics, "migserve_batch_size_bucket{", f'model="{model}"', 'le="2.0"') == batches, model
+            _no_batch_over_two_rows(metrics)
     finally:
         server.close()
     fewer = f"runs 2 tiles at once, not --tiles-in-flight 8: the running CT jobs would pass --max-job-mb {budget_mb:.3f}"
     assert fewer in server.log.read_text()
+
+
+def _done(client: httpx.Client, job: dict[str, Any]) -> list[str]:
+    """/metrics' lines once `job` (its status) is done."""
+    deadline = time.monotonic() + 60
+    while job["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        job = client.get(job["status_url"]).json()
+    assert job["state"] == "done", job
+    return client.get("/metrics").text.splitlines()
+
+
+def _no_batch_over_two_rows(metrics: list[str]) -> None:
+    for model in ("lns-organs", "lns-stations"):
+        batches = _summed(metrics, "migserve_batch_size_count{", f'model="{model}"')
+        assert batches > 1 and _summed(metrics, "migserve_batch_size_bucket{", f'model="{model}"', 'le="2.0"') == batches, model
 
 
 def _summed(metrics: list[str], start: str, *labels: str) -> float:

@@ -70,6 +70,10 @@ OptionsT = TypeVar("OptionsT", bound=BaseModel)
 IMAGE_TYPES = ["image/jpeg", "image/png"]
 VOLUME_TYPES = ["application/gzip", "application/zip", "application/dicom", "application/octet-stream"]
 INFER_ERRORS = error_responses(404, 413, 415, 422, 503, 504)
+# What an image endpoint holds at its peak for each pixel of the image, counted in --max-pending-mb with the request's
+# body from the image's header on (bench/image_memory.py measures it): the decoder's copies, and for crowd counting the
+# normalised float32 tiles with their temporaries and the heatmap.
+IMAGE_BYTES_PER_PIXEL = {"crowd": 32, "face": 16, "frontalize": 8}
 
 
 @cache
@@ -103,8 +107,13 @@ class FamilyEndpoints:
         upload = await read_upload(request, "image")
         opts = options(model, upload)
         entry = self.model(family)
-        data = require_file(upload, "image")
-        pixels = await asyncio.to_thread(media.decode_image, data, field="image", max_pixels=self.config.max_image_pixels, mode=mode)
+        data, hold = require_file(upload, "image"), request.scope[HOLD]
+        per_pixel, limit = IMAGE_BYTES_PER_PIXEL[family], self.config.max_image_pixels
+
+        def charge(pixels: int) -> None:  # what the endpoint will hold for them, counted with the body (503 past the budget)
+            hold.add(pixels * per_pixel)
+
+        pixels = await asyncio.to_thread(media.decode_image, data, field="image", max_pixels=limit, mode=mode, charge=charge)
         return opts, entry, pixels
 
     async def run_one(self, entry: ModelEntry, tensor: Array, request: Request) -> dict[str, Array]:

@@ -11,13 +11,14 @@ import base64
 import binascii
 import io
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from migserve.types import Array
 
-from ..errors import TooLarge, Unprocessable, UnsupportedMedia
+from ..errors import ServiceError, TooLarge, Unprocessable, UnsupportedMedia
 
 IMAGE_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
 
@@ -26,8 +27,9 @@ def image_format(data: bytes) -> str | None:
     return next((fmt for magic, fmt in IMAGE_MAGIC.items() if data.startswith(magic)), None)
 
 
-def decode_image(data: bytes, *, field: str, max_pixels: int, mode: str = "RGB") -> Array:
-    """JPEG or PNG bytes -> uint8 array, [H, W, 3] for RGB or [H, W] for L."""
+def decode_image(data: bytes, *, field: str, max_pixels: int, mode: str = "RGB", charge: Callable[[int], None] = lambda n: None) -> Array:
+    """JPEG or PNG bytes -> uint8 array, [H, W, 3] for RGB or [H, W] for L. `charge` is told the image's pixels from its
+    header, before it is decoded (service/api/v1.py counts what its endpoint holds for them; it raises to refuse)."""
     if not data:
         raise Unprocessable(f"{field}: the upload is empty")
     fmt = image_format(data)
@@ -40,8 +42,9 @@ def decode_image(data: bytes, *, field: str, max_pixels: int, mode: str = "RGB")
             width, height = image.size
             if width * height > max_pixels:
                 raise TooLarge(f"{field}: {width}x{height} image is over the limit of {max_pixels} pixels")
+            charge(width * height)
             image.load()
-    except TooLarge:
+    except ServiceError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise TooLarge(f"{field}: {exc}") from None
@@ -50,6 +53,13 @@ def decode_image(data: bytes, *, field: str, max_pixels: int, mode: str = "RGB")
     if width < 1 or height < 1:
         raise Unprocessable(f"{field}: the image has no pixels")
     return np.asarray(image.convert(mode))
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of a JPEG or PNG from its header."""
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        return width, height
 
 
 def encode_png(pixels: Array) -> bytes:

@@ -209,6 +209,22 @@ def test_what_a_volume_unpacks_to_is_held_within_the_pending_budget(limited: htt
     assert limited.post("/v1/lns/segment", files={"volume": ("ct.nii.gz", small)}, data={"mode": "sync"}).status_code == 200
 
 
+def test_what_an_image_decodes_to_is_held_within_the_pending_budget(limited: httpx.Client) -> None:
+    """A JPEG or PNG of a few KB may decode to --max-image-mp; what the endpoint holds for its pixels (32 bytes a pixel
+    for crowd counting: service/api/v1.py, measured by bench/image_memory.py) is counted with the bodies from the image's
+    header on, so a handful of large images at once cannot take the gateway's memory: here 0.1 MP is 3.2 MB, over
+    --max-pending-mb 3 alone."""
+    flat = encode(np.full((316, 316, 3), 90, np.uint8), "PNG")  # 99,856 pixels, within --max-image-mp 0.1
+    assert len(flat) < 10_000
+    refused = limited.post("/v1/crowd/count", files={"image": ("flat.png", flat)})
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+    assert "3.0 MB more would pass --max-pending-mb 3" in refused.json()["error"], refused.text
+    held = [line for line in limited.get("/metrics").text.splitlines() if line.startswith("migserve_request_body_bytes ")]
+    assert held == ["migserve_request_body_bytes 0.0"], "what the refused image was counted for was given back"
+    answer = limited.post("/v1/crowd/count", files={"image": ("face.png", PNG)})  # 250x250: 2 MB
+    assert answer.status_code == 200, answer.text
+
+
 def test_ct_jobs_and_their_tiles_in_flight_are_bounded(limited: httpx.Client) -> None:
     """--max-jobs 1: while a CT job runs (its worker stopped) another is answered 503; --tiles-in-flight 2: the job
     never has more than two tiles out, so no batch of them has more than two rows once the worker goes on."""

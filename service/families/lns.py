@@ -105,12 +105,16 @@ async def segment(channels: Channels, contract: Contract, *, run: Run, progress:
     scores = [np.zeros((len(post.labels), *padded), dtype=np.float32)]  # in a list for the argmax to take (below)
     lock = threading.Lock()
     limit = asyncio.Semaphore(in_flight)
-    input_name = contract.inputs[0].name
+    input_name, output_name = contract.inputs[0].name, contract.outputs[0].name
     dz, dy, dx = pre.patch_size
 
     def blend(corner: tuple[int, int, int], logits: Array) -> None:
+        """The tile's softmax, weighted, into the scores; in the logits' own memory (96 MB a tile at paper size), which
+        this tile alone uses: a copy where they are read-only (a Triton partition's answer)."""
         z, y, x = corner
-        probs = np.exp(logits - logits.max(axis=0, keepdims=True))
+        probs = logits if logits.flags.writeable else logits.copy()
+        probs -= probs.max(axis=0, keepdims=True)
+        np.exp(probs, out=probs)
         probs /= probs.sum(axis=0, keepdims=True)
         probs *= weight
         with lock:
@@ -121,7 +125,9 @@ async def segment(channels: Channels, contract: Contract, *, run: Run, progress:
             patch = await asyncio.to_thread(channels.patch, corner, pre.patch_size)  # off the loop: 29 MB at paper size
             outputs = await run(contract.name, {input_name: patch})
             del patch
-            await asyncio.to_thread(blend, corner, outputs[contract.outputs[0].name][0])
+            logits = [outputs.pop(output_name)[0]]  # the thread takes the only reference, as the argmax's does (below)
+            del outputs
+            await asyncio.to_thread(lambda: blend(corner, logits.pop()))
         progress.advance()
 
     await asyncio.gather(*(tile(c) for c in grid(padded, pre)))
@@ -158,18 +164,21 @@ def job_bytes(shape: tuple[int, int, int], resampled: tuple[int, int, int], orga
     that). What holds it, in the order `stations_of` makes it, per voxel of the volume (v) or of the resampled
     volume (r): the volume, float32 (4v); the resampled CT and its windowed copy (8r); in each stage, the CT (4r,
     and in stage 2 the organ labels, 1r), every label's score (4 bytes a label and padded voxel) and the Gaussian
-    weight, then either each outstanding tile's input and logits and the blends' temporaries (two of a tile's
-    logits, two of a patch), or the labels (1r) with one slab's running maximum and mask (5 bytes a voxel); last the
-    station labels (1r) back on the input grid (1v) and the NIfTI's bytes before and after gzip (at most 2v). A
-    tile's logits are a view of its batch's output, which the batch's other rows keep alive until they are blended
-    too; those rows are other outstanding tiles, counted already."""
+    weight, then either each outstanding tile's input (twice: the patch, and its copy in the batch's shared memory)
+    and logits, and the blends' temporaries (two of a patch's size: a blend works in the logits' memory), or the
+    labels (1r) with one slab's running maximum and mask (5 bytes a voxel); last the station labels (1r) back on the
+    input grid (1v) and the NIfTI's bytes before and after gzip (at most 2v). A tile's logits are a view of its
+    batch's output, which the batch's other rows keep alive until they are blended too; those rows are other
+    outstanding tiles, counted already. Not counted: a Triton partition answers with read-only logits, which each
+    blend copies (a tile's logits more per blend at once), and the worker's side of a batch (its outputs are among
+    the activations placement counts for the model)."""
     voxels = math.prod(resampled)
 
     def stage(contract: Contract, held: int) -> int:
         pre, labels = _pre(contract), len(_post(contract).labels)
         padded = tuple(max(n, p) for n, p in zip(resampled, pre.patch_size, strict=True))
         tiles, patch = min(in_flight, len(grid(padded, pre))), math.prod(pre.patch_size)
-        running = tiles * (1 + len(pre.extra_channels) + labels) * patch * 4 + min(tiles, BLEND_THREADS) * (2 * labels + 2) * patch * 4
+        running = tiles * (2 * (1 + len(pre.extra_channels)) + labels) * patch * 4 + min(tiles, BLEND_THREADS) * 2 * patch * 4
         ending = voxels + 5 * min(_slab(resampled), resampled[0]) * resampled[1] * resampled[2]
         return held + 4 * labels * math.prod(padded) + 4 * patch + max(running, ending)
 

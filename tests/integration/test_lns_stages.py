@@ -104,8 +104,9 @@ def test_the_service_s_stages_label_as_the_plain_computation(
 
 class _Behind:
     """A worker that has fallen behind: it answers a model's tiles only once `batch` of them wait (or none has come for
-    50 ms), all at once, one output for the batch copied out (as the gateway copies it out of shared memory) and a row
-    of it to each tile (service/dispatch/batcher.py), so that every tile in flight holds its logits at once."""
+    50 ms), all at once: the tiles are copied into one batch (as into the batch's shared memory), and one output for
+    the batch is copied out (as the gateway copies it out of shared memory) and a row of it given to each tile
+    (service/dispatch/batcher.py), so that every tile in flight holds its logits at once."""
 
     def __init__(self, models: dict[str, tuple[Contract, ort.InferenceSession]], batch: int) -> None:
         self.models, self.batch = models, batch

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
 import os
 import shutil
 import signal
@@ -22,6 +24,7 @@ from tritonclient.grpc import model_config_pb2
 from migserve.contract import read_contract
 from migserve.types import Array
 from tests.helpers import GROUP, ExportedRepo, Gateway, migserve, processes_where, thread_affinities, with_http_client
+from tests.integration.test_family_endpoints import nifti_gz
 from tests.integration.test_gateway_protocol import make_inputs, triton_inputs
 from tests.triton_server import TritonServer
 
@@ -123,6 +126,19 @@ def test_the_same_request_gets_the_same_answer_locally_and_through_triton(gatewa
 
 
 CLASSES = {"expression": 3, "attributes": 5, "embedding": 2, "landmarks": 500}  # landmarks: all 136 values of a row
+
+
+def test_a_ct_volume_gets_the_same_stations_locally_and_through_triton(gateways: dict[str, Gateway]) -> None:
+    """/v1/lns/segment blends each tile's softmax in its logits' memory; a Triton partition's logits are read-only
+    (tritonclient reads them from the response's bytes), so there the blend works on a copy: same labels."""
+    ct = nifti_gz(np.random.default_rng(5).normal(-300, 400, (40, 40, 24)).astype(np.int16), np.diag([4.0, 4.0, 4.0, 1.0]))
+    maps = {}
+    for kind in ("local", "triton", "grpc"):
+        with httpx.Client(base_url=f"http://{gateways[kind].url}", timeout=60) as client:
+            answer = client.post("/v1/lns/segment", files={"volume": ("ct.nii.gz", ct)}, data={"mode": "sync", "inline": "true"})
+            assert answer.status_code == 200, (kind, answer.text)
+            maps[kind] = gzip.decompress(base64.b64decode(answer.json()["label_map_base64"]))
+    assert maps["triton"] == maps["local"] and maps["grpc"] == maps["local"]
 
 
 def _classes(answer: Array) -> list[list[tuple[float, int, str]]]:

@@ -29,9 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-json-mb",
         type=float,
         default=16.0,
-        help="largest JSON part of a KServe v2 inference request (JSON tensors are parsed in the gateway's event loop, "
-        "which answers nothing else meanwhile); larger gets 413 asking for binary tensors, and an output asked for as "
-        "JSON that would certainly be larger gets 400 asking for it as binary data (default: 16)",
+        help="largest JSON part of a KServe v2 inference request, and largest JSON body to a /v1 endpoint (JSON is parsed "
+        "in the gateway's event loop, which answers nothing else meanwhile); larger gets 413 asking for binary tensors "
+        "or the file as a multipart part, and an output asked for as JSON that would certainly be larger gets 400 asking "
+        "for it as binary data (default: 16)",
     )
     parser.add_argument(
         "--max-pending-mb",

@@ -48,9 +48,9 @@ class ServeConfig(BaseModel):
     max_json_bytes: int = Field(
         16 << 20,
         ge=1024,
-        description="largest JSON part of an inference request; larger is refused with 413 (JSON tensors are parsed in "
-        "the event loop, which stalls every other request meanwhile: send large tensors as binary data). An output asked "
-        "for as JSON that would certainly be larger gets 400",
+        description="largest JSON part of an inference request, and largest JSON body to a /v1 endpoint; larger is refused "
+        "with 413 (JSON is parsed in the event loop, which stalls every other request meanwhile: send large tensors as "
+        "binary data, files as multipart parts). An output asked for as JSON that would certainly be larger gets 400",
     )
     max_pending_bytes: int = Field(
         1 << 30, ge=1024, description="request bodies held at once (received, queued or running); more are refused with 503"

@@ -16,11 +16,16 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from ..errors import BadRequest, Unprocessable, UnsupportedMedia
+from ..errors import BadRequest, TooLarge, Unprocessable, UnsupportedMedia
 from ..families.media import from_base64
 from .kserve import json_object
+from .limits import HOLD
 
 Options = TypeVar("Options", bound=BaseModel)
+# What a JSON body's values take as Python objects, per byte of it, at most: "{}," is a 64-byte dict and an 8-byte list
+# slot (a float's "0.0," 8x, base64 text 1x). Parsing takes some 12x more for a moment, in the event loop, one body at
+# a time.
+JSON_OBJECT_BYTES = 24
 RAW_TYPES = ("image/", "application/octet-stream", "application/gzip", "application/zip", "application/dicom", "application/x-npy")
 
 
@@ -31,13 +36,23 @@ class Upload:
     inline: Any = None  # the file field given in JSON as a value rather than base64 (features as a nested list)
 
 
-async def read_upload(request: Request, file_field: str) -> Upload:
+async def read_upload(request: Request, file_field: str, max_json_bytes: int) -> Upload:
+    """The request's file and options. A JSON body is parsed whole in the event loop, as a KServe request's JSON is,
+    and into Python objects several times its size: past `max_json_bytes` (--max-json-mb) it is refused (413), and
+    what its objects take is counted with the body in --max-pending-mb (the request's Hold, api/limits.py)."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     query = dict(request.query_params)
     if media == "multipart/form-data":
         return await _multipart(request, file_field, query)
     if media == "application/json":
-        fields = json_object(await request.body(), "a JSON object")
+        body = await request.body()
+        if len(body) > max_json_bytes:
+            raise TooLarge(
+                f"a JSON body of {len(body)} bytes is over --max-json-mb {max_json_bytes / (1 << 20):g}: send the "
+                f"{file_field} as a multipart part (curl -F '{file_field}=@FILE') or as the body itself"
+            )
+        request.scope[HOLD].add(JSON_OBJECT_BYTES * len(body))  # counted with the body: 503 past --max-pending-mb
+        fields = json_object(body, "a JSON object")
         raw = fields.pop(file_field, None)
         if raw is not None and not isinstance(raw, str):
             return Upload(None, query | fields, inline=raw)

@@ -104,7 +104,7 @@ class FamilyEndpoints:
         self, request: Request, model: type[OptionsT], family: str, mode: str = "RGB"
     ) -> tuple[OptionsT, ModelEntry, Array]:
         """The options, the family's model, and the decoded image of an image endpoint's request."""
-        upload = await read_upload(request, "image")
+        upload = await read_upload(request, "image", self.config.max_json_bytes)
         opts = options(model, upload)
         entry = self.model(family)
         data, hold = require_file(upload, "image"), request.scope[HOLD]
@@ -154,7 +154,7 @@ class FamilyEndpoints:
         return JSONResponse(result.model_dump())
 
     async def grounding(self, request: Request) -> GroundingResult:
-        upload = await read_upload(request, "features")
+        upload = await read_upload(request, "features", self.config.max_json_bytes)
         opts = options(GroundingOptions, upload)
         entry = self.model("grounding", opts.variant)
         pre, post = _typed(entry, GroundingPreprocessing, GroundingPostprocessing)
@@ -205,7 +205,7 @@ class FamilyEndpoints:
         return first[0], second[0]
 
     async def lns(self, request: Request) -> Response:
-        upload = await read_upload(request, "volume")
+        upload = await read_upload(request, "volume", self.config.max_json_bytes)
         opts = options(LnsOptions, upload)
         organs, stations = self.lns_models()
         hold: Hold = request.scope[HOLD]  # what the volume unpacks to is counted with its body

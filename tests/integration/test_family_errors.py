@@ -167,11 +167,11 @@ def test_bad_input_disturbs_nothing_else(http: httpx.Client) -> None:
 @pytest.fixture(scope="module")
 def limited(tiny_repo: ExportedRepo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     """A gateway with small limits: 1 MiB bodies, 3 MiB of bodies held at once, 0.1 MP images, 0.5 M voxels, 100 KiB
-    of finished jobs' results, one CT job at a time, two of its tiles outstanding."""
+    of finished jobs' results, one CT job at a time, two of its tiles outstanding, JSON bodies of 0.5 MiB."""
     log = tmp_path_factory.mktemp("limited") / "serve.log"
-    args = ("--cpu-slices", "1", "--models", "crowd-csrnet", "lns-organs", "lns-stations")
+    args = ("--cpu-slices", "1", "--models", "crowd-csrnet", "lns-organs", "lns-stations", "grounding-dscnet")
     limits = ["--max-body-mb", "1", "--max-pending-mb", "3", "--max-image-mp", "0.1", "--max-volume-mvox", "0.5", "--job-results-mb", "0.1"]
-    limits += ["--max-jobs", "1", "--tiles-in-flight", "2"]
+    limits += ["--max-jobs", "1", "--tiles-in-flight", "2", "--max-json-mb", "0.5"]
     server = Gateway(tiny_repo.root, *args, *limits, log=log)
     with httpx.Client(base_url=f"http://{server.url}", timeout=60) as client:
         yield client
@@ -223,6 +223,22 @@ def test_what_an_image_decodes_to_is_held_within_the_pending_budget(limited: htt
     assert held == ["migserve_request_body_bytes 0.0"], "what the refused image was counted for was given back"
     answer = limited.post("/v1/crowd/count", files={"image": ("face.png", PNG)})  # 250x250: 2 MB
     assert answer.status_code == 200, answer.text
+
+
+def test_json_bodies_are_bounded_and_what_they_parse_to_is_held_within_the_pending_budget(limited: httpx.Client) -> None:
+    """A JSON body is parsed whole in the event loop into Python objects up to 24 times its size: past --max-json-mb
+    (0.5 here) it is 413 asking for the file another way, and below it that much is counted with the bodies (503 past
+    --max-pending-mb 3: 160 KB of features in JSON is 3.9 MB), while a smaller one is served."""
+    sentence = {"sentence": "a person sits", "duration": 2.0, "variant": "dscnet"}
+    big = limited.post("/v1/grounding", json={"features": np.full((150, 1024), 0.5).tolist()} | sentence)
+    assert big.status_code == 413, big.text
+    assert "is over --max-json-mb 0.5: send the features as a multipart part" in big.json()["error"]
+    refused = limited.post("/v1/grounding", json={"features": np.full((40, 1024), 0.5).tolist()} | sentence)
+    assert refused.status_code == 503 and "more would pass --max-pending-mb 3" in refused.json()["error"], refused.text
+    held = [line for line in limited.get("/metrics").text.splitlines() if line.startswith("migserve_request_body_bytes ")]
+    assert held == ["migserve_request_body_bytes 0.0"], "what the refused body was counted for was given back"
+    served = limited.post("/v1/grounding", json={"features": np.full((8, 1024), 0.5).tolist()} | sentence)
+    assert served.status_code == 200, served.text
 
 
 def test_ct_jobs_and_their_tiles_in_flight_are_bounded(limited: httpx.Client) -> None:

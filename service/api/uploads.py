@@ -72,14 +72,17 @@ async def _multipart(request: Request, file_field: str, query: dict[str, str]) -
         raise BadRequest(f"malformed multipart body: {exc.detail}") from None
     fields: dict[str, Any] = dict(query)
     data: bytes | None = None
-    for key, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            if key != file_field:
-                raise Unprocessable(f"unexpected file part {key!r}; this endpoint takes its file as {file_field!r}")
-            data = await value.read()
-        else:
-            fields[key] = value
-    await form.close()
+    try:
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key != file_field:
+                    raise Unprocessable(f"unexpected file part {key!r}; this endpoint takes its file as {file_field!r}")
+                data = await value.read()
+                request.scope[HOLD].add(len(data))  # a copy of the part, beside the body: counted with it
+            else:
+                fields[key] = value
+    finally:
+        await form.close()
     if data is None and isinstance(fields.get(file_field), str):
         raise Unprocessable(f"{file_field!r} must be a file part (curl -F '{file_field}=@FILE'), not a text field")
     return Upload(data, fields)

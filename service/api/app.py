@@ -94,8 +94,8 @@ class Gateway:
     def __post_init__(self) -> None:
         config = self.config
         self.jobs = JobStore(config.max_jobs, config.job_ttl_s, config.max_job_results_bytes, config.max_job_bytes)
-        self.bodies = BodyBudget(self.config.max_pending_bytes, self.shared, self.index)
-        self.tracer = Tracer(self.config.trace_file, collected=self.index != 0)
+        self.bodies = BodyBudget(config.max_pending_bytes, self.shared, self.index)
+        self.tracer = Tracer(config.trace_file, collected=self.index != 0)
 
     @classmethod
     def build(cls, config: ServeConfig) -> Gateway:

@@ -18,7 +18,7 @@ import os
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from ..jobs import Progress
 from .volume import Volume, back_to_grid, resample, to_nifti, window
 
 Run = Callable[[str, dict[str, Array]], Awaitable[dict[str, Array]]]
+T = TypeVar("T")
 BLEND_THREADS = min(32, (os.cpu_count() or 1) + 4)  # asyncio.to_thread's executor: tiles blended at once, at most
 ARGMAX_VOXELS = 1 << 20  # voxels of one slab of the labels' argmax (5 bytes each while it runs)
 
@@ -102,7 +103,7 @@ async def segment(channels: Channels, contract: Contract, *, run: Run, progress:
     shape = channels.shape
     padded = tuple(max(n, p) for n, p in zip(shape, pre.patch_size, strict=True))
     weight = gaussian(pre.patch_size, pre.gaussian_sigma_scale)
-    scores = [np.zeros((len(post.labels), *padded), dtype=np.float32)]  # in a list for the argmax to take (below)
+    scores = [np.zeros((len(post.labels), *padded), dtype=np.float32)]  # in a list, to be handed over (_handed_over)
     lock = threading.Lock()
     limit = asyncio.Semaphore(in_flight)
     input_name, output_name = contract.inputs[0].name, contract.outputs[0].name
@@ -125,15 +126,20 @@ async def segment(channels: Channels, contract: Contract, *, run: Run, progress:
             patch = await asyncio.to_thread(channels.patch, corner, pre.patch_size)  # off the loop: 29 MB at paper size
             outputs = await run(contract.name, {input_name: patch})
             del patch
-            logits = [outputs.pop(output_name)[0]]  # the thread takes the only reference, as the argmax's does (below)
+            logits = [outputs.pop(output_name)[0]]
             del outputs
-            await asyncio.to_thread(lambda: blend(corner, logits.pop()))
+            await _handed_over(logits, lambda mine: blend(corner, mine))
         progress.advance()
 
     await asyncio.gather(*(tile(c) for c in grid(padded, pre)))
-    # the thread takes the only reference to the scores: as an argument, its work item would keep them alive until
-    # the thread next ran, which may be after this returns and the next stage has made its own
-    return await asyncio.to_thread(lambda: _argmax(scores.pop(), shape))
+    return await _handed_over(scores, lambda mine: _argmax(mine, shape))  # before the next stage makes its own
+
+
+async def _handed_over(box: list[Array], work: Callable[[Array], T]) -> T:
+    """`work` on the array in `box`, its only item, in a thread that takes the only reference to it. Passed as an
+    argument to asyncio.to_thread, the array would stay alive in the thread's work item until the thread next ran,
+    which may be well after the caller has gone on (a stage's scores, a tile's logits with its batch's output)."""
+    return await asyncio.to_thread(lambda: work(box.pop()))
 
 
 def _argmax(scores: Array, shape: tuple[int, int, int]) -> Array:

@@ -49,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "disconnected, and the body's share of --max-pending-mb is given back (default: 30)",
     )
     parser.add_argument(
+        "--send-timeout-s",
+        type=float,
+        default=60.0,
+        help="a client that takes none of an answer waiting in its connection's buffer for this long is disconnected; "
+        "until then the answer is counted in --max-pending-mb (default: 60)",
+    )
+    parser.add_argument(
         "--queue-capacity",
         type=int,
         default=256,
@@ -269,6 +276,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             max_pending_bytes=pending,
             default_timeout_s=args.timeout_s,
             receive_timeout_s=args.receive_timeout_s,
+            send_timeout_s=args.send_timeout_s,
             queue_capacity=args.queue_capacity,
             worker_hang_s=args.worker_hang_s,
             max_batch_size=args.max_batch_size,
@@ -308,7 +316,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
     keep_request_buffers_in_heap()
     raise_open_files()  # before the front-end processes start: they inherit it
     # Inference requests are served off the socket by our protocol; it hands other requests to uvicorn's.
-    http = infer_protocol(app.gateway) if args.http_server == "migserve" else bounded_protocol(config.receive_timeout_s)
+    http = infer_protocol(app.gateway) if args.http_server == "migserve" else bounded_protocol(app.gateway)
     if listening is None:
         uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level, access_log=False, http=http)  # type: ignore[arg-type]  # a BufferedProtocol works; uvicorn types Protocol
         return 0

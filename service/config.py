@@ -62,6 +62,12 @@ class ServeConfig(BaseModel):
         description="longest wait for more of a request's head or body once it has begun; then 408 and the connection closes, "
         "giving back the body's share of --max-pending-mb",
     )
+    send_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="longest wait for a client to take any of an answer left in its connection's buffer (counted in "
+        "--max-pending-mb meanwhile); then the connection closes and the answer is dropped",
+    )
     queue_capacity: int = Field(256, ge=1, description="requests waiting per model before 503")
     worker_hang_s: float = Field(
         300.0,

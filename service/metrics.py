@@ -61,7 +61,9 @@ class Metrics:
         self.jobs_running = Gauge("migserve_jobs_running", "Jobs (202 Accepted) still running", registry=r)
         self.job_bytes = Gauge("migserve_job_bytes", "Memory the running CT jobs hold, by their estimates (--max-job-mb)", registry=r)
         self.body_bytes = Gauge(
-            "migserve_request_body_bytes", "Request bodies held, from their head to their answer (--max-pending-mb)", registry=r
+            "migserve_request_body_bytes",
+            "Request bodies held, from their head to their answer, and answers waiting in a connection for their client (--max-pending-mb)",
+            registry=r,
         )
         self._children: dict[tuple[str, ...], Any] = {}
 

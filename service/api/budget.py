@@ -10,6 +10,9 @@ gRPC has received it (gRPC reads a whole message, up to `--max-body-mb`, before 
 gateway sees it) and refused with UNAVAILABLE, so queued messages stay bounded too. What a body unpacks
 to is counted with it: a compressed KServe body's inflated bytes (encoding.py), a gzipped or zipped CT
 volume's as it is unpacked (families/volume.py).
+An answer that its client is slow to take is counted while it waits in the connection's buffer
+(unsent.py), so that clients sending small requests for large answers and reading none cannot grow the
+gateway unseen.
 
 With `serve --frontends N` the budget is the gateway's, not each process's: every process
 publishes what it holds and adds up what all hold before it takes more (service/shared.py), so the
@@ -39,10 +42,16 @@ class BodyBudget:
             held = self.held if self.shared is None else self.shared.total()
             if held + nbytes > self.limit:
                 raise Unavailable(
-                    f"the gateway holds {held / MB:.1f} MB of request bodies; {nbytes / MB:.1f} MB more would pass "
+                    f"the gateway holds {held / MB:.1f} MB of request bodies and unsent answers; {nbytes / MB:.1f} MB more would pass "
                     f"--max-pending-mb {self.limit / MB:g}",
                     retry_after_s=1.0,
                 )
+            self._set(self.held + nbytes)
+
+    def count(self, nbytes: int) -> None:
+        """Count `nbytes` more (or fewer, if negative) that are held already, past the limit or not: bytes of answers
+        a client has not taken (unsent.py). Bodies that come meanwhile are refused."""
+        with self._lock:
             self._set(self.held + nbytes)
 
     def give(self, nbytes: int) -> None:

@@ -53,6 +53,7 @@ from .fastpath import (
     answer_infer,
     error_reply,
 )
+from .unsent import Unsent
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -127,9 +128,9 @@ def timed_out(timeout: float, default_headers: list[tuple[bytes, bytes]]) -> byt
     return closing_answer(error, default_headers)
 
 
-def bounded_protocol(receive_timeout_s: float) -> type[BoundedHttpToolsProtocol]:
+def bounded_protocol(gateway: Gateway) -> type[BoundedHttpToolsProtocol]:
     """uvicorn's `http=` setting for --http-server uvicorn."""
-    return type("BoundedProtocol", (BoundedHttpToolsProtocol,), {"receive_timeout_s": receive_timeout_s})
+    return type("BoundedProtocol", (BoundedHttpToolsProtocol,), {"receive_timeout_s": gateway.config.receive_timeout_s, "gateway": gateway})
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -137,10 +138,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     the header ends, with no limit: one client sending an endless header grew the gateway by what it sent. Past
     MAX_HEAD bytes of head it answers 431 and closes, as uvicorn's h11 protocol does past 16 KiB. A client that
     sends nothing for `receive_timeout_s` in the middle of a request is disconnected (408 if still in the head);
-    uvicorn itself waits for ever."""
+    uvicorn itself waits for ever. An answer the client is slow to take is counted in the gateway's budget of
+    bodies while it waits (unsent.py)."""
 
     receive_timeout_s = 30.0  # the gateway's --receive-timeout-s, set on the instance or by bounded_protocol
+    gateway: Gateway | None = None  # set on the instance or by bounded_protocol
     _stall: StallWatch | None = None
+    _unsent: Unsent | None = None
     _mid = False  # from a request's first byte until its last
     _in_head = True  # between requests, or in one's head: the bytes received count towards MAX_HEAD
     _head_bytes = 0
@@ -149,11 +153,25 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._stall = StallWatch(self.loop, self.receive_timeout_s, self._waiting_for_client, self._stalled)
+        if self.gateway is not None:
+            self._unsent = Unsent(self.loop, transport, self.gateway.bodies, self.gateway.config.send_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._stall is not None:
             self._stall.cancel()
+        if self._unsent is not None:
+            self._unsent.drained()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._unsent is not None:
+            self._unsent.paused()
+
+    def resume_writing(self) -> None:
+        if self._unsent is not None:
+            self._unsent.drained()
+        super().resume_writing()
 
     def _waiting_for_client(self) -> bool:
         return self._mid and not self.flow.read_paused and not self.transport.is_closing()
@@ -211,6 +229,7 @@ class InferConnection(asyncio.BufferedProtocol):
         self._app_state = app_state
         self._loop = _loop or asyncio.get_event_loop()
         self._transport: asyncio.Transport | None = None
+        self._unsent: Unsent | None = None
         self._scratch = bytearray(HEAD_READ)  # heads (and whatever arrives with them) are read here
         self._pending = bytearray()  # bytes received but not yet parsed: a head, or pipelined requests
         self._request: _Request | None = None
@@ -228,6 +247,7 @@ class InferConnection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's TCPTransport does not subclass asyncio's
+        self._unsent = Unsent(self._loop, self._transport, self.gateway.bodies, self.gateway.config.send_timeout_s)
         self._state.connections.add(self)  # type: ignore[arg-type]  # uvicorn calls shutdown() on each
         if self.prelude:
             self._feed(self.prelude)
@@ -277,12 +297,18 @@ class InferConnection(asyncio.BufferedProtocol):
         self._body = None
         self.gateway.bodies.give(self._held)  # a body cut off before it was complete
         self._held = 0
+        if self._unsent is not None:
+            self._unsent.drained()
 
     def pause_writing(self) -> None:
         self._writing_paused = True
+        if self._unsent is not None:
+            self._unsent.paused()  # an answer waits for a slow reader: counted in the budget of bodies meanwhile
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        if self._unsent is not None:
+            self._unsent.drained()
         if self._task is None and self._transport is not None and not self._transport.is_closing():
             self._advance()
 
@@ -421,6 +447,9 @@ class InferConnection(asyncio.BufferedProtocol):
         assert transport is not None
         protocol = BoundedHttpToolsProtocol(config=self._config, server_state=self._state, app_state=self._app_state, _loop=self._loop)
         protocol.receive_timeout_s = self._stall.timeout
+        protocol.gateway = self.gateway
+        if self._unsent is not None:
+            self._unsent.drained()  # the new protocol watches the buffer from here on
         self._stall.cancel()
         self._state.connections.discard(self)
         self._cancel_idle()

@@ -1006,6 +1006,78 @@ def test_bodies_past_the_pending_budget_get_503_before_they_are_read(http_server
         server.close()
 
 
+def _metric_reaches(base: str, name: str, done: Callable[[float], bool], timeout: float = 10) -> float:
+    """The metric's value once `done` holds for it (polled), or its last value after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not done(value := _metric(httpx.get(f"{base}/metrics").text, name)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
+@pytest.mark.parametrize(
+    "http_server", [("migserve",), ("uvicorn",), ("migserve", "--frontends", "2")], ids=["migserve", "uvicorn", "frontends"]
+)
+def test_answers_a_client_does_not_take_are_held_within_the_pending_budget(
+    http_server: tuple[str, ...], tiny_repo: ExportedRepo, tmp_path: Path
+) -> None:
+    """An lns-organs answer is 23 times its request (logits of 23 labels for a CT tile), and more as JSON. A client
+    that sent such requests and read none of the answers left them in the gateway's connection buffers, where
+    --max-pending-mb saw nothing. Now what waits in a connection's buffer is counted: with --max-pending-mb 3, a
+    reader that takes none of a 17 MB answer (4 MB of it may wait in the kernel) leaves no room for another request
+    (503 naming the unsent answers); once it reads the answer whole the count goes back to 0 and the request is
+    served. A client that takes none of its answer for --send-timeout-s is disconnected, and the count given back.
+    With two front-end processes the count is the gateway's, whichever process holds the connection."""
+    args = ("--cpu-slices", "1", "--models", "lns-organs", "--max-body-mb", "1", "--max-pending-mb", "3", "--send-timeout-s", "4")
+    server = Gateway(tiny_repo.root, *args, "--http-server", *http_server, log=tmp_path / "serve.log")
+    base = f"http://{server.url}"
+    arrays = make_inputs(read_contract(tiny_repo.root / "lns-organs"), batch=4, seed=3)
+    wanted = [httpclient.InferRequestedOutput("logits", binary_data=False)]
+    body, header_length = httpclient.InferenceServerClient.generate_request_body(triton_inputs(arrays), outputs=wanted)
+    headers = {"Inference-Header-Content-Length": str(header_length)}
+    values = 4 * 23 * 16 * 32 * 32  # 1.5 M logits, of 10 or more bytes each as JSON
+    held = "migserve_request_body_bytes"
+
+    def stalled_reader() -> socket.socket:
+        """A connection that sends the request and reads nothing yet: its receive window stays tiny."""
+        reader = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.connect(("127.0.0.1", server.port))
+        head = (
+            f"POST /v2/models/lns-organs/infer HTTP/1.1\r\nhost: x\r\ncontent-length: {len(body)}\r\n"
+            f"inference-header-content-length: {header_length}\r\n\r\n"
+        )
+        reader.sendall(head.encode() + body)
+        return reader
+
+    try:
+        reader = stalled_reader()
+        waiting = _metric_reaches(base, held, lambda value: value > 3 << 20)
+        assert waiting > 3 << 20, waiting
+        refused = httpx.post(f"{base}/v2/models/lns-organs/infer", content=body, headers=headers, timeout=30)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1", refused.text
+        assert "MB of request bodies and unsent answers" in refused.json()["error"], refused.text
+        assert "more would pass --max-pending-mb 3" in refused.json()["error"], refused.text
+        with reader, reader.makefile("rb") as stream:
+            status, _, answer = read_response(stream)
+        assert status == 200 and len(json.loads(answer)["outputs"][0]["data"]) == values
+        assert waiting <= len(answer)
+        assert _metric_reaches(base, held, lambda value: value == 0) == 0
+        served = httpx.post(f"{base}/v2/models/lns-organs/infer", content=body, headers=headers, timeout=30)
+        assert served.status_code == 200, served.text
+
+        stalled = stalled_reader()
+        assert _metric_reaches(base, held, lambda value: value > 3 << 20) > 3 << 20
+        deadline = time.monotonic() + 30
+        while "took none of its answer for 4 s (--send-timeout-s)" not in server.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _metric_reaches(base, held, lambda value: value == 0) == 0
+        with stalled, stalled.makefile("rb") as stream, contextlib.suppress(ConnectionResetError):
+            stalled.settimeout(10)
+            assert len(stream.read()) < len(answer)  # what the kernel took before the rest was dropped, then the end
+    finally:
+        server.close()
+
+
 def test_a_dev_shm_too_small_for_a_batch_answers_500_and_everything_serves_on(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
     """A container's /dev/shm is 64 MB unless it is given more. A batch whose inputs (in the gateway) or outputs
     (in the worker) do not fit used to kill that process with SIGBUS; now the batch gets a 500 that says how to

@@ -11,10 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+
+from migserve.types import Array
 
 from ..errors import BadRequest, TooLarge, Unprocessable, UnsupportedMedia
 from ..families.media import from_base64
@@ -23,9 +26,14 @@ from .limits import HOLD
 
 Options = TypeVar("Options", bound=BaseModel)
 # What a JSON body's values take as Python objects, per byte of it, at most: "{}," is a 64-byte dict and an 8-byte list
-# slot (a float's "0.0," 8x, base64 text 1x). Parsing takes some 12x more for a moment, in the event loop, one body at
-# a time.
+# slot (a float's "0.0," 8x). Parsing takes some 12x more for a moment, in the event loop, one body at a time.
 JSON_OBJECT_BYTES = 24
+# ... except in strings of this many bytes or more (a base64 file): 1 byte a byte as text (4 where the body has any
+# non-ASCII text, which Python may keep at 4 bytes a character), and 3/4 more once decoded, counted as 1.
+LONG_STRING = 64
+# Bodies with more quotes and backslashes than this, per byte, are counted at JSON_OBJECT_BYTES throughout: their strings
+# are short (and take that much anyway), and finding them would take index arrays larger than the body.
+MARKS_PER_BYTE = 1 / 8
 RAW_TYPES = ("image/", "application/octet-stream", "application/gzip", "application/zip", "application/dicom", "application/x-npy")
 
 
@@ -51,7 +59,7 @@ async def read_upload(request: Request, file_field: str, max_json_bytes: int) ->
                 f"a JSON body of {len(body)} bytes is over --max-json-mb {max_json_bytes / (1 << 20):g}: send the "
                 f"{file_field} as a multipart part (curl -F '{file_field}=@FILE') or as the body itself"
             )
-        request.scope[HOLD].add(JSON_OBJECT_BYTES * len(body))  # counted with the body: 503 past --max-pending-mb
+        request.scope[HOLD].add(json_held_bytes(body))  # counted with the body: 503 past --max-pending-mb
         fields = json_object(body, "a JSON object")
         raw = fields.pop(file_field, None)
         if raw is not None and not isinstance(raw, str):
@@ -63,6 +71,38 @@ async def read_upload(request: Request, file_field: str, max_json_bytes: int) ->
         f"content type {media or 'none'!r}: send multipart/form-data with a {file_field!r} part, "
         f"application/json with {file_field!r} in base64, or the file itself as the body"
     )
+
+
+def json_held_bytes(body: bytes) -> int:
+    """What a JSON body's values may take as Python objects: JSON_OBJECT_BYTES a byte, but for its long strings (a
+    base64 file: some 1.75 bytes a byte as text and decoded, where 24 would refuse a few large images at once). The
+    strings are found between the quotes that no odd run of backslashes escapes, with numpy; a body with more of them
+    than MARKS_PER_BYTE is counted at JSON_OBJECT_BYTES throughout, as is one whose quotes do not pair (the parser
+    refuses it)."""
+    data = np.frombuffer(body, dtype=np.uint8)
+    everything = JSON_OBJECT_BYTES * len(body)
+    quotes = np.flatnonzero(data == ord('"'))
+    backslashes = np.flatnonzero(data == ord("\\"))
+    if len(quotes) + len(backslashes) > MARKS_PER_BYTE * len(body):
+        return everything
+    if len(backslashes):
+        quotes = quotes[~_escaped(quotes, backslashes)]
+    if len(quotes) % 2:
+        return everything
+    lengths = quotes[1::2] - quotes[::2] - 1
+    long = int(lengths[lengths >= LONG_STRING].sum())
+    per_byte = 1 if not len(body) or int(data.max()) < 0x80 else 4
+    return JSON_OBJECT_BYTES * (len(body) - long) + (per_byte + 1) * long
+
+
+def _escaped(quotes: Array, backslashes: Array) -> Array:
+    """Which quotes follow an odd run of backslashes: `\\"` is a quote within a string, `\\\\"` a backslash and the end."""
+    breaks = np.flatnonzero(np.diff(backslashes) != 1)
+    firsts = backslashes[np.concatenate(([0], breaks + 1))]
+    lasts = backslashes[np.concatenate((breaks, [len(backslashes) - 1]))]
+    run = np.minimum(np.searchsorted(lasts, quotes - 1), len(lasts) - 1)
+    escaped: Array = (lasts[run] == quotes - 1) & ((lasts[run] - firsts[run]) % 2 == 0)  # an odd run ends there
+    return escaped
 
 
 async def _multipart(request: Request, file_field: str, query: dict[str, str]) -> Upload:

@@ -49,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "disconnected, and the body's share of --max-pending-mb is given back (default: 30)",
     )
     parser.add_argument(
+        "--arena-keep-mb",
+        type=float,
+        default=64.0,
+        help="shared memory kept per worker for batches between them (input and output); larger batches' arenas are "
+        "counted in --max-pending-mb and released once idle for 2 s (default: 64)",
+    )
+    parser.add_argument(
         "--send-timeout-s",
         type=float,
         default=60.0,
@@ -277,6 +284,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             default_timeout_s=args.timeout_s,
             receive_timeout_s=args.receive_timeout_s,
             send_timeout_s=args.send_timeout_s,
+            arena_keep_bytes=int(args.arena_keep_mb * (1 << 20)),
             queue_capacity=args.queue_capacity,
             worker_hang_s=args.worker_hang_s,
             max_batch_size=args.max_batch_size,

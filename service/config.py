@@ -68,6 +68,12 @@ class ServeConfig(BaseModel):
         description="longest wait for a client to take any of an answer left in its connection's buffer (counted in "
         "--max-pending-mb meanwhile); then the connection closes and the answer is dropped",
     )
+    arena_keep_bytes: int = Field(
+        64 << 20,
+        ge=1 << 20,
+        description="shared memory each worker keeps for batches between them; a batch larger than this is copied into an "
+        "arena counted in --max-pending-mb and released once no batch has come for 2 s",
+    )
     queue_capacity: int = Field(256, ge=1, description="requests waiting per model before 503")
     worker_hang_s: float = Field(
         300.0,

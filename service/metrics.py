@@ -62,7 +62,8 @@ class Metrics:
         self.job_bytes = Gauge("migserve_job_bytes", "Memory the running CT jobs hold, by their estimates (--max-job-mb)", registry=r)
         self.body_bytes = Gauge(
             "migserve_request_body_bytes",
-            "Request bodies held, from their head to their answer, and answers waiting in a connection for their client (--max-pending-mb)",
+            "What --max-pending-mb counts: request bodies from their head to their answer, what they unpack to, "
+            "large batches' arenas, answers waiting for their client",
             registry=r,
         )
         self._children: dict[tuple[str, ...], Any] = {}

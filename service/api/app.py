@@ -66,6 +66,19 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def worker_options(config: ServeConfig) -> WorkerOptions:
+    """How the workers run their models, and how each process sends them batches (in front-end processes too)."""
+    return WorkerOptions(
+        idle_priority=config.cpu_worker_priority == "idle",
+        run_slices=config.cpu_run_slices,
+        conv_algo_search=config.cudnn_conv_algo_search.upper(),
+        shape_sessions=config.gpu_shape_sessions,
+        threads=config.worker_threads,
+        in_flight=config.batches_in_flight,
+        arena_keep=config.arena_keep_bytes,
+    )
+
+
 @dataclass
 class Gateway:
     config: ServeConfig
@@ -95,6 +108,7 @@ class Gateway:
         config = self.config
         self.jobs = JobStore(config.max_jobs, config.job_ttl_s, config.max_job_results_bytes, config.max_job_bytes)
         self.bodies = BodyBudget(config.max_pending_bytes, self.shared, self.index)
+        self.backend.hold_arenas(self.bodies.count)  # the batches' copies in shared memory over --arena-keep-mb
         self.tracer = Tracer(config.trace_file, collected=self.index != 0)
 
     @classmethod
@@ -120,20 +134,7 @@ class Gateway:
         sockets = {
             p.id: str(directory / f"worker-{i}.sock") for i, p in enumerate(partitions) if directory and p.kind is not PartitionKind.TRITON
         }
-        backend = LocalBackend(
-            partitions,
-            placement,
-            WorkerOptions(
-                idle_priority=config.cpu_worker_priority == "idle",
-                run_slices=config.cpu_run_slices,
-                conv_algo_search=config.cudnn_conv_algo_search.upper(),
-                shape_sessions=config.gpu_shape_sessions,
-                threads=config.worker_threads,
-                in_flight=config.batches_in_flight,
-            ),
-            sockets=sockets,
-            hang_s=config.worker_hang_s,
-        )
+        backend = LocalBackend(partitions, placement, worker_options(config), sockets=sockets, hang_s=config.worker_hang_s)
         left_out = {name: "not served: the gateway was started with --models naming others" for name in repo.models if name not in models}
         not_served = repo.refused | left_out | placed.left_off
         frontends = shared = None

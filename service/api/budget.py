@@ -12,7 +12,8 @@ to is counted with it: a compressed KServe body's inflated bytes (encoding.py), 
 volume's as it is unpacked (families/volume.py).
 An answer that its client is slow to take is counted while it waits in the connection's buffer
 (unsent.py), so that clients sending small requests for large answers and reading none cannot grow the
-gateway unseen.
+gateway unseen; and a batch's copy in shared memory where it is over `--arena-keep-mb`, until its arena is
+released (service/backends/local.py).
 
 With `serve --frontends N` the budget is the gateway's, not each process's: every process
 publishes what it holds and adds up what all hold before it takes more (service/shared.py), so the
@@ -42,7 +43,8 @@ class BodyBudget:
             held = self.held if self.shared is None else self.shared.total()
             if held + nbytes > self.limit:
                 raise Unavailable(
-                    f"the gateway holds {held / MB:.1f} MB of request bodies and unsent answers; {nbytes / MB:.1f} MB more would pass "
+                    f"the gateway holds {held / MB:.1f} MB for requests (their bodies, what they unpack to, large batches' copies, "
+                    f"unsent answers); {nbytes / MB:.1f} MB more would pass "
                     f"--max-pending-mb {self.limit / MB:g}",
                     retry_after_s=1.0,
                 )
@@ -50,7 +52,7 @@ class BodyBudget:
 
     def count(self, nbytes: int) -> None:
         """Count `nbytes` more (or fewer, if negative) that are held already, past the limit or not: bytes of answers
-        a client has not taken (unsent.py). Bodies that come meanwhile are refused."""
+        a client has not taken (unsent.py), large batches' arenas. Bodies that come meanwhile are refused."""
         with self._lock:
             self._set(self.held + nbytes)
 

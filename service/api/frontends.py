@@ -289,9 +289,12 @@ async def _frontend(spec: FrontendSpec, conn: Connection) -> None:
     import uvicorn
 
     from ..backends.local import LocalBackend
-    from .app import Gateway
+    from .app import Gateway, worker_options
 
-    backend = LocalBackend(spec.partitions, spec.placement, sockets=spec.sockets, attached=True, hang_s=spec.config.worker_hang_s)
+    # the first process's options: a front-end sends batches as it does (--batches-in-flight, --arena-keep-mb)
+    backend = LocalBackend(
+        spec.partitions, spec.placement, worker_options(spec.config), sockets=spec.sockets, attached=True, hang_s=spec.config.worker_hang_s
+    )
     gateway = Gateway(
         spec.config,
         dict(spec.models),

@@ -41,6 +41,7 @@ from ..workers.protocol import (
     ModelUnloaded,
     RunBatch,
     Stop,
+    Trim,
     UnloadModel,
     WorkerOptions,
     WorkerReady,
@@ -87,6 +88,9 @@ class WorkerReplica:
         self._control: asyncio.Future[ModelLoaded | ModelUnloaded] | None = None  # a load or unload awaiting its reply
         self._inputs: list[shm.Arena] = []  # ours, one per slot: the inputs of the batch in flight there
         self._outputs: list[shm.Attachments] = []  # the worker's, one per slot: its latest outputs there
+        self._trim: asyncio.TimerHandle | None = None  # to release arenas over the size kept, once idle (shm.IDLE_RELEASE_S)
+        self._over = 0  # bytes of our arenas over the size kept, counted with the request bodies (held)
+        self.held: Callable[[int], None] = lambda nbytes: None  # told of each change in _over (the gateway's body budget)
         self._slots: dict[int, int] = {}  # batch id -> slot, for the batches in flight
         self.depth = 1  # batches in flight at once, each in an arena (slot) of its own here and in the worker
         self._ready = False
@@ -191,12 +195,17 @@ class WorkerReplica:
             raise RuntimeError(f"worker {self.id} already has {len(self._pending)} batches in flight")  # the batcher's job
         slot = min(set(range(self.depth)) - set(self._slots.values()))
         while len(self._inputs) <= slot:
-            self._inputs.append(shm.Arena())
+            self._inputs.append(shm.Arena(keep=self._options.arena_keep))
             self._outputs.append(shm.Attachments())
+        if self._trim is not None:
+            self._trim.cancel()
+            self._trim = None
         try:
             refs = self._inputs[slot].write(parts)
         except shm.SharedMemoryFull as exc:
             raise InferenceFailed(f"partition {self.id}: {exc}") from None
+        finally:
+            self._count_over()
         batch_id = next(_ids)
         future: asyncio.Future[dict[str, Array]] = asyncio.get_running_loop().create_future()
         self._pending[batch_id] = future
@@ -264,7 +273,33 @@ class WorkerReplica:
         elif isinstance(message, BatchFailed) and not future.done():
             error = BadRequest if message.kind is FailureKind.BAD_INPUT else InferenceFailed
             future.set_exception(error(message.message))
+        if not self._pending and self._trim is None and self._oversized():
+            self._trim = asyncio.get_running_loop().call_later(shm.IDLE_RELEASE_S, self._release_oversized)
         self._on_change()
+
+    def _oversized(self) -> bool:
+        keep = self._options.arena_keep
+        return any(a.size > keep for a in self._inputs) or any(a.size > keep for a in self._outputs)
+
+    def _release_oversized(self) -> None:
+        """No batch for IDLE_RELEASE_S after a burst of large ones: release the arenas over the size kept, ours and (told
+        to) the worker's, whose pages would otherwise stay allocated until the next large batch."""
+        self._trim = None
+        if self._pending or self._conn is None:
+            return
+        for arena in self._inputs:
+            arena.trim()
+        for outputs in self._outputs:
+            outputs.trim(self._options.arena_keep)
+        self._count_over()
+        with contextlib.suppress(OSError):  # a worker that died meanwhile takes its arenas with it
+            self._conn.send(Trim())
+
+    def _count_over(self) -> None:
+        over = sum(max(0, a.size - self._options.arena_keep) for a in self._inputs)
+        if over != self._over:
+            self.held(over - self._over)
+            self._over = over
 
     def _on_exit(self) -> None:
         self._died(self._exit_reason() or "it exited")
@@ -419,8 +454,15 @@ class WorkerReplica:
             await asyncio.to_thread(self._process.join, 5.0)
             if self._process.is_alive():
                 self._process.kill()
+        self._close_inputs()
+
+    def _close_inputs(self) -> None:
+        if self._trim is not None:
+            self._trim.cancel()
+            self._trim = None
         for arena in self._inputs:
             arena.close()
+        self._count_over()
 
 
 class AttachedReplica(WorkerReplica):
@@ -463,8 +505,7 @@ class AttachedReplica(WorkerReplica):
         self._stopping = True  # the worker is the first process's to stop: only this connection closes
         if self._ready:
             self._died("stopped")
-        for arena in self._inputs:
-            arena.close()
+        self._close_inputs()
 
 
 class LocalBackend:
@@ -511,6 +552,13 @@ class LocalBackend:
                     self.workers[p.id] = AttachedReplica(p, models, self._notify, options, path, hang_s=hang_s)
                 else:
                     self.workers[p.id] = WorkerReplica(p, models, self._notify, options, path, hang_s=hang_s)
+
+    def hold_arenas(self, held: Callable[[int], None]) -> None:
+        """Tell `held` of each change in the bytes of the workers' input arenas over the size kept (--arena-keep-mb): a
+        large batch's copy in shared memory, held while it runs and until the arena is released."""
+        for replica in self.workers.values():
+            if isinstance(replica, WorkerReplica):
+                replica.held = held
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Called whenever a replica finishes a batch or changes state."""

@@ -51,6 +51,7 @@ from .protocol import (
     ModelUnloaded,
     RunBatch,
     Stop,
+    Trim,
     UnloadModel,
     WorkerReady,
     WorkerSpec,
@@ -302,6 +303,7 @@ class _Client:
 
     conn: Connection
     pinning: HostPinning | None = None  # a CUDA worker's: input arenas are page-locked while attached
+    keep: int = shm.SHRINK_ABOVE  # arenas up to this size are kept between batches (WorkerOptions.arena_keep)
     inputs: dict[int, shm.Attachments] = dataclasses.field(default_factory=dict)
     outputs: dict[int, shm.Arena] = dataclasses.field(default_factory=dict)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # one message at a time on the connection
@@ -311,7 +313,7 @@ class _Client:
     def arenas(self, slot: int) -> tuple[shm.Attachments, shm.Arena]:
         """The slot's two arenas, made on its first batch (in the loop's thread, before the batch is handed on)."""
         if slot not in self.inputs:
-            self.inputs[slot], self.outputs[slot] = shm.Attachments(pinning=self.pinning), shm.Arena()
+            self.inputs[slot], self.outputs[slot] = shm.Attachments(pinning=self.pinning), shm.Arena(keep=self.keep)
         return self.inputs[slot], self.outputs[slot]
 
     def send(self, message: object) -> None:
@@ -340,6 +342,16 @@ class _Client:
         if idle:
             self._close_arenas()
 
+    def trim(self) -> None:
+        """Its arenas larger than `keep`, on both sides, once none of its batches runs (Trim)."""
+        with self.lock:
+            idle = not self.running
+        if idle:
+            for inputs in self.inputs.values():
+                inputs.trim(self.keep)  # it has released them: the pages go once this mapping does
+            for outputs in self.outputs.values():
+                outputs.trim()
+
     def _close_arenas(self) -> None:
         for inputs in self.inputs.values():
             inputs.close()
@@ -365,7 +377,7 @@ class _Serving:
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="batch") if self.threads > 1 else None
 
     def _client(self, conn: Connection) -> _Client:
-        return _Client(conn, self.pinning)
+        return _Client(conn, self.pinning, self.spec.options.arena_keep)
 
     def ready(self) -> WorkerReady:
         return WorkerReady(
@@ -449,6 +461,8 @@ class _Serving:
         """Answer a control message; False once the worker should stop."""
         if isinstance(message, Stop):
             return False
+        if isinstance(message, Trim):
+            client.trim()
         if isinstance(message, LoadModel):
             # timed afresh: a reload may bring another model under the same name
             loaded, refused = load_sessions(self.ort, dataclasses.replace(self.spec, models=(message.model,), timed={}))

@@ -45,6 +45,7 @@ class WorkerOptions:
     threads: int = 0  # batches a worker runs at once (serve --worker-threads); 0: GPU_THREADS on a GPU, 1 on a CPU slice
     in_flight: int = 1  # batches each process may have in flight on a worker running several (serve --batches-in-flight)
     timings: str | None = None  # CPU, run_slices auto: where the gateway's workers share what they timed (its memfd, slices.py)
+    arena_keep: int = 64 << 20  # shared memory arenas up to this size are kept between batches (serve --arena-keep-mb, shm.py)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,12 @@ class RunBatch:
 @dataclass(frozen=True)
 class Stop:
     pass
+
+
+@dataclass(frozen=True)
+class Trim:
+    """No batch of the sender's is in flight and none has come for a while: release its output arenas larger than
+    WorkerOptions.arena_keep (the sender has let go of them)."""
 
 
 @dataclass(frozen=True)

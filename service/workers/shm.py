@@ -11,6 +11,9 @@ request (a CT volume) would otherwise hold its size of shared memory (allocated 
 front, so counted against a container's memory limit) for as long as the worker lives,
 in each replica's arenas. Smaller arenas are kept: with face-pros' batches of 1 to 32
 rows (0.6-19 MB) shrinking and growing again cost 7% of the throughput (bench/gateway_ab.py).
+SHRINK_ABOVE is the default of `serve --arena-keep-mb`. Larger arenas are also released
+once no batch has used them for IDLE_RELEASE_S (`trim`, service/backends/local.py), on
+both sides: after a burst of large batches nothing comes to make them shrink.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ MIN_ARENA = MB
 SHRINK_AFTER = 64  # writes an arena is watched over before it may shrink
 SHRINK_ABOVE = 64 * MB  # arenas up to this size are kept
 SHRINK_FACTOR = 4  # ... to twice the largest of them, where it is more than this many times that
+IDLE_RELEASE_S = 2.0  # arenas over the size kept are released after this long without a batch
 SHM_DIR = Path("/dev/shm")  # where POSIX shared memory objects live on Linux
 ARENA_PREFIX = "migserve-arena-"  # clients cannot register these as shared memory regions (service/regions.py)
 
@@ -75,8 +79,13 @@ class Arena:
     """A growable segment this process owns (creates, writes and unlinks)."""
 
     segment: shared_memory.SharedMemory | None = None
+    keep: int = SHRINK_ABOVE  # arenas up to this size are kept (serve --arena-keep-mb)
     _writes: int = 0  # since the last look at shrinking
     _largest: int = 0  # the largest of those writes
+
+    @property
+    def size(self) -> int:
+        return 0 if self.segment is None else self.segment.size
 
     def ensure(self, size: int) -> shared_memory.SharedMemory:
         """An arena of at least `size` bytes: twice the old one if /dev/shm has room, else just enough; the old one
@@ -86,7 +95,7 @@ class Arena:
         if self._writes >= SHRINK_AFTER:
             wanted = max(2 * self._largest, MIN_ARENA)
             oversized = self.segment
-            if oversized is not None and oversized.size > max(SHRINK_ABOVE, SHRINK_FACTOR * self._largest, wanted):
+            if oversized is not None and oversized.size > max(self.keep, SHRINK_FACTOR * self._largest, wanted):
                 with contextlib.suppress(SharedMemoryFull):
                     self.segment = _create(wanted)
                     release(oversized, unlink=True)
@@ -120,6 +129,12 @@ class Arena:
             refs[name] = TensorRef(segment=segment.name, offset=offsets[name], dtype=parts[0].dtype.str, shape=shapes[name])
         return refs
 
+    def trim(self) -> None:
+        """Release the arena if it is larger than `keep`: the next batch makes one of the size it needs."""
+        if self.size > self.keep:
+            self.close()
+            self._writes = self._largest = 0
+
     def close(self) -> None:
         if self.segment is not None:
             release(self.segment, unlink=True)
@@ -151,6 +166,15 @@ class Attachments:
         for segment in self.current.values():
             release(segment, unlink=unlink)
         self.current = {}
+
+    @property
+    def size(self) -> int:
+        return max((segment.size for segment in self.current.values()), default=0)
+
+    def trim(self, keep: int) -> None:
+        """Let go of the other side's arena if it is larger than `keep` (it releases it too: Trim, protocol.py)."""
+        if self.size > keep:
+            self._release_all(unlink=False)
 
     def view(self, ref: TensorRef) -> Array:
         return np.ndarray(ref.shape, dtype=np.dtype(ref.dtype), buffer=self.get(ref.segment).buf, offset=ref.offset)

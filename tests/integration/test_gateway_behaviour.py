@@ -1055,7 +1055,7 @@ def test_answers_a_client_does_not_take_are_held_within_the_pending_budget(
         assert waiting > 3 << 20, waiting
         refused = httpx.post(f"{base}/v2/models/lns-organs/infer", content=body, headers=headers, timeout=30)
         assert refused.status_code == 503 and refused.headers["Retry-After"] == "1", refused.text
-        assert "MB of request bodies and unsent answers" in refused.json()["error"], refused.text
+        assert "MB for requests (their bodies, what they unpack to, large batches' copies, unsent answers)" in refused.json()["error"]
         assert "more would pass --max-pending-mb 3" in refused.json()["error"], refused.text
         with reader, reader.makefile("rb") as stream:
             status, _, answer = read_response(stream)
@@ -1075,6 +1075,57 @@ def test_answers_a_client_does_not_take_are_held_within_the_pending_budget(
             stalled.settimeout(10)
             assert len(stream.read()) < len(answer)  # what the kernel took before the rest was dropped, then the end
     finally:
+        server.close()
+
+
+def _arena_mappings(pid: int) -> dict[str, int]:
+    """The batch arenas a process has mapped (its own or another's, unlinked or not): name -> bytes."""
+    mapped: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and "/migserve-arena-" in fields[5]:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            name = fields[5].rsplit("/", 1)[1]
+            mapped[name] = mapped.get(name, 0) + end - start
+    return mapped
+
+
+def test_a_burst_of_large_batches_leaves_no_large_arena_behind(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """A batch larger than --arena-keep-mb grows the arenas it goes through: the gateway's for its inputs (counted in
+    --max-pending-mb while it is there), the worker's for its outputs. Nothing used to release them at idle, so one
+    burst of large requests left their size of shared memory allocated in both processes for good. Now, once no batch
+    has come for 2 s, both are released and unmapped on both sides, the count given back; the next large batch
+    makes them again and is answered the same."""
+    args = ("--cpu-slices", "1", "--models", "crowd-csrnet", "lns-organs", "--arena-keep-mb", "1")
+    server = Gateway(tiny_repo.root, *args, log=tmp_path / "serve.log")
+    base = f"http://{server.url}"
+    client = httpclient.InferenceServerClient(server.url, network_timeout=60)
+    crowd = make_inputs(read_contract(tiny_repo.root / "crowd-csrnet"), batch=1, seed=4, dims={"height": 512, "width": 512})
+    lns = make_inputs(read_contract(tiny_repo.root / "lns-organs"), batch=4, seed=4)  # outputs of 6 MB
+
+    def infer() -> tuple[Array, Array]:
+        density = client.infer("crowd-csrnet", triton_inputs(crowd)).as_numpy("density")
+        logits = client.infer("lns-organs", triton_inputs(lns)).as_numpy("logits")
+        return density, logits
+
+    try:
+        (worker,) = httpx.get(f"{base}/v1/partitions").json()["partitions"]
+        pids = (server.process.pid, worker["pid"])
+        first = infer()
+        mapped = {pid: _arena_mappings(pid) for pid in pids}
+        assert all(max(m.values(), default=0) > 1 << 20 for m in mapped.values()), mapped  # inputs here, outputs there
+        assert _metric(httpx.get(f"{base}/metrics").text, "migserve_request_body_bytes") > 0  # 3 MB of inputs, 1 kept
+        assert _metric_reaches(base, "migserve_request_body_bytes", lambda value: value == 0) == 0
+        deadline = time.monotonic() + 10
+        while any(max(_arena_mappings(pid).values(), default=0) > 1 << 20 for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert {pid: _arena_mappings(pid) for pid in pids} == {pid: {} for pid in pids}
+        large = [f for f in Path("/dev/shm").glob("migserve-arena-*") if f.stat().st_size > 1 << 20]
+        assert not [f for f in large if f.name.split("-")[2] in {str(pid) for pid in pids}], large
+        again = infer()
+        assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+    finally:
+        client.close()
         server.close()
 
 

@@ -247,12 +247,15 @@ class FamilyEndpoints:
         self, shape: tuple[int, ...], resampled: tuple[int, int, int], organs: Contract, stations: Contract
     ) -> tuple[int, int]:
         """The most tiles up to --tiles-in-flight a CT job may have outstanding with the running jobs' memory and its own
-        within --max-job-mb, and what it holds then; where not even one tile fits, one (the job store refuses it)."""
+        within --max-job-mb, and what it holds then; where not even one tile fits, one (the job store refuses it). Where
+        a CT model has a Triton replica, its tiles' logits may come read-only, and each blend copies them."""
         room, in_flight = self.config.max_job_bytes - self.gateway.jobs.reserved(), self.config.tiles_in_flight
         volume = (shape[0], shape[1], shape[2])
-        while in_flight > 1 and lns.job_bytes(volume, resampled, organs, stations, in_flight) > room:
+        replicas = [r for c in (organs, stations) for r in self.gateway.backend.replicas(c.name)]
+        read_only = any(r.read_only_outputs for r in replicas)
+        while in_flight > 1 and lns.job_bytes(volume, resampled, organs, stations, in_flight, read_only=read_only) > room:
             in_flight -= 1
-        return in_flight, lns.job_bytes(volume, resampled, organs, stations, in_flight)
+        return in_flight, lns.job_bytes(volume, resampled, organs, stations, in_flight, read_only=read_only)
 
     def lns_result(self, job: Job[Any], inline: bool) -> LnsResult:
         result = cast(lns.Stations, job.result)  # a finished lns job's

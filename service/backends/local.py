@@ -63,6 +63,8 @@ HUNG = ".hung"  # beside a worker's socket: the pid of a worker a front-end proc
 
 
 class WorkerReplica:
+    read_only_outputs = False  # outputs are the gateway's own copies out of shared memory
+
     def __init__(
         self,
         partition: Partition,

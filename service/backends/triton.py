@@ -39,6 +39,8 @@ _V2 = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32",
 
 
 class TritonReplica:
+    read_only_outputs = True  # outputs are views of the answer's bytes (a CT stage's blends copy them)
+
     def __init__(self, partition: Partition, models: Sequence[str], on_change: Callable[[], None], *, hang_s: float = 300.0) -> None:
         if partition.url is None:
             raise ValueError(f"triton partition {partition.id} has no url")

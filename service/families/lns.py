@@ -164,7 +164,15 @@ def _slab(shape: tuple[int, ...]) -> int:
     return max(1, ARGMAX_VOXELS // max(1, shape[1] * shape[2]))
 
 
-def job_bytes(shape: tuple[int, int, int], resampled: tuple[int, int, int], organs: Contract, stations: Contract, in_flight: int) -> int:
+def job_bytes(
+    shape: tuple[int, int, int],
+    resampled: tuple[int, int, int],
+    organs: Contract,
+    stations: Contract,
+    in_flight: int,
+    *,
+    read_only: bool = False,
+) -> int:
     """About the most a job on a volume of `shape` (resampled to `resampled`, both [z, y, x]) holds at once with
     `in_flight` tiles outstanding, its decoded volume included and its request's body not (--max-pending-mb counts
     that). What holds it, in the order `stations_of` makes it, per voxel of the volume (v) or of the resampled
@@ -175,16 +183,17 @@ def job_bytes(shape: tuple[int, int, int], resampled: tuple[int, int, int], orga
     labels (1r) with one slab's running maximum and mask (5 bytes a voxel); last the station labels (1r) back on the
     input grid (1v) and the NIfTI's bytes before and after gzip (at most 2v). A tile's logits are a view of its
     batch's output, which the batch's other rows keep alive until they are blended too; those rows are other
-    outstanding tiles, counted already. Not counted: a Triton partition answers with read-only logits, which each
-    blend copies (a tile's logits more per blend at once), and the worker's side of a batch (its outputs are among
-    the activations placement counts for the model)."""
+    outstanding tiles, counted already. With `read_only` logits (a Triton partition's answer) each blend works in a
+    copy of its tile's logits: one more per blend at once. Not counted: the worker's side of a batch (its outputs are
+    among the activations placement counts for the model)."""
     voxels = math.prod(resampled)
 
     def stage(contract: Contract, held: int) -> int:
         pre, labels = _pre(contract), len(_post(contract).labels)
         padded = tuple(max(n, p) for n, p in zip(resampled, pre.patch_size, strict=True))
         tiles, patch = min(in_flight, len(grid(padded, pre))), math.prod(pre.patch_size)
-        running = tiles * (2 * (1 + len(pre.extra_channels)) + labels) * patch * 4 + min(tiles, BLEND_THREADS) * 2 * patch * 4
+        blend = (2 + (labels if read_only else 0)) * patch * 4  # two of a patch's size, and a copy of read-only logits
+        running = tiles * (2 * (1 + len(pre.extra_channels)) + labels) * patch * 4 + min(tiles, BLEND_THREADS) * blend
         ending = voxels + 5 * min(_slab(resampled), resampled[0]) * resampled[1] * resampled[2]
         return held + 4 * labels * math.prod(padded) + 4 * patch + max(running, ending)
 

@@ -106,10 +106,11 @@ class _Behind:
     """A worker that has fallen behind: it answers a model's tiles only once `batch` of them wait (or none has come for
     50 ms), all at once: the tiles are copied into one batch (as into the batch's shared memory), and one output for
     the batch is copied out (as the gateway copies it out of shared memory) and a row of it given to each tile
-    (service/dispatch/batcher.py), so that every tile in flight holds its logits at once."""
+    (service/dispatch/batcher.py), so that every tile in flight holds its logits at once. With `read_only`, the
+    output is read-only, as a Triton partition's answer is (service/backends/triton.py)."""
 
-    def __init__(self, models: dict[str, tuple[Contract, ort.InferenceSession]], batch: int) -> None:
-        self.models, self.batch = models, batch
+    def __init__(self, models: dict[str, tuple[Contract, ort.InferenceSession]], batch: int, read_only: bool = False) -> None:
+        self.models, self.batch, self.read_only = models, batch, read_only
         self.waiting: list[tuple[str, Array, asyncio.Future[dict[str, Array]]]] = []
         self.timer: asyncio.TimerHandle | None = None
 
@@ -132,30 +133,37 @@ class _Behind:
             rows = [(tile, future) for model, tile, future in waiting if model == name]
             (logits,) = session.run(None, {contract.inputs[0].name: np.concatenate([tile for tile, _ in rows])})
             logits = np.array(logits)  # onnxruntime's own buffer is not traced; the gateway's copy is
+            logits.flags.writeable = not self.read_only
             for row, (_, future) in enumerate(rows):
                 future.set_result({contract.outputs[0].name: logits[row : row + 1]})
 
 
 @pytest.mark.parametrize(
-    ("shape", "spacing", "in_flight"),
-    [((80, 80, 40), (4.0, 4.0, 4.0), 2), ((80, 80, 40), (4.0, 4.0, 4.0), 32), ((40, 300, 300), (1.0, 1.0, 1.0), 8)],
-    ids=["2-in-flight", "32-in-flight", "resampled"],
+    ("shape", "spacing", "in_flight", "read_only"),
+    [
+        ((80, 80, 40), (4.0, 4.0, 4.0), 2, False),
+        ((80, 80, 40), (4.0, 4.0, 4.0), 32, False),
+        ((40, 300, 300), (1.0, 1.0, 1.0), 8, False),
+        ((80, 80, 40), (4.0, 4.0, 4.0), 8, True),
+    ],
+    ids=["2-in-flight", "32-in-flight", "resampled", "read-only-logits"],
 )
 def test_a_job_holds_no_more_than_its_estimate_and_not_far_less(
-    tiny_repo: ExportedRepo, shape: tuple[int, int, int], spacing: tuple[float, float, float], in_flight: int
+    tiny_repo: ExportedRepo, shape: tuple[int, int, int], spacing: tuple[float, float, float], in_flight: int, read_only: bool
 ) -> None:
     """The peak of what numpy and Python allocate while the stages run (tracemalloc), with the decoded volume, is at
-    most `job_bytes` and more than 3/4 of it (over that, --max-job-mb would turn away jobs it has room for)."""
+    most `job_bytes` and more than 3/4 of it (over that, --max-job-mb would turn away jobs it has room for); with
+    read-only logits, as from a Triton partition, each blend's copy counted."""
     models = _sessions(tiny_repo)
     hu = np.random.default_rng(3).normal(-300, 500, shape).astype(np.float32)
     hu[:, shape[1] // 3 : shape[1] // 2] += 900
     volume = Volume(hu=hu, spacing=spacing, affine=np.eye(4), source="nifti")
     organs, stations = models["lns-organs"][0], models["lns-stations"][0]
     resampled, tiles = lns.plan(volume, organs, stations, 10**9)
-    estimate = lns.job_bytes(shape, resampled, organs, stations, in_flight)
+    estimate = lns.job_bytes(shape, resampled, organs, stations, in_flight, read_only=read_only)
     tracemalloc.start()
     try:
-        run = _Behind(models, in_flight).run
+        run = _Behind(models, in_flight, read_only).run
         asyncio.run(lns.stations_of(volume, organs, stations, run=run, progress=Progress(tiles), in_flight=in_flight))
         peak = tracemalloc.get_traced_memory()[1] + hu.nbytes
     finally:

@@ -3,7 +3,7 @@
 A GPU or MIG partition has memory of its own (NVML says how much, or a topology file): the models placed on it must
 fit in it. CPU slices share the host's: what the gateway's cgroup may use (docker --memory, a Kubernetes memory limit)
 or, with no limit, what the host has available at start, less the request bodies the gateway may hold
-(--max-pending-mb) and the processes' own memory. There each model gets one replica before any gets a second, on
+(--max-pending-mb), the processes' own memory and their batch arenas. There each model gets one replica before any gets a second, on
 the slice with the least placed, so memory too small for every model on every slice still serves each model
 somewhere before it replicates any. A model that fits nowhere is not served, saying why. Triton partitions serve
 their own models: nothing bounds them here.
@@ -11,13 +11,19 @@ their own models: nothing bounds them here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+
+from migserve.contract import TensorSpec
 
 from .cgroups import memory_available, memory_limit
 from .partitions import Partition, PartitionKind
 from .repository import ModelEntry
+from .workers import shm
 from .workers.protocol import ModelSpec
 
 MB = 1 << 20
@@ -44,10 +50,13 @@ class SharedMemory:
     source: str
 
     @classmethod
-    def of_host(cls, pending_bytes: int, workers: int, root: Path = Path("/"), job_bytes: int = 0) -> SharedMemory | None:
+    def of_host(
+        cls, pending_bytes: int, workers: int, root: Path = Path("/"), job_bytes: int = 0, *, frontends: int = 1, arena_bytes: int = 0
+    ) -> SharedMemory | None:
         """The cgroup's memory limit, else the host's available memory, less `pending_bytes` of request bodies,
-        `job_bytes` for CT jobs (where the gateway serves them) and the gateway's and its `workers` processes' own
-        memory; None where neither can be read (nothing bounds the slices)."""
+        `job_bytes` for CT jobs (where the gateway serves them), the gateway's `frontends` processes' and its `workers`
+        processes' own memory, and `arena_bytes` of batch arenas for each worker in each front-end process
+        (`arenas_per_worker`); None where neither can be read (nothing bounds the slices)."""
         limit = memory_limit(root)
         if limit is not None:
             whence = f"the cgroup's memory limit of {limit / MB:.0f} MB"
@@ -55,12 +64,15 @@ class SharedMemory:
             limit, whence = available, f"the {available / MB:.0f} MB the host had available at start"
         else:
             return None
-        own = GATEWAY_BYTES + workers * WORKER_BYTES
+        own = frontends * GATEWAY_BYTES + workers * WORKER_BYTES
+        arenas = frontends * workers * arena_bytes
         jobs = f", --max-job-mb {job_bytes / MB:g} for CT jobs" if job_bytes else ""
+        gateway = "the gateway" if frontends == 1 else f"the gateway's {frontends} processes"
+        kept = f" and {arenas / MB:.0f} MB for batch arenas in shared memory (--arena-keep-mb)" if arenas else ""
         return cls(
-            max(limit - pending_bytes - job_bytes - own, 0),
+            max(limit - pending_bytes - job_bytes - own - arenas, 0),
             f"{whence}, less --max-pending-mb {pending_bytes / MB:g} for request bodies{jobs} and {own / MB:.0f} MB for the "
-            f"processes' own (the gateway and {workers} worker{'s' if workers != 1 else ''})",
+            f"processes' own ({gateway} and {workers} worker{'s' if workers != 1 else ''}){kept}",
         )
 
 
@@ -85,6 +97,25 @@ def model_spec(entry: ModelEntry) -> ModelSpec:
         max_batch=contract.dims["batch"].max,  # every tensor leads with the batch dim (the contract checks)
         memory_bytes=footprint(entry),
     )
+
+
+def arenas_per_worker(models: Iterable[ModelEntry], keep: int) -> int:
+    """What one process's two arenas for one worker (its batches' inputs, the worker's outputs for it) may hold between
+    batches: each up to twice the largest batch of `models` at their largest dims (an arena grows to twice its size),
+    at most `keep` (larger ones are counted in --max-pending-mb while they exist, service/workers/shm.py)."""
+    entries = list(models)
+    if not entries:
+        return 0
+
+    def largest(tensors: Callable[[ModelEntry], Iterable[TensorSpec]]) -> int:
+        return max(sum(_max_bytes(e, t) for t in tensors(e)) for e in entries)
+
+    return sum(min(keep, max(shm.MIN_ARENA, 2 * largest(side))) for side in (lambda e: e.contract.inputs, lambda e: e.contract.outputs))
+
+
+def _max_bytes(entry: ModelEntry, tensor: TensorSpec) -> int:
+    dims = entry.contract.dims
+    return math.prod(d if isinstance(d, int) else dims[d].max for d in tensor.shape) * np.dtype(tensor.dtype).itemsize
 
 
 def footprint(entry: ModelEntry) -> int:

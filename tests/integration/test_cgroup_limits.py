@@ -24,7 +24,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from migserve.contract import read_contract
-from service.placement import GATEWAY_BYTES, MB, WORKER_BYTES, footprint
+from service.placement import GATEWAY_BYTES, MB, WORKER_BYTES, arenas_per_worker, footprint
 from service.repository import load_model
 from tests.helpers import ROOT, ExportedRepo, Gateway
 from tests.integration.test_gateway_protocol import make_inputs, triton_inputs
@@ -128,12 +128,14 @@ def test_models_on_cpu_slices_share_the_memory_limit(tiny_repo: ExportedRepo, ma
     # The models on CPU slices share the limit less --max-pending-mb (service/placement.py). Here it has room for
     # face-pros twice, not for face-pros and crowd-csrnet: smallest first, face-pros goes on one
     # slice, crowd-csrnet fits nowhere beside it, and face-pros takes the other slice too.
-    face, crowd = (footprint(load_model(tiny_repo.root / m)) for m in ("face-pros", "crowd-csrnet"))
+    entries = [load_model(tiny_repo.root / m) for m in ("face-pros", "crowd-csrnet")]
+    face, crowd = (footprint(e) for e in entries)
+    arenas = 2 * arenas_per_worker(entries, 64 * MB)  # each worker's, as --arena-keep-mb 64 keeps them
     assert 2 * face < face + crowd, "the tiny face-pros is the smaller model"
     limit, shared = 1 << 30, (3 * face + crowd) // 2
     group = make_group("memory", {"memory.limit_in_bytes": str(limit)})
     flags = ("--cpu-slices", "1,1", "--models", "face-pros", "crowd-csrnet", "--model-control-mode", "explicit")
-    pending = f"{(limit - shared - GATEWAY_BYTES - 2 * WORKER_BYTES) / MB:.6f}"  # the rest: the gateway's and 2 workers' own
+    pending = f"{(limit - shared - GATEWAY_BYTES - 2 * WORKER_BYTES - arenas) / MB:.6f}"  # the rest: the processes' own, arenas
     server = Gateway(tiny_repo.root, *flags, "--max-pending-mb", pending, log=tmp_path / "serve.log", prefix=_entering(group))
     client = httpclient.InferenceServerClient(server.url)
     base = f"http://{server.url}"
@@ -198,8 +200,9 @@ def test_a_worker_the_kernel_kills_for_memory_goes_first_is_named_and_comes_back
     # back: the gateway's body, its arena copy and the worker's leftovers were still over the limit.
     group = make_group("memory", {"memory.swappiness": "0", "memory.limit_in_bytes": str(440 << 20)})  # no swapping out
     # --max-pending-mb 200 (and bodies up to 128 MB, the batch's 100 MB among them): placement leaves crowd-csrnet
-    # (66 MB) the 80 MB that 440 less the bodies, the gateway's and the worker's own memory leave (service/placement.py)
-    flags = ("--cpu-slices", "1", "--models", "crowd-csrnet", "--max-body-mb", "128", "--max-pending-mb", "200")
+    # (66 MB) the 78 MB that 440 less the bodies, the gateway's and the worker's own memory and 2 MB of arenas kept
+    # (--arena-keep-mb 1: the batch's 100 MB arena is counted with the bodies instead) leave (service/placement.py)
+    flags = ("--cpu-slices", "1", "--models", "crowd-csrnet", "--max-body-mb", "128", "--max-pending-mb", "200", "--arena-keep-mb", "1")
     server = Gateway(tiny_repo.root, *flags, log=tmp_path / "serve.log", prefix=_entering(group))
     client = httpclient.InferenceServerClient(server.url, network_timeout=120)
     try:
@@ -241,9 +244,9 @@ def test_a_worker_killed_for_memory_while_it_loads_stops_the_gateway_saying_why(
     assert unplaced.returncode == 2 and "error: no model fits in memory: crowd-csrnet: it needs about" in unplaced.stderr
     assert "the cgroup's memory limit of 280 MB, less --max-pending-mb 256 for request bodies" in unplaced.stderr
     assert "worker cpu-0" not in unplaced.stderr, "said before any worker starts"
-    # Bodies bounded well within it, the model is placed, and the worker loading it is what the limit cannot hold
+    # Bodies and arenas bounded well within it, the model is placed, and the worker loading it is what the limit cannot hold
     with _holding(group, 100):
-        bounded = ["--max-body-mb", "1", "--max-pending-mb", "1"]
+        bounded = ["--max-body-mb", "1", "--max-pending-mb", "1", "--arena-keep-mb", "1"]
         run = subprocess.run([*command, *bounded], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     assert "worker cpu-0 exited with code -9 before it was ready: the kernel killed it for want of memory" in run.stderr, run.stderr

@@ -14,6 +14,7 @@ from service.placement import (
     WEIGHT_COPIES,
     WORKER_BYTES,
     SharedMemory,
+    arenas_per_worker,
     footprint,
     model_spec,
     place,
@@ -118,9 +119,30 @@ def test_the_shared_memory_is_the_cgroup_limit_else_what_the_host_has_available(
         "the cgroup's memory limit of 2048 MB, less --max-pending-mb 512 for request bodies, --max-job-mb 512 for CT jobs "
         "and 192 MB for the processes' own (the gateway and 2 workers)",
     )
+    two_frontends = SharedMemory.of_host(512 * MB, 2, tmp_path, frontends=2, arena_bytes=40 * MB)  # serve --frontends 2
+    assert two_frontends == SharedMemory(
+        1536 * MB - own - GATEWAY_BYTES - 2 * 2 * 40 * MB,
+        "the cgroup's memory limit of 2048 MB, less --max-pending-mb 512 for request bodies and 320 MB for the processes' "
+        "own (the gateway's 2 processes and 2 workers) and 160 MB for batch arenas in shared memory (--arena-keep-mb)",
+    )
     (tmp_path / "proc/meminfo").unlink()
     (tmp_path / "sys/fs/cgroup/memory.max").write_text("max\n")
     assert SharedMemory.of_host(0, 2, tmp_path) is None, "nothing to read: nothing bounds the slices"
+
+
+def test_a_workers_arenas_hold_up_to_twice_its_models_largest_batch_each_way_within_what_is_kept(tiny_repo: ExportedRepo) -> None:
+    """The gateway's arena for a worker's inputs and the worker's for its outputs grow to twice a batch's size, at
+    most --arena-keep-mb (larger ones are counted in --max-pending-mb and released when idle): placement takes the
+    largest batch of the models served, at their largest dims, from the contracts."""
+    models = load_repository(tiny_repo.root).models
+    face = 32 * 3 * 224 * 224 * 4  # 32 images of 224x224: face-pros's largest batch
+    crowd_in, crowd_out = 8 * 3 * 1024 * 1024 * 4, 8 * 1 * 128 * 128 * 4  # 8 images of 1024x1024, their densities
+    assert arenas_per_worker([models["face-pros"]], 64 * MB) == 2 * face + MB  # its outputs are small: the least arena
+    assert arenas_per_worker([models["crowd-csrnet"]], 64 * MB) == 64 * MB + max(MB, 2 * crowd_out)
+    assert arenas_per_worker([models["crowd-csrnet"]], 256 * MB) == 2 * crowd_in + max(MB, 2 * crowd_out)
+    organs_out = 4 * 23 * 16 * 32 * 32 * 4  # lns-organs: 4 tiles' logits of 23 labels
+    assert arenas_per_worker(models.values(), 64 * MB) == 64 * MB + 2 * organs_out
+    assert arenas_per_worker([], 64 * MB) == 0
 
 
 def test_a_model_needs_its_session_its_weights_twice_and_its_activations_at_the_largest_batch(tiny_repo: ExportedRepo) -> None:

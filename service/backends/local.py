@@ -531,6 +531,7 @@ class LocalBackend:
         from .triton import TritonReplica
 
         self._listeners: list[Callable[[], None]] = []
+        self._held: Callable[[int], None] = lambda nbytes: None  # hold_arenas
         self._timings: int | None = None
         timing = not attached and options.run_slices == "auto" and options.timings is None
         if timing and any(p.kind is PartitionKind.CPU and placement.get(p.id) for p in partitions):
@@ -558,6 +559,7 @@ class LocalBackend:
     def hold_arenas(self, held: Callable[[int], None]) -> None:
         """Tell `held` of each change in the bytes of the workers' input arenas over the size kept (--arena-keep-mb): a
         large batch's copy in shared memory, held while it runs and until the arena is released."""
+        self._held = held
         for replica in self.workers.values():
             if isinstance(replica, WorkerReplica):
                 replica.held = held
@@ -618,6 +620,7 @@ class LocalBackend:
                 fresh = AttachedReplica(
                     self._partitions[pid], {spec.name: spec}, self._notify, self._options, self._sockets[pid], hang_s=self._hang_s
                 )
+                fresh.held = self._held
                 await fresh.start()
                 self.workers[pid] = fresh
             elif isinstance(worker, AttachedReplica):

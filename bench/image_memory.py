@@ -12,6 +12,7 @@ shapes, since the model runs in a worker, not in the gateway. It reports the pea
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import subprocess
 import sys
@@ -49,16 +50,19 @@ def _steps(family: str, repo: Path, data: bytes) -> None:
         media.encode_png(frontalize.to_pixels(np.zeros((3, height, width), np.float32), post))  # type: ignore[arg-type]
 
 
-def _status(field: str) -> int:
-    """A memory figure of this process from /proc/self/status, bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+def memory_status(pid: int | str = "self") -> dict[str, int]:
+    """A process's memory figures from /proc/PID/status (VmRSS, VmHWM, RssShmem, ...), bytes."""
+    figures = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if value.strip().endswith(" kB"):
+            figures[name] = int(value.split()[0]) * 1024
+    return figures
 
 
 def measure(family: str, repo: Path, image: Path) -> dict[str, Any]:
     import numpy as np
+    from PIL import Image
 
     from service.families import media
 
@@ -66,10 +70,11 @@ def measure(family: str, repo: Path, image: Path) -> dict[str, Any]:
     _steps(family, repo, small)  # libraries loaded, caches made
     data = image.read_bytes()
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from what is resident now
-    before = _status("VmRSS")
+    before = memory_status()["VmRSS"]
     _steps(family, repo, data)
-    width, height = media.image_size(data)
-    return {"added_bytes": _status("VmHWM") - before, "pixels": width * height}
+    with Image.open(io.BytesIO(data)) as header:  # the size only: nothing more is decoded
+        width, height = header.size
+    return {"added_bytes": memory_status()["VmHWM"] - before, "pixels": width * height}
 
 
 def main() -> int:

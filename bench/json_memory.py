@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.image_memory import _status
+from bench.image_memory import memory_status
 
 KINDS = {
     "base64 file (a JPEG's bytes)": "base64",
@@ -57,9 +57,9 @@ def measure(body: bytes) -> dict[str, Any]:
 
     read()  # libraries loaded, the allocator warm
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from what is resident now
-    before = _status("VmRSS")
+    before = memory_status()["VmRSS"]
     kept = [read()]
-    peak = _status("VmHWM") - before
+    peak = memory_status()["VmHWM"] - before
     kept.clear()
     tracemalloc.start()
     kept.append(read())  # alive while its allocations are read

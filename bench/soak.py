@@ -36,6 +36,7 @@ import httpx
 import numpy as np
 
 from bench.gateway_bench import ROOT, Server, bodies, export, sample
+from bench.image_memory import memory_status
 
 MODELS = (
     "face-pros",
@@ -47,15 +48,6 @@ MODELS = (
     "lns-stations",
 )
 MB = 1 << 20
-
-
-def _status(pid: int) -> dict[str, int]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "RssShmem", "RssAnon"):
-            fields[name] = int(value.split()[0]) * 1024
-    return fields
 
 
 def _shm_of(pid: int) -> int:
@@ -314,7 +306,7 @@ def _soak(server: Server, load: Load, args: argparse.Namespace, snapshot: Callab
                 snapshot()
             pids = {"gateway": server.process.pid} | {f"worker {p['id']}": p["pid"] for p in server.partitions()}
             for label, pid in pids.items():
-                series.setdefault(label, []).append(_status(pid) | {"shm": _shm_of(pid)})
+                series.setdefault(label, []).append(memory_status(pid) | {"shm": _shm_of(pid)})
             memory = ", ".join(f"{k} {v[-1]['VmRSS'] / MB:.1f} MB" for k, v in series.items())
             print(f"round {number + 1}: {time.monotonic() - started:.1f} s, {memory}", flush=True)
     print(f"\n{len(operations)} requests a round from {args.threads} threads, {args.rounds} rounds; outcomes:")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
+from .config import MB
 from .errors import NotFound, ServiceError, TooLarge, Unavailable
 
 logger = logging.getLogger(__name__)
@@ -85,9 +86,6 @@ class Job(Generic[T]):
             "finished": self.finished,
             "error": {"status": self.error.status, "message": str(self.error)} if self.error else None,
         }
-
-
-MB = 1 << 20
 
 
 class JobStore:

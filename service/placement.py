@@ -12,7 +12,7 @@ their own models: nothing bounds them here.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,11 +106,9 @@ def arenas_per_worker(models: Iterable[ModelEntry], keep: int) -> int:
     entries = list(models)
     if not entries:
         return 0
-
-    def largest(tensors: Callable[[ModelEntry], Iterable[TensorSpec]]) -> int:
-        return max(sum(_max_bytes(e, t) for t in tensors(e)) for e in entries)
-
-    return sum(min(keep, max(shm.MIN_ARENA, 2 * largest(side))) for side in (lambda e: e.contract.inputs, lambda e: e.contract.outputs))
+    inputs = max(sum(_max_bytes(e, t) for t in e.contract.inputs) for e in entries)
+    outputs = max(sum(_max_bytes(e, t) for t in e.contract.outputs) for e in entries)
+    return sum(min(keep, max(shm.MIN_ARENA, 2 * largest)) for largest in (inputs, outputs))
 
 
 def _max_bytes(entry: ModelEntry, tensor: TensorSpec) -> int:

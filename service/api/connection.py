@@ -130,19 +130,18 @@ def timed_out(timeout: float, default_headers: list[tuple[bytes, bytes]]) -> byt
 
 def bounded_protocol(gateway: Gateway) -> type[BoundedHttpToolsProtocol]:
     """uvicorn's `http=` setting for --http-server uvicorn."""
-    return type("BoundedProtocol", (BoundedHttpToolsProtocol,), {"receive_timeout_s": gateway.config.receive_timeout_s, "gateway": gateway})
+    return type("BoundedProtocol", (BoundedHttpToolsProtocol,), {"gateway": gateway})
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a bound on each request's head. httptools keeps a header's bytes until
     the header ends, with no limit: one client sending an endless header grew the gateway by what it sent. Past
     MAX_HEAD bytes of head it answers 431 and closes, as uvicorn's h11 protocol does past 16 KiB. A client that
-    sends nothing for `receive_timeout_s` in the middle of a request is disconnected (408 if still in the head);
+    sends nothing for --receive-timeout-s in the middle of a request is disconnected (408 if still in the head);
     uvicorn itself waits for ever. An answer the client is slow to take is counted in the gateway's budget of
     bodies while it waits (unsent.py)."""
 
-    receive_timeout_s = 30.0  # the gateway's --receive-timeout-s, set on the instance or by bounded_protocol
-    gateway: Gateway | None = None  # set on the instance or by bounded_protocol
+    gateway: Gateway  # set on the instance or by bounded_protocol
     _stall: StallWatch | None = None
     _unsent: Unsent | None = None
     _mid = False  # from a request's first byte until its last
@@ -152,9 +151,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._stall = StallWatch(self.loop, self.receive_timeout_s, self._waiting_for_client, self._stalled)
-        if self.gateway is not None:
-            self._unsent = Unsent(self.loop, transport, self.gateway.bodies, self.gateway.config.send_timeout_s)
+        config = self.gateway.config
+        self._stall = StallWatch(self.loop, config.receive_timeout_s, self._waiting_for_client, self._stalled)
+        self._unsent = Unsent(self.loop, transport, self.gateway.bodies, config.send_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._stall is not None:
@@ -178,7 +177,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _stalled(self) -> None:
         if self._in_head:  # no answer has begun for this request
-            self.transport.write(timed_out(self.receive_timeout_s, self.server_state.default_headers))
+            self.transport.write(timed_out(self.gateway.config.receive_timeout_s, self.server_state.default_headers))
         self.transport.close()  # uvicorn tells the app the client is gone: its body's budget is given back
 
     def on_message_begin(self) -> None:
@@ -446,7 +445,6 @@ class InferConnection(asyncio.BufferedProtocol):
         transport = self._transport
         assert transport is not None
         protocol = BoundedHttpToolsProtocol(config=self._config, server_state=self._state, app_state=self._app_state, _loop=self._loop)
-        protocol.receive_timeout_s = self._stall.timeout
         protocol.gateway = self.gateway
         if self._unsent is not None:
             self._unsent.drained()  # the new protocol watches the buffer from here on

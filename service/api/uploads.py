@@ -91,7 +91,7 @@ def json_held_bytes(body: bytes) -> int:
         return everything
     lengths = quotes[1::2] - quotes[::2] - 1
     long = int(lengths[lengths >= LONG_STRING].sum())
-    per_byte = 1 if not len(body) or int(data.max()) < 0x80 else 4
+    per_byte = 1 if body.isascii() else 4
     return JSON_OBJECT_BYTES * (len(body) - long) + (per_byte + 1) * long
 
 

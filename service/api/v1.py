@@ -34,10 +34,11 @@ from migserve.contract import (
 )
 from migserve.types import Array
 
+from ..config import MB
 from ..errors import NotFound, NotReady, ServiceError, Unprocessable
 from ..families import crowd, face, frontalize, grounding, lns, media
 from ..families.volume import read_volume
-from ..jobs import MB, Job, Progress
+from ..jobs import Job, Progress
 from ..repository import ModelEntry
 from .budget import Hold
 from .limits import HOLD
@@ -249,13 +250,15 @@ class FamilyEndpoints:
         """The most tiles up to --tiles-in-flight a CT job may have outstanding with the running jobs' memory and its own
         within --max-job-mb, and what it holds then; where not even one tile fits, one (the job store refuses it). Where
         a CT model has a Triton replica, its tiles' logits may come read-only, and each blend copies them."""
-        room, in_flight = self.config.max_job_bytes - self.gateway.jobs.reserved(), self.config.tiles_in_flight
+        room = self.config.max_job_bytes - self.gateway.jobs.reserved()
         volume = (shape[0], shape[1], shape[2])
         replicas = [r for c in (organs, stations) for r in self.gateway.backend.replicas(c.name)]
         read_only = any(r.read_only_outputs for r in replicas)
-        while in_flight > 1 and lns.job_bytes(volume, resampled, organs, stations, in_flight, read_only=read_only) > room:
-            in_flight -= 1
-        return in_flight, lns.job_bytes(volume, resampled, organs, stations, in_flight, read_only=read_only)
+        for in_flight in range(self.config.tiles_in_flight, 0, -1):
+            nbytes = lns.job_bytes(volume, resampled, organs, stations, in_flight, read_only=read_only)
+            if nbytes <= room or in_flight == 1:
+                break
+        return in_flight, nbytes
 
     def lns_result(self, job: Job[Any], inline: bool) -> LnsResult:
         result = cast(lns.Stations, job.result)  # a finished lns job's

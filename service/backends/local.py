@@ -74,6 +74,7 @@ class WorkerReplica:
         socket_path: str | None = None,
         *,
         hang_s: float = 300.0,
+        held: Callable[[int], None] = lambda nbytes: None,
     ) -> None:
         self.partition = partition
         self._hang_s = hang_s
@@ -92,7 +93,7 @@ class WorkerReplica:
         self._outputs: list[shm.Attachments] = []  # the worker's, one per slot: its latest outputs there
         self._trim: asyncio.TimerHandle | None = None  # to release arenas over the size kept, once idle (shm.IDLE_RELEASE_S)
         self._over = 0  # bytes of our arenas over the size kept, counted with the request bodies (held)
-        self.held: Callable[[int], None] = lambda nbytes: None  # told of each change in _over (the gateway's body budget)
+        self._held = held  # told of each change in _over (LocalBackend.hold_arenas: the gateway's body budget)
         self._slots: dict[int, int] = {}  # batch id -> slot, for the batches in flight
         self.depth = 1  # batches in flight at once, each in an arena (slot) of its own here and in the worker
         self._ready = False
@@ -300,7 +301,7 @@ class WorkerReplica:
     def _count_over(self) -> None:
         over = sum(max(0, a.size - self._options.arena_keep) for a in self._inputs)
         if over != self._over:
-            self.held(over - self._over)
+            self._held(over - self._over)
             self._over = over
 
     def _on_exit(self) -> None:
@@ -552,17 +553,17 @@ class LocalBackend:
                     self.workers[p.id] = TritonReplica(p, list(models), self._notify, hang_s=hang_s)
                 elif attached:
                     assert path is not None, f"front-end process without a socket for partition {p.id}"
-                    self.workers[p.id] = AttachedReplica(p, models, self._notify, options, path, hang_s=hang_s)
+                    self.workers[p.id] = AttachedReplica(p, models, self._notify, options, path, hang_s=hang_s, held=self._count_held)
                 else:
-                    self.workers[p.id] = WorkerReplica(p, models, self._notify, options, path, hang_s=hang_s)
+                    self.workers[p.id] = WorkerReplica(p, models, self._notify, options, path, hang_s=hang_s, held=self._count_held)
 
     def hold_arenas(self, held: Callable[[int], None]) -> None:
         """Tell `held` of each change in the bytes of the workers' input arenas over the size kept (--arena-keep-mb): a
         large batch's copy in shared memory, held while it runs and until the arena is released."""
         self._held = held
-        for replica in self.workers.values():
-            if isinstance(replica, WorkerReplica):
-                replica.held = held
+
+    def _count_held(self, nbytes: int) -> None:  # every replica's, made now or later
+        self._held(nbytes)
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Called whenever a replica finishes a batch or changes state."""
@@ -618,9 +619,14 @@ class LocalBackend:
             worker = self.workers.get(pid)
             if worker is None:
                 fresh = AttachedReplica(
-                    self._partitions[pid], {spec.name: spec}, self._notify, self._options, self._sockets[pid], hang_s=self._hang_s
+                    self._partitions[pid],
+                    {spec.name: spec},
+                    self._notify,
+                    self._options,
+                    self._sockets[pid],
+                    hang_s=self._hang_s,
+                    held=self._count_held,
                 )
-                fresh.held = self._held
                 await fresh.start()
                 self.workers[pid] = fresh
             elif isinstance(worker, AttachedReplica):

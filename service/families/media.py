@@ -55,13 +55,6 @@ def decode_image(data: bytes, *, field: str, max_pixels: int, mode: str = "RGB",
     return np.asarray(image.convert(mode))
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) of a JPEG or PNG from its header."""
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-        return width, height
-
-
 def encode_png(pixels: Array) -> bytes:
     """uint8 [H, W] or [H, W, 3] -> PNG bytes."""
     buffer = io.BytesIO()

@@ -463,7 +463,7 @@ class _Serving:
             return False
         if isinstance(message, Trim):
             client.trim()
-        if isinstance(message, LoadModel):
+        elif isinstance(message, LoadModel):
             # timed afresh: a reload may bring another model under the same name
             loaded, refused = load_sessions(self.ort, dataclasses.replace(self.spec, models=(message.model,), timed={}))
             self.sessions.update(loaded)  # a reload replaces the old session only once the new one runs

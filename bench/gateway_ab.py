@@ -12,6 +12,7 @@ point (its 1 s warm-up included).
     .venv/bin/python -m bench.gateway_ab --rounds 5 --b=--cpu-worker-priority=idle
     .venv/bin/python -m bench.gateway_ab --rounds 6 --b= --a-revision cf18f99    # this code against an older commit
     .venv/bin/python -m bench.gateway_ab --rounds 4 --b= --a-revision fc56202 --body json --concurrency 8   # JSON tensors
+    .venv/bin/python -m bench.gateway_ab --rounds 4 --b= --a-revision 71242c5 --protocol grpc   # unary gRPC calls (h2load)
 
 --a-revision runs A's gateway as that git revision had it (a worktree under results/revisions/,
 with this environment's packages): whether a change made the gateway slower.
@@ -23,10 +24,13 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.gateway_bench import Server, bodies, busy, closed_loop, export, round_options
+from bench.grpc_bench import answered, grpc_message, h2load_loop
+from tests.helpers import free_port
 
 
 def main() -> int:
@@ -36,23 +40,29 @@ def main() -> int:
     parser.add_argument("--b", default="--cpu-worker-priority=idle", help="serve arguments of B (default: %(default)s)")
     parser.add_argument("--a-revision", help="run A as this git revision had the service (default: this checkout)")
     parser.add_argument("--body", choices=("binary", "json"), default="binary", help="tensors as binary data or JSON (default: binary)")
+    parser.add_argument(
+        "--protocol",
+        choices=("http", "grpc"),
+        default="http",
+        help="http: wrk, KServe v2 over HTTP/1.1; grpc: h2load, one unary ModelInfer call in flight per connection, raw contents "
+        "(needs nghttp2-client; default: http)",
+    )
     args = parser.parse_args()
     export(args.repo, args.model)
     settings = {"A": _serve_args(args.a), "B": _serve_args(args.b)}
     revisions = {"A": args.a_revision, "B": None}
+    grpc_ports = {label: free_port() for label in settings}
+    if args.protocol == "grpc":
+        settings = {label: [*extra, "--grpc-port", str(grpc_ports[label])] for label, extra in settings.items()}
     servers = {label: Server(args.repo, "--models", args.model, *extra, revision=revisions[label]) for label, extra in settings.items()}
-    body, headers = bodies(args.repo, args.model, {})[args.body]
+    load = _loader(args)
     points: dict[str, list[dict[str, Any]]] = {label: [] for label in settings}
     try:
         for round_ in range(1, args.rounds + 1):
             for label, server in servers.items():
                 server.wait_idle(args.model)
-                url = f"http://127.0.0.1:{server.port}/v2/models/{args.model}/infer"
                 idle_before, wait_before, clock_before = _idle_ticks(), _run_queue_wait_ns(server.process.pid), time.monotonic()
-                frontends = server.frontend_pids()  # with --frontends: gateway processes, not workers
-                point = closed_loop(
-                    url, body, headers, args.concurrency, args.seconds, server_pid=server.process.pid, frontend_pids=frontends
-                )
+                point = load(server, grpc_ports[label])
                 elapsed = time.monotonic() - clock_before
                 point["idle"] = (_idle_ticks() - idle_before) / (os.sysconf("SC_CLK_TCK") * elapsed * (os.cpu_count() or 1))
                 point["gateway_wait"] = (_run_queue_wait_ns(server.process.pid) - wait_before) / 1e9 / elapsed
@@ -65,7 +75,8 @@ def main() -> int:
     finally:
         for server in servers.values():
             server.close()
-    print(f"\n{args.model}, concurrency {args.concurrency}, {args.rounds} rounds of {args.seconds:g} s, {args.body} tensors\n")
+    what = "unary gRPC calls" if args.protocol == "grpc" else f"{args.body} tensors"
+    print(f"\n{args.model}, concurrency {args.concurrency}, {args.rounds} rounds of {args.seconds:g} s, {what}\n")
     print(
         "| setting | serve arguments | samples/s (mean) | x A | cores busy | machine idle | gateway run-queue wait, s/s "
         "| CPU ms/request: gateway / workers / wrk |"
@@ -83,6 +94,27 @@ def main() -> int:
         cores = statistics.mean(busy(p) for p in rows)
         print(f"| {label} | `{shown}` | {rate:.1f} | {rate / base:.2f} | {cores:.2f} | {idle:.1%} | {wait:.3f} | {cpu} |")
     return 0
+
+
+def _loader(args: argparse.Namespace) -> Callable[[Server, int], dict[str, Any]]:
+    """One point of the closed-loop load on a gateway (given its gRPC port): wrk over HTTP, or h2load's unary calls."""
+    body, headers = bodies(args.repo, args.model, {})[args.body]
+    message = grpc_message(args.repo, args.model, {})
+
+    def load(server: Server, grpc_port: int) -> dict[str, Any]:
+        pid, frontends = server.process.pid, server.frontend_pids()  # with --frontends: gateway processes, not workers
+        if args.protocol == "http":
+            url = f"http://127.0.0.1:{server.port}/v2/models/{args.model}/infer"
+            return closed_loop(url, body, headers, args.concurrency, args.seconds, server_pid=pid, frontend_pids=frontends)
+        before = answered(server.port, args.model)
+        url = f"http://127.0.0.1:{grpc_port}/inference.GRPCInferenceService/ModelInfer"
+        point = h2load_loop(url, message, args.concurrency, 1, args.seconds, server_pid=pid, frontend_pids=frontends)
+        server.wait_idle(args.model)  # h2load sees HTTP/2 status 200 for a failed call: the gateway's count says
+        if answered(server.port, args.model) - before < point["requests"]:
+            raise RuntimeError(f"h2load counted {point['requests']} calls, the gateway answered fewer")
+        return point
+
+    return load
 
 
 def _idle_ticks() -> int:

@@ -59,8 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--send-timeout-s",
         type=float,
         default=60.0,
-        help="a client that takes none of an answer waiting in its connection's buffer for this long is disconnected; "
-        "until then the answer is counted in --max-pending-mb (default: 60)",
+        help="a client that takes none of an answer waiting in its connection's buffer for this long is disconnected "
+        "(over gRPC: one that answers no ping for about this long); until then the answer is counted in --max-pending-mb "
+        "(default: 60)",
     )
     parser.add_argument(
         "--queue-capacity",

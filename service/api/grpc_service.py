@@ -27,6 +27,13 @@ default. Errors keep the HTTP side's messages, with the matching status code:
 400 INVALID_ARGUMENT, 404 NOT_FOUND, 413 RESOURCE_EXHAUSTED, 503 UNAVAILABLE,
 504 DEADLINE_EXCEEDED, anything else INTERNAL. A message over `--max-body-mb` is
 refused by gRPC itself (RESOURCE_EXHAUSTED) before it is decoded.
+
+gRPC holds an answer until the client's HTTP/2 window lets it out, and a stream's answers wait here
+while one is written; each is counted in `--max-pending-mb` meanwhile (from when it is made until the
+RPC is done, or its turn is written), so clients that read no answers fill the budget (new messages
+UNAVAILABLE) and not the gateway's memory. A client that answers no ping for about `--send-timeout-s`
+is disconnected, which drops its answers; one that answers pings but never opens its window keeps
+them until it hangs up (gRPC tells the servicer nothing of a write's progress).
 """
 
 from __future__ import annotations
@@ -79,6 +86,10 @@ CODES = {
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+# What an answer takes of the gateway's memory while gRPC sends it, per byte of the message: the response, its
+# serialized bytes and gRPC's own copy (bench/grpc_unsent.py: 3.01-3.10 for unary answers a client leaves unread).
+# A stream's answers waiting their turn take one.
+ANSWER_COPIES = 3
 REGION = PARAMETERS[0]  # the parameter that puts a tensor in shared memory
 # The RPCs of the extensions the gateway does not offer (errors.UNSUPPORTED says what to use instead).
 UNSUPPORTED_RPCS = {
@@ -209,14 +220,24 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
-            return await self._infer(request, context)
+            response = await self._infer(request, context)
         except ServiceError as exc:
             await _abort(context, exc)
+        held = self._hold_answer(response)
+        context.add_done_callback(lambda _: self.gateway.bodies.give(held))  # the RPC is over: sent, or its client gone
+        return response
+
+    def _hold_answer(self, response: Any, copies: int = ANSWER_COPIES) -> int:
+        """Count `copies` of an answer in --max-pending-mb until gRPC has sent it, which a client that does not read
+        delays; what was counted, to give back."""
+        held: int = copies * response.ByteSize()
+        self.gateway.bodies.count(held)
+        return held
 
     async def ModelStreamInfer(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         """Each request of the stream runs as soon as it arrives (so a stream's requests batch together);
         answers come back as they finish, matched by their `id`; a failed one answers `error_message`."""
-        answers: asyncio.Queue[Any] = asyncio.Queue()
+        answers: asyncio.Queue[tuple[Any, int] | None] = asyncio.Queue()  # an answer, and what of the budget it holds
         running: set[asyncio.Task[None]] = set()
 
         async def answer(request: Any) -> None:
@@ -224,7 +245,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
                 response = service_pb2.ModelStreamInferResponse(infer_response=await self._infer(request, context))
             except ServiceError as exc:
                 response = service_pb2.ModelStreamInferResponse(error_message=str(exc), infer_response={"id": request.id})
-            await answers.put(response)
+            answers.put_nowait((response, self._hold_answer(response, copies=1)))  # waits its turn: the message alone
 
         async def read() -> None:
             try:
@@ -238,12 +259,20 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
 
         reader = asyncio.create_task(read())
         try:
-            while (response := await answers.get()) is not None:
-                yield response
+            while (answered := await answers.get()) is not None:
+                response, held = answered
+                held += self._hold_answer(response, copies=ANSWER_COPIES - 1)  # and its bytes and gRPC's copy
+                try:
+                    yield response  # returns once gRPC has sent it (the client's window let it)
+                finally:
+                    self.gateway.bodies.give(held)
             await reader  # a broken request stream raises here
         finally:
             for task in [reader, *running]:
                 task.cancel()
+            while not answers.empty():
+                if (left := answers.get_nowait()) is not None:
+                    self.gateway.bodies.give(left[1])
 
     async def _infer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         name = request.model_name
@@ -470,7 +499,19 @@ def grpc_server(
     shared: other front-end processes bind the same port (SO_REUSEPORT; else a second server there is refused).
     internal: the first process of several front-ends also listens on this Unix socket, for what they pass on."""
     limit = gateway.config.max_body_bytes
-    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", int(shared))]
+    # A client whose connection answers no ping for about --send-timeout-s is disconnected, dropping the answers gRPC
+    # holds for it: a ping after half of it without a frame from the client (on a connection with calls), the other
+    # half to answer it (0.1 s at least). gRPC 1.85 closes on an unanswered ping after ping_timeout_ms, not
+    # keepalive_timeout_ms alone (tests/integration/test_gateway_grpc.py sees it close).
+    keepalive = max(100, round(gateway.config.send_timeout_s * 500))
+    options = [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", -1),
+        ("grpc.so_reuseport", int(shared)),
+        ("grpc.keepalive_time_ms", keepalive),
+        ("grpc.keepalive_timeout_ms", keepalive),
+        ("grpc.http2.ping_timeout_ms", keepalive),
+    ]
     server = grpc.aio.server(options=options)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service or InferenceService(gateway), server)
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,14 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from bench.held_grpc import HeldGrpcCall
 from exporters.zoo import ZOO
 from migserve.contract import read_contract
 from migserve.types import Array
 from service.api.grpc_service import UNSUPPORTED_RPCS
 from service.errors import UNSUPPORTED
 from tests.helpers import ExportedRepo, Gateway
-from tests.integration.test_gateway_behaviour import _metric
+from tests.integration.test_gateway_behaviour import _metric, _metric_reaches
 from tests.integration.test_gateway_protocol import TRITON_DTYPES, direct, grpc_inputs, make_inputs, triton_inputs
 
 
@@ -335,6 +337,73 @@ def test_a_stream_answers_every_request_and_reports_a_bad_one(gateway: Gateway, 
         np.testing.assert_allclose(
             results[request_id].as_numpy("embedding"), expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max())
         )
+
+
+def _raw_request(model: str, arrays: dict[str, Array], request_id: str = "") -> bytes:
+    """A ModelInferRequest as tritonclient sends it (raw contents), serialized."""
+    request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+    for name, array in arrays.items():
+        request.inputs.add(name=name, datatype=TRITON_DTYPES[array.dtype.name], shape=array.shape)
+        request.raw_input_contents.append(array.tobytes())
+    return request.SerializeToString()  # type: ignore[no-any-return]  # generated, untyped
+
+
+@pytest.mark.parametrize("frontends", [(), ("--frontends", "2")], ids=["one-process", "frontends"])
+def test_answers_a_client_does_not_take_are_held_within_the_pending_budget(
+    frontends: tuple[str, ...], tiny_repo: ExportedRepo, tmp_path: Path
+) -> None:
+    """gRPC holds a unary answer (the message, its serialized bytes, its own copy) until the client's HTTP/2 window
+    lets it out, and a stream's answers wait in the servicer while one is written; --max-pending-mb saw none of it,
+    so clients that read no answers grew the gateway by three times each answer (17.5 MB for an lns-organs batch's
+    5.75 MB of logits, bench/grpc_unsent.py). Now an answer is counted
+    until gRPC is done with it: with --max-pending-mb 3, a client that is alive but takes none of its answer leaves no
+    room for another request (UNAVAILABLE naming the unsent answers); once it takes the answer whole (the same logits
+    as onnxruntime's), the count goes back to 0 and the request is served; the same for a stream of two. A client
+    that stops answering pings (a frozen process) is disconnected within about --send-timeout-s, and the count given back."""
+    args = ("--cpu-slices", "1", "--models", "lns-organs", "--max-body-mb", "1", "--max-pending-mb", "3", "--send-timeout-s", "4")
+    server = Gateway(tiny_repo.root, *args, *frontends, log=tmp_path / "serve.log", grpc=True)
+    assert server.grpc_url is not None
+    base, held = f"http://{server.url}", "migserve_request_body_bytes"
+    arrays = make_inputs(read_contract(tiny_repo.root / "lns-organs"), batch=4, seed=3)  # 5.75 MB of logits
+    expected = direct(tiny_repo.root, "lns-organs", arrays)[0]
+    infer, stream = "/inference.GRPCInferenceService/ModelInfer", "/inference.GRPCInferenceService/ModelStreamInfer"
+    client = grpcclient.InferenceServerClient(url=server.grpc_url)
+    calls: list[HeldGrpcCall] = []
+    try:
+        calls.append(call := HeldGrpcCall(server.grpc_url, infer, [_raw_request("lns-organs", arrays)]))
+        assert _metric_reaches(base, held, lambda value: value > 3 << 20) > 3 << 20
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("lns-organs", grpc_inputs(arrays))
+        assert refused.value.status() == "StatusCode.UNAVAILABLE", refused.value
+        assert "large batches' copies, unsent answers); " in str(refused.value) and "--max-pending-mb 3" in str(refused.value)
+        [message] = call.take(timeout=60)
+        assert call.headers[b"grpc-status"] == b"0", call.headers
+        answer = service_pb2.ModelInferResponse.FromString(message)
+        np.testing.assert_allclose(
+            np.frombuffer(answer.raw_output_contents[0], np.float32).reshape(expected.shape), expected, rtol=1e-5, atol=1e-5
+        )
+        assert _metric_reaches(base, held, lambda value: value == 0) == 0
+        assert client.infer("lns-organs", grpc_inputs(arrays)).as_numpy("logits").shape == expected.shape
+
+        requests = [_raw_request("lns-organs", arrays, request_id=f"r{i}") for i in range(2)]
+        calls.append(call := HeldGrpcCall(server.grpc_url, stream, requests))
+        assert _metric_reaches(base, held, lambda value: value > 3 << 20) > 3 << 20
+        answers = [service_pb2.ModelStreamInferResponse.FromString(m) for m in call.take(timeout=60)]
+        assert sorted(a.infer_response.id for a in answers) == ["r0", "r1"] and not any(a.error_message for a in answers)
+        assert _metric_reaches(base, held, lambda value: value == 0) == 0
+
+        calls.append(frozen := HeldGrpcCall(server.grpc_url, infer, [_raw_request("lns-organs", arrays)]))
+        assert _metric_reaches(base, held, lambda value: value > 3 << 20) > 3 << 20
+        time.sleep(1)  # the server's pings and settings since the request are answered: nothing left pending
+        frozen.freeze()
+        assert _metric_reaches(base, held, lambda value: value == 0, timeout=30) == 0
+        assert frozen.read_to_end(timeout=10) < expected.nbytes  # what was sent before the connection closed
+        assert client.infer("lns-organs", grpc_inputs(arrays)).as_numpy("logits").shape == expected.shape
+    finally:
+        for held_call in calls:
+            held_call.close()
+        client.close()
+        server.close()
 
 
 def test_rpcs_of_extensions_not_offered_say_what_to_use_instead(stub: Any) -> None:

@@ -52,9 +52,11 @@ def main() -> int:
     settings = {"A": _serve_args(args.a), "B": _serve_args(args.b)}
     revisions = {"A": args.a_revision, "B": None}
     grpc_ports = {label: free_port() for label in settings}
-    if args.protocol == "grpc":
-        settings = {label: [*extra, "--grpc-port", str(grpc_ports[label])] for label, extra in settings.items()}
-    servers = {label: Server(args.repo, "--models", args.model, *extra, revision=revisions[label]) for label, extra in settings.items()}
+    grpc = {label: ["--grpc-port", str(port)] if args.protocol == "grpc" else [] for label, port in grpc_ports.items()}
+    servers = {
+        label: Server(args.repo, "--models", args.model, *extra, *grpc[label], revision=revisions[label])
+        for label, extra in settings.items()
+    }
     load = _loader(args)
     points: dict[str, list[dict[str, Any]]] = {label: [] for label in settings}
     try:
@@ -79,7 +81,7 @@ def main() -> int:
     print(f"\n{args.model}, concurrency {args.concurrency}, {args.rounds} rounds of {args.seconds:g} s, {what}\n")
     print(
         "| setting | serve arguments | samples/s (mean) | x A | cores busy | machine idle | gateway run-queue wait, s/s "
-        "| CPU ms/request: gateway / workers / wrk |"
+        f"| CPU ms/request: gateway / workers / {'h2load' if args.protocol == 'grpc' else 'wrk'} |"
     )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     base = statistics.mean(p["samples_per_s"] for p in points["A"])

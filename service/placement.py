@@ -24,6 +24,7 @@ from .cgroups import memory_available, memory_limit
 from .partitions import Partition, PartitionKind
 from .repository import ModelEntry
 from .workers import shm
+from .workers.process import GPU_THREADS
 from .workers.protocol import ModelSpec
 
 MB = 1 << 20
@@ -55,8 +56,8 @@ class SharedMemory:
     ) -> SharedMemory | None:
         """The cgroup's memory limit, else the host's available memory, less `pending_bytes` of request bodies,
         `job_bytes` for CT jobs (where the gateway serves them), the gateway's `frontends` processes' and its `workers`
-        processes' own memory, and `arena_bytes` of batch arenas for each worker in each front-end process
-        (`arenas_per_worker`); None where neither can be read (nothing bounds the slices)."""
+        processes' own memory, and `arena_bytes` of batch arenas for each front-end process (`arenas_per_worker` for each
+        batch it may have in flight, `arena_slots`); None where neither can be read (nothing bounds the slices)."""
         limit = memory_limit(root)
         if limit is not None:
             whence = f"the cgroup's memory limit of {limit / MB:.0f} MB"
@@ -65,7 +66,7 @@ class SharedMemory:
         else:
             return None
         own = frontends * GATEWAY_BYTES + workers * WORKER_BYTES
-        arenas = frontends * workers * arena_bytes
+        arenas = frontends * arena_bytes
         jobs = f", --max-job-mb {job_bytes / MB:g} for CT jobs" if job_bytes else ""
         gateway = "the gateway" if frontends == 1 else f"the gateway's {frontends} processes"
         kept = f" and {arenas / MB:.0f} MB for batch arenas in shared memory (--arena-keep-mb)" if arenas else ""
@@ -109,6 +110,17 @@ def arenas_per_worker(models: Iterable[ModelEntry], keep: int) -> int:
     inputs = max(sum(_max_bytes(e, t) for t in e.contract.inputs) for e in entries)
     outputs = max(sum(_max_bytes(e, t) for t in e.contract.outputs) for e in entries)
     return sum(min(keep, max(shm.MIN_ARENA, 2 * largest)) for largest in (inputs, outputs))
+
+
+def arena_slots(partitions: Iterable[Partition], in_flight: int, threads: int) -> int:
+    """Batches one gateway process may have in flight on all its workers at once, each in arenas of its own: on each
+    worker --batches-in-flight, at most the worker's threads (--worker-threads; 0: 1 on a CPU slice, GPU_THREADS on a
+    GPU or MIG partition)."""
+    return sum(
+        min(in_flight, threads or (1 if p.kind is PartitionKind.CPU else GPU_THREADS))
+        for p in partitions
+        if p.kind is not PartitionKind.TRITON
+    )
 
 
 def _max_bytes(entry: ModelEntry, tensor: TensorSpec) -> int:

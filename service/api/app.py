@@ -37,7 +37,7 @@ from ..jobs import JobStore
 from ..logsettings import LogSettings
 from ..metrics import Metrics
 from ..partitions import Partition, PartitionKind, discover, memory_used
-from ..placement import SharedMemory, arenas_per_worker, cpu_placed_bytes, footprint, place, place_one, why_nowhere
+from ..placement import SharedMemory, arena_slots, arenas_per_worker, cpu_placed_bytes, footprint, place, place_one, why_nowhere
 from ..regions import Regions
 from ..repository import ModelEntry, RepositoryError, load_model, load_repository
 from ..shared import Published, SharedCounts
@@ -124,7 +124,8 @@ class Gateway:
             raise UnknownModel(f"no servable models in {config.model_repo}; run: migserve export --all --out {config.model_repo}")
         workers = sum(p.kind is not PartitionKind.TRITON for p in partitions)
         cpu = any(p.kind is PartitionKind.CPU for p in partitions)
-        arenas = arenas_per_worker(models.values(), config.arena_keep_bytes)
+        slots = arena_slots(partitions, config.batches_in_flight, config.worker_threads)
+        arenas = arenas_per_worker(models.values(), config.arena_keep_bytes) * slots
         job_bytes = _job_memory(config, models)
         cpu_memory = (
             SharedMemory.of_host(config.max_pending_bytes, workers, job_bytes=job_bytes, frontends=config.frontends, arena_bytes=arenas)

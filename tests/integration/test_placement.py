@@ -14,6 +14,7 @@ from service.placement import (
     WEIGHT_COPIES,
     WORKER_BYTES,
     SharedMemory,
+    arena_slots,
     arenas_per_worker,
     footprint,
     model_spec,
@@ -119,7 +120,7 @@ def test_the_shared_memory_is_the_cgroup_limit_else_what_the_host_has_available(
         "the cgroup's memory limit of 2048 MB, less --max-pending-mb 512 for request bodies, --max-job-mb 512 for CT jobs "
         "and 192 MB for the processes' own (the gateway and 2 workers)",
     )
-    two_frontends = SharedMemory.of_host(512 * MB, 2, tmp_path, frontends=2, arena_bytes=40 * MB)  # serve --frontends 2
+    two_frontends = SharedMemory.of_host(512 * MB, 2, tmp_path, frontends=2, arena_bytes=2 * 40 * MB)  # serve --frontends 2
     assert two_frontends == SharedMemory(
         1536 * MB - own - GATEWAY_BYTES - 2 * 2 * 40 * MB,
         "the cgroup's memory limit of 2048 MB, less --max-pending-mb 512 for request bodies and 320 MB for the processes' "
@@ -143,6 +144,22 @@ def test_a_workers_arenas_hold_up_to_twice_its_models_largest_batch_each_way_wit
     organs_out = 4 * 23 * 16 * 32 * 32 * 4  # lns-organs: 4 tiles' logits of 23 labels
     assert arenas_per_worker(models.values(), 64 * MB) == 64 * MB + 2 * organs_out
     assert arenas_per_worker([], 64 * MB) == 0
+
+
+def test_each_batch_a_process_may_have_in_flight_on_a_worker_has_arenas_of_its_own() -> None:
+    """serve --batches-in-flight N sends a worker up to N batches at once, each in arenas of its own, where the worker
+    runs that many (--worker-threads; unset: 1 on a CPU slice, 4 on a GPU or MIG partition); Triton partitions take
+    none. Placement sets that many workers' arenas aside per process."""
+    gpu = Partition(id="gpu-0", kind=PartitionKind.GPU, device="GPU-a")
+    mig = Partition(id="mig-0-0", kind=PartitionKind.MIG, device="MIG-a")
+    triton = Partition(id="triton-0", kind=PartitionKind.TRITON, url="127.0.0.1:8000")
+    assert arena_slots(_slices(2), in_flight=1, threads=0) == 2
+    assert arena_slots(_slices(2), in_flight=2, threads=0) == 2, "a CPU slice's worker runs one batch at a time"
+    assert arena_slots(_slices(2), in_flight=2, threads=2) == 4
+    assert arena_slots([gpu, mig, triton], in_flight=2, threads=0) == 4
+    assert arena_slots([gpu, mig, triton], in_flight=8, threads=0) == 8, "at most the 4 threads of a GPU worker"
+    assert arena_slots([gpu, *_slices(1)], in_flight=3, threads=0) == 4
+    assert arena_slots([triton], in_flight=2, threads=2) == 0
 
 
 def test_a_model_needs_its_session_its_weights_twice_and_its_activations_at_the_largest_batch(tiny_repo: ExportedRepo) -> None:

@@ -4,8 +4,9 @@ Starts `migserve serve` on the tiny models (the default CPU slices) and runs rou
 threads at once: KServe inference (binary and JSON, HTTP and gRPC) on every model, each /v1 endpoint with real
 files (JPEG and PNG images, .npy and JSON features, a gzipped NIfTI volume, base64 in JSON), bad requests (unknown
 model, malformed JSON, wrong shape, truncated binary, over --max-body-mb), clients that hang up halfway through a
-body, and clients that read their answer late. After each round it reads the resident memory of the gateway and
-each worker (VmRSS, of which RssShmem is shared memory) and what /dev/shm holds for them. A leak shows as a steady
+body, and clients that read their answer late (over HTTP, and over gRPC with the HTTP/2 window shut). After each
+round it reads the resident memory of the gateway and each worker (VmRSS, of which RssShmem is shared memory) and
+what /dev/shm holds for them. A leak shows as a steady
 growth: the table gives each process's memory after the warm-up rounds and after the last, and the least-squares
 slope over the rounds after the warm-up, in MB per round.
 
@@ -34,8 +35,10 @@ from typing import Any
 
 import httpx
 import numpy as np
+from tritonclient.grpc import service_pb2
 
 from bench.gateway_bench import ROOT, Server, bodies, export, sample
+from bench.held_grpc import HeldGrpcCall
 from bench.image_memory import memory_status
 
 MODELS = (
@@ -132,6 +135,7 @@ class Load:
         ops += self._errors()
         ops.append(("hang up mid-body", self._hang_up))
         ops.append(("late reader", self._late_reader))
+        ops.append(("grpc late reader", self._grpc_late_reader))
         return ops
 
     def _post(self, path: str, body: bytes, headers: dict[str, str]) -> Callable[[], int]:
@@ -191,6 +195,20 @@ class Load:
             while sock.recv(1 << 20):
                 pass
         return status
+
+    def _grpc_late_reader(self) -> int:
+        """An lns-organs answer over gRPC (5.75 MB) whose client leaves its HTTP/2 window shut for a while."""
+        request = service_pb2.ModelInferRequest(model_name="lns-organs")
+        for name, array in sample(self.lns_contract, {}, 4).items():
+            request.inputs.add(name=name, datatype="FP32", shape=array.shape)
+            request.raw_input_contents.append(array.tobytes())
+        call = HeldGrpcCall(self.grpc_url, "/inference.GRPCInferenceService/ModelInfer", [request.SerializeToString()])
+        try:
+            time.sleep(0.5)
+            call.take(timeout=120)
+            return 200 if call.headers.get(b"grpc-status") == b"0" else 500
+        finally:
+            call.close()
 
     def _grpc(self) -> int:
         import tritonclient.grpc as grpcclient

@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -359,7 +360,8 @@ def test_answers_a_client_does_not_take_are_held_within_the_pending_budget(
     until gRPC is done with it: with --max-pending-mb 3, a client that is alive but takes none of its answer leaves no
     room for another request (UNAVAILABLE naming the unsent answers); once it takes the answer whole (the same logits
     as onnxruntime's), the count goes back to 0 and the request is served; the same for a stream of two. A client
-    that stops answering pings (a frozen process) is disconnected within about --send-timeout-s, and the count given back."""
+    that stops answering pings (a frozen process) is disconnected within about --send-timeout-s, and the count given back;
+    so is what calls cut short by their deadlines held."""
     args = ("--cpu-slices", "1", "--models", "lns-organs", "--max-body-mb", "1", "--max-pending-mb", "3", "--send-timeout-s", "4")
     server = Gateway(tiny_repo.root, *args, *frontends, log=tmp_path / "serve.log", grpc=True)
     assert server.grpc_url is not None
@@ -399,6 +401,19 @@ def test_answers_a_client_does_not_take_are_held_within_the_pending_budget(
         assert _metric_reaches(base, held, lambda value: value == 0, timeout=30) == 0
         assert frozen.read_to_end(timeout=10) < expected.nbytes  # what was sent before the connection closed
         assert client.infer("lns-organs", grpc_inputs(arrays)).as_numpy("logits").shape == expected.shape
+
+        def status(deadline: float) -> str:
+            try:
+                client.infer("lns-organs", grpc_inputs(arrays), client_timeout=deadline)
+            except InferenceServerException as exc:
+                return str(exc.status())
+            return "OK"
+
+        # calls whose deadlines pass at every stage (queued, running, half sent) give back all they held
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = set(pool.map(status, [0.002, 0.01, 0.05, 0.2, 5.0] * 6))
+        assert "StatusCode.DEADLINE_EXCEEDED" in outcomes and outcomes <= {"OK", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.UNAVAILABLE"}
+        assert _metric_reaches(base, held, lambda value: value == 0) == 0
     finally:
         for held_call in calls:
             held_call.close()

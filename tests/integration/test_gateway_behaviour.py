@@ -1014,6 +1014,30 @@ def _metric_reaches(base: str, name: str, done: Callable[[float], bool], timeout
     return value
 
 
+LOGITS = 4 * 23 * 16 * 32 * 32  # an lns-organs batch of 4 tiles: 1.5 M logits, of 10 or more bytes each as JSON
+
+
+def _logits_as_json(repo: ExportedRepo) -> tuple[bytes, int]:
+    """A binary KServe request for a batch of 4 CT tiles whose answer is their logits as JSON (17 MB); its header length."""
+    arrays = make_inputs(read_contract(repo.root / "lns-organs"), batch=4, seed=3)
+    wanted = [httpclient.InferRequestedOutput("logits", binary_data=False)]
+    body, header_length = httpclient.InferenceServerClient.generate_request_body(triton_inputs(arrays), outputs=wanted)
+    return body, header_length
+
+
+def _reader_of(port: int, body: bytes, header_length: int) -> socket.socket:
+    """A connection that has sent the request and read nothing yet: its receive window stays tiny (4 KB)."""
+    reader = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    reader.connect(("127.0.0.1", port))
+    head = (
+        f"POST /v2/models/lns-organs/infer HTTP/1.1\r\nhost: x\r\ncontent-length: {len(body)}\r\n"
+        f"inference-header-content-length: {header_length}\r\n\r\n"
+    )
+    reader.sendall(head.encode() + body)
+    return reader
+
+
 @pytest.mark.parametrize(
     "http_server", [("migserve",), ("uvicorn",), ("migserve", "--frontends", "2")], ids=["migserve", "uvicorn", "frontends"]
 )
@@ -1030,24 +1054,12 @@ def test_answers_a_client_does_not_take_are_held_within_the_pending_budget(
     args = ("--cpu-slices", "1", "--models", "lns-organs", "--max-body-mb", "1", "--max-pending-mb", "3", "--send-timeout-s", "4")
     server = Gateway(tiny_repo.root, *args, "--http-server", *http_server, log=tmp_path / "serve.log")
     base = f"http://{server.url}"
-    arrays = make_inputs(read_contract(tiny_repo.root / "lns-organs"), batch=4, seed=3)
-    wanted = [httpclient.InferRequestedOutput("logits", binary_data=False)]
-    body, header_length = httpclient.InferenceServerClient.generate_request_body(triton_inputs(arrays), outputs=wanted)
+    body, header_length = _logits_as_json(tiny_repo)
     headers = {"Inference-Header-Content-Length": str(header_length)}
-    values = 4 * 23 * 16 * 32 * 32  # 1.5 M logits, of 10 or more bytes each as JSON
     held = "migserve_request_body_bytes"
 
     def stalled_reader() -> socket.socket:
-        """A connection that sends the request and reads nothing yet: its receive window stays tiny."""
-        reader = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        reader.connect(("127.0.0.1", server.port))
-        head = (
-            f"POST /v2/models/lns-organs/infer HTTP/1.1\r\nhost: x\r\ncontent-length: {len(body)}\r\n"
-            f"inference-header-content-length: {header_length}\r\n\r\n"
-        )
-        reader.sendall(head.encode() + body)
-        return reader
+        return _reader_of(server.port, body, header_length)
 
     try:
         reader = stalled_reader()
@@ -1059,7 +1071,7 @@ def test_answers_a_client_does_not_take_are_held_within_the_pending_budget(
         assert "more would pass --max-pending-mb 3" in refused.json()["error"], refused.text
         with reader, reader.makefile("rb") as stream:
             status, _, answer = read_response(stream)
-        assert status == 200 and len(json.loads(answer)["outputs"][0]["data"]) == values
+        assert status == 200 and len(json.loads(answer)["outputs"][0]["data"]) == LOGITS
         assert waiting <= len(answer)
         assert _metric_reaches(base, held, lambda value: value == 0) == 0
         served = httpx.post(f"{base}/v2/models/lns-organs/infer", content=body, headers=headers, timeout=30)
@@ -1074,6 +1086,38 @@ def test_answers_a_client_does_not_take_are_held_within_the_pending_budget(
         with stalled, stalled.makefile("rb") as stream, contextlib.suppress(ConnectionResetError):
             stalled.settimeout(10)
             assert len(stream.read()) < len(answer)  # what the kernel took before the rest was dropped, then the end
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("http_server", ["migserve", "uvicorn"])
+def test_a_client_that_reads_its_answer_slowly_is_not_taken_for_a_stalled_one(
+    http_server: str, tiny_repo: ExportedRepo, tmp_path: Path
+) -> None:
+    """--send-timeout-s disconnects a client that takes none of its answer. A connection's buffer shrinks only once the
+    kernel has room for a third of its send buffer (up to 4 MB here), so a client reading a 17 MB answer at 16 KB/s
+    (a slow mobile link) looked stalled for longer than the timeout and was cut off with most of it unsent. What the
+    kernel still holds for the client (its send queue) says it is reading: after 8 s at 16 KB/s, twice
+    --send-timeout-s, the client is still connected; it then reads the rest at once and has the whole answer."""
+    args = ("--cpu-slices", "1", "--models", "lns-organs", "--max-body-mb", "1", "--send-timeout-s", "4")
+    server = Gateway(tiny_repo.root, *args, "--http-server", http_server, log=tmp_path / "serve.log")
+    body, header_length = _logits_as_json(tiny_repo)
+    try:
+        with _reader_of(server.port, body, header_length) as reader:
+            started, taken = time.monotonic(), bytearray()
+            while time.monotonic() - started < 8:
+                chunk = reader.recv(4096)
+                assert chunk, f"the gateway closed the connection after {time.monotonic() - started:.1f} s, {len(taken)} bytes taken"
+                taken += chunk
+                time.sleep(len(chunk) / 16384)
+            assert "took none of its answer" not in server.log.read_text()
+            head, _, answer = bytes(taken).partition(b"\r\n\r\n")
+            length = int(next(line for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")).split(b":")[1])
+            while len(answer) < length:  # the rest at once
+                chunk = reader.recv(1 << 20)
+                assert chunk, f"the connection ended {length - len(answer)} bytes short"
+                answer += chunk
+        assert head.startswith(b"HTTP/1.1 200 ") and len(json.loads(answer)["outputs"][0]["data"]) == LOGITS
     finally:
         server.close()
 

@@ -224,6 +224,13 @@ def checkout(revision: str) -> tuple[str, Path]:
     return str(venv / "bin" / "python"), tree
 
 
+def metric(port: int, prefix: str) -> float:
+    """The sum of the gateway's /metrics samples whose line starts with `prefix` (a name, with labels or a space)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
+
+
 class Server:
     def __init__(self, repo: Path, *args: str, revision: str | None = None) -> None:
         """`migserve serve` on a free port, as this checkout has it or, with `revision`, as that git revision had it."""
@@ -261,13 +268,7 @@ class Server:
         stop = time.monotonic() + limit_s
         while time.monotonic() < stop:
             busy = sum(p["outstanding_batches"] for p in self.partitions())
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
-                queued = sum(
-                    float(line.rsplit(" ", 1)[1])
-                    for line in response.read().decode().splitlines()
-                    if line.startswith("migserve_queue_depth{")
-                )
-            if busy == 0 and queued == 0:
+            if busy == 0 and metric(self.port, "migserve_queue_depth{") == 0:
                 return
             time.sleep(0.2)
 

@@ -38,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import shared_memory
 
 from bench.gateway_bench import (
+    DATATYPES,
     Server,
     _children,
     _children_cpu_seconds,
@@ -56,6 +56,7 @@ from bench.gateway_bench import (
     busy,
     closed_loop,
     export,
+    metric,
     round_options,
     sample,
 )
@@ -66,14 +67,13 @@ FINISHED = re.compile(r"finished in ([\d.]+)s")
 REQUESTS = re.compile(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout")
 
 
-def grpc_message(repo: Path, model: str, dims: dict[str, int], region: str | None = None) -> bytes:
-    """One ModelInferRequest, framed as a gRPC message (flag byte, big-endian length): raw contents, as
-    tritonclient sends them, or with `region` each input named in that shared memory region, one after another."""
-    contract = json.loads((repo / model / "contract.json").read_text())
-    request = service_pb2.ModelInferRequest(model_name=model)
+def infer_request(model: str, arrays: dict[str, Array], request_id: str = "", region: str | None = None) -> bytes:
+    """A serialized ModelInferRequest: raw contents, as tritonclient sends them, or with `region` each input named in
+    that shared memory region, one after another."""
+    request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
     offset = 0
-    for name, array in sample(contract, dims, 1).items():
-        tensor = request.inputs.add(name=name, datatype="FP32", shape=array.shape)
+    for name, array in arrays.items():
+        tensor = request.inputs.add(name=name, datatype=DATATYPES[array.dtype.name], shape=array.shape)
         if region is None:
             request.raw_input_contents.append(array.tobytes())
             continue
@@ -82,6 +82,13 @@ def grpc_message(repo: Path, model: str, dims: dict[str, int], region: str | Non
         tensor.parameters["shared_memory_offset"].int64_param = offset
         offset += array.nbytes
     payload: bytes = request.SerializeToString()
+    return payload
+
+
+def grpc_message(repo: Path, model: str, dims: dict[str, int], region: str | None = None) -> bytes:
+    """One request of a sample, framed as a gRPC message (flag byte, big-endian length) for h2load (`infer_request`)."""
+    contract = json.loads((repo / model / "contract.json").read_text())
+    payload = infer_request(model, sample(contract, dims, 1), region=region)
     return b"\0" + struct.pack(">I", len(payload)) + payload
 
 
@@ -146,10 +153,7 @@ def h2load_loop(
 
 def answered(port: int, model: str) -> float:
     """The gateway's count of requests it answered 200 for this model (both protocols)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    wanted = f'migserve_requests_total{{model="{model}",status="200"}} '
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(wanted))
+    return metric(port, f'migserve_requests_total{{model="{model}",status="200"}} ')
 
 
 Load = Callable[[], dict[str, Any]]
@@ -223,6 +227,16 @@ def _modes(args: argparse.Namespace, dims: dict[str, int], server: Server, grpc_
     return modes, handle
 
 
+def count_answered(server: Server, model: str, before: float, point: dict[str, Any], label: str) -> None:
+    """The point's `answered`: requests the gateway answered 200 since `before` (its warm-up included), once idle. h2load
+    counts a call that failed with a gRPC status as done (HTTP/2 status 200): fewer answered than it counted is an error."""
+    time.sleep(0.5)  # the last answers of the point are counted
+    server.wait_idle(model)
+    point["answered"] = answered(server.port, model) - before
+    if "requests" in point and point["answered"] < point["requests"]:
+        raise RuntimeError(f"{label}: h2load counted {point['requests']} calls, the gateway answered {point['answered']:.0f}")
+
+
 def _rounds(model: str, modes: Modes, rounds: int) -> dict[str, list[dict[str, Any]]]:
     """Every mode once per round, in order; a point with failed requests stops the run."""
     points: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
@@ -231,17 +245,13 @@ def _rounds(model: str, modes: Modes, rounds: int) -> dict[str, list[dict[str, A
             server.wait_idle(model)
             before = answered(server.port, model)
             point = load()
-            time.sleep(0.5)  # the last answers of the point are counted
-            server.wait_idle(model)
-            point["answered"] = answered(server.port, model) - before  # warm-up included
+            count_answered(server, model, before, point, mode)
             points[mode].append(point)
             print(
                 f"round {round_} {mode:12s} {point['samples_per_s']:8.1f}/s p50 {point['p50_ms']:.2f} ms "
                 f"p99 {point['p99_ms']:.2f} ms, gateway {point['gateway_cpu_ms']:.2f} ms CPU/request",
                 flush=True,
             )
-            if "requests" in point and point["answered"] < point["requests"]:
-                raise RuntimeError(f"{mode}: h2load counted {point['requests']} calls, the gateway answered {point['answered']:.0f}")
             if point["errors"]:
                 raise RuntimeError(f"{mode}: {point['errors']} requests failed")
     return points

@@ -17,17 +17,15 @@ import json
 import math
 import socket
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
-from tritonclient.grpc import service_pb2
 
-from bench.gateway_bench import ROOT, Server, export, sample
+from bench.gateway_bench import ROOT, Server, export, metric, sample
+from bench.grpc_bench import infer_request
 from bench.held_grpc import HeldGrpcCall
 from bench.image_memory import memory_status
 from migserve.contract import read_contract
-from migserve.types import Array
 
 MB = 1 << 20
 BATCH = 4
@@ -35,28 +33,12 @@ INFER = "/inference.GRPCInferenceService/ModelInfer"
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
-def _request(arrays: dict[str, Array], request_id: str) -> bytes:
-    request = service_pb2.ModelInferRequest(model_name="lns-organs", id=request_id)
-    for name, array in arrays.items():
-        request.inputs.add(name=name, datatype="FP32", shape=array.shape)
-        request.raw_input_contents.append(array.tobytes())
-    return request.SerializeToString()  # type: ignore[no-any-return]  # generated, untyped
-
-
-def _counted(port: int) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith("migserve_request_body_bytes "):
-                return int(float(line.split()[1]))
-    return 0
-
-
 def _settled(server: Server, wanted: int) -> tuple[int, int]:
     """The gateway's VmRSS and its count, once the count has stopped moving (or reached `wanted`) for 0.5 s."""
     last, steady_since = -1, time.monotonic()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        counted = _counted(server.port)
+        counted = int(metric(server.port, "migserve_request_body_bytes "))
         if counted != last:
             last, steady_since = counted, time.monotonic()
         elif counted >= wanted and time.monotonic() - steady_since >= 0.5:  # the stream's answers are made one by one
@@ -84,7 +66,7 @@ def main() -> int:
     server = Server(args.repo, *serve, "--send-timeout-s", "600")
     calls: list[HeldGrpcCall] = []
     try:
-        warm = HeldGrpcCall(address, INFER, [_request(arrays, "warm")])  # gRPC's and the batcher's first allocations
+        warm = HeldGrpcCall(address, INFER, [infer_request("lns-organs", arrays, "warm")])  # gRPC's and the batcher's first allocations
         warm.take(timeout=60)
         warm.close()
         base, _ = _settled(server, 0)
@@ -99,9 +81,9 @@ def main() -> int:
             print(f"| {label} | {held / MB:.1f} | {added / MB:.1f} | {per[0]} | {counted / MB:.1f} | {per[1]} |")
 
         for number in range(1, args.calls + 1):
-            calls.append(HeldGrpcCall(address, INFER, [_request(arrays, f"u{number}")]))
+            calls.append(HeldGrpcCall(address, INFER, [infer_request("lns-organs", arrays, f"u{number}")]))
             row(f"{number} unary", number)
-        stream = [_request(arrays, f"s{i}") for i in range(args.stream)]
+        stream = [infer_request("lns-organs", arrays, f"s{i}") for i in range(args.stream)]
         calls.append(HeldGrpcCall(address, STREAM, stream))
         row(f"{args.calls} unary + a stream of {args.stream}", args.calls + args.stream)
         for call in calls:

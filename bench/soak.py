@@ -35,9 +35,9 @@ from typing import Any
 
 import httpx
 import numpy as np
-from tritonclient.grpc import service_pb2
 
 from bench.gateway_bench import ROOT, Server, bodies, export, sample
+from bench.grpc_bench import infer_request
 from bench.held_grpc import HeldGrpcCall
 from bench.image_memory import memory_status
 
@@ -198,11 +198,8 @@ class Load:
 
     def _grpc_late_reader(self) -> int:
         """An lns-organs answer over gRPC (5.75 MB) whose client leaves its HTTP/2 window shut for a while."""
-        request = service_pb2.ModelInferRequest(model_name="lns-organs")
-        for name, array in sample(self.lns_contract, {}, 4).items():
-            request.inputs.add(name=name, datatype="FP32", shape=array.shape)
-            request.raw_input_contents.append(array.tobytes())
-        call = HeldGrpcCall(self.grpc_url, "/inference.GRPCInferenceService/ModelInfer", [request.SerializeToString()])
+        request = infer_request("lns-organs", sample(self.lns_contract, {}, 4))
+        call = HeldGrpcCall(self.grpc_url, "/inference.GRPCInferenceService/ModelInfer", [request])
         try:
             time.sleep(0.5)
             call.take(timeout=120)

@@ -340,15 +340,6 @@ def test_a_stream_answers_every_request_and_reports_a_bad_one(gateway: Gateway, 
         )
 
 
-def _raw_request(model: str, arrays: dict[str, Array], request_id: str = "") -> bytes:
-    """A ModelInferRequest as tritonclient sends it (raw contents), serialized."""
-    request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
-    for name, array in arrays.items():
-        request.inputs.add(name=name, datatype=TRITON_DTYPES[array.dtype.name], shape=array.shape)
-        request.raw_input_contents.append(array.tobytes())
-    return request.SerializeToString()  # type: ignore[no-any-return]  # generated, untyped
-
-
 @pytest.mark.parametrize("frontends", [(), ("--frontends", "2")], ids=["one-process", "frontends"])
 def test_answers_a_client_does_not_take_are_held_within_the_pending_budget(
     frontends: tuple[str, ...], tiny_repo: ExportedRepo, tmp_path: Path
@@ -372,7 +363,7 @@ def test_answers_a_client_does_not_take_are_held_within_the_pending_budget(
     client = grpcclient.InferenceServerClient(url=server.grpc_url)
     calls: list[HeldGrpcCall] = []
     try:
-        calls.append(call := HeldGrpcCall(server.grpc_url, infer, [_raw_request("lns-organs", arrays)]))
+        calls.append(call := HeldGrpcCall(server.grpc_url, infer, [_request("lns-organs", arrays).SerializeToString()]))
         assert _metric_reaches(base, held, lambda value: value > 3 << 20) > 3 << 20
         with pytest.raises(InferenceServerException) as refused:
             client.infer("lns-organs", grpc_inputs(arrays))
@@ -387,14 +378,14 @@ def test_answers_a_client_does_not_take_are_held_within_the_pending_budget(
         assert _metric_reaches(base, held, lambda value: value == 0) == 0
         assert client.infer("lns-organs", grpc_inputs(arrays)).as_numpy("logits").shape == expected.shape
 
-        requests = [_raw_request("lns-organs", arrays, request_id=f"r{i}") for i in range(2)]
+        requests = [_request("lns-organs", arrays, id=f"r{i}").SerializeToString() for i in range(2)]
         calls.append(call := HeldGrpcCall(server.grpc_url, stream, requests))
         assert _metric_reaches(base, held, lambda value: value > 3 << 20) > 3 << 20
         answers = [service_pb2.ModelStreamInferResponse.FromString(m) for m in call.take(timeout=60)]
         assert sorted(a.infer_response.id for a in answers) == ["r0", "r1"] and not any(a.error_message for a in answers)
         assert _metric_reaches(base, held, lambda value: value == 0) == 0
 
-        calls.append(frozen := HeldGrpcCall(server.grpc_url, infer, [_raw_request("lns-organs", arrays)]))
+        calls.append(frozen := HeldGrpcCall(server.grpc_url, infer, [_request("lns-organs", arrays).SerializeToString()]))
         assert _metric_reaches(base, held, lambda value: value > 3 << 20) > 3 << 20
         time.sleep(1)  # the server's pings and settings since the request are answered: nothing left pending
         frozen.freeze()

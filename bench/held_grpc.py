@@ -10,6 +10,7 @@ import contextlib
 import socket
 import struct
 import threading
+import time
 from collections.abc import Sequence
 
 import h2.config
@@ -65,6 +66,17 @@ class HeldGrpcCall:
             self._flush()
         assert self.ended.wait(timeout), f"the answer did not end in {timeout} s ({len(self.received)} bytes so far)"
         return self.messages()
+
+    def trickle(self, rate: int, seconds: float) -> None:
+        """Take the answer at about `rate` bytes a second for `seconds` (a slow link): open the windows by a tenth of
+        it every tenth of a second."""
+        step, end = max(1, rate // 10), time.monotonic() + seconds
+        while time.monotonic() < end and not self.ended.is_set():
+            with self._lock, contextlib.suppress(h2.exceptions.StreamClosedError):
+                self.conn.increment_flow_control_window(step)
+                self.conn.increment_flow_control_window(step, stream_id=self.stream)
+                self._flush()
+            time.sleep(0.1)
 
     def freeze(self) -> None:
         """Read nothing more: the server's pings go unanswered from now on."""

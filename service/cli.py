@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=60.0,
         help="a client that takes none of an answer waiting in its connection's buffer for this long is disconnected "
-        "(over gRPC: one that answers no ping for about this long); until then the answer is counted in --max-pending-mb "
+        "(over gRPC also one that answers no ping for about this long); until then the answer is counted in --max-pending-mb "
         "(default: 60)",
     )
     parser.add_argument(

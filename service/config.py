@@ -66,7 +66,7 @@ class ServeConfig(BaseModel):
         60.0,
         gt=0,
         description="longest wait for a client to take any of an answer left in its connection's buffer (counted in "
-        "--max-pending-mb meanwhile); then the connection closes and the answer is dropped. Over gRPC, about the longest "
+        "--max-pending-mb meanwhile); then the connection closes and the answer is dropped. Over gRPC also about the longest "
         "a connection with calls may leave a ping unanswered",
     )
     arena_keep_bytes: int = Field(

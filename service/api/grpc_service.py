@@ -32,8 +32,9 @@ gRPC holds an answer until the client's HTTP/2 window lets it out, and a stream'
 while one is written; each is counted in `--max-pending-mb` meanwhile (from when it is made until the
 RPC is done, or its turn is written), so clients that read no answers fill the budget (new messages
 UNAVAILABLE) and not the gateway's memory. A client that answers no ping for about `--send-timeout-s`
-is disconnected, which drops its answers; one that answers pings but never opens its window keeps
-them until it hangs up (gRPC tells the servicer nothing of a write's progress).
+is disconnected, which drops its answers; so is one that answers pings but takes none of its answers
+for `--send-timeout-s` (gRPC tells the servicer nothing of a write's progress; its socket does:
+service/api/grpc_stalls.py).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from ..regions import PARAMETERS, Regions
 from ..trace import Trace
 from .budget import Hold
 from .classification import class_count, requested_classes, tensor_bytes
+from .grpc_stalls import StalledCalls
 from .kserve import (
     EXTENSIONS,
     V2_OF_DTYPE,
@@ -112,6 +114,7 @@ CONTENTS = {
 class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]  # generated, untyped
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        self.stalls = StalledCalls(gateway.config.send_timeout_s)  # answers not out yet, for clients that take none
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         return service_pb2.ServerLiveResponse(live=True)
@@ -224,7 +227,13 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         except ServiceError as exc:
             await _abort(context, exc)
         held = self._hold_answer(response)
-        context.add_done_callback(lambda _: self.gateway.bodies.give(held))  # the RPC is over: sent, or its client gone
+        token = self.stalls.watch(context.peer(), held)
+
+        def over(_: Any) -> None:  # the RPC is over: sent, or its client gone
+            self.gateway.bodies.give(held)
+            self.stalls.done(token)
+
+        context.add_done_callback(over)
         return response
 
     def _hold_answer(self, response: Any, copies: int = ANSWER_COPIES) -> int:
@@ -258,14 +267,17 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
                 answers.put_nowait(None)  # every request is answered, or the stream broke
 
         reader = asyncio.create_task(read())
+        peer = context.peer()
         try:
             while (answered := await answers.get()) is not None:
                 response, held = answered
                 held += self._hold_answer(response, copies=ANSWER_COPIES - 1)  # and its bytes and gRPC's copy
+                token = self.stalls.watch(peer, held)
                 try:
                     yield response  # returns once gRPC has sent it (the client's window let it)
                 finally:
                     self.gateway.bodies.give(held)
+                    self.stalls.done(token)
             await reader  # a broken request stream raises here
         finally:
             for task in [reader, *running]:

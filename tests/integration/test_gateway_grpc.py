@@ -412,6 +412,47 @@ def test_answers_a_client_does_not_take_are_held_within_the_pending_budget(
         server.close()
 
 
+@pytest.mark.parametrize("frontends", [(), ("--frontends", "2")], ids=["one-process", "frontends"])
+def test_a_client_that_answers_pings_but_takes_none_of_its_answer_is_disconnected_and_a_slow_reader_is_not(
+    frontends: tuple[str, ...], tiny_repo: ExportedRepo, tmp_path: Path
+) -> None:
+    """gRPC tells the servicer nothing of a write's progress, so a client that kept answering pings but never opened
+    its HTTP/2 window kept its answers (and their share of --max-pending-mb) for as long as it stayed connected. Now a
+    connection whose client takes none of its answers for --send-timeout-s is closed (its socket's acknowledged bytes
+    say what it took, service/api/grpc_stalls.py): with --send-timeout-s 2, of two clients that send an lns-organs
+    batch at once, one that answers pings and keeps its window shut is disconnected with less than the answer, while
+    one that takes it at 32 KB/s keeps its connection for 6 s (three times the timeout) and then gets the whole
+    answer, the same logits as onnxruntime's; the count goes back to 0."""
+    args = ("--cpu-slices", "1", "--models", "lns-organs", "--max-body-mb", "1", "--max-pending-mb", "256", "--send-timeout-s", "2")
+    log = tmp_path / "serve.log"
+    server = Gateway(tiny_repo.root, *args, *frontends, log=log, grpc=True)
+    assert server.grpc_url is not None
+    base, held = f"http://{server.url}", "migserve_request_body_bytes"
+    arrays = make_inputs(read_contract(tiny_repo.root / "lns-organs"), batch=4, seed=5)  # 5.75 MB of logits
+    expected = direct(tiny_repo.root, "lns-organs", arrays)[0]
+    message = [_request("lns-organs", arrays).SerializeToString()]
+    calls: list[HeldGrpcCall] = []
+    try:
+        for _ in range(2):
+            calls.append(HeldGrpcCall(server.grpc_url, "/inference.GRPCInferenceService/ModelInfer", message))
+        stalled, slow = calls
+        assert _metric_reaches(base, held, lambda value: value > 2 * expected.nbytes * 2) > 2 * expected.nbytes * 2  # both made
+        slow.trickle(32 << 10, seconds=6)
+        assert stalled.ended.is_set() and b"grpc-status" not in stalled.headers, stalled.headers
+        assert len(stalled.received) < expected.nbytes
+        assert not slow.ended.is_set() and 2 << 16 < len(slow.received) < expected.nbytes, len(slow.received)
+        [answer] = slow.take(timeout=60)
+        assert slow.headers[b"grpc-status"] == b"0", slow.headers
+        logits = np.frombuffer(service_pb2.ModelInferResponse.FromString(answer).raw_output_contents[0], np.float32)
+        np.testing.assert_allclose(logits.reshape(expected.shape), expected, rtol=1e-5, atol=1e-5)
+        assert _metric_reaches(base, held, lambda value: value == 0) == 0
+        assert "closing a gRPC connection whose client took none of its answers for 2 s (--send-timeout-s)" in log.read_text()
+    finally:
+        for call in calls:
+            call.close()
+        server.close()
+
+
 def test_rpcs_of_extensions_not_offered_say_what_to_use_instead(stub: Any) -> None:
     for rpc, extension in UNSUPPORTED_RPCS.items():
         request = getattr(service_pb2, rpc + "Request")()

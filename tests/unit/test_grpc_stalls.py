@@ -1,0 +1,95 @@
+"""service/api/grpc_stalls.py on real TCP connections: a client that takes nothing has its socket shut down, one that
+reads slowly does not, an answer that is out is no longer watched (gRPC's side of it: tests/integration/test_gateway_grpc.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from service.api.grpc_stalls import StalledCalls, _address
+
+TIMEOUT = 0.4
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        yield server
+
+
+def _pair(listener: socket.socket) -> tuple[socket.socket, socket.socket, str]:
+    """A client with a small receive buffer, the server's end with its send buffer full, and gRPC's name of the client."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(listener.getsockname())
+    server, _ = listener.accept()
+    server.setblocking(False)
+    _fill(server)
+    return client, server, f"ipv4:127.0.0.1:{client.getsockname()[1]}"
+
+
+def _fill(server: socket.socket) -> None:
+    try:
+        while True:
+            server.send(bytes(1 << 16))
+    except BlockingIOError:
+        pass
+
+
+def _shut(server: socket.socket) -> bool:
+    try:
+        server.send(b"x")
+    except BlockingIOError:
+        return False
+    except BrokenPipeError:
+        return True
+    return False
+
+
+async def _watched(
+    peer: str, seconds: float, reader: socket.socket | None = None, server: socket.socket | None = None, out: bool = False
+) -> None:
+    stalls = StalledCalls(TIMEOUT)
+    token = stalls.watch(peer, 1 << 20)
+    if out:
+        stalls.done(token)
+    end = asyncio.get_running_loop().time() + seconds
+    while asyncio.get_running_loop().time() < end:
+        if reader is not None and server is not None:  # a slow link: 8 KB every 50 ms, the server keeps writing
+            reader.recv(8192)
+            _fill(server)
+        await asyncio.sleep(0.05)
+
+
+def test_a_client_that_takes_nothing_is_cut_within_twice_the_timeout(listener: socket.socket) -> None:
+    client, server, peer = _pair(listener)
+    with client, server:
+        asyncio.run(_watched(peer, 2 * TIMEOUT + 0.2))
+        assert _shut(server)
+
+
+def test_a_client_that_reads_slowly_keeps_its_connection(listener: socket.socket) -> None:
+    client, server, peer = _pair(listener)
+    with client, server:
+        client.settimeout(1)
+        asyncio.run(_watched(peer, 5 * TIMEOUT, reader=client, server=server))
+        assert not _shut(server)
+
+
+def test_an_answer_that_is_out_is_not_watched(listener: socket.socket) -> None:
+    client, server, peer = _pair(listener)
+    with client, server:
+        asyncio.run(_watched(peer, 2 * TIMEOUT + 0.2, out=True))
+        assert not _shut(server)
+
+
+def test_grpc_names_of_clients_are_read_as_the_socket_names_them() -> None:
+    assert _address("ipv4:10.0.0.5:41234") == ("10.0.0.5", 41234)
+    assert _address("ipv6:[::1]:41234") == ("::1", 41234)
+    assert _address("ipv6:[::ffff:10.0.0.5]:41234") == ("10.0.0.5", 41234)  # an IPv4 client of a dual-stack socket
+    assert _address("ipv6:[fe80::1%eth0]:41234") == ("fe80::1", 41234)
+    assert _address("unix:/tmp/migserve.sock") is None
+    assert _address("ipv4:not-an-address:1") is None

@@ -5,9 +5,12 @@ nothing here), then opens calls one after another, each on an HTTP/2 connection 
 CT tiles (an answer of 6 MB of logits) and takes none of the answer (bench/held_grpc.py): unary ModelInfer calls,
 then one ModelStreamInfer call of several requests. After each it reads the gateway's resident memory (VmRSS) and
 what `/metrics` counts as held (`migserve_request_body_bytes`), and gives both per byte of the answers held. Then
-every client takes its answers, and both are read again.
+every client takes its answers, and both are read again. With `--leave` the clients take nothing and keep answering
+the gateway's pings instead, until the gateway closes their connections for taking none of their answers for
+`--send-timeout-s` (service/api/grpc_stalls.py): how long that took, and both read again.
 
     .venv/bin/python -m bench.grpc_unsent --calls 6 --stream 4
+    .venv/bin/python -m bench.grpc_unsent --calls 6 --stream 4 --leave --send-timeout-s 30
 """
 
 from __future__ import annotations
@@ -47,10 +50,20 @@ def _settled(server: Server, wanted: int) -> tuple[int, int]:
     return memory_status(server.process.pid)["VmRSS"], last
 
 
+def _dropped_after(server: Server, limit: float) -> float:
+    """Seconds until the gateway counts nothing held (at most `limit`)."""
+    since = time.monotonic()
+    while int(metric(server.port, "migserve_request_body_bytes ")) and time.monotonic() - since < limit:
+        time.sleep(0.1)
+    return time.monotonic() - since
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=6, help="unary calls held at once (default: 6)")
     parser.add_argument("--stream", type=int, default=4, help="requests in the one stream held after them (default: 4)")
+    parser.add_argument("--leave", action="store_true", help="take no answers: wait for the gateway to drop them")
+    parser.add_argument("--send-timeout-s", default="600", help="the gateway's (default: 600, longer than the run)")
     parser.add_argument("--repo", type=Path, default=ROOT / "results" / "bench_repo")
     args = parser.parse_args()
     export(args.repo, "lns-organs")
@@ -63,7 +76,7 @@ def main() -> int:
     sizes = {name: r.default for name, r in contract.dims.items()} | {"batch": BATCH}
     answer = sum(math.prod(d if isinstance(d, int) else sizes[d] for d in t.shape) * np.dtype(t.dtype).itemsize for t in contract.outputs)
     serve = ("--cpu-slices", "1", "--models", "lns-organs", "--grpc-port", str(grpc_port), "--max-pending-mb", "4096")
-    server = Server(args.repo, *serve, "--send-timeout-s", "600")
+    server = Server(args.repo, *serve, "--send-timeout-s", args.send_timeout_s)
     calls: list[HeldGrpcCall] = []
     try:
         warm = HeldGrpcCall(address, INFER, [infer_request("lns-organs", arrays, "warm")])  # gRPC's and the batcher's first allocations
@@ -86,9 +99,18 @@ def main() -> int:
         stream = [infer_request("lns-organs", arrays, f"s{i}") for i in range(args.stream)]
         calls.append(HeldGrpcCall(address, STREAM, stream))
         row(f"{args.calls} unary + a stream of {args.stream}", args.calls + args.stream)
-        for call in calls:
-            call.take(timeout=120)
-        row("all taken", 0)
+        if not args.leave:
+            for call in calls:
+                call.take(timeout=120)
+            row("all taken", 0)
+            return 0
+        dropped = _dropped_after(server, 3 * float(args.send_timeout_s) + 30)
+        row("all left; connections closed", 0)
+        ended = sum(call.ended.is_set() and len(call.messages()) == 0 for call in calls)
+        print(
+            f"\ncount at 0 {dropped:.1f} s after the last row (--send-timeout-s {args.send_timeout_s}); "
+            f"{ended} of {len(calls)} connections closed with no answer taken"
+        )
     finally:
         for call in calls:
             call.close()

@@ -227,11 +227,11 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         except ServiceError as exc:
             await _abort(context, exc)
         held = self._hold_answer(response)
-        token = self.stalls.watch(context.peer(), held)
+        self.stalls.watch(context, held)
 
         def over(_: Any) -> None:  # the RPC is over: sent, or its client gone
             self.gateway.bodies.give(held)
-            self.stalls.done(token)
+            self.stalls.done(context)
 
         context.add_done_callback(over)
         return response
@@ -267,17 +267,16 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
                 answers.put_nowait(None)  # every request is answered, or the stream broke
 
         reader = asyncio.create_task(read())
-        peer = context.peer()
         try:
             while (answered := await answers.get()) is not None:
                 response, held = answered
                 held += self._hold_answer(response, copies=ANSWER_COPIES - 1)  # and its bytes and gRPC's copy
-                token = self.stalls.watch(peer, held)
+                self.stalls.watch(context, held)
                 try:
                     yield response  # returns once gRPC has sent it (the client's window let it)
                 finally:
                     self.gateway.bodies.give(held)
-                    self.stalls.done(token)
+                    self.stalls.done(context)
             await reader  # a broken request stream raises here
         finally:
             for task in [reader, *running]:

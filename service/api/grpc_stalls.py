@@ -21,13 +21,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import itertools
 import logging
 import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +38,10 @@ BYTES_ACKED_AT = 120  # tcpi_bytes_acked's offset in Linux's struct tcp_info (si
 Address = tuple[str, int]
 
 
-@dataclass(slots=True)
-class _Call:
-    peer: str  # gRPC's name of the client (context.peer())
-    since: float  # when its answer was handed to gRPC
-    nbytes: int  # what gRPC holds of it, for the log
+class Call(Protocol):
+    """What is watched of a call: its ServicerContext."""
+
+    def peer(self) -> str: ...  # gRPC's name of the client: "ipv4:10.0.0.5:41234", "ipv6:[::1]:41234", "unix:..."
 
 
 @dataclass(slots=True)
@@ -53,45 +52,44 @@ class _Connection:
 
 
 class StalledCalls:
-    """The gRPC answers of one process that are not out yet, and their connections' progress."""
+    """The gRPC answers of one process that are not out yet, and their connections' progress. Per answer it costs a
+    dictionary entry; the client's name is read, and its socket looked at, only for answers still there a sweep later.
+    """
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self._calls: dict[int, _Call] = {}
+        self._calls: dict[Call, tuple[int, int]] = {}  # what gRPC holds of each call's answer, and the sweep it came in
         self._connections: dict[Address, _Connection] = {}
-        self._ids = itertools.count()
+        self._sweeps = 0  # a sweep every half of the timeout while answers are out
         self._timer: asyncio.TimerHandle | None = None
 
-    def watch(self, peer: str, nbytes: int) -> int:
-        """An answer of `nbytes` for the client at `peer` was handed to gRPC; the token to give to `done`."""
-        token = next(self._ids)
-        loop = asyncio.get_running_loop()
-        self._calls[token] = _Call(peer, loop.time(), nbytes)
+    def watch(self, call: Call, nbytes: int) -> None:
+        """An answer of `nbytes` was handed to gRPC (a call has one at a time)."""
+        self._calls[call] = (nbytes, self._sweeps)
         if self._timer is None:
-            self._timer = loop.call_later(self.timeout / 2, self._look)
-        return token
+            self._timer = asyncio.get_running_loop().call_later(self.timeout / 2, self._look)
 
-    def done(self, token: int) -> None:
-        """The answer is out, or its call is over."""
-        self._calls.pop(token, None)
+    def done(self, call: Call) -> None:
+        """The call's answer is out, or the call is over."""
+        self._calls.pop(call, None)
 
     def _look(self) -> None:
         self._timer = None
         if not self._calls:
             self._connections.clear()
             return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        waiting: dict[Address, int] = {}  # the connections with answers out for half the timeout, and what they hold
-        for call in self._calls.values():
-            if now - call.since >= self.timeout / 2 and (address := _address(call.peer)) is not None:
-                waiting[address] = waiting.get(address, 0) + call.nbytes
+        self._sweeps += 1
+        waiting: dict[Address, int] = {}  # the connections with answers out since the sweep before last, what they hold
+        for call, (nbytes, sweep) in self._calls.items():
+            if sweep < self._sweeps - 1 and (address := _address(call.peer())) is not None:
+                waiting[address] = waiting.get(address, 0) + nbytes
         for address in list(self._connections):
             if address not in waiting:
                 del self._connections[address]
         found = _sockets() if any(a not in self._connections for a in waiting) else {}
+        loop = asyncio.get_running_loop()
         for address, nbytes in waiting.items():
-            self._check(address, nbytes, found, now)
+            self._check(address, nbytes, found, loop.time())
         self._timer = loop.call_later(self.timeout / 2, self._look)
 
     def _check(self, address: Address, nbytes: int, found: dict[Address, int], now: float) -> None:

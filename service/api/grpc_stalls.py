@@ -24,6 +24,7 @@ import ipaddress
 import logging
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 # Less than this taken in --send-timeout-s is no progress: the acknowledgement of a keepalive ping is 17 bytes.
 PROGRESS_BYTES = 1024
+OURS_S = 5.0  # gRPC's errors for the calls of a connection closed here come within this
 BYTES_ACKED = struct.Struct("=Q")
 BYTES_ACKED_AT = 120  # tcpi_bytes_acked's offset in Linux's struct tcp_info (since 4.2)
 Address = tuple[str, int]
@@ -109,8 +111,23 @@ class StalledCalls:
                 self.timeout,
                 nbytes / (1 << 20),
             )
+            _OURS.until = time.monotonic() + OURS_S
             _acked(fd, address, cut=True)
             del self._connections[address]
+
+
+class _Ours(logging.Filter):
+    """gRPC logs each call whose answer was being written when a connection was shut down as an error of the servicer
+    (ExecuteBatchError, with a traceback); the line above says what happened instead."""
+
+    until = 0.0  # such records until then follow a connection this process closed
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage().startswith("ExecuteBatchError raised in core") and time.monotonic() < self.until)
+
+
+_OURS = _Ours()
+logging.getLogger("grpc._cython.cygrpc").addFilter(_OURS)
 
 
 def _address(peer: str) -> Address | None:

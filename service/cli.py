@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-repo", type=Path, default=Path("model_repo"), help="exported models (default: model_repo)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on; :: takes IPv6 and IPv4 clients (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument("--grpc-port", type=int, help="also serve KServe v2 over gRPC on this port, e.g. 8001 as Triton (default: off)")
     parser.add_argument("--topology", type=Path, help="declared partitions (YAML); overrides discovery")
@@ -212,8 +212,10 @@ def _check_port(host: str, port: int, flag: str) -> None:
     """Refuse at once a port another process holds, instead of after the workers start (gRPC binds late)."""
     import socket
 
+    from .api.frontends import tcp_socket
+
     try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        with tcp_socket(host) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a port in TIME_WAIT is free
             sock.bind((host, port))
     except OSError as exc:
@@ -269,6 +271,8 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             if grpc_port is not None:  # every front-end binds the same gRPC port: --grpc-port 0 is chosen once, here
                 reserved = _reuse_port(args.host, grpc_port, "--grpc-port", listen=False)
                 grpc_port = reserved.getsockname()[1]  # held, never listening (no connection lands on it), until exit
+        elif ":" in args.host:  # IPv6 and IPv4 clients both: uvicorn's listener on "::" would take IPv6 alone
+            listening = _reuse_port(args.host, args.port, shared=False)
         max_body = int(args.max_body_mb * (1 << 20))
         pending = _pending_bytes(args.max_pending_mb, max_body)
         config = ServeConfig(
@@ -332,17 +336,19 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
     from .api.frontends import adopter
 
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False, http=http))  # type: ignore[arg-type]
-    assert app.gateway.frontends is not None
-    app.gateway.frontends.adopt = adopter(server)  # connections the other front-ends hand over are served here
+    if app.gateway.frontends is not None:
+        app.gateway.frontends.adopt = adopter(server)  # connections the other front-ends hand over are served here
+    host, port = listening.getsockname()[:2]  # uvicorn says nothing of sockets it is given
+    logging.getLogger(__name__).info("KServe v2 HTTP on http://%s:%s", f"[{host}]" if ":" in host else host, port)
     server.run(sockets=[listening])
     return 0
 
 
-def _reuse_port(host: str, port: int, flag: str = "--port", *, listen: bool = True) -> socket.socket:
-    """The port, bound so that the other front-end processes can bind it too."""
+def _reuse_port(host: str, port: int, flag: str = "--port", *, listen: bool = True, shared: bool = True) -> socket.socket:
+    """The port, bound so that the other front-end processes can bind it too (shared=False: bound for this one)."""
     from .api.frontends import reuse_port_socket
 
     try:
-        return reuse_port_socket(host, port, listen=listen)
+        return reuse_port_socket(host, port, listen=listen, shared=shared)
     except OSError as exc:
         raise ValueError(f"{flag} {port}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -452,6 +453,40 @@ def test_a_client_that_answers_pings_but_takes_none_of_its_answer_is_disconnecte
     finally:
         for call in calls:
             call.close()
+        server.close()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="the host has no IPv6 loopback address")
+@pytest.mark.parametrize("frontends", [(), ("--frontends", "2")], ids=["one-process", "frontends"])
+def test_a_gateway_on_every_address_answers_ipv4_and_ipv6_clients_over_http_and_grpc(
+    frontends: tuple[str, ...], tiny_repo: ExportedRepo, tmp_path: Path
+) -> None:
+    """`--host ::` (every address, as a dual-stack cluster's pod needs) failed to start with a gRPC port (gRPC takes an
+    IPv6 address in brackets), and HTTP took IPv6 clients alone (asyncio's listener on "::" is IPv6-only). Now both
+    protocols answer clients of either family; the helper itself waits for readiness over 127.0.0.1."""
+    log = tmp_path / "serve.log"
+    server = Gateway(tiny_repo.root, "--cpu-slices", "1", "--models", "crowd-csrnet", "--host", "::", *frontends, log=log, grpc=True)
+    assert server.grpc_url is not None
+    arrays = {"image": np.ones((1, 3, 64, 64), np.float32)}
+    expected = direct(tiny_repo.root, "crowd-csrnet", arrays)[0]
+    try:
+        for host in ("127.0.0.1", "[::1]"):
+            with httpclient.InferenceServerClient(f"{host}:{server.port}") as http:
+                np.testing.assert_allclose(http.infer("crowd-csrnet", triton_inputs(arrays)).as_numpy("density"), expected, rtol=1e-5)
+            with grpcclient.InferenceServerClient(f"{host}:{server.grpc_url.rsplit(':', 1)[1]}") as client:
+                np.testing.assert_allclose(client.infer("crowd-csrnet", grpc_inputs(arrays)).as_numpy("density"), expected, rtol=1e-5)
+        text = log.read_text()
+        assert f"KServe v2 HTTP on http://[::]:{server.port}" in text and "KServe v2 gRPC on [::]:" in text
+    finally:
         server.close()
 
 

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import unquote
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ Address = tuple[str, int]
 class Call(Protocol):
     """What is watched of a call: its ServicerContext."""
 
-    def peer(self) -> str: ...  # gRPC's name of the client: "ipv4:10.0.0.5:41234", "ipv6:[::1]:41234", "unix:..."
+    def peer(self) -> str: ...  # gRPC's name of the client: "ipv4:10.0.0.5:41234", "ipv6:%5B::1%5D:41234", "unix:..."
 
 
 @dataclass(slots=True)
@@ -131,12 +132,12 @@ logging.getLogger("grpc._cython.cygrpc").addFilter(_OURS)
 
 
 def _address(peer: str) -> Address | None:
-    """gRPC's name of a TCP client ("ipv4:10.0.0.5:41234", "ipv6:[::1]:41234"), as the socket names it; None for
-    others (unix:)."""
+    """gRPC's name of a TCP client ("ipv4:10.0.0.5:41234", "ipv6:%5B::1%5D:41234" from grpc 1.85, "ipv6:[::1]:41234"),
+    as the socket names it; None for others (unix:)."""
     kind, _, rest = peer.partition(":")
     if kind not in ("ipv4", "ipv6"):
         return None
-    host, _, port = rest.rpartition(":")
+    host, _, port = unquote(rest).rpartition(":")
     try:
         return _plain(host.strip("[]")), int(port)
     except ValueError:

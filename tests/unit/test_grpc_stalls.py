@@ -15,10 +15,27 @@ from service.api.grpc_stalls import StalledCalls, _address
 TIMEOUT = 0.4
 
 
-@pytest.fixture
-def listener() -> Iterator[socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        yield server
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+# Where the test's server listens, and how grpc 1.85 names a client there (context.peer(), captured).
+FAMILIES = [
+    ("127.0.0.1", "ipv4:127.0.0.1:{}"),
+    pytest.param(("::1", "ipv6:%5B::1%5D:{}"), marks=pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback address")),
+]
+
+
+@pytest.fixture(params=FAMILIES, ids=["ipv4", "ipv6"])
+def listener(request: pytest.FixtureRequest) -> Iterator[tuple[socket.socket, str]]:
+    host, name = request.param
+    with socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET) as server:
+        yield server, name
 
 
 @dataclass(frozen=True)
@@ -31,15 +48,16 @@ class _Named:
         return self.name
 
 
-def _pair(listener: socket.socket) -> tuple[socket.socket, socket.socket, str]:
+def _pair(listener: tuple[socket.socket, str]) -> tuple[socket.socket, socket.socket, str]:
     """A client with a small receive buffer, the server's end with its send buffer full, and gRPC's name of the client."""
-    client = socket.socket()
+    sock, name = listener
+    client = socket.socket(sock.family)
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    client.connect(listener.getsockname())
-    server, _ = listener.accept()
+    client.connect(sock.getsockname())
+    server, _ = sock.accept()
     server.setblocking(False)
     _fill(server)
-    return client, server, f"ipv4:127.0.0.1:{client.getsockname()[1]}"
+    return client, server, name.format(client.getsockname()[1])
 
 
 def _fill(server: socket.socket) -> None:
@@ -75,14 +93,14 @@ async def _watched(
         await asyncio.sleep(0.05)
 
 
-def test_a_client_that_takes_nothing_is_cut_in_about_twice_the_timeout(listener: socket.socket) -> None:
+def test_a_client_that_takes_nothing_is_cut_in_about_twice_the_timeout(listener: tuple[socket.socket, str]) -> None:
     client, server, peer = _pair(listener)
     with client, server:
         asyncio.run(_watched(peer, 2.5 * TIMEOUT + 0.2))
         assert _shut(server)
 
 
-def test_a_client_that_reads_slowly_keeps_its_connection(listener: socket.socket) -> None:
+def test_a_client_that_reads_slowly_keeps_its_connection(listener: tuple[socket.socket, str]) -> None:
     client, server, peer = _pair(listener)
     with client, server:
         client.settimeout(1)
@@ -90,7 +108,7 @@ def test_a_client_that_reads_slowly_keeps_its_connection(listener: socket.socket
         assert not _shut(server)
 
 
-def test_an_answer_that_is_out_is_not_watched(listener: socket.socket) -> None:
+def test_an_answer_that_is_out_is_not_watched(listener: tuple[socket.socket, str]) -> None:
     client, server, peer = _pair(listener)
     with client, server:
         asyncio.run(_watched(peer, 2.5 * TIMEOUT + 0.2, out=True))
@@ -99,8 +117,9 @@ def test_an_answer_that_is_out_is_not_watched(listener: socket.socket) -> None:
 
 def test_grpc_names_of_clients_are_read_as_the_socket_names_them() -> None:
     assert _address("ipv4:10.0.0.5:41234") == ("10.0.0.5", 41234)
+    assert _address("ipv6:%5B::1%5D:41234") == ("::1", 41234)  # as grpc 1.85 names it
     assert _address("ipv6:[::1]:41234") == ("::1", 41234)
-    assert _address("ipv6:[::ffff:10.0.0.5]:41234") == ("10.0.0.5", 41234)  # an IPv4 client of a dual-stack socket
+    assert _address("ipv6:%5B::ffff:10.0.0.5%5D:41234") == ("10.0.0.5", 41234)  # an IPv4 client of a dual-stack socket
     assert _address("ipv6:[fe80::1%eth0]:41234") == ("fe80::1", 41234)
     assert _address("unix:/tmp/migserve.sock") is None
     assert _address("ipv4:not-an-address:1") is None

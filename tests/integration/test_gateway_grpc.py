@@ -420,11 +420,11 @@ def test_a_client_that_answers_pings_but_takes_none_of_its_answer_is_disconnecte
     """gRPC tells the servicer nothing of a write's progress, so a client that kept answering pings but never opened
     its HTTP/2 window kept its answers (and their share of --max-pending-mb) for as long as it stayed connected. Now a
     connection whose client takes none of its answers for --send-timeout-s is closed (its socket's acknowledged bytes
-    say what it took, service/api/grpc_stalls.py): with --send-timeout-s 2, of two clients that send an lns-organs
+    say what it took, service/api/grpc_stalls.py): with --send-timeout-s 1, of two clients that send an lns-organs
     batch at once, one that answers pings and keeps its window shut is disconnected with less than the answer, while
-    one that takes it at 32 KB/s keeps its connection for 6 s (three times the timeout) and then gets the whole
+    one that takes it at 64 KB/s keeps its connection for 3.5 s (3.5 times the timeout) and then gets the whole
     answer, the same logits as onnxruntime's; the count goes back to 0."""
-    args = ("--cpu-slices", "1", "--models", "lns-organs", "--max-body-mb", "1", "--max-pending-mb", "256", "--send-timeout-s", "2")
+    args = ("--cpu-slices", "1", "--models", "lns-organs", "--max-body-mb", "1", "--max-pending-mb", "256", "--send-timeout-s", "1")
     log = tmp_path / "serve.log"
     server = Gateway(tiny_repo.root, *args, *frontends, log=log, grpc=True)
     assert server.grpc_url is not None
@@ -438,7 +438,7 @@ def test_a_client_that_answers_pings_but_takes_none_of_its_answer_is_disconnecte
             calls.append(HeldGrpcCall(server.grpc_url, "/inference.GRPCInferenceService/ModelInfer", message))
         stalled, slow = calls
         assert _metric_reaches(base, held, lambda value: value > 2 * expected.nbytes * 2) > 2 * expected.nbytes * 2  # both made
-        slow.trickle(32 << 10, seconds=6)
+        slow.trickle(64 << 10, seconds=3.5)
         assert stalled.ended.is_set() and b"grpc-status" not in stalled.headers, stalled.headers
         assert len(stalled.received) < expected.nbytes
         assert not slow.ended.is_set() and 2 << 16 < len(slow.received) < expected.nbytes, len(slow.received)
@@ -448,7 +448,7 @@ def test_a_client_that_answers_pings_but_takes_none_of_its_answer_is_disconnecte
         np.testing.assert_allclose(logits.reshape(expected.shape), expected, rtol=1e-5, atol=1e-5)
         assert _metric_reaches(base, held, lambda value: value == 0) == 0
         text = log.read_text()
-        assert "closing a gRPC connection whose client took none of its answers for 2 s (--send-timeout-s)" in text
+        assert "closing a gRPC connection whose client took none of its answers for 1 s (--send-timeout-s)" in text
         assert "ExecuteBatchError" not in text  # gRPC's error for the call it was writing is not logged as the servicer's
     finally:
         for call in calls:

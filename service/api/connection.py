@@ -153,7 +153,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         config = self.gateway.config
         self._stall = StallWatch(self.loop, config.receive_timeout_s, self._waiting_for_client, self._stalled)
-        self._unsent = Unsent(self.loop, transport, self.gateway.bodies, config.send_timeout_s)
+        self._unsent = Unsent(
+            self.loop, transport, self.gateway.bodies, config.send_timeout_s, self.gateway.metrics.disconnection("http", "send_timeout")
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._stall is not None:
@@ -176,6 +178,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         return self._mid and not self.flow.read_paused and not self.transport.is_closing()
 
     def _stalled(self) -> None:
+        self.gateway.metrics.disconnection("http", "receive_timeout")()
         if self._in_head:  # no answer has begun for this request
             self.transport.write(timed_out(self.gateway.config.receive_timeout_s, self.server_state.default_headers))
         self.transport.close()  # uvicorn tells the app the client is gone: its body's budget is given back
@@ -246,7 +249,8 @@ class InferConnection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's TCPTransport does not subclass asyncio's
-        self._unsent = Unsent(self._loop, self._transport, self.gateway.bodies, self.gateway.config.send_timeout_s)
+        cut = self.gateway.metrics.disconnection("http", "send_timeout")
+        self._unsent = Unsent(self._loop, self._transport, self.gateway.bodies, self.gateway.config.send_timeout_s, cut)
         self._state.connections.add(self)  # type: ignore[arg-type]  # uvicorn calls shutdown() on each
         if self.prelude:
             self._feed(self.prelude)
@@ -469,6 +473,7 @@ class InferConnection(asyncio.BufferedProtocol):
         transport = self._transport
         assert transport is not None
         logger.info("closing a connection that sent nothing for %g s in the middle of a request", self._stall.timeout)
+        self.gateway.metrics.disconnection("http", "receive_timeout")()
         if not self._writing_paused and not self._discard:  # a refused body was answered already
             transport.write(timed_out(self._stall.timeout, self._state.default_headers))
         transport.close()  # connection_lost gives back the body's share of the budget

@@ -114,7 +114,8 @@ CONTENTS = {
 class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]  # generated, untyped
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.stalls = StalledCalls(gateway.config.send_timeout_s)  # answers not out yet, for clients that take none
+        # answers not out yet, for clients that take none
+        self.stalls = StalledCalls(gateway.config.send_timeout_s, gateway.metrics.disconnection("grpc", "send_timeout"))
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         return service_pb2.ServerLiveResponse(live=True)

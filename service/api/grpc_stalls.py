@@ -25,7 +25,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -59,8 +59,9 @@ class StalledCalls:
     dictionary entry; the client's name is read, and its socket looked at, only for answers still there a sweep later.
     """
 
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
+    def __init__(self, timeout: float, cut: Callable[[], None] = lambda: None) -> None:
+        """cut: called for each connection closed (the metric)."""
+        self.timeout, self._cut = timeout, cut
         self._calls: dict[Call, tuple[int, int]] = {}  # what gRPC holds of each call's answer, and the sweep it came in
         self._connections: dict[Address, _Connection] = {}
         self._sweeps = 0  # a sweep every half of the timeout while answers are out
@@ -112,6 +113,7 @@ class StalledCalls:
                 self.timeout,
                 nbytes / (1 << 20),
             )
+            self._cut()
             _OURS.until = time.monotonic() + OURS_S
             _acked(fd, address, cut=True)
             del self._connections[address]

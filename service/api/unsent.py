@@ -24,6 +24,7 @@ import fcntl
 import logging
 import sys
 import termios
+from collections.abc import Callable
 
 from .budget import BodyBudget
 
@@ -35,10 +36,18 @@ POLL_S = 0.1  # how often a paused connection's buffer is looked at: its count f
 class Unsent:
     """What one connection's transport still holds to send, counted in `budget` while the transport is paused."""
 
-    __slots__ = ("_budget", "_fd", "_last", "_loop", "_quiet_since", "_timer", "_transport", "counted", "timeout")
+    __slots__ = ("_budget", "_cut", "_fd", "_last", "_loop", "_quiet_since", "_timer", "_transport", "counted", "timeout")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.WriteTransport, budget: BodyBudget, timeout: float) -> None:
-        self._loop, self._transport, self._budget, self.timeout = loop, transport, budget, timeout
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        transport: asyncio.WriteTransport,
+        budget: BodyBudget,
+        timeout: float,
+        cut: Callable[[], None],
+    ) -> None:
+        """cut: called when the connection is closed for a stalled client (the metric)."""
+        self._loop, self._transport, self._budget, self.timeout, self._cut = loop, transport, budget, timeout, cut
         self.counted = 0  # bytes of the buffer counted in the budget
         self._timer: asyncio.TimerHandle | None = None
         self._last = 0  # what the client had not taken at the last look: the buffer and the kernel's send queue
@@ -93,6 +102,7 @@ class Unsent:
                 self.timeout,
                 size / (1 << 20),
             )
+            self._cut()
             self._transport.abort()  # close() would wait to send it first; connection_lost gives its count back
             return
         self._timer = self._loop.call_later(POLL_S, self._look)

@@ -117,7 +117,8 @@ def test_grafana_dashboard_covers_the_partitions() -> None:
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
     gateway = ("migserve_batch_size_sum", "migserve_request_seconds_bucket", "migserve_queue_depth", "migserve_partition_compute_seconds")
     memory = ("migserve_worker_oom_kills", "migserve_memory_working_set_bytes", "migserve_memory_limit_bytes")
-    for metric in (*gateway, *memory, "DCGM_FI_PROF_GR_ENGINE_ACTIVE"):
+    clients = ("migserve_clients_disconnected_total",)
+    for metric in (*gateway, *memory, *clients, "DCGM_FI_PROF_GR_ENGINE_ACTIVE"):
         assert metric in exprs
 
 

@@ -1083,6 +1083,8 @@ def test_answers_a_client_does_not_take_are_held_within_the_pending_budget(
         while "took none of its answer for 4 s (--send-timeout-s)" not in server.log.read_text() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _metric_reaches(base, held, lambda value: value == 0) == 0
+        cut = _metric(httpx.get(f"{base}/metrics").text, "migserve_clients_disconnected_total", protocol="http", reason="send_timeout")
+        assert cut == 1, cut  # the one stalled reader, whichever process held it
         with stalled, stalled.makefile("rb") as stream, contextlib.suppress(ConnectionResetError):
             stalled.settimeout(10)
             assert len(stream.read()) < len(answer)  # what the kernel took before the rest was dropped, then the end

@@ -267,11 +267,19 @@ def _ends_within(reader: BinaryIO, seconds: float) -> tuple[int | None, float]:
 
 @pytest.mark.parametrize("path", HEAD_PATHS)
 def test_a_client_that_stops_in_the_head_gets_408_and_is_disconnected(impatient: Gateway, path: str) -> None:
+    before = _disconnected(impatient)
     sock, reader = _opened(impatient, path)
     with sock:
         sock.sendall(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Le".encode())
         status, waited = _ends_within(reader, RECEIVE_TIMEOUT_S * 4)
     assert status == 408 and waited > RECEIVE_TIMEOUT_S * 0.9
+    assert _disconnected(impatient) == before + 1  # in /metrics, by either protocol's code
+
+
+def _disconnected(gateway: Gateway) -> float:
+    text = httpx.get(f"http://{gateway.url}/metrics").text
+    name = 'migserve_clients_disconnected_total{protocol="http",reason="receive_timeout"} '
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name)))
 
 
 @pytest.mark.parametrize("path", HEAD_PATHS)

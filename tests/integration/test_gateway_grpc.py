@@ -447,6 +447,9 @@ def test_a_client_that_answers_pings_but_takes_none_of_its_answer_is_disconnecte
         logits = np.frombuffer(service_pb2.ModelInferResponse.FromString(answer).raw_output_contents[0], np.float32)
         np.testing.assert_allclose(logits.reshape(expected.shape), expected, rtol=1e-5, atol=1e-5)
         assert _metric_reaches(base, held, lambda value: value == 0) == 0
+        metrics = httpx.get(f"{base}/metrics").text
+        assert _metric(metrics, "migserve_clients_disconnected_total", protocol="grpc", reason="send_timeout") == 1
+        assert _metric(metrics, "migserve_clients_disconnected_total", protocol="http") == 0
         text = log.read_text()
         assert "closing a gRPC connection whose client took none of its answers for 1 s (--send-timeout-s)" in text
         assert "ExecuteBatchError" not in text  # gRPC's error for the call it was writing is not logged as the servicer's

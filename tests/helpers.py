@@ -81,6 +81,18 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, what: str,
     raise RuntimeError(f"{what} not ready in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
+def ipv6_loopback() -> bool:
+    """Whether this host can bind its IPv6 loopback address (some containers have no IPv6)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
 class Gateway:
     """A real `migserve serve` process on a free local port; stopped on close."""
 

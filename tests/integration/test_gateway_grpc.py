@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from migserve.contract import read_contract
 from migserve.types import Array
 from service.api.grpc_service import UNSUPPORTED_RPCS
 from service.errors import UNSUPPORTED
-from tests.helpers import ExportedRepo, Gateway
+from tests.helpers import ExportedRepo, Gateway, ipv6_loopback
 from tests.integration.test_gateway_behaviour import _metric, _metric_reaches
 from tests.integration.test_gateway_protocol import TRITON_DTYPES, direct, grpc_inputs, make_inputs, triton_inputs
 
@@ -459,16 +458,7 @@ def test_a_client_that_answers_pings_but_takes_none_of_its_answer_is_disconnecte
         server.close()
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="the host has no IPv6 loopback address")
+@pytest.mark.skipif(not ipv6_loopback(), reason="the host has no IPv6 loopback address")
 @pytest.mark.parametrize("frontends", [(), ("--frontends", "2")], ids=["one-process", "frontends"])
 def test_a_gateway_on_every_address_answers_ipv4_and_ipv6_clients_over_http_and_grpc(
     frontends: tuple[str, ...], tiny_repo: ExportedRepo, tmp_path: Path

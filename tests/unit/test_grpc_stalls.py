@@ -11,23 +11,15 @@ from dataclasses import dataclass
 import pytest
 
 from service.api.grpc_stalls import StalledCalls, _address
+from tests.helpers import ipv6_loopback
 
 TIMEOUT = 0.4
-
-
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 # Where the test's server listens, and how grpc 1.85 names a client there (context.peer(), captured).
 FAMILIES = [
     ("127.0.0.1", "ipv4:127.0.0.1:{}"),
-    pytest.param(("::1", "ipv6:%5B::1%5D:{}"), marks=pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback address")),
+    pytest.param(("::1", "ipv6:%5B::1%5D:{}"), marks=pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback address")),
 ]
 
 

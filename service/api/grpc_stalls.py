@@ -24,7 +24,6 @@ import ipaddress
 import logging
 import socket
 import struct
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,6 @@ logger = logging.getLogger(__name__)
 
 # Less than this taken in --send-timeout-s is no progress: the acknowledgement of a keepalive ping is 17 bytes.
 PROGRESS_BYTES = 1024
-OURS_S = 5.0  # gRPC's errors for the calls of a connection closed here come within this
 BYTES_ACKED = struct.Struct("=Q")
 BYTES_ACKED_AT = 120  # tcpi_bytes_acked's offset in Linux's struct tcp_info (since 4.2)
 Address = tuple[str, int]
@@ -114,23 +112,24 @@ class StalledCalls:
                 nbytes / (1 << 20),
             )
             self._cut()
-            _OURS.until = time.monotonic() + OURS_S
             _acked(fd, address, cut=True)
             del self._connections[address]
 
 
-class _Ours(logging.Filter):
-    """gRPC logs each call whose answer was being written when a connection was shut down as an error of the servicer
-    (ExecuteBatchError, with a traceback); the line above says what happened instead."""
-
-    until = 0.0  # such records until then follow a connection this process closed
+class _Quieter(logging.Filter):
+    """gRPC logs a call whose answer could not be written (its client hung up, or its connection was closed here) as an
+    error of the servicer, with a traceback (ExecuteBatchError): a line at debug level instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.getMessage().startswith("ExecuteBatchError raised in core") and time.monotonic() < self.until)
+        if record.levelno >= logging.ERROR and record.getMessage().startswith("ExecuteBatchError raised in core"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info, record.exc_text = None, None
+            record.msg, record.args = "%s: the call's client was gone before its answer was written", (record.getMessage(),)
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
 
 
-_OURS = _Ours()
-logging.getLogger("grpc._cython.cygrpc").addFilter(_OURS)
+logging.getLogger("grpc._cython.cygrpc").addFilter(_Quieter())
 
 
 def _address(peer: str) -> Address | None:

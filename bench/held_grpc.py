@@ -22,11 +22,12 @@ import h2.exceptions
 class HeldGrpcCall:
     """One gRPC call over an HTTP/2 connection of its own whose client decides when it takes the answer.
 
-    It sends its request messages whole (ending the request stream), then leaves its receive window at HTTP/2's
-    initial 64 KB and its socket's receive buffer at 4 KB until `take`: the server can send no more than that of the
-    answer meanwhile. A thread keeps reading frames and answering the server's pings and settings, as a client that is
-    alive but does not read its answer, until `freeze` stops it reading at all (a frozen process). A gRPC client
-    library cannot be told to do either, hence the h2 protocol machine."""
+    It sends its request messages whole, ending the request stream, as fast as the server reads them (`sent` says when
+    all are), and leaves its receive window at HTTP/2's initial 64 KB and its socket's receive buffer at 4 KB until
+    `take`: the server can send no more than that of the answer meanwhile. A thread keeps reading frames and answering
+    the server's pings and settings, as a client that is alive but does not read its answer, until `freeze` stops it
+    reading at all (a frozen process). A gRPC client library cannot be told to do either, hence the h2 protocol
+    machine."""
 
     def __init__(self, address: str, method: str, messages: Sequence[bytes]) -> None:
         host, port = address.rsplit(":", 1)
@@ -44,15 +45,9 @@ class HeldGrpcCall:
         self.stream = self.conn.get_next_available_stream_id()
         head = [(":method", "POST"), (":scheme", "http"), (":path", method), (":authority", address)]
         self.conn.send_headers(self.stream, [*head, ("content-type", "application/grpc"), ("te", "trailers")])
-        pending = b"".join(b"\0" + struct.pack(">I", len(m)) + m for m in messages)
-        while pending:  # the request's DATA, as the server's windows let it
-            room = min(self.conn.local_flow_control_window(self.stream), self.conn.max_outbound_frame_size, len(pending))
-            if room:
-                self.conn.send_data(self.stream, pending[:room], end_stream=room == len(pending))
-                pending = pending[room:]
-                self._flush()
-            else:
-                self._read()
+        self._request = b"".join(b"\0" + struct.pack(">I", len(m)) + m for m in messages)  # what is left to send
+        self.sent = threading.Event()  # the whole request is sent
+        self._send()
         self.sock.settimeout(0.1)  # the thread looks at `freeze` this often
         self._thread = threading.Thread(target=self._pump, daemon=True)
         self._thread.start()
@@ -105,6 +100,18 @@ class HeldGrpcCall:
         self._thread.join(10)
         self.sock.close()
 
+    def _send(self) -> None:
+        """The request's DATA, as far as the server's windows let it now (the thread sends the rest as they open)."""
+        while self._request:
+            room = min(self.conn.local_flow_control_window(self.stream), self.conn.max_outbound_frame_size, len(self._request))
+            if not room:
+                break
+            self.conn.send_data(self.stream, self._request[:room], end_stream=room == len(self._request))
+            self._request = self._request[room:]
+        self._flush()
+        if not self._request:
+            self.sent.set()
+
     def _flush(self) -> None:
         if out := self.conn.data_to_send():
             self.sock.sendall(out)
@@ -124,6 +131,8 @@ class HeldGrpcCall:
                     self.headers |= {bytes(k): bytes(v) for k, v in event.headers}
                 elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset | h2.events.ConnectionTerminated):
                     self.ended.set()
+            if self._request and not self.ended.is_set():
+                self._send()
             self._flush()
         return not self.ended.is_set()
 

@@ -34,7 +34,9 @@ RPC is done, or its turn is written), so clients that read no answers fill the b
 UNAVAILABLE) and not the gateway's memory. A client that answers no ping for about `--send-timeout-s`
 is disconnected, which drops its answers; so is one that answers pings but takes none of its answers
 for `--send-timeout-s` (gRPC tells the servicer nothing of a write's progress; its socket does:
-service/api/grpc_stalls.py).
+service/api/grpc_stalls.py). A stream has at most STREAM_WINDOW requests running and answers waiting:
+past that its next request is not read, and gRPC's flow control holds a client that sends and takes
+nothing (what gRPC itself buffers of the requests it received is not counted: bench/grpc_flood.py).
 """
 
 from __future__ import annotations
@@ -92,6 +94,10 @@ CODES = {
 # serialized bytes and gRPC's own copy (bench/grpc_unsent.py: 3.01-3.10 for unary answers a client leaves unread).
 # A stream's answers waiting their turn take one.
 ANSWER_COPIES = 3
+# A stream's requests running and answers waiting for their turn, at most: past it the stream's next request is not read
+# (gRPC's flow control then holds the client), so a client that sends and takes nothing cannot queue answers (refusals
+# too, once the budget is full) without end.
+STREAM_WINDOW = 256
 REGION = PARAMETERS[0]  # the parameter that puts a tensor in shared memory
 # The RPCs of the extensions the gateway does not offer (errors.UNSUPPORTED says what to use instead).
 UNSUPPORTED_RPCS = {
@@ -249,6 +255,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         answers come back as they finish, matched by their `id`; a failed one answers `error_message`."""
         answers: asyncio.Queue[tuple[Any, int] | None] = asyncio.Queue()  # an answer, and what of the budget it holds
         running: set[asyncio.Task[None]] = set()
+        taken = asyncio.Event()  # an answer left the queue: room for another request
 
         async def answer(request: Any) -> None:
             try:
@@ -263,6 +270,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
                     task = asyncio.create_task(answer(request))
                     running.add(task)
                     task.add_done_callback(running.discard)
+                    while len(running) + answers.qsize() >= STREAM_WINDOW:  # gRPC stops reading the stream meanwhile
+                        taken.clear()
+                        await taken.wait()
                 await asyncio.gather(*running)
             finally:
                 answers.put_nowait(None)  # every request is answered, or the stream broke
@@ -270,6 +280,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         reader = asyncio.create_task(read())
         try:
             while (answered := await answers.get()) is not None:
+                taken.set()
                 response, held = answered
                 held += self._hold_answer(response, copies=ANSWER_COPIES - 1)  # and its bytes and gRPC's copy
                 self.stalls.watch(context, held)

@@ -458,6 +458,29 @@ def test_a_client_that_answers_pings_but_takes_none_of_its_answer_is_disconnecte
         server.close()
 
 
+def test_a_stream_whose_client_takes_no_answers_stops_being_read(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """A stream's requests were all read and run, whether or not its client took the answers, and the answers queued
+    in the gateway without end (bench/grpc_flood.py: 11,367 of 100,000 requests answered in 7 s, the gateway 45 MB
+    larger and growing). Now a stream has at most STREAM_WINDOW requests running and answers waiting: past that its
+    requests are not read and gRPC's flow control holds the client. A client that sends 5,000 requests and takes
+    nothing has fewer than that answered, and no more a second later; once it takes them, every request is answered."""
+    server = Gateway(tiny_repo.root, "--cpu-slices", "1", "--models", "crowd-csrnet", log=tmp_path / "serve.log", grpc=True)
+    assert server.grpc_url is not None
+    base, answered = f"http://{server.url}", "migserve_requests_total"
+    request = _request("crowd-csrnet", {"image": np.ones((1, 3, 16, 16), np.float32)}).SerializeToString()
+    call = HeldGrpcCall(server.grpc_url, "/inference.GRPCInferenceService/ModelStreamInfer", [request] * 5000)
+    try:
+        time.sleep(2)
+        stopped = _metric(httpx.get(f"{base}/metrics").text, answered, model="crowd-csrnet")
+        time.sleep(1)
+        assert _metric(httpx.get(f"{base}/metrics").text, answered, model="crowd-csrnet") == stopped < 5000, stopped
+        answers = [service_pb2.ModelStreamInferResponse.FromString(m) for m in call.take(timeout=60)]
+        assert len(answers) == 5000 and not any(a.error_message for a in answers)
+    finally:
+        call.close()
+        server.close()
+
+
 @pytest.mark.skipif(not ipv6_loopback(), reason="the host has no IPv6 loopback address")
 @pytest.mark.parametrize("frontends", [(), ("--frontends", "2")], ids=["one-process", "frontends"])
 def test_a_gateway_on_every_address_answers_ipv4_and_ipv6_clients_over_http_and_grpc(

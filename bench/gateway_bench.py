@@ -231,13 +231,18 @@ def metric(port: int, prefix: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
 
 
+def free_port() -> int:
+    """A local port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class Server:
     def __init__(self, repo: Path, *args: str, revision: str | None = None) -> None:
         """`migserve serve` on a free port, as this checkout has it or, with `revision`, as that git revision had it."""
         python, cwd = checkout(revision) if revision else (sys.executable, ROOT)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         command = [
             python,
             "-m",

@@ -13,14 +13,13 @@ answer, and the bench checks that each request got one.
 from __future__ import annotations
 
 import argparse
-import socket
 import time
 from pathlib import Path
 
 import numpy as np
 from tritonclient.grpc import service_pb2
 
-from bench.gateway_bench import ROOT, Server, export, metric
+from bench.gateway_bench import ROOT, Server, export, free_port, metric
 from bench.grpc_bench import infer_request
 from bench.held_grpc import HeldGrpcCall
 from bench.image_memory import memory_status
@@ -36,9 +35,7 @@ def main() -> int:
     parser.add_argument("--repo", type=Path, default=ROOT / "results" / "bench_repo")
     args = parser.parse_args()
     export(args.repo, "crowd-csrnet")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        grpc_port = sock.getsockname()[1]
+    grpc_port = free_port()
     server = Server(args.repo, "--cpu-slices", "1", "--models", "crowd-csrnet", "--grpc-port", str(grpc_port), "--send-timeout-s", "600")
     answered = 'migserve_requests_total{model="crowd-csrnet",status="200"}'
     try:

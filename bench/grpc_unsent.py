@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import socket
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.gateway_bench import ROOT, Server, export, metric, sample
+from bench.gateway_bench import ROOT, Server, export, free_port, metric, sample
 from bench.grpc_bench import infer_request
 from bench.held_grpc import HeldGrpcCall
 from bench.image_memory import memory_status
@@ -67,9 +66,7 @@ def main() -> int:
     parser.add_argument("--repo", type=Path, default=ROOT / "results" / "bench_repo")
     args = parser.parse_args()
     export(args.repo, "lns-organs")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        grpc_port = sock.getsockname()[1]
+    grpc_port = free_port()
     address = f"127.0.0.1:{grpc_port}"
     contract = read_contract(args.repo / "lns-organs")
     arrays = sample(json.loads((args.repo / "lns-organs" / "contract.json").read_text()), {}, BATCH)

@@ -14,14 +14,13 @@ no model: what is left is the floor under the gateway's own CPU per request.
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 
-from bench.gateway_bench import ROOT, bodies, closed_loop
+from bench.gateway_bench import ROOT, bodies, closed_loop, free_port
 
 APP = """
 import sys, uvicorn
@@ -89,9 +88,7 @@ def main() -> int:
     body, headers = bodies(ROOT / "results" / "bench_repo", "face-pros", {})["binary"]
     print(f"body {len(body)} bytes, concurrency 32")
     for variant in ("read", "join", "buffered"):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         server = subprocess.Popen([sys.executable, "-c", BUFFERED if variant == "buffered" else APP, str(port), variant])
         try:
             url = f"http://127.0.0.1:{port}/v2/models/face-pros/infer"

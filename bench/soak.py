@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.gateway_bench import ROOT, Server, bodies, export, sample
+from bench.gateway_bench import ROOT, Server, bodies, export, free_port, sample
 from bench.grpc_bench import infer_request
 from bench.held_grpc import HeldGrpcCall
 from bench.image_memory import memory_status
@@ -275,9 +275,7 @@ def main() -> int:
     parser.add_argument("--repo", type=Path, default=ROOT / "results" / "bench_repo")
     args = parser.parse_args()
     export(args.repo, *MODELS)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        grpc_port = sock.getsockname()[1]
+    grpc_port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         hook = Path(tmp)
         if args.tracemalloc:

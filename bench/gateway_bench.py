@@ -26,7 +26,6 @@ import json
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ import onnxruntime as ort
 
 from bench.load import process_usage
 from migserve.types import Array
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS: dict[str, dict[str, int]] = {"crowd-csrnet": {}, "face-pros": {}}  # each at its contract's default size
@@ -229,13 +229,6 @@ def metric(port: int, prefix: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         lines = response.read().decode().splitlines()
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
-
-
-def free_port() -> int:
-    """A local port nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Server:

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 from tritonclient.grpc import service_pb2
 
-from bench.gateway_bench import ROOT, Server, export, free_port, metric
+from bench.gateway_bench import ROOT, Server, export, metric
 from bench.grpc_bench import infer_request
 from bench.held_grpc import HeldGrpcCall
 from bench.image_memory import memory_status
+from tests.helpers import free_port
 
 MB = 1 << 20
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.gateway_bench import ROOT, Server, export, free_port, metric, sample
+from bench.gateway_bench import ROOT, Server, export, metric, sample
 from bench.grpc_bench import infer_request
 from bench.held_grpc import HeldGrpcCall
 from bench.image_memory import memory_status
 from migserve.contract import read_contract
+from tests.helpers import free_port
 
 MB = 1 << 20
 BATCH = 4

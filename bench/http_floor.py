@@ -20,7 +20,8 @@ import time
 import urllib.error
 import urllib.request
 
-from bench.gateway_bench import ROOT, bodies, closed_loop, free_port
+from bench.gateway_bench import ROOT, bodies, closed_loop
+from tests.helpers import free_port
 
 APP = """
 import sys, uvicorn

@@ -36,10 +36,11 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.gateway_bench import ROOT, Server, bodies, export, free_port, sample
+from bench.gateway_bench import ROOT, Server, bodies, export, sample
 from bench.grpc_bench import infer_request
 from bench.held_grpc import HeldGrpcCall
 from bench.image_memory import memory_status
+from tests.helpers import free_port
 
 MODELS = (
     "face-pros",

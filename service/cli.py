@@ -333,13 +333,13 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
     if listening is None:
         uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level, access_log=False, http=http)  # type: ignore[arg-type]  # a BufferedProtocol works; uvicorn types Protocol
         return 0
-    from .api.frontends import adopter
+    from .api.frontends import adopter, bracketed
 
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False, http=http))  # type: ignore[arg-type]
     if app.gateway.frontends is not None:
         app.gateway.frontends.adopt = adopter(server)  # connections the other front-ends hand over are served here
     host, port = listening.getsockname()[:2]  # uvicorn says nothing of sockets it is given
-    logging.getLogger(__name__).info("KServe v2 HTTP on http://%s:%s", f"[{host}]" if ":" in host else host, port)
+    logging.getLogger(__name__).info("KServe v2 HTTP on http://%s:%s", bracketed(host), port)
     server.run(sockets=[listening])
     return 0
 

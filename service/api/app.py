@@ -56,6 +56,7 @@ from .frontends import (
     ServeModel,
     SetLogs,
     UnserveModel,
+    bracketed,
     merge_metrics,
     merge_statistics,
     run_dir,
@@ -764,13 +765,13 @@ def create_app(config: ServeConfig) -> InferFastPath:
         grpc = None
         try:
             if config.grpc_port is not None:
-                from .grpc_service import grpc_host, grpc_server
+                from .grpc_service import grpc_server
 
                 frontends = gateway.frontends
                 internal = frontends.grpc_path if frontends is not None else None
                 grpc, port = grpc_server(gateway, config.host, config.grpc_port, shared=frontends is not None, internal=internal)
                 await grpc.start()
-                logger.info("KServe v2 gRPC on %s:%s", grpc_host(config.host), port)
+                logger.info("KServe v2 gRPC on %s:%s", bracketed(config.host), port)
             yield
         finally:
             if grpc is not None:

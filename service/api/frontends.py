@@ -173,6 +173,11 @@ def tcp_socket(host: str) -> socket.socket:
     return sock
 
 
+def bracketed(host: str) -> str:
+    """`host` as it goes before ":port" in an address: an IPv6 one in brackets ("::" is "[::]")."""
+    return f"[{host}]" if ":" in host else host
+
+
 def reuse_port_socket(host: str, port: int, *, listen: bool = True, shared: bool = True) -> socket.socket:
     """A listening socket that other processes of this user can bind too (SO_REUSEPORT): the kernel spreads
     new connections over all of them (listen=False: the port is only held; shared=False: no other may bind it)."""

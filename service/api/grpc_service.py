@@ -59,6 +59,7 @@ from ..regions import PARAMETERS, Regions
 from ..trace import Trace
 from .budget import Hold
 from .classification import class_count, requested_classes, tensor_bytes
+from .frontends import bracketed
 from .grpc_stalls import StalledCalls
 from .kserve import (
     EXTENSIONS,
@@ -507,11 +508,6 @@ for _rpc in FORWARDED_RPCS:
     setattr(FrontendInferenceService, _rpc, _forwarded(_rpc))
 
 
-def grpc_host(host: str) -> str:
-    """`host` as gRPC takes it in an address: an IPv6 one in brackets ("::" is "[::]", IPv6 and IPv4 clients both)."""
-    return f"[{host}]" if ":" in host else host
-
-
 def grpc_server(
     gateway: Gateway,
     host: str,
@@ -542,7 +538,7 @@ def grpc_server(
     ]
     server = grpc.aio.server(options=options)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service or InferenceService(gateway), server)
-    bound = server.add_insecure_port(f"{grpc_host(host)}:{port}")
+    bound = server.add_insecure_port(f"{bracketed(host)}:{port}")  # "[::]": IPv6 and IPv4 clients both
     if internal is not None:
         server.add_insecure_port(f"unix:{internal}")
     return server, bound

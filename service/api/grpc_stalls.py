@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import socket
@@ -88,18 +89,19 @@ class StalledCalls:
         for address in list(self._connections):
             if address not in waiting:
                 del self._connections[address]
-        found = _sockets() if any(a not in self._connections for a in waiting) else {}
+        found = functools.cache(_sockets)  # the process's descriptors, read at most once a sweep
         loop = asyncio.get_running_loop()
+        now = loop.time()
         for address, nbytes in waiting.items():
-            self._check(address, nbytes, found, loop.time())
+            self._check(address, nbytes, found, now)
         self._timer = loop.call_later(self.timeout / 2, self._look)
 
-    def _check(self, address: Address, nbytes: int, found: dict[Address, int], now: float) -> None:
+    def _check(self, address: Address, nbytes: int, found: Callable[[], dict[Address, int]], now: float) -> None:
         known = self._connections.get(address)
-        fd = known.fd if known is not None else found.get(address, -1)
+        fd = known.fd if known is not None else found().get(address, -1)
         acked = _acked(fd, address)
         if acked is None and known is not None:  # its descriptor was closed, or taken by another socket
-            acked = _acked(fd := _sockets().get(address, -1), address)
+            acked = _acked(fd := found().get(address, -1), address)
         if acked is None:  # the connection is gone (gRPC ends its calls), or the kernel does not say
             self._connections.pop(address, None)
             return

@@ -25,6 +25,7 @@ from migserve.contract import read_contract
 from migserve.types import Array
 from service.fds import FEW
 from tests.helpers import ExportedRepo, Gateway, read_response
+from tests.integration.test_gateway_behaviour import _metric
 from tests.integration.test_gateway_protocol import make_inputs
 
 PATH = "/v2/models/crowd-csrnet/infer"
@@ -278,8 +279,7 @@ def test_a_client_that_stops_in_the_head_gets_408_and_is_disconnected(impatient:
 
 def _disconnected(gateway: Gateway) -> float:
     text = httpx.get(f"http://{gateway.url}/metrics").text
-    name = 'migserve_clients_disconnected_total{protocol="http",reason="receive_timeout"} '
-    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name)))
+    return _metric(text, "migserve_clients_disconnected_total", protocol="http", reason="receive_timeout")
 
 
 @pytest.mark.parametrize("path", HEAD_PATHS)

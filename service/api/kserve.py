@@ -209,7 +209,12 @@ def listed_tensor(plan: _InputPlan, shape: list[int], count: int, values: Any, b
         raise BadRequest(f"input {plan.spec.name}: data holds {found}; {plan.datatype} takes {wanted}")
     if booleans and bool in set(map(type, np.asarray(values, dtype=object).ravel())):
         raise BadRequest(f"input {plan.spec.name}: data holds booleans among its numbers; {plan.datatype} takes {wanted}")
-    array = raw.astype(plan.dtype, copy=False)
+    try:
+        with np.errstate(over="raise"):  # 1e39 for FP32 would be inf, and numpy would only warn in the log
+            array = raw.astype(plan.dtype, copy=False)
+    except FloatingPointError:
+        largest = np.finfo(plan.dtype).max
+        raise BadRequest(f"input {plan.spec.name}: data holds numbers past {plan.datatype}'s range (largest {largest:.8g})") from None
     if array.size != count:
         raise BadRequest(f"input {plan.spec.name}: {array.size} values for shape {shape} ({count} expected)")
     return array.reshape(shape)

@@ -536,6 +536,14 @@ BAD_REQUESTS = [
         "input words: data holds booleans among its numbers; INT64 takes integers",
     ),
     (
+        "numbers past FP32's range",
+        "crowd-csrnet",
+        json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 8, 8], "data": [1.5] * 191 + [-1e39]}]}).encode(),
+        None,
+        400,
+        "input image: data holds numbers past FP32's range (largest 3.4028235e+38)",
+    ),
+    (
         "nulls in the data",
         "crowd-csrnet",
         json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 8, 8], "data": [1.0] * 191 + [None]}]}).encode(),

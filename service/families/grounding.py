@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +64,8 @@ def load_features(data: bytes, pre: GroundingPreprocessing) -> Array:
     try:
         _check_npy_size(data)
         array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise Unprocessable(f"features: not a readable .npy array ({exc})") from None
+    except (ValueError, OSError, EOFError, tokenize.TokenError) as exc:  # TokenError: numpy's reading of a damaged header
+        raise Unprocessable(f"features: not a readable .npy array ({type(exc).__name__}: {exc})") from None
     if not isinstance(array, np.ndarray):
         raise Unprocessable("features: expected one .npy array, got an archive")
     return check_features(array, pre)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -82,7 +83,7 @@ def _gunzip(data: bytes, max_bytes: int, unpacking: Callable[[int], None]) -> by
             while out.tell() <= max_bytes and (chunk := fh.read(min(UNPACK_STEP, max_bytes + 1 - out.tell()))):
                 unpacking(len(chunk))
                 out.write(chunk)
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # zlib's: a damaged deflate stream, gzip's own: a bad header or CRC
         raise Unprocessable(f"volume: corrupt gzip data ({exc})") from None
     if out.tell() > max_bytes:
         raise TooLarge(f"volume: decompresses to more than {max_bytes} bytes")
@@ -125,7 +126,9 @@ def _zip_members(data: bytes, max_bytes: int, unpacking: Callable[[int], None]) 
             raise TooLarge(f"volume: the zip unpacks to more than {max_bytes} bytes")
         unpacking(size)  # zipfile reads no member past the size the directory gives it
         return [(i.filename, archive.read(i)) for i in infos]
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
+    # zlib's error: a damaged deflate stream; ValueError: a name that is not the UTF-8 its flag says; RuntimeError:
+    # an encrypted member; NotImplementedError: a compression method zipfile lacks
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, zlib.error, ValueError, RuntimeError, NotImplementedError) as exc:
         raise Unprocessable(f"volume: broken zip file ({exc})") from None
 
 

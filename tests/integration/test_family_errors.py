@@ -40,6 +40,14 @@ def _zip(name: str, data: bytes, compression: int = zipfile.ZIP_STORED) -> bytes
     return buffer.getvalue()
 
 
+def _encrypted(archive: bytes) -> bytes:
+    """The archive with its one member's encryption flag set, in its local header and in the directory."""
+    flagged = bytearray(archive)
+    flagged[6] |= 1
+    flagged[archive.rfind(b"PK\x01\x02") + 8] |= 1
+    return bytes(flagged)
+
+
 def _bad_png_crc() -> bytes:
     data = bytearray(PNG)
     data[40] ^= 0xFF  # inside IHDR/IDAT: the chunk checksum no longer matches
@@ -56,6 +64,12 @@ def _bad_nifti_header() -> bytes:
     data = bytearray(ANATOMICAL)
     data[40:56] = b"\xff" * 16  # dim[]: nonsense dimensions
     return bytes(data)
+
+
+def _damaged(data: bytes, at: int) -> bytes:
+    damaged = bytearray(data)
+    damaged[at] ^= 0xFF
+    return bytes(damaged)
 
 
 def _nifti_claiming(size: int) -> bytes:
@@ -106,6 +120,7 @@ CASES: dict[str, tuple[Post, int, str]] = {
     "features of one dim": (grounding(npy(np.zeros(1024, np.float32))), 422, "expected shape"),
     "features with NaN": (grounding(npy(np.full((9, 1024), np.nan, np.float32))), 422, "NaN"),
     "not an npy file": (grounding(b"\x93NUMPY garbage"), 422, ".npy"),
+    "npy header cut short": (grounding(FEATURES.replace(b"}", b" ", 1)), 422, "not a readable .npy array (TokenError"),
     "duration not positive": (grounding(duration="0"), 422, "duration"),
     "duration not a number": (grounding(duration="long"), 422, "duration"),
     "duration infinite": (grounding(duration="inf"), 422, "finite number"),
@@ -121,6 +136,23 @@ CASES: dict[str, tuple[Post, int, str]] = {
     "dicom without pixels": (volume(_zip("a.dcm", CT_SMALL[:4000])), 422, "a.dcm"),
     "zip of non-dicom": (volume(_zip("notes.txt", b"hello")), 422, "not a DICOM file"),
     "broken zip": (volume(_zip("a.dcm", CT_SMALL)[:3000]), 422, "broken zip"),
+    # zlib's errors, a name's decoding and an encrypted member were not among those caught, and answered 500
+    "nifti.gz with a damaged deflate stream": (
+        volume(_damaged(gzip.compress(ANATOMICAL, mtime=0), 20)),
+        422,
+        "corrupt gzip data (Error -3",
+    ),
+    "zip with a damaged deflate stream": (
+        volume(_damaged(_zip("a.dcm", CT_SMALL, zipfile.ZIP_DEFLATED), 35)),
+        422,
+        "broken zip file (Error -3",
+    ),
+    "zip member name not UTF-8": (
+        volume(_zip("a\xe9.dcm", CT_SMALL).replace(b"a\xc3\xa9", b"a\xc3\xff")),
+        422,
+        "broken zip file ('utf-8' codec",
+    ),
+    "encrypted zip member": (volume(_encrypted(_zip("a.dcm", CT_SMALL))), 422, "is encrypted, password required"),
     "not a volume": (volume(JPEG), 415, "not NIfTI"),
     # a 20 KB upload whose voxels claim to be a kilometre wide: resampled to the model's spacing, 5e20 voxels
     # (before: the gateway grew to 24 GB resampling it and the kernel killed it)

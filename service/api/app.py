@@ -47,7 +47,7 @@ from ..workers.oom import ADVICE
 from ..workers.protocol import ModelSpec, WorkerOptions
 from .budget import BodyBudget
 from .classification import classified
-from .errors import error_body
+from .errors import AnswerBugs, error_body
 from .fastpath import InferFastPath, Received
 from .frontends import (
     GRPC_SOCKET,
@@ -788,13 +788,6 @@ def create_app(config: ServeConfig) -> InferFastPath:
             logger.error("%s %s: %s", request.method, request.url.path, exc)
         return Response(body, status_code=status, headers=headers, media_type="application/json")
 
-    @app.exception_handler(Exception)
-    async def gateway_bug(request: Request, exc: Exception) -> Response:
-        """A bug answers in the gateway's {"error": ...} form too, as the infer fast path does (Starlette logs the
-        traceback); the client is told it is the gateway's fault, not the request's."""
-        status, headers, body = error_body(ServiceError(f"internal error: {type(exc).__name__}: {exc}"[:1000]))
-        return Response(body, status_code=status, headers=headers, media_type="application/json")
-
     @app.exception_handler(StarletteHTTPException)
     async def no_route(request: Request, exc: StarletteHTTPException) -> Response:
         """Starlette's own answers (no such path, method not allowed) in the gateway's {"error": ...} form."""
@@ -816,6 +809,7 @@ def create_app(config: ServeConfig) -> InferFastPath:
     register(app, gateway)
     register_v1(app, gateway)
     app.add_middleware(FamilyLimits, gateway=gateway)
+    app.add_middleware(AnswerBugs)  # outermost of the two: FamilyLimits counts the 500 of a bug in a /v1 route
     return InferFastPath(app, gateway)
 
 

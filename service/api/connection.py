@@ -41,6 +41,7 @@ from uvicorn.server import ServerState
 
 from ..errors import HeadTooLarge, ReceiveTimeout, ServiceError, TooLarge
 from ..watchdog import StallWatch
+from .errors import internal_error
 from .fastpath import (
     ACCEPT_ENCODING,
     BINARY_HEADER_LENGTH,
@@ -414,7 +415,7 @@ class InferConnection(asyncio.BufferedProtocol):
             return  # the client hung up; nobody is left to answer
         except Exception as exc:  # a gateway bug must still answer, and leave the connection usable
             logger.exception("infer %s failed", request.name)
-            reply = error_reply(ServiceError(f"internal error: {type(exc).__name__}: {exc}"))
+            reply = error_reply(internal_error(exc))
         self._task = None
         self._request = None
         sending = time.monotonic_ns()

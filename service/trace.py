@@ -212,6 +212,8 @@ def _parsed(key: str, value: Any) -> Any:
         if value not in (None, "triton", ["triton"]):
             raise BadRequest(f"trace_mode {value!r} is not supported: the gateway writes Triton's trace format ('triton')")
         return value
+    if key not in DEFAULTS:  # before null's clearing: an unknown one cleared was a KeyError (500)
+        raise BadRequest(f"unknown trace setting {key!r}; the settings are {sorted([*DEFAULTS, 'trace_file', 'trace_mode'])}")
     if value is None:
         return None
     if key == "trace_level":
@@ -222,8 +224,6 @@ def _parsed(key: str, value: Any) -> Any:
             raise BadRequest(f"trace_level {unknown} is not supported: the gateway traces OFF or TIMESTAMPS (no TENSORS)")
         wanted = tuple(v for v in levels if v != "OFF")
         return wanted or ("OFF",)
-    if key not in LOWEST:
-        raise BadRequest(f"unknown trace setting {key!r}; the settings are {sorted([*DEFAULTS, 'trace_file', 'trace_mode'])}")
     if isinstance(value, list) and len(value) == 1:
         value = value[0]  # gRPC sends every value as a list of strings
     if type(value) is str and value.lstrip("-").isdigit():

@@ -95,6 +95,7 @@ def test_sampled_requests_are_traced_to_files_as_the_settings_say(tiny_repo: Exp
         ({"trace_level": ["TENSORS"]}, 400, "the gateway traces OFF or TIMESTAMPS (no TENSORS)"),
         ({"trace_mode": "opentelemetry"}, 400, "trace_mode 'opentelemetry' is not supported"),
         ({"trace_rat": "1"}, 400, "unknown trace setting 'trace_rat'"),
+        ({"trace_rat": None}, 400, "unknown trace setting 'trace_rat'"),  # cleared: was a 500
         ({"trace_file": "/tmp/elsewhere.json"}, 501, "trace file location can not be updated through network protocol"),
         ({"trace_level": ["TIMESTAMPS"], "trace_rate": "1"}, 400, "tracing needs a file: start the gateway with --trace-file PATH"),
     ],

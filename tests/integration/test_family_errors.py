@@ -79,6 +79,13 @@ def _nifti_claiming(size: int) -> bytes:
     return bytes(data)
 
 
+def _nifti_with(at: int, field: bytes) -> bytes:
+    """The NIfTI with one header field's bytes replaced (big-endian numbers: this file is)."""
+    data = bytearray(ANATOMICAL)
+    data[at : at + len(field)] = field
+    return bytes(data)
+
+
 def _npy_claiming(rows: int) -> bytes:
     """A .npy header alone, saying [rows, 1024] float32 follow."""
     header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, 1024), }}".encode().ljust(117) + b"\n"
@@ -99,6 +106,18 @@ def grounding(features: bytes = FEATURES, **fields: str) -> Post:
 
 def volume(data: bytes) -> Post:
     return lambda c: c.post("/v1/lns/segment", files={"volume": ("upload", data)})
+
+
+# Damaged in ways nibabel and pydicom also logged (at ERROR, and as warnings), besides the 422
+LOGGED_BY_READERS: dict[str, tuple[Post, int, str]] = {
+    "nifti of an unknown datatype code": (volume(_nifti_with(70, struct.pack(">h", 28164))), 422, "data code 28164 not recognized"),
+    "nifti with a damaged magic string": (volume(_nifti_with(344, b"n+1\xed")), 422, "magic string"),
+    "dicom with a damaged transfer syntax UID": (
+        volume(CT_SMALL.replace(b"1.2.840.10008.1.2.1", b"1.2.\x9b40.10008.1.2.1", 1)),
+        422,
+        "'Transfer Syntax UID' value of '1.2.\x9b40.10008.1.2.1' is not supported",
+    ),
+}
 
 
 CASES: dict[str, tuple[Post, int, str]] = {
@@ -168,6 +187,7 @@ CASES: dict[str, tuple[Post, int, str]] = {
         422,
         "its header gives shape [100000000000, 1024] of float32, 409600000000000 bytes, but 0 follow it",
     ),
+    **LOGGED_BY_READERS,
 }
 
 
@@ -194,6 +214,18 @@ def test_bad_input_disturbs_nothing_else(http: httpx.Client) -> None:
     assert all(r.status_code == 200 for r in responses[len(CASES) :])
     assert all(400 <= r.status_code < 500 for r in responses[: len(CASES)])
     assert http.get("/v2/health/ready").status_code == 200
+
+
+def test_a_damaged_file_is_the_client_s_422_and_not_the_gateway_s_logged_error(http: httpx.Client, gateway: Gateway) -> None:
+    """What was wrong goes to the client; the operator's log gets nothing of it (before: nibabel's ERROR lines, twice,
+    and pydicom's warnings, for every such upload)."""
+    before = gateway.log.stat().st_size
+    for post, status, fragment in LOGGED_BY_READERS.values():
+        response = post(http)
+        assert response.status_code == status and fragment in response.json()["error"], response.text
+    logged = gateway.log.read_bytes()[before:].decode(errors="replace")
+    for said in ("not recognized", "magic string", "Invalid value for VR", "nibabel", "pydicom"):
+        assert said not in logged, logged
 
 
 @pytest.fixture(scope="module")

@@ -108,8 +108,16 @@ def volume(data: bytes) -> Post:
     return lambda c: c.post("/v1/lns/segment", files={"volume": ("upload", data)})
 
 
-# Damaged in ways nibabel and pydicom also logged (at ERROR, and as warnings), besides the 422
-LOGGED_BY_READERS: dict[str, tuple[Post, int, str]] = {
+def _form_broken_at_its_boundary() -> Post:
+    request = httpx.Request("POST", "http://gateway/v1/crowd/count", files={"image": ("face.png", PNG, "image/png")})
+    body, content_type = request.read(), request.headers["content-type"]
+    return lambda c: c.post("/v1/crowd/count", content=body.replace(b"--", b"-x", 1), headers={"content-type": content_type})
+
+
+# Damaged in ways nibabel, pydicom and python-multipart also logged (at ERROR, and as warnings), besides the 4xx
+LOGGED_BY_LIBRARIES: dict[str, tuple[Post, int, str]] = {
+    # the parser's words, where the client was told "Invalid multipart data." and the log got them
+    "multipart broken at its boundary": (_form_broken_at_its_boundary(), 400, "Expected boundary character 45, got 120 at index 3"),
     "nifti of an unknown datatype code": (volume(_nifti_with(70, struct.pack(">h", 28164))), 422, "data code 28164 not recognized"),
     "nifti with a damaged magic string": (volume(_nifti_with(344, b"n+1\xed")), 422, "magic string"),
     "dicom with a damaged transfer syntax UID": (
@@ -187,7 +195,7 @@ CASES: dict[str, tuple[Post, int, str]] = {
         422,
         "its header gives shape [100000000000, 1024] of float32, 409600000000000 bytes, but 0 follow it",
     ),
-    **LOGGED_BY_READERS,
+    **LOGGED_BY_LIBRARIES,
 }
 
 
@@ -216,15 +224,15 @@ def test_bad_input_disturbs_nothing_else(http: httpx.Client) -> None:
     assert http.get("/v2/health/ready").status_code == 200
 
 
-def test_a_damaged_file_is_the_client_s_422_and_not_the_gateway_s_logged_error(http: httpx.Client, gateway: Gateway) -> None:
+def test_a_damaged_upload_is_the_client_s_4xx_and_not_the_gateway_s_logged_error(http: httpx.Client, gateway: Gateway) -> None:
     """What was wrong goes to the client; the operator's log gets nothing of it (before: nibabel's ERROR lines, twice,
     and pydicom's warnings, for every such upload)."""
     before = gateway.log.stat().st_size
-    for post, status, fragment in LOGGED_BY_READERS.values():
+    for post, status, fragment in LOGGED_BY_LIBRARIES.values():
         response = post(http)
         assert response.status_code == status and fragment in response.json()["error"], response.text
     logged = gateway.log.read_bytes()[before:].decode(errors="replace")
-    for said in ("not recognized", "magic string", "Invalid value for VR", "nibabel", "pydicom"):
+    for said in ("not recognized", "magic string", "Invalid value for VR", "nibabel", "pydicom", "boundary", "multipart"):
         assert said not in logged, logged
 
 

@@ -50,6 +50,7 @@ class Volume:
 nibabel.imageglobals.logger.setLevel(logging.CRITICAL + 1)
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
+
 def sniff(data: bytes) -> str | None:
     if data[:2] == b"\x1f\x8b":
         return "gzip"

@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -175,7 +176,7 @@ class _DeclaredPartition(BaseModel):
     kind: PartitionKind
     device: str | None = Field(None, description="MIG-... or GPU-... UUID for mig and gpu partitions")
     profile: str | None = None
-    memory_bytes: int | None = None
+    memory_bytes: int | None = Field(None, gt=0, description="what the partition's models may take; default: NVML's, or the host's")
     cores: list[int] = Field(default_factory=list, description="CPU cores for a cpu partition")
     url: str | None = Field(None, description="triton partitions: host:port of the server's HTTP or gRPC endpoint")
     protocol: Literal["http", "grpc"] = "http"
@@ -185,6 +186,14 @@ class _DeclaredPartition(BaseModel):
 class _Topology(BaseModel):
     model_config = ConfigDict(extra="forbid")
     partitions: list[_DeclaredPartition] = Field(min_length=1)
+
+
+HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}")  # a name, IPv4 or [IPv6], and a port
+
+
+def usable_cores() -> set[int]:
+    """The cores this process may run on (its affinity: a container's cpuset, taskset)."""
+    return os.sched_getaffinity(0)
 
 
 def load_topology(path: Path) -> list[Partition]:
@@ -202,8 +211,23 @@ def load_topology(path: Path) -> list[Partition]:
     for p in declared.partitions:
         if p.kind is PartitionKind.CPU and not p.cores:
             raise TopologyError(f"invalid topology {path}: cpu partition {p.id} lists no cores")
+        if p.kind is PartitionKind.CPU and (absent := sorted(set(p.cores) - usable_cores())):
+            # sched_setaffinity takes a set of which some cores exist, and the worker ran on those at the thread count
+            # of them all; a core listed twice would have counted twice
+            raise TopologyError(
+                f"invalid topology {path}: cpu partition {p.id} lists cores {absent} that this process cannot run on "
+                f"(it may use {sorted(usable_cores())})"
+            )
+        if p.kind is PartitionKind.CPU and len(set(p.cores)) != len(p.cores):
+            raise TopologyError(f"invalid topology {path}: cpu partition {p.id} lists a core twice: {p.cores}")
         if p.kind is PartitionKind.TRITON and not p.url:
             raise TopologyError(f"invalid topology {path}: triton partition {p.id} needs a url (host:port)")
+        if p.kind is PartitionKind.TRITON and not HOST_PORT.fullmatch(p.url or ""):
+            # tritonclient's asyncio HTTP client answered a scheme with a NameError of its own
+            raise TopologyError(
+                f"invalid topology {path}: triton partition {p.id} has url {p.url!r}; give host:port without a scheme, "
+                f"e.g. triton-mig-0-0:8001 (`protocol: http` or `grpc` says how to talk to it)"
+            )
         if p.kind in (PartitionKind.MIG, PartitionKind.GPU) and not p.device:
             raise TopologyError(f"invalid topology {path}: {p.kind.value} partition {p.id} needs a device UUID")
         partitions.append(

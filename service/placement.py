@@ -192,6 +192,9 @@ def why_nowhere(
     if pooled and shared is not None:
         left = _left(shared, pooled, others)
         why += f"; the CPU slices' models share {shared.bytes / MB:.0f} MB ({shared.source}), {left / MB:.1f} MB of it left"
+    if declared := {p.id: _room(p, others[p.id]) for p in pooled if p.memory_bytes is not None}:  # bounds of their own too
+        most = max(declared, key=lambda i: declared[i])
+        why += f", and the topology's memory_bytes leaves at most {declared[most] / MB:.1f} MB on a slice ({most})"
     return why
 
 

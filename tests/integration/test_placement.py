@@ -95,6 +95,16 @@ def test_a_model_the_shared_memory_cannot_hold_is_left_off_saying_why(tiny_repo:
     assert sorted(place_one(_slices(2), reloaded, entry, twice)) == ["cpu-0", "cpu-1"]
 
 
+def test_a_slice_the_topology_bounds_is_named_when_a_model_fits_in_the_shared_memory_but_not_there(tiny_repo: ExportedRepo) -> None:
+    """Before, the reason gave only the shared memory, with room to spare: the slice's memory_bytes went unsaid."""
+    models = {name: e for name, e in load_repository(tiny_repo.root).models.items() if name == "crowd-csrnet"}
+    need = footprint(models["crowd-csrnet"])
+    bounded = [dataclasses.replace(p, memory_bytes=need - MB) for p in _slices(1)]
+    placed = place(bounded, models, SharedMemory(100 * need, "a test's"))
+    why = placed.left_off["crowd-csrnet"]
+    assert f"of it left, and the topology's memory_bytes leaves at most {(need - MB) / MB:.1f} MB on a slice (cpu-0)" in why, why
+
+
 def test_the_shared_memory_is_the_cgroup_limit_else_what_the_host_has_available(tmp_path: Path) -> None:
     meminfo = "MemTotal:       24598304 kB\nMemFree:         1205968 kB\nMemAvailable:   20457872 kB\n"  # as on this machine
     v2 = "24 30 0:22 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate\n"

@@ -111,6 +111,11 @@ def test_declared_topology_wins(tmp_path: Path, shared: Path) -> None:
         ("partitions:\n  - {id: a, kind: triton, url: 'h:1', protocol: ftp}", "protocol"),
         ("partitions:\n  - {id: a, kind: cpu, cores: [0]}\n  - {id: a, kind: cpu, cores: [1]}", "ids repeat"),
         ("partitions: [", "invalid topology"),
+        ("partitions:\n  - {id: a, kind: cpu, cores: [0, 4096]}", r"cpu partition a lists cores \[4096\] that this process cannot run on"),
+        ("partitions:\n  - {id: a, kind: cpu, cores: [0, 0]}", r"lists a core twice: \[0, 0\]"),
+        ("partitions:\n  - {id: a, kind: triton, url: 'http://h:8000'}", "has url 'http://h:8000'; give host:port without a scheme"),
+        ("partitions:\n  - {id: a, kind: triton, url: 'h'}", "has url 'h'; give host:port"),
+        ("partitions:\n  - {id: a, kind: cpu, cores: [0], memory_bytes: -5}", "memory_bytes\n  Input should be greater than 0"),
     ],
 )
 def test_bad_topologies_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:

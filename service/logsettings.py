@@ -18,6 +18,7 @@ from .errors import BadRequest
 
 SWITCHES = ("log_info", "log_warning", "log_error")
 OFF = logging.CRITICAL + 10
+UINT32_MAX = 2**32 - 1
 LOGGERS = ("", "uvicorn", "uvicorn.error")  # the root (migserve's modules log through it) and uvicorn's own
 
 
@@ -43,8 +44,9 @@ class LogSettings:
                 raise BadRequest(f"unknown log setting {key!r}; the settings are {sorted(self.values)}")
             if key in SWITCHES and type(value) is not bool:
                 raise BadRequest(f"{key} must be true or false, not {value!r}")
-            if key == "log_verbose_level" and (type(value) is not int or value < 0):
-                raise BadRequest(f"log_verbose_level must be an integer >= 0, not {value!r}")
+            if key == "log_verbose_level" and (type(value) is not int or not 0 <= value <= UINT32_MAX):
+                # Triton's is a uint32: a larger one was taken here, and every gRPC LogSettings call then failed
+                raise BadRequest(f"log_verbose_level must be an integer from 0 to {UINT32_MAX}, not {value!r}")
             if key == "log_file" and value != "":
                 raise BadRequest("log_file cannot be set: the gateway logs to stderr (redirect it, or use your supervisor's log)")
             if key == "log_format" and value != "default":

@@ -1247,7 +1247,8 @@ def test_log_settings_change_what_the_gateway_logs_while_it_runs(tiny_repo: Expo
             added = log.read_text()[len(before) :]
             assert "died" in added and ("worker cpu-0 ready" in added) == info, added
         for bad, says in [
-            ({"log_verbose_level": "x"}, "log_verbose_level must be an integer >= 0"),
+            ({"log_verbose_level": "x"}, "log_verbose_level must be an integer from 0 to 4294967295"),
+            ({"log_verbose_level": 2**32}, "not 4294967296"),  # Triton's is a uint32: taken, it broke gRPC's LogSettings
             ({"nope": 1}, "unknown log setting 'nope'"),
             ({"log_file": "/tmp/x.log"}, "log_file cannot be set"),
             ({"log_format": "ISO8601"}, "one format, 'default'"),
@@ -1255,6 +1256,7 @@ def test_log_settings_change_what_the_gateway_logs_while_it_runs(tiny_repo: Expo
             response = httpx.post(f"{base}/v2/logging", json=bad)
             assert response.status_code == 400 and says in response.json()["error"], bad
         assert httpx.get(f"{base}/v2/logging").json()["log_info"] is True, "a refused change changes nothing"
+        assert grpc_client.get_log_settings(as_json=True)["settings"]["log_verbose_level"] == {"uint32_param": 0}
     finally:
         grpc_client.close()
         server.close()

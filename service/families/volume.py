@@ -83,7 +83,17 @@ def read_volume(data: bytes, *, max_bytes: int, max_voxels: int, unpacking: Call
         raise UnsupportedMedia("volume: not NIfTI (.nii, .nii.gz), a zip of DICOM files, or a DICOM file")
     if volume.hu.size > max_voxels:
         raise TooLarge(f"volume: {volume.hu.size} voxels is over the limit of {max_voxels}")
+    _check_affine(volume)
     return volume
+
+
+def _check_affine(volume: Volume) -> None:
+    """The label map goes back with the input's affine, which nibabel must decompose into a header: one with NaN
+    or infinity, or that maps the voxels onto a plane, failed there, after the whole volume had been segmented."""
+    rotation_zooms = volume.affine[:3, :3]
+    if not np.isfinite(volume.affine).all() or abs(float(np.linalg.det(rotation_zooms))) < 1e-12:
+        where = "its header's sform or qform" if volume.source == "nifti" else "its slices' orientation and positions"
+        raise Unprocessable(f"volume: the voxel-to-world affine from {where} is not usable: {volume.affine.round(4).tolist()}")
 
 
 def _gunzip(data: bytes, max_bytes: int, unpacking: Callable[[int], None]) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
 import signal
 import struct
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -83,6 +85,15 @@ def _nifti_with(at: int, field: bytes) -> bytes:
     """The NIfTI with one header field's bytes replaced (big-endian numbers: this file is)."""
     data = bytearray(ANATOMICAL)
     data[at : at + len(field)] = field
+    return bytes(data)
+
+
+def _nifti_whose_sform_row_y_is(row: tuple[float, float, float, float]) -> bytes:
+    """A 16x16x8 NIfTI of 2 mm voxels whose sform's second row is `row` (written into the header's srow_y)."""
+    image = nib.Nifti1Image(np.zeros((16, 16, 8), np.int16), np.diag([2.0, 2.0, 2.0, 1.0]))
+    image.header.set_sform(np.diag([2.0, 2.0, 2.0, 1.0]), code=1)
+    data = bytearray(image.to_bytes())
+    data[296:312] = struct.pack("<4f", *row)  # srow_y, little-endian as nibabel wrote it here
     return bytes(data)
 
 
@@ -187,6 +198,13 @@ CASES: dict[str, tuple[Post, int, str]] = {
         volume(nifti_gz(np.zeros((40, 40, 20), np.int16), np.diag([1e6, 1e6, 1e6, 1.0]))),
         413,
         "resampled to the model's [4.0, 4.0, 4.0] mm, make 500000000000000000000 voxels, over the limit of 64000000",
+    ),
+    # segmented whole, then the label map could not be written with the input's affine: 500 after the work
+    "nifti whose affine holds NaN": (volume(_nifti_whose_sform_row_y_is((0.0, 2.0, math.nan, 0.0))), 422, "affine from its header's sform"),
+    "nifti whose affine is flat": (
+        volume(_nifti_whose_sform_row_y_is((0.0, 0.0, 0.0, 0.0))),
+        422,
+        "is not usable: [[2.0, 0.0, 0.0, 0.0], [0.0, 0.0",
     ),
     "complex voxels": (volume(nifti_gz(np.zeros((8, 8, 8), np.complex64), np.eye(4))), 422, "NIfTI voxels of type complex64"),
     "a nifti header of 30000^3 voxels": (volume(_nifti_claiming(30000)), 413, "the NIfTI header gives shape [30000, 30000, 30000]"),

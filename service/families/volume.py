@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -45,10 +46,13 @@ class Volume:
 
 
 # A client's damaged file is answered 422 with what was wrong. The readers also logged it: nibabel at ERROR, twice
-# (its own handler and the root's), pydicom as a warning and again through the warnings module, which put a
-# client's mistake in the operator's log as if it were the gateway's. Their problems still raise where they did.
+# (its own handler and the root's), pydicom as a warning and again through the warnings module (for what it
+# tolerates too: an unknown character set, a VR other than the header says), which put a client's mistake in the
+# operator's log as if it were the gateway's. Their problems still raise where they did.
 nibabel.imageglobals.logger.setLevel(logging.CRITICAL + 1)
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+logging.getLogger("pydicom").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 
 
 def sniff(data: bytes) -> str | None:

@@ -101,6 +101,7 @@ class Gateway:
     shared: SharedCounts | None = None  # with front-ends: every process's bodies and queues, for the gateway's bounds
     index: int = 0  # this process's front-end index (0: the first process)
     start_error: str | None = None  # why start() failed, for uvicorn to log in one line (fastpath.InferFastPath)
+    started: bool = False  # start() has finished: every front-end is up (readiness waits for it)
     tracer: Tracer = field(init=False)  # Triton's trace extension; the first process writes every process's traces
     cpu_memory: SharedMemory | None = None  # what the models on CPU slices share (service/placement.py)
     _syncing: asyncio.Task[None] | None = None  # with front-ends and a trace file: their settings and traces, each second
@@ -196,6 +197,12 @@ class Gateway:
                 partition.profile or partition.cores,
                 ", ".join(sorted(self.placement[partition.id])) or "no models",
             )
+        self.started = True
+
+    def server_ready(self) -> bool:
+        """KServe's server readiness: started, and every served model has a ready replica. A front-end process that
+        is up hands health checks to this one while it starts the others: it said ready before they all were."""
+        return self.started and all(self.model_ready(name) for name in self.models)
 
     def _policy(self, entry: ModelEntry) -> BatchPolicy:
         """The model's batching: its contract's, with what `serve` overrides."""

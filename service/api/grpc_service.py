@@ -128,7 +128,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         return service_pb2.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        return service_pb2.ServerReadyResponse(ready=all(self.gateway.model_ready(name) for name in self.gateway.models))
+        return service_pb2.ServerReadyResponse(ready=self.gateway.server_ready())
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:

@@ -46,8 +46,7 @@ def register(app: FastAPI, gateway: Gateway) -> None:
 
     @app.get("/v2/health/ready", summary="Readiness: every served model has a ready replica")
     async def ready() -> Response:
-        ok = all(gateway.model_ready(name) for name in gateway.models)
-        return Response(status_code=200 if ok else 503)
+        return Response(status_code=200 if gateway.server_ready() else 503)
 
     @app.get("/v2/models/stats", summary="Every model's statistics (Triton's statistics extension)")
     @app.get("/v2/models/{name}/stats", summary="A model's statistics (Triton's statistics extension)")

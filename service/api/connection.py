@@ -180,7 +180,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _stalled(self) -> None:
         self.gateway.metrics.disconnection("http", "receive_timeout")()
-        if self._in_head:  # no answer has begun for this request
+        # in the head, or in the body with no answer begun (the app waits for the rest of it): 408, as the fast path
+        # answers; a client cut off mid-body got no answer here before
+        if self._in_head or (self.cycle is not None and not self.cycle.response_started):
             self.transport.write(timed_out(self.gateway.config.receive_timeout_s, self.server_state.default_headers))
         self.transport.close()  # uvicorn tells the app the client is gone: its body's budget is given back
 

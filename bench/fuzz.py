@@ -1,15 +1,18 @@
 """Seeded fuzzing of the gateway's error paths: bad input gets a clear 4xx and disturbs nothing (issue 3).
 
-Starts `migserve serve` on the tiny models, with gRPC, and sends mutated requests of six kinds, all from real ones:
-`infer-http` (KServe v2 binary and JSON bodies: the JSON header's values replaced, removed or added,
-Inference-Header-Content-Length wrong, bytes flipped), `infer-grpc` (ModelInfer and ModelStreamInfer with shapes,
-datatypes, raw contents, typed contents and parameters mutated), `uploads` (JPEG, PNG, .npy, NIfTI, gzipped NIfTI,
-a DICOM file and zipped DICOM, stored and deflated, with bytes flipped, cut, inserted), `multipart` (the form
-itself damaged), `control-http` (the JSON of /v2/logging, trace settings, shared memory registration, repository
-calls, the /v1 JSON forms, and GETs of odd names) and `control-grpc` (the same calls over gRPC). Every answer must
-be below 500 (503 and 504 allowed: a mutated timeout), come within a minute, and leave the connection usable: one
-HTTP client per kind keeps its connection alive across requests, so a reset after an answer shows as a failure.
-A valid request every 50 checks that the gateway still serves.
+Starts `migserve serve` on the tiny models, with gRPC and `--receive-timeout-s 2`, and sends mutated requests of
+seven kinds, all from real ones: `infer-http` (KServe v2 binary and JSON bodies: the JSON header's values replaced,
+removed or added, Inference-Header-Content-Length wrong, bytes flipped, tensors placed in a registered shared memory
+region at offsets and sizes that may not fit), `http-head` (a raw exchange on a socket: the request line, header
+names and values, line endings and body framing mutated, requests pipelined behind it), `infer-grpc` (ModelInfer
+and ModelStreamInfer with shapes, datatypes, raw contents, typed contents and parameters mutated), `uploads` (JPEG,
+PNG, .npy, NIfTI, gzipped NIfTI, a DICOM file and zipped DICOM, stored and deflated, with bytes flipped, cut,
+inserted; CT jobs followed to their end), `multipart` (the form itself damaged), `control-http` (the JSON of
+/v2/logging, trace settings, shared memory registration, repository calls, the /v1 JSON forms, and GETs of odd
+names) and `control-grpc` (the same calls over gRPC). A failure: an answer of 500 (501, 503 and 504 allowed), a gRPC
+INTERNAL, UNKNOWN or UNAVAILABLE, an answer slower than half a minute (10 s for a raw exchange, which a stalled one
+gets as 408), a lost connection (one HTTP client per kind keeps its connection alive across requests, so a reset
+after an answer shows), a failed CT job. A valid request every 50 checks that the gateway still serves.
 
     .venv/bin/python -m bench.fuzz --requests 300 --seed 1
     .venv/bin/python -m bench.fuzz --kinds uploads,control-grpc --seed 2 --serve=--frontends=2
@@ -27,6 +30,7 @@ import gzip
 import io
 import json
 import random
+import socket
 import sys
 import time
 import zipfile
@@ -57,10 +61,38 @@ PARAMETER_VALUES: dict[str, list[Any]] = {
     "bytes_param": [b"", b"\xff" * 8, b"{}"],
 }
 REGION, REGION_BYTES = "fuzz", 1 << 20  # registered at the start, over /dev/shm/fuzz, for requests to name
-KINDS = ("infer-http", "infer-grpc", "uploads", "multipart", "control-http", "control-grpc")
+KINDS = ("infer-http", "http-head", "infer-grpc", "uploads", "multipart", "control-http", "control-grpc")
+RAW_S = 10.0  # a raw exchange's answer must come within this (the gateway runs with --receive-timeout-s 2)
 ANSWER_S = 60.0
 JUNK: list[Any] = [None, True, False, -1, 0, 1, 2**63, -(2**63), 2**64, 1.5, 1e308, "", "x", "1", "FP32", "BYTES", "INT8"]
 JUNK += [[], [1], [[1]], {}, {"a": [None]}, [-1, 3], [0], [2**31, 2**31], "\u0000", "é", "a" * 3000, "/../etc/passwd"]
+RAW_TARGETS = [
+    b"/v2/models/crowd-csrnet/versions/1/infer",
+    b"/v2/models/crowd-csrnet/versions/2/infer",
+    b"/v2/models/crowd%2Dcsrnet/infer",
+    b"/v2/models/crowd-csrnet/infer?x=1",
+    b"//v2/models/crowd-csrnet/infer",
+    b"/v2/models//infer",
+    b"/v2/models/" + b"a" * 5000 + b"/infer",
+    b"*",
+    b"/v2/models/\xff/infer",
+]
+RAW_FIELDS = [
+    (b"Content-Length", b"0"),
+    (b"Content-Length", b"3"),
+    (b"Transfer-Encoding", b"chunked"),
+    (b"Expect", b"100-continue"),
+    (b"Connection", b"close"),
+    (b"Connection", b"upgrade"),
+    (b"Upgrade", b"h2c"),
+    (b"X-Timeout-Ms", b"-5"),
+    (b"X-Timeout-Ms", b"99999999999999999999"),
+    (b"Inference-Header-Content-Length", b"5"),
+    (b"Accept-Encoding", b"gzip;q=0, deflate"),
+    (b"Content-Encoding", b"gzip"),
+    (b"Content-Encoding", b"br"),
+    (b" folded", b"line"),
+]
 NAMES = ["crowd-csrnet", "face-pros", "nope", "", "é", "a" * 300, "..", "%2e%2e", "x/y"]
 KEYS = ["parameters", "name", "datatype", "shape", "data", "id", "binary_data", "binary_data_size", "classification"]
 KEYS += ["shared_memory_region", "shared_memory_byte_size", "shared_memory_offset", "timeout", "priority", "key", "offset"]
@@ -96,6 +128,13 @@ class Fuzzer:
             "dicom zip": _zipped("a.dcm", dicom, zipfile.ZIP_STORED),
             "dicom zip, deflated": _zipped("a.dcm", dicom, zipfile.ZIP_DEFLATED),
         }
+        contract = json.loads((repo / "crowd-csrnet" / "contract.json").read_text())
+        image = sample(contract, DIMS["crowd-csrnet"], 1)["image"]
+        described = {
+            "inputs": [{"name": "image", "datatype": "FP32", "shape": list(image.shape), "parameters": {"binary_data_size": image.nbytes}}]
+        }
+        self.small_header = json.dumps(described).encode()
+        self.small_body = self.small_header + image.tobytes()
         self.features = npy(np.random.default_rng(seed).standard_normal((40, 1024)).astype(np.float32))
         self.tally = Tally()
 
@@ -206,6 +245,52 @@ class Fuzzer:
 
     def outputs_in_region(self, contract: dict[str, Any]) -> list[dict[str, Any]]:
         return [{"name": o["name"], "parameters": self.in_region()} for o in contract["outputs"] if self.rng.random() < 0.5]
+
+    def http_head(self) -> None:
+        """A raw HTTP/1.1 exchange with its request line, headers and framing mutated, the answer read off the socket:
+        what the gateway's own head parser (service/api/connection.py) and uvicorn's, after a hand-over, see."""
+        rng, body = self.rng, self.small_body
+        line = [b"POST", b"/v2/models/crowd-csrnet/infer", b"HTTP/1.1"]
+        fields = [
+            (b"Host", b"gateway"),
+            (b"Content-Length", b"%d" % len(body)),
+            (b"Inference-Header-Content-Length", b"%d" % len(self.small_header)),
+        ]
+        ending, chunked = b"\r\n", False
+        for _ in range(rng.randint(1, 3)):
+            roll = rng.random()
+            if roll < 0.12:
+                line[0] = rng.choice([b"GET", b"PUT", b"post", b"", b"P\x00ST"])
+            elif roll < 0.27:
+                line[1] = rng.choice(RAW_TARGETS)
+            elif roll < 0.35:
+                line[2] = rng.choice([b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1x", b"", b"http/1.1"])
+            elif roll < 0.55:
+                fields.append(rng.choice(RAW_FIELDS))
+                chunked = chunked or (fields[-1][0] == b"Transfer-Encoding" and rng.random() < 0.5)
+            elif roll < 0.7:
+                index = rng.randrange(len(fields))
+                name, value = fields[index]
+                fields[index] = (
+                    name,
+                    rng.choice(
+                        [b" " + value, value + b" ", b"+" + value, b"0x10", b"-1", b"1" * 30, value + b",", b"\x00", b"\xff" * 3, b""]
+                    ),
+                )
+            elif roll < 0.8:
+                index = rng.randrange(len(fields))
+                name, value = fields[index]
+                fields[index] = (rng.choice([name + b" ", b" " + name, name.lower(), name.upper(), b"", b"X:Y", name + b"\x00"]), value)
+            elif roll < 0.88:
+                ending = rng.choice([b"\n", b"\r", b"\r\n\r"])  # lines, and the head's end, not ended by CRLF
+            else:
+                body = rng.choice([body[: rng.randrange(len(body))], body + b"garbage", body + b"GET /v2 HTTP/1.1\r\n\r\n"])
+        if chunked:
+            body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        head = ending.join([b" ".join(line), *(name + b": " + value for name, value in fields)]) + ending + ending
+        outcome = _exchange(self.server.port, head + body)
+        failed = (outcome.startswith("5") and outcome[:3] not in ("501", "503", "504")) or not outcome[:1].isdigit()  # no answer
+        self.tally.record("http-head", outcome, failed, lambda: repr(head[:400]))
 
     def uploads(self) -> None:
         rng = self.rng
@@ -462,6 +547,37 @@ class Fuzzer:
         self.tally.record("health", str(ready.status_code), ready.status_code != 200, lambda: ready.text)
 
 
+def _exchange(port: int, request: bytes) -> str:
+    """The first answer's status to `request` on a new connection ("100" interim answers skipped), or what became of
+    the connection: closed or reset before an answer, or no answer in RAW_S while it stayed open."""
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=RAW_S) as sock:
+        try:
+            sock.sendall(request)
+            while (status := _first_answer(received)) is None:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return "closed before an answer"
+                received += chunk
+        except TimeoutError:
+            return f"no answer in {RAW_S:g} s"
+        except (ConnectionResetError, BrokenPipeError):
+            return "reset before an answer"
+    return status
+
+
+def _first_answer(received: bytes) -> str | None:
+    """The status of the first whole non-interim answer in `received`, or None while it is not all there."""
+    while (end := received.find(b"\r\n\r\n")) >= 0:
+        head, rest = received[:end].split(b"\r\n"), received[end + 4 :]
+        status = head[0].split(b" ")[1].decode()
+        if status != "100":
+            lengths = [line.split(b":", 1)[1] for line in head[1:] if line.lower().startswith(b"content-length:")]
+            return status if not lengths or len(rest) >= int(lengths[0]) else None
+        received = rest
+    return None
+
+
 def _zipped(name: str, data: bytes, compression: int) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression) as archive:
@@ -487,7 +603,17 @@ def main() -> int:
     shm.write_bytes(bytes(REGION_BYTES))  # a real object for the shared memory registrations and requests to name
     server = Server(
         args.repo,
-        *("--models", *MODELS, "--grpc-port", str(grpc_port), "--log-level", "error", *filter(None, args.serve.split(","))),
+        *(
+            "--models",
+            *MODELS,
+            "--grpc-port",
+            str(grpc_port),
+            "--log-level",
+            "error",
+            "--receive-timeout-s",
+            "2",
+            *filter(None, args.serve.split(",")),
+        ),
         revision=args.revision,
     )
     try:

@@ -1059,7 +1059,7 @@ def test_answers_a_client_does_not_take_are_held_within_the_pending_budget(
     (503 naming the unsent answers); once it reads the answer whole the count goes back to 0 and the request is
     served. A client that takes none of its answer for --send-timeout-s is disconnected, and the count given back.
     With two front-end processes the count is the gateway's, whichever process holds the connection."""
-    args = ("--cpu-slices", "1", "--models", "lns-organs", "--max-body-mb", "1", "--max-pending-mb", "3", "--send-timeout-s", "4")
+    args = ("--cpu-slices", "1", "--models", "lns-organs", "--max-body-mb", "1", "--max-pending-mb", "3", "--send-timeout-s", "3")
     server = Gateway(tiny_repo.root, *args, "--http-server", *http_server, log=tmp_path / "serve.log")
     base = f"http://{server.url}"
     body, header_length = _logits_as_json(tiny_repo)
@@ -1088,7 +1088,7 @@ def test_answers_a_client_does_not_take_are_held_within_the_pending_budget(
         stalled = stalled_reader()
         assert _metric_reaches(base, held, lambda value: value > 3 << 20) > 3 << 20
         deadline = time.monotonic() + 30
-        while "took none of its answer for 4 s (--send-timeout-s)" not in server.log.read_text() and time.monotonic() < deadline:
+        while "took none of its answer for 3 s (--send-timeout-s)" not in server.log.read_text() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _metric_reaches(base, held, lambda value: value == 0) == 0
         cut = _metric(httpx.get(f"{base}/metrics").text, "migserve_clients_disconnected_total", protocol="http", reason="send_timeout")
@@ -1107,15 +1107,15 @@ def test_a_client_that_reads_its_answer_slowly_is_not_taken_for_a_stalled_one(
     """--send-timeout-s disconnects a client that takes none of its answer. A connection's buffer shrinks only once the
     kernel has room for a third of its send buffer (up to 4 MB here), so a client reading a 17 MB answer at 16 KB/s
     (a slow mobile link) looked stalled for longer than the timeout and was cut off with most of it unsent. What the
-    kernel still holds for the client (its send queue) says it is reading: after 6 s at 16 KB/s, 1.5 times
+    kernel still holds for the client (its send queue) says it is reading: after 3 s at 16 KB/s, 1.5 times
     --send-timeout-s, the client is still connected; it then reads the rest at once and has the whole answer."""
-    args = ("--cpu-slices", "1", "--models", "lns-organs", "--max-body-mb", "1", "--send-timeout-s", "4")
+    args = ("--cpu-slices", "1", "--models", "lns-organs", "--max-body-mb", "1", "--send-timeout-s", "2")
     server = Gateway(tiny_repo.root, *args, "--http-server", http_server, log=tmp_path / "serve.log")
     body, header_length = _logits_as_json(tiny_repo)
     try:
         with _reader_of(server.port, body, header_length) as reader:
             started, taken = time.monotonic(), bytearray()
-            while time.monotonic() - started < 6:
+            while time.monotonic() - started < 3:
                 chunk = reader.recv(4096)
                 assert chunk, f"the gateway closed the connection after {time.monotonic() - started:.1f} s, {len(taken)} bytes taken"
                 taken += chunk

@@ -151,8 +151,8 @@ def _zip_members(data: bytes, max_bytes: int, unpacking: Callable[[int], None]) 
         unpacking(size)  # zipfile reads no member past the size the directory gives it
         return [(i.filename, archive.read(i)) for i in infos]
     # zlib's error: a damaged deflate stream; ValueError: a name that is not the UTF-8 its flag says; RuntimeError:
-    # an encrypted member; NotImplementedError: a compression method zipfile lacks
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, zlib.error, ValueError, RuntimeError, NotImplementedError) as exc:
+    # an encrypted member, or (its subclass NotImplementedError) a compression method zipfile lacks
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, zlib.error, ValueError, RuntimeError) as exc:
         raise Unprocessable(f"volume: broken zip file ({exc})") from None
 
 

@@ -50,6 +50,15 @@ def _encrypted(archive: bytes) -> bytes:
     return bytes(flagged)
 
 
+def _compressed_with_method(archive: bytes, method: int) -> bytes:
+    """The archive with its one member's compression method changed, in its local header and in the directory."""
+    changed = bytearray(archive)
+    changed[8:10] = method.to_bytes(2, "little")
+    directory = archive.rfind(b"PK\x01\x02")
+    changed[directory + 10 : directory + 12] = method.to_bytes(2, "little")
+    return bytes(changed)
+
+
 def _bad_png_crc() -> bytes:
     data = bytearray(PNG)
     data[40] ^= 0xFF  # inside IHDR/IDAT: the chunk checksum no longer matches
@@ -191,6 +200,12 @@ CASES: dict[str, tuple[Post, int, str]] = {
         "broken zip file ('utf-8' codec",
     ),
     "encrypted zip member": (volume(_encrypted(_zip("a.dcm", CT_SMALL))), 422, "is encrypted, password required"),
+    # Deflate64 (method 9), which zipfile cannot read: its NotImplementedError answered 500
+    "zip member in Deflate64": (
+        volume(_compressed_with_method(_zip("a.dcm", CT_SMALL), 9)),
+        422,
+        "broken zip file (That compression method is not supported)",
+    ),
     "not a volume": (volume(JPEG), 415, "not NIfTI"),
     # a 20 KB upload whose voxels claim to be a kilometre wide: resampled to the model's spacing, 5e20 voxels
     # (before: the gateway grew to 24 GB resampling it and the kernel killed it)

@@ -128,8 +128,8 @@ class Fuzzer:
             "dicom zip": _zipped("a.dcm", dicom, zipfile.ZIP_STORED),
             "dicom zip, deflated": _zipped("a.dcm", dicom, zipfile.ZIP_DEFLATED),
         }
-        contract = json.loads((repo / "crowd-csrnet" / "contract.json").read_text())
-        image = sample(contract, DIMS["crowd-csrnet"], 1)["image"]
+        self.contracts = {model: json.loads((repo / model / "contract.json").read_text()) for model in MODELS}  # read once
+        image = self._sampled("crowd-csrnet")["image"]
         described = {
             "inputs": [{"name": "image", "datatype": "FP32", "shape": list(image.shape), "parameters": {"binary_data_size": image.nbytes}}]
         }
@@ -137,6 +137,10 @@ class Fuzzer:
         self.small_body = self.small_header + image.tobytes()
         self.features = npy(np.random.default_rng(seed).standard_normal((40, 1024)).astype(np.float32))
         self.tally = Tally()
+
+    def _sampled(self, model: str) -> dict[str, Any]:
+        """One row of each of the model's inputs, as the benches make them."""
+        return sample(self.contracts[model], DIMS.get(model, {}), 1)
 
     # mutations
 
@@ -197,8 +201,7 @@ class Fuzzer:
     def infer_http(self) -> None:
         rng = self.rng
         model = rng.choice(["crowd-csrnet", "face-pros", "grounding-mgsl"])
-        contract = json.loads((self.repo / model / "contract.json").read_text())
-        arrays = sample(contract, DIMS.get(model, {}), 1)
+        contract, arrays = self.contracts[model], self._sampled(model)
         inputs = [{"name": k, "datatype": DATATYPES[v.dtype.name], "shape": list(v.shape)} for k, v in arrays.items()]
         header: dict[str, Any] = {
             "inputs": [e | {"parameters": {"binary_data_size": a.nbytes}} for e, a in zip(inputs, arrays.values(), strict=True)],
@@ -371,8 +374,7 @@ class Fuzzer:
     def infer_grpc(self) -> None:
         rng = self.rng
         model = rng.choice(["crowd-csrnet", "face-pros", "grounding-mgsl"])
-        contract = json.loads((self.repo / model / "contract.json").read_text())
-        arrays = sample(contract, DIMS.get(model, {}), 1)
+        contract, arrays = self.contracts[model], self._sampled(model)
         request = service_pb2.ModelInferRequest(model_name=model)
         for name, array in arrays.items():
             request.inputs.add(name=name, datatype=DATATYPES[array.dtype.name], shape=array.shape)

@@ -207,16 +207,16 @@ def load_topology(path: Path) -> list[Partition]:
     ids = [p.id for p in declared.partitions]
     if len(set(ids)) != len(ids):
         raise TopologyError(f"invalid topology {path}: partition ids repeat: {ids}")
-    partitions = []
+    partitions, usable = [], usable_cores()
     for p in declared.partitions:
         if p.kind is PartitionKind.CPU and not p.cores:
             raise TopologyError(f"invalid topology {path}: cpu partition {p.id} lists no cores")
-        if p.kind is PartitionKind.CPU and (absent := sorted(set(p.cores) - usable_cores())):
+        if p.kind is PartitionKind.CPU and (absent := sorted(set(p.cores) - usable)):
             # sched_setaffinity takes a set of which some cores exist, and the worker ran on those at the thread count
             # of them all; a core listed twice would have counted twice
             raise TopologyError(
                 f"invalid topology {path}: cpu partition {p.id} lists cores {absent} that this process cannot run on "
-                f"(it may use {sorted(usable_cores())})"
+                f"(it may use {sorted(usable)})"
             )
         if p.kind is PartitionKind.CPU and len(set(p.cores)) != len(p.cores):
             raise TopologyError(f"invalid topology {path}: cpu partition {p.id} lists a core twice: {p.cores}")

@@ -8,6 +8,8 @@ process's start, imports, sessions, warm-up runs and, with `--cpu-run-slices aut
     .venv/bin/python -m bench.restart --rounds 5 --a-revision 54ba31b    # this code against an older commit
     .venv/bin/python -m bench.restart --rounds 5 --a=--cpu-run-slices=off
     .venv/bin/python -m bench.restart --start --cpu-slices 1,1 --rounds 3 --a-revision a614cea   # a gateway's start
+    .venv/bin/python -m bench.restart --start --warm --cpu-slices 1,1 --rounds 4 --models all \\
+        --a=--cpu-run-slices-cache=off --b=--cpu-run-slices-cache=results/slices.json   # timed at start, or kept
 
 --start times a whole gateway's start instead: from launching `migserve serve` to its first ready answer
 (polled every 0.2 s), A and B in turn, one gateway up at a time.
@@ -52,7 +54,7 @@ def restart_seconds(server: Server, limit_s: float = 120.0) -> tuple[float, dict
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["face-pros", "crowd-csrnet"])
+    parser.add_argument("--models", nargs="+", default=["face-pros", "crowd-csrnet"], help="or all: the whole zoo")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repo", type=Path, default=ROOT / "results" / "bench_repo")
     parser.add_argument("--a", default="", help="serve arguments of A, '='-joined, comma-separated (default: none)")
@@ -60,7 +62,12 @@ def main() -> int:
     parser.add_argument("--a-revision", help="run A as this git revision had the service (default: this checkout)")
     parser.add_argument("--start", action="store_true", help="time a gateway's start, not a worker's restart")
     parser.add_argument("--cpu-slices", default="1", help="the gateway's CPU slices (default: one worker on one core)")
+    parser.add_argument("--warm", action="store_true", help="--start: start A and B once, untimed, before the rounds")
     args = parser.parse_args()
+    if args.models == ["all"]:
+        from exporters import zoo  # the export extra (torch): the bench environment has it
+
+        args.models = list(zoo.ZOO)
     export(args.repo, *args.models)
     settings = {"A": _serve_args(args.a), "B": _serve_args(args.b)}
     revisions = {"A": args.a_revision, "B": None}
@@ -84,15 +91,34 @@ def main() -> int:
 
 def _starts(args: argparse.Namespace, settings: dict[str, list[str]], revisions: dict[str, str | None], common: list[str]) -> int:
     times: dict[str, list[float]] = {label: [] for label in settings}
+    resident: dict[str, list[float]] = {label: [] for label in settings}
+    if args.warm:  # one untimed start of each first, e.g. to fill a --cpu-run-slices-cache the rounds then find
+        for label, extra in settings.items():
+            Server(args.repo, *common, *extra, revision=revisions[label]).close()
     for round_ in range(1, args.rounds + 1):
         for label, extra in settings.items():
             started = time.monotonic()
             server = Server(args.repo, *common, *extra, revision=revisions[label])
             times[label].append(time.monotonic() - started)
-            print(f"round {round_} {label}: ready in {times[label][-1]:.2f} s, slices {[p['run_slices'] for p in server.partitions()]}")
+            partitions = server.partitions()
+            resident[label].append(sum(_resident_mb(p["pid"]) for p in partitions if isinstance(p["pid"], int)))
+            print(
+                f"round {round_} {label}: ready in {times[label][-1]:.2f} s, workers resident {resident[label][-1]:.1f} MB, "
+                f"slices {[p['run_slices'] for p in partitions]}",
+                flush=True,
+            )
             server.close()
     _table(f"gateway start, {', '.join(args.models)}, CPU slices {args.cpu_slices}", args.rounds, settings, revisions, times)
+    print("\nworkers' resident memory at ready, MB (mean): " + ", ".join(f"{k} {statistics.mean(v):.1f}" for k, v in resident.items()))
     return 0
+
+
+def _resident_mb(pid: int) -> float:
+    """A process's resident memory (VmRSS), MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def _table(

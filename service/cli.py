@@ -100,6 +100,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "batch in one run (default: auto)",
     )
     parser.add_argument(
+        "--cpu-run-slices-cache",
+        default=None,
+        metavar="PATH|off",
+        help="with --cpu-run-slices auto, where the choices timed are kept between starts (per model file, core count, CPU "
+        "and onnxruntime version): a gateway started again takes them instead of timing again; off: timed at every start "
+        "(default: $XDG_CACHE_HOME/migserve/cpu-run-slices.json, else ~/.cache/...)",
+    )
+    parser.add_argument(
         "--cudnn-conv-algo-search",
         default="heuristic",
         choices=["heuristic", "exhaustive", "default"],
@@ -198,6 +206,15 @@ def _sizes(flag: str, raw: str | None, what: str, example: str) -> tuple[int, ..
     if not sizes or min(sizes) < 1:
         raise ValueError(f"{flag} {raw!r}: expected {what}, comma-separated, e.g. {example}")
     return sizes
+
+
+def _run_slices_cache(raw: str | None) -> dict[str, Path | None]:
+    """--cpu-run-slices-cache as ServeConfig's field: absent (its default), None (off) or a path."""
+    if raw is None:
+        return {}
+    if not raw:
+        raise ValueError("--cpu-run-slices-cache '': expected a file's path, or off")
+    return {"cpu_run_slices_cache": None if raw == "off" else Path(raw)}
 
 
 def _run_slices(raw: str) -> Literal["auto", "off"] | int:
@@ -299,6 +316,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             else _sizes("--preferred-batch-sizes", args.preferred_batch_sizes, "batch sizes of 1 or more", "4,8"),
             cpu_worker_priority=args.cpu_worker_priority,
             cpu_run_slices=_run_slices(args.cpu_run_slices),
+            **_run_slices_cache(args.cpu_run_slices_cache),
             cudnn_conv_algo_search=args.cudnn_conv_algo_search,
             gpu_shape_sessions=args.gpu_shape_sessions,
             worker_threads=args.worker_threads,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -27,6 +29,13 @@ def default_pending_bytes(max_body_bytes: int, memory_limit: int | None) -> tupl
     if pending * 2 > memory_limit:
         warning += f"; one body of --max-body-mb {max_body_bytes / MB:g} is over half the memory: lower --max-body-mb"
     return pending, warning
+
+
+def default_run_slices_cache(environ: Mapping[str, str]) -> Path:
+    """--cpu-run-slices-cache's default: migserve/cpu-run-slices.json in the user's cache directory (XDG_CACHE_HOME,
+    else ~/.cache)."""
+    base = environ.get("XDG_CACHE_HOME") or str(Path(environ.get("HOME") or Path.home()) / ".cache")
+    return Path(base) / "migserve" / "cpu-run-slices.json"
 
 
 def default_job_bytes(memory_limit: int | None) -> int:
@@ -97,6 +106,11 @@ class ServeConfig(BaseModel):
         description="auto: a CPU-slice worker times each model at 1, 2, 4, ... rows as it loads it and runs larger batches "
         "as consecutive runs of a size fastest per row (face-pros: 0.47-0.52 ms a row at 2-8 rows, 0.56-0.64 at 32 on one core); "
         "N: runs of N rows at each model's default sizes, untimed; off: every batch in one run",
+    )
+    cpu_run_slices_cache: Path | None = Field(
+        default_factory=lambda: default_run_slices_cache(os.environ),
+        description="auto: where the choices timed are kept between starts, per model file, core count, CPU and onnxruntime "
+        "version, so a gateway started again takes them instead of timing again; None: kept only while the gateway runs",
     )
     cudnn_conv_algo_search: Literal["heuristic", "exhaustive", "default"] = Field(
         "heuristic",

@@ -72,6 +72,7 @@ def worker_options(config: ServeConfig) -> WorkerOptions:
     return WorkerOptions(
         idle_priority=config.cpu_worker_priority == "idle",
         run_slices=config.cpu_run_slices,
+        timings_cache=None if config.cpu_run_slices_cache is None else str(config.cpu_run_slices_cache),
         conv_algo_search=config.cudnn_conv_algo_search.upper(),
         shape_sessions=config.gpu_shape_sessions,
         threads=config.worker_threads,

@@ -511,6 +511,20 @@ class AttachedReplica(WorkerReplica):
         self._close_inputs()
 
 
+def _writable(cache: str) -> bool:
+    """Whether the timings file kept between starts (and its directory) can be made and written; if not, the gateway
+    says so once and its workers share their timings for this start only."""
+    try:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        with Path(cache).open("a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        logger.warning("--cpu-run-slices-cache %s cannot be written (%s): the CPU workers time their models at every start", cache, exc)
+        return False
+    logger.info("CPU workers take the run slices timed at earlier starts from %s and add what they time (--cpu-run-slices-cache)", cache)
+    return True
+
+
 class LocalBackend:
     """The partitions' replicas: a worker process per local partition, a client per Triton partition.
 
@@ -536,10 +550,14 @@ class LocalBackend:
         self._timings: int | None = None
         timing = not attached and options.run_slices == "auto" and options.timings is None
         if timing and any(p.kind is PartitionKind.CPU and placement.get(p.id) for p in partitions):
-            # The workers time each model once between them (service/workers/slices.py), in a file with no name that
-            # they open through this process's descriptor: it goes with the gateway, even one killed with -9.
-            self._timings = os.memfd_create("migserve-timings")
-            options = dataclasses.replace(options, timings=f"/proc/{os.getpid()}/fd/{self._timings}")
+            # The workers time each model once between them (service/workers/slices.py): in the file kept between
+            # starts, else in one with no name that they open through this process's descriptor, which goes with the
+            # gateway, even one killed with -9.
+            if options.timings_cache is not None and _writable(options.timings_cache):
+                options = dataclasses.replace(options, timings=options.timings_cache)
+            else:
+                self._timings = os.memfd_create("migserve-timings")
+                options = dataclasses.replace(options, timings=f"/proc/{os.getpid()}/fd/{self._timings}")
         self._options = options
         self._hang_s = hang_s
         self._sockets = dict(sockets or {})

@@ -56,7 +56,7 @@ from .protocol import (
     WorkerReady,
     WorkerSpec,
 )
-from .slices import SlicedSession, agreed_rows, rows_of
+from .slices import SlicedSession, agreed_rows, rows_of, timing_key
 
 GPU_THREADS = 4  # batches a CUDA worker runs at once unless serve --worker-threads says otherwise
 logger = logging.getLogger(__name__)
@@ -156,15 +156,15 @@ def load_sessions(ort: Any, spec: WorkerSpec) -> tuple[dict[str, Any], dict[str,
                 session, make, model.max_batch, keep=spec.options.shape_sessions, pinning=cuda_pinning(), device=cuda_buffers(ort)
             )
         elif provider == "CPUExecutionProvider" and spec.options.run_slices != "off":
-            session = _sliced(session, model, spec, warmup_s)  # or itself, where slices gain nothing
+            session = _sliced(session, model, spec, warmup_s, ort.__version__)  # or itself, where slices gain nothing
         sessions[model.name] = session
     return sessions, refused
 
 
-def _sliced(session: Any, model: ModelSpec, spec: WorkerSpec, warmup_s: float) -> Any:
+def _sliced(session: Any, model: ModelSpec, spec: WorkerSpec, warmup_s: float, runtime: str) -> Any:
     """A CPU session run in slices as `--cpu-run-slices` says: a fixed size; or (auto) what this partition's worker
-    before chose, else what another worker of the gateway timed for this model file on as many cores, else timed
-    here (and recorded for the others)."""
+    before chose, else what a worker timed for this model file on as many cores of this CPU under this onnxruntime
+    (another of the gateway's, or one of an earlier start: --cpu-run-slices-cache), else timed here (and recorded)."""
     option = spec.options.run_slices
     if isinstance(option, int):
         return SlicedSession.made(session, model, option, warmup_s)
@@ -178,7 +178,7 @@ def _sliced(session: Any, model: ModelSpec, spec: WorkerSpec, warmup_s: float) -
         timed_here.append(SlicedSession.made(session, model, "auto", warmup_s))
         return rows_of(timed_here[0])
 
-    rows = agreed_rows(spec.options.timings, f"{model.sha256}/{len(spec.cores)}", decide)
+    rows = agreed_rows(spec.options.timings, timing_key(model.sha256, len(spec.cores), runtime), decide)
     return timed_here[0] if timed_here else SlicedSession.made(session, model, rows, warmup_s)
 
 

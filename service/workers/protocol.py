@@ -45,6 +45,7 @@ class WorkerOptions:
     threads: int = 0  # batches a worker runs at once (serve --worker-threads); 0: GPU_THREADS on a GPU, 1 on a CPU slice
     in_flight: int = 1  # batches each process may have in flight on a worker running several (serve --batches-in-flight)
     timings: str | None = None  # CPU, run_slices auto: where the gateway's workers share what they timed (its memfd, slices.py)
+    timings_cache: str | None = None  # the file kept between starts for `timings`, where it can be written (--cpu-run-slices-cache)
     arena_keep: int = 64 << 20  # shared memory arenas up to this size are kept between batches (serve --arena-keep-mb, shm.py)
 
 

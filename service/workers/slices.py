@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
+import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -86,6 +88,24 @@ def fastest_rows(per_row: Mapping[int, float], batch_first: bool = True) -> int 
     if per_row[max(per_row)] == least:
         return None
     return min(r for r, t in per_row.items() if t <= least * (1 + TOLERANCE))
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the machine's architecture where it says none."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "model name" and value.strip():
+                return value.strip()
+    return platform.machine() or "unknown"
+
+
+def timing_key(sha256: str, cores: int, runtime: str) -> str:
+    """What a timing is kept under: the model file, the cores it ran on, the CPU and the onnxruntime version; what
+    it found holds for another worker, or a later start, that runs the same file on as many cores of the same CPU
+    with the same onnxruntime."""
+    return f"{sha256}/{cores}/{cpu_model()}/onnxruntime {runtime}"
 
 
 def agreed_rows(path: str, key: str, decide: Callable[[], int]) -> int:

@@ -237,11 +237,12 @@ def test_a_worker_killed_for_memory_while_it_loads_stops_the_gateway_saying_why(
     tiny_repo: ExportedRepo, make_group: MakeGroup, tmp_path: Path
 ) -> None:
     # 280 MB with another process holding 150 MB of it: the gateway alone (about 85 MB not backed by files) fits in the
-    # 130 MB left, not with a worker loading and timing its model (85 MB more); placement, which cannot see the other
-    # process, takes 280 MB to have room for them. (With 100 MB held, the worker loaded on one host: too close to the edge.)
+    # 130 MB left, not with a worker loading and timing its model (85 MB more: timed afresh, not taken from the session's
+    # --cpu-run-slices-cache, where it would need 40); placement, which cannot see the other process, takes 280 MB to
+    # have room for them. (With 100 MB held, the worker loaded on one host: too close to the edge.)
     group = make_group("memory", {"memory.swappiness": "0", "memory.limit_in_bytes": str(280 << 20)})
     command = [*_entering(group), sys.executable, "-m", "migserve", "serve", "--model-repo", str(tiny_repo.root), "--port", "0"]
-    command += ["--cpu-slices", "1", "--models", "crowd-csrnet"]
+    command += ["--cpu-slices", "1", "--models", "crowd-csrnet", "--cpu-run-slices-cache", "off"]
     # With the defaults one body of --max-body-mb 256 may take nearly the whole limit: no memory is left for the model
     unplaced = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert unplaced.returncode == 2 and "error: no model fits in memory: crowd-csrnet: it needs about" in unplaced.stderr

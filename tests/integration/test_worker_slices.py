@@ -30,7 +30,7 @@ from service.repository import load_model
 from service.workers import shm
 from service.workers.process import load_sessions, run_merged, timed_choices
 from service.workers.protocol import BatchDone, WorkerOptions, WorkerSpec
-from service.workers.slices import SlicedSession, time_per_row
+from service.workers.slices import SlicedSession, time_per_row, timing_key
 from tests.helpers import ExportedRepo, Gateway, assert_equal_but_rounding
 from tests.integration.test_gateway_protocol import direct, make_inputs, triton_inputs
 from tests.integration.test_worker_buckets import _batch, _keep
@@ -155,13 +155,43 @@ def test_a_worker_takes_what_another_worker_of_the_gateway_timed(tiny_repo: Expo
     the timing never picks, stands for another worker's choice); one timed here is recorded for the others."""
     specs = tuple(model_spec(load_model(tiny_repo.root / m)) for m in ("crowd-csrnet", "face-pros"))
     timings = tmp_path / "timings.json"
-    timings.write_text(json.dumps({f"{specs[0].sha256}/1": 3}))
+    keys = [timing_key(spec.sha256, 1, ort.__version__) for spec in specs]
+    timings.write_text(json.dumps({keys[0]: 3}))
     options = WorkerOptions(timings=str(timings))
     sessions, _ = load_sessions(ort, WorkerSpec(partition="cpu-1", device=None, cores=(1,), models=specs, options=options))
     assert isinstance(sessions["crowd-csrnet"], SlicedSession) and sessions["crowd-csrnet"].rows == 3
     recorded = json.loads(timings.read_text())
-    assert set(recorded) == {f"{specs[0].sha256}/1", f"{specs[1].sha256}/1"}, "face-pros timed here and recorded"
-    assert recorded[f"{specs[1].sha256}/1"] == timed_choices(WorkerSpec("cpu-1", None, (1,), specs, options), sessions)["face-pros"]
+    assert set(recorded) == set(keys), "face-pros timed here and recorded"
+    assert recorded[keys[1]] == timed_choices(WorkerSpec("cpu-1", None, (1,), specs, options), sessions)["face-pros"]
+
+
+def test_a_gateway_started_again_takes_the_slices_timed_at_an_earlier_start(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """--cpu-run-slices-cache: the first start times each model and keeps the choice; the next takes it instead of
+    timing again (here choices set by hand: 3 rows, which the timing never picks, and 0, whole). A file that
+    cannot be written is said once at start, and the workers time afresh and still agree."""
+    cache = tmp_path / "cache" / "slices.json"
+    models = ("face-pros", "crowd-csrnet")
+    keys = {m: timing_key(model_spec(load_model(tiny_repo.root / m)).sha256, 1, ort.__version__) for m in models}
+
+    def started(*flags: str) -> tuple[list[dict[str, int]], str]:
+        log = tmp_path / f"serve-{len(list(tmp_path.glob('serve-*')))}.log"
+        gateway = Gateway(tiny_repo.root, "--cpu-slices", "1,1", "--models", *models, *flags, log=log)
+        try:
+            return _slices(gateway), log.read_text()
+        finally:
+            gateway.close()
+
+    first, log = started("--cpu-run-slices-cache", str(cache))
+    assert f"take the run slices timed at earlier starts from {cache}" in log
+    assert set(json.loads(cache.read_text())) == set(keys.values()), "each model timed once, kept under its key"
+    cache.write_text(json.dumps({keys["face-pros"]: 3, keys["crowd-csrnet"]: 0}))
+    again, _ = started("--cpu-run-slices-cache", str(cache))
+    assert again == [{"face-pros": 3}] * 2, f"the kept choices, not a new timing (first start: {first})"
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    timed, log = started("--cpu-run-slices-cache", str(blocked / "slices.json"))
+    assert f"--cpu-run-slices-cache {blocked / 'slices.json'} cannot be written" in log
+    assert timed[0] == timed[1] and timed[0].get("face-pros") != 3, timed
 
 
 def test_every_worker_of_a_gateway_runs_a_model_in_the_same_slices(gateway: Gateway) -> None:

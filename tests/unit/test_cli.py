@@ -93,6 +93,7 @@ def test_export_without_torch_says_how_to_install_it() -> None:
         (["--queue-capacity", "0"], "error: queue_capacity: Input should be greater than or equal to 1"),
         (["--tiles-in-flight", "0"], "error: tiles_in_flight: Input should be greater than or equal to 1"),
         (["--max-job-mb", "0"], "error: max_job_bytes: Input should be greater than or equal to 1"),
+        (["--cpu-run-slices-cache", ""], "error: --cpu-run-slices-cache '': expected a file's path, or off"),
     ],
 )
 def test_serve_start_up_errors_are_one_line(args: list[str], message: str, tmp_path: Path) -> None:

@@ -191,3 +191,18 @@ def test_a_timings_file_that_cannot_be_opened_leaves_the_worker_to_decide_alone(
     with caplog.at_level(logging.WARNING):
         assert slices.agreed_rows(str(unreachable), "a/1", lambda: 4) == 4
     assert "times its models alone" in caplog.text and not unreachable.parent.exists()
+
+
+def test_a_timing_is_kept_under_the_model_file_cores_cpu_and_onnxruntime_version() -> None:
+    key = slices.timing_key("ab" * 32, 2, "1.32.0")
+    assert key == f"{'ab' * 32}/2/{slices.cpu_model()}/onnxruntime 1.32.0"
+    assert slices.cpu_model() and slices.cpu_model() != "unknown", "this host's /proc/cpuinfo names its CPU"
+    assert len({key, slices.timing_key("ab" * 32, 1, "1.32.0"), slices.timing_key("ab" * 32, 2, "1.31.1")}) == 3
+
+
+def test_the_timings_kept_between_starts_default_to_the_user_s_cache_directory() -> None:
+    from service.config import default_run_slices_cache
+
+    assert default_run_slices_cache({"XDG_CACHE_HOME": "/x/cache", "HOME": "/h"}) == Path("/x/cache/migserve/cpu-run-slices.json")
+    assert default_run_slices_cache({"HOME": "/h"}) == Path("/h/.cache/migserve/cpu-run-slices.json")
+    assert default_run_slices_cache({"XDG_CACHE_HOME": "", "HOME": "/h"}) == Path("/h/.cache/migserve/cpu-run-slices.json")

@@ -58,23 +58,30 @@ def time_per_row(
     session: Any, warmup: Warmup, max_batch: int, clock: Callable[[], float] = time.perf_counter
 ) -> tuple[dict[int, float], bool]:
     """Seconds per row of the fastest of REPEATS runs at 1, 2, 4, ... rows (zeros at the warm-up shape), up to
-    `max_batch` or the first size slower than RUN_LIMIT_S a run; and whether every output led with the batch axis."""
-    per_row: dict[int, float] = {}
+    `max_batch` or the first size slower than RUN_LIMIT_S a run (timed once); and whether every output led with the
+    batch axis. The sizes take turns, a run of each per round, so a host that slows down or speeds up in the middle
+    of the timing (this one drifts by 10-30% within minutes) moves every size's runs alike, not a few sizes'."""
+    feeds: dict[int, dict[str, Array]] = {}
+    runs: dict[int, list[float]] = {}
     batch_first = True
-    for rows in buckets(max_batch):
-        feeds = {name: np.zeros((rows, *shape[1:]), dtype) for name, (shape, dtype) in warmup.items()}
-        runs = []
-        for _ in range(REPEATS):
-            started = clock()
-            outputs = session.run(None, feeds)
-            runs.append(clock() - started)
-            if runs[-1] > RUN_LIMIT_S:
-                break
+
+    def run(rows: int) -> float:
+        nonlocal batch_first
+        started = clock()
+        outputs = session.run(None, feeds[rows])
+        runs.setdefault(rows, []).append(clock() - started)
         batch_first = batch_first and all(np.ndim(o) > 0 and np.shape(o)[0] == rows for o in outputs)
-        per_row[rows] = min(runs) / rows
-        if max(runs) > RUN_LIMIT_S:
+        return runs[rows][-1]
+
+    for rows in buckets(max_batch):  # the first round finds the sizes: up to the first slow one, timed once
+        feeds[rows] = {name: np.zeros((rows, *shape[1:]), dtype) for name, (shape, dtype) in warmup.items()}
+        if run(rows) > RUN_LIMIT_S:
             break
-    return per_row, batch_first
+    again = [rows for rows, times in runs.items() if times[0] <= RUN_LIMIT_S]
+    for _ in range(REPEATS - 1):
+        for rows in again:
+            run(rows)
+    return {rows: min(times) / rows for rows, times in runs.items()}, batch_first
 
 
 def _shrink_arena(session: Any, warmup: Warmup) -> None:

@@ -77,7 +77,7 @@ def test_sizes_are_timed_in_turn_and_the_timing_stops_at_a_slow_one(tmp_path: Pa
     per_row, batch_first = time_per_row(timed, warmup, 16, clock=timed.clock)
     assert per_row == pytest.approx({1: 0.001, 2: 0.0008, 4: 0.0007, 8: 0.025})
     assert batch_first
-    assert timed.runs == [1, 1, 1, 2, 2, 2, 4, 4, 4, 8]  # 8 took longer than RUN_LIMIT_S: once, and no 16
+    assert timed.runs == [1, 2, 4, 8, 1, 2, 4, 1, 2, 4]  # in turns; 8 took longer than RUN_LIMIT_S: once, and no 16
     assert fastest_rows(per_row, batch_first) == 4
 
 

@@ -50,6 +50,7 @@ RUN_LIMIT_S = 0.1  # a run at one size that takes longer ends the timing there
 UNTIMED_AFTER_S = 1.0  # a model whose warm-up run took longer is not timed at all (not even one run more at start)
 REPEATS = 3  # runs timed at each size, the fastest kept (the first at a new shape allocates)
 TOLERANCE = 0.05  # sizes within 5% of the least time per row count as fastest; the smallest of them is taken
+KEPT_TIMINGS = 1000  # choices a timings file keeps (--cpu-run-slices-cache: one per model file, core count, CPU, onnxruntime)
 
 Warmup = Mapping[str, tuple[tuple[int, ...], str]]  # input -> (shape with batch 1, dtype), as ModelSpec.warmup
 
@@ -148,7 +149,8 @@ def agreed_rows(path: str, key: str, decide: Callable[[], int]) -> int:
         rows = decide()
         file.seek(0)
         file.truncate()
-        file.write(json.dumps(known | {key: rows}))
+        kept = list((known | {key: rows}).items())[-KEPT_TIMINGS:]  # the oldest go first: a file kept for years stays small
+        file.write(json.dumps(dict(kept)))
         return rows
 
 

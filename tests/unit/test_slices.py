@@ -184,6 +184,14 @@ def test_a_recorded_choice_is_taken_without_timing_and_a_torn_file_counts_as_emp
     assert slices.agreed_rows(str(path), "a/1", lambda: 5) == 5
 
 
+def test_a_timings_file_keeps_the_newest_choices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(slices, "KEPT_TIMINGS", 3)
+    path = tmp_path / "timings.json"
+    for key in ("a", "b", "c", "d"):
+        slices.agreed_rows(str(path), key, lambda: 2)
+    assert list(json.loads(path.read_text())) == ["b", "c", "d"], "the oldest dropped"
+
+
 def test_a_timings_file_that_cannot_be_opened_leaves_the_worker_to_decide_alone(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # The gateway's file is a memfd the workers open through /proc/<gateway>/fd/<n>: where that is out of reach
     # (a descriptor gone, /proc locked down), the worker times the model itself instead of failing to load it.

@@ -70,10 +70,13 @@ def test_the_committed_deploy_files_are_the_generator_s_output(tmp_path: Path) -
 
 
 def test_cpu_compose_file_is_valid_and_serves_embedded_workers() -> None:
-    services = compose_config(DEPLOY / "docker-compose.cpu.yml")["services"]
+    config = compose_config(DEPLOY / "docker-compose.cpu.yml")
+    services = config["services"]
     assert set(services) == {"gateway", "prometheus", "grafana"}
     assert "--topology" not in services["gateway"]["command"], "CPU slices are discovered"
     assert services["gateway"]["shm_size"] == "2g", "batches pass through /dev/shm (64 MB by default)"
+    # the CPU workers' timings outlive the container (--cpu-run-slices-cache): a named volume at the user's cache
+    assert "migserve-cache:/home/migserve/.cache:rw" in services["gateway"]["volumes"] and "migserve-cache" in config["volumes"]
     assert yaml.safe_load((DEPLOY / "prometheus.cpu.yml").read_text())["scrape_configs"][0]["static_configs"][0]["targets"] == [
         "gateway:8000"
     ]

@@ -12,6 +12,8 @@ log_format "default". With `serve --frontends`, every front-end process takes th
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from .errors import BadRequest
@@ -64,3 +66,39 @@ class LogSettings:
             if self.values[key]:
                 return level
         return OFF
+
+
+INVALID_HTTP = "Invalid HTTP request received."  # what uvicorn's HTTP protocols log (WARNING) as they answer 400
+INVALID_HTTP_EVERY_S = 60.0
+
+
+class InvalidRequests(logging.Filter):
+    """On uvicorn's error logger: a request whose HTTP cannot be parsed is the client's mistake, answered 400, yet
+    uvicorn logs a WARNING for each, so a scanner or a broken client fills the operator's log. Each is counted
+    (`count`: migserve_http_invalid_requests_total) and the first of each minute logged, saying so."""
+
+    def __init__(self, count: Callable[[], None], clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.count, self.clock = count, clock
+        self.logged_at: float | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != INVALID_HTTP:
+            return True
+        self.count()
+        now = self.clock()
+        if self.logged_at is not None and now - self.logged_at < INVALID_HTTP_EVERY_S:
+            return False
+        self.logged_at = now
+        record.msg = (
+            f"{INVALID_HTTP} Answered 400 (the client's HTTP could not be parsed); more within {INVALID_HTTP_EVERY_S:g} s "
+            "are counted in migserve_http_invalid_requests_total, not logged"
+        )
+        return True
+
+
+def watch_invalid_requests(count: Callable[[], None]) -> Callable[[], None]:
+    """InvalidRequests on uvicorn's error logger, from now until the function returned is called (a gateway's life)."""
+    invalid = InvalidRequests(count)
+    logging.getLogger("uvicorn.error").addFilter(invalid)
+    return lambda: logging.getLogger("uvicorn.error").removeFilter(invalid)

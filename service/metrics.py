@@ -73,6 +73,12 @@ class Metrics:
             ["protocol", "reason"],
             registry=r,
         )
+        self.invalid_http = Counter(
+            "migserve_http_invalid_requests",
+            "Requests answered 400 because their HTTP could not be parsed (request line, headers, framing); uvicorn "
+            "logs the first of each minute",
+            registry=r,
+        )
         self._children: dict[tuple[str, ...], Any] = {}
         for protocol, reason in (("http", "receive_timeout"), ("http", "send_timeout"), ("grpc", "send_timeout")):
             self.disconnection(protocol, reason)  # each at 0 from the start, as Prometheus would have it

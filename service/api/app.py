@@ -34,7 +34,7 @@ from ..dispatch.batcher import BatchPolicy, ModelBatcher, Pending
 from ..errors import BadRequest, DeadlineExpired, NotFound, ServiceError, UnknownModel
 from ..fds import few_open_files
 from ..jobs import JobStore
-from ..logsettings import LogSettings
+from ..logsettings import LogSettings, watch_invalid_requests
 from ..metrics import Metrics
 from ..partitions import Partition, PartitionKind, discover, memory_used
 from ..placement import SharedMemory, arena_slots, arenas_per_worker, cpu_placed_bytes, footprint, place, place_one, why_nowhere
@@ -106,6 +106,7 @@ class Gateway:
     tracer: Tracer = field(init=False)  # Triton's trace extension; the first process writes every process's traces
     cpu_memory: SharedMemory | None = None  # what the models on CPU slices share (service/placement.py)
     _syncing: asyncio.Task[None] | None = None  # with front-ends and a trace file: their settings and traces, each second
+    _unwatch: Callable[[], None] = lambda: None  # ends the count of requests uvicorn cannot parse (logsettings.py)
 
     def __post_init__(self) -> None:
         config = self.config
@@ -175,6 +176,7 @@ class Gateway:
         )
 
     async def start(self) -> None:
+        self._unwatch = watch_invalid_requests(self.metrics.invalid_http.inc)
         await self.backend.start()
         self._check_memory_headroom()
         if (few := few_open_files()) is not None:
@@ -391,6 +393,7 @@ class Gateway:
         await self.backend.stop()
         self.regions.unregister()
         self.tracer.close()
+        self._unwatch()
 
     def _update_partition_metrics(self) -> None:
         for worker in self.backend.workers.values():

@@ -547,3 +547,18 @@ def test_explicit_model_control_reaches_every_front_end(tiny_repo: ExportedRepo,
         assert client.is_model_ready(MODEL), "the model served from the start was left alone"
     finally:
         gateway.close()
+
+
+def test_requests_whose_http_cannot_be_parsed_are_counted_and_logged_once_a_minute(frontends: Gateway) -> None:
+    """uvicorn logs a WARNING for each (its own handling of a head the gateway cannot read): a scanner would fill
+    the operator's log. Counted in /metrics over every process; each process logs the first of each minute."""
+    before = _metric(frontends, "migserve_http_invalid_requests_total")
+    logged = frontends.log.read_text().count("Invalid HTTP request received.")
+    host, port = frontends.url.split(":")
+    for _ in range(12):  # new connections: the kernel spreads them over both processes
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
+            status, _, answer = read_response(sock.makefile("rb"))
+            assert status == 400, answer
+    _wait(lambda: _metric(frontends, "migserve_http_invalid_requests_total") - before == 12, "all twelve counted")
+    assert frontends.log.read_text().count("Invalid HTTP request received.") - logged <= 2, "at most one line per process"

@@ -70,12 +70,17 @@ class LogSettings:
 
 INVALID_HTTP = "Invalid HTTP request received."  # what uvicorn's HTTP protocols log (WARNING) as they answer 400
 INVALID_HTTP_EVERY_S = 60.0
+# uvicorn's WARNINGs when a client asks to upgrade the connection (a websocket; `curl --http2`'s h2c): the gateway
+# serves no websockets and answers such a request as plain HTTP/1.1, as HTTP allows, so neither says anything of use,
+# and the second tells the operator to install a websocket library the gateway has no use for
+UPGRADE_LINES = ("Unsupported upgrade request.", "No supported WebSocket library detected.")
 
 
 class InvalidRequests(logging.Filter):
     """On uvicorn's error logger: a request whose HTTP cannot be parsed is the client's mistake, answered 400, yet
     uvicorn logs a WARNING for each, so a scanner or a broken client fills the operator's log. Each is counted
-    (`count`: migserve_http_invalid_requests_total) and the first of each minute logged, saying so."""
+    (`count`: migserve_http_invalid_requests_total) and the first of each minute logged, saying so. uvicorn's lines
+    for a request that asks for an upgrade (UPGRADE_LINES) are not logged at all."""
 
     def __init__(self, count: Callable[[], None], clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
@@ -83,6 +88,8 @@ class InvalidRequests(logging.Filter):
         self.logged_at: float | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith(UPGRADE_LINES):
+            return False
         if record.msg != INVALID_HTTP:
             return True
         self.count()

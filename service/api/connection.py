@@ -10,10 +10,10 @@ Each connection starts as an `InferConnection` (an asyncio BufferedProtocol). It
 each request's head itself. `POST /v2/models/{name}[/versions/{v}]/infer` over HTTP/1.1
 with a Content-Length is served here: its body lands in one buffer, is decoded in place
 and answered by the same code as the ASGI fast path. Anything else (another path or
-method, a query string or escapes, a chunked body, Expect, Upgrade, HTTP/1.0, repeated
+method, a query string or escapes, a chunked body, Expect, HTTP/1.0, repeated
 or malformed headers, lines ended by a bare LF) hands the connection over, from that request on, to uvicorn's own
-protocol, which serves the whole ASGI app as before (uvicorn hands connections over to
-its WebSocket protocol the same way). A head over 64 KiB is answered 431 and the
+protocol, which serves the whole ASGI app as before. An Upgrade field is ignored on both sides (the gateway
+serves no websockets and no h2c; `without_upgrade`). A head over 64 KiB is answered 431 and the
 connection closed, here and in uvicorn's protocol (`BoundedHttpToolsProtocol`).
 
 Behaviour matches the ASGI path: the body limit answers 413, and the budget of bodies
@@ -66,7 +66,8 @@ HEAD_READ = 4 << 10  # a head is a few hundred bytes: most of the body is then r
 JOINED_WRITE = 64 << 10  # answers up to this size go out in one write with their head
 # The path as sent: no query string, no %-escapes (those requests go to uvicorn, which decodes them).
 INFER_TARGET = re.compile(rb"/v2/models/(?P<name>[^/?%]+)(?:/versions/1)?/infer")  # the only version there is
-HANDED_OVER = frozenset({b"transfer-encoding", b"expect", b"upgrade"})  # framing or semantics uvicorn handles
+HANDED_OVER = frozenset({b"transfer-encoding", b"expect"})  # framing or semantics uvicorn handles
+UPGRADE = re.compile(rb"\r\nupgrade[ \t]*:[^\r\n]*", re.IGNORECASE)  # a head's Upgrade field, ignored (without_upgrade)
 BARE_LF = re.compile(rb"(?<!\r)\n")  # a line ended without CR: no head here ends, uvicorn's parser answers it (400)
 READ = WANTED | {b"connection"}  # the fast path's headers, and whether to keep the connection
 STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in http.HTTPStatus}
@@ -111,6 +112,18 @@ def parse_head(head: bytes) -> _Request | None:
     if length is None or not length.isdigit():
         return None
     return _Request(target["name"].decode("latin-1"), fields, int(length), head)
+
+
+def without_upgrade(data: bytes) -> bytes:
+    """`data` (beginning with a request's head) without the head's Upgrade field. The gateway serves no websockets
+    and no HTTP/2 over cleartext, so it answers a request asking to upgrade (`curl --http2` asks for h2c) as HTTP/1.1,
+    as a server may; but httptools, seeing Upgrade and Connection: upgrade, ends the request at its head and takes
+    its body for the new protocol's bytes, which uvicorn then drops: a POST's body was lost (answered as empty). A
+    head not yet whole in `data` is left as it is."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0 or not UPGRADE.search(data, 0, end + 2):
+        return data
+    return UPGRADE.sub(b"", data[: end + 2]) + data[end + 2 :]
 
 
 def closing_answer(error: ServiceError, default_headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -199,6 +212,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 self.transport.write(head_too_large(self.server_state.default_headers))
                 self.transport.close()
                 return
+        if self._in_head and not self._head_bytes:  # `data` begins a head
+            data = without_upgrade(data)
         self._ended = False
         super().data_received(data)
         if self._in_head and not self.transport.is_closing():

@@ -356,3 +356,35 @@ def test_the_open_file_limit_is_raised_to_the_hard_one_and_a_low_one_is_warned_o
         assert httpx.get(f"http://{low.url}/v2/health/ready").status_code == 200
     finally:
         low.close()
+
+
+@pytest.mark.parametrize(
+    "upgrade",
+    [
+        "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+        "Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n",
+    ],
+    ids=["websocket", "h2c"],  # h2c: what `curl --http2` asks of a plain-HTTP server
+)
+def test_a_request_asking_to_upgrade_is_served_as_http_1_1_and_not_logged(gateway: Gateway, tiny_repo: ExportedRepo, upgrade: str) -> None:
+    """The gateway serves no websockets and no h2c, so it answers such a request as HTTP/1.1, as a server may. With
+    Upgrade and Connection: upgrade, httptools ended the request at its head and uvicorn dropped the body: `curl
+    --http2` posting an inference request got 400 "not valid JSON". And uvicorn logged two WARNINGs for each, one
+    telling the operator to install a websocket library."""
+    body, n = _infer_body(tiny_repo, seed=8)
+    expected = _expected(gateway, body, n)
+    sock, reader = _connect(gateway)
+    with sock:
+        sock.sendall(_request(body, n, extra=f"Connection: Upgrade\r\n{upgrade}"))  # the first request: the fast path's
+        status, headers, answer = read_response(reader)
+        assert status == 200, answer
+        assert np.array_equal(_density(headers, answer), expected)
+        sock.sendall(f"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n{upgrade}\r\n".encode())
+        status, _, answer = read_response(reader)  # handed over to uvicorn's protocol from here on
+        assert status == 200, answer
+        sock.sendall(_request(body, n, extra=f"Connection: Upgrade\r\n{upgrade}"))
+        status, headers, answer = read_response(reader)
+        assert status == 200, answer
+        assert np.array_equal(_density(headers, answer), expected)
+    log = gateway.log.read_text()
+    assert "Unsupported upgrade request" not in log and "WebSocket library" not in log

@@ -511,7 +511,7 @@ class AttachedReplica(WorkerReplica):
         self._close_inputs()
 
 
-def _writable(cache: str) -> bool:
+def timings_file_writable(cache: str) -> bool:
     """Whether the timings file kept between starts (and its directory) can be made and written; if not, the gateway
     says so once and its workers share their timings for this start only."""
     try:
@@ -553,7 +553,7 @@ class LocalBackend:
             # The workers time each model once between them (service/workers/slices.py): in the file kept between
             # starts, else in one with no name that they open through this process's descriptor, which goes with the
             # gateway, even one killed with -9.
-            if options.timings_cache is not None and _writable(options.timings_cache):
+            if options.timings_cache is not None and timings_file_writable(options.timings_cache):
                 options = dataclasses.replace(options, timings=options.timings_cache)
             else:
                 self._timings = os.memfd_create("migserve-timings")

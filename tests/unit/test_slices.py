@@ -243,3 +243,16 @@ def test_the_memory_the_timing_takes_is_given_back(tmp_path: Path) -> None:
     before = _resident_mb()
     SlicedSession.made(session, spec, "auto")
     assert _resident_mb() - before < 48, "the arena holds what the timing's largest runs took"
+
+
+def test_a_timings_file_that_cannot_be_written_is_said_and_left_alone(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from service.backends.local import timings_file_writable
+
+    kept = tmp_path / "cache" / "migserve" / "slices.json"
+    assert timings_file_writable(str(kept)) and kept.exists(), "its folders made"
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with caplog.at_level(logging.WARNING):
+        assert not timings_file_writable(str(blocked / "slices.json"))
+    assert f"--cpu-run-slices-cache {blocked / 'slices.json'} cannot be written" in caplog.text
+    assert "the CPU workers time their models at every start" in caplog.text

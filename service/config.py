@@ -109,8 +109,8 @@ class ServeConfig(BaseModel):
     )
     cpu_run_slices_cache: Path | None = Field(
         default_factory=lambda: default_run_slices_cache(os.environ),
-        description="auto: where the choices timed are kept between starts, per model file, core count, CPU and onnxruntime "
-        "version, so a gateway started again takes them instead of timing again; None: kept only while the gateway runs",
+        description="with cpu_run_slices auto: where the choices timed are kept between starts, per model file, core count, "
+        "CPU and onnxruntime version, so a gateway started again takes them instead of timing again; None: timed at every start",
     )
     cudnn_conv_algo_search: Literal["heuristic", "exhaustive", "default"] = Field(
         "heuristic",

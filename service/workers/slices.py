@@ -87,7 +87,8 @@ def time_per_row(
 
 def _shrink_arena(session: Any, warmup: Warmup) -> None:
     """One more run at one row, after which onnxruntime gives back the arena memory the larger sizes took (a worker
-    slicing its batches never needs it again): 365 to 164 MB resident for four tiny models timed in one process."""
+    slicing its batches never needs it again): two workers of the ten tiny models held 572 MB at ready, 262 MB with
+    it (`bench/restart.py --start`, bench/RESULTS.md)."""
     import onnxruntime as ort  # loaded already: `session` is one of its sessions
 
     options = ort.RunOptions()

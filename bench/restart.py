@@ -26,8 +26,10 @@ from pathlib import Path
 
 from bench.gateway_ab import _serve_args
 from bench.gateway_bench import ROOT, Server, export
+from bench.image_memory import memory_status
 
 POLL_S = 0.02
+MB = 1 << 20
 
 
 def _worker(server: Server) -> dict[str, object]:
@@ -101,7 +103,7 @@ def _starts(args: argparse.Namespace, settings: dict[str, list[str]], revisions:
             server = Server(args.repo, *common, *extra, revision=revisions[label])
             times[label].append(time.monotonic() - started)
             partitions = server.partitions()
-            resident[label].append(sum(_resident_mb(p["pid"]) for p in partitions if isinstance(p["pid"], int)))
+            resident[label].append(sum(memory_status(p["pid"])["VmRSS"] for p in partitions if isinstance(p["pid"], int)) / MB)
             print(
                 f"round {round_} {label}: ready in {times[label][-1]:.2f} s, workers resident {resident[label][-1]:.1f} MB, "
                 f"slices {[p['run_slices'] for p in partitions]}",
@@ -111,14 +113,6 @@ def _starts(args: argparse.Namespace, settings: dict[str, list[str]], revisions:
     _table(f"gateway start, {', '.join(args.models)}, CPU slices {args.cpu_slices}", args.rounds, settings, revisions, times)
     print("\nworkers' resident memory at ready, MB (mean): " + ", ".join(f"{k} {statistics.mean(v):.1f}" for k, v in resident.items()))
     return 0
-
-
-def _resident_mb(pid: int) -> float:
-    """A process's resident memory (VmRSS), MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _table(

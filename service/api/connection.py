@@ -114,13 +114,14 @@ def parse_head(head: bytes) -> _Request | None:
     return _Request(target["name"].decode("latin-1"), fields, int(length), head)
 
 
-def without_upgrade(data: bytes) -> bytes:
+def without_upgrade(data: bytes, end: int | None = None) -> bytes:
     """`data` (beginning with a request's head) without the head's Upgrade field. The gateway serves no websockets
     and no HTTP/2 over cleartext, so it answers a request asking to upgrade (`curl --http2` asks for h2c) as HTTP/1.1,
     as a server may; but httptools, seeing Upgrade and Connection: upgrade, ends the request at its head and takes
     its body for the new protocol's bytes, which uvicorn then drops: a POST's body was lost (answered as empty). A
-    head not yet whole in `data` is left as it is."""
-    end = data.find(b"\r\n\r\n")
+    head not yet whole in `data` is left as it is. `end`: where the head ends in `data` (-1: not in it), if known."""
+    if end is None:
+        end = data.find(b"\r\n\r\n")
     if end < 0 or not UPGRADE.search(data, 0, end + 2):
         return data
     return UPGRADE.sub(b"", data[: end + 2]) + data[end + 2 :]
@@ -212,8 +213,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 self.transport.write(head_too_large(self.server_state.default_headers))
                 self.transport.close()
                 return
-        if self._in_head and not self._head_bytes:  # `data` begins a head
-            data = without_upgrade(data)
+            if not self._head_bytes:  # `data` begins a head
+                data = without_upgrade(data, end)
         self._ended = False
         super().data_received(data)
         if self._in_head and not self.transport.is_closing():

@@ -75,7 +75,7 @@ def time_per_row(
         return runs[rows][-1]
 
     for rows in buckets(max_batch):  # the first round finds the sizes: up to the first slow one, timed once
-        feeds[rows] = {name: np.zeros((rows, *shape[1:]), dtype) for name, (shape, dtype) in warmup.items()}
+        feeds[rows] = zeros(warmup, rows)
         if run(rows) > RUN_LIMIT_S:
             break
     again = [rows for rows, times in runs.items() if times[0] <= RUN_LIMIT_S]
@@ -93,7 +93,12 @@ def _shrink_arena(session: Any, warmup: Warmup) -> None:
 
     options = ort.RunOptions()
     options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-    session.run(None, {name: np.zeros((1, *shape[1:]), dtype) for name, (shape, dtype) in warmup.items()}, options)
+    session.run(None, zeros(warmup, 1), options)
+
+
+def zeros(warmup: Warmup, rows: int) -> dict[str, Array]:
+    """Zero inputs of `rows` rows at the warm-up shape."""
+    return {name: np.zeros((rows, *shape[1:]), dtype) for name, (shape, dtype) in warmup.items()}
 
 
 def fastest_rows(per_row: Mapping[int, float], batch_first: bool = True) -> int | None:
@@ -200,9 +205,9 @@ class SlicedSession:
         if rows == "auto" and max_batch > 1 and warmup_s <= UNTIMED_AFTER_S:
             try:
                 found = fastest_rows(*time_per_row(session, model.warmup, max_batch))
-                _shrink_arena(session, model.warmup)
             except Exception:  # onnxruntime's own types: a model that runs one row but not several runs batches as they come
                 found = None
+            _shrink_arena(session, model.warmup)  # one row, as its warm-up ran
         else:
             found = rows if isinstance(rows, int) else None
         if not found or found >= max_batch:

@@ -19,6 +19,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from bench.image_memory import memory_status
 from migserve.types import Array
 from service.workers import slices
 from service.workers.protocol import ModelSpec
@@ -216,13 +217,6 @@ def test_the_timings_kept_between_starts_default_to_the_user_s_cache_directory()
     assert default_run_slices_cache({"XDG_CACHE_HOME": "", "HOME": "/h"}) == Path("/h/.cache/migserve/cpu-run-slices.json")
 
 
-def _resident_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
-
-
 def test_the_memory_the_timing_takes_is_given_back(tmp_path: Path) -> None:
     """Timing runs the largest batch once; onnxruntime's arena would keep that run's memory (here 2 x 64 MB of
     activations at 64 rows of 1 MB) for good, where a worker slicing its batches never needs it again."""
@@ -240,9 +234,9 @@ def test_the_memory_the_timing_takes_is_given_back(tmp_path: Path) -> None:
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), options, providers=["CPUExecutionProvider"])
     spec = ModelSpec(name="m", path="m.onnx", sha256="0" * 64, warmup={"x": ((1, row), "float32")}, max_batch=64)
-    before = _resident_mb()
+    before = memory_status()["VmRSS"] / (1 << 20)
     SlicedSession.made(session, spec, "auto")
-    assert _resident_mb() - before < 48, "the arena holds what the timing's largest runs took"
+    assert memory_status()["VmRSS"] / (1 << 20) - before < 48, "the arena holds what the timing's largest runs took"
 
 
 def test_a_timings_file_that_cannot_be_written_is_said_and_left_alone(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -33,8 +33,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The suite in TEST_JOBS pytest-xdist processes, each test file whole in one (tests/conftest.py); TEST_JOBS=0: in this one
+TEST_JOBS ?= 2
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadgroup)
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit

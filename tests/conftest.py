@@ -1,23 +1,36 @@
-"""Markers by folder, where shared/ lives, and one tiny export of the whole zoo per session."""
+"""Markers by folder, where shared/ lives, and one tiny export of the whole zoo per session.
+
+`make test` runs the suite in two pytest-xdist processes (`--dist loadgroup`): each test file is a group that one
+process runs whole, so a file's module-scoped gateway starts once; the files that start a tritonserver share a group,
+since a killed server's shared memory is cleaned up by name. The two processes share the session's export."""
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, ExportedRepo, Gateway, migserve
+from tests.helpers import ROOT, CliRun, ExportedRepo, Gateway, migserve
 
 SHARED = Path(os.environ.get("MIGSERVE_SHARED", ROOT.parent / "shared"))
 
 
+# Files that start a tritonserver: run by one xdist process, one after the other (see tests/triton_server.py's kill).
+TRITON_FILES = {"test_triton_partition.py", "test_offline.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        folder = Path(str(item.fspath)).relative_to(ROOT / "tests").parts[0]
-        if folder in ("unit", "integration", "e2e"):
-            item.add_marker(getattr(pytest.mark, folder))
+        path = Path(str(item.fspath)).relative_to(ROOT / "tests")
+        if path.parts[0] in ("unit", "integration", "e2e"):
+            item.add_marker(getattr(pytest.mark, path.parts[0]))
+        item.add_marker(pytest.mark.xdist_group("tritonserver" if path.name in TRITON_FILES else path.as_posix()))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -44,12 +57,33 @@ def shared() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> ExportedRepo:
-    """`migserve export --all` at tiny size, once for the whole session."""
-    root = tmp_path_factory.mktemp("model_repo")
-    run = migserve("export", "--all", "--size", "tiny", "--out", root)
-    if run.returncode != 0:
-        pytest.fail(f"export --all failed ({run.returncode}):\n{run.stderr[-4000:]}")
-    return ExportedRepo(root=root, run=run)
+    """`migserve export --all` at tiny size, once for the whole session: under xdist, by the first process to ask,
+    into the run's folder (the parent of each process's own), the others waiting for it and taking its outcome."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        exported = _shared_tiny_export(tmp_path_factory)
+    else:
+        exported = _tiny_export(tmp_path_factory.mktemp("model_repo"))
+    if exported.run.returncode != 0:
+        pytest.fail(f"export --all failed ({exported.run.returncode}):\n{exported.run.stderr[-4000:]}")
+    return exported
+
+
+def _shared_tiny_export(tmp_path_factory: pytest.TempPathFactory) -> ExportedRepo:
+    run_folder = tmp_path_factory.getbasetemp().parent
+    record = run_folder / "model_repo.json"
+    with (run_folder / "model_repo.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if record.exists():
+            outcome = json.loads(record.read_text())
+            return ExportedRepo(root=Path(outcome["root"]), run=CliRun(**outcome["run"]))
+        exported = _tiny_export(run_folder / "model_repo")
+        record.write_text(json.dumps({"root": str(exported.root), "run": dataclasses.asdict(exported.run)}))
+        return exported
+
+
+def _tiny_export(root: Path) -> ExportedRepo:
+    root.mkdir(exist_ok=True)
+    return ExportedRepo(root=root, run=migserve("export", "--all", "--size", "tiny", "--out", root))
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from exporters.names import MODEL_NAMES
 from service.workers.affinity import pin_threads
 
 from .load import milliseconds, timed_runs
@@ -57,11 +58,9 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     if importlib.util.find_spec("torch") is None:  # the zoo is built with torch
         print("error: bench train needs torch: pip install -e '.[export]'", file=err)
         return 2
-    from exporters.zoo import ZOO
-
-    unknown = [m for m in args.models if m not in ZOO]
+    unknown = [m for m in args.models if m not in MODEL_NAMES]  # said before a child imports torch
     if unknown:
-        print(f"error: unknown models {unknown}; the zoo has: {', '.join(ZOO)}", file=err)
+        print(f"error: unknown models {unknown}; the zoo has: {', '.join(MODEL_NAMES)}", file=err)
         return 2
     if args.steps < 1 or args.warmup < 0:
         print("error: --steps must be at least 1 and --warmup at least 0", file=err)

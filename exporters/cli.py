@@ -22,15 +22,14 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from migserve.contract import SIZES, Contract, read_contract, sha256_file
 
 from .errors import BadOption, ExportError
+from .names import MODEL_NAMES, known
+from .request import ExportRequest, ExportResult
 from .triton import switch_backend
-
-if TYPE_CHECKING:
-    from .pipeline import ExportRequest, ExportResult
 
 MAX_JOBS = 4  # default: one process per usable core, at most this many (each holds torch and a model)
 
@@ -89,18 +88,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    try:
-        from . import zoo
-        from .pipeline import ExportRequest
-    except ImportError as exc:
-        print(f"error: exporting needs the export extra ({exc}); run: pip install 'migserve[export]'", file=err)
-        return 2
-    logging.getLogger("torch").setLevel(logging.ERROR)
+    """What the command line gets wrong, the output folder tried, and what is up to date (--skip-existing): all
+    before torch is imported, which takes seconds, and before minutes of exports."""
     if args.list:
+        if _export_extra_missing(err):
+            return 2
         _list_models(out)
         return 0
     try:
-        names = list(zoo.ZOO) if args.all else [zoo.get(n).name for n in dict.fromkeys(args.model)]
+        names = list(MODEL_NAMES) if args.all else [known(n) for n in dict.fromkeys(args.model)]
         checkpoints = _pairs(args.checkpoint, "--checkpoint", names)
         options = _options(args.options, names)
     except ExportError as exc:
@@ -109,13 +105,11 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     if args.jobs < 0:
         print(f"error: --jobs {args.jobs}: give 1 or more, or 0 for one per usable core", file=err)
         return 2
-    if (unwritable := _unwritable(args.out)) is not None:  # before minutes of exports, not after them
+    if (unwritable := _unwritable(args.out)) is not None:
         print(f"error: cannot write to {args.out}: {unwritable}", file=err)
         return 1
-    work: list[tuple[str, ExportRequest]] = []
-    for i, name in enumerate(names, 1):
-        prefix = f"[{i:>2}/{len(names)}] {name} ({args.size})"
-        request = ExportRequest(
+    requests = [
+        ExportRequest(
             name=name,
             size=args.size,
             out=args.out,
@@ -126,16 +120,13 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
             options=options.get(name, {}),
             triton_backend=args.triton_backend,
         )
-        if args.skip_existing and (kept := up_to_date(args.out / name, request)) is not None:
-            try:
-                switched = switch_backend(args.out / name, kept, args.triton_backend)
-            except OSError as exc:
-                print(f"error: cannot write {args.out / name}: {exc.strerror or exc}", file=err)
-                return 1
-            note = f" (its config.pbtxt switched to Triton's {args.triton_backend} backend)" if switched else ""
-            print(f"{prefix}: up to date, skipped{note}", file=err, flush=True)
-            continue
-        work.append((prefix, request))
+        for name in names
+    ]
+    work = _still_to_export(requests, args.skip_existing, err)
+    if work is None:
+        return 1
+    if work and _export_extra_missing(err):
+        return 2
     cores = len(os.sched_getaffinity(0))
     jobs = max(1, min(args.jobs or min(cores, MAX_JOBS), len(work)))
     outcomes = _in_processes(work, jobs, max(1, cores // jobs), err) if jobs > 1 else _here(work, err)
@@ -150,6 +141,37 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     for name, reason in failures:
         print(f"error: {name}: {reason}", file=err)
     return 1 if failures else 0
+
+
+def _export_extra_missing(err: TextIO) -> bool:
+    """Whether torch and the rest of the export extra are missing (said if so)."""
+    try:
+        from . import pipeline  # noqa: F401  (torch, onnx, onnxscript)
+    except ImportError as exc:
+        print(f"error: exporting needs the export extra ({exc}); run: pip install 'migserve[export]'", file=err)
+        return True
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    return False
+
+
+def _still_to_export(requests: list[ExportRequest], skip_existing: bool, err: TextIO) -> list[tuple[str, ExportRequest]] | None:
+    """The requests to export, each with its progress prefix; with `skip_existing`, those up to date are said to be
+    skipped (their config switched to the Triton backend asked for). None where a config could not be written."""
+    work: list[tuple[str, ExportRequest]] = []
+    for i, request in enumerate(requests, 1):
+        prefix = f"[{i:>2}/{len(requests)}] {request.name} ({request.size})"
+        model_dir = request.out / request.name
+        if skip_existing and (kept := up_to_date(model_dir, request)) is not None:
+            try:
+                switched = switch_backend(model_dir, kept, request.triton_backend)
+            except OSError as exc:
+                print(f"error: cannot write {model_dir}: {exc.strerror or exc}", file=err)
+                return None
+            note = f" (its config.pbtxt switched to Triton's {request.triton_backend} backend)" if switched else ""
+            print(f"{prefix}: up to date, skipped{note}", file=err, flush=True)
+            continue
+        work.append((prefix, request))
+    return work
 
 
 def _progress(prefix: str, started: float, say: Callable[[str], None]) -> Callable[[str], None]:
@@ -264,15 +286,13 @@ def format_table(results: list[ExportResult], failures: list[tuple[str, str]]) -
 
 
 def _pairs(items: list[str], flag: str, names: list[str]) -> dict[str, str]:
-    from . import zoo
-
     pairs: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
             raise BadOption(f"{flag} {item!r}: expected NAME=VALUE")
         if key not in names:
-            zoo.get(key)  # an unknown name gets the unknown-model message
+            known(key)  # an unknown name gets the unknown-model message
             raise BadOption(f"{flag} {item!r}: model {key} is not being exported")
         pairs[key] = value
     return pairs

@@ -16,11 +16,11 @@ from migserve.contract import DimRange, TensorSpec
 from migserve.types import Array
 
 from .errors import ExportFailed
+from .request import DEFAULT_OPSET
 
 logger = logging.getLogger(__name__)
 
 ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16, "int64": onnx.TensorProto.INT64}
-DEFAULT_OPSET = 18
 
 
 def export_onnx(

@@ -12,7 +12,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,39 +26,15 @@ from . import zoo
 from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .errors import BadOption, OutputError
 from .memory import estimate as estimate_memory
-from .onnx_export import DEFAULT_OPSET, export_onnx, to_fp16
+from .onnx_export import export_onnx, to_fp16
 from .parity import FP16_TOLERANCE, check_parity
+from .request import ExportRequest, ExportResult
 from .triton import PYTHON_MODEL, TritonBackend, label_files, render_config
 from .zoo.base import OptionError
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 VERSIONED = ("torch", "onnx", "onnxscript", "onnxruntime", "numpy")
-
-
-@dataclass(frozen=True)
-class ExportRequest:
-    name: str
-    size: zoo.Size = "tiny"
-    out: Path = Path("model_repo")
-    checkpoint: Path | None = None
-    strict: bool = True
-    seed: int = 0
-    fp16: bool = False
-    opset: int = DEFAULT_OPSET
-    options: Mapping[str, str] = field(default_factory=dict)
-    triton_backend: TritonBackend = "onnxruntime"
-
-
-@dataclass(frozen=True)
-class ExportResult:
-    name: str
-    path: Path
-    parameters: int
-    onnx_bytes: int
-    seconds: float
-    parity_error: float
-    weights: str
 
 
 def export_model(req: ExportRequest, progress: Progress = lambda _: None) -> ExportResult:

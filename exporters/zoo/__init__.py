@@ -6,7 +6,7 @@ from typing import Any
 
 from migserve.contract import SIZES, Size
 
-from ..errors import UnknownModel
+from ..names import known
 from .base import ModelDef, Sample
 from .crowd import CrowdCSRNet
 from .face import FacePros
@@ -19,10 +19,7 @@ ZOO: dict[str, ModelDef[Any]] = {m.name: m for m in _MODELS}
 
 
 def get(name: str) -> ModelDef[Any]:
-    try:
-        return ZOO[name]
-    except KeyError:
-        raise UnknownModel(f"unknown model {name!r}; known: {', '.join(ZOO)}") from None
+    return ZOO[known(name)]
 
 
 __all__ = ["SIZES", "ZOO", "ModelDef", "Sample", "Size", "get"]

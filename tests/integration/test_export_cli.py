@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,8 @@ from exporters import zoo
 from exporters.cli import up_to_date
 from exporters.errors import OutputError, ParityFailed
 from exporters.parity import run_torch
-from exporters.pipeline import ExportRequest, export_model, write_model_dir
+from exporters.pipeline import export_model, write_model_dir
+from exporters.request import ExportRequest
 from exporters.triton import PYTHON_MODEL
 from migserve.contract import read_contract, sha256_file, write_contract
 from tests.helpers import ExportedRepo, migserve
@@ -128,6 +131,18 @@ def test_skip_existing_keeps_only_the_export_it_would_write_again(tiny_repo: Exp
     write_contract(model, contract)
     (model / "1" / "model.onnx").write_bytes(b"not the exported model")
     assert up_to_date(model, ExportRequest(name="face-pros")) is None
+
+
+def test_a_repository_up_to_date_is_checked_without_importing_torch(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """`make serve` runs `export --all --skip-existing` each time: with every model up to date, it no longer imports
+    torch (seconds) to say so. (tests/e2e/test_make.py has a model that is not up to date exported again.)"""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo.root, repo)
+    args = ["export", "--all", "--skip-existing", "--out", str(repo)]
+    code = f"import sys; from migserve.cli import main; code = main({args!r}); print(code, 'torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert run.stdout.splitlines()[-1] == "0 False", run.stderr
+    assert run.stderr.splitlines() == [f"[{i:>2}/10] {name} (tiny): up to date, skipped" for i, name in enumerate(zoo.ZOO, 1)]
 
 
 def test_fp16_keeps_fp32_io_and_records_it(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from exporters.cli import _options, _pairs, format_table
 from exporters.errors import BadOption, UnknownModel
-from exporters.pipeline import ExportResult
+from exporters.request import ExportResult
 from exporters.zoo import ZOO
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 
 from exporters import zoo
 from exporters.errors import UnknownModel
+from exporters.names import MODEL_NAMES
 from exporters.zoo.base import OptionError
 
 
@@ -71,6 +74,22 @@ def test_options_that_break_the_dims_are_refused() -> None:
 def test_unknown_model() -> None:
     with pytest.raises(UnknownModel, match="unknown model 'crowd'; known: face-pros"):
         zoo.get("crowd")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["export", "--model", "crowd", "--out", "unused"],
+        ["export", "--model", "crowd-csrnet", "--checkpoint", "crowd=w.pth", "--out", "unused"],
+        ["bench", "train", "--models", "crowd", "--out", "unused"],
+    ],
+)
+def test_an_unknown_name_is_refused_before_torch_is_imported(args: list[str]) -> None:
+    """The commands check names against MODEL_NAMES, the zoo's names in its order, before they import torch (seconds)."""
+    assert MODEL_NAMES == tuple(zoo.ZOO) == tuple(m.name for m in zoo.ZOO.values())
+    code = f"import sys; from migserve.cli import main; code = main({args!r}); print(code, 'torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert (run.stdout.split(), "unknown model" in run.stderr) == (["2", "False"], True), run.stderr
 
 
 @pytest.mark.parametrize("name", list(zoo.ZOO))

@@ -33,10 +33,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# The suite in TEST_JOBS pytest-xdist processes, each test file whole in one (tests/conftest.py); TEST_JOBS=0: in this one
+# The suite in TEST_JOBS pytest-xdist processes, each test file whole in one (tests/conftest.py), in the order collected
+# (e2e and integration files first, the short unit files last to even out the end); TEST_JOBS=0: in this one process
 TEST_JOBS ?= 2
 test: lint
-	$(BIN)/pytest $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadgroup)
+	$(BIN)/pytest $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadgroup --no-loadscope-reorder)
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit

@@ -167,16 +167,17 @@ def test_options_change_the_exported_graph(tmp_path: Path) -> None:
     assert (tmp_path / "face-pros" / "1" / "model.py").read_text() == PYTHON_MODEL.read_text()
 
 
-def test_failed_re_export_keeps_the_good_model(tmp_path: Path) -> None:
-    first = export_model(ExportRequest(name="frontalize-dalgan", out=tmp_path))
-    digest = sha256_file(first.path / "1" / "model.onnx")
+def test_failed_re_export_keeps_the_good_model(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    model = tmp_path / "frontalize-dalgan"  # the good model: the session's export
+    shutil.copytree(tiny_repo.root / "frontalize-dalgan", model)
+    digest = sha256_file(model / "1" / "model.onnx")
     corrupt = tmp_path.parent / f"{tmp_path.name}-corrupt.pth"
     corrupt.write_bytes(b"PK\x03\x04 truncated zip")
     run = migserve("export", "--model", "frontalize-dalgan", "--checkpoint", f"frontalize-dalgan={corrupt}", "--out", tmp_path)
     assert run.returncode == 1 and "cannot read checkpoint" in run.stderr
-    assert sha256_file(first.path / "1" / "model.onnx") == digest
+    assert sha256_file(model / "1" / "model.onnx") == digest
     again = export_model(ExportRequest(name="frontalize-dalgan", out=tmp_path, seed=1))
-    assert again.path == first.path and sha256_file(again.path / "1" / "model.onnx") != digest
+    assert again.path == model and sha256_file(model / "1" / "model.onnx") != digest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["frontalize-dalgan"]
 
 

@@ -173,22 +173,33 @@ def test_loading_a_served_model_again_swaps_it_without_a_failed_request(server: 
     image = make_inputs(read_contract(repo / "crowd-csrnet"), 1, seed=3, dims={"height": 64, "width": 64})["image"]
     body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": list(image.shape), "data": image.ravel().tolist()}]}
     stop = threading.Event()
+    codes: list[int] = []  # every client's answers as they come (list.append is atomic)
 
-    def steady() -> list[int]:
-        codes = []
+    def steady() -> None:
         while not stop.is_set():
             codes.append(httpx.post(f"http://{server.url}/v2/models/crowd-csrnet/infer", json=body, timeout=60).status_code)
-        return codes
+
+    def five_more_than(count: int) -> bool:
+        """Whether 5 more requests than `count` are answered within 30 s (waited for, not a fixed sleep: a busy host
+        answers fewer in a given time)."""
+        deadline = time.monotonic() + 30
+        while len(codes) < count + 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return len(codes) >= count + 5
 
     with ThreadPoolExecutor(4) as pool:
         clients = [pool.submit(steady) for _ in range(4)]
-        for _ in range(3):
-            time.sleep(0.2)
-            client.load_model("crowd-csrnet")
-        time.sleep(0.2)
-        stop.set()
-        codes = [code for c in clients for code in c.result()]
-    assert len(codes) > 20 and set(codes) == {200}, sorted(set(codes))
+        try:
+            flowing = [five_more_than(0)]
+            for _ in range(3):
+                before = len(codes)
+                client.load_model("crowd-csrnet")
+                flowing.append(five_more_than(before))  # answered while and after it reloads
+        finally:
+            stop.set()
+        for done in clients:
+            done.result()
+    assert flowing == [True] * 4 and set(codes) == {200}, (flowing, sorted(set(codes)))
     assert _states(server.url)["crowd-csrnet"]["state"] == "READY"
 
 

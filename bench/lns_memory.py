@@ -34,8 +34,11 @@ MB = 1 << 20
 
 def measure(repo: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float], in_flight: int) -> dict[str, Any]:
     """One side, in this process: peak traced bytes during `stations_of`, seconds, and a digest of the labels."""
+    import nibabel  # noqa: F401  (the volume readers: imported at a volume's first use, not the job's memory)
     import numpy as np
     import onnxruntime as ort
+    import pydicom  # noqa: F401
+    import scipy.ndimage  # noqa: F401
 
     from migserve.contract import read_contract
     from migserve.types import Array

@@ -8,6 +8,7 @@ in that same layout and affine. The format is read from the bytes themselves.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import logging
@@ -17,13 +18,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import nibabel as nib
-import nibabel.imageglobals
 import numpy as np
-import pydicom
-import pydicom.config
-from pydicom.errors import InvalidDicomError
-from scipy import ndimage
 
 from migserve.types import Array
 
@@ -45,14 +40,23 @@ class Volume:
         return float(np.prod(self.spacing)) / 1000.0
 
 
-# A client's damaged file is answered 422 with what was wrong. The readers also logged it: nibabel at ERROR, twice
-# (its own handler and the root's), pydicom as a warning and again through the warnings module (for what it
-# tolerates too: an unknown character set, a VR other than the header says), which put a client's mistake in the
-# operator's log as if it were the gateway's. Their problems still raise where they did.
-nibabel.imageglobals.logger.setLevel(logging.CRITICAL + 1)
-pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-logging.getLogger("pydicom").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+@functools.cache
+def _quiet_readers() -> None:
+    """Import nibabel and pydicom, and quiet them. At a volume's first use, not at every gateway start: with scipy's
+    ndimage they take about 0.6 s of CPU to import, which a gateway serving no CT model (and each of its front-end
+    processes) spent at start.
+
+    A client's damaged file is answered 422 with what was wrong. The readers also logged it: nibabel at ERROR, twice
+    (its own handler and the root's), pydicom as a warning and again through the warnings module (for what it
+    tolerates too: an unknown character set, a VR other than the header says), which put a client's mistake in the
+    operator's log as if it were the gateway's. Their problems still raise where they did."""
+    import nibabel.imageglobals
+    import pydicom.config
+
+    nibabel.imageglobals.logger.setLevel(logging.CRITICAL + 1)
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 
 
 def sniff(data: bytes) -> str | None:
@@ -115,6 +119,9 @@ def _gunzip(data: bytes, max_bytes: int, unpacking: Callable[[int], None]) -> by
 
 
 def _nifti(data: bytes, max_voxels: int) -> Volume:
+    import nibabel as nib
+
+    _quiet_readers()
     big = int.from_bytes(data[:4], "big") in (348, 540)
     image_class = nib.Nifti2Image if int.from_bytes(data[:4], "big" if big else "little") == 540 else nib.Nifti1Image
     try:
@@ -165,6 +172,10 @@ class _Slice:
 def _dicom_series(members: list[tuple[str, bytes]]) -> Volume:
     if not members:
         raise Unprocessable("volume: the zip holds no files")
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    _quiet_readers()
     slices: list[_Slice] = []
     geometry: tuple[Array, Array, float] | None = None  # row and column cosines, slice thickness
     spacing: tuple[float, float] | None = None
@@ -208,6 +219,8 @@ def _dicom_series(members: list[tuple[str, bytes]]) -> Volume:
 
 def resample(values: Array, spacing: tuple[float, float, float], target: tuple[float, float, float]) -> Array:
     """Trilinear resampling of [z, y, x] from spacing to target spacing (at least one voxel per axis)."""
+    from scipy import ndimage
+
     factors = [max(s / t, 1.0 / n) for s, t, n in zip(spacing, target, values.shape, strict=True)]
     return np.asarray(ndimage.zoom(values, factors, order=1, mode="nearest", grid_mode=True), dtype=np.float32)
 
@@ -228,6 +241,9 @@ def window(hu: Array, low: float, high: float) -> Array:
 
 def to_nifti(labels: Array, volume: Volume) -> bytes:
     """uint8 labels [z, y, x] on the input grid -> .nii.gz bytes with the input's affine."""
+    import nibabel as nib
+
+    _quiet_readers()
     # [x, y, z] as a view: NIfTI stores Fortran order, which the view already is, so nibabel writes it without a copy
     image = nib.Nifti1Image(labels.astype(np.uint8, copy=False).transpose(2, 1, 0), volume.affine)
     image.header.set_xyzt_units("mm")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -149,3 +151,23 @@ def test_resampling_and_back_to_the_input_grid() -> None:
     four_d = nib.Nifti1Image(np.zeros((2, 2, 2, 2), np.int16), np.eye(4)).to_bytes()
     with pytest.raises(Unprocessable, match="3D"):
         volume.read_volume(four_d, max_bytes=1 << 20, max_voxels=1 << 20)
+
+
+def test_the_volume_readers_are_imported_at_a_volume_s_first_use_not_at_the_gateway_s_start() -> None:
+    """nibabel, pydicom and scipy's ndimage take about 0.6 s of CPU to import: a gateway (and each front-end process)
+    spent it at start, serving a CT model or not. Now the first volume read imports them, and quiets them then."""
+    code = """
+import sys
+import service.api.app, service.api.v1
+from service.families import volume
+readers = ("nibabel", "pydicom", "scipy.ndimage")
+print([name for name in readers if name in sys.modules])
+try:
+    volume.read_volume(int(348).to_bytes(4, "little") + bytes(400), max_bytes=10**6, max_voxels=10**6)
+except Exception as exc:
+    print(type(exc).__name__)
+import pydicom.config
+print([name for name in readers[:2] if name in sys.modules], pydicom.config.settings.reading_validation_mode == pydicom.config.IGNORE)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert run.stdout.splitlines() == ["[]", "Unprocessable", "['nibabel', 'pydicom'] True"], run.stderr

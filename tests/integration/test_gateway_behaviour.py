@@ -99,7 +99,11 @@ def test_a_preferred_batch_size_goes_without_waiting_for_the_delay(
             (free,) = [w for w in workers if w is not busy[0]]
             os.kill(free["pid"], signal.SIGCONT)
             held = [pool.submit(_post_crowd, server, tiny_repo.root, seed) for seed in range(1, preferred)]
-            time.sleep(1.0)
+            deadline = time.monotonic() + 10  # until they are queued (a busy host takes longer), then a while more
+            while _metric(httpx.get(f"{base}/metrics").text, "migserve_queue_depth", model="crowd-csrnet") < preferred - 1:
+                assert time.monotonic() < deadline, "the requests never reached the queue"
+                time.sleep(0.05)
+            time.sleep(0.5)
             text = httpx.get(f"{base}/metrics").text
             assert _metric(text, "migserve_queue_depth", model="crowd-csrnet") == preferred - 1, "held below the preferred size"
             assert _outstanding(base, free["id"]) == 0

@@ -13,7 +13,6 @@ both sides, or the run stops.
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import statistics
 import subprocess
@@ -22,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.gateway_bench import ROOT, checkout
+from bench.gateway_bench import ROOT, _children_cpu_seconds, checkout
 
 COMMANDS = {
     "export, unknown model": ["export", "--model", "crowd-csrnt", "--out", "{tmp}/unused"],
@@ -33,12 +32,9 @@ COMMANDS = {
 
 def timed(python: str, cwd: Path, args: list[str]) -> tuple[int, float, float]:
     """Exit status, wall seconds and CPU seconds (user + system, children included) of one run."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
+    cpu, started = _children_cpu_seconds(), time.perf_counter()
     done = subprocess.run([python, "-m", "migserve", *args], cwd=cwd, capture_output=True, check=False)
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return done.returncode, wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return done.returncode, time.perf_counter() - started, _children_cpu_seconds() - cpu
 
 
 def main() -> int:

@@ -27,6 +27,7 @@ from pathlib import Path
 from bench.gateway_ab import _serve_args
 from bench.gateway_bench import ROOT, Server, export
 from bench.image_memory import memory_status
+from exporters.names import MODEL_NAMES
 
 POLL_S = 0.02
 MB = 1 << 20
@@ -67,9 +68,7 @@ def main() -> int:
     parser.add_argument("--warm", action="store_true", help="--start: start A and B once, untimed, before the rounds")
     args = parser.parse_args()
     if args.models == ["all"]:
-        from exporters import zoo  # the export extra (torch): the bench environment has it
-
-        args.models = list(zoo.ZOO)
+        args.models = list(MODEL_NAMES)
     export(args.repo, *args.models)
     settings = {"A": _serve_args(args.a), "B": _serve_args(args.b)}
     revisions = {"A": args.a_revision, "B": None}

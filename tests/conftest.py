@@ -39,13 +39,9 @@ def run_slices_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
     user's: the first to load a model on a slice of so many cores times it, the later ones take that choice (about 2
     s less per start of all ten tiny models on two slices). Tests of the timing itself name a file or `off`."""
     folder = tmp_path_factory.mktemp("cache")
-    before = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(folder)
-    yield folder
-    if before is None:
-        del os.environ["XDG_CACHE_HOME"]
-    else:
-        os.environ["XDG_CACHE_HOME"] = before
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

@@ -47,6 +47,15 @@ def migserve(*args: str | Path, cwd: Path = ROOT, timeout: float = 600) -> CliRu
     return CliRun(proc.returncode, proc.stdout, proc.stderr)
 
 
+def migserve_imports(module: str, *args: str) -> tuple[CliRun, bool]:
+    """The CLI's `main(args)` in a fresh interpreter (its exit status as `returncode`), and whether it imported
+    `module` (e.g. torch, which takes seconds)."""
+    code = f"import sys; from migserve.cli import main; code = main({list(args)!r}); print(code, {module!r} in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    status, imported = proc.stdout.splitlines()[-1].split() if proc.stdout else ("-1", "True")
+    return CliRun(int(status), proc.stdout, proc.stderr), imported == "True"
+
+
 @dataclass(frozen=True)
 class ExportedRepo:
     root: Path

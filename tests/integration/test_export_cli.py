@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from exporters.pipeline import export_model, write_model_dir
 from exporters.request import ExportRequest
 from exporters.triton import PYTHON_MODEL
 from migserve.contract import read_contract, sha256_file, write_contract
-from tests.helpers import ExportedRepo, migserve
+from tests.helpers import ExportedRepo, migserve, migserve_imports
 
 
 def _failed_cleanly(run_out: Path, returncode: int, stderr: str, fragment: str) -> None:
@@ -138,10 +136,8 @@ def test_a_repository_up_to_date_is_checked_without_importing_torch(tiny_repo: E
     torch (seconds) to say so. (tests/e2e/test_make.py has a model that is not up to date exported again.)"""
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo.root, repo)
-    args = ["export", "--all", "--skip-existing", "--out", str(repo)]
-    code = f"import sys; from migserve.cli import main; code = main({args!r}); print(code, 'torch' in sys.modules)"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert run.stdout.splitlines()[-1] == "0 False", run.stderr
+    run, torch_imported = migserve_imports("torch", "export", "--all", "--skip-existing", "--out", str(repo))
+    assert (run.returncode, torch_imported) == (0, False), run.stderr
     assert run.stderr.splitlines() == [f"[{i:>2}/10] {name} (tiny): up to date, skipped" for i, name in enumerate(zoo.ZOO, 1)]
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ from exporters import zoo
 from exporters.errors import UnknownModel
 from exporters.names import MODEL_NAMES
 from exporters.zoo.base import OptionError
+from tests.helpers import migserve_imports
 
 
 def _fixture(shared: Path, name: str) -> dict[str, object]:
@@ -87,9 +86,8 @@ def test_unknown_model() -> None:
 def test_an_unknown_name_is_refused_before_torch_is_imported(args: list[str]) -> None:
     """The commands check names against MODEL_NAMES, the zoo's names in its order, before they import torch (seconds)."""
     assert MODEL_NAMES == tuple(zoo.ZOO) == tuple(m.name for m in zoo.ZOO.values())
-    code = f"import sys; from migserve.cli import main; code = main({args!r}); print(code, 'torch' in sys.modules)"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert (run.stdout.split(), "unknown model" in run.stderr) == (["2", "False"], True), run.stderr
+    run, torch_imported = migserve_imports("torch", *args)
+    assert (run.returncode, torch_imported, "unknown model" in run.stderr) == (2, False, True), run.stderr
 
 
 @pytest.mark.parametrize("name", list(zoo.ZOO))

@@ -12,17 +12,24 @@ process's start, imports, sessions, warm-up runs and, with `--cpu-run-slices aut
         --a=--cpu-run-slices-cache=off --b=--cpu-run-slices-cache=results/slices.json   # timed at start, or kept
 
 --start times a whole gateway's start instead: from launching `migserve serve` to its first ready answer
-(polled every 0.2 s), A and B in turn, one gateway up at a time.
+(polled every 0.2 s), A and B in turn, one gateway up at a time. With --first-ct it then times the first and the
+second `/v1/lns/segment` of a small NIfTI volume (the CT family's endpoint: what its first request pays at once).
+
+    .venv/bin/python -m bench.restart --start --warm --first-ct --rounds 5 --models lns-organs lns-stations --a-revision REV
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
 import signal
 import statistics
 import time
+import urllib.request
 from pathlib import Path
+
+import numpy as np
 
 from bench.gateway_ab import _serve_args
 from bench.gateway_bench import ROOT, Server, export
@@ -66,6 +73,7 @@ def main() -> int:
     parser.add_argument("--start", action="store_true", help="time a gateway's start, not a worker's restart")
     parser.add_argument("--cpu-slices", default="1", help="the gateway's CPU slices (default: one worker on one core)")
     parser.add_argument("--warm", action="store_true", help="--start: start A and B once, untimed, before the rounds")
+    parser.add_argument("--first-ct", action="store_true", help="--start: then time the first two /v1/lns/segment requests")
     args = parser.parse_args()
     if args.models == ["all"]:
         args.models = list(MODEL_NAMES)
@@ -93,6 +101,8 @@ def main() -> int:
 def _starts(args: argparse.Namespace, settings: dict[str, list[str]], revisions: dict[str, str | None], common: list[str]) -> int:
     times: dict[str, list[float]] = {label: [] for label in settings}
     resident: dict[str, list[float]] = {label: [] for label in settings}
+    first_ct: dict[str, list[tuple[float, float]]] = {label: [] for label in settings}
+    volume = _small_ct() if args.first_ct else b""
     if args.warm:  # one untimed start of each first, e.g. to fill a --cpu-run-slices-cache the rounds then find
         for label, extra in settings.items():
             Server(args.repo, *common, *extra, revision=revisions[label]).close()
@@ -108,10 +118,35 @@ def _starts(args: argparse.Namespace, settings: dict[str, list[str]], revisions:
                 f"slices {[p['run_slices'] for p in partitions]}",
                 flush=True,
             )
+            if args.first_ct:
+                first_ct[label].append((_segment_seconds(server, volume), _segment_seconds(server, volume)))
+                print(f"round {round_} {label}: first CT request {first_ct[label][-1][0]:.3f} s, second {first_ct[label][-1][1]:.3f} s")
             server.close()
     _table(f"gateway start, {', '.join(args.models)}, CPU slices {args.cpu_slices}", args.rounds, settings, revisions, times)
+    if args.first_ct:
+        for nth, title in enumerate(("first", "second")):
+            seconds = {label: [pair[nth] for pair in pairs] for label, pairs in first_ct.items()}
+            _table(f"the {title} /v1/lns/segment after the start", args.rounds, settings, revisions, seconds)
     print("\nworkers' resident memory at ready, MB (mean): " + ", ".join(f"{k} {statistics.mean(v):.1f}" for k, v in resident.items()))
     return 0
+
+
+def _small_ct() -> bytes:
+    """A gzipped NIfTI CT of 24x48x48 voxels at 4 mm (the tiny lns models' spacing), HU in [-1000, 400]."""
+    import nibabel as nib  # here, not in every run of this bench
+
+    hu = np.random.default_rng(0).uniform(-1000, 400, (48, 48, 24)).astype(np.int16)
+    return gzip.compress(nib.Nifti1Image(hu, np.diag([4.0, 4.0, 4.0, 1.0])).to_bytes())
+
+
+def _segment_seconds(server: Server, volume: bytes) -> float:
+    """One synchronous /v1/lns/segment of the volume, as the request body: seconds to its 200."""
+    url = f"http://127.0.0.1:{server.port}/v1/lns/segment?mode=sync"
+    request = urllib.request.Request(url, data=volume, headers={"Content-Type": "application/gzip"})
+    started = time.monotonic()
+    with urllib.request.urlopen(request, timeout=120) as response:
+        response.read()
+    return time.monotonic() - started
 
 
 def _table(

@@ -32,6 +32,7 @@ from ..cgroups import memory_usage
 from ..config import MB, ServeConfig
 from ..dispatch.batcher import BatchPolicy, ModelBatcher, Pending
 from ..errors import BadRequest, DeadlineExpired, NotFound, ServiceError, UnknownModel
+from ..families.volume import import_readers_soon
 from ..fds import few_open_files
 from ..jobs import JobStore
 from ..logsettings import LogSettings, watch_invalid_requests
@@ -177,6 +178,8 @@ class Gateway:
 
     async def start(self) -> None:
         self._unwatch = watch_invalid_requests(self.metrics.invalid_http.inc)
+        if any(entry.contract.family == "lns" for entry in self.models.values()):
+            import_readers_soon()  # while the workers start; a CT model loaded later starts it in _serve
         await self.backend.start()
         self._check_memory_headroom()
         if (few := few_open_files()) is not None:
@@ -227,6 +230,8 @@ class Gateway:
         self.backend.add_listener(batcher.notify)
         self.batchers[name] = batcher
         self._configure(name, entry, policy)
+        if entry.contract.family == "lns":
+            import_readers_soon()
 
     def _queue_count(self, name: str) -> Published | None:
         """With front-ends, where the model's batcher publishes its queue's length for the gateway's --queue-capacity."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import socket
 import sys
 from pathlib import Path
@@ -24,10 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "quota (docker --cpus, a Kubernetes CPU limit) has CPUs)",
     )
     parser.add_argument("--models", nargs="+", metavar="NAME", help="serve only these models")
-    parser.add_argument("--max-body-mb", type=float, default=256.0, help="largest request body (default: 256)")
+    parser.add_argument("--max-body-mb", type=_finite, default=256.0, help="largest request body (default: 256)")
     parser.add_argument(
         "--max-json-mb",
-        type=float,
+        type=_finite,
         default=16.0,
         help="largest JSON part of a KServe v2 inference request, and largest JSON body to a /v1 endpoint (JSON is parsed "
         "in the gateway's event loop, which answers nothing else meanwhile); larger gets 413 asking for binary tensors "
@@ -36,28 +37,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-pending-mb",
-        type=float,
+        type=_finite,
         help="request bodies held at once, received to answered; an HTTP body that would pass it gets 503 before it is read "
         "(default: 1024, or a quarter of a memory limit (docker --memory, a Kubernetes limit) where that is less)",
     )
-    parser.add_argument("--timeout-s", type=float, default=30.0, help="default per-request deadline (default: 30)")
+    parser.add_argument("--timeout-s", type=_finite, default=30.0, help="default per-request deadline (default: 30)")
     parser.add_argument(
         "--receive-timeout-s",
-        type=float,
+        type=_finite,
         default=30.0,
         help="a client that sends nothing for this long in the middle of a request's head or body gets 408 and is "
         "disconnected, and the body's share of --max-pending-mb is given back (default: 30)",
     )
     parser.add_argument(
         "--arena-keep-mb",
-        type=float,
+        type=_finite,
         default=64.0,
         help="shared memory kept per worker for batches between them (input and output); larger batches' arenas are "
         "counted in --max-pending-mb and released once idle for 2 s (default: 64)",
     )
     parser.add_argument(
         "--send-timeout-s",
-        type=float,
+        type=_finite,
         default=60.0,
         help="a client that takes none of an answer waiting in its connection's buffer for this long is disconnected "
         "(over gRPC also one that answers no ping for about this long); until then the answer is counted in --max-pending-mb "
@@ -71,13 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--worker-hang-s",
-        type=float,
+        type=_finite,
         default=300.0,
         help="a worker that has not answered a batch for this long is killed and restarted, its batch retried once "
         "elsewhere; above the slowest batch you serve (default: 300)",
     )
     parser.add_argument("--max-batch-size", type=int, help="cap every model's batch size; 1 disables batching")
-    parser.add_argument("--max-queue-delay-ms", type=float, help="override every model's batching delay")
+    parser.add_argument("--max-queue-delay-ms", type=_finite, help="override every model's batching delay")
     parser.add_argument(
         "--preferred-batch-sizes",
         help="override every model's preferred batch sizes, e.g. 4,8 (under load a batch that reaches the smallest "
@@ -146,8 +147,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "unload models while the gateway runs, as Triton's explicit mode; --models names the ones loaded at start-up "
         "(default: none, the models it started with)",
     )
-    parser.add_argument("--max-image-mp", type=float, default=40.0, help="largest decoded image, megapixels (default: 40)")
-    parser.add_argument("--max-volume-mvox", type=float, default=64.0, help="largest CT volume, million voxels (default: 64)")
+    parser.add_argument("--max-image-mp", type=_finite, default=40.0, help="largest decoded image, megapixels (default: 40)")
+    parser.add_argument("--max-volume-mvox", type=_finite, default=64.0, help="largest CT volume, million voxels (default: 64)")
     parser.add_argument("--job-min-tiles", type=int, default=32, help="CT volumes needing more tiles run as jobs (default: 32)")
     parser.add_argument("--max-jobs", type=int, default=4, help="CT jobs running at once; more are answered 503 (default: 4)")
     parser.add_argument(
@@ -159,7 +160,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-job-mb",
-        type=float,
+        type=_finite,
         help="memory the running CT jobs (/v1/lns/segment) may hold in the gateway together: the volume, its resampled "
         "copies, each label's score and the tiles in flight, estimated from the volume's size before the job starts; a "
         "job that would pass it runs fewer tiles at once, else is answered 503, or 413 if alone it would "
@@ -167,7 +168,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--job-results-mb",
-        type=float,
+        type=_finite,
         default=512.0,
         help="finished jobs' results (label maps) kept at once for GET /v1/jobs/ID; past it the oldest finished are "
         "dropped, and their URLs say so (default: 512)",
@@ -194,6 +195,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: 1)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _finite(raw: str) -> float:
+    """A number flag's value: NaN and infinities refused by argparse, naming the flag (a limit of inf megabytes, or a
+    deadline of NaN seconds, is a mistake, not a setting)."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {raw!r}")
+    return value
 
 
 def _sizes(flag: str, raw: str | None, what: str, example: str) -> tuple[int, ...] | None:
@@ -226,8 +239,12 @@ def _run_slices(raw: str) -> Literal["auto", "off"] | int:
 
 
 def _check_port(host: str, port: int, flag: str) -> None:
-    """Refuse at once a port another process holds, instead of after the workers start (gRPC binds late)."""
+    """Refuse at once a port out of range or another process holds, instead of after the workers start (gRPC binds
+    late)."""
     import socket
+
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{flag} {port}: expected a port from 0 to 65535 (0: any free one)")
 
     from .api.frontends import tcp_socket
 

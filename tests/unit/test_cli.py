@@ -89,6 +89,8 @@ def test_export_without_torch_says_how_to_install_it() -> None:
         (["--topology", "/nonexistent.yaml"], "cannot read topology /nonexistent.yaml"),
         (["--port", "HELD"], "--port HELD: cannot listen on 127.0.0.1:HELD: Address already in use"),
         (["--grpc-port", "HELD"], "cannot listen on 127.0.0.1:HELD: Address already in use"),
+        (["--port", "80000"], "--port 80000: expected a port from 0 to 65535 (0: any free one)"),
+        (["--grpc-port", "-1"], "--grpc-port -1: expected a port from 0 to 65535"),
         (["--max-pending-mb", "100"], "error: --max-pending-mb 100 is below --max-body-mb 256: a request of the largest"),
         (["--queue-capacity", "0"], "error: queue_capacity: Input should be greater than or equal to 1"),
         (["--tiles-in-flight", "0"], "error: tiles_in_flight: Input should be greater than or equal to 1"),
@@ -142,3 +144,24 @@ def test_serve_without_onnxruntime_says_which_extra_to_install(tmp_path: Path) -
         "error: onnxruntime is not installed, and the local partitions' workers need it: pip install 'migserve[cpu]', "
         "or 'migserve[gpu]' (onnxruntime-gpu) on NVIDIA GPUs, never both"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-body-mb", "inf"], "argument --max-body-mb: expected a finite number, got 'inf'"),
+        (["--timeout-s", "nan"], "argument --timeout-s: expected a finite number, got 'nan'"),
+        (["--max-volume-mvox=-inf"], "argument --max-volume-mvox: expected a finite number, got '-inf'"),
+        (["--max-pending-mb", "lots"], "argument --max-pending-mb: expected a number, got 'lots'"),
+    ],
+)
+def test_serve_refuses_numbers_that_are_not_finite_naming_the_flag(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before, inf megabytes or NaN megavoxels ended in a traceback (OverflowError) or a line naming no flag."""
+    from migserve.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["serve", *args])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"migserve serve: error: {message}"

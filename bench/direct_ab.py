@@ -43,9 +43,10 @@ def shm_body(server: Server, repo: Path, model: str) -> Iterator[tuple[bytes, di
     arrays = sample(contract, {}, 1)
     memory = shared_memory.SharedMemory(create=True, size=sum(a.nbytes for a in arrays.values()))
     try:
-        entries, offset = [], 0
+        entries, offset, view = [], 0, memory.buf
+        assert view is not None  # None only once closed
         for name, array in arrays.items():
-            memory.buf[offset : offset + array.nbytes] = array.tobytes()
+            view[offset : offset + array.nbytes] = array.tobytes()
             region = {"shared_memory_region": REGION, "shared_memory_byte_size": array.nbytes, "shared_memory_offset": offset}
             entries.append(
                 {

@@ -46,7 +46,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from bench.gateway_bench import DATATYPES, ROOT, Server, export, sample
-from tests.helpers import free_port
+from bench.ports import free_port
 from tests.integration.test_family_endpoints import ASTRONAUT, CT_SMALL, NIBABEL_DATA, encode, lfw_faces, npy
 
 MODELS = ("crowd-csrnet", "face-pros", "frontalize-dalgan", "grounding-mgsl", "lns-organs", "lns-stations")

@@ -30,7 +30,7 @@ from typing import Any
 
 from bench.gateway_bench import Server, bodies, busy, closed_loop, export, round_options
 from bench.grpc_bench import answered, count_answered, grpc_message, h2load_loop
-from tests.helpers import free_port
+from bench.ports import free_port
 
 
 def main() -> int:

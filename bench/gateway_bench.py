@@ -39,8 +39,8 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.load import process_usage
+from bench.ports import free_port
 from migserve.types import Array
-from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS: dict[str, dict[str, int]] = {"crowd-csrnet": {}, "face-pros": {}}  # each at its contract's default size

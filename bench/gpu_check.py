@@ -51,9 +51,9 @@ import onnxruntime as ort
 from bench import gateway_bench as gb
 from bench.mig import MigError, Smi
 from bench.nvml_probe import probe_for
+from bench.ports import free_port
 from migserve.types import Array
 from service.partitions import discover
-from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SMI_CAPTURES = {  # file -> nvidia-smi arguments; all read-only

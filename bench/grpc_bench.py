@@ -60,8 +60,8 @@ from bench.gateway_bench import (
     round_options,
     sample,
 )
+from bench.ports import free_port
 from migserve.types import Array
-from tests.helpers import free_port
 
 FINISHED = re.compile(r"finished in ([\d.]+)s")
 REQUESTS = re.compile(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout")

@@ -23,7 +23,7 @@ from bench.gateway_bench import ROOT, Server, export, metric
 from bench.grpc_bench import infer_request
 from bench.held_grpc import HeldGrpcCall
 from bench.image_memory import memory_status
-from tests.helpers import free_port
+from bench.ports import free_port
 
 MB = 1 << 20
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"

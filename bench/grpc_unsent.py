@@ -27,8 +27,8 @@ from bench.gateway_bench import ROOT, Server, export, metric, sample
 from bench.grpc_bench import infer_request
 from bench.held_grpc import HeldGrpcCall
 from bench.image_memory import memory_status
+from bench.ports import free_port
 from migserve.contract import read_contract
-from tests.helpers import free_port
 
 MB = 1 << 20
 BATCH = 4

@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 
 from bench.gateway_bench import ROOT, bodies, closed_loop
-from tests.helpers import free_port
+from bench.ports import free_port
 
 APP = """
 import sys, uvicorn

@@ -40,7 +40,7 @@ from bench.gateway_bench import ROOT, Server, bodies, export, sample
 from bench.grpc_bench import infer_request
 from bench.held_grpc import HeldGrpcCall
 from bench.image_memory import memory_status
-from tests.helpers import free_port
+from bench.ports import free_port
 
 MODELS = (
     "face-pros",

@@ -16,9 +16,13 @@ from typing import BinaryIO, TypeVar
 import numpy as np
 import tritonclient.http as httpclient
 
+from bench.ports import free_port
 from migserve.types import Array
 
 ROOT = Path(__file__).resolve().parents[1]
+# The installed command, as a user runs it. `python -m migserve` would also import what the working directory
+# holds (tests/, say), which the installed command cannot: `migserve bench profile --mode gateway` once failed so.
+MIGSERVE = str(Path(sys.executable).with_name("migserve"))
 T = TypeVar("T")
 
 
@@ -41,9 +45,7 @@ class CliRun:
 
 def migserve(*args: str | Path, cwd: Path = ROOT, timeout: float = 600) -> CliRun:
     """Run the CLI in a fresh interpreter, as a user would."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "migserve", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
-    )
+    proc = subprocess.run([MIGSERVE, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
     return CliRun(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -60,15 +62,6 @@ def migserve_imports(module: str, *args: str) -> tuple[CliRun, bool]:
 class ExportedRepo:
     root: Path
     run: CliRun
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, what: str, timeout: float) -> None:
@@ -119,7 +112,7 @@ class Gateway:
         self.url = f"127.0.0.1:{self.port}"
         self.log = log
         # prefix: a command that execs the rest (e.g. unshare, to serve in a mount namespace of its own)
-        command = [*prefix, sys.executable, "-m", "migserve", "serve", "--model-repo", str(repo), "--port", str(self.port), *args]
+        command = [*prefix, MIGSERVE, "serve", "--model-repo", str(repo), "--port", str(self.port), *args]
         self.grpc_url: str | None = None  # host:port of its gRPC endpoint, when asked for
         if grpc:
             grpc_port = free_port()
@@ -172,9 +165,7 @@ def fake_smi_runner(shared: Path, tmp_path: Path) -> SmiRun:
             "FAKE_SMI_REPLIES": json.dumps(replies),
             "FAKE_SMI_LOG": str(log),
         }
-        done = subprocess.run(
-            [sys.executable, "-m", "migserve", *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, check=False
-        )
+        done = subprocess.run([MIGSERVE, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
         return CliRun(done.returncode, done.stdout, done.stderr), log.read_text().splitlines()
 
     return run

@@ -17,7 +17,8 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.helpers import free_port, wait_ready
+from bench.ports import free_port
+from tests.helpers import wait_ready
 
 
 def _pytriton() -> Path:

@@ -55,7 +55,7 @@ def test_make_serve_starts_a_gateway_that_answers(repo_copy: Path) -> None:
     import time
     import urllib.request
 
-    from tests.helpers import free_port
+    from bench.ports import free_port
 
     port = free_port()
     venv = Path(sys.prefix)

@@ -18,8 +18,9 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
+from bench.ports import free_port
 from service.api.errors import AnswerBugs
-from tests.helpers import free_port, read_response
+from tests.helpers import read_response
 
 
 def _app() -> FastAPI:

@@ -7,7 +7,6 @@ import http.server
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from migserve.contract import read_contract
-from tests.helpers import ROOT, ExportedRepo, migserve
+from tests.helpers import MIGSERVE, ROOT, ExportedRepo, migserve
 
 COLUMNS = {
     "mode", "arrival", "model", "family", "contract_sha256", "partition", "profile", "batch", "concurrency", "requests", "errors",
@@ -75,7 +74,7 @@ def test_gateway_mode_and_poisson_arrivals(tiny_repo: ExportedRepo, tmp_path: Pa
 
 
 def test_ctrl_c_keeps_the_points_that_finished(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "migserve", "bench", "profile", "--model-repo", str(tiny_repo.root), "--out", str(tmp_path)]
+    command = [MIGSERVE, "bench", "profile", "--model-repo", str(tiny_repo.root), "--out", str(tmp_path)]
     command += ["--models", "crowd-csrnet", "--cpu-slices", "1", "--batch", "1,2,4,8", "--concurrency", "1,2", "--duration", "0.5s"]
     # SIGINT as a terminal gives it: a shell running this suite in the background ignores SIGINT, and children inherit that
     process = subprocess.Popen(

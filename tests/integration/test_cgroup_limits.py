@@ -26,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 from migserve.contract import read_contract
 from service.placement import GATEWAY_BYTES, MB, WORKER_BYTES, arenas_per_worker, footprint
 from service.repository import load_model
-from tests.helpers import ROOT, ExportedRepo, Gateway
+from tests.helpers import MIGSERVE, ROOT, ExportedRepo, Gateway
 from tests.integration.test_gateway_protocol import make_inputs, triton_inputs
 
 CGROUP_V1 = Path("/sys/fs/cgroup")
@@ -241,7 +241,7 @@ def test_a_worker_killed_for_memory_while_it_loads_stops_the_gateway_saying_why(
     # --cpu-run-slices-cache, where it would need 40); placement, which cannot see the other process, takes 280 MB to
     # have room for them. (With 100 MB held, the worker loaded on one host: too close to the edge.)
     group = make_group("memory", {"memory.swappiness": "0", "memory.limit_in_bytes": str(280 << 20)})
-    command = [*_entering(group), sys.executable, "-m", "migserve", "serve", "--model-repo", str(tiny_repo.root), "--port", "0"]
+    command = [*_entering(group), MIGSERVE, "serve", "--model-repo", str(tiny_repo.root), "--port", "0"]
     command += ["--cpu-slices", "1", "--models", "crowd-csrnet", "--cpu-run-slices-cache", "off"]
     # With the defaults one body of --max-body-mb 256 may take nearly the whole limit: no memory is left for the model
     unplaced = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)

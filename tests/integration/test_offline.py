@@ -18,7 +18,7 @@ import httpx
 
 from exporters.triton import switch_backend
 from migserve.contract import read_contract
-from tests.helpers import ROOT, ExportedRepo, Gateway
+from tests.helpers import MIGSERVE, ROOT, ExportedRepo, Gateway
 from tests.integration.test_gateway_protocol import make_inputs, triton_inputs
 from tests.triton_server import TritonServer
 
@@ -55,7 +55,7 @@ def test_onnxruntime_left_alone_writes_telemetry_so_the_checks_below_can_fail(ti
 
 def test_exporting_and_serving_write_no_onnxruntime_telemetry(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
     env, folders = _bare_environment(tmp_path)
-    export = [sys.executable, "-m", "migserve", "export", "--model", "crowd-csrnet", "--out", str(tmp_path / "repo")]
+    export = [MIGSERVE, "export", "--model", "crowd-csrnet", "--out", str(tmp_path / "repo")]
     subprocess.run(export, cwd=ROOT, env=env, check=True, capture_output=True)  # parity runs onnxruntime
     server = Gateway(tiny_repo.root, "--cpu-slices", "1,1", "--models", "crowd-csrnet", log=tmp_path / "serve.log", env=env)
     try:

@@ -14,6 +14,7 @@ from exporters.cli import _options, _pairs, format_table
 from exporters.errors import BadOption, UnknownModel
 from exporters.request import ExportResult
 from exporters.zoo import ZOO
+from tests.helpers import MIGSERVE
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = list(ZOO)
@@ -108,7 +109,7 @@ def test_serve_start_up_errors_are_one_line(args: list[str], message: str, tmp_p
     argv = ["serve", *(["--model-repo", str(repo)] if "--model-repo" not in args else []), *args]
     argv += ["--port", "0"] if "--port" not in args else []  # not 8000, which something on the host may hold
     with held:
-        proc = subprocess.run([sys.executable, "-m", "migserve", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+        proc = subprocess.run([MIGSERVE, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ")

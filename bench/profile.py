@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import csv
 import json
+import math
 import os
 import platform
 import socket
@@ -38,11 +39,33 @@ WARMUP_S = 0.5
 
 
 def parse_list(raw: str) -> list[int]:
-    return [int(x) for x in raw.split(",") if x.strip()]
+    """'1,8,32' -> [1, 8, 32]: whole numbers of 1 or more (a batch, a concurrency or a slice of 0 measures nothing)."""
+    try:
+        values = [int(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected whole numbers of 1 or more, comma-separated, e.g. 1,8,32; got {raw!r}")
+    return values
 
 
 def parse_seconds(raw: str) -> float:
-    return float(raw.removesuffix("s"))
+    """'10s' or '10' -> 10.0: above 0 and finite."""
+    return _positive(raw.removesuffix("s"), "seconds above 0, e.g. 10s", raw)
+
+
+def parse_rate(raw: str) -> float:
+    return _positive(raw, "requests per second above 0, e.g. 50", raw)
+
+
+def _positive(text: str, what: str, raw: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected {what}; got {raw!r}")
+    return value
 
 
 def parse_dims(raw: str) -> dict[str, int]:
@@ -274,6 +297,7 @@ async def sweep(args: argparse.Namespace, err: TextIO) -> Recorder:
     missing = [m for m in args.models if m not in repo.models]
     if missing:
         raise ValueError(f"models not in {args.model_repo}: {missing}; served there: {sorted(repo.models)}")
+    _check_dims(args.dims or {}, {m: repo.models[m].contract for m in args.models})
     parts: list[Partition | None] = [None]  # a given URL: the remote server is the one "partition"
     if args.url is None:
         parts = [p for p in discover(None, args.cpu_slices) if args.partitions == "all" or p.id in args.partitions.split(",")]
@@ -318,6 +342,21 @@ async def sweep(args: argparse.Namespace, err: TextIO) -> Recorder:
     return recorder
 
 
+def _check_dims(dims: dict[str, int], contracts: dict[str, Contract]) -> None:
+    """--dims against the models' contracts: each name some model's dim, each value in its range where it is one."""
+    inputs = {model: {d for t in c.inputs for d in t.shape if isinstance(d, str) and d != "batch"} for model, c in contracts.items()}
+    for name, value in dims.items():
+        having = {model: c.dims[name] for model, c in contracts.items() if name in inputs[model]}
+        if not having:
+            known = sorted(set().union(*inputs.values()))
+            raise ValueError(
+                f"--dims {name}: not an input dim of {', '.join(contracts)} (theirs: {', '.join(known) or 'none'}; the batch is --batch)"
+            )
+        for model, dim in having.items():
+            if not dim.min <= value <= dim.max:
+                raise ValueError(f"--dims {name}={value}: {model} takes {name} from {dim.min} to {dim.max}")
+
+
 def _target(args: argparse.Namespace, partition: Any, entry: Any) -> Target:
     if args.mode == "direct":
         return DirectTarget(partition, entry)
@@ -352,7 +391,7 @@ def add_parser(actions: Any) -> None:
     profile.add_argument("--mode", choices=["direct", "gateway", "triton"], default="direct")
     profile.add_argument("--url", help="host:port of a running gateway (gateway mode) or Triton server (triton mode)")
     profile.add_argument("--arrival", choices=["closed", "poisson"], default="closed")
-    profile.add_argument("--rate", type=float, default=50.0, help="requests per second with --arrival poisson")
+    profile.add_argument("--rate", type=parse_rate, default=50.0, help="requests per second with --arrival poisson")
     profile.add_argument("--dcgm-url", help="a dcgm-exporter /metrics URL scraped after each point (fields 1001, 1002, 1005, 252)")
     profile.add_argument("--dims", type=parse_dims, help="input dims other than the contract's defaults, e.g. height=8,width=8")
     profile.add_argument("--model-repo", type=Path, default=Path("model_repo"))

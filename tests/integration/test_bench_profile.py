@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import http.server
+import io
 import json
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from migserve.contract import read_contract
@@ -127,3 +129,40 @@ def test_dcgm_activity_is_recorded_per_gpu_instance(tiny_repo: ExportedRepo, tmp
 def test_unknown_models_are_refused(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
     run = migserve("bench", "profile", "--model-repo", tiny_repo.root, "--out", tmp_path, "--models", "resnet")
     assert run.returncode == 2 and "models not in" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch", "0"], "argument --batch: expected whole numbers of 1 or more, comma-separated, e.g. 1,8,32; got '0'"),
+        (["--concurrency", "8,x"], "argument --concurrency: expected whole numbers of 1 or more"),
+        (["--cpu-slices", "0"], "argument --cpu-slices: expected whole numbers of 1 or more"),
+        (["--duration", "0s"], "argument --duration: expected seconds above 0, e.g. 10s; got '0s'"),
+        (["--duration", "ten"], "argument --duration: expected seconds above 0, e.g. 10s; got 'ten'"),
+        (["--arrival", "poisson", "--rate", "0"], "argument --rate: expected requests per second above 0, e.g. 50; got '0'"),
+        (["--arrival", "poisson", "--rate=-5"], "argument --rate: expected requests per second above 0"),
+        (["--arrival", "poisson", "--rate", "nan"], "argument --rate: expected requests per second above 0"),
+        (["--dims", "height=0"], "--dims height=0: crowd-csrnet takes height from 8 to 1024"),
+        (["--dims", "depth=4"], "--dims depth: not an input dim of crowd-csrnet (theirs: height, width; the batch is --batch)"),
+    ],
+)
+def test_values_that_measure_nothing_are_refused_before_any_point(
+    tiny_repo: ExportedRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    """Before, a batch of 0 killed the direct mode's workers (each point's error: WorkerDied), a rate of 0 raised
+    ZeroDivisionError, a negative one never ended, and a dim out of range gave a point of nothing but errors."""
+    from bench import profile
+    from migserve.cli import build_parser
+
+    out, err = tmp_path / "out", io.StringIO()
+    argv = ["bench", "profile", "--model-repo", str(tiny_repo.root), "--out", str(out), "--models", "crowd-csrnet", *args]
+    try:
+        parsed = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse's refusal, on sys.stderr
+        assert exc.code == 2
+        said = capsys.readouterr().err
+    else:
+        assert profile.run(parsed, io.StringIO(), err) == 2
+        said = err.getvalue()
+    assert message in said
+    assert not out.exists(), "no point ran"

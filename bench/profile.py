@@ -154,6 +154,19 @@ class HttpTarget:
             self._server = await asyncio.to_thread(Server, self._repo, "--models", self.model, "--topology", str(topology))
             self._url = f"127.0.0.1:{self._server.port}"
         self._client = httpx.AsyncClient(base_url=f"http://{self._url}", timeout=60, limits=httpx.Limits(max_connections=256))
+        await self._check_ready()
+
+    async def _check_ready(self) -> None:
+        """The server answers and has the model ready (KServe v2's model readiness, which Triton serves too): else
+        one error now, not a sweep of points that are all errors."""
+        import httpx
+
+        try:
+            response = await self._client.get(f"/v2/models/{self.model}/ready", timeout=10)
+        except httpx.HTTPError as exc:
+            raise ValueError(f"--url {self._url}: cannot reach a server there: {exc or type(exc).__name__}") from None
+        if response.status_code != 200:
+            raise ValueError(f"--url {self._url}: model {self.model} is not ready there (HTTP {response.status_code} to its ready check)")
 
     async def call(self, inputs: dict[str, Array]) -> None:
         header = json.dumps(

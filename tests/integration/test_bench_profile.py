@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from bench.ports import free_port
 from migserve.contract import read_contract
-from tests.helpers import MIGSERVE, ROOT, ExportedRepo, migserve
+from tests.helpers import MIGSERVE, ROOT, ExportedRepo, Gateway, migserve
 
 COLUMNS = {
     "mode", "arrival", "model", "family", "contract_sha256", "partition", "profile", "batch", "concurrency", "requests", "errors",
@@ -166,3 +167,23 @@ def test_values_that_measure_nothing_are_refused_before_any_point(
         said = err.getvalue()
     assert message in said
     assert not out.exists(), "no point ran"
+
+
+def test_a_url_with_no_server_or_without_the_model_is_one_error(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """Before, each point spent its --duration on connection errors (10 s each by default)."""
+    from bench import profile
+    from migserve.cli import build_parser
+
+    def said(url: str) -> str:
+        argv = ["bench", "profile", "--model-repo", str(tiny_repo.root), "--out", str(tmp_path / "out"), "--models", "crowd-csrnet"]
+        err = io.StringIO()
+        assert profile.run(build_parser().parse_args([*argv, "--mode", "gateway", "--url", url]), io.StringIO(), err) == 2
+        return err.getvalue()
+
+    nobody = f"127.0.0.1:{free_port()}"
+    assert f"error: --url {nobody}: cannot reach a server there" in said(nobody)
+    gateway = Gateway(tiny_repo.root, "--models", "face-pros", log=tmp_path / "gateway.log")
+    try:
+        assert f"error: --url {gateway.url}: model crowd-csrnet is not ready there (HTTP 404 to its ready check)" in said(gateway.url)
+    finally:
+        gateway.close()

@@ -282,7 +282,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
 
     from .api.app import create_app
     from .api.connection import bounded_protocol, infer_protocol
-    from .config import ServeConfig
+    from .config import ServeConfig, first_problem
     from .errors import ServiceError
     from .fds import raise_open_files
     from .heap import keep_request_buffers_in_heap
@@ -351,9 +351,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
         )
         app = create_app(config)
     except ValidationError as exc:  # a ValueError too, but its text is a multi-line report
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        print(f"error: {where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}", file=err)
+        print(f"error: {first_problem(exc)}", file=err)
         return 2
     except (ValueError, ServiceError, TopologyError, RepositoryError) as exc:
         for held in (listening, reserved):

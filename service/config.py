@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MB = 1 << 20
 DEFAULT_PENDING_BYTES = 1 << 30
@@ -179,3 +179,11 @@ class ServeConfig(BaseModel):
                 "a request of the largest allowed size could never be served"
             )
         return self
+
+
+def first_problem(exc: ValidationError) -> str:
+    """pydantic's first error in one line, where it is and what is wrong (its own text is a multi-line report naming
+    the model class and a web page): 'partitions.0.kind: Input should be ...'."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return f"{where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}"

@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .cgroups import cpu_quota
+from .config import first_problem
 
 logger = logging.getLogger(__name__)
 
@@ -196,14 +197,29 @@ def usable_cores() -> set[int]:
     return os.sched_getaffinity(0)
 
 
-def load_topology(path: Path) -> list[Partition]:
+def _read_topology(path: Path) -> _Topology:
+    """The file's declarations, or a TopologyError in one line saying what is wrong and where."""
     try:
         raw = yaml.safe_load(path.read_text())
-        declared = _Topology.model_validate(raw)
+        if not isinstance(raw, dict):
+            got = "an empty file" if raw is None else f"a {type(raw).__name__}"
+            raise TopologyError(f"invalid topology {path}: expected a mapping with a 'partitions' list, got {got}")
+        return _Topology.model_validate(raw)
     except OSError as exc:
         raise TopologyError(f"cannot read topology {path}: {exc.strerror}") from None
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise TopologyError(f"invalid topology {path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise TopologyError(f"invalid topology {path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+    except yaml.MarkedYAMLError as exc:
+        at = f" at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}" if exc.problem_mark else ""
+        raise TopologyError(f"invalid topology {path}: not YAML: {exc.problem or exc.context}{at}") from None
+    except yaml.YAMLError as exc:
+        raise TopologyError(f"invalid topology {path}: not YAML: {exc}") from None
+    except ValidationError as exc:
+        raise TopologyError(f"invalid topology {path}: {first_problem(exc)}") from None
+
+
+def load_topology(path: Path) -> list[Partition]:
+    declared = _read_topology(path)
     ids = [p.id for p in declared.partitions]
     if len(set(ids)) != len(ids):
         raise TopologyError(f"invalid topology {path}: partition ids repeat: {ids}")

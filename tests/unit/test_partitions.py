@@ -103,26 +103,32 @@ def test_declared_topology_wins(tmp_path: Path, shared: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("partitions: []", "at least 1 item"),
-        ("partitions:\n  - {id: a, kind: tpu}", "kind"),
+        ("partitions: []", "^invalid topology .*: partitions: List should have at least 1 item"),
+        ("partitions:\n  - {id: a, kind: tpu}", r"partitions\.0\.kind: Input should be 'mig', 'gpu', 'cpu' or 'triton'$"),
         ("partitions:\n  - {id: a, kind: mig}", "needs a device UUID"),
         ("partitions:\n  - {id: a, kind: cpu}", "lists no cores"),
         ("partitions:\n  - {id: a, kind: triton}", "needs a url"),
-        ("partitions:\n  - {id: a, kind: triton, url: 'h:1', protocol: ftp}", "protocol"),
+        ("partitions:\n  - {id: a, kind: triton, url: 'h:1', protocol: ftp}", "partitions.0.protocol: Input should be 'http' or 'grpc'$"),
         ("partitions:\n  - {id: a, kind: cpu, cores: [0]}\n  - {id: a, kind: cpu, cores: [1]}", "ids repeat"),
-        ("partitions: [", "invalid topology"),
+        ("partitions: [", "not YAML: expected the node content, but found '<stream end>' at line 1, column 14$"),
+        ("partitions: {", "not YAML: .* at line 1, column 14$"),
+        ("- {id: a, kind: cpu, cores: [0]}", "expected a mapping with a 'partitions' list, got a list$"),
+        ("", "expected a mapping with a 'partitions' list, got an empty file$"),
+        ("partitions: \udcff", r"not UTF-8 text \(byte 0xff at offset 12\)$"),
         ("partitions:\n  - {id: a, kind: cpu, cores: [0, 4096]}", r"cpu partition a lists cores \[4096\] that this process cannot run on"),
         ("partitions:\n  - {id: a, kind: cpu, cores: [0, 0]}", r"lists a core twice: \[0, 0\]"),
         ("partitions:\n  - {id: a, kind: triton, url: 'http://h:8000'}", "has url 'http://h:8000'; give host:port without a scheme"),
         ("partitions:\n  - {id: a, kind: triton, url: 'h'}", "has url 'h'; give host:port"),
-        ("partitions:\n  - {id: a, kind: cpu, cores: [0], memory_bytes: -5}", "memory_bytes\n  Input should be greater than 0"),
+        ("partitions:\n  - {id: a, kind: cpu, cores: [0], memory_bytes: -5}", "partitions.0.memory_bytes: Input should be greater than 0$"),
     ],
 )
 def test_bad_topologies_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
+    """In one line each: where the file went wrong and how, not pydantic's or PyYAML's multi-line reports."""
     path = tmp_path / "topology.yaml"
-    path.write_text(text)
-    with pytest.raises(TopologyError, match=message):
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))  # \udcff: the byte 0xff
+    with pytest.raises(TopologyError, match=message) as refused:
         load_topology(path)
+    assert "\n" not in str(refused.value)
     with pytest.raises(TopologyError, match="cannot read topology"):
         load_topology(tmp_path / "missing.yaml")
 

@@ -310,7 +310,7 @@ async def sweep(args: argparse.Namespace, err: TextIO) -> Recorder:
     missing = [m for m in args.models if m not in repo.models]
     if missing:
         raise ValueError(f"models not in {args.model_repo}: {missing}; served there: {sorted(repo.models)}")
-    _check_dims(args.dims or {}, {m: repo.models[m].contract for m in args.models})
+    check_dims(args.dims or {}, {m: repo.models[m].contract for m in args.models})
     parts: list[Partition | None] = [None]  # a given URL: the remote server is the one "partition"
     if args.url is None:
         parts = [p for p in discover(None, args.cpu_slices) if args.partitions == "all" or p.id in args.partitions.split(",")]
@@ -355,7 +355,7 @@ async def sweep(args: argparse.Namespace, err: TextIO) -> Recorder:
     return recorder
 
 
-def _check_dims(dims: dict[str, int], contracts: dict[str, Contract]) -> None:
+def check_dims(dims: dict[str, int], contracts: dict[str, Contract]) -> None:
     """--dims against the models' contracts: each name some model's dim, each value in its range where it is one."""
     inputs = {model: {d for t in c.inputs for d in t.shape if isinstance(d, str) and d != "batch"} for model, c in contracts.items()}
     for name, value in dims.items():

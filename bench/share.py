@@ -38,11 +38,12 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from exporters.names import MODEL_NAMES
 from service.workers.affinity import pin_threads
 
 from .load import milliseconds, timed_runs
 from .mig import MigError, Smi
-from .profile import Recorder, environment, parse_dims, parse_seconds
+from .profile import Recorder, check_dims, environment, parse_dims, parse_seconds
 from .smi import parse_devices
 from .train import child_answer, child_main, start_child, start_together, wait_for_start
 
@@ -270,6 +271,29 @@ class Refused(Exception):
     """A reason to run nothing, said to the user as it is."""
 
 
+def _check_workload(args: argparse.Namespace) -> None:
+    """The batch, the models and (for inference) --dims against their contracts, after the guard and before any
+    process starts: else each process of each mode failed on its own (a KeyError for an unknown model)."""
+    if args.batch < 1:
+        raise Refused("--batch must be at least 1")
+    if args.workload == "train":
+        if unknown := [m for m in args.models if m not in MODEL_NAMES]:
+            raise Refused(f"unknown models {unknown}; the zoo has: {', '.join(MODEL_NAMES)}")
+        return  # the training child checks --dims against the zoo's definitions, which need torch
+    from service.repository import RepositoryError, load_repository
+
+    try:
+        repo = load_repository(args.model_repo)
+    except RepositoryError as exc:
+        raise Refused(str(exc)) from None
+    if missing := [m for m in args.models if m not in repo.models]:
+        raise Refused(f"models not in {args.model_repo}: {missing}; there: {sorted(repo.models)}")
+    try:
+        check_dims(args.dims or {}, {m: repo.models[m].contract for m in args.models})
+    except ValueError as exc:
+        raise Refused(str(exc)) from None
+
+
 def where_to_run(args: argparse.Namespace) -> tuple[GpuState | None, list[tuple[int, ...]]]:
     """The GPU's state (None for --device cpu) and the CPU slices of the analogue; Refused when the guard says no."""
     if args.processes < 1:
@@ -298,16 +322,17 @@ def where_to_run(args: argparse.Namespace) -> tuple[GpuState | None, list[tuple[
 def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     try:
         state, slices = where_to_run(args)
+        plans = {mode: plan(mode, args.processes, state, slices) for mode in args.modes}
+        for mode, placements in plans.items():
+            places = "; ".join(p.describe() for p in placements)
+            print(f"{mode}: {args.processes} x {args.workload} {','.join(args.models)} b={args.batch} on {places}", file=out)
+        if args.dry_run:  # the guard and the plan only
+            print("dry run: nothing was run", file=out)
+            return 0
+        _check_workload(args)
     except Refused as exc:
         print(f"refused: {exc}", file=err)
         return 2
-    plans = {mode: plan(mode, args.processes, state, slices) for mode in args.modes}
-    for mode, placements in plans.items():
-        places = "; ".join(p.describe() for p in placements)
-        print(f"{mode}: {args.processes} x {args.workload} {','.join(args.models)} b={args.batch} on {places}", file=out)
-    if args.dry_run:
-        print("dry run: nothing was run", file=out)
-        return 0
     recorder = Recorder(args.out)
     previous = json.loads((args.out / "points.json").read_text()) if (args.out / "points.json").is_file() else []
     recorder.rows = list(previous)  # appended, so modes that need different MIG states can share one report

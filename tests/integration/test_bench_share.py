@@ -3,6 +3,7 @@ and the CPU analogue run for real."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -88,3 +89,28 @@ def test_cpu_analogue_runs_both_modes_side_by_side(tiny_repo: ExportedRepo, tmp_
 def test_cpu_analogue_has_no_mps(tmp_path: Path) -> None:
     run = migserve("bench", "share", "--device", "cpu", "--models", "crowd-csrnet", "--modes", "mps", "--out", tmp_path)
     assert run.returncode == 2 and "MPS is a GPU feature" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch", "0"], "refused: --batch must be at least 1"),
+        (["--models", "nope"], "refused: models not in REPO: ['nope']; there: ['crowd-csrnet',"),
+        (["--workload", "train", "--models", "nope"], "refused: unknown models ['nope']; the zoo has: face-pros,"),
+        (["--dims", "height=4"], "refused: --dims height=4: crowd-csrnet takes height from 8 to 1024"),
+        (["--dims", "depth=4"], "refused: --dims depth: not an input dim of crowd-csrnet"),
+    ],
+)
+def test_a_workload_that_cannot_run_is_refused_before_any_process_starts(
+    tiny_repo: ExportedRepo, tmp_path: Path, args: list[str], message: str
+) -> None:
+    """Before, each process of each mode started and failed on its own (an unknown model: `KeyError: 'nope'`)."""
+    from bench import share
+    from migserve.cli import build_parser
+
+    argv = ["bench", "share", "--device", "cpu", "--modes", "timeslice", "--processes", "1", "--models", "crowd-csrnet"]
+    argv += ["--model-repo", str(tiny_repo.root), "--duration", "1s", "--out", str(tmp_path / "out"), *args]
+    err = io.StringIO()
+    assert share.run(build_parser().parse_args(argv), io.StringIO(), err) == 2
+    assert message.replace("REPO", str(tiny_repo.root)) in err.getvalue()
+    assert not (tmp_path / "out").exists(), "no process ran"

@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME.KEY=VALUE",
         help="override an architecture option, e.g. face-pros.expression_classes=8; repeatable",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random init and of the parity samples (default: 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the random init and of the parity samples (default: 0)")
     parser.add_argument("--out", type=Path, default=Path("model_repo"), help="model repository to write into (default: model_repo)")
     parser.add_argument("--fp16", action="store_true", help="fp16 weights and compute with fp32 inputs and outputs (parity tolerance 1e-2)")
     parser.add_argument(
@@ -85,6 +85,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"models exported at once, each in a process of its own (default: one per usable core, at most {MAX_JOBS}; "
         "1: one after another in this process)",
     )
+
+
+def _seed(raw: str) -> int:
+    """0 to 2**64 - 1: what both torch's and numpy's generators take (a negative seed was a traceback after torch loaded)."""
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 2**64 - 1; got {raw!r}")
+    return value
 
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:

@@ -166,3 +166,15 @@ def test_serve_refuses_numbers_that_are_not_finite_naming_the_flag(
         build_parser().parse_args(["serve", *args])
     assert exited.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"migserve serve: error: {message}"
+
+
+@pytest.mark.parametrize("seed", ["-1", "abc", str(1 << 64)])
+def test_export_refuses_a_seed_the_generators_cannot_take(seed: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """numpy's takes no negative seed, torch's none of 2**64 or more: -1 was a traceback after torch had loaded."""
+    from migserve.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["export", "--all", f"--seed={seed}"])
+    assert exited.value.code == 2
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said == f"migserve export: error: argument --seed: expected a whole number from 0 to 2**64 - 1; got '{seed}'"

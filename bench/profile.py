@@ -20,7 +20,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -29,7 +29,7 @@ import numpy as np
 import yaml
 
 import migserve
-from migserve.contract import Contract
+from migserve.contract import Contract, DimRange, TensorSpec
 from migserve.types import Array
 
 from .load import closed_loop, open_loop, process_usage
@@ -310,7 +310,7 @@ async def sweep(args: argparse.Namespace, err: TextIO) -> Recorder:
     missing = [m for m in args.models if m not in repo.models]
     if missing:
         raise ValueError(f"models not in {args.model_repo}: {missing}; served there: {sorted(repo.models)}")
-    check_dims(args.dims or {}, {m: repo.models[m].contract for m in args.models})
+    check_dims(args.dims or {}, {m: (repo.models[m].contract.inputs, repo.models[m].contract.dims) for m in args.models})
     parts: list[Partition | None] = [None]  # a given URL: the remote server is the one "partition"
     if args.url is None:
         parts = [p for p in discover(None, args.cpu_slices) if args.partitions == "all" or p.id in args.partitions.split(",")]
@@ -355,15 +355,16 @@ async def sweep(args: argparse.Namespace, err: TextIO) -> Recorder:
     return recorder
 
 
-def check_dims(dims: dict[str, int], contracts: dict[str, Contract]) -> None:
-    """--dims against the models' contracts: each name some model's dim, each value in its range where it is one."""
-    inputs = {model: {d for t in c.inputs for d in t.shape if isinstance(d, str) and d != "batch"} for model, c in contracts.items()}
+def check_dims(dims: dict[str, int], shapes: dict[str, tuple[Sequence[TensorSpec], Mapping[str, DimRange]]]) -> None:
+    """--dims against each model's inputs and dim ranges (a contract's, or the zoo's for training): each name some
+    model's input dim, each value in its range where it is one."""
+    inputs = {model: {d for t in specs for d in t.shape if isinstance(d, str) and d != "batch"} for model, (specs, _) in shapes.items()}
     for name, value in dims.items():
-        having = {model: c.dims[name] for model, c in contracts.items() if name in inputs[model]}
+        having = {model: ranges[name] for model, (_, ranges) in shapes.items() if name in inputs[model]}
         if not having:
             known = sorted(set().union(*inputs.values()))
             raise ValueError(
-                f"--dims {name}: not an input dim of {', '.join(contracts)} (theirs: {', '.join(known) or 'none'}; the batch is --batch)"
+                f"--dims {name}: not an input dim of {', '.join(shapes)} (theirs: {', '.join(known) or 'none'}; the batch is --batch)"
             )
         for model, dim in having.items():
             if not dim.min <= value <= dim.max:

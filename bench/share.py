@@ -45,7 +45,7 @@ from .load import milliseconds, timed_runs
 from .mig import MigError, Smi
 from .profile import Recorder, check_dims, environment, parse_dims, parse_seconds
 from .smi import parse_devices
-from .train import child_answer, child_main, start_child, start_together, wait_for_start
+from .train import child_answer, child_main, start_child, start_together, wait_for_start, zoo_shapes
 
 MODES = ("mig", "mps", "timeslice")
 
@@ -272,24 +272,27 @@ class Refused(Exception):
 
 
 def _check_workload(args: argparse.Namespace) -> None:
-    """The batch, the models and (for inference) --dims against their contracts, after the guard and before any
-    process starts: else each process of each mode failed on its own (a KeyError for an unknown model)."""
+    """The batch, the models and --dims (against the contracts for inference, the zoo for training), after the guard
+    and before any process starts: else each process of each mode failed on its own (a KeyError for an unknown
+    model)."""
     if args.batch < 1:
         raise Refused("--batch must be at least 1")
     if args.workload == "train":
         if unknown := [m for m in args.models if m not in MODEL_NAMES]:
             raise Refused(f"unknown models {unknown}; the zoo has: {', '.join(MODEL_NAMES)}")
-        return  # the training child checks --dims against the zoo's definitions, which need torch
-    from service.repository import RepositoryError, load_repository
+        shapes = zoo_shapes(args.models, args.size) if args.dims else {}
+    else:
+        from service.repository import RepositoryError, load_repository
 
+        try:
+            repo = load_repository(args.model_repo)
+        except RepositoryError as exc:
+            raise Refused(str(exc)) from None
+        if missing := [m for m in args.models if m not in repo.models]:
+            raise Refused(f"models not in {args.model_repo}: {missing}; there: {sorted(repo.models)}")
+        shapes = {m: (repo.models[m].contract.inputs, repo.models[m].contract.dims) for m in args.models}
     try:
-        repo = load_repository(args.model_repo)
-    except RepositoryError as exc:
-        raise Refused(str(exc)) from None
-    if missing := [m for m in args.models if m not in repo.models]:
-        raise Refused(f"models not in {args.model_repo}: {missing}; there: {sorted(repo.models)}")
-    try:
-        check_dims(args.dims or {}, {m: repo.models[m].contract for m in args.models})
+        check_dims(args.dims or {}, shapes)
     except ValueError as exc:
         raise Refused(str(exc)) from None
 

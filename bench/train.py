@@ -22,16 +22,18 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
 from exporters.names import MODEL_NAMES
+from migserve.contract import DimRange, Size, TensorSpec
 from service.workers.affinity import pin_threads
 
 from .load import milliseconds, timed_runs
-from .profile import Progress, Recorder, environment, parse_dims, parse_list
+from .profile import Progress, Recorder, check_dims, environment, parse_dims, parse_list
 
 CHILD_TIMEOUT_S = 1800
 
@@ -64,6 +66,11 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
         return 2
     if args.steps < 1 or args.warmup < 0:
         print("error: --steps must be at least 1 and --warmup at least 0", file=err)
+        return 2
+    try:
+        check_dims(args.dims or {}, zoo_shapes(args.models, args.size) if args.dims else {})
+    except ValueError as exc:
+        print(f"error: {exc}", file=err)
         return 2
     from service.partitions import TopologyError, discover
 
@@ -99,6 +106,18 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     for row in failed:
         print(f"{row['model']} b={row['batch']} on {row['partition']}: {row['error']}", file=err)
     return 130 if interrupted else (1 if failed else 0)
+
+
+def zoo_shapes(models: list[str], size: Size) -> dict[str, tuple[Sequence[TensorSpec], Mapping[str, DimRange]]]:
+    """Each zoo model's inputs and dim ranges at `size`, for check_dims (the zoo imports torch: asked only with --dims)."""
+    from exporters.zoo import get
+
+    shapes: dict[str, tuple[Sequence[TensorSpec], Mapping[str, DimRange]]] = {}
+    for model in models:
+        definition = get(model)
+        cfg = definition.config(size)
+        shapes[model] = (definition.inputs(cfg), definition.dims(cfg))
+    return shapes
 
 
 def train_point(args: argparse.Namespace, model: str, partition: Any, batch: int) -> dict[str, Any]:

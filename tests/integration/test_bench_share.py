@@ -114,3 +114,10 @@ def test_a_workload_that_cannot_run_is_refused_before_any_process_starts(
     assert share.run(build_parser().parse_args(argv), io.StringIO(), err) == 2
     assert message.replace("REPO", str(tiny_repo.root)) in err.getvalue()
     assert not (tmp_path / "out").exists(), "no process ran"
+
+
+def test_training_dims_are_checked_against_the_zoo_before_any_process_starts(tmp_path: Path) -> None:
+    args = ["--device", "cpu", "--modes", "timeslice", "--processes", "1", "--workload", "train", "--size", "tiny"]
+    run = migserve("bench", "share", *args, "--models", "crowd-csrnet", "--dims", "height=4", "--out", tmp_path / "out")
+    assert run.returncode == 2 and "refused: --dims height=4: crowd-csrnet takes height from 8 to 1024" in run.stderr
+    assert not (tmp_path / "out").exists(), "no process ran"

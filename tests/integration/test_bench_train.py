@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
-from tests.helpers import migserve
+from tests.helpers import MIGSERVE, ROOT, migserve
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -36,12 +41,41 @@ def test_training_steps_on_each_slice(tmp_path: Path) -> None:
 
 
 def test_a_failing_point_is_reported_and_the_rest_kept(tmp_path: Path) -> None:
-    # CSRNet pools three times: a 2x2 image fails in its child; grounding has no height or width and still runs
-    args = ["--models", "crowd-csrnet,grounding-mhst", "--size", "tiny", "--batch", "1", "--steps", "1", "--dims", "height=2,width=2"]
-    run = migserve("bench", "train", *args, "--cpu-slices", "1", "--partitions", "cpu-0", "--out", tmp_path)
+    # the first point's child is killed (as the OOM killer would) while it imports torch; the second still runs
+    args = ["--models", "crowd-csrnet,grounding-mhst", "--size", "tiny", "--batch", "1", "--steps", "1"]
+    command = [MIGSERVE, "bench", "train", *args, "--cpu-slices", "1", "--partitions", "cpu-0", "--out", str(tmp_path)]
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as bench:
+        child = _wait_for_child("crowd-csrnet")
+        os.kill(child, signal.SIGKILL)
+        _, stderr = bench.communicate(timeout=300)
     rows = json.loads((tmp_path / "points.json").read_text())
-    assert run.returncode == 1 and "crowd-csrnet b=1 on cpu-0: child exited 1" in run.stderr
+    assert bench.returncode == 1 and f"crowd-csrnet b=1 on cpu-0: child exited {-signal.SIGKILL}" in stderr
     assert rows[0]["error"] and not rows[1].get("error")
+
+
+def _wait_for_child(model: str, limit_s: float = 60) -> int:
+    """The pid of the training child of `model` (`python -m bench.train --child SPEC`), once it runs."""
+    until = time.monotonic() + limit_s
+    while time.monotonic() < until:
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError):
+                words = cmdline.read_bytes().split(b"\0")
+                if b"bench.train" in words and b"--child" in words and f'"model": "{model}"'.encode() in b" ".join(words):
+                    return int(cmdline.parent.name)
+        time.sleep(0.05)
+    raise AssertionError(f"no training child of {model} in {limit_s:g} s")
+
+
+def test_dims_a_model_does_not_take_are_refused_before_any_point(tmp_path: Path) -> None:
+    """Read from the zoo (torch imported for it only when --dims is given): before, a value out of range failed in
+    each point's child, and a name no model has was ignored."""
+    args: list[str | Path] = ["--models", "crowd-csrnet,grounding-mhst", "--size", "tiny", "--out", tmp_path / "out"]
+    run = migserve("bench", "train", *args, "--dims", "height=2,width=2")
+    assert run.returncode == 2 and "error: --dims height=2: crowd-csrnet takes height from 8 to 1024" in run.stderr
+    run = migserve("bench", "train", *args, "--dims", "depth=4")
+    assert run.returncode == 2
+    assert "error: --dims depth: not an input dim of crowd-csrnet, grounding-mhst (theirs: frames, height, width, words" in run.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_models_and_bad_steps_are_refused(tmp_path: Path) -> None:

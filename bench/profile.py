@@ -36,6 +36,7 @@ from .load import closed_loop, open_loop, process_usage
 from .nvml_probe import NvmlProbe, probe_for
 
 WARMUP_S = 0.5
+Shapes = dict[str, tuple[Sequence[TensorSpec], Mapping[str, DimRange]]]  # each model's inputs and dim ranges, for check_dims
 
 
 def parse_list(raw: str) -> list[int]:
@@ -355,7 +356,7 @@ async def sweep(args: argparse.Namespace, err: TextIO) -> Recorder:
     return recorder
 
 
-def check_dims(dims: dict[str, int], shapes: dict[str, tuple[Sequence[TensorSpec], Mapping[str, DimRange]]]) -> None:
+def check_dims(dims: dict[str, int], shapes: Shapes) -> None:
     """--dims against each model's inputs and dim ranges (a contract's, or the zoo's for training): each name some
     model's input dim, each value in its range where it is one."""
     inputs = {model: {d for t in specs for d in t.shape if isinstance(d, str) and d != "batch"} for model, (specs, _) in shapes.items()}

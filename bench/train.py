@@ -22,18 +22,17 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
 from exporters.names import MODEL_NAMES
-from migserve.contract import DimRange, Size, TensorSpec
+from migserve.contract import Size
 from service.workers.affinity import pin_threads
 
 from .load import milliseconds, timed_runs
-from .profile import Progress, Recorder, check_dims, environment, parse_dims, parse_list
+from .profile import Progress, Recorder, Shapes, check_dims, environment, parse_dims, parse_list
 
 CHILD_TIMEOUT_S = 1800
 
@@ -108,11 +107,11 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     return 130 if interrupted else (1 if failed else 0)
 
 
-def zoo_shapes(models: list[str], size: Size) -> dict[str, tuple[Sequence[TensorSpec], Mapping[str, DimRange]]]:
+def zoo_shapes(models: list[str], size: Size) -> Shapes:
     """Each zoo model's inputs and dim ranges at `size`, for check_dims (the zoo imports torch: asked only with --dims)."""
     from exporters.zoo import get
 
-    shapes: dict[str, tuple[Sequence[TensorSpec], Mapping[str, DimRange]]] = {}
+    shapes: Shapes = {}
     for model in models:
         definition = get(model)
         cfg = definition.config(size)

@@ -61,7 +61,7 @@ def _quiet_readers() -> None:
 
 
 @functools.cache
-def import_readers_soon() -> threading.Thread:
+def import_readers_soon() -> None:
     """Import the readers (and scipy's ndimage) in a daemon thread, once a process: for a gateway that serves a CT
     model, as it starts serving it, so that its first volume does not wait for them (before, the first
     /v1/lns/segment after a start took 0.7 s where the next took 0.2: `bench/restart.py --first-ct`). The start is
@@ -72,9 +72,7 @@ def import_readers_soon() -> threading.Thread:
 
         _quiet_readers()
 
-    thread = threading.Thread(target=run, name="ct-readers", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=run, name="ct-readers", daemon=True).start()
 
 
 def sniff(data: bytes) -> str | None:

@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from bench.gateway_bench import _children
 from tests.helpers import MIGSERVE, ROOT, migserve
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -45,7 +46,7 @@ def test_a_failing_point_is_reported_and_the_rest_kept(tmp_path: Path) -> None:
     args = ["--models", "crowd-csrnet,grounding-mhst", "--size", "tiny", "--batch", "1", "--steps", "1"]
     command = [MIGSERVE, "bench", "train", *args, "--cpu-slices", "1", "--partitions", "cpu-0", "--out", str(tmp_path)]
     with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as bench:
-        child = _wait_for_child("crowd-csrnet")
+        child = _wait_for_child(bench.pid, "crowd-csrnet")
         os.kill(child, signal.SIGKILL)
         _, stderr = bench.communicate(timeout=300)
     rows = json.loads((tmp_path / "points.json").read_text())
@@ -53,15 +54,14 @@ def test_a_failing_point_is_reported_and_the_rest_kept(tmp_path: Path) -> None:
     assert rows[0]["error"] and not rows[1].get("error")
 
 
-def _wait_for_child(model: str, limit_s: float = 60) -> int:
-    """The pid of the training child of `model` (`python -m bench.train --child SPEC`), once it runs."""
+def _wait_for_child(bench: int, model: str, limit_s: float = 60) -> int:
+    """The pid of the bench process's training child for `model` (`python -m bench.train --child SPEC`), once it runs."""
     until = time.monotonic() + limit_s
     while time.monotonic() < until:
-        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        for pid in _children(bench):
             with contextlib.suppress(OSError):
-                words = cmdline.read_bytes().split(b"\0")
-                if b"bench.train" in words and b"--child" in words and f'"model": "{model}"'.encode() in b" ".join(words):
-                    return int(cmdline.parent.name)
+                if f'"model": "{model}"'.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
         time.sleep(0.05)
     raise AssertionError(f"no training child of {model} in {limit_s:g} s")
 

@@ -14,7 +14,9 @@ method, a query string or escapes, a chunked body, Expect, HTTP/1.0, repeated
 or malformed headers, lines ended by a bare LF) hands the connection over, from that request on, to uvicorn's own
 protocol, which serves the whole ASGI app as before. An Upgrade field is ignored on both sides (the gateway
 serves no websockets and no h2c; `without_upgrade`). A head over 64 KiB is answered 431 and the
-connection closed, here and in uvicorn's protocol (`BoundedHttpToolsProtocol`).
+connection closed, here and in uvicorn's protocol (`BoundedHttpToolsProtocol`). A connection closed while its
+client may still be sending (a refused body, a head that could not be read) lingers first (`Linger`), so the
+client reads the answer instead of a reset.
 
 Behaviour matches the ASGI path: the body limit answers 413, and the budget of bodies
 held at once 503, before reading the body (which is then read and dropped, so the client
@@ -29,8 +31,9 @@ import asyncio
 import http
 import logging
 import re
+import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -39,7 +42,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from ..errors import HeadTooLarge, ReceiveTimeout, ServiceError, TooLarge
+from ..errors import BadRequest, HeadTooLarge, ReceiveTimeout, ServiceError, TooLarge
 from ..watchdog import StallWatch
 from .errors import internal_error
 from .fastpath import (
@@ -71,6 +74,9 @@ UPGRADE = re.compile(rb"\r\nupgrade[ \t]*:[^\r\n]*", re.IGNORECASE)  # a head's 
 BARE_LF = re.compile(rb"(?<!\r)\n")  # a line ended without CR: no head here ends, uvicorn's parser answers it (400)
 READ = WANTED | {b"connection"}  # the fast path's headers, and whether to keep the connection
 STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in http.HTTPStatus}
+LINGER_QUIET_S = 5.0  # a lingering connection closes once its client sends nothing for this long (or --receive-timeout-s)
+LINGER_MAX_S = 30.0  # and after this long in any case (nginx's lingering_timeout and lingering_time)
+DROPPED = memoryview(bytearray(256 << 10))  # what a lingering connection's bytes are received into, and dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +144,60 @@ def head_too_large(default_headers: list[tuple[bytes, bytes]]) -> bytes:
     return closing_answer(HeadTooLarge(f"request line and headers are over {MAX_HEAD} bytes"), default_headers)
 
 
+def unparsable(default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """uvicorn's 400 for a request httptools cannot parse, as JSON like every other error and naming what was wrong:
+    called while its parser's error is being handled, so the error is sys.exception()."""
+    reason = sys.exception()
+    detail = f": {str(reason)[:200]}" if reason is not None and str(reason) else ""
+    return closing_answer(BadRequest(f"the request's HTTP could not be parsed{detail}"), default_headers)
+
+
+class Linger:
+    """A connection closed while its client may still be sending: the rest of a body refused before it was read
+    (413, or 503 for the budget, on a request asking to close the connection), or whatever follows a head that could
+    not be read (400, 431). Closed at once, bytes that arrive after the close, or wait unread at it, make the kernel
+    reset the connection, and a client still sending its body (Python's http.client and urllib, which asks to close)
+    gets "connection reset" where the answer was. So, as nginx does, the answer is followed by the end of the
+    gateway's side (FIN), what the client sends is received and dropped, and the connection closes when the client
+    closes its side, or sends nothing for LINGER_QUIET_S (--receive-timeout-s if shorter), or after LINGER_MAX_S."""
+
+    __slots__ = ("_end", "_transport", "_watch")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, receive_timeout_s: float) -> None:
+        self._transport = transport
+        self._watch = StallWatch(loop, min(LINGER_QUIET_S, receive_timeout_s), self._open, transport.close)
+        self._end = loop.call_later(LINGER_MAX_S, transport.close)
+        transport.write_eof()  # once what was written is sent
+        transport.resume_reading()
+        self._watch.arm()
+
+    def _open(self) -> bool:
+        return not self._transport.is_closing()
+
+    def received(self, now: float) -> None:
+        self._watch.last = now
+
+    def cancel(self) -> None:
+        self._watch.cancel()
+        self._end.cancel()
+
+
+class _UvicornTransport:
+    """The transport as uvicorn's protocol and its request cycles see it: each of uvicorn's close() calls goes to
+    BoundedHttpToolsProtocol._close, which lingers while a request's bytes may still come."""
+
+    __slots__ = ("_close", "transport")
+
+    def __init__(self, transport: asyncio.Transport, close: Callable[[], None]) -> None:
+        self.transport, self._close = transport, close
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+    def close(self) -> None:
+        self._close()
+
+
 def timed_out(timeout: float, default_headers: list[tuple[bytes, bytes]]) -> bytes:
     error = ReceiveTimeout(f"nothing received for {timeout:g} s in the middle of the request (--receive-timeout-s)")
     return closing_answer(error, default_headers)
@@ -154,7 +214,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     MAX_HEAD bytes of head it answers 431 and closes, as uvicorn's h11 protocol does past 16 KiB. A client that
     sends nothing for --receive-timeout-s in the middle of a request is disconnected (408 if still in the head);
     uvicorn itself waits for ever. An answer the client is slow to take is counted in the gateway's budget of
-    bodies while it waits (unsent.py)."""
+    bodies while it waits (unsent.py). A connection uvicorn closes in the middle of a request (an answer before the
+    body, to a request asking to close) or after a head it cannot parse lingers (Linger); the latter's 400 says what
+    httptools found wrong."""
 
     gateway: Gateway  # set on the instance or by bounded_protocol
     _stall: StallWatch | None = None
@@ -163,9 +225,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     _in_head = True  # between requests, or in one's head: the bytes received count towards MAX_HEAD
     _head_bytes = 0
     _ended = False  # a request ended during this data_received: the bytes after it are the next head's, uncounted
+    _linger: Linger | None = None
+    _shutting_down = False
+    _real: asyncio.Transport  # the transport itself, under uvicorn's _UvicornTransport
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self._real = transport
+        super().connection_made(cast(asyncio.Transport, _UvicornTransport(transport, self._close)))
         config = self.gateway.config
         self._stall = StallWatch(self.loop, config.receive_timeout_s, self._waiting_for_client, self._stalled)
         self._unsent = Unsent(
@@ -175,9 +241,43 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._stall is not None:
             self._stall.cancel()
+        if self._linger is not None:
+            self._linger.cancel()
         if self._unsent is not None:
             self._unsent.drained()
         super().connection_lost(exc)
+
+    def _close(self) -> None:
+        """uvicorn closes the connection: after an answer that asked to (a request with Connection: close, HTTP/1.0),
+        at its keep-alive timeout, an app's failure or the server's shutdown. Mid-request the client may be sending
+        still, so it lingers; a lingering connection ends by Linger's rules."""
+        if self._linger is not None and not self._shutting_down:
+            return
+        if self._mid and not self._shutting_down and not self._real.is_closing():
+            self._linger_now()
+        else:
+            self._real.close()
+
+    def _linger_now(self) -> None:
+        """Answered and ending: a request still running is told the client left (its answer could not follow this
+        one), its body's budget given back; what the client sends is dropped (Linger)."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self._unset_keepalive_if_required()
+        if self._stall is not None:
+            self._stall.cancel()
+        self._linger = Linger(self.loop, self._real, self.gateway.config.receive_timeout_s)
+
+    def shutdown(self) -> None:
+        self._shutting_down = True
+        super().shutdown()
+
+    def send_400_response(self, msg: str) -> None:
+        if self._linger is None:
+            self._real.write(unparsable(self.server_state.default_headers))
+            self._linger_now()
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -190,34 +290,37 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().resume_writing()
 
     def _waiting_for_client(self) -> bool:
-        return self._mid and not self.flow.read_paused and not self.transport.is_closing()
+        return self._mid and self._linger is None and not self.flow.read_paused and not self._real.is_closing()
 
     def _stalled(self) -> None:
         self.gateway.metrics.disconnection("http", "receive_timeout")()
         # in the head, or in the body with no answer begun (the app waits for the rest of it): 408, as the fast path
         # answers; a client cut off mid-body got no answer here before
         if self._in_head or (self.cycle is not None and not self.cycle.response_started):
-            self.transport.write(timed_out(self.gateway.config.receive_timeout_s, self.server_state.default_headers))
-        self.transport.close()  # uvicorn tells the app the client is gone: its body's budget is given back
+            self._real.write(timed_out(self.gateway.config.receive_timeout_s, self.server_state.default_headers))
+        self._real.close()  # uvicorn tells the app the client is gone: its body's budget is given back
 
     def on_message_begin(self) -> None:
         self._mid = True
         super().on_message_begin()
 
     def data_received(self, data: bytes) -> None:
+        if self._linger is not None:
+            self._linger.received(self.loop.time())
+            return
         if self._stall is not None:
             self._stall.last = self.loop.time()
         if self._in_head:  # the head ends at the first blank line, if it is in `data`
             end = data.find(b"\r\n\r\n")
             if self._head_bytes + (len(data) if end < 0 else end) > MAX_HEAD:
-                self.transport.write(head_too_large(self.server_state.default_headers))
-                self.transport.close()
+                self._real.write(head_too_large(self.server_state.default_headers))
+                self._linger_now()
                 return
             if not self._head_bytes:  # `data` begins a head
                 data = without_upgrade(data, end)
         self._ended = False
         super().data_received(data)
-        if self._in_head and not self.transport.is_closing():
+        if self._in_head and self._linger is None and not self._real.is_closing():
             # all of `data` was head, unless a request ended in it: a head that begins within one read goes uncounted
             self._head_bytes = 0 if self._ended else self._head_bytes + len(data)
         if self._mid and self._stall is not None:
@@ -262,6 +365,7 @@ class InferConnection(asyncio.BufferedProtocol):
         self._closing = False  # close once the request in flight is answered
         self._writing_paused = False
         self._idle: asyncio.TimerHandle | None = None
+        self._linger: Linger | None = None  # answered and ending: what the client still sends is dropped
         self._stall = StallWatch(self._loop, self.gateway.config.receive_timeout_s, self._waiting_for_client, self._stalled)
 
     # asyncio protocol interface
@@ -289,11 +393,16 @@ class InferConnection(asyncio.BufferedProtocol):
             cast(asyncio.Protocol, transport.get_protocol()).data_received(bytes(view))  # handed over to uvicorn meanwhile
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._linger is not None:
+            return DROPPED
         if self._body is not None:
             return memoryview(self._body)[self._received :]  # type: ignore[arg-type]
         return memoryview(self._scratch)
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._linger is not None:
+            self._linger.received(self._loop.time())
+            return
         self._stall.last = self._loop.time()
         self._cancel_idle()
         if self._body is not None:
@@ -314,6 +423,8 @@ class InferConnection(asyncio.BufferedProtocol):
         self._state.connections.discard(self)
         self._cancel_idle()
         self._stall.cancel()
+        if self._linger is not None:
+            self._linger.cancel()
         if self._task is not None:
             self._task.cancel()  # the request leaves its queue; Gateway.infer counts it as 499
         self._body = None
@@ -335,8 +446,8 @@ class InferConnection(asyncio.BufferedProtocol):
             self._advance()
 
     def shutdown(self) -> None:
-        """uvicorn's graceful shutdown: close now if idle, else after the answer in flight."""
-        if self._task is None and self._body is None and self._transport is not None:
+        """uvicorn's graceful shutdown: close now if idle or lingering, else after the answer in flight."""
+        if self._transport is not None and (self._linger is not None or (self._task is None and self._body is None)):
             self._transport.close()
         else:
             self._closing = True
@@ -347,7 +458,7 @@ class InferConnection(asyncio.BufferedProtocol):
         """Work through the received bytes: drop a refused body, take a head, start a body or hand over."""
         transport = self._transport
         assert transport is not None
-        while self._task is None and not self._writing_paused and not transport.is_closing():
+        while self._task is None and self._linger is None and not self._writing_paused and not transport.is_closing():
             if self._discard:
                 dropped = min(self._discard, len(self._pending))
                 del self._pending[:dropped]
@@ -359,7 +470,7 @@ class InferConnection(asyncio.BufferedProtocol):
             end = self._pending.find(b"\r\n\r\n")
             if end > MAX_HEAD or (end < 0 and len(self._pending) > MAX_HEAD):
                 transport.write(head_too_large(self._state.default_headers))
-                transport.close()
+                self._linger_now()
                 return
             if end < 0 and BARE_LF.search(self._pending):
                 self._hand_over()  # it waited for a CRLF CRLF that never came: the receive timeout's 408, not a 400
@@ -460,8 +571,17 @@ class InferConnection(asyncio.BufferedProtocol):
             transport.write(b"".join(lines))
             transport.write(reply.payload)
         self._state.total_requests += 1
-        if close:
+        if close and (self._discard or self._pending) and not self._closing:
+            self._linger_now()  # the client may be sending still: a refused body, or requests after this one
+        elif close:
             transport.close()
+
+    def _linger_now(self) -> None:
+        assert self._transport is not None
+        self._pending, self._discard = bytearray(), 0
+        self._stall.cancel()
+        self._cancel_idle()
+        self._linger = Linger(self._loop, self._transport, self.gateway.config.receive_timeout_s)
 
     def _hand_over(self) -> None:
         """From this request on, uvicorn's own protocol serves the connection."""
@@ -485,6 +605,8 @@ class InferConnection(asyncio.BufferedProtocol):
         """A request begun and not yet received whole (or a refused body still being read and dropped)."""
         transport = self._transport
         if transport is None or transport.is_closing() or transport.get_protocol() is not self:
+            return False
+        if self._linger is not None:
             return False
         return self._task is None and (self._body is not None or self._discard > 0 or bool(self._pending))
 

@@ -31,6 +31,7 @@ from migserve.types import Array
 from service.placement import footprint
 from service.repository import load_model
 from tests.helpers import ExportedRepo, Gateway, with_http_client
+from tests.integration.test_family_endpoints import ND_IMAGE
 from tests.integration.test_gateway_protocol import direct, grpc_inputs, make_inputs, triton_inputs
 
 MODELS = ("crowd-csrnet", "face-pros", "lns-organs")
@@ -93,6 +94,21 @@ def test_load_unload_and_load_again_over_http(server: Gateway, repo: Path) -> No
     client.load_model("crowd-csrnet")
     np.testing.assert_array_equal(client.infer("crowd-csrnet", _crowd(repo)).as_numpy("density"), before)
     client.unload_model("lns-organs")  # not served: nothing to do, as in Triton
+
+
+def test_loading_a_ct_model_imports_the_volume_readers(repo: Path, tmp_path: Path) -> None:
+    """As a gateway that starts with one does (test_family_endpoints.py), so the first volume does not wait for it."""
+    gateway = Gateway(repo, "--cpu-slices", "1", "--model-control-mode", "explicit", "--models", "crowd-csrnet", log=tmp_path / "serve.log")
+    try:
+        maps = Path(f"/proc/{gateway.process.pid}/maps")
+        assert ND_IMAGE not in maps.read_text(), "no CT model served yet"
+        httpclient.InferenceServerClient(url=gateway.url).load_model("lns-organs")
+        until = time.monotonic() + 30
+        while ND_IMAGE not in maps.read_text() and time.monotonic() < until:
+            time.sleep(0.1)
+        assert ND_IMAGE in maps.read_text(), "scipy.ndimage imported once lns-organs was loaded"
+    finally:
+        gateway.close()
 
 
 def test_bad_loads_and_unloads_say_what_was_wrong_and_change_nothing(server: Gateway, repo: Path) -> None:

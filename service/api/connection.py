@@ -184,18 +184,27 @@ class Linger:
 
 class _UvicornTransport:
     """The transport as uvicorn's protocol and its request cycles see it: each of uvicorn's close() calls goes to
-    BoundedHttpToolsProtocol._close, which lingers while a request's bytes may still come."""
+    BoundedHttpToolsProtocol._close, which lingers while a request's bytes may still come. Once `ended` (lingering)
+    it is closing to them, and what they write is dropped: a "100 Continue" a request still running would send, a
+    pipelined request's answer."""
 
-    __slots__ = ("_close", "transport")
+    __slots__ = ("_close", "ended", "transport")
 
     def __init__(self, transport: asyncio.Transport, close: Callable[[], None]) -> None:
-        self.transport, self._close = transport, close
+        self.transport, self._close, self.ended = transport, close, False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.transport, name)
 
     def close(self) -> None:
         self._close()
+
+    def is_closing(self) -> bool:
+        return self.ended or self.transport.is_closing()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.ended:
+            self.transport.write(data)
 
 
 def timed_out(timeout: float, default_headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -227,11 +236,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     _ended = False  # a request ended during this data_received: the bytes after it are the next head's, uncounted
     _linger: Linger | None = None
     _shutting_down = False
-    _real: asyncio.Transport  # the transport itself, under uvicorn's _UvicornTransport
+    _real: asyncio.Transport  # the transport itself
+    _view: _UvicornTransport  # what uvicorn's protocol and its cycles have for it
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self._real = transport
-        super().connection_made(cast(asyncio.Transport, _UvicornTransport(transport, self._close)))
+        self._real, self._view = transport, _UvicornTransport(transport, self._close)
+        super().connection_made(cast(asyncio.Transport, self._view))
         config = self.gateway.config
         self._stall = StallWatch(self.loop, config.receive_timeout_s, self._waiting_for_client, self._stalled)
         self._unsent = Unsent(
@@ -260,7 +270,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _linger_now(self) -> None:
         """Answered and ending: a request still running is told the client left (its answer could not follow this
-        one), its body's budget given back; what the client sends is dropped (Linger)."""
+        one), its body's budget given back; pipelined ones are not started; what the client sends is dropped."""
+        self._view.ended = True
+        self.pipeline.clear()
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True

@@ -420,6 +420,21 @@ def test_a_lingering_connection_ends_when_its_client_closes_or_goes_quiet(impati
     assert quiet > RECEIVE_TIMEOUT_S * 0.8
 
 
+def test_a_request_running_when_its_connection_ends_writes_nothing_after_the_end(impatient: Gateway, tiny_repo: ExportedRepo) -> None:
+    """A chunked body whose chunk size cannot be parsed, on a request asking for "100 Continue": the request has
+    begun in the gateway, which then asks for the body (writing its 100) after the connection's 400 and end."""
+    before = impatient.log.read_text().count("Exception in ASGI application")
+    head = f"POST {PATH} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n"
+    sock, reader = _connect(impatient)
+    with sock:
+        sock.sendall(head.encode() + b"zz\r\n")
+        status, _, answer = read_response(reader)
+        assert status == 400 and "Invalid character in chunk size" in json.loads(answer)["error"]
+        assert reader.read() == b"", "nothing after the answer and the end"
+    _expected(impatient, *_infer_body(tiny_repo, seed=15))  # and the request's task has run meanwhile
+    assert impatient.log.read_text().count("Exception in ASGI application") == before
+
+
 def test_uvicorn_alone_bounds_heads_and_stalls_too(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
     """--http-server uvicorn: every connection is uvicorn's protocol, with the same 431 and --receive-timeout-s."""
     args = ("--cpu-slices", "1", "--models", "crowd-csrnet", "--http-server", "uvicorn", "--receive-timeout-s", "1")

@@ -12,7 +12,8 @@ inserted; CT jobs followed to their end), `multipart` (the form itself damaged),
 names) and `control-grpc` (the same calls over gRPC). A failure: an answer of 500 (501, 503 and 504 allowed), a gRPC
 INTERNAL, UNKNOWN or UNAVAILABLE, an answer slower than half a minute (10 s for a raw exchange, which a stalled one
 gets as 408), a lost connection (one HTTP client per kind keeps its connection alive across requests, so a reset
-after an answer shows), a failed CT job. A valid request every 50 checks that the gateway still serves.
+after an answer shows), a failed CT job, a traceback in the gateway's log (`results/fuzz-serve.log`: an exception
+after an answer, which no status shows). A valid request every 50 checks that the gateway still serves.
 
     .venv/bin/python -m bench.fuzz --requests 300 --seed 1
     .venv/bin/python -m bench.fuzz --kinds uploads,control-grpc --seed 2 --serve=--frontends=2
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
+import functools
 import gzip
 import io
 import json
@@ -568,6 +570,16 @@ def _exchange(port: int, request: bytes) -> str:
     return status
 
 
+def tracebacks(log: str) -> list[str]:
+    """Each traceback in a log: the line before it (the message logged with it) and its exception's line."""
+    lines, found = log.splitlines(), []
+    for at, line in enumerate(lines):
+        if line.startswith("Traceback (most recent call last)"):
+            end = next((i for i in range(at + 1, len(lines)) if lines[i] and not lines[i].startswith(" ")), len(lines) - 1)
+            found.append(f"{lines[at - 1] if at else ''} ... {lines[end]}")
+    return found
+
+
 def _first_answer(received: bytes) -> str | None:
     """The status of the first whole non-interim answer in `received`, or None while it is not all there."""
     while (end := received.find(b"\r\n\r\n")) >= 0:
@@ -617,6 +629,7 @@ def main() -> int:
             *filter(None, args.serve.split(",")),
         ),
         revision=args.revision,
+        log=(log := args.repo.parent / "fuzz-serve.log"),
     )
     try:
         fuzzer = Fuzzer(args.repo, server, grpc_port, args.seed)
@@ -634,10 +647,12 @@ def main() -> int:
     finally:
         server.close()
         shm.unlink(missing_ok=True)
+    for error in tracebacks(log.read_text(errors="replace")):
+        fuzzer.tally.record("gateway log", "traceback", True, functools.partial(str, error))
     print("\n| kind | answers by status |\n| --- | --- |")
-    for kind in [*kinds, "health"]:
+    for kind in [*kinds, "health", "gateway log"]:
         answers = sorted((outcome, n) for (k, outcome), n in fuzzer.tally.answers.items() if k == kind)
-        print(f"| {kind} | {', '.join(f'{outcome}: {n}' for outcome, n in answers)} |")
+        print(f"| {kind} | {', '.join(f'{outcome}: {n}' for outcome, n in answers) or 'none'} |")
     for failure in fuzzer.tally.failures:
         print(failure)
     print(f"{len(fuzzer.tally.failures)} failures")

@@ -232,8 +232,9 @@ def metric(port: int, prefix: str) -> float:
 
 
 class Server:
-    def __init__(self, repo: Path, *args: str, revision: str | None = None) -> None:
-        """`migserve serve` on a free port, as this checkout has it or, with `revision`, as that git revision had it."""
+    def __init__(self, repo: Path, *args: str, revision: str | None = None, log: Path | None = None) -> None:
+        """`migserve serve` on a free port, as this checkout has it or, with `revision`, as that git revision had it;
+        its output in `log` if given."""
         python, cwd = checkout(revision) if revision else (sys.executable, ROOT)
         self.port = free_port()
         command = [
@@ -249,7 +250,10 @@ class Server:
             "warning",
             *args,
         ]
-        self.process = subprocess.Popen(command, cwd=cwd)
+        output = None if log is None else log.open("wb")
+        self.process = subprocess.Popen(command, cwd=cwd, stdout=output, stderr=None if output is None else subprocess.STDOUT)
+        if output is not None:
+            output.close()  # the gateway has it
         for _ in range(600):
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v2/health/ready", timeout=1):

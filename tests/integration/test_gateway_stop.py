@@ -1,0 +1,74 @@
+"""Stopping the gateway (SIGTERM: `docker stop`, a Kubernetes pod's termination; Ctrl-C) while requests are in it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import tritonclient.grpc as grpcclient
+
+from migserve.contract import read_contract
+from tests.helpers import ExportedRepo, Gateway
+from tests.integration.test_family_endpoints import ASTRONAUT, encode
+from tests.integration.test_gateway_behaviour import _metric
+from tests.integration.test_gateway_connection import PATH, _density, _infer_body
+from tests.integration.test_gateway_protocol import grpc_inputs, make_inputs
+
+
+def _queued(gateway: Gateway) -> float:
+    return _metric(httpx.get(f"http://{gateway.url}/metrics").text, "migserve_queue_depth", model="crowd-csrnet")
+
+
+def test_requests_in_the_gateway_when_it_stops_are_answered_and_new_ones_refused(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """Binary requests on the gateway's own connections, an upload on uvicorn's, a gRPC call: one running in the worker
+    (stopped with SIGSTOP meanwhile), the rest queued behind it, when SIGTERM comes. Each is answered, a new
+    connection is refused meanwhile, and the gateway exits."""
+    gateway = Gateway(tiny_repo.root, "--cpu-slices", "1", "--models", "crowd-csrnet", log=tmp_path / "serve.log", grpc=True)
+    base = f"http://{gateway.url}"
+    body, n = _infer_body(tiny_repo, seed=1)
+    image = make_inputs(read_contract(tiny_repo.root / "crowd-csrnet"), 1, seed=2, dims={"height": 16, "width": 16})
+    assert gateway.grpc_url is not None
+    grpc = grpcclient.InferenceServerClient(url=gateway.grpc_url)
+    (worker,) = [p["pid"] for p in httpx.get(f"{base}/v1/partitions").json()["partitions"]]
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            binary = [
+                pool.submit(httpx.post, base + PATH, content=body, headers={"Inference-Header-Content-Length": str(n)}, timeout=60)
+                for _ in range(6)
+            ]
+            upload = pool.submit(httpx.post, f"{base}/v1/crowd/count", files={"image": ("a.jpg", encode(ASTRONAUT))}, timeout=60)
+            call = pool.submit(grpc.infer, "crowd-csrnet", grpc_inputs(image))
+            deadline = time.monotonic() + 30
+            while _queued(gateway) < 7 and time.monotonic() < deadline:  # the first went to the worker at once
+                time.sleep(0.05)
+            assert _queued(gateway) >= 7, "all in the gateway"
+            stopped = time.monotonic()
+            gateway.process.send_signal(signal.SIGTERM)
+            refused = False
+            while not refused and time.monotonic() - stopped < 5:
+                try:
+                    httpx.get(f"{base}/v2/health/live", timeout=1)
+                    time.sleep(0.05)
+                except httpx.ConnectError:
+                    refused = True
+            assert refused, "a new connection is refused once the gateway is stopping"
+            os.kill(worker, signal.SIGCONT)
+            for answer in binary:
+                response = answer.result()
+                assert response.status_code == 200, response.text
+                assert _density({k.lower(): v for k, v in response.headers.items()}, response.content).shape == (1, 1, 2, 2)
+            counted = upload.result()
+            assert counted.status_code == 200 and counted.json()["count"] >= 0, counted.text
+            assert call.result().as_numpy("density").shape == (1, 1, 2, 2)
+        assert gateway.process.wait(timeout=30) in (0, -signal.SIGTERM), "it stopped, and was not killed"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGCONT)
+        grpc.close()
+        gateway.close()

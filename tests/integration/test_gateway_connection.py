@@ -436,8 +436,9 @@ def test_a_request_running_when_its_connection_ends_writes_nothing_after_the_end
 
 
 def test_uvicorn_alone_bounds_heads_and_stalls_too(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
-    """--http-server uvicorn: every connection is uvicorn's protocol, with the same 431 and --receive-timeout-s."""
-    args = ("--cpu-slices", "1", "--models", "crowd-csrnet", "--http-server", "uvicorn", "--receive-timeout-s", "1")
+    """--http-server uvicorn: every connection is uvicorn's protocol, with the same 431 and --receive-timeout-s, and
+    its refusals before a body is read are read by a client still sending it."""
+    args = ("--cpu-slices", "1", "--models", "crowd-csrnet", "--http-server", "uvicorn", "--receive-timeout-s", "1", "--max-body-mb", "8")
     server = Gateway(tiny_repo.root, *args, log=tmp_path / "serve.log")
     try:
         sock, reader = _connect(server)
@@ -449,6 +450,9 @@ def test_uvicorn_alone_bounds_heads_and_stalls_too(tiny_repo: ExportedRepo, tmp_
         with sock:
             sock.sendall(f"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Padding: {'a' * (70 << 10)}\r\n\r\n".encode())
             assert _ends_within(reader, 4)[0] == 431
+        refusals = [({"Connection": "close"}, 413), ({"Content-Length": f"{BIG}x"}, 400), ({"X-Padding": "a" * (70 << 10)}, 431)]
+        for headers, status in refusals:
+            assert _sent_whole(server, ("POST", PATH), {"Content-Length": str(BIG), **headers}, BIG)[0] == status
         body, n = _infer_body(tiny_repo, seed=13)
         _expected(server, body, n)
     finally:

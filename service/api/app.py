@@ -49,7 +49,7 @@ from ..workers.protocol import ModelSpec, WorkerOptions
 from .budget import BodyBudget
 from .classification import classified
 from .errors import AnswerBugs, error_body
-from .fastpath import InferFastPath, Received
+from .fastpath import HEAD, InferFastPath, Received
 from .frontends import (
     GRPC_SOCKET,
     Frontends,
@@ -807,7 +807,7 @@ def create_app(config: ServeConfig) -> InferFastPath:
     @app.exception_handler(StarletteHTTPException)
     async def no_route(request: Request, exc: StarletteHTTPException) -> Response:
         """Starlette's own answers (no such path, method not allowed) in the gateway's {"error": ...} form."""
-        where = f"{request.method} {request.url.path}"
+        where = f"{'HEAD' if request.scope.get(HEAD) else request.method} {request.url.path}"
         message = {404: f"no endpoint {where}; the API is listed at /docs", 405: f"{where}: method not allowed"}.get(exc.status_code)
         body = json.dumps({"error": message or f"{where}: {exc.detail}"})
         return Response(body, status_code=exc.status_code, headers=exc.headers, media_type="application/json")

@@ -32,6 +32,7 @@ CONTENT_LENGTH, BINARY_HEADER_LENGTH, TIMEOUT = b"content-length", HEADER_LENGTH
 CONTENT_ENCODING, ACCEPT_ENCODING = b"content-encoding", b"accept-encoding"
 WANTED = frozenset({CONTENT_LENGTH, BINARY_HEADER_LENGTH, TIMEOUT, CONTENT_ENCODING, ACCEPT_ENCODING})
 INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/1)?/infer$")  # other versions: FastAPI's route refuses them
+HEAD = "migserve.head"  # in a scope: the request was a HEAD, served as a GET
 
 
 class InferFastPath:
@@ -42,6 +43,11 @@ class InferFastPath:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self.app(scope, receive, self._plain_startup_failure(send))
+            return
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            # a GET without its body (every server must take HEAD where it takes GET: `curl -I`, load balancers'
+            # checks); uvicorn leaves the body out, going by the method in its own scope, which stays HEAD
+            await self.app({**scope, "method": "GET", HEAD: True}, receive, send)
             return
         match = INFER_PATH.match(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if match is None:

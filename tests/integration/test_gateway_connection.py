@@ -516,3 +516,23 @@ def test_a_request_asking_to_upgrade_is_served_as_http_1_1_and_not_logged(gatewa
         assert np.array_equal(_density(headers, answer), expected)
     log = gateway.log.read_text()
     assert "Unsupported upgrade request" not in log and "WebSocket library" not in log
+
+
+@pytest.mark.parametrize("path", ["/v2/health/ready", "/v2", "/v2/models/crowd-csrnet", "/v1/partitions", "/metrics"])
+def test_head_is_answered_as_get_without_the_body(gateway: Gateway, path: str) -> None:
+    """Every server must take HEAD where it takes GET (`curl -I`, load balancers' health checks): 405 before."""
+    got, head = httpx.get(f"http://{gateway.url}{path}"), httpx.head(f"http://{gateway.url}{path}")
+    assert head.status_code == got.status_code == 200
+    assert head.content == b"" and head.headers.get("content-type") == got.headers.get("content-type")
+    if path in ("/v2/health/ready", "/v2", "/v2/models/crowd-csrnet"):  # the others' figures move between the two
+        assert int(head.headers["content-length"]) == len(got.content)
+
+
+def test_head_where_only_post_is_taken_is_405_naming_head(gateway: Gateway) -> None:
+    refused = httpx.head(f"http://{gateway.url}{PATH}")
+    assert refused.status_code == 405 and refused.headers["allow"] == "POST"
+    sock, reader = _connect(gateway)  # the error's text, which an HTTP client drops from a HEAD answer
+    with sock:
+        sock.sendall(f"HEAD {PATH} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        status, headers, _ = read_response(reader)
+    assert status == 405 and int(headers["content-length"]) == len(json.dumps({"error": f"HEAD {PATH}: method not allowed"}))

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import numpy as np
 import yaml
@@ -34,6 +34,9 @@ from migserve.types import Array
 
 from .load import closed_loop, open_loop, process_usage
 from .nvml_probe import NvmlProbe, probe_for
+
+if TYPE_CHECKING:
+    from service.repository import Repository
 
 WARMUP_S = 0.5
 Shapes = dict[str, tuple[Sequence[TensorSpec], Mapping[str, DimRange]]]  # each model's inputs and dim ranges, for check_dims
@@ -311,7 +314,7 @@ async def sweep(args: argparse.Namespace, err: TextIO) -> Recorder:
     missing = [m for m in args.models if m not in repo.models]
     if missing:
         raise ValueError(f"models not in {args.model_repo}: {missing}; served there: {sorted(repo.models)}")
-    check_dims(args.dims or {}, {m: (repo.models[m].contract.inputs, repo.models[m].contract.dims) for m in args.models})
+    check_dims(args.dims or {}, contract_shapes(repo, args.models))
     parts: list[Partition | None] = [None]  # a given URL: the remote server is the one "partition"
     if args.url is None:
         parts = [p for p in discover(None, args.cpu_slices) if args.partitions == "all" or p.id in args.partitions.split(",")]
@@ -354,6 +357,11 @@ async def sweep(args: argparse.Namespace, err: TextIO) -> Recorder:
         if target is not None:
             await target.stop()
     return recorder
+
+
+def contract_shapes(repo: Repository, models: Sequence[str]) -> Shapes:
+    """Each model's inputs and dim ranges as its contract declares them, for check_dims."""
+    return {m: (repo.models[m].contract.inputs, repo.models[m].contract.dims) for m in models}
 
 
 def check_dims(dims: dict[str, int], shapes: Shapes) -> None:

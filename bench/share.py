@@ -43,7 +43,7 @@ from service.workers.affinity import pin_threads
 
 from .load import milliseconds, timed_runs
 from .mig import MigError, Smi
-from .profile import Recorder, check_dims, environment, parse_dims, parse_seconds
+from .profile import Recorder, check_dims, contract_shapes, environment, parse_dims, parse_seconds
 from .smi import parse_devices
 from .train import child_answer, child_main, start_child, start_together, wait_for_start, zoo_shapes
 
@@ -290,7 +290,7 @@ def _check_workload(args: argparse.Namespace) -> None:
             raise Refused(str(exc)) from None
         if missing := [m for m in args.models if m not in repo.models]:
             raise Refused(f"models not in {args.model_repo}: {missing}; there: {sorted(repo.models)}")
-        shapes = {m: (repo.models[m].contract.inputs, repo.models[m].contract.dims) for m in args.models}
+        shapes = contract_shapes(repo, args.models)
     try:
         check_dims(args.dims or {}, shapes)
     except ValueError as exc:

@@ -284,6 +284,14 @@ def _metric(text: str, name: str, model: str) -> float:
 ND_IMAGE = "scipy/ndimage/_nd_image"  # the extension module scipy.ndimage maps, the last of the readers' imports
 
 
+def readers_imported_within(pid: int, seconds: float) -> bool:
+    """Whether process `pid` maps scipy.ndimage's extension within `seconds` (polled): the volume readers imported."""
+    maps, until = Path(f"/proc/{pid}/maps"), time.monotonic() + seconds
+    while ND_IMAGE not in maps.read_text() and time.monotonic() < until:
+        time.sleep(0.1)
+    return ND_IMAGE in maps.read_text()
+
+
 @pytest.mark.parametrize(("models", "imports"), [(("lns-organs", "lns-stations"), True), (("crowd-csrnet",), False)])
 def test_a_gateway_serving_a_ct_model_imports_the_volume_readers_as_it_starts(
     tiny_repo: ExportedRepo, tmp_path: Path, models: tuple[str, ...], imports: bool
@@ -292,10 +300,8 @@ def test_a_gateway_serving_a_ct_model_imports_the_volume_readers_as_it_starts(
     where a CT model is served. Read from the gateway process's mappings, before any request."""
     gateway = Gateway(tiny_repo.root, "--models", *models, log=tmp_path / "gateway.log")
     try:
-        maps, until = Path(f"/proc/{gateway.process.pid}/maps"), time.monotonic() + (30 if imports else 2)
-        while ND_IMAGE not in maps.read_text() and time.monotonic() < until:  # False: mapped within 2 s would be wrong
-            time.sleep(0.1)
-        assert (ND_IMAGE in maps.read_text()) is imports, f"{models}: scipy.ndimage {'not ' if imports else ''}imported"
+        imported = readers_imported_within(gateway.process.pid, 30 if imports else 2)  # False: mapped within 2 s is wrong
+        assert imported is imports, f"{models}: scipy.ndimage {'not ' if imports else ''}imported"
     finally:
         gateway.close()
 

@@ -15,13 +15,9 @@ import tritonclient.grpc as grpcclient
 from migserve.contract import read_contract
 from tests.helpers import ExportedRepo, Gateway
 from tests.integration.test_family_endpoints import ASTRONAUT, encode
-from tests.integration.test_gateway_behaviour import _metric
+from tests.integration.test_gateway_behaviour import _metric_reaches
 from tests.integration.test_gateway_connection import PATH, _density, _infer_body
 from tests.integration.test_gateway_protocol import grpc_inputs, make_inputs
-
-
-def _queued(gateway: Gateway) -> float:
-    return _metric(httpx.get(f"http://{gateway.url}/metrics").text, "migserve_queue_depth", model="crowd-csrnet")
 
 
 def test_requests_in_the_gateway_when_it_stops_are_answered_and_new_ones_refused(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
@@ -44,10 +40,8 @@ def test_requests_in_the_gateway_when_it_stops_are_answered_and_new_ones_refused
             ]
             upload = pool.submit(httpx.post, f"{base}/v1/crowd/count", files={"image": ("a.jpg", encode(ASTRONAUT))}, timeout=60)
             call = pool.submit(grpc.infer, "crowd-csrnet", grpc_inputs(image))
-            deadline = time.monotonic() + 30
-            while _queued(gateway) < 7 and time.monotonic() < deadline:  # the first went to the worker at once
-                time.sleep(0.05)
-            assert _queued(gateway) >= 7, "all in the gateway"
+            queued = _metric_reaches(base, "migserve_queue_depth", lambda n: n >= 7, timeout=30)  # the first went to the worker
+            assert queued >= 7, "all in the gateway"
             stopped = time.monotonic()
             gateway.process.send_signal(signal.SIGTERM)
             refused = False

@@ -31,7 +31,7 @@ from migserve.types import Array
 from service.placement import footprint
 from service.repository import load_model
 from tests.helpers import ExportedRepo, Gateway, with_http_client
-from tests.integration.test_family_endpoints import ND_IMAGE
+from tests.integration.test_family_endpoints import ND_IMAGE, readers_imported_within
 from tests.integration.test_gateway_protocol import direct, grpc_inputs, make_inputs, triton_inputs
 
 MODELS = ("crowd-csrnet", "face-pros", "lns-organs")
@@ -103,10 +103,7 @@ def test_loading_a_ct_model_imports_the_volume_readers(repo: Path, tmp_path: Pat
         maps = Path(f"/proc/{gateway.process.pid}/maps")
         assert ND_IMAGE not in maps.read_text(), "no CT model served yet"
         httpclient.InferenceServerClient(url=gateway.url).load_model("lns-organs")
-        until = time.monotonic() + 30
-        while ND_IMAGE not in maps.read_text() and time.monotonic() < until:
-            time.sleep(0.1)
-        assert ND_IMAGE in maps.read_text(), "scipy.ndimage imported once lns-organs was loaded"
+        assert readers_imported_within(gateway.process.pid, 30), "scipy.ndimage imported once lns-organs was loaded"
     finally:
         gateway.close()
 

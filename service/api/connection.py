@@ -71,6 +71,9 @@ JOINED_WRITE = 64 << 10  # answers up to this size go out in one write with thei
 INFER_TARGET = re.compile(rb"/v2/models/(?P<name>[^/?%]+)(?:/versions/1)?/infer")  # the only version there is
 HANDED_OVER = frozenset({b"transfer-encoding", b"expect"})  # framing or semantics uvicorn handles
 UPGRADE = re.compile(rb"\r\nupgrade[ \t]*:[^\r\n]*", re.IGNORECASE)  # a head's Upgrade field, ignored (without_upgrade)
+# The fields as RFC 9110 has them, which httptools enforces: a name is a token, a value has no control character but
+# tab. A head whose fields are not all so goes to uvicorn, which answers 400 naming what it found.
+FIELDS = re.compile(rb"(?:\r\n[-!#$%&'*+.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*)*")
 BARE_LF = re.compile(rb"(?<!\r)\n")  # a line ended without CR: no head here ends, uvicorn's parser answers it (400)
 READ = WANTED | {b"connection"}  # the fast path's headers, and whether to keep the connection
 STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in http.HTTPStatus}
@@ -102,11 +105,11 @@ def parse_head(head: bytes) -> _Request | None:
     target = INFER_TARGET.fullmatch(parts[1])
     if target is None:
         return None
+    if not FIELDS.fullmatch(head, len(lines[0])):
+        return None  # malformed, or an obsolete folded line
     fields: dict[bytes, bytes] = {}
     for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name[-1:] in b" \t" or name[:1] in b" \t":
-            return None  # malformed, or an obsolete folded line
+        name, _, value = line.partition(b":")
         key = name.lower()
         if key in HANDED_OVER:
             return None

@@ -52,7 +52,20 @@ def test_an_upgrade_is_ignored_and_taken_out_of_a_head_uvicorn_reads() -> None:
         f"{INFER}\r\nContent-Length: 2\r\n folded continuation",
         f"{INFER}\r\nContent-Length : 2",  # space before the colon
         f"{INFER}\r\nno colon",
+        f"{INFER}\r\nContent Length: 2\r\nContent-Length: 2",  # a space inside a name (httptools: not a token)
+        f"{INFER}\r\nContent-Length: 2\r\nX-Trace(1): on",  # another character no token has
+        f"{INFER}\r\nContent-Length: 2\r\nX-\xe9t\xe9: 1",  # nor a byte over 127
+        f"{INFER}\r\nContent-Length: 2\r\nX-Note: a\x01b",  # a control character in a value
+        f"{INFER}\r\nContent-Length: 2\r\nX-Note: a\x7fb",  # DEL
+        f"{INFER}\r\nContent-Length: 2\r\nX-Note: a\rb",  # a CR alone
+        f"{INFER}\r\n: 2\r\nContent-Length: 2",  # no name
     ],
 )
 def test_heads_it_hands_to_uvicorn(head: str) -> None:
-    assert parse_head(head.encode()) is None
+    assert parse_head(head.encode("latin-1")) is None
+
+
+def test_a_tab_and_bytes_over_127_in_a_value_are_taken() -> None:
+    # RFC 9110's field-value: tabs and obs-text are allowed (httptools takes them too), and an empty value
+    request = parse_head(f"{INFER}\r\nContent-Length: 2\r\nX-Note: a\tb\xe9\r\nX-Empty:\r\nUser_Agent: x".encode("latin-1"))
+    assert request is not None and request.length == 2

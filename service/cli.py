@@ -170,8 +170,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--job-results-mb",
         type=_finite,
         default=512.0,
-        help="finished jobs' results (label maps) kept at once for GET /v1/jobs/ID; past it the oldest finished are "
-        "dropped, and their URLs say so (default: 512)",
+        help="finished jobs' results (label maps) kept at once for GET /v1/jobs/ID, in memory or in --jobs-dir; past it "
+        "the oldest finished are dropped, and their URLs say so (default: 512)",
+    )
+    parser.add_argument(
+        "--jobs-dir",
+        type=Path,
+        help="keep CT jobs and their label maps in this directory (made if need be; one gateway to a directory): a gateway "
+        "started again on it answers for the jobs finished in the 15 minutes before, and says the ones that were running "
+        "were stopped (default: in memory only, lost at a stop)",
     )
     parser.add_argument(
         "--trace-file",
@@ -346,6 +353,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             tiles_in_flight=args.tiles_in_flight,
             max_job_bytes=_job_bytes(args.max_job_mb),
             max_job_results_bytes=int(args.job_results_mb * (1 << 20)),
+            jobs_dir=args.jobs_dir,
             trace_file=args.trace_file,
             frontends=args.frontends,
         )

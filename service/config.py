@@ -162,6 +162,11 @@ class ServeConfig(BaseModel):
     max_job_results_bytes: int = Field(
         512 << 20, ge=0, description="finished jobs' results kept at once; past it the oldest finished jobs are dropped"
     )
+    jobs_dir: Path | None = Field(
+        None,
+        description="where jobs and finished results are kept, so that a gateway started again answers for them (none: in "
+        "memory, lost at a stop)",
+    )
     tiles_in_flight: int = Field(32, ge=1, description="tiles of one volume outstanding in the dispatcher at once")
     max_job_bytes: int = Field(
         DEFAULT_JOB_BYTES,

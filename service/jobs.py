@@ -7,6 +7,11 @@ pass `max_bytes` alone 413. Finished jobs are kept for
 `ttl_s` and then forgotten, and their results (a label map is megabytes) together
 take at most `max_kept_bytes`: past it the oldest finished jobs are dropped first,
 so memory stays bounded however fast jobs finish. A dropped job's URL says why.
+
+With a directory (`serve --jobs-dir`, `keep_in`), every job is also written there as it is
+submitted and as it ends, and a finished result's bytes go to a file instead of staying in
+memory (service/jobfiles.py): a gateway started again on the directory answers for the jobs the
+last one finished, and says of those it was running that they were stopped.
 """
 
 from __future__ import annotations
@@ -18,13 +23,16 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from .config import MB
 from .errors import NotFound, ServiceError, TooLarge, Unavailable
+from .jobfiles import JobFiles, Record
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+STOP_WAIT_S = 5.0  # how long a stop waits for the jobs it cancels to end
 
 
 class JobState(StrEnum):
@@ -51,6 +59,16 @@ class Measured(Protocol):
 
     @property
     def nbytes(self) -> int: ...
+
+
+@runtime_checkable
+class Keepable(Protocol):
+    """A result a directory can keep: a summary (JSON) and bytes (a label map)."""
+
+    @property
+    def summary(self) -> dict[str, Any]: ...
+
+    def payload(self) -> bytes: ...  # a method: isinstance on a runtime protocol reads every property (Python 3.11)
 
 
 @dataclass(eq=False)
@@ -96,6 +114,63 @@ class JobStore:
         self.max_kept_bytes = max_kept_bytes
         self._jobs: dict[str, Job[Any]] = {}  # in the order they were submitted
         self._dropped: dict[str, float] = {}  # job id -> when it was dropped for room, to say so until ttl_s passes
+        self._files: JobFiles | None = None  # serve --jobs-dir
+
+    def keep_in(self, directory: Path) -> None:
+        """Keep every job in `directory` from now on, and take up what a gateway before this one left there (JobsDirUnusable
+        where another gateway holds it)."""
+        self._files = files = JobFiles.open(directory)
+        now, taken = time.time(), 0
+        for record in files.records():
+            if record.finished is not None and record.finished < now - self.ttl_s:
+                files.remove(record.id)
+                continue
+            job = self._taken_up(record, now)
+            self._jobs[job.id], taken = job, taken + 1
+            if record.finished is None or job.error is not record.error:
+                self._write(job)
+        self._make_room()
+        if taken:
+            logger.info("%d jobs taken up from --jobs-dir %s", taken, directory)
+
+    @staticmethod
+    def _taken_up(record: Record, now: float) -> Job[Any]:
+        """A job as the last gateway left it: one it was running failed, saying so; one whose result file went, too."""
+        job: Job[Any] = Job(
+            id=record.id,
+            kind=record.kind,
+            progress=Progress(record.total, record.done, record.stage),
+            created=record.created,
+            finished=record.finished,
+            result=record.result,
+            error=record.error,
+        )
+        if record.finished is None:
+            job.finished = now
+            job.error = Unavailable(f"the gateway stopped while this job ran ({record.done}/{record.total} tiles done); send it again")
+        elif record.error is None and record.result is None:
+            job.error = ServiceError("its result was lost: the file is gone from --jobs-dir; send it again")
+        return job
+
+    def _write(self, job: Job[Any]) -> None:
+        """The job's state to its file, where jobs are kept in a directory; a failed write is logged, the job goes on."""
+        if self._files is None:
+            return
+        try:
+            self._files.write_record(job.view(), job.result.summary if isinstance(job.result, Keepable) else None)
+        except OSError as exc:
+            logger.error("job %s: cannot write its state to --jobs-dir: %s", job.id, exc)
+
+    async def _kept(self, job: Job[Any], result: T) -> Any:
+        """The result written to its file and dropped from memory, where jobs are kept in a directory (else itself)."""
+        files = self._files
+        if files is None or not isinstance(result, Keepable):
+            return result
+        try:
+            return await asyncio.to_thread(files.write_result, job.id, result.summary, result.payload())
+        except OSError as exc:
+            logger.error("job %s: cannot write its result to --jobs-dir, kept in memory: %s", job.id, exc)
+            return result
 
     def running(self) -> int:
         return sum(1 for job in self._jobs.values() if job.state is JobState.RUNNING)
@@ -124,16 +199,18 @@ class JobStore:
         job.task = asyncio.get_running_loop().create_task(self._run(job, work), name=f"job-{job.id}")
         job.task.add_done_callback(lambda _: self._ended(job))  # also where it was cancelled before it began
         self._jobs[job.id] = job
+        self._write(job)
         return job
 
     async def _run(self, job: Job[T], work: Callable[[Progress], Awaitable[T]]) -> None:
         try:
-            job.result = await work(job.progress)
+            job.result = await self._kept(job, await work(job.progress))
             job.progress.stage = "done"
         except ServiceError as exc:
             job.error = exc
         except asyncio.CancelledError:
-            job.error = job.error or ServiceError("cancelled: the server is shutting down")
+            done, total = job.progress.done, job.progress.total
+            job.error = job.error or Unavailable(f"the gateway stopped while this job ran ({done}/{total} tiles done); send it again")
             raise
         except Exception as exc:
             logger.exception("job %s (%s) failed", job.id, job.kind)
@@ -145,6 +222,7 @@ class JobStore:
         if job.finished is None:
             job.finished, job.reserved = time.time(), 0
             job.error = job.error or (ServiceError("cancelled before it began") if job.result is None else None)
+            self._write(job)
             self._make_room()
 
     def kept_bytes(self) -> int:
@@ -157,7 +235,7 @@ class JobStore:
             if kept <= self.max_kept_bytes:
                 break
             kept -= job.nbytes
-            del self._jobs[job.id]
+            self._forget(job.id)
             self._dropped[job.id] = time.time()
             logger.info("dropped finished job %s (%s, %d bytes): finished results are over --job-results-mb", job.id, job.kind, job.nbytes)
 
@@ -191,11 +269,21 @@ class JobStore:
     def _forget_expired(self) -> None:
         cutoff = time.time() - self.ttl_s
         for job_id in [j.id for j in self._jobs.values() if j.finished is not None and j.finished < cutoff]:
-            del self._jobs[job_id]
+            self._forget(job_id)
         for job_id in [i for i, when in self._dropped.items() if when < cutoff]:
             del self._dropped[job_id]
 
+    def _forget(self, job_id: str) -> None:
+        del self._jobs[job_id]
+        if self._files is not None:
+            self._files.remove(job_id)
+
     async def stop(self) -> None:
-        for job in self._jobs.values():
-            if job.task is not None:
-                job.task.cancel()
+        """Cancel the running jobs, and wait (STOP_WAIT_S at most) for them to say so in their files."""
+        tasks = [job.task for job in self._jobs.values() if job.task is not None and not job.task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_WAIT_S)
+        if self._files is not None:
+            self._files.close()

@@ -172,9 +172,12 @@ class Gateway:
                 shared,
                 grpc_socket,
             )
-        return cls(
+        gateway = cls(
             config, models, partitions, placement, backend, not_served=not_served, frontends=frontends, shared=shared, cpu_memory=cpu_memory
         )
+        if config.jobs_dir is not None:
+            gateway.jobs.keep_in(config.jobs_dir)
+        return gateway
 
     async def start(self) -> None:
         self._unwatch = watch_invalid_requests(self.metrics.invalid_http.inc)

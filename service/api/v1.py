@@ -38,7 +38,7 @@ from ..config import MB
 from ..errors import NotFound, NotReady, ServiceError, Unprocessable
 from ..families import crowd, face, frontalize, grounding, lns, media
 from ..families.volume import read_volume
-from ..jobs import Job, Progress
+from ..jobs import Job, Keepable, Progress
 from ..repository import ModelEntry
 from .budget import Hold
 from .limits import HOLD
@@ -242,7 +242,9 @@ class FamilyEndpoints:
         except asyncio.CancelledError:  # the client hung up: nobody will ask for this synchronous answer
             self.gateway.jobs.cancel(job, "cancelled: the client disconnected before the answer")
             raise
-        return JSONResponse(self.lns_result(job, opts.inline).model_dump())
+        result = cast(Keepable, job.result)  # a finished lns job's: lns.Stations, or its label map in --jobs-dir
+        nifti = await asyncio.to_thread(result.payload) if opts.inline else None
+        return JSONResponse(self.lns_result(job, nifti).model_dump())
 
     def tiles_that_fit(
         self, shape: tuple[int, ...], resampled: tuple[int, int, int], organs: Contract, stations: Contract
@@ -260,29 +262,31 @@ class FamilyEndpoints:
                 break
         return in_flight, nbytes
 
-    def lns_result(self, job: Job[Any], inline: bool) -> LnsResult:
-        result = cast(lns.Stations, job.result)  # a finished lns job's
+    def lns_result(self, job: Job[Any], nifti: bytes | None) -> LnsResult:
+        """A finished lns job's answer, with its label map inline where `nifti` is given."""
+        summary = cast(Keepable, job.result).summary
         organs, stations = self.lns_models()
         return LnsResult.model_validate(
-            {"job_id": job.id, "models": [organs.contract.name, stations.contract.name], "summary": result.summary}
+            {"job_id": job.id, "models": [organs.contract.name, stations.contract.name], "summary": summary}
             | {"weights": stations.contract.provenance.weights, "label_map_url": f"/v1/jobs/{job.id}/labels.nii.gz"}
-            | {"label_map_base64": media.to_base64(result.nifti) if inline else None}
+            | {"label_map_base64": media.to_base64(nifti) if nifti is not None else None}
         )
 
     def job_view(self, job: Job[Any]) -> JobView:
         view = job.view() | {"status_url": f"/v1/jobs/{job.id}"}
         if job.result is not None:
-            view["result"] = self.lns_result(job, inline=False)
+            view["result"] = self.lns_result(job, None)
         return JobView.model_validate(view)
 
-    def label_map(self, job_id: str) -> Response:
+    async def label_map(self, job_id: str) -> Response:
         job = self.gateway.jobs.get(job_id)
         if job.error is not None:
             raise Unprocessable(f"job {job_id} failed: {job.error}")
         if job.result is None:
             raise NotReady(f"job {job_id} is still running ({job.progress.done}/{job.progress.total} tiles)")
         headers = {"Content-Disposition": f'attachment; filename="{job_id}-stations.nii.gz"'}
-        return Response(job.result.nifti, media_type="application/gzip", headers=headers)
+        nifti = await asyncio.to_thread(cast(Keepable, job.result).payload)
+        return Response(nifti, media_type="application/gzip", headers=headers)
 
     def models_view(self) -> ModelList:
         models = []
@@ -400,7 +404,7 @@ def register_v1(app: FastAPI, gateway: Gateway) -> None:
         summary="A finished segmentation job's label map",
     )
     async def label_map(job_id: str) -> Response:
-        return endpoints.label_map(job_id)
+        return await endpoints.label_map(job_id)
 
     @app.get("/v1/models", response_model=ModelList, summary="Every served model: family, variant, provenance, contract")
     async def models() -> ModelList:

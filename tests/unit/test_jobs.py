@@ -1,13 +1,18 @@
 """Jobs: a synchronous request's job is cancelled when its client leaves, and says why; finished results are bounded; the
-running jobs' memory is bounded by their estimates."""
+running jobs' memory is bounded by their estimates; jobs kept in a directory outlive the gateway."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from service.errors import NotFound, TooLarge, Unavailable
+from service.jobfiles import JobsDirUnusable, KeptResult
 from service.jobs import Job, JobState, JobStore, Progress
 
 
@@ -106,3 +111,117 @@ def test_running_jobs_hold_their_memory_within_the_bound_until_each_ends() -> No
         assert store.reserved() == 0
 
     asyncio.run(scenario())
+
+
+class Segmented:
+    """A result a directory keeps, as lns.Stations is: a summary and bytes."""
+
+    def __init__(self, summary: dict[str, int], data: bytes) -> None:
+        self.summary, self.data = summary, data
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    def payload(self) -> bytes:
+        return self.data
+
+
+def _store(ttl_s: float = 60, max_kept_bytes: int = 1 << 20) -> JobStore:
+    return JobStore(max_running=4, ttl_s=ttl_s, max_kept_bytes=max_kept_bytes, max_bytes=1 << 30)
+
+
+def _on_disk(directory: Path, job_id: str) -> dict[str, Any]:
+    record: dict[str, Any] = json.loads((directory / f"{job_id}.json").read_text())
+    return record
+
+
+def test_jobs_in_a_directory_are_taken_up_by_the_next_gateway(tmp_path: Path) -> None:
+    """serve --jobs-dir: a finished job's result goes to a file (not kept in memory) and is answered again after a
+    restart; a job running at the stop is failed, saying so, where it was unknown before."""
+
+    async def first() -> tuple[str, str]:
+        store = _store()
+        store.keep_in(tmp_path)
+        release = asyncio.Event()
+
+        async def segmenting(progress: Progress) -> Segmented:
+            progress.advance()
+            return Segmented({"stations": 3}, b"label map")
+
+        async def waiting(progress: Progress) -> Segmented:
+            progress.advance()
+            await release.wait()  # still running at the stop
+            return Segmented({}, b"")
+
+        finished = store.submit("lns-segment", 1, segmenting)
+        assert finished.task is not None
+        await finished.task
+        assert isinstance(finished.result, KeptResult), "the bytes are in a file, not in memory"
+        assert finished.result.payload() == b"label map" and finished.result.nbytes == 9
+        assert (tmp_path / f"{finished.id}.result").read_bytes() == b"label map"
+        assert _on_disk(tmp_path, finished.id)["state"] == "done"
+        running = store.submit("lns-segment", 2, waiting)
+        while running.progress.done < 1:
+            await asyncio.sleep(0)
+        assert _on_disk(tmp_path, running.id)["state"] == "running", "written as it was submitted"
+        await store.stop()
+        assert _on_disk(tmp_path, running.id)["error"]["status"] == 503, "and again as the stop cancelled it"
+        return finished.id, running.id
+
+    finished_id, running_id = asyncio.run(first())
+    store = _store()
+    store.keep_in(tmp_path)
+    finished = store.get(finished_id)
+    assert finished.state is JobState.DONE and (finished.progress.done, finished.progress.total) == (1, 1)
+    assert isinstance(finished.result, KeptResult)
+    assert finished.result.summary == {"stations": 3} and finished.result.payload() == b"label map"
+    stopped = store.get(running_id)
+    assert stopped.state is JobState.FAILED and stopped.error is not None and stopped.error.status == 503
+    assert str(stopped.error) == "the gateway stopped while this job ran (1/2 tiles done); send it again"
+    asyncio.run(store.stop())
+
+
+def test_a_directory_is_one_gateways_and_a_second_is_refused(tmp_path: Path) -> None:
+    store = _store()
+    store.keep_in(tmp_path / "jobs")
+    with pytest.raises(JobsDirUnusable, match=rf"--jobs-dir {tmp_path}/jobs is in use by another gateway \(pid {os.getpid()}\)"):
+        _store().keep_in(tmp_path / "jobs")
+    asyncio.run(store.stop())  # lets it go
+    _store().keep_in(tmp_path / "jobs")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(JobsDirUnusable, match=rf"--jobs-dir {tmp_path}/file/jobs: Not a directory"):
+        _store().keep_in(tmp_path / "file" / "jobs")
+
+
+def test_expired_dropped_and_unreadable_jobs_in_a_directory(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """What a bounded store forgets leaves the directory too; a file it did not write is left, with a warning."""
+
+    async def run() -> list[str]:
+        store = _store(max_kept_bytes=15)
+        store.keep_in(tmp_path)
+
+        async def segmenting(progress: Progress) -> Segmented:
+            return Segmented({}, b"label map")  # 9 bytes: two are over 15
+
+        ids = []
+        for _ in range(2):
+            job = store.submit("lns-segment", 1, segmenting)
+            assert job.task is not None
+            await job.task
+            ids.append(job.id)
+        assert not (tmp_path / f"{ids[0]}.json").exists() and not (tmp_path / f"{ids[0]}.result").exists(), "dropped for room"
+        assert (tmp_path / f"{ids[1]}.result").exists()
+        await store.stop()
+        return ids
+
+    ids = asyncio.run(run())
+    (tmp_path / f"{'0' * 32}.json").write_text("{not json")
+    store = _store(ttl_s=1e-9)  # everything finished is past its time
+    with caplog.at_level("WARNING"):
+        store.keep_in(tmp_path)
+    with pytest.raises(NotFound):
+        store.get(ids[1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", f"{'0' * 32}.json"]
+    assert f"{'0' * 32}.json is not a job this gateway wrote (JSONDecodeError" in caplog.text
+    asyncio.run(store.stop())

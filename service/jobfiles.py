@@ -1,0 +1,179 @@
+"""Jobs kept in a directory (`serve --jobs-dir`), so that a gateway started again still answers for them.
+
+Each job is `ID.json`, its state as `GET /v1/jobs/ID` shows it and the result's summary, written when it is
+submitted and again when it ends; a finished job's result bytes (a label map) are `ID.result`. Both are written to
+a temporary name first and then renamed, so a reader sees a whole file or none. A gateway holds an exclusive lock
+on `.lock` in the directory while it runs: a second gateway on the same directory refuses to start. At start, the
+gateway takes up what the last one left: finished jobs are answered as before until their time runs out, and a job
+still running when that gateway stopped or died is failed, saying so, instead of being unknown.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import (
+    BadRequest,
+    DeadlineExpired,
+    HeadTooLarge,
+    InferenceFailed,
+    NotFound,
+    NotReady,
+    NotSupported,
+    ReceiveTimeout,
+    ServiceError,
+    TooLarge,
+    Unavailable,
+    Unprocessable,
+    UnsupportedMedia,
+)
+
+logger = logging.getLogger(__name__)
+
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, as JobStore makes them
+ERRORS: dict[int, type[ServiceError]] = {
+    cls.status: cls
+    for cls in (
+        BadRequest,
+        NotFound,
+        ReceiveTimeout,
+        NotReady,
+        TooLarge,
+        UnsupportedMedia,
+        Unprocessable,
+        HeadTooLarge,
+        Unavailable,
+        DeadlineExpired,
+        InferenceFailed,
+        NotSupported,
+    )
+}
+
+
+class JobsDirUnusable(ServiceError):
+    """The directory cannot be made or written, or another gateway keeps its jobs there (`serve` refuses to start)."""
+
+
+@dataclass(frozen=True)
+class KeptResult:
+    """A finished job's result kept in a file: its summary in memory, its bytes read when asked for."""
+
+    summary: dict[str, Any]
+    path: Path
+    nbytes: int  # the file's size, counted against --job-results-mb as a result in memory is
+
+    def payload(self) -> bytes:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"the job's result file {self.path} is gone from --jobs-dir") from None
+
+
+@dataclass(frozen=True)
+class Record:
+    """A job as its file has it."""
+
+    id: str
+    kind: str
+    state: str  # a JobState's value
+    stage: str
+    done: int
+    total: int
+    created: float
+    finished: float | None
+    error: ServiceError | None
+    result: KeptResult | None
+
+
+def error_of(view: dict[str, Any] | None) -> ServiceError | None:
+    """The error a record's view holds, of the class its status names."""
+    if view is None:
+        return None
+    return ERRORS.get(int(view["status"]), ServiceError)(str(view["message"]))
+
+
+class JobFiles:
+    def __init__(self, directory: Path, lock: int) -> None:
+        self.directory = directory
+        self._lock = lock
+
+    @classmethod
+    def open(cls, directory: Path) -> JobFiles:
+        """The directory made if needed and locked; JobsDirUnusable where another gateway holds it."""
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            lock = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise JobsDirUnusable(f"--jobs-dir {directory}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(lock, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(lock)
+            raise JobsDirUnusable(
+                f"--jobs-dir {directory} is in use by another gateway (pid {holder}): each gateway needs a directory of its own"
+            ) from None
+        os.ftruncate(lock, 0)
+        os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
+        return cls(directory, lock)
+
+    def close(self) -> None:
+        if self._lock >= 0:
+            os.close(self._lock)  # and with it the lock
+            self._lock = -1
+
+    def write_record(self, view: dict[str, Any], summary: dict[str, Any] | None) -> None:
+        """`view` is Job.view(); `summary` the result's, where it finished with one."""
+        self._replace(self.directory / f"{view['id']}.json", json.dumps(view | {"summary": summary}).encode())
+
+    def write_result(self, job_id: str, summary: dict[str, Any], payload: bytes) -> KeptResult:
+        path = self.directory / f"{job_id}.result"
+        self._replace(path, payload)
+        return KeptResult(summary, path, len(payload))
+
+    def remove(self, job_id: str) -> None:
+        for suffix in (".json", ".result"):
+            (self.directory / f"{job_id}{suffix}").unlink(missing_ok=True)
+
+    def _replace(self, path: Path, data: bytes) -> None:
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_bytes(data)
+        temporary.replace(path)
+
+    def records(self) -> list[Record]:
+        """Every job the directory holds, oldest first; a file that cannot be read is left, with a warning."""
+        records = []
+        for path in self.directory.glob("*.json"):
+            if not JOB_ID.fullmatch(path.stem):
+                continue
+            try:
+                records.append(self._record(path))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                logger.warning("--jobs-dir: %s is not a job this gateway wrote (%s: %s); left as it is", path, type(exc).__name__, exc)
+        return sorted(records, key=lambda r: r.created)
+
+    def _record(self, path: Path) -> Record:
+        view = json.loads(path.read_bytes())
+        result_path = path.with_suffix(".result")
+        result = None
+        if view["summary"] is not None and result_path.exists():
+            result = KeptResult(view["summary"], result_path, result_path.stat().st_size)
+        return Record(
+            id=str(view["id"]),
+            kind=str(view["kind"]),
+            state=str(view["state"]),
+            stage=str(view["stage"]),
+            done=int(view["progress"]["done"]),
+            total=int(view["progress"]["total"]),
+            created=float(view["created"]),
+            finished=None if view["finished"] is None else float(view["finished"]),
+            error=error_of(view["error"]),
+            result=result,
+        )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -25,6 +26,8 @@ DCGM_IMAGE = "nvcr.io/nvidia/k8s/dcgm-exporter:3.3.7-3.5.0-ubuntu22.04"
 PROMETHEUS_IMAGE = "prom/prometheus:v2.53.1"
 GRAFANA_IMAGE = "grafana/grafana:11.1.4"
 GATEWAY_IMAGE = "migserve-gateway:0.1.0"
+CACHE = "/home/migserve/.cache"  # the gateway user's; the image makes it theirs, so a volume mounted there starts out so
+JOBS_DIR = f"{CACHE}/migserve/jobs"  # serve --jobs-dir: CT jobs outlive a restart of the gateway's container
 TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 HOST_PORT_BASE = 18000  # instance i publishes 18000 + 10 i (+1 grpc, +2 metrics)
 
@@ -124,12 +127,14 @@ def compose(instances: list[dict[str, Any]]) -> dict[str, Any]:
             },
             **_monitoring("./prometheus.yml"),
         },
+        "volumes": {"migserve-cache": {}},
     }
 
 
 def _gateway_service(depends_on: list[str], topology_mount: str | None) -> dict[str, Any]:
     command = ["migserve", "serve", "--host", "0.0.0.0", "--port", "8000", "--grpc-port", "8001", "--model-repo", "/models"]
-    volumes = ["${MODEL_REPO:-../model_repo}:/models:ro"]
+    command += ["--jobs-dir", JOBS_DIR]
+    volumes = ["${MODEL_REPO:-../model_repo}:/models:ro", f"migserve-cache:{CACHE}"]
     if topology_mount:
         command += ["--topology", "/etc/migserve/topology.yaml"]
         volumes.append(topology_mount)
@@ -229,6 +234,8 @@ def kubernetes(instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "/models",
             "--topology",
             "/etc/migserve/topology.yaml",
+            "--jobs-dir",
+            JOBS_DIR,  # in an emptyDir: kept while the pod lives, through restarts of the container
         ],
         "ports": [{"name": "http", "containerPort": 8000}, {"name": "grpc", "containerPort": 8001}],
         "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5},
@@ -236,13 +243,11 @@ def kubernetes(instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "volumeMounts": [
             {"name": "models", "mountPath": "/models", "readOnly": True},
             {"name": "topology", "mountPath": "/etc/migserve", "readOnly": True},
+            {"name": "cache", "mountPath": CACHE},
         ],
     }
-    docs.append(
-        _deployment(
-            "migserve-gateway", gateway_labels, 1, gateway, extra_volume={"name": "topology", "configMap": {"name": "migserve-topology"}}
-        )
-    )
+    extra = [{"name": "topology", "configMap": {"name": "migserve-topology"}}, {"name": "cache", "emptyDir": {}}]
+    docs.append(_deployment("migserve-gateway", gateway_labels, 1, gateway, extra_volumes=extra))
     docs.append(_service_manifest("migserve-gateway", gateway_labels, {"http": 8000, "grpc": 8001}))
     docs.append(
         {
@@ -278,11 +283,9 @@ def gateway_topology_k8s(profiles: Counter[str]) -> dict[str, Any]:
 
 
 def _deployment(
-    name: str, labels: dict[str, str], replicas: int, container: dict[str, Any], extra_volume: dict[str, Any] | None = None
+    name: str, labels: dict[str, str], replicas: int, container: dict[str, Any], extra_volumes: Sequence[dict[str, Any]] = ()
 ) -> dict[str, Any]:
-    volumes = [{"name": "models", "persistentVolumeClaim": {"claimName": "migserve-models", "readOnly": True}}]
-    if extra_volume:
-        volumes.append(extra_volume)
+    volumes = [{"name": "models", "persistentVolumeClaim": {"claimName": "migserve-models", "readOnly": True}}, *extra_volumes]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

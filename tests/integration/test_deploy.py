@@ -32,12 +32,22 @@ def compose_config(path: Path) -> dict[str, Any]:
     return resolved
 
 
+def _keeps_jobs_in_a_named_volume(config: dict[str, Any]) -> None:
+    """serve --jobs-dir in the user's cache, where a named volume outlives the container (CT jobs outlive a restart)."""
+    gateway = config["services"]["gateway"]
+    jobs_dir = gateway["command"][gateway["command"].index("--jobs-dir") + 1]
+    assert jobs_dir.startswith("/home/migserve/.cache/")
+    assert "migserve-cache:/home/migserve/.cache:rw" in gateway["volumes"] and "migserve-cache" in config["volumes"]
+
+
 @pytest.mark.parametrize("topology", TOPOLOGIES, ids=lambda p: p.stem)
 def test_generated_compose_has_one_triton_per_mig_instance(topology: Path, tmp_path: Path) -> None:
     run = migserve("deploy", "compose", "--topology", topology, "--out", tmp_path)
     assert run.returncode == 0, run.stderr
     instances = [p for p in load_topology(topology) if p.kind is PartitionKind.MIG]
-    services = compose_config(tmp_path / "docker-compose.yml")["services"]
+    config = compose_config(tmp_path / "docker-compose.yml")
+    _keeps_jobs_in_a_named_volume(config)
+    services = config["services"]
     tritons = {name: s for name, s in services.items() if name.startswith("triton-")}
     assert len(tritons) == len(instances) >= 3
     assert {"gateway", "prometheus", "grafana", "dcgm-exporter"} <= set(services)
@@ -76,7 +86,7 @@ def test_cpu_compose_file_is_valid_and_serves_embedded_workers() -> None:
     assert "--topology" not in services["gateway"]["command"], "CPU slices are discovered"
     assert services["gateway"]["shm_size"] == "2g", "batches pass through /dev/shm (64 MB by default)"
     # the CPU workers' timings outlive the container (--cpu-run-slices-cache): a named volume at the user's cache
-    assert "migserve-cache:/home/migserve/.cache:rw" in services["gateway"]["volumes"] and "migserve-cache" in config["volumes"]
+    _keeps_jobs_in_a_named_volume(config)
     assert yaml.safe_load((DEPLOY / "prometheus.cpu.yml").read_text())["scrape_configs"][0]["static_configs"][0]["targets"] == [
         "gateway:8000"
     ]
@@ -101,6 +111,12 @@ def test_k8s_manifests_request_mig_resources_per_profile(topology: Path, tmp_pat
         assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
         assert services[name]["spec"]["selector"] == spec["selector"]["matchLabels"]
     assert "migserve-gateway" in deployments and "migserve-gateway" in services
+    pod = deployments["migserve-gateway"]["spec"]["template"]["spec"]
+    (gateway,) = pod["containers"]
+    jobs_dir = gateway["args"][gateway["args"].index("--jobs-dir") + 1]
+    mounts = {m["mountPath"]: m["name"] for m in gateway["volumeMounts"]}
+    (mount,) = [path for path in mounts if jobs_dir.startswith(path + "/")]
+    assert {"name": mounts[mount], "emptyDir": {}} in pod["volumes"], "CT jobs outlive a restart of the container in its pod"
     config = next(d for d in docs if d["kind"] == "ConfigMap")
     (tmp_path / "gateway.yaml").write_text(config["data"]["topology.yaml"])
     assert {p.url for p in load_topology(tmp_path / "gateway.yaml")} == {f"triton-{p.replace('.', '-')}:8001" for p in profiles}

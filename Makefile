@@ -1,4 +1,4 @@
-# make serve: environment + models + (once the gateway lands) the gateway on 127.0.0.1:8000
+# make serve: environment + models + the gateway on 127.0.0.1:8000 (embedded CPU workers; HOST, PORT to change)
 # make test:  environment + lint + every test
 PYTHON ?= python3
 VENV ?= .venv

@@ -148,7 +148,10 @@ class JobFiles:
         temporary.replace(path)
 
     def records(self) -> list[Record]:
-        """Every job the directory holds, oldest first; a file that cannot be read is left, with a warning."""
+        """Every job the directory holds, oldest first; a file that cannot be read is left, with a warning (and one a
+        gateway was writing when it died, removed)."""
+        for partial in self.directory.glob(".*.tmp"):
+            partial.unlink(missing_ok=True)
         records = []
         for path in self.directory.glob("*.json"):
             if not JOB_ID.fullmatch(path.stem):

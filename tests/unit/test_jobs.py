@@ -217,6 +217,7 @@ def test_expired_dropped_and_unreadable_jobs_in_a_directory(tmp_path: Path, capl
 
     ids = asyncio.run(run())
     (tmp_path / f"{'0' * 32}.json").write_text("{not json")
+    (tmp_path / f".{ids[1]}.result.tmp").write_bytes(b"label")  # a write a killed gateway left half done
     store = _store(ttl_s=1e-9)  # everything finished is past its time
     with caplog.at_level("WARNING"):
         store.keep_in(tmp_path)

@@ -1,0 +1,88 @@
+"""What keeping CT jobs in a directory (`serve --jobs-dir`) costs a /v1/lns/segment request, and the memory it gives back.
+
+Two gateways up at once, each with one CPU slice and the tiny lns models: A keeps jobs in memory (the default), B in
+a directory. Each round sends the same CT volume to A, then to B, `--requests` times each, one request at a time
+(synchronous: a synchronous request is a job too, its label map kept for its URL); the comparison is the mean of the
+rounds' ratios B / A of the mean seconds a request took. Then the gateways' resident memory, with every answer's
+label map still kept (in A's memory, in B's files), and what B's directory holds.
+
+    .venv/bin/python -m bench.jobs_dir --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import statistics
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from bench.gateway_bench import ROOT, Server, export
+from bench.image_memory import memory_status
+
+MB = 1 << 20
+MODELS = ("lns-organs", "lns-stations")
+
+
+def volume(size: int) -> bytes:
+    """A gzipped NIfTI CT of size x size x size/2 voxels at 2 mm, HU in [-1000, 400] (random: its label map does not
+    compress to nothing)."""
+    import nibabel as nib  # here, not in every bench
+
+    hu = np.random.default_rng(0).uniform(-1000, 400, (size, size, size // 2)).astype(np.int16)
+    return gzip.compress(nib.Nifti1Image(hu, np.diag([2.0, 2.0, 2.0, 1.0])).to_bytes())
+
+
+def segment_seconds(server: Server, body: bytes) -> float:
+    """One synchronous /v1/lns/segment of `body`: seconds to its 200."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.port}/v1/lns/segment?mode=sync", data=body, headers={"Content-Type": "application/gzip"}
+    )
+    started = time.monotonic()
+    with urllib.request.urlopen(request, timeout=300) as response:
+        response.read()
+    return time.monotonic() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=4, help="requests to each gateway in a round (default: 4)")
+    parser.add_argument("--size", type=int, default=96, help="the volume's width and height in voxels (default: 96)")
+    parser.add_argument("--repo", type=Path, default=ROOT / "results" / "bench_repo")
+    args = parser.parse_args()
+    export(args.repo, *MODELS)
+    body = volume(args.size)
+    with tempfile.TemporaryDirectory(prefix="migserve-jobs-") as jobs:
+        common = ["--models", *MODELS, "--cpu-slices", "1"]
+        servers = {"A": Server(args.repo, *common), "B": Server(args.repo, *common, "--jobs-dir", jobs)}
+        try:
+            for server in servers.values():
+                segment_seconds(server, body)  # each once untimed: the first request after a start is slower
+            ratios = []
+            for round_ in range(1, args.rounds + 1):
+                means = {}
+                for label, server in servers.items():
+                    means[label] = statistics.mean(segment_seconds(server, body) for _ in range(args.requests))
+                ratios.append(means["B"] / means["A"])
+                print(f"round {round_}: A {means['A']:.3f} s, B {means['B']:.3f} s a request, B / A {ratios[-1]:.3f}", flush=True)
+            resident = {label: memory_status(server.process.pid)["VmRSS"] / MB for label, server in servers.items()}
+        finally:
+            for server in servers.values():
+                server.close()
+        files = list(Path(jobs).glob("*.result"))
+        held = sum(f.stat().st_size for f in files) / MB
+    answers = 1 + args.rounds * args.requests
+    print(f"\nvolume {len(body) / MB:.2f} MB gzipped ({args.size}x{args.size}x{args.size // 2}), {answers} answers to each gateway")
+    print(f"B / A, mean of {args.rounds} rounds: {statistics.mean(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
+    print(f"gateway VmRSS at the end: A {resident['A']:.1f} MB, B {resident['B']:.1f} MB")
+    print(f"B's directory: {len(files)} label maps, {held:.2f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,6 +5,7 @@ ServiceError                 base; `status` is the HTTP status, str(exc) the mes
 |   +-- NotFound     404     no such model or job
 |   +-- ReceiveTimeout 408   the client stopped sending in the middle of a request (--receive-timeout-s)
 |   +-- NotReady     409     the job has not finished yet
+|   +-- Gone         410     the job was deleted while its synchronous request waited for it
 |   +-- TooLarge     413     the body (or a decoded image or volume) is over the configured limit
 |   +-- UnsupportedMedia 415 the body or an upload is not a format the endpoint reads
 |   +-- Unprocessable    422 well-formed request, unusable content: corrupt image, bad NIfTI, empty sentence
@@ -37,6 +38,10 @@ class NotFound(BadRequest):
 
 class UnknownModel(NotFound):
     pass
+
+
+class Gone(BadRequest):
+    status = 410
 
 
 class TooLarge(BadRequest):

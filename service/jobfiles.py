@@ -22,6 +22,7 @@ from typing import Any
 from .errors import (
     BadRequest,
     DeadlineExpired,
+    Gone,
     HeadTooLarge,
     InferenceFailed,
     NotFound,
@@ -45,6 +46,7 @@ ERRORS: dict[int, type[ServiceError]] = {
         NotFound,
         ReceiveTimeout,
         NotReady,
+        Gone,
         TooLarge,
         UnsupportedMedia,
         Unprocessable,

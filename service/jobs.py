@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from .config import MB
-from .errors import NotFound, ServiceError, TooLarge, Unavailable
+from .errors import Gone, NotFound, ServiceError, TooLarge, Unavailable
 from .jobfiles import JobFiles, Record
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class JobStore:
         self.ttl_s = ttl_s
         self.max_kept_bytes = max_kept_bytes
         self._jobs: dict[str, Job[Any]] = {}  # in the order they were submitted
-        self._dropped: dict[str, float] = {}  # job id -> when it was dropped for room, to say so until ttl_s passes
+        self._gone: dict[str, tuple[float, str]] = {}  # job id -> when it was dropped for room or deleted, and why (for ttl_s)
         self._files: JobFiles | None = None  # serve --jobs-dir
 
     def keep_in(self, directory: Path) -> None:
@@ -236,30 +236,49 @@ class JobStore:
                 break
             kept -= job.nbytes
             self._forget(job.id)
-            self._dropped[job.id] = time.time()
+            self._gone[job.id] = (
+                time.time(),
+                f"job {job.id!r} finished, and its result was dropped to keep finished results under "
+                f"{self.max_kept_bytes / (1 << 20):.3g} MB (serve --job-results-mb): fetch results sooner after they finish",
+            )
             logger.info("dropped finished job %s (%s, %d bytes): finished results are over --job-results-mb", job.id, job.kind, job.nbytes)
 
-    def cancel(self, job: Job[Any], why: str) -> None:
+    def cancel(self, job: Job[Any], why: str, error: type[ServiceError] = ServiceError) -> None:
         """Stop a running job; it is kept as failed with `why` (its tiles leave the batch queues)."""
         if job.task is not None and not job.task.done():
-            job.error = ServiceError(why)
+            job.error = error(why)
             job.task.cancel()
 
     def get(self, job_id: str) -> Job[Any]:
         self._forget_expired()
-        if job_id in self._dropped:
-            raise NotFound(
-                f"job {job_id!r} finished, and its result was dropped to keep finished results under "
-                f"{self.max_kept_bytes / (1 << 20):.3g} MB (serve --job-results-mb): fetch results sooner after they finish"
-            )
+        if job_id in self._gone:
+            raise NotFound(self._gone[job_id][1])
         if job_id not in self._jobs:
             raise NotFound(f"no job {job_id!r} (finished jobs are kept for {self.ttl_s:.0f} s)")
         return self._jobs[job_id]
 
+    async def delete(self, job_id: str) -> None:
+        """Forget a job and its result (DELETE /v1/jobs/ID); one still running is cancelled first, and its tiles leave
+        the batch queues. Its URL then says it was deleted, for ttl_s."""
+        job = self.get(job_id)
+        running = job.task is not None and not job.task.done()
+        if running and job.task is not None:
+            self.cancel(job, f"cancelled: deleted (DELETE /v1/jobs/{job_id})", Gone)
+            await asyncio.wait({job.task}, timeout=STOP_WAIT_S)  # its memory given back as it ends
+        if job_id in self._jobs:
+            self._forget(job_id)
+        self._gone[job_id] = (time.time(), f"job {job_id!r} was deleted (DELETE /v1/jobs/{job_id})")
+        logger.info("job %s (%s) deleted%s", job_id, job.kind, " while it ran" if running else "")
+
     async def wait(self, job: Job[T]) -> T:
         """The job's result, or its error raised."""
         if job.task is not None:
-            await asyncio.shield(job.task)
+            try:
+                await asyncio.shield(job.task)
+            except asyncio.CancelledError:
+                waiting = asyncio.current_task()
+                if not job.task.cancelled() or waiting is None or waiting.cancelling():
+                    raise  # this wait was cancelled (its client hung up), not the job
         if job.error is not None:
             raise job.error
         if job.result is None:
@@ -270,8 +289,8 @@ class JobStore:
         cutoff = time.time() - self.ttl_s
         for job_id in [j.id for j in self._jobs.values() if j.finished is not None and j.finished < cutoff]:
             self._forget(job_id)
-        for job_id in [i for i, when in self._dropped.items() if when < cutoff]:
-            del self._dropped[job_id]
+        for job_id in [i for i, (when, _) in self._gone.items() if when < cutoff]:
+            del self._gone[job_id]
 
     def _forget(self, job_id: str) -> None:
         del self._jobs[job_id]

@@ -275,6 +275,7 @@ class ModelList(BaseModel):
 ERRORS = {
     404: "unknown model, variant or job",
     409: "the job has not finished yet",
+    410: "the job was deleted (DELETE /v1/jobs/ID) while this request waited for it",
     413: "body, image or volume over the configured limit",
     415: "not a format this endpoint reads",
     422: "unusable content or options; the message names the problem",

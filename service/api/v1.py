@@ -368,7 +368,7 @@ UPLOADS = {
         "NIfTI (.nii, .nii.gz), a zip of a DICOM series, or one DICOM file",
         VOLUME_TYPES,
         LnsResult,
-        {202: {"model": JobView, "description": "a job: poll status_url"}},
+        _with({202: {"model": JobView, "description": "a job: poll status_url"}}, error_responses(410)),
     ),
     "crowd": EndpointDoc(
         "/v1/crowd/count",
@@ -397,6 +397,17 @@ def register_v1(app: FastAPI, gateway: Gateway) -> None:
     @app.get("/v1/jobs/{job_id}", response_model=JobView, responses=error_responses(404), summary="A job's state, progress and result")
     async def job(job_id: str) -> JobView:
         return endpoints.job_view(gateway.jobs.get(job_id))
+
+    @app.delete(
+        "/v1/jobs/{job_id}",
+        status_code=204,
+        response_class=Response,
+        responses=error_responses(404),
+        summary="Delete a job and its result; one still running is cancelled first",
+    )
+    async def delete_job(job_id: str) -> Response:
+        await gateway.jobs.delete(job_id)
+        return Response(status_code=204)
 
     @app.get(
         "/v1/jobs/{job_id}/labels.nii.gz",

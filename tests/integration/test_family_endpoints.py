@@ -274,6 +274,33 @@ def test_a_large_volume_runs_as_a_job_with_progress_and_batched_tiles(http: http
     assert rows == job["progress"]["total"] // 2 and batches < rows, "tiles were batched"
 
 
+def test_a_running_job_deleted_is_cancelled_and_its_url_says_so(http: httpx.Client) -> None:
+    volume = np.random.default_rng(4).normal(-300, 400, (256, 256, 160)).astype(np.int16)  # 600 tiles: 4 s here
+    before = _tiles_run(http)
+    response = http.post("/v1/lns/segment", files={"volume": ("ct.nii.gz", nifti_gz(volume, np.diag([1.5, 1.5, 2.5, 1.0])))})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    deleted = http.delete(job["status_url"])
+    assert deleted.status_code == 204 and deleted.content == b""
+    for url in (job["status_url"], job["status_url"] + "/labels.nii.gz"):
+        gone = http.get(url)
+        assert gone.status_code == 404 and f"job '{job['id']}' was deleted (DELETE /v1/jobs/{job['id']})" in gone.json()["error"]
+    assert http.delete(job["status_url"]).status_code == 404
+    gauges = dict(line.rsplit(" ", 1) for line in http.get("/metrics").text.splitlines() if line.startswith("migserve_job"))
+    assert float(gauges["migserve_jobs_running"]) == 0 and float(gauges["migserve_job_bytes"]) == 0, "its memory given back"
+    time.sleep(0.5)  # what was already in a worker
+    run = _tiles_run(http)
+    time.sleep(2)
+    assert _tiles_run(http) == run and run - before < job["progress"]["total"], "its tiles left the queues, not all of them run"
+    assert http.delete("/v1/jobs/nope").status_code == 404
+
+
+def _tiles_run(http: httpx.Client) -> float:
+    """Rows the CT models have run, both stages."""
+    metrics = http.get("/metrics").text
+    return sum(_metric(metrics, "migserve_batch_size_sum", m) for m in ("lns-organs", "lns-stations"))
+
+
 def _metric(text: str, name: str, model: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") and f'model="{model}"' in line)
 

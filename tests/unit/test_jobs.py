@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from service.errors import NotFound, TooLarge, Unavailable
+from service.errors import Gone, NotFound, TooLarge, Unavailable
 from service.jobfiles import JobsDirUnusable, KeptResult
 from service.jobs import Job, JobState, JobStore, Progress
 
@@ -226,3 +226,42 @@ def test_expired_dropped_and_unreadable_jobs_in_a_directory(tmp_path: Path, capl
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", f"{'0' * 32}.json"]
     assert f"{'0' * 32}.json is not a job this gateway wrote (JSONDecodeError" in caplog.text
     asyncio.run(store.stop())
+
+
+def test_a_deleted_job_is_cancelled_forgotten_and_its_url_says_so(tmp_path: Path) -> None:
+    """DELETE /v1/jobs/ID: a running job is cancelled (a synchronous request waiting for it gets 410) and gives its
+    memory back; a finished one's result goes, in memory or in --jobs-dir; either URL then says it was deleted."""
+
+    async def scenario() -> None:
+        store = JobStore(max_running=4, ttl_s=60, max_kept_bytes=1 << 20, max_bytes=100 << 20)
+        store.keep_in(tmp_path)
+        release = asyncio.Event()
+
+        async def waiting(progress: Progress) -> Segmented:
+            await release.wait()
+            return Segmented({}, b"")
+
+        async def segmenting(progress: Progress) -> Segmented:
+            return Segmented({"stations": 3}, b"label map")
+
+        running = store.submit("lns-segment", 10, waiting, 60 << 20)
+        waiter = asyncio.create_task(store.wait(running))
+        await asyncio.sleep(0)
+        await store.delete(running.id)
+        with pytest.raises(Gone, match=rf"cancelled: deleted \(DELETE /v1/jobs/{running.id}\)"):
+            await waiter
+        assert store.reserved() == 0 and store.running() == 0
+        finished = store.submit("lns-segment", 1, segmenting)
+        assert finished.task is not None
+        await finished.task
+        assert (tmp_path / f"{finished.id}.result").exists()
+        await store.delete(finished.id)
+        for job in (running, finished):
+            with pytest.raises(NotFound, match=rf"job '{job.id}' was deleted \(DELETE /v1/jobs/{job.id}\)"):
+                store.get(job.id)
+            with pytest.raises(NotFound):
+                await store.delete(job.id)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"], "nothing left of either"
+        await store.stop()
+
+    asyncio.run(scenario())

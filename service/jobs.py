@@ -71,6 +71,21 @@ class Keepable(Protocol):
     def payload(self) -> bytes: ...  # a method: isinstance on a runtime protocol reads every property (Python 3.11)
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A finished job's answer: what its URL shows (JSON) and its bytes (a label map), as a directory keeps them."""
+
+    summary: dict[str, Any]
+    data: bytes
+
+    @property
+    def nbytes(self) -> int:  # counted against --job-results-mb
+        return len(self.data)
+
+    def payload(self) -> bytes:
+        return self.data
+
+
 @dataclass(eq=False)
 class Job(Generic[T]):
     id: str

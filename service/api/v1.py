@@ -38,7 +38,7 @@ from ..config import MB
 from ..errors import NotFound, NotReady, ServiceError, Unprocessable
 from ..families import crowd, face, frontalize, grounding, lns, media
 from ..families.volume import read_volume
-from ..jobs import Job, Keepable, Progress
+from ..jobs import Answer, Job, Keepable, Progress
 from ..repository import ModelEntry
 from .budget import Hold
 from .limits import HOLD
@@ -222,8 +222,11 @@ class FamilyEndpoints:
         async def run(name: str, inputs: dict[str, Array]) -> dict[str, Array]:
             return await self.gateway.run(name, inputs, deadline)
 
-        async def work(progress: Progress) -> lns.Stations:
-            return await lns.stations_of(volume, organs.contract, stations.contract, run=run, progress=progress, in_flight=in_flight)
+        async def work(progress: Progress) -> Answer:
+            found = await lns.stations_of(volume, organs.contract, stations.contract, run=run, progress=progress, in_flight=in_flight)
+            # what the job's URL answers, taken now: the models may be unloaded, or another gateway answer it (--jobs-dir)
+            models = {"models": [organs.contract.name, stations.contract.name], "weights": stations.contract.provenance.weights}
+            return Answer(models | {"summary": found.summary}, found.nifti)
 
         job = self.gateway.jobs.submit("lns-segment", total, work, nbytes)
         if in_flight < self.config.tiles_in_flight:
@@ -242,7 +245,7 @@ class FamilyEndpoints:
         except asyncio.CancelledError:  # the client hung up: nobody will ask for this synchronous answer
             self.gateway.jobs.cancel(job, "cancelled: the client disconnected before the answer")
             raise
-        result = cast(Keepable, job.result)  # a finished lns job's: lns.Stations, or its label map in --jobs-dir
+        result = cast(Keepable, job.result)  # a finished lns job's: an Answer, or its label map in --jobs-dir
         nifti = await asyncio.to_thread(result.payload) if opts.inline else None
         return JSONResponse(self.lns_result(job, nifti).model_dump())
 
@@ -264,11 +267,10 @@ class FamilyEndpoints:
 
     def lns_result(self, job: Job[Any], nifti: bytes | None) -> LnsResult:
         """A finished lns job's answer, with its label map inline where `nifti` is given."""
-        summary = cast(Keepable, job.result).summary
-        organs, stations = self.lns_models()
+        answer = cast(Keepable, job.result).summary  # models, weights and the stations' summary
         return LnsResult.model_validate(
-            {"job_id": job.id, "models": [organs.contract.name, stations.contract.name], "summary": summary}
-            | {"weights": stations.contract.provenance.weights, "label_map_url": f"/v1/jobs/{job.id}/labels.nii.gz"}
+            answer
+            | {"job_id": job.id, "label_map_url": f"/v1/jobs/{job.id}/labels.nii.gz"}
             | {"label_map_base64": media.to_base64(nifti) if nifti is not None else None}
         )
 

@@ -206,13 +206,6 @@ class Stations:
     summary: dict[str, Any]
     nifti: bytes
 
-    @property
-    def nbytes(self) -> int:  # what a finished job keeps (service/jobs.py)
-        return len(self.nifti)
-
-    def payload(self) -> bytes:  # what --jobs-dir keeps in a file (service/jobs.py)
-        return self.nifti
-
 
 def plan(volume: Volume, organs: Contract, stations: Contract, max_voxels: int) -> tuple[tuple[int, int, int], int]:
     """The resampled shape and the number of tiles both stages will run; TooLarge where the resampled volume would

@@ -13,7 +13,7 @@ import pytest
 
 from service.errors import Gone, NotFound, TooLarge, Unavailable
 from service.jobfiles import JobsDirUnusable, KeptResult
-from service.jobs import Job, JobState, JobStore, Progress
+from service.jobs import Answer, Job, JobState, JobStore, Progress
 
 
 def test_a_cancelled_job_fails_with_the_reason_and_frees_its_slot() -> None:
@@ -113,20 +113,6 @@ def test_running_jobs_hold_their_memory_within_the_bound_until_each_ends() -> No
     asyncio.run(scenario())
 
 
-class Segmented:
-    """A result a directory keeps, as lns.Stations is: a summary and bytes."""
-
-    def __init__(self, summary: dict[str, int], data: bytes) -> None:
-        self.summary, self.data = summary, data
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.data)
-
-    def payload(self) -> bytes:
-        return self.data
-
-
 def _store(ttl_s: float = 60, max_kept_bytes: int = 1 << 20) -> JobStore:
     return JobStore(max_running=4, ttl_s=ttl_s, max_kept_bytes=max_kept_bytes, max_bytes=1 << 30)
 
@@ -145,14 +131,14 @@ def test_jobs_in_a_directory_are_taken_up_by_the_next_gateway(tmp_path: Path) ->
         store.keep_in(tmp_path)
         release = asyncio.Event()
 
-        async def segmenting(progress: Progress) -> Segmented:
+        async def segmenting(progress: Progress) -> Answer:
             progress.advance()
-            return Segmented({"stations": 3}, b"label map")
+            return Answer({"stations": 3}, b"label map")
 
-        async def waiting(progress: Progress) -> Segmented:
+        async def waiting(progress: Progress) -> Answer:
             progress.advance()
             await release.wait()  # still running at the stop
-            return Segmented({}, b"")
+            return Answer({}, b"")
 
         finished = store.submit("lns-segment", 1, segmenting)
         assert finished.task is not None
@@ -201,8 +187,8 @@ def test_expired_dropped_and_unreadable_jobs_in_a_directory(tmp_path: Path, capl
         store = _store(max_kept_bytes=15)
         store.keep_in(tmp_path)
 
-        async def segmenting(progress: Progress) -> Segmented:
-            return Segmented({}, b"label map")  # 9 bytes: two are over 15
+        async def segmenting(progress: Progress) -> Answer:
+            return Answer({}, b"label map")  # 9 bytes: two are over 15
 
         ids = []
         for _ in range(2):
@@ -237,12 +223,12 @@ def test_a_deleted_job_is_cancelled_forgotten_and_its_url_says_so(tmp_path: Path
         store.keep_in(tmp_path)
         release = asyncio.Event()
 
-        async def waiting(progress: Progress) -> Segmented:
+        async def waiting(progress: Progress) -> Answer:
             await release.wait()
-            return Segmented({}, b"")
+            return Answer({}, b"")
 
-        async def segmenting(progress: Progress) -> Segmented:
-            return Segmented({"stations": 3}, b"label map")
+        async def segmenting(progress: Progress) -> Answer:
+            return Answer({"stations": 3}, b"label map")
 
         running = store.submit("lns-segment", 10, waiting, 60 << 20)
         waiter = asyncio.create_task(store.wait(running))

@@ -272,6 +272,13 @@ class JobStore:
             raise NotFound(f"no job {job_id!r} (finished jobs are kept for {self.ttl_s:.0f} s)")
         return self._jobs[job_id]
 
+    async def ended(self, job_id: str, wait_s: float) -> Job[Any]:
+        """The job, once it has ended or `wait_s` has passed (a long poll: GET /v1/jobs/ID?wait_s=)."""
+        job = self.get(job_id)
+        if job.task is not None and not job.task.done() and wait_s > 0:
+            await asyncio.wait({job.task}, timeout=wait_s)  # the job goes on if this poll's client leaves
+        return job
+
     async def delete(self, job_id: str) -> None:
         """Forget a job and its result (DELETE /v1/jobs/ID); one still running is cancelled first, and its tiles leave
         the batch queues. Its URL then says it was deleted, for ttl_s."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
@@ -70,6 +70,7 @@ if TYPE_CHECKING:
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
 IMAGE_TYPES = ["image/jpeg", "image/png"]
 VOLUME_TYPES = ["application/gzip", "application/zip", "application/dicom", "application/octet-stream"]
+MAX_JOB_WAIT_S = 60.0  # GET /v1/jobs/ID?wait_s=: the longest a poll is held (under proxies' usual 60-100 s idle timeouts)
 INFER_ERRORS = error_responses(404, 413, 415, 422, 503, 504)
 # What an image endpoint holds at its peak for each pixel of the image, counted in --max-pending-mb with the request's
 # body from the image's header on (bench/image_memory.py measures it): the decoder's copies, and for crowd counting the
@@ -397,8 +398,11 @@ def register_v1(app: FastAPI, gateway: Gateway) -> None:
         )(getattr(endpoints, name))
 
     @app.get("/v1/jobs/{job_id}", response_model=JobView, responses=error_responses(404), summary="A job's state, progress and result")
-    async def job(job_id: str) -> JobView:
-        return endpoints.job_view(gateway.jobs.get(job_id))
+    async def job(
+        job_id: str,
+        wait_s: float = Query(0.0, ge=0, le=MAX_JOB_WAIT_S, description="answer as soon as the job ends, or after this long"),
+    ) -> JobView:
+        return endpoints.job_view(await gateway.jobs.ended(job_id, wait_s))
 
     @app.delete(
         "/v1/jobs/{job_id}",

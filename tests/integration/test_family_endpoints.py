@@ -295,6 +295,19 @@ def test_a_running_job_deleted_is_cancelled_and_its_url_says_so(http: httpx.Clie
     assert http.delete("/v1/jobs/nope").status_code == 404
 
 
+def test_a_poll_may_wait_for_the_job_to_end(http: httpx.Client) -> None:
+    """GET /v1/jobs/ID?wait_s=N answers as soon as the job ends (a long poll): one poll instead of many."""
+    volume = np.random.default_rng(6).normal(-300, 400, (150, 150, 80)).astype(np.int16)
+    response = http.post("/v1/lns/segment", files={"volume": ("ct.nii.gz", nifti_gz(volume, np.diag([1.5, 1.5, 2.5, 1.0])))})
+    assert response.status_code == 202, response.text
+    url = response.json()["status_url"]
+    job = http.get(url, params={"wait_s": 60}, timeout=90).json()
+    assert job["state"] == "done" and job["progress"]["done"] == job["progress"]["total"], job
+    for wrong in ("-1", "61", "soon"):
+        refused = http.get(url, params={"wait_s": wrong})
+        assert refused.status_code == 422 and "wait_s" in refused.text, refused.text
+
+
 def _tiles_run(http: httpx.Client) -> float:
     """Rows the CT models have run, both stages."""
     metrics = http.get("/metrics").text

@@ -130,6 +130,7 @@ class JobStore:
         self._jobs: dict[str, Job[Any]] = {}  # in the order they were submitted
         self._gone: dict[str, tuple[float, str]] = {}  # job id -> when it was dropped for room or deleted, and why (for ttl_s)
         self._files: JobFiles | None = None  # serve --jobs-dir
+        self._stopping = asyncio.Event()  # set as the gateway begins to stop: long polls answer at once
 
     def keep_in(self, directory: Path) -> None:
         """Keep every job in `directory` from now on, and take up what a gateway before this one left there (JobsDirUnusable
@@ -275,9 +276,17 @@ class JobStore:
     async def ended(self, job_id: str, wait_s: float) -> Job[Any]:
         """The job, once it has ended or `wait_s` has passed (a long poll: GET /v1/jobs/ID?wait_s=)."""
         job = self.get(job_id)
-        if job.task is not None and not job.task.done() and wait_s > 0:
-            await asyncio.wait({job.task}, timeout=wait_s)  # the job goes on if this poll's client leaves
+        if job.task is not None and not job.task.done() and wait_s > 0 and not self._stopping.is_set():
+            stopping = asyncio.ensure_future(self._stopping.wait())
+            try:  # the job goes on if this poll's client leaves
+                await asyncio.wait({job.task, stopping}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
         return job
+
+    def release_polls(self) -> None:
+        """The gateway is stopping: long polls answer now, so that their connections do not hold up the stop."""
+        self._stopping.set()
 
     async def delete(self, job_id: str) -> None:
         """Forget a job and its result (DELETE /v1/jobs/ID); one still running is cancelled first, and its tiles leave

@@ -10,11 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import tritonclient.grpc as grpcclient
 
 from migserve.contract import read_contract
 from tests.helpers import ExportedRepo, Gateway
-from tests.integration.test_family_endpoints import ASTRONAUT, encode
+from tests.integration.test_family_endpoints import ASTRONAUT, encode, nifti_gz
 from tests.integration.test_gateway_behaviour import _metric_reaches
 from tests.integration.test_gateway_connection import PATH, _density, _infer_body
 from tests.integration.test_gateway_protocol import grpc_inputs, make_inputs
@@ -65,4 +66,33 @@ def test_requests_in_the_gateway_when_it_stops_are_answered_and_new_ones_refused
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker, signal.SIGCONT)
         grpc.close()
+        gateway.close()
+
+
+def test_a_long_poll_of_a_job_is_answered_when_the_gateway_stops(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """GET /v1/jobs/ID?wait_s=60 waits for the job; a stop answers it at once (the job as it is), where it held the
+    stop for its full minute."""
+    gateway = Gateway(tiny_repo.root, "--cpu-slices", "1", "--models", "lns-organs", "lns-stations", log=tmp_path / "serve.log")
+    base = f"http://{gateway.url}"
+    (worker,) = [p["pid"] for p in httpx.get(f"{base}/v1/partitions").json()["partitions"]]
+    os.kill(worker, signal.SIGSTOP)  # the job waits for its first tiles until the end
+    try:
+        files = {"volume": ("ct.nii.gz", nifti_gz(np.zeros((60, 60, 40), np.int16), np.diag([1.5, 1.5, 2.5, 1.0])))}
+        submitted = httpx.post(f"{base}/v1/lns/segment", files=files, data={"mode": "job"}, timeout=60)
+        assert submitted.status_code == 202, submitted.text
+        with ThreadPoolExecutor(1) as pool:
+            poll = pool.submit(httpx.get, base + submitted.json()["status_url"], params={"wait_s": 60}, timeout=90)
+            time.sleep(0.5)
+            assert not poll.done(), "the poll waits"
+            stopped = time.monotonic()
+            gateway.process.send_signal(signal.SIGTERM)
+            answer = poll.result()
+            answered = time.monotonic() - stopped
+        assert answer.status_code == 200 and answer.json()["state"] == "running", answer.text
+        assert answered < 20, f"the poll held the stop for {answered:.1f} s"
+        os.kill(worker, signal.SIGCONT)
+        assert gateway.process.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGCONT)
         gateway.close()

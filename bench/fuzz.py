@@ -8,8 +8,9 @@ names and values, line endings and body framing mutated, requests pipelined behi
 and ModelStreamInfer with shapes, datatypes, raw contents, typed contents and parameters mutated), `uploads` (JPEG,
 PNG, .npy, NIfTI, gzipped NIfTI, a DICOM file and zipped DICOM, stored and deflated, with bytes flipped, cut,
 inserted; CT jobs followed to their end), `multipart` (the form itself damaged), `control-http` (the JSON of
-/v2/logging, trace settings, shared memory registration, repository calls, the /v1 JSON forms, and GETs of odd
-names) and `control-grpc` (the same calls over gRPC). A failure: an answer of 500 (501, 503 and 504 allowed), a gRPC
+/v2/logging, trace settings, shared memory registration, repository calls, the /v1 JSON forms, GETs of odd
+names, and GETs (long polls with odd `wait_s`) and DELETEs of jobs, the last one an upload ran among them) and
+`control-grpc` (the same calls over gRPC). A failure: an answer of 500 (501, 503 and 504 allowed), a gRPC
 INTERNAL, UNKNOWN or UNAVAILABLE, an answer slower than half a minute (10 s for a raw exchange, which a stalled one
 gets as 408), a lost connection (one HTTP client per kind keeps its connection alive across requests, so a reset
 after an answer shows), a failed CT job, a traceback in the gateway's log (`results/fuzz-serve.log`: an exception
@@ -139,6 +140,7 @@ class Fuzzer:
         self.small_body = self.small_header + image.tobytes()
         self.features = npy(np.random.default_rng(seed).standard_normal((40, 1024)).astype(np.float32))
         self.tally = Tally()
+        self.last_job: str | None = None  # a CT job that ran to its end (uploads), for the control calls to ask for and delete
 
     def _sampled(self, model: str) -> dict[str, Any]:
         """One row of each of the model's inputs, as the benches make them."""
@@ -360,13 +362,16 @@ class Fuzzer:
             path = rng.choice(["/v1/face/analyze", "/v1/frontalize", "/v1/crowd/count", "/v1/grounding", "/v1/lns/segment"])
             image = base64.b64encode(rng.choice([*self.images, self.images[0][:500], b""])).decode()
             body = self.mutate({"image": image, "sentence": "a person", "duration": 5.0, "features": [[0.0] * 1024] * 3})
+        elif roll < 0.9:
+            job = rng.choice([name, "0" * 32, self.last_job or name])
+            wait = rng.choice(["0", "0.05", "-1", "61", "nan", "inf", "1e309", "soon", ""])
+            path = rng.choice([f"/v1/jobs/{job}", f"/v1/jobs/{job}?wait_s={wait}", f"/v1/jobs/{job}/labels.nii.gz"])
+            self._http("control-http", rng.choice(["GET", "GET", "DELETE"]), path, b"", {})
+            return
         else:
-            path, body = (
-                rng.choice([f"/v2/models/{name}", f"/v2/models/{name}/ready", f"/v2/models/{name}/config", f"/v1/jobs/{name}"]),
-                None,
-            )
+            path, body = rng.choice([f"/v2/models/{name}", f"/v2/models/{name}/ready", f"/v2/models/{name}/config"]), None
         if body is None:
-            self._http("control-http", "GET" if path.startswith(("/v2/models", "/v1/jobs")) else "POST", path, b"", {})
+            self._http("control-http", "GET" if path.startswith("/v2/models") else "POST", path, b"", {})
             return
         text = json.dumps(body).encode()
         self._http(
@@ -536,8 +541,9 @@ class Fuzzer:
 
     def _follow(self, kind: str, client: httpx.Client, url: str, what: Callable[[], str]) -> None:
         deadline = time.monotonic() + ANSWER_S
-        while (view := client.get(url).json())["state"] == "running" and time.monotonic() < deadline:
-            time.sleep(0.1)
+        while (view := client.get(url, params={"wait_s": 1}).json())["state"] == "running" and time.monotonic() < deadline:
+            pass
+        self.last_job = view["id"]  # for the control calls to ask for, and delete
         self.tally.record(kind, f"job {view['state']}", view["state"] != "done", lambda: f"{view.get('error')} <- {what()}")
 
     def register_region(self) -> None:

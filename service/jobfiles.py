@@ -1,7 +1,8 @@
 """Jobs kept in a directory (`serve --jobs-dir`), so that a gateway started again still answers for them.
 
 Each job is `ID.json`, its state as `GET /v1/jobs/ID` shows it and the result's summary, written when it is
-submitted and again when it ends; a finished job's result bytes (a label map) are `ID.result`. Both are written to
+submitted and again when it ends; a finished job's result bytes (a label map) are `ID.result`. A job dropped for
+room or deleted leaves `ID.json` saying so, until its time runs out. Both are written to
 a temporary name first and then renamed, so a reader sees a whole file or none. A gateway holds an exclusive lock
 on `.lock` in the directory while it runs: a second gateway on the same directory refuses to start. At start, the
 gateway takes up what the last one left: finished jobs are answered as before until their time runs out, and a job
@@ -135,6 +136,10 @@ class JobFiles:
         """`view` is Job.view(); `summary` the result's, where it finished with one."""
         self._replace(self.directory / f"{view['id']}.json", json.dumps(view | {"summary": summary}).encode())
 
+    def write_gone(self, job_id: str, when: float, why: str) -> None:
+        """What the job's URL says now that it is gone (dropped for room, or deleted), from `when` on."""
+        self._replace(self.directory / f"{job_id}.json", json.dumps({"id": job_id, "gone": why, "when": when}).encode())
+
     def write_result(self, job_id: str, summary: dict[str, Any], payload: bytes) -> KeptResult:
         path = self.directory / f"{job_id}.result"
         self._replace(path, payload)
@@ -149,23 +154,26 @@ class JobFiles:
         temporary.write_bytes(data)
         temporary.replace(path)
 
-    def records(self) -> list[Record]:
-        """Every job the directory holds, oldest first; a file that cannot be read is left, with a warning (and one a
-        gateway was writing when it died, removed)."""
+    def records(self) -> tuple[list[Record], dict[str, tuple[float, str]]]:
+        """Every job the directory holds, oldest first, and the jobs gone (id -> when, why); a file that cannot be read
+        is left, with a warning (and one a gateway was writing when it died, removed)."""
         for partial in self.directory.glob(".*.tmp"):
             partial.unlink(missing_ok=True)
-        records = []
+        records, gone = [], {}
         for path in self.directory.glob("*.json"):
             if not JOB_ID.fullmatch(path.stem):
                 continue
             try:
-                records.append(self._record(path))
+                view = json.loads(path.read_bytes())
+                if "gone" in view:
+                    gone[path.stem] = (float(view["when"]), str(view["gone"]))
+                else:
+                    records.append(self._record(path, view))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 logger.warning("--jobs-dir: %s is not a job this gateway wrote (%s: %s); left as it is", path, type(exc).__name__, exc)
-        return sorted(records, key=lambda r: r.created)
+        return sorted(records, key=lambda r: r.created), gone
 
-    def _record(self, path: Path) -> Record:
-        view = json.loads(path.read_bytes())
+    def _record(self, path: Path, view: dict[str, Any]) -> Record:
         result_path = path.with_suffix(".result")
         result = None
         if view["summary"] is not None and result_path.exists():

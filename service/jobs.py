@@ -137,7 +137,13 @@ class JobStore:
         where another gateway holds it)."""
         self._files = files = JobFiles.open(directory)
         now, taken = time.time(), 0
-        for record in files.records():
+        records, gone = files.records()
+        for job_id, (when, why) in gone.items():
+            if when < now - self.ttl_s:
+                files.remove(job_id)
+            else:
+                self._gone[job_id] = (when, why)
+        for record in records:
             if record.finished is not None and record.finished < now - self.ttl_s:
                 files.remove(record.id)
                 continue
@@ -252,8 +258,8 @@ class JobStore:
                 break
             kept -= job.nbytes
             self._forget(job.id)
-            self._gone[job.id] = (
-                time.time(),
+            self._mark_gone(
+                job.id,
                 f"job {job.id!r} finished, and its result was dropped to keep finished results under "
                 f"{self.max_kept_bytes / (1 << 20):.3g} MB (serve --job-results-mb): fetch results sooner after they finish",
             )
@@ -298,7 +304,7 @@ class JobStore:
             await asyncio.wait({job.task}, timeout=STOP_WAIT_S)  # its memory given back as it ends
         if job_id in self._jobs:
             self._forget(job_id)
-        self._gone[job_id] = (time.time(), f"job {job_id!r} was deleted (DELETE /v1/jobs/{job_id})")
+        self._mark_gone(job_id, f"job {job_id!r} was deleted (DELETE /v1/jobs/{job_id})")
         logger.info("job %s (%s) deleted%s", job_id, job.kind, " while it ran" if running else "")
 
     async def wait(self, job: Job[T]) -> T:
@@ -322,6 +328,17 @@ class JobStore:
             self._forget(job_id)
         for job_id in [i for i, (when, _) in self._gone.items() if when < cutoff]:
             del self._gone[job_id]
+            if self._files is not None:
+                self._files.remove(job_id)
+
+    def _mark_gone(self, job_id: str, why: str) -> None:
+        """The job's URL says `why` for ttl_s (in --jobs-dir too, for a gateway started again)."""
+        self._gone[job_id] = when = (time.time(), why)
+        if self._files is not None:
+            try:
+                self._files.write_gone(job_id, *when)
+            except OSError as exc:
+                logger.error("job %s: cannot write to --jobs-dir why it is gone: %s", job_id, exc)
 
     def _forget(self, job_id: str) -> None:
         del self._jobs[job_id]

@@ -196,12 +196,17 @@ def test_expired_dropped_and_unreadable_jobs_in_a_directory(tmp_path: Path, capl
             assert job.task is not None
             await job.task
             ids.append(job.id)
-        assert not (tmp_path / f"{ids[0]}.json").exists() and not (tmp_path / f"{ids[0]}.result").exists(), "dropped for room"
+        assert not (tmp_path / f"{ids[0]}.result").exists(), "dropped for room"
         assert (tmp_path / f"{ids[1]}.result").exists()
         await store.stop()
         return ids
 
     ids = asyncio.run(run())
+    again = _store()
+    again.keep_in(tmp_path)  # the next gateway still says why the first is gone
+    with pytest.raises(NotFound, match=rf"job '{ids[0]}' finished, and its result was dropped to keep finished results under"):
+        again.get(ids[0])
+    asyncio.run(again.stop())
     (tmp_path / f"{'0' * 32}.json").write_text("{not json")
     (tmp_path / f".{ids[1]}.result.tmp").write_bytes(b"label")  # a write a killed gateway left half done
     store = _store(ttl_s=1e-9)  # everything finished is past its time
@@ -247,7 +252,17 @@ def test_a_deleted_job_is_cancelled_forgotten_and_its_url_says_so(tmp_path: Path
                 store.get(job.id)
             with pytest.raises(NotFound):
                 await store.delete(job.id)
-        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"], "nothing left of either"
+        assert not list(tmp_path.glob("*.result")), "the label map is gone"
         await store.stop()
+        again = _store(ttl_s=60)
+        again.keep_in(tmp_path)  # a gateway started again says so too, until ttl_s has passed
+        for job in (running, finished):
+            with pytest.raises(NotFound, match=rf"job '{job.id}' was deleted"):
+                again.get(job.id)
+        await again.stop()
+        later = _store(ttl_s=1e-9)
+        later.keep_in(tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"], "then nothing is left of either"
+        await later.stop()
 
     asyncio.run(scenario())

@@ -85,7 +85,6 @@ class Record:
 
     id: str
     kind: str
-    state: str  # a JobState's value
     stage: str
     done: int
     total: int
@@ -181,7 +180,6 @@ class JobFiles:
         return Record(
             id=str(view["id"]),
             kind=str(view["kind"]),
-            state=str(view["state"]),
             stage=str(view["stage"]),
             done=int(view["progress"]["done"]),
             total=int(view["progress"]["total"]),

@@ -110,8 +110,8 @@ class JobFiles:
     def open(cls, directory: Path) -> JobFiles:
         """The directory made if needed and locked; JobsDirUnusable where another gateway holds it."""
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            lock = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # label maps of patients: the gateway's user's alone
+            lock = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise JobsDirUnusable(f"--jobs-dir {directory}: {exc.strerror or exc}") from None
         try:
@@ -150,7 +150,8 @@ class JobFiles:
 
     def _replace(self, path: Path, data: bytes) -> None:
         temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_bytes(data)
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:  # noqa: PTH123 (a mode)
+            out.write(data)
         temporary.replace(path)
 
     def records(self) -> tuple[list[Record], dict[str, tuple[float, str]]]:

@@ -146,6 +146,8 @@ def test_jobs_in_a_directory_are_taken_up_by_the_next_gateway(tmp_path: Path) ->
         assert isinstance(finished.result, KeptResult), "the bytes are in a file, not in memory"
         assert finished.result.payload() == b"label map" and finished.result.nbytes == 9
         assert (tmp_path / f"{finished.id}.result").read_bytes() == b"label map"
+        modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+        assert set(modes.values()) == {0o600}, f"a patient's label map is the gateway's user's alone: {modes}"
         assert _on_disk(tmp_path, finished.id)["state"] == "done"
         running = store.submit("lns-segment", 2, waiting)
         while running.progress.done < 1:
@@ -171,6 +173,7 @@ def test_jobs_in_a_directory_are_taken_up_by_the_next_gateway(tmp_path: Path) ->
 def test_a_directory_is_one_gateways_and_a_second_is_refused(tmp_path: Path) -> None:
     store = _store()
     store.keep_in(tmp_path / "jobs")
+    assert (tmp_path / "jobs").stat().st_mode & 0o777 == 0o700
     with pytest.raises(JobsDirUnusable, match=rf"--jobs-dir {tmp_path}/jobs is in use by another gateway \(pid {os.getpid()}\)"):
         _store().keep_in(tmp_path / "jobs")
     asyncio.run(store.stop())  # lets it go

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -269,3 +271,34 @@ def test_a_deleted_job_is_cancelled_forgotten_and_its_url_says_so(tmp_path: Path
         await later.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_job_whose_files_cannot_be_written_is_still_answered(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A full disk (here: the file size limit, RLIMIT_FSIZE, at 4 bytes; EFBIG as ENOSPC would be): the result stays in
+    memory and the job is answered as without --jobs-dir; the log says what could not be written."""
+
+    async def scenario() -> Job[Any]:
+        store = _store()
+        store.keep_in(tmp_path)
+
+        async def segmenting(progress: Progress) -> Answer:
+            return Answer({"stations": 3}, b"label map")
+
+        job = store.submit("lns-segment", 1, segmenting)
+        assert job.task is not None
+        await job.task
+        await store.stop()
+        return job
+
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing the process
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4, limits[1]))
+        with caplog.at_level("ERROR"):
+            job = asyncio.run(scenario())
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert job.state is JobState.DONE and isinstance(job.result, Answer) and job.result.payload() == b"label map"
+    assert f"job {job.id}: cannot write its result to --jobs-dir, kept in memory: [Errno 27] File too large" in caplog.text
+    assert f"job {job.id}: cannot write its state to --jobs-dir" in caplog.text

@@ -97,6 +97,7 @@ class Job(Generic[T]):
     error: ServiceError | None = None
     task: asyncio.Task[None] | None = None
     reserved: int = 0  # of JobStore.max_bytes, while it runs
+    cancelled: bool = False  # it ended by a cancel (deleted, its synchronous client gone, the gateway stopping)
 
     @property
     def nbytes(self) -> int:
@@ -122,7 +123,9 @@ class Job(Generic[T]):
 
 
 class JobStore:
-    def __init__(self, max_running: int, ttl_s: float, max_kept_bytes: int, max_bytes: int) -> None:
+    def __init__(
+        self, max_running: int, ttl_s: float, max_kept_bytes: int, max_bytes: int, on_end: Callable[[Job[Any], str], None] | None = None
+    ) -> None:
         self.max_running = max_running
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
@@ -130,6 +133,7 @@ class JobStore:
         self._jobs: dict[str, Job[Any]] = {}  # in the order they were submitted
         self._gone: dict[str, tuple[float, str]] = {}  # job id -> when it was dropped for room or deleted, and why (for ttl_s)
         self._files: JobFiles | None = None  # serve --jobs-dir
+        self._on_end = on_end  # told of each job that ends, and how: "done", "failed" or "cancelled" (the gateway's metrics)
         self._stopping = asyncio.Event()  # set as the gateway begins to stop: long polls answer at once
 
     def keep_in(self, directory: Path) -> None:
@@ -231,6 +235,7 @@ class JobStore:
         except ServiceError as exc:
             job.error = exc
         except asyncio.CancelledError:
+            job.cancelled = True
             done, total = job.progress.done, job.progress.total
             job.error = job.error or Unavailable(f"the gateway stopped while this job ran ({done}/{total} tiles done); send it again")
             raise
@@ -244,6 +249,9 @@ class JobStore:
         if job.finished is None:
             job.finished, job.reserved = time.time(), 0
             job.error = job.error or (ServiceError("cancelled before it began") if job.result is None else None)
+            job.cancelled = job.cancelled or (job.task is not None and job.task.cancelled())  # or before it began
+            if self._on_end is not None:
+                self._on_end(job, "cancelled" if job.cancelled else "failed" if job.error is not None else "done")
             self._write(job)
             self._make_room()
 

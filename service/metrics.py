@@ -8,6 +8,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 
+JOB_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)  # a CT volume: seconds to minutes
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -60,6 +61,16 @@ class Metrics:
         )
         self.jobs_running = Gauge("migserve_jobs_running", "Jobs (202 Accepted) still running", registry=r)
         self.job_bytes = Gauge("migserve_job_bytes", "Memory the running CT jobs hold, by their estimates (--max-job-mb)", registry=r)
+        self.jobs_ended = Counter(
+            "migserve_jobs_ended",
+            "Jobs that ended: done, failed (a tile's inference, the deadline), or cancelled (deleted, the client of a "
+            "synchronous request gone, the gateway stopping)",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.job_seconds = Histogram(
+            "migserve_job_seconds", "Time from a job's submission to its end, of jobs done", ["kind"], buckets=JOB_BUCKETS, registry=r
+        )
         self.body_bytes = Gauge(
             "migserve_request_body_bytes",
             "What --max-pending-mb counts: request bodies from their head to their answer, what they unpack to, "

@@ -34,7 +34,7 @@ from ..dispatch.batcher import BatchPolicy, ModelBatcher, Pending
 from ..errors import BadRequest, DeadlineExpired, NotFound, ServiceError, UnknownModel
 from ..families.volume import import_readers_soon
 from ..fds import few_open_files
-from ..jobs import JobStore
+from ..jobs import Job, JobStore
 from ..logsettings import LogSettings, watch_invalid_requests
 from ..metrics import Metrics
 from ..partitions import Partition, PartitionKind, discover, memory_used
@@ -111,10 +111,15 @@ class Gateway:
 
     def __post_init__(self) -> None:
         config = self.config
-        self.jobs = JobStore(config.max_jobs, config.job_ttl_s, config.max_job_results_bytes, config.max_job_bytes)
+        self.jobs = JobStore(config.max_jobs, config.job_ttl_s, config.max_job_results_bytes, config.max_job_bytes, on_end=self._count_job)
         self.bodies = BodyBudget(config.max_pending_bytes, self.shared, self.index)
         self.backend.hold_arenas(self.bodies.count)  # the batches' copies in shared memory over --arena-keep-mb
         self.tracer = Tracer(config.trace_file, collected=self.index != 0)
+
+    def _count_job(self, job: Job[Any], outcome: str) -> None:
+        self.metrics.jobs_ended.labels(job.kind, outcome).inc()
+        if outcome == "done" and job.finished is not None:
+            self.metrics.job_seconds.labels(job.kind).observe(job.finished - job.created)
 
     @classmethod
     def build(cls, config: ServeConfig) -> Gateway:

@@ -276,7 +276,7 @@ def test_a_large_volume_runs_as_a_job_with_progress_and_batched_tiles(http: http
 
 def test_a_running_job_deleted_is_cancelled_and_its_url_says_so(http: httpx.Client) -> None:
     volume = np.random.default_rng(4).normal(-300, 400, (256, 256, 160)).astype(np.int16)  # 600 tiles: 4 s here
-    before = _tiles_run(http)
+    before, cancelled = _tiles_run(http), _counted(http, "migserve_jobs_ended_total", 'outcome="cancelled"')
     response = http.post("/v1/lns/segment", files={"volume": ("ct.nii.gz", nifti_gz(volume, np.diag([1.5, 1.5, 2.5, 1.0])))})
     assert response.status_code == 202, response.text
     job = response.json()
@@ -292,6 +292,7 @@ def test_a_running_job_deleted_is_cancelled_and_its_url_says_so(http: httpx.Clie
     run = _tiles_run(http)
     time.sleep(2)
     assert _tiles_run(http) == run and run - before < job["progress"]["total"], "its tiles left the queues, not all of them run"
+    assert _counted(http, "migserve_jobs_ended_total", 'outcome="cancelled"') == cancelled + 1
     assert http.delete("/v1/jobs/nope").status_code == 404
 
 
@@ -301,11 +302,21 @@ def test_a_poll_may_wait_for_the_job_to_end(http: httpx.Client) -> None:
     response = http.post("/v1/lns/segment", files={"volume": ("ct.nii.gz", nifti_gz(volume, np.diag([1.5, 1.5, 2.5, 1.0])))})
     assert response.status_code == 202, response.text
     url = response.json()["status_url"]
+    done = _counted(http, "migserve_jobs_ended_total", 'outcome="done"')
+    seconds = _counted(http, "migserve_job_seconds_count", 'kind="lns-segment"')
     job = http.get(url, params={"wait_s": 60}, timeout=90).json()
     assert job["state"] == "done" and job["progress"]["done"] == job["progress"]["total"], job
+    assert _counted(http, "migserve_jobs_ended_total", 'outcome="done"') == done + 1, "counted in /metrics, with its time"
+    assert _counted(http, "migserve_job_seconds_count", 'kind="lns-segment"') == seconds + 1
     for wrong in ("-1", "61", "soon"):
         refused = http.get(url, params={"wait_s": wrong})
         assert refused.status_code == 422 and "wait_s" in refused.text, refused.text
+
+
+def _counted(http: httpx.Client, name: str, label: str) -> float:
+    """The sum of /metrics samples `name` whose labels include `label` (e.g. 'outcome="done"')."""
+    lines = http.get("/metrics").text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{") and label in line)
 
 
 def _tiles_run(http: httpx.Client) -> float:

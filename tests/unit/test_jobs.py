@@ -78,10 +78,12 @@ def test_finished_results_past_the_budget_drop_the_oldest_first_and_say_so() -> 
 def test_running_jobs_hold_their_memory_within_the_bound_until_each_ends() -> None:
     """--max-job-mb: a job is started only where what the running jobs hold by their estimates and its own stay within
     it (503 with Retry-After, else); one over it alone is 413; each job gives its share back however it ends: done,
-    failed, cancelled while it runs, or cancelled before it began."""
+    failed, cancelled while it runs, or cancelled before it began; and how it ended is told (the gateway's metrics)."""
+    outcomes: dict[str, str] = {}
 
     async def scenario() -> None:
-        store = JobStore(max_running=4, ttl_s=60, max_kept_bytes=1 << 20, max_bytes=100 << 20)
+        ended = lambda job, outcome: outcomes.__setitem__(job.id, outcome)  # noqa: E731
+        store = JobStore(max_running=4, ttl_s=60, max_kept_bytes=1 << 20, max_bytes=100 << 20, on_end=ended)
         release = asyncio.Event()
 
         async def waiting(progress: Progress) -> str:
@@ -107,10 +109,13 @@ def test_running_jobs_hold_their_memory_within_the_bound_until_each_ends() -> No
         await asyncio.wait({j.task for j in (first, second) if j.task})
         assert (first.state, second.state) == (JobState.DONE, JobState.FAILED) and "a broken tile" in str(second.error)
         assert store.reserved() == 0 and store.running() == 0
+        release.clear()
         third = store.submit("lns-segment", 1, waiting, 100 << 20)  # all of it, now that nothing else runs
+        await asyncio.sleep(0)  # running
         store.cancel(third, "cancelled: the server is shutting down")
         await asyncio.wait({third.task} if third.task else set())
         assert store.reserved() == 0
+        assert outcomes == {first.id: "done", second.id: "failed", unstarted.id: "cancelled", third.id: "cancelled"}
 
     asyncio.run(scenario())
 

@@ -137,7 +137,8 @@ def test_grafana_dashboard_covers_the_partitions() -> None:
     gateway = ("migserve_batch_size_sum", "migserve_request_seconds_bucket", "migserve_queue_depth", "migserve_partition_compute_seconds")
     memory = ("migserve_worker_oom_kills", "migserve_memory_working_set_bytes", "migserve_memory_limit_bytes")
     clients = ("migserve_clients_disconnected_total",)
-    for metric in (*gateway, *memory, *clients, "DCGM_FI_PROF_GR_ENGINE_ACTIVE"):
+    jobs = ("migserve_jobs_running", "migserve_jobs_ended_total", "migserve_job_seconds_bucket")
+    for metric in (*gateway, *memory, *clients, *jobs, "DCGM_FI_PROF_GR_ENGINE_ACTIVE"):
         assert metric in exprs
 
 

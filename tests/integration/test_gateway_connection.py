@@ -8,6 +8,7 @@ must be handed over, malformed heads, Connection: close and the idle timeout.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import resource
@@ -342,8 +343,16 @@ def _tcp_inode(gateway: Gateway, client: socket.socket) -> int:
 def _held(gateway: Gateway, client: socket.socket) -> bool:
     """Whether the gateway process has its end of `client`'s connection open."""
     inode = _tcp_inode(gateway, client)
-    fds = Path(f"/proc/{gateway.process.pid}/fd")
-    return inode != 0 and any(link.readlink() == Path(f"socket:[{inode}]") for link in fds.iterdir())
+    return inode != 0 and f"socket:[{inode}]" in _fd_targets(gateway.process.pid)
+
+
+def _fd_targets(pid: int) -> set[str]:
+    """What a process's descriptors point at; one it closes while they are read is left out (it was listed, then gone)."""
+    targets = set()
+    for link in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            targets.add(str(link.readlink()))
+    return targets
 
 
 def _released_after(gateway: Gateway, client: socket.socket, bound: float) -> float:

@@ -61,6 +61,11 @@ class Measured(Protocol):
     def nbytes(self) -> int: ...
 
 
+def stopped(progress: Progress) -> Unavailable:
+    """Why a job the gateway was running when it stopped has no result."""
+    return Unavailable(f"the gateway stopped while this job ran ({progress.done}/{progress.total} tiles done); send it again")
+
+
 @runtime_checkable
 class Keepable(Protocol):
     """A result a directory can keep: a summary (JSON) and bytes (a label map)."""
@@ -172,8 +177,7 @@ class JobStore:
             error=record.error,
         )
         if record.finished is None:
-            job.finished = now
-            job.error = Unavailable(f"the gateway stopped while this job ran ({record.done}/{record.total} tiles done); send it again")
+            job.finished, job.error = now, stopped(job.progress)
         elif record.error is None and record.result is None:
             job.error = ServiceError("its result was lost: the file is gone from --jobs-dir; send it again")
         return job
@@ -236,8 +240,7 @@ class JobStore:
             job.error = exc
         except asyncio.CancelledError:
             job.cancelled = True
-            done, total = job.progress.done, job.progress.total
-            job.error = job.error or Unavailable(f"the gateway stopped while this job ran ({done}/{total} tiles done); send it again")
+            job.error = job.error or stopped(job.progress)
             raise
         except Exception as exc:
             logger.exception("job %s (%s) failed", job.id, job.kind)
@@ -306,10 +309,11 @@ class JobStore:
         """Forget a job and its result (DELETE /v1/jobs/ID); one still running is cancelled first, and its tiles leave
         the batch queues. Its URL then says it was deleted, for ttl_s."""
         job = self.get(job_id)
-        running = job.task is not None and not job.task.done()
-        if running and job.task is not None:
+        task = job.task
+        running = task is not None and not task.done()
+        if task is not None and running:
             self.cancel(job, f"cancelled: deleted (DELETE /v1/jobs/{job_id})", Gone)
-            await asyncio.wait({job.task}, timeout=STOP_WAIT_S)  # its memory given back as it ends
+            await asyncio.wait({task}, timeout=STOP_WAIT_S)  # its memory given back as it ends
         if job_id in self._jobs:
             self._forget(job_id)
         self._mark_gone(job_id, f"job {job_id!r} was deleted (DELETE /v1/jobs/{job_id})")

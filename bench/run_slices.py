@@ -27,7 +27,7 @@ from service.repository import load_model
 from service.workers.affinity import pin_threads
 from service.workers.buckets import buckets
 from service.workers.process import _session_options
-from service.workers.protocol import WorkerSpec
+from service.workers.protocol import ModelSpec, WorkerSpec
 from service.workers.slices import Warmup, fastest_rows, time_per_row, warmup_row_bytes
 
 
@@ -47,9 +47,7 @@ def main() -> int:
     pin_threads({args.core})
     for model in args.models:
         export(args.repo, model)
-        spec = model_spec(load_model(args.repo / model))
-        options = _session_options(ort, WorkerSpec(partition="bench", device=None, cores=(args.core,), models=()))  # a slice's
-        session = ort.InferenceSession(spec.path, options, providers=["CPUExecutionProvider"])
+        spec, session = one_core_session(args.repo, model, args.core)
         shapes = ", ".join(f"{name} {list(shape[1:])}" for name, (shape, _) in spec.warmup.items())
         print(f"\n{model}: ms per row by rows per run (fastest of 3 runs), one core, one thread; a row is {shapes}\n")
         sizes = buckets(spec.max_batch or 1)
@@ -73,17 +71,26 @@ def main() -> int:
 POOL_BYTES = 128 << 20  # inputs cycled through for "fresh": four times this host's 32 MiB L3
 
 
+def one_core_session(repo: Path, model: str, core: int) -> tuple[ModelSpec, ort.InferenceSession]:
+    """The model's spec and a CPU session with a one-core slice's options (this process pinned to `core` already)."""
+    spec = model_spec(load_model(repo / model))
+    options = _session_options(ort, WorkerSpec(partition="bench", device=None, cores=(core,), models=()))
+    return spec, ort.InferenceSession(spec.path, options, providers=["CPUExecutionProvider"])
+
+
+def fresh_pool(rng: np.random.Generator, warmup: Warmup, rows: int) -> list[dict[str, Array]]:
+    """Inputs of `rows` rows, POOL_BYTES of them in all (two at least): a run through them finds each new to the caches."""
+    count = max(2, POOL_BYTES // (rows * warmup_row_bytes(warmup)))
+    return [{name: _random(rng, (rows, *shape[1:]), dtype) for name, (shape, dtype) in warmup.items()} for _ in range(count)]
+
+
 def _hot_and_cold(session: ort.InferenceSession, warmup: Warmup, sizes: tuple[int, ...]) -> None:
     """ms per row (mean over 1 s) with the same input every run and with a different one every run."""
     rng = np.random.default_rng(0)
     hot: list[float] = []
     cold: list[float] = []
     for rows in sizes:
-        row = warmup_row_bytes(warmup)
-        pool = [
-            {name: _random(rng, (rows, *shape[1:]), dtype) for name, (shape, dtype) in warmup.items()}
-            for _ in range(max(2, POOL_BYTES // (rows * row)))
-        ]
+        pool = fresh_pool(rng, warmup, rows)
         for label, inputs in (("hot", pool[:1]), ("cold", pool)):
             session.run(None, inputs[0])
             runs, started = 0, time.perf_counter()

@@ -22,30 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from bench.gateway_bench import ROOT, Server, bodies, closed_loop, export
-from service.placement import model_spec
-from service.repository import load_model
+from bench.run_slices import fresh_pool, one_core_session
 from service.workers.affinity import pin_threads
-from service.workers.process import _session_options
-from service.workers.protocol import WorkerSpec
-
-POOL_BYTES = 128 << 20  # fresh inputs cycled through: four times this host's 32 MiB L3, as requests are new to the caches
 
 
 def alone_ms_per_row(repo: Path, model: str, rows: int, seconds: float, core: int) -> float:
     """CPU ms per row of onnxruntime on `core`, one thread, `rows` rows a run, a fresh input every run."""
     pin_threads({core})
-    spec = model_spec(load_model(repo / model))
-    options = _session_options(ort, WorkerSpec(partition="bench", device=None, cores=(core,), models=()))  # a slice's
-    session = ort.InferenceSession(spec.path, options, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    row = sum(int(np.prod(shape[1:])) * np.dtype(dtype).itemsize for shape, dtype in spec.warmup.values())
-    pool = [
-        {name: rng.standard_normal((rows, *shape[1:])).astype(dtype) for name, (shape, dtype) in spec.warmup.items()}
-        for _ in range(max(2, POOL_BYTES // (rows * row)))
-    ]
+    spec, session = one_core_session(repo, model, core)
+    pool = fresh_pool(np.random.default_rng(0), spec.warmup, rows)
     session.run(None, pool[0])
     runs, cpu, wall = 0, time.process_time(), time.perf_counter()
     while time.perf_counter() - wall < seconds:

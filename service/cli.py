@@ -176,9 +176,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--jobs-dir",
         type=Path,
-        help="keep CT jobs and their label maps in this directory (made if need be; one gateway to a directory): a gateway "
-        "started again on it answers for the jobs finished in the 15 minutes before, and says the ones that were running "
-        "were stopped (default: in memory only, lost at a stop)",
+        help="keep CT jobs and their label maps in this directory (made if need be; one gateway to a directory), and a "
+        "running job's upload: a gateway started again on it answers for the jobs finished in the 15 minutes before, and "
+        "runs again the ones that were running (default: in memory only, lost at a stop)",
     )
     parser.add_argument(
         "--trace-file",

@@ -164,8 +164,8 @@ class ServeConfig(BaseModel):
     )
     jobs_dir: Path | None = Field(
         None,
-        description="where jobs and finished results are kept, so that a gateway started again answers for them (none: in "
-        "memory, lost at a stop)",
+        description="where jobs, finished results and running jobs' uploads are kept, so that a gateway started again "
+        "answers for them and runs the running ones again (none: in memory, lost at a stop)",
     )
     tiles_in_flight: int = Field(32, ge=1, description="tiles of one volume outstanding in the dispatcher at once")
     max_job_bytes: int = Field(

@@ -1,12 +1,14 @@
 """Jobs kept in a directory (`serve --jobs-dir`), so that a gateway started again still answers for them.
 
 Each job is `ID.json`, its state as `GET /v1/jobs/ID` shows it and the result's summary, written when it is
-submitted and again when it ends; a finished job's result bytes (a label map) are `ID.result`. A job dropped for
-room or deleted leaves `ID.json` saying so, until its time runs out. Both are written to
+submitted, as it is resumed and as it ends; a finished job's result bytes (a label map) are `ID.result`, and a job
+submitted as a job (202) keeps its upload, as the client sent it, in `ID.input` while it runs, so that it can be run
+again. A job dropped for room or deleted leaves `ID.json` saying so, until its time runs out. Each is written to
 a temporary name first and then renamed, so a reader sees a whole file or none. A gateway holds an exclusive lock
 on `.lock` in the directory while it runs: a second gateway on the same directory refuses to start. At start, the
-gateway takes up what the last one left: finished jobs are answered as before until their time runs out, and a job
-still running when that gateway stopped or died is failed, saying so, instead of being unknown.
+gateway takes up what the last one left: finished jobs are answered as before until their time runs out, a job
+still running when that gateway stopped or died is run again from its upload (service/jobs.py), and one without an
+upload is failed, saying so, instead of being unknown.
 """
 
 from __future__ import annotations
@@ -92,6 +94,10 @@ class Record:
     finished: float | None
     error: ServiceError | None
     result: KeptResult | None
+    resumable: bool = False  # its upload is kept (ID.input)
+    paused: bool = False  # the gateway running it stopped cleanly (not killed), saying so
+    interrupted: int = 0  # gateways killed while it ran (a job that kills every gateway is not run a third time)
+    resumes: int = 0  # times a gateway started again ran it from its upload
 
 
 def error_of(view: dict[str, Any] | None) -> ServiceError | None:
@@ -131,9 +137,27 @@ class JobFiles:
             os.close(self._lock)  # and with it the lock
             self._lock = -1
 
-    def write_record(self, view: dict[str, Any], summary: dict[str, Any] | None) -> None:
-        """`view` is Job.view(); `summary` the result's, where it finished with one."""
-        self._replace(self.directory / f"{view['id']}.json", json.dumps(view | {"summary": summary}).encode())
+    def write_record(self, view: dict[str, Any], summary: dict[str, Any] | None, resuming: dict[str, Any] | None = None) -> None:
+        """`view` is Job.view(); `summary` the result's, where it finished with one; `resuming` what a job kept to be run
+        again has besides (Record's resumable, paused, interrupted)."""
+        self._replace(self.directory / f"{view['id']}.json", json.dumps(view | {"summary": summary} | (resuming or {})).encode())
+
+    def write_input(self, job_id: str, data: bytes) -> None:
+        """The job's upload, as the client sent it, to run it again after a restart."""
+        self._replace(self._input(job_id), data)
+
+    def read_input(self, job_id: str) -> bytes:
+        return self._input(job_id).read_bytes()
+
+    def remove_input(self, job_id: str) -> None:
+        """The upload of a job that ended; one that cannot be removed is logged (the next start removes it)."""
+        try:
+            self._input(job_id).unlink(missing_ok=True)
+        except OSError as exc:
+            logger.error("job %s: cannot remove its upload from --jobs-dir: %s", job_id, exc)
+
+    def _input(self, job_id: str) -> Path:
+        return self.directory / f"{job_id}.input"
 
     def write_gone(self, job_id: str, when: float, why: str) -> None:
         """What the job's URL says now that it is gone (dropped for room, or deleted), from `when` on."""
@@ -145,14 +169,18 @@ class JobFiles:
         return KeptResult(summary, path, len(payload))
 
     def remove(self, job_id: str) -> None:
-        for suffix in (".json", ".result"):
+        for suffix in (".json", ".result", ".input"):
             (self.directory / f"{job_id}{suffix}").unlink(missing_ok=True)
 
     def _replace(self, path: Path, data: bytes) -> None:
         temporary = path.with_name(f".{path.name}.tmp")
-        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:  # noqa: PTH123 (a mode)
-            out.write(data)
-        temporary.replace(path)
+        try:
+            with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:  # noqa: PTH123 (a mode)
+                out.write(data)
+            temporary.replace(path)
+        except OSError:
+            temporary.unlink(missing_ok=True)  # a full disk: no half-written upload left taking room
+            raise
 
     def records(self) -> tuple[list[Record], dict[str, tuple[float, str]]]:
         """Every job the directory holds, oldest first, and the jobs gone (id -> when, why); a file that cannot be read
@@ -171,6 +199,9 @@ class JobFiles:
                     records.append(self._record(path, view))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 logger.warning("--jobs-dir: %s is not a job this gateway wrote (%s: %s); left as it is", path, type(exc).__name__, exc)
+        for upload in self.directory.glob("*.input"):  # its job's file is gone (removed by hand): nothing will run it
+            if JOB_ID.fullmatch(upload.stem) and not upload.with_suffix(".json").exists():
+                upload.unlink(missing_ok=True)
         return sorted(records, key=lambda r: r.created), gone
 
     def _record(self, path: Path, view: dict[str, Any]) -> Record:
@@ -188,4 +219,8 @@ class JobFiles:
             finished=None if view["finished"] is None else float(view["finished"]),
             error=error_of(view["error"]),
             result=result,
+            resumable=bool(view.get("resumable")) and self._input(path.stem).exists(),
+            paused=bool(view.get("paused")),
+            interrupted=int(view.get("interrupted", 0)),
+            resumes=int(view.get("resumes", 0)),
         )

@@ -11,7 +11,11 @@ so memory stays bounded however fast jobs finish. A dropped job's URL says why.
 With a directory (`serve --jobs-dir`, `keep_in`), every job is also written there as it is
 submitted and as it ends, and a finished result's bytes go to a file instead of staying in
 memory (service/jobfiles.py): a gateway started again on the directory answers for the jobs the
-last one finished, and says of those it was running that they were stopped.
+last one finished. A job submitted with its upload (`submit_kept`: a CT volume sent as a job) keeps
+the upload there while it runs, and a gateway started again runs such a job again from the start
+(`resume_pending`, by its kind's resumer), under the same id; one that was running in gateways killed
+twice (MAX_INTERRUPTED) is failed instead, so that an upload that kills the gateway does not kill
+every gateway after it. Of a job without an upload, it says that it was stopped.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from .jobfiles import JobFiles, Record
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 STOP_WAIT_S = 5.0  # how long a stop waits for the jobs it cancels to end
+MAX_INTERRUPTED = 1  # gateways killed under a job (not stopped) after which it is not run again
 
 
 class JobState(StrEnum):
@@ -64,6 +69,18 @@ class Measured(Protocol):
 def stopped(progress: Progress) -> Unavailable:
     """Why a job the gateway was running when it stopped has no result."""
     return Unavailable(f"the gateway stopped while this job ran ({progress.done}/{progress.total} tiles done); send it again")
+
+
+@dataclass(frozen=True)
+class Plan(Generic[T]):
+    """What a job runs: `work` over `total` units, holding about `nbytes` of memory until it ends."""
+
+    total: int
+    work: Callable[[Progress], Awaitable[T]]
+    nbytes: int = 0
+
+
+Resumer = Callable[[bytes], Awaitable[Plan[Any]]]  # a kind's job again, from its upload (JobStore.resumer)
 
 
 @runtime_checkable
@@ -103,6 +120,9 @@ class Job(Generic[T]):
     task: asyncio.Task[None] | None = None
     reserved: int = 0  # of JobStore.max_bytes, while it runs
     cancelled: bool = False  # it ended by a cancel (deleted, its synchronous client gone, the gateway stopping)
+    resumable: bool = False  # its upload is kept in --jobs-dir while it runs, to run it again after a restart
+    interrupted: int = 0  # gateways killed while it ran
+    resumes: int = 0  # times a gateway started again ran it from its upload
 
     @property
     def nbytes(self) -> int:
@@ -124,6 +144,7 @@ class Job(Generic[T]):
             "created": self.created,
             "finished": self.finished,
             "error": {"status": self.error.status, "message": str(self.error)} if self.error else None,
+            "resumes": self.resumes,
         }
 
 
@@ -140,6 +161,10 @@ class JobStore:
         self._files: JobFiles | None = None  # serve --jobs-dir
         self._on_end = on_end  # told of each job that ends, and how: "done", "failed" or "cancelled" (the gateway's metrics)
         self._stopping = asyncio.Event()  # set as the gateway begins to stop: long polls answer at once
+        self._pausing = False  # the gateway is stopping: a job kept with its upload is left to run again, not failed
+        self._resumers: dict[str, Resumer] = {}
+        self._pending: list[Job[Any]] = []  # taken up from --jobs-dir to be run again (resume_pending)
+        self._resuming = asyncio.Lock()  # one resumed job's upload read and decoded at a time
 
     def keep_in(self, directory: Path) -> None:
         """Keep every job in `directory` from now on, and take up what a gateway before this one left there (JobsDirUnusable
@@ -158,6 +183,11 @@ class JobStore:
                 continue
             job = self._taken_up(record, now)
             self._jobs[job.id], taken = job, taken + 1
+            if job.state is JobState.RUNNING:
+                self._pending.append(job)  # its file is written again as it is run again, counting a kill
+                continue
+            if record.resumable:  # not to be run again (or the last gateway stopped as the job ended): its upload goes
+                files.remove_input(record.id)
             if record.finished is None or job.error is not record.error:
                 self._write(job)
         self._make_room()
@@ -166,7 +196,9 @@ class JobStore:
 
     @staticmethod
     def _taken_up(record: Record, now: float) -> Job[Any]:
-        """A job as the last gateway left it: one it was running failed, saying so; one whose result file went, too."""
+        """A job as the last gateway left it: one it was running, kept with its upload, left running to be run again
+        (unless gateways were killed under it more than MAX_INTERRUPTED times); one without, failed, saying so; one whose
+        result file went, too."""
         job: Job[Any] = Job(
             id=record.id,
             kind=record.kind,
@@ -176,18 +208,31 @@ class JobStore:
             result=record.result,
             error=record.error,
         )
-        if record.finished is None:
+        interrupted = record.interrupted + (0 if record.paused else 1)
+        if record.finished is None and record.resumable and interrupted <= MAX_INTERRUPTED:
+            job.resumable, job.interrupted, job.resumes = True, interrupted, record.resumes
+            job.progress = Progress(record.total, 0, "resuming")
+        elif record.finished is None and record.resumable:
+            job.finished, job.resumes = now, record.resumes
+            job.error = ServiceError(
+                f"the gateway was killed {interrupted} times while this job ran, so it is not run again: send it again, and "
+                "see what killed the gateway (the kernel's OOM killer?)"
+            )
+        elif record.finished is None:
             job.finished, job.error = now, stopped(job.progress)
         elif record.error is None and record.result is None:
             job.error = ServiceError("its result was lost: the file is gone from --jobs-dir; send it again")
         return job
 
-    def _write(self, job: Job[Any]) -> None:
-        """The job's state to its file, where jobs are kept in a directory; a failed write is logged, the job goes on."""
+    def _write(self, job: Job[Any], paused: bool = False) -> None:
+        """The job's state to its file, where jobs are kept in a directory; a failed write is logged, the job goes on.
+        `paused`: the gateway is stopping and the job, kept with its upload, is to run again; written as running."""
         if self._files is None:
             return
+        view = job.view() | ({"state": JobState.RUNNING.value, "finished": None, "error": None} if paused else {})
+        resuming = {"resumable": True, "paused": paused, "interrupted": job.interrupted} if job.resumable else None
         try:
-            self._files.write_record(job.view(), job.result.summary if isinstance(job.result, Keepable) else None)
+            self._files.write_record(view, job.result.summary if isinstance(job.result, Keepable) else None, resuming)
         except OSError as exc:
             logger.error("job %s: cannot write its state to --jobs-dir: %s", job.id, exc)
 
@@ -209,15 +254,98 @@ class JobStore:
         """What the running jobs hold, by their estimates."""
         return sum(job.reserved for job in self._jobs.values())
 
-    def submit(self, kind: str, total: int, work: Callable[[Progress], Awaitable[T]], nbytes: int = 0) -> Job[T]:
-        """Start `work`, which holds about `nbytes` of memory until it ends."""
+    def submit(
+        self,
+        kind: str,
+        total: int,
+        work: Callable[[Progress], Awaitable[T]],
+        nbytes: int = 0,
+        *,
+        job_id: str | None = None,
+        resumable: bool = False,
+    ) -> Job[T]:
+        """Start `work`, which holds about `nbytes` of memory until it ends (`resumable`: its upload is in --jobs-dir
+        under `job_id`, submit_kept)."""
         self._forget_expired()
+        self._check_room(kind, nbytes)
+        job: Job[T] = Job(id=job_id or uuid.uuid4().hex, kind=kind, progress=Progress(total), reserved=nbytes, resumable=resumable)
+        self._start(job, work)
+        self._write(job)
+        return job
+
+    async def submit_kept(self, kind: str, total: int, work: Callable[[Progress], Awaitable[T]], nbytes: int, upload: bytes) -> Job[T]:
+        """As submit, and where jobs are kept in a directory, with `upload` (what the client sent) kept there until the job
+        ends: a gateway started again on the directory runs the job again from it (resume_pending). An upload that
+        cannot be written (a full disk) is logged, and the job runs without it."""
+        files = self._files
+        if files is None:
+            return self.submit(kind, total, work, nbytes)
+        self._check_room(kind, nbytes)  # before writing megabytes for a job that would be refused
+        job_id = uuid.uuid4().hex
+        try:
+            await asyncio.to_thread(files.write_input, job_id, upload)
+        except OSError as exc:
+            logger.error("job %s: cannot keep its upload in --jobs-dir (%s): a gateway started again will not run it again", job_id, exc)
+            return self.submit(kind, total, work, nbytes, job_id=job_id)
+        try:
+            return self.submit(kind, total, work, nbytes, job_id=job_id, resumable=True)
+        except ServiceError:  # the room went to another job while the upload was written
+            files.remove_input(job_id)
+            raise
+
+    def resumer(self, kind: str, resumer: Resumer) -> None:
+        """How a job of `kind` is run again from its upload (resume_pending)."""
+        self._resumers[kind] = resumer
+
+    def resume_pending(self) -> None:
+        """Run again the jobs the last gateway on --jobs-dir left running with their uploads, each from the start, under
+        its id: called once this gateway serves its models. A job whose kind has no resumer, or whose resumer refuses
+        its upload (its models not served here, say), fails, saying why."""
+        for job in self._pending:
+            if self._jobs.get(job.id) is job:  # not deleted since
+                self._start(job, self._resumed(job))
+        if self._pending:
+            logger.info("%d jobs the last gateway was running are run again from their uploads", len(self._pending))
+        self._pending.clear()
+
+    def _resumed(self, job: Job[Any]) -> Callable[[Progress], Awaitable[Any]]:
+        """The work of running `job` again: its upload read and planned by its kind's resumer, then that plan's work."""
+
+        async def work(progress: Progress) -> Any:
+            async with self._resuming:
+                job.resumes += 1
+                self._write(job)  # before it runs: a gateway killed while it runs again counts (keep_in)
+                plan = await self._plan_again(job)
+                self._check_room(job.kind, plan.nbytes, counted=True)
+                job.reserved = plan.nbytes
+                progress.total, progress.done, progress.stage = plan.total, 0, "starting"
+            return await plan.work(progress)
+
+        return work
+
+    async def _plan_again(self, job: Job[Any]) -> Plan[Any]:
+        why = "the gateway stopped while this job ran, and the one started since cannot run it again"
+        resumer, files = self._resumers.get(job.kind), self._files
+        if resumer is None or files is None:
+            raise Unavailable(f"{why}: it runs no {job.kind} jobs; send it again")
+        try:
+            upload = await asyncio.to_thread(files.read_input, job.id)
+        except OSError as exc:
+            raise Unavailable(f"{why}: its upload cannot be read from --jobs-dir ({exc.strerror or exc}); send it again") from None
+        try:
+            return await resumer(upload)
+        except ServiceError as exc:  # its models not served here, or their memory taken: another gateway may run it
+            raise Unavailable(f"{why}: {exc}; send it again") from None
+
+    def _check_room(self, kind: str, nbytes: int, counted: bool = False) -> None:
+        """TooLarge or Unavailable where a job of `kind` holding `nbytes` cannot start now (`counted`: it is among the
+        jobs running already, a job run again)."""
         if nbytes > self.max_bytes:
             raise TooLarge(
                 f"this {kind} job would hold about {nbytes / MB:.0f} MB of the gateway's memory, over --max-job-mb "
                 f"{self.max_bytes / MB:g} even with no other job running"
             )
-        if self.running() >= self.max_running:
+        if self.running() >= self.max_running + counted:
             raise Unavailable(f"{self.max_running} jobs are already running; try again later", retry_after_s=5.0)
         if (held := self.reserved()) + nbytes > self.max_bytes:
             raise Unavailable(
@@ -225,12 +353,11 @@ class JobStore:
                 f"--max-job-mb {self.max_bytes / MB:g}; try again when one has finished",
                 retry_after_s=5.0,
             )
-        job: Job[T] = Job(id=uuid.uuid4().hex, kind=kind, progress=Progress(total), reserved=nbytes)
+
+    def _start(self, job: Job[T], work: Callable[[Progress], Awaitable[T]]) -> None:
         job.task = asyncio.get_running_loop().create_task(self._run(job, work), name=f"job-{job.id}")
         job.task.add_done_callback(lambda _: self._ended(job))  # also where it was cancelled before it began
         self._jobs[job.id] = job
-        self._write(job)
-        return job
 
     async def _run(self, job: Job[T], work: Callable[[Progress], Awaitable[T]]) -> None:
         try:
@@ -253,9 +380,12 @@ class JobStore:
             job.finished, job.reserved = time.time(), 0
             job.error = job.error or (ServiceError("cancelled before it began") if job.result is None else None)
             job.cancelled = job.cancelled or (job.task is not None and job.task.cancelled())  # or before it began
+            paused = self._pausing and job.resumable and job.cancelled  # stopped, to run again in the next gateway
             if self._on_end is not None:
-                self._on_end(job, "cancelled" if job.cancelled else "failed" if job.error is not None else "done")
-            self._write(job)
+                self._on_end(job, "paused" if paused else "cancelled" if job.cancelled else "failed" if job.error is not None else "done")
+            self._write(job, paused)
+            if job.resumable and not paused and self._files is not None:
+                self._files.remove_input(job.id)
             self._make_room()
 
     def kept_bytes(self) -> int:
@@ -358,7 +488,9 @@ class JobStore:
             self._files.remove(job_id)
 
     async def stop(self) -> None:
-        """Cancel the running jobs, and wait (STOP_WAIT_S at most) for them to say so in their files."""
+        """Cancel the running jobs, and wait (STOP_WAIT_S at most) for them to say so in their files: those kept with
+        their uploads as still running, to be run again by the next gateway on the directory."""
+        self._pausing = True
         tasks = [job.task for job in self._jobs.values() if job.task is not None and not job.task.done()]
         for task in tasks:
             task.cancel()

@@ -63,8 +63,9 @@ class Metrics:
         self.job_bytes = Gauge("migserve_job_bytes", "Memory the running CT jobs hold, by their estimates (--max-job-mb)", registry=r)
         self.jobs_ended = Counter(
             "migserve_jobs_ended",
-            "Jobs that ended: done, failed (a tile's inference, the deadline), or cancelled (deleted, the client of a "
-            "synchronous request gone, the gateway stopping)",
+            "Jobs that ended: done, failed (a tile's inference, the deadline), cancelled (deleted, the client of a "
+            "synchronous request gone, the gateway stopping), or paused (the gateway stopping, the job kept in --jobs-dir "
+            "with its upload for the next gateway to run again)",
             ["kind", "outcome"],
             registry=r,
         )

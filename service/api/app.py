@@ -212,6 +212,7 @@ class Gateway:
                 ", ".join(sorted(self.placement[partition.id])) or "no models",
             )
         self.started = True
+        self.jobs.resume_pending()  # the jobs the last gateway on --jobs-dir left running, now that the models are served
 
     def server_ready(self) -> bool:
         """KServe's server readiness: started, and every served model has a ready replica. A front-end process that

@@ -234,6 +234,7 @@ class JobView(BaseModel):
                     "created": 1795488111.7,
                     "finished": None,
                     "error": None,
+                    "resumes": 0,
                     "status_url": "/v1/jobs/3f2b9c0e7d6a4e1f8b5c2a9d0e1f2a3b",
                     "result": None,
                 }
@@ -249,6 +250,9 @@ class JobView(BaseModel):
     created: float
     finished: float | None
     error: JobError | None
+    resumes: int = Field(
+        0, description="times a gateway started again on --jobs-dir ran this job again from its upload (its progress from 0)"
+    )
     status_url: str
     result: LnsResult | None = None
 

@@ -37,8 +37,8 @@ from migserve.types import Array
 from ..config import MB
 from ..errors import NotFound, NotReady, ServiceError, Unprocessable
 from ..families import crowd, face, frontalize, grounding, lns, media
-from ..families.volume import read_volume
-from ..jobs import Answer, Job, Keepable, Progress
+from ..families.volume import Volume, read_volume
+from ..jobs import Answer, Job, Keepable, Plan, Progress
 from ..repository import ModelEntry
 from .budget import Hold
 from .limits import HOLD
@@ -81,6 +81,27 @@ IMAGE_BYTES_PER_PIXEL = {"crowd": 32, "face": 16, "frontalize": 8}
 @cache
 def _vocabulary(directory: Path, pre: GroundingPreprocessing) -> grounding.Vocabulary:
     return grounding.Vocabulary(directory / pre.vocabulary_file, pre)
+
+
+@dataclass(frozen=True)
+class CtJob:
+    """A CT volume read and planned: both stages' tiles, the tiles it runs at once and the memory it holds then."""
+
+    volume: Volume
+    organs: Contract
+    stations: Contract
+    total: int
+    in_flight: int
+    nbytes: int
+
+    def plan(self, run: lns.Run) -> Plan[Answer]:
+        async def work(progress: Progress) -> Answer:
+            found = await lns.stations_of(self.volume, self.organs, self.stations, run=run, progress=progress, in_flight=self.in_flight)
+            # what the job's URL answers, taken now: the models may be unloaded, or another gateway answer it (--jobs-dir)
+            models = {"models": [self.organs.name, self.stations.name], "weights": self.stations.provenance.weights}
+            return Answer(models | {"summary": found.summary}, found.nifti)
+
+        return Plan(self.total, work, self.nbytes)
 
 
 class FamilyEndpoints:
@@ -206,38 +227,50 @@ class FamilyEndpoints:
             raise NotFound("lymph node station parsing needs both lns-organs and lns-stations served by this gateway")
         return first[0], second[0]
 
-    async def lns(self, request: Request) -> Response:
-        upload = await read_upload(request, "volume", self.config.max_json_bytes)
-        opts = options(LnsOptions, upload)
+    async def ct_job(self, data: bytes, hold: Hold) -> CtJob:
+        """The CT job of the volume in `data`, what it unpacks to counted in `hold` as it is read."""
         organs, stations = self.lns_models()
-        hold: Hold = request.scope[HOLD]  # what the volume unpacks to is counted with its body
-        data, config = require_file(upload, "volume"), self.config
+        config = self.config
         volume = await asyncio.to_thread(
             lambda: read_volume(data, max_bytes=config.max_body_bytes * 4, max_voxels=config.max_volume_voxels, unpacking=hold.add)
         )
         resampled, total = lns.plan(volume, organs.contract, stations.contract, self.config.max_volume_voxels)
         in_flight, nbytes = self.tiles_that_fit(volume.hu.shape, resampled, organs.contract, stations.contract)
-        as_job = opts.mode == "job" or (opts.mode == "auto" and total > self.config.job_min_tiles)
-        deadline = time.monotonic() + self.config.job_timeout_s if as_job else self.deadline(request)
-
-        async def run(name: str, inputs: dict[str, Array]) -> dict[str, Array]:
-            return await self.gateway.run(name, inputs, deadline)
-
-        async def work(progress: Progress) -> Answer:
-            found = await lns.stations_of(volume, organs.contract, stations.contract, run=run, progress=progress, in_flight=in_flight)
-            # what the job's URL answers, taken now: the models may be unloaded, or another gateway answer it (--jobs-dir)
-            models = {"models": [organs.contract.name, stations.contract.name], "weights": stations.contract.provenance.weights}
-            return Answer(models | {"summary": found.summary}, found.nifti)
-
-        job = self.gateway.jobs.submit("lns-segment", total, work, nbytes)
         if in_flight < self.config.tiles_in_flight:
             logger.info(
-                "job %s runs %d tiles at once, not --tiles-in-flight %d: the running CT jobs would pass --max-job-mb %g",
-                job.id,
+                "a CT job runs %d tiles at once, not --tiles-in-flight %d: the running CT jobs would pass --max-job-mb %g",
                 in_flight,
                 self.config.tiles_in_flight,
                 self.config.max_job_bytes / MB,
             )
+        return CtJob(volume, organs.contract, stations.contract, total, in_flight, nbytes)
+
+    def runner(self, deadline: float) -> lns.Run:
+        async def run(name: str, inputs: dict[str, Array]) -> dict[str, Array]:
+            return await self.gateway.run(name, inputs, deadline)
+
+        return run
+
+    async def resume_lns(self, upload: bytes) -> Plan[Answer]:
+        """A CT job the last gateway on --jobs-dir left running, from its upload (JobStore.resume_pending): read with
+        its bytes counted in --max-pending-mb as a request's are, and given --job-timeout-s from now."""
+        with Hold(self.gateway.bodies) as hold:
+            hold.add(len(upload))
+            ct = await self.ct_job(upload, hold)
+        return ct.plan(self.runner(time.monotonic() + self.config.job_timeout_s))
+
+    async def lns(self, request: Request) -> Response:
+        upload = await read_upload(request, "volume", self.config.max_json_bytes)
+        opts = options(LnsOptions, upload)
+        data = require_file(upload, "volume")
+        ct = await self.ct_job(data, request.scope[HOLD])  # what the volume unpacks to is counted with its body
+        as_job = opts.mode == "job" or (opts.mode == "auto" and ct.total > self.config.job_min_tiles)
+        deadline = time.monotonic() + self.config.job_timeout_s if as_job else self.deadline(request)
+        plan = ct.plan(self.runner(deadline))
+        if as_job:  # kept with its upload in --jobs-dir: a gateway started again runs it again
+            job = await self.gateway.jobs.submit_kept("lns-segment", plan.total, plan.work, plan.nbytes, data)
+        else:
+            job = self.gateway.jobs.submit("lns-segment", plan.total, plan.work, plan.nbytes)
         if as_job:
             url = f"/v1/jobs/{job.id}"
             return JSONResponse(self.job_view(job).model_dump(), status_code=202, headers={"Location": url})
@@ -388,6 +421,7 @@ UPLOADS = {
 
 def register_v1(app: FastAPI, gateway: Gateway) -> None:
     endpoints = FamilyEndpoints(gateway)
+    gateway.jobs.resumer("lns-segment", endpoints.resume_lns)
     for name, spec in UPLOADS.items():
         app.post(
             spec.path,

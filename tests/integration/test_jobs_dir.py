@@ -1,17 +1,21 @@
-"""CT jobs kept in a directory (`serve --jobs-dir`): a gateway started again answers for them."""
+"""CT jobs kept in a directory (`serve --jobs-dir`): a gateway started again answers for them, and runs again those the
+last was running."""
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import nibabel as nib
 import numpy as np
 
 from bench.ports import free_port
@@ -36,53 +40,108 @@ def _finished(base: str, job: dict[str, Any]) -> dict[str, Any]:
     return job
 
 
-def test_a_gateway_started_again_answers_for_the_jobs_of_the_last(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
-    """The first gateway finishes one job and is killed (SIGKILL: no chance to write anything more) while its worker,
-    stopped, holds another. The next gateway on the directory, serving another model, answers the first job's result
-    and label map as before, and says the second was stopped, where both were unknown ("no job") before."""
+def _labels(nifti_gz: bytes) -> np.ndarray[Any, Any]:
+    return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(nifti_gz)).dataobj)
+
+
+@contextlib.contextmanager
+def _worker_stopped(base: str) -> Iterator[None]:
+    """The gateway's one worker SIGSTOPped, so that a job sent now is still running when the gateway stops or dies."""
+    (worker,) = [p["pid"] for p in httpx.get(f"{base}/v1/partitions").json()["partitions"]]
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGCONT)
+
+
+def test_a_gateway_started_again_answers_for_the_jobs_of_the_last_and_runs_its_running_ones_again(
+    tiny_repo: ExportedRepo, tmp_path: Path
+) -> None:
+    """The first gateway finishes job A, refuses a second gateway on its directory, and is killed (SIGKILL: no chance
+    to write anything more) while its stopped worker holds job B. The next gateway on the directory answers A's result
+    and label map as before, and runs B again from its upload (the same label map as A's: the same volume), under the
+    same URL. It is then stopped (SIGTERM) with job C running: C is left on disk to run again, and the third
+    gateway, serving no CT model, answers A and B and fails C saying why, with its upload removed."""
     jobs = tmp_path / "jobs"
-    args = ("--cpu-slices", "1", "--models", "lns-organs", "lns-stations", "--jobs-dir", str(jobs))
-    first = Gateway(tiny_repo.root, *args, log=tmp_path / "first.log")
+    ct = ("--cpu-slices", "1", "--models", "lns-organs", "lns-stations", "--jobs-dir", str(jobs))
+    first = Gateway(tiny_repo.root, *ct, log=tmp_path / "first.log")
     base = f"http://{first.url}"
-    worker = None
     try:
         done = _finished(base, _submitted(base))
-        assert done["state"] == "done", done
+        assert done["state"] == "done" and done["resumes"] == 0, done
         labels = httpx.get(base + done["result"]["label_map_url"])
         assert labels.status_code == 200
-        refused = subprocess.run(
-            [MIGSERVE, "serve", "--model-repo", str(tiny_repo.root), "--port", str(free_port()), *args],
-            cwd=ROOT,
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert refused.returncode == 2, refused.stderr
-        assert f"--jobs-dir {jobs} is in use by another gateway (pid {first.process.pid})" in refused.stderr
-        (worker,) = [p["pid"] for p in httpx.get(f"{base}/v1/partitions").json()["partitions"]]
-        os.kill(worker, signal.SIGSTOP)
-        running = _submitted(base)
-        assert json.loads((jobs / f"{running['id']}.json").read_text())["state"] == "running"
-        first.process.kill()
-        first.process.wait(timeout=30)
+        _refused(tiny_repo, ct, f"--jobs-dir {jobs} is in use by another gateway (pid {first.process.pid})")
+        with _worker_stopped(base):
+            killed = _submitted(base)
+            assert json.loads((jobs / f"{killed['id']}.json").read_text())["state"] == "running"
+            assert (jobs / f"{killed['id']}.input").read_bytes() == VOLUME, "the upload kept as it was sent"
+            first.process.kill()
+            first.process.wait(timeout=30)
     finally:
-        if worker is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker, signal.SIGCONT)
         first.close()
-    second = Gateway(tiny_repo.root, "--cpu-slices", "1", "--models", "crowd-csrnet", "--jobs-dir", str(jobs), log=tmp_path / "second.log")
+    second = Gateway(tiny_repo.root, *ct, log=tmp_path / "second.log")
     base = f"http://{second.url}"
     try:
         again = httpx.get(base + done["status_url"]).json()
-        assert again["state"] == "done" and again["result"] == done["result"], "the answer needs no CT model served"
-        assert again["progress"] == done["progress"] and again["finished"] == done["finished"]
-        assert httpx.get(base + done["result"]["label_map_url"]).content == labels.content
-        stopped = httpx.get(base + running["status_url"]).json()
-        assert stopped["state"] == "failed", stopped
-        assert stopped["error"]["status"] == 503
-        assert stopped["error"]["message"].startswith("the gateway stopped while this job ran (0/"), stopped
-        lost = httpx.get(base + running["status_url"] + "/labels.nii.gz")
-        assert lost.status_code == 422 and "the gateway stopped while this job ran" in lost.json()["error"]
+        assert again["state"] == "done" and again["result"] == done["result"]
+        resumed = _finished(base, httpx.get(base + killed["status_url"]).json())
+        assert resumed["state"] == "done" and resumed["resumes"] == 1, resumed
+        assert resumed["created"] == killed["created"] and resumed["progress"] == done["progress"]
+        kept = httpx.get(base + resumed["result"]["label_map_url"])
+        assert kept.status_code == 200
+        same = np.mean(_labels(kept.content) == _labels(labels.content))
+        assert same > 0.999, f"run again on the same volume, {same:.4%} of the voxels have the same label"
+        assert not (jobs / f"{killed['id']}.input").exists(), "the upload goes when the job ends"
+        with _worker_stopped(base):
+            paused = _submitted(base)
+            second.process.send_signal(signal.SIGTERM)
+            second.process.wait(timeout=60)
+        record = json.loads((jobs / f"{paused['id']}.json").read_text())
+        assert (record["state"], record["paused"], record["error"]) == ("running", True, None), record
+        assert "1 jobs the last gateway was running are run again from their uploads" in (tmp_path / "second.log").read_text()
     finally:
         second.close()
+    _third(tiny_repo, jobs, tmp_path, (done, resumed), labels.content, paused)
+
+
+def _refused(repo: ExportedRepo, args: tuple[str, ...], message: str) -> None:
+    refused = subprocess.run(
+        [MIGSERVE, "serve", "--model-repo", str(repo.root), "--port", str(free_port()), *args],
+        cwd=ROOT,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert message in refused.stderr
+
+
+def _third(
+    repo: ExportedRepo, jobs: Path, tmp_path: Path, finished: tuple[dict[str, Any], ...], labels: bytes, paused: dict[str, Any]
+) -> None:
+    """A gateway serving no CT model: the finished jobs answered as before, the paused one failed, saying why."""
+    done = finished[0]
+    third = Gateway(repo.root, "--cpu-slices", "1", "--models", "crowd-csrnet", "--jobs-dir", str(jobs), log=tmp_path / "third.log")
+    base = f"http://{third.url}"
+    try:
+        for job in finished:
+            again = httpx.get(base + job["status_url"]).json()
+            assert again["state"] == "done" and again["result"] == job["result"], "the answer needs no CT model served"
+            assert again["progress"] == job["progress"] and again["finished"] == job["finished"]
+        assert httpx.get(base + done["result"]["label_map_url"]).content == labels
+        stopped = httpx.get(base + paused["status_url"], params={"wait_s": 30}).json()
+        assert stopped["state"] == "failed" and stopped["resumes"] == 1, stopped
+        assert stopped["error"] == {
+            "status": 503,
+            "message": "the gateway stopped while this job ran, and the one started since cannot run it again: lymph node "
+            "station parsing needs both lns-organs and lns-stations served by this gateway; send it again",
+        }
+        lost = httpx.get(base + paused["status_url"] + "/labels.nii.gz")
+        assert lost.status_code == 422 and "cannot run it again" in lost.json()["error"]
+        assert not list(jobs.glob("*.input")), "no upload is kept for a job that ended"
+    finally:
+        third.close()

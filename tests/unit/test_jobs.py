@@ -15,7 +15,7 @@ import pytest
 
 from service.errors import Gone, NotFound, TooLarge, Unavailable
 from service.jobfiles import JobsDirUnusable, KeptResult
-from service.jobs import Answer, Job, JobState, JobStore, Progress
+from service.jobs import Answer, Job, JobState, JobStore, Plan, Progress
 
 
 def test_a_cancelled_job_fails_with_the_reason_and_frees_its_slot() -> None:
@@ -289,7 +289,7 @@ def test_a_job_whose_files_cannot_be_written_is_still_answered(tmp_path: Path, c
         async def segmenting(progress: Progress) -> Answer:
             return Answer({"stations": 3}, b"label map")
 
-        job = store.submit("lns-segment", 1, segmenting)
+        job = await store.submit_kept("lns-segment", 1, segmenting, 0, b"a CT volume's bytes")
         assert job.task is not None
         await job.task
         await store.stop()
@@ -307,3 +307,184 @@ def test_a_job_whose_files_cannot_be_written_is_still_answered(tmp_path: Path, c
     assert job.state is JobState.DONE and isinstance(job.result, Answer) and job.result.payload() == b"label map"
     assert f"job {job.id}: cannot write its result to --jobs-dir, kept in memory: [Errno 27] File too large" in caplog.text
     assert f"job {job.id}: cannot write its state to --jobs-dir" in caplog.text
+    assert f"job {job.id}: cannot keep its upload in --jobs-dir ([Errno 27] File too large)" in caplog.text
+    assert not job.resumable and not list(tmp_path.glob("*.input")) and not list(tmp_path.glob(".*.tmp")), "nothing half written left"
+
+
+def _blocked(release: asyncio.Event) -> Any:
+    """Work that is still running when its gateway stops or is killed."""
+
+    async def work(progress: Progress) -> Answer:
+        progress.advance()
+        await release.wait()
+        return Answer({}, b"")
+
+    return work
+
+
+def _resumer(seen: list[bytes], release: asyncio.Event | None = None) -> Any:
+    """A kind's resumer: records the upload it is given and plans three tiles (waiting on `release` after the first)."""
+
+    async def resume(upload: bytes) -> Plan[Answer]:
+        seen.append(upload)
+
+        async def work(progress: Progress) -> Answer:
+            progress.advance()
+            if release is not None:
+                await release.wait()
+            progress.advance()
+            progress.advance()
+            return Answer({"stations": len(upload)}, b"labels of " + upload)
+
+        return Plan(3, work, nbytes=10)
+
+    return resume
+
+
+def test_a_job_kept_with_its_upload_is_run_again_by_the_next_gateway(tmp_path: Path) -> None:
+    """serve --jobs-dir: a job submitted with its upload keeps it in the directory (0600) while it runs; a gateway that
+    stops leaves the job running on disk, not failed, and the next runs it again from the upload under the same id,
+    to the end; the upload then goes."""
+    ended: list[tuple[str, str]] = []
+
+    async def first() -> str:
+        store = _store()
+        store._on_end = lambda j, how: ended.append((j.id, how))
+        store.keep_in(tmp_path)
+        job = await store.submit_kept("lns-segment", 2, _blocked(asyncio.Event()), 10, b"volume")
+        while job.progress.done < 1:
+            await asyncio.sleep(0)
+        assert (tmp_path / f"{job.id}.input").read_bytes() == b"volume"
+        assert (tmp_path / f"{job.id}.input").stat().st_mode & 0o777 == 0o600, "a patient's CT: the gateway's user's alone"
+        assert _on_disk(tmp_path, job.id)["resumable"] is True
+        await store.stop()
+        return job.id
+
+    job_id = asyncio.run(first())
+    assert ended == [(job_id, "paused")]
+    record = _on_disk(tmp_path, job_id)
+    assert (record["state"], record["paused"], record["error"], record["interrupted"]) == ("running", True, None, 0), record
+
+    async def second() -> Job[Any]:
+        store = _store()
+        store.keep_in(tmp_path)
+        job = store.get(job_id)
+        assert job.state is JobState.RUNNING and job.progress.stage == "resuming" and job.task is None
+        seen: list[bytes] = []
+        store.resumer("lns-segment", _resumer(seen))
+        store.resume_pending()
+        assert job.task is not None
+        await job.task
+        assert seen == [b"volume"]
+        await store.stop()
+        return job
+
+    job = asyncio.run(second())
+    assert job.state is JobState.DONE, job.error
+    assert (job.progress.done, job.progress.total, job.resumes, job.view()["resumes"]) == (3, 3, 1, 1)
+    assert isinstance(job.result, KeptResult) and job.result.payload() == b"labels of volume"
+    assert not (tmp_path / f"{job_id}.input").exists(), "the upload goes when the job ends"
+    assert _on_disk(tmp_path, job_id)["state"] == "done"
+
+
+def test_a_job_is_run_again_after_one_kill_and_not_after_two(tmp_path: Path) -> None:
+    """A gateway killed (no stop: its file still says running, not paused) counts against the job; after a second, the
+    next gateway fails it, saying so, instead of running an upload that may be what kills them. A clean stop in
+    between does not count."""
+
+    def killed(store: JobStore) -> None:  # what a SIGKILL leaves: the files as they are, the lock let go
+        assert store._files is not None
+        store._files.close()
+        store._files = None  # nothing more written
+
+    async def gateway(resume: bool, stop: bool) -> Job[Any] | None:
+        store = _store()
+        store.keep_in(tmp_path)
+        if not resume:
+            job = await store.submit_kept("lns-segment", 2, _blocked(asyncio.Event()), 10, b"volume")
+        else:
+            (job,) = store._pending
+            if job.state is not JobState.RUNNING:
+                return job
+            store.resumer("lns-segment", _resumer([], asyncio.Event()))
+            store.resume_pending()
+        while job.progress.done < 1:
+            await asyncio.sleep(0)
+        if stop:
+            await store.stop()
+        else:
+            killed(store)
+            assert job.task is not None
+            job.task.cancel()  # gone with the process
+            with pytest.raises(asyncio.CancelledError):
+                await job.task
+        return None
+
+    async def taken_up() -> Job[Any]:
+        store = _store()
+        store.keep_in(tmp_path)
+        (job_id,) = [p.stem for p in tmp_path.glob("*.json")]
+        return store.get(job_id)
+
+    assert asyncio.run(gateway(resume=False, stop=False)) is None  # killed while it ran
+    assert _on_disk(tmp_path, next(p.stem for p in tmp_path.glob("*.json")))["state"] == "running"
+    asyncio.run(gateway(resume=True, stop=True))  # run again, then stopped cleanly
+    record = _on_disk(tmp_path, next(p.stem for p in tmp_path.glob("*.json")))
+    assert (record["interrupted"], record["paused"], record["resumes"]) == (1, True, 1), record
+    asyncio.run(gateway(resume=True, stop=False))  # run again, and killed: the second kill
+    record = _on_disk(tmp_path, next(p.stem for p in tmp_path.glob("*.json")))
+    assert (record["interrupted"], record["paused"], record["resumes"]) == (1, False, 2), "written as it was run again"
+    job = asyncio.run(taken_up())
+    assert job.state is JobState.FAILED and job.error is not None and job.error.status == 500
+    assert str(job.error).startswith("the gateway was killed 2 times while this job ran, so it is not run again: send it again")
+    assert not list(tmp_path.glob("*.input")), "a job not to be run again keeps no upload"
+
+
+def test_a_job_that_cannot_be_run_again_fails_saying_why(tmp_path: Path) -> None:
+    """The next gateway does not serve the job's models (its resumer refuses), runs no such jobs, or finds its upload
+    gone: each job fails 503 with the reason and "send it again", and its upload is removed. Without a directory,
+    submit_kept keeps nothing."""
+
+    async def first() -> list[str]:
+        store = _store()
+        store.keep_in(tmp_path)
+        kinds = ("lns-segment", "other", "lns-segment")
+        jobs = [await store.submit_kept(kind, 2, _blocked(asyncio.Event()), 10, b"volume") for kind in kinds]
+        await asyncio.sleep(0)
+        await store.stop()
+        return [job.id for job in jobs]
+
+    refused, unknown, lost = asyncio.run(first())
+    (tmp_path / f"{lost}.input").unlink()
+
+    async def second() -> list[Job[Any]]:
+        store = _store()
+        store.keep_in(tmp_path)
+
+        async def not_served(upload: bytes) -> Plan[Answer]:
+            raise NotFound("lymph node station parsing needs both lns-organs and lns-stations served by this gateway")
+
+        store.resumer("lns-segment", not_served)
+        store.resume_pending()
+        jobs = [store.get(i) for i in (refused, unknown, lost)]
+        await asyncio.gather(*(j.task for j in jobs if j.task is not None))
+        await store.stop()
+        return jobs
+
+    why = "the gateway stopped while this job ran, and the one started since cannot run it again: "
+    failed = asyncio.run(second())
+    assert [(j.state, j.error.status if j.error else None) for j in failed] == [(JobState.FAILED, 503)] * 3
+    assert [str(j.error) for j in failed] == [
+        why + "lymph node station parsing needs both lns-organs and lns-stations served by this gateway; send it again",
+        why + "it runs no other jobs; send it again",
+        "the gateway stopped while this job ran (1/2 tiles done); send it again",  # its file says it has no upload now
+    ]
+    assert not list(tmp_path.glob("*.input"))
+
+    async def in_memory() -> None:
+        store = _store()
+        job = await store.submit_kept("lns-segment", 1, _resumer([]), 10, b"volume")
+        assert not job.resumable
+        await store.stop()
+
+    asyncio.run(in_memory())

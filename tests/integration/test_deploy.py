@@ -111,17 +111,41 @@ def test_k8s_manifests_request_mig_resources_per_profile(topology: Path, tmp_pat
         assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
         assert services[name]["spec"]["selector"] == spec["selector"]["matchLabels"]
     assert "migserve-gateway" in deployments and "migserve-gateway" in services
-    pod = deployments["migserve-gateway"]["spec"]["template"]["spec"]
-    (gateway,) = pod["containers"]
-    jobs_dir = gateway["args"][gateway["args"].index("--jobs-dir") + 1]
-    mounts = {m["mountPath"]: m["name"] for m in gateway["volumeMounts"]}
-    (mount,) = [path for path in mounts if jobs_dir.startswith(path + "/")]
-    assert {"name": mounts[mount], "emptyDir": {}} in pod["volumes"], "CT jobs outlive a restart of the container in its pod"
+    (claim,) = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert claim["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Gi"}}}
+    volume = {"name": _jobs_volume(deployments["migserve-gateway"]), "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
+    assert volume in deployments["migserve-gateway"]["spec"]["template"]["spec"]["volumes"], "CT jobs outlive the pod"
+    assert deployments["migserve-gateway"]["spec"]["strategy"] == {"type": "Recreate"}, "the old pod lets go of the jobs first"
     config = next(d for d in docs if d["kind"] == "ConfigMap")
     (tmp_path / "gateway.yaml").write_text(config["data"]["topology.yaml"])
     assert {p.url for p in load_topology(tmp_path / "gateway.yaml")} == {f"triton-{p.replace('.', '-')}:8001" for p in profiles}
     monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
     assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"http", "metrics"}
+
+
+def _jobs_volume(deployment: dict[str, Any]) -> str:
+    """The name of the volume the gateway's --jobs-dir is on."""
+    (gateway,) = deployment["spec"]["template"]["spec"]["containers"]
+    jobs_dir = gateway["args"][gateway["args"].index("--jobs-dir") + 1]
+    mounts = {m["mountPath"]: m["name"] for m in gateway["volumeMounts"]}
+    (mount,) = [path for path in mounts if jobs_dir.startswith(path + "/")]
+    return mounts[mount]
+
+
+def test_k8s_jobs_on_an_empty_dir_instead_of_a_claim(tmp_path: Path) -> None:
+    """--jobs-claim-gb 0: the jobs in an emptyDir (kept while the pod lives) and the gateway rolled as before; a size
+    that is not one is refused, naming what it takes."""
+    topology = TOPOLOGIES[0]
+    assert migserve("deploy", "k8s", "--topology", topology, "--out", tmp_path, "--jobs-claim-gb", "0").returncode == 0
+    docs = list(yaml.safe_load_all((tmp_path / "migserve.yaml").read_text()))
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    (gateway,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "migserve-gateway"]
+    assert {"name": _jobs_volume(gateway), "emptyDir": {}} in gateway["spec"]["template"]["spec"]["volumes"]
+    assert "strategy" not in gateway["spec"]
+    assert "--jobs-claim-gb 0`" in (tmp_path / "migserve.yaml").read_text().splitlines()[0]
+    for bad in ("-1", "nan", "lots"):
+        refused = migserve("deploy", "k8s", "--topology", topology, "--out", tmp_path, "--jobs-claim-gb", bad)
+        assert refused.returncode == 2 and f"{bad!r}: expected a size in GiB, 0 or more (0: an emptyDir)" in refused.stderr
 
 
 def test_dockerfile_is_slim_non_root_torch_free_offline_and_checks_health() -> None:

@@ -129,7 +129,7 @@ def _jobs_volume(deployment: dict[str, Any]) -> str:
     jobs_dir = gateway["args"][gateway["args"].index("--jobs-dir") + 1]
     mounts = {m["mountPath"]: m["name"] for m in gateway["volumeMounts"]}
     (mount,) = [path for path in mounts if jobs_dir.startswith(path + "/")]
-    return mounts[mount]
+    return str(mounts[mount])
 
 
 def test_k8s_jobs_on_an_empty_dir_instead_of_a_claim(tmp_path: Path) -> None:

@@ -316,7 +316,6 @@ class JobStore:
                 job.resumes += 1
                 self._write(job)  # before it runs: a gateway killed while it runs again counts (keep_in)
                 plan = await self._plan_again(job)
-                self._check_room(job.kind, plan.nbytes, counted=True)
                 job.reserved = plan.nbytes
                 progress.total, progress.done, progress.stage = plan.total, 0, "starting"
             return await plan.work(progress)
@@ -333,19 +332,21 @@ class JobStore:
         except OSError as exc:
             raise Unavailable(f"{why}: its upload cannot be read from --jobs-dir ({exc.strerror or exc}); send it again") from None
         try:
-            return await resumer(upload)
+            plan = await resumer(upload)
+            self._check_room(job.kind, plan.nbytes, counted=True)
         except ServiceError as exc:  # its models not served here, or their memory taken: another gateway may run it
             raise Unavailable(f"{why}: {exc}; send it again") from None
+        return plan
 
     def _check_room(self, kind: str, nbytes: int, counted: bool = False) -> None:
-        """TooLarge or Unavailable where a job of `kind` holding `nbytes` cannot start now (`counted`: it is among the
-        jobs running already, a job run again)."""
+        """TooLarge or Unavailable where a job of `kind` holding `nbytes` cannot start now (`counted`: a job run again,
+        taken by the last gateway and among those running here already, so bound by its memory alone)."""
         if nbytes > self.max_bytes:
             raise TooLarge(
                 f"this {kind} job would hold about {nbytes / MB:.0f} MB of the gateway's memory, over --max-job-mb "
                 f"{self.max_bytes / MB:g} even with no other job running"
             )
-        if self.running() >= self.max_running + counted:
+        if not counted and self.running() >= self.max_running:
             raise Unavailable(f"{self.max_running} jobs are already running; try again later", retry_after_s=5.0)
         if (held := self.reserved()) + nbytes > self.max_bytes:
             raise Unavailable(

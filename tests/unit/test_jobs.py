@@ -488,3 +488,45 @@ def test_a_job_that_cannot_be_run_again_fails_saying_why(tmp_path: Path) -> None
         await store.stop()
 
     asyncio.run(in_memory())
+
+
+def test_jobs_run_again_are_bound_by_the_memory_they_hold_not_by_their_count(tmp_path: Path) -> None:
+    """Three jobs left running, and a next gateway with --max-jobs 1: all three run again (the last gateway took them;
+    refusing two would lose them), each planned in turn, until their memory would pass the bound: the third fails 503
+    saying so, and a new job is refused while they run."""
+
+    async def first() -> None:
+        store = _store()
+        store.keep_in(tmp_path)
+        for _ in range(3):
+            await store.submit_kept("lns-segment", 2, _blocked(asyncio.Event()), 10, b"volume")
+        await asyncio.sleep(0)
+        await store.stop()
+
+    asyncio.run(first())
+
+    async def second() -> tuple[list[Job[Any]], str]:
+        store = JobStore(max_running=1, ttl_s=60, max_kept_bytes=1 << 20, max_bytes=25)
+        store.keep_in(tmp_path)
+        release = asyncio.Event()
+        store.resumer("lns-segment", _resumer([], release))
+        store.resume_pending()
+        jobs = list(store._jobs.values())
+
+        async def two_running() -> None:
+            while sum(j.progress.done for j in jobs) < 2 or any(j.task is not None and not j.task.done() and not j.reserved for j in jobs):
+                await asyncio.sleep(0)
+
+        await asyncio.wait_for(two_running(), 10)
+        with pytest.raises(Unavailable) as refused:
+            store.submit("lns-segment", 1, _blocked(release), 1)
+        release.set()
+        await asyncio.gather(*(j.task for j in jobs if j.task is not None))
+        await store.stop()
+        return jobs, str(refused.value)
+
+    jobs, refused = asyncio.run(second())
+    assert [j.state for j in jobs] == [JobState.DONE, JobState.DONE, JobState.FAILED]
+    assert str(jobs[2].error).startswith("the gateway stopped while this job ran, and the one started since cannot run it again: the ")
+    assert "would pass --max-job-mb" in str(jobs[2].error) and str(jobs[2].error).endswith("; send it again")
+    assert refused == "1 jobs are already running; try again later"

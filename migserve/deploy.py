@@ -29,6 +29,11 @@ GRAFANA_IMAGE = "grafana/grafana:11.1.4"
 GATEWAY_IMAGE = "migserve-gateway:0.1.0"
 CACHE = "/home/migserve/.cache"  # the gateway user's; the image makes it theirs, so a volume mounted there starts out so
 JOBS_DIR = f"{CACHE}/migserve/jobs"  # serve --jobs-dir: CT jobs outlive a restart of the gateway's container
+# How long the gateway may take to stop before it is killed: it answers what it has in flight (each request within
+# --timeout-s, 30 s), then gives gRPC calls 5 s, its jobs 5 s and its workers 5 s. Docker's default is 10 s and a
+# pod's 30: a gateway killed there cuts the requests it was answering, and its CT jobs count a kill (two and they
+# are not run again).
+STOP_GRACE_S = 60
 JOBS_CLAIM = "migserve-jobs"  # k8s: the claim the gateway's cache (and --jobs-dir in it) lives on
 JOBS_CLAIM_GB = 10.0  # its default size: running jobs' uploads (--max-jobs of --max-body-mb) and 512 MB of label maps
 TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
@@ -147,6 +152,7 @@ def _gateway_service(depends_on: list[str], topology_mount: str | None) -> dict[
         "command": command,
         "volumes": volumes,
         "ports": ["8000:8000", "8001:8001"],
+        "stop_grace_period": f"{STOP_GRACE_S}s",
         "restart": "unless-stopped",
     }
     if depends_on:
@@ -264,6 +270,7 @@ def kubernetes(instances: list[dict[str, Any]], jobs_claim_gb: float = JOBS_CLAI
             }
         )
     deployment = _deployment("migserve-gateway", gateway_labels, 1, gateway, extra_volumes=extra)
+    deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = STOP_GRACE_S
     if jobs_claim_gb:
         deployment["spec"]["strategy"] = {"type": "Recreate"}
     docs.append(deployment)

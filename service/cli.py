@@ -371,12 +371,16 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
     raise_open_files()  # before the front-end processes start: they inherit it
     # Inference requests are served off the socket by our protocol; it hands other requests to uvicorn's.
     http = infer_protocol(app.gateway) if args.http_server == "migserve" else bounded_protocol(app.gateway)
+    from .api.app import GatewayServer
+
     if listening is None:
-        uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level, access_log=False, http=http)  # type: ignore[arg-type]  # a BufferedProtocol works; uvicorn types Protocol
+        # a BufferedProtocol works; uvicorn types Protocol
+        served = uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level, access_log=False, http=http)  # type: ignore[arg-type]
+        GatewayServer(served, app.gateway).run()
         return 0
     from .api.frontends import adopter, bracketed
 
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False, http=http))  # type: ignore[arg-type]
+    server = GatewayServer(uvicorn.Config(app, log_level=args.log_level, access_log=False, http=http), app.gateway)  # type: ignore[arg-type]
     if app.gateway.frontends is not None:
         app.gateway.frontends.adopt = adopter(server)  # connections the other front-ends hand over are served here
     host, port = listening.getsockname()[:2]  # uvicorn says nothing of sockets it is given

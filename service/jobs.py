@@ -123,6 +123,8 @@ class Job(Generic[T]):
     resumable: bool = False  # its upload is kept in --jobs-dir while it runs, to run it again after a restart
     interrupted: int = 0  # gateways killed while it ran
     resumes: int = 0  # times a gateway started again ran it from its upload
+    paused: bool = False  # stopped with the gateway, left running in --jobs-dir for the next one to run again
+    over: bool = False  # its task has ended (done, failed, cancelled or paused)
 
     @property
     def nbytes(self) -> int:
@@ -161,7 +163,6 @@ class JobStore:
         self._files: JobFiles | None = None  # serve --jobs-dir
         self._on_end = on_end  # told of each job that ends, and how: "done", "failed" or "cancelled" (the gateway's metrics)
         self._stopping = asyncio.Event()  # set as the gateway begins to stop: long polls answer at once
-        self._pausing = False  # the gateway is stopping: a job kept with its upload is left to run again, not failed
         self._resumers: dict[str, Resumer] = {}
         self._pending: list[Job[Any]] = []  # taken up from --jobs-dir to be run again (resume_pending)
         self._resuming = asyncio.Lock()  # one resumed job's upload read and decoded at a time
@@ -368,7 +369,7 @@ class JobStore:
             job.error = exc
         except asyncio.CancelledError:
             job.cancelled = True
-            job.error = job.error or stopped(job.progress)
+            job.error = job.error or (None if job.paused else stopped(job.progress))
             raise
         except Exception as exc:
             logger.exception("job %s (%s) failed", job.id, job.kind)
@@ -377,17 +378,22 @@ class JobStore:
             self._ended(job)
 
     def _ended(self, job: Job[Any]) -> None:
-        if job.finished is None:
-            job.finished, job.reserved = time.time(), 0
+        if job.over:
+            return
+        job.over, job.reserved = True, 0
+        job.cancelled = job.cancelled or (job.task is not None and job.task.cancelled())  # or before it began
+        if job.paused:  # still running as far as its URL and file say: the next gateway on --jobs-dir runs it again
+            job.error, job.progress.stage, outcome = None, "paused", "paused"
+        else:
+            job.finished = time.time()
             job.error = job.error or (ServiceError("cancelled before it began") if job.result is None else None)
-            job.cancelled = job.cancelled or (job.task is not None and job.task.cancelled())  # or before it began
-            paused = self._pausing and job.resumable and job.cancelled  # stopped, to run again in the next gateway
-            if self._on_end is not None:
-                self._on_end(job, "paused" if paused else "cancelled" if job.cancelled else "failed" if job.error is not None else "done")
-            self._write(job, paused)
-            if job.resumable and not paused and self._files is not None:
-                self._files.remove_input(job.id)
-            self._make_room()
+            outcome = "cancelled" if job.cancelled else "failed" if job.error is not None else "done"
+        if self._on_end is not None:
+            self._on_end(job, outcome)
+        self._write(job, job.paused)
+        if job.resumable and not job.paused and self._files is not None:
+            self._files.remove_input(job.id)
+        self._make_room()
 
     def kept_bytes(self) -> int:
         return sum(job.nbytes for job in self._jobs.values())
@@ -432,9 +438,17 @@ class JobStore:
                 stopping.cancel()
         return job
 
-    def release_polls(self) -> None:
-        """The gateway is stopping: long polls answer now, so that their connections do not hold up the stop."""
+    def stopping(self) -> None:
+        """The gateway begins to stop (before it answers the requests in flight): long polls answer now, so that their
+        connections do not hold up the stop, and the jobs kept with their uploads are paused now, left in --jobs-dir for
+        the next gateway to run again: run on through the stop they would only be paused at its end and run again from
+        the start anyway, taking the workers from the requests being answered, or killed with the gateway past its
+        grace period (counting against them, _taken_up)."""
         self._stopping.set()
+        for job in self._jobs.values():
+            if job.resumable and job.task is not None and not job.task.done():
+                job.paused = True
+                job.task.cancel()
 
     async def delete(self, job_id: str) -> None:
         """Forget a job and its result (DELETE /v1/jobs/ID); one still running is cancelled first, and its tiles leave
@@ -491,7 +505,7 @@ class JobStore:
     async def stop(self) -> None:
         """Cancel the running jobs, and wait (STOP_WAIT_S at most) for them to say so in their files: those kept with
         their uploads as still running, to be run again by the next gateway on the directory."""
-        self._pausing = True
+        self.stopping()
         tasks = [job.task for job in self._jobs.values() if job.task is not None and not job.task.done()]
         for task in tasks:
             task.cancel()

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -771,6 +773,20 @@ def _timeout_ms(raw: str | None) -> float | None:
     if not 0 < value < math.inf:  # NaN fails both
         raise BadRequest(f"X-Timeout-Ms must be a positive finite number of milliseconds, got {raw!r}")
     return value / 1000
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, telling the gateway as its stop begins: before the connections drain (the requests in flight
+    answered, up to --timeout-s), the long polls of jobs are answered and the jobs kept in --jobs-dir paused
+    (JobStore.stopping); the rest of the stop is the app's lifespan's, after the drain."""
+
+    def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
+        super().__init__(config)
+        self.gateway = gateway
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.gateway.jobs.stopping()
+        await super().shutdown(sockets)
 
 
 def create_app(config: ServeConfig) -> InferFastPath:

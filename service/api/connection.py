@@ -287,7 +287,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def shutdown(self) -> None:
         self._shutting_down = True
-        self.gateway.jobs.release_polls()  # a long poll of a job is answered before uvicorn waits for its connection
         super().shutdown()
 
     def send_400_response(self, msg: str) -> None:

@@ -38,6 +38,7 @@ def _keeps_jobs_in_a_named_volume(config: dict[str, Any]) -> None:
     jobs_dir = gateway["command"][gateway["command"].index("--jobs-dir") + 1]
     assert jobs_dir.startswith("/home/migserve/.cache/")
     assert "migserve-cache:/home/migserve/.cache:rw" in gateway["volumes"] and "migserve-cache" in config["volumes"]
+    assert gateway["stop_grace_period"] == "60s", "time to answer what it has in flight and pause its jobs (10 s by default)"
 
 
 @pytest.mark.parametrize("topology", TOPOLOGIES, ids=lambda p: p.stem)
@@ -116,6 +117,7 @@ def test_k8s_manifests_request_mig_resources_per_profile(topology: Path, tmp_pat
     volume = {"name": _jobs_volume(deployments["migserve-gateway"]), "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
     assert volume in deployments["migserve-gateway"]["spec"]["template"]["spec"]["volumes"], "CT jobs outlive the pod"
     assert deployments["migserve-gateway"]["spec"]["strategy"] == {"type": "Recreate"}, "the old pod lets go of the jobs first"
+    assert deployments["migserve-gateway"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 60, "30 by default"
     config = next(d for d in docs if d["kind"] == "ConfigMap")
     (tmp_path / "gateway.yaml").write_text(config["data"]["topology.yaml"])
     assert {p.url for p in load_topology(tmp_path / "gateway.yaml")} == {f"triton-{p.replace('.', '-')}:8001" for p in profiles}

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -95,16 +96,42 @@ def test_a_gateway_started_again_answers_for_the_jobs_of_the_last_and_runs_its_r
         same = np.mean(_labels(kept.content) == _labels(labels.content))
         assert same > 0.999, f"run again on the same volume, {same:.4%} of the voxels have the same label"
         assert not (jobs / f"{killed['id']}.input").exists(), "the upload goes when the job ends"
-        with _worker_stopped(base):
-            paused = _submitted(base)
-            second.process.send_signal(signal.SIGTERM)
-            second.process.wait(timeout=60)
-        record = json.loads((jobs / f"{paused['id']}.json").read_text())
-        assert (record["state"], record["paused"], record["error"]) == ("running", True, None), record
+        paused, answered = _stopped_with_a_job_and_a_request(second, jobs)
+        assert answered.status_code == 200, "the request in flight at the stop is answered"
+        second.process.wait(timeout=60)
         assert "1 jobs the last gateway was running are run again from their uploads" in (tmp_path / "second.log").read_text()
     finally:
         second.close()
     _third(tiny_repo, jobs, tmp_path, (done, resumed), labels.content, paused)
+
+
+def _stopped_with_a_job_and_a_request(gateway: Gateway, jobs: Path) -> tuple[dict[str, Any], httpx.Response]:
+    """SIGTERM with a job and a synchronous request in its stopped worker: the job is paused in `jobs` at once, while
+    the gateway still waits to answer the request (answered once the worker goes on)."""
+    base = f"http://{gateway.url}"
+    with ThreadPoolExecutor(1) as pool, _worker_stopped(base):
+        paused = _submitted(base)
+        files = {"volume": ("ct.nii.gz", VOLUME)}
+        request = pool.submit(httpx.post, f"{base}/v1/lns/segment", files=files, data={"mode": "sync"}, timeout=60)
+        deadline = time.monotonic() + 30
+        while _running_jobs(base) < 2:
+            assert time.monotonic() < deadline, "the synchronous request's job did not start"
+            time.sleep(0.05)
+        gateway.process.send_signal(signal.SIGTERM)
+        record: dict[str, Any] = {}
+        while not record.get("paused"):
+            assert time.monotonic() < deadline, f"not paused as the stop began: {record}"
+            time.sleep(0.05)
+            record = json.loads((jobs / f"{paused['id']}.json").read_text())
+        assert (record["state"], record["error"], record["stage"]) == ("running", None, "paused"), record
+        assert gateway.process.poll() is None, "paused while the gateway still answers the request in flight"
+    return paused, request.result(timeout=60)
+
+
+def _running_jobs(base: str) -> int:
+    """Jobs running, by the gateway's metrics (a synchronous request's job among them)."""
+    line = next(x for x in httpx.get(f"{base}/metrics").text.splitlines() if x.startswith("migserve_jobs_running "))
+    return int(float(line.split()[1]))
 
 
 def _refused(repo: ExportedRepo, args: tuple[str, ...], message: str) -> None:

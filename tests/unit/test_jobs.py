@@ -357,11 +357,20 @@ def test_a_job_kept_with_its_upload_is_run_again_by_the_next_gateway(tmp_path: P
         assert (tmp_path / f"{job.id}.input").read_bytes() == b"volume"
         assert (tmp_path / f"{job.id}.input").stat().st_mode & 0o777 == 0o600, "a patient's CT: the gateway's user's alone"
         assert _on_disk(tmp_path, job.id)["resumable"] is True
+        synchronous = store.submit("lns-segment", 2, _blocked(asyncio.Event()))  # no upload: its client waits on
+        store.stopping()  # as the stop begins, before the requests in flight are answered
+        assert job.task is not None
+        await asyncio.wait({job.task}, timeout=5)
+        view = job.view()
+        assert (view["state"], view["stage"], view["error"], view["finished"]) == ("running", "paused", None, None), view
+        assert (await store.ended(job.id, 30)) is job, "a poll is answered at once"
+        assert synchronous.task is not None and not synchronous.task.done(), "a request in flight is answered as before"
         await store.stop()
+        assert synchronous.state is JobState.FAILED
         return job.id
 
     job_id = asyncio.run(first())
-    assert ended == [(job_id, "paused")]
+    assert ended[0] == (job_id, "paused") and ended[1][1] == "cancelled"
     record = _on_disk(tmp_path, job_id)
     assert (record["state"], record["paused"], record["error"], record["interrupted"]) == ("running", True, None, 0), record
 

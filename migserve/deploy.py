@@ -27,7 +27,8 @@ DCGM_IMAGE = "nvcr.io/nvidia/k8s/dcgm-exporter:3.3.7-3.5.0-ubuntu22.04"
 PROMETHEUS_IMAGE = "prom/prometheus:v2.53.1"
 GRAFANA_IMAGE = "grafana/grafana:11.1.4"
 GATEWAY_IMAGE = "migserve-gateway:0.1.0"
-CACHE = "/home/migserve/.cache"  # the gateway user's; the image makes it theirs, so a volume mounted there starts out so
+CACHE = "/home/migserve/.cache"  # the gateway user's; the image makes it theirs, so a Docker volume mounted there starts out so
+GATEWAY_ID = 10001  # the image's user and group (deploy/Dockerfile): a Kubernetes volume is made theirs by fsGroup
 JOBS_DIR = f"{CACHE}/migserve/jobs"  # serve --jobs-dir: CT jobs outlive a restart of the gateway's container
 # How long the gateway may take to stop before it is killed: it answers what it has in flight (each request within
 # --timeout-s, 30 s), then gives gRPC calls 5 s, its jobs 5 s and its workers 5 s. Docker's default is 10 s and a
@@ -270,7 +271,15 @@ def kubernetes(instances: list[dict[str, Any]], jobs_claim_gb: float = JOBS_CLAI
             }
         )
     deployment = _deployment("migserve-gateway", gateway_labels, 1, gateway, extra_volumes=extra)
-    deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = STOP_GRACE_S
+    pod = deployment["spec"]["template"]["spec"]
+    pod["terminationGracePeriodSeconds"] = STOP_GRACE_S
+    # a claim's volume starts out root's, and the gateway (not root) could not make its jobs directory there
+    pod["securityContext"] = {
+        "runAsUser": GATEWAY_ID,
+        "runAsGroup": GATEWAY_ID,
+        "fsGroup": GATEWAY_ID,
+        "fsGroupChangePolicy": "OnRootMismatch",
+    }
     if jobs_claim_gb:
         deployment["spec"]["strategy"] = {"type": "Recreate"}
     docs.append(deployment)

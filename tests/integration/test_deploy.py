@@ -6,6 +6,7 @@ Compose files are validated by Debian's docker-compose (`config -q` needs no eng
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -118,6 +119,13 @@ def test_k8s_manifests_request_mig_resources_per_profile(topology: Path, tmp_pat
     assert volume in deployments["migserve-gateway"]["spec"]["template"]["spec"]["volumes"], "CT jobs outlive the pod"
     assert deployments["migserve-gateway"]["spec"]["strategy"] == {"type": "Recreate"}, "the old pod lets go of the jobs first"
     assert deployments["migserve-gateway"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 60, "30 by default"
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    uid, gid = (re.search(rf"useradd .*--{flag} (\d+)", dockerfile) for flag in ("uid", "gid"))
+    assert uid is not None and gid is not None and f"groupadd --gid {gid[1]} migserve" in dockerfile
+    security = deployments["migserve-gateway"]["spec"]["template"]["spec"]["securityContext"]
+    assert (security["runAsUser"], security["runAsGroup"], security["fsGroup"]) == (int(uid[1]), int(gid[1]), int(gid[1])), (
+        "the claim made the image user's group's, so the gateway can make its jobs directory there"
+    )
     config = next(d for d in docs if d["kind"] == "ConfigMap")
     (tmp_path / "gateway.yaml").write_text(config["data"]["topology.yaml"])
     assert {p.url for p in load_topology(tmp_path / "gateway.yaml")} == {f"triton-{p.replace('.', '-')}:8001" for p in profiles}

@@ -3,7 +3,8 @@
 Each job is `ID.json`, its state as `GET /v1/jobs/ID` shows it and the result's summary, written when it is
 submitted, as it is resumed and as it ends; a finished job's result bytes (a label map) are `ID.result`, and a job
 submitted as a job (202) keeps its upload, as the client sent it, in `ID.input` while it runs, so that it can be run
-again. A job dropped for room or deleted leaves `ID.json` saying so, until its time runs out. Each is written to
+again, and the parts of its work done so far that it keeps (`Parts`: a CT job's organ labels, `ID.organs.npy`), so
+that it is run again from there. A job dropped for room or deleted leaves `ID.json` saying so, until its time runs out. Each is written to
 a temporary name first and then renamed, so a reader sees a whole file or none. A gateway holds an exclusive lock
 on `.lock` in the directory while it runs: a second gateway on the same directory refuses to start. At start, the
 gateway takes up what the last one left: finished jobs are answered as before until their time runs out, a job
@@ -18,9 +19,14 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from migserve.types import Array
 
 from .errors import (
     BadRequest,
@@ -107,6 +113,29 @@ def error_of(view: dict[str, Any] | None) -> ServiceError | None:
     return ERRORS.get(int(view["status"]), ServiceError)(str(view["message"]))
 
 
+@dataclass(frozen=True)
+class Parts:
+    """Where a job kept with its upload keeps the parts of its work it has done (Progress.parts): run again after a
+    restart, it takes them instead of doing that work again. A part that cannot be written is logged and the job goes
+    on; one that cannot be read (a file cut short) counts as not there. Called in a thread: a part is megabytes."""
+
+    files: JobFiles
+    job_id: str
+
+    def save(self, name: str, array: Array) -> None:
+        try:
+            self.files.write_part(self.job_id, name, array)
+        except OSError as exc:
+            logger.error("job %s: cannot keep its %s in --jobs-dir (%s): run again, it does that part again", self.job_id, name, exc)
+
+    def load(self, name: str) -> Array | None:
+        try:
+            return self.files.read_part(self.job_id, name)
+        except (OSError, ValueError) as exc:
+            logger.warning("job %s: its kept %s cannot be read (%s): it does that part again", self.job_id, name, exc)
+            return None
+
+
 class JobFiles:
     def __init__(self, directory: Path, lock: int) -> None:
         self.directory = directory
@@ -149,12 +178,13 @@ class JobFiles:
     def read_input(self, job_id: str) -> bytes:
         return self._input(job_id).read_bytes()
 
-    def remove_input(self, job_id: str) -> None:
-        """The upload of a job that ended; one that cannot be removed is logged (the next start removes it)."""
-        try:
-            self._input(job_id).unlink(missing_ok=True)
-        except OSError as exc:
-            logger.error("job %s: cannot remove its upload from --jobs-dir: %s", job_id, exc)
+    def remove_kept(self, job_id: str) -> None:
+        """The upload and parts of a job that ended; one that cannot be removed is logged (the next start removes it)."""
+        for kept in [self._input(job_id), *self.directory.glob(f"{job_id}.*.npy")]:
+            try:
+                kept.unlink(missing_ok=True)
+            except OSError as exc:
+                logger.error("job %s: cannot remove %s from --jobs-dir: %s", job_id, kept.name, exc)
 
     def _input(self, job_id: str) -> Path:
         return self.directory / f"{job_id}.input"
@@ -169,14 +199,28 @@ class JobFiles:
         return KeptResult(summary, path, len(payload))
 
     def remove(self, job_id: str) -> None:
-        for suffix in (".json", ".result", ".input"):
+        for suffix in (".json", ".result"):
             (self.directory / f"{job_id}{suffix}").unlink(missing_ok=True)
+        self.remove_kept(job_id)
 
-    def _replace(self, path: Path, data: bytes) -> None:
+    def write_part(self, job_id: str, name: str, array: Array) -> None:
+        self._replace(self.directory / f"{job_id}.{name}.npy", lambda out: np.save(out, array, allow_pickle=False))
+
+    def read_part(self, job_id: str, name: str) -> Array | None:
+        path = self.directory / f"{job_id}.{name}.npy"
+        if not path.exists():
+            return None
+        return np.asarray(np.load(path, allow_pickle=False))
+
+    def _replace(self, path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
+        """`data` (or what `data` writes) to `path`, through a temporary name: a reader sees a whole file or none."""
         temporary = path.with_name(f".{path.name}.tmp")
         try:
             with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:  # noqa: PTH123 (a mode)
-                out.write(data)
+                if isinstance(data, bytes):
+                    out.write(data)
+                else:
+                    data(out)
             temporary.replace(path)
         except OSError:
             temporary.unlink(missing_ok=True)  # a full disk: no half-written upload left taking room
@@ -199,9 +243,10 @@ class JobFiles:
                     records.append(self._record(path, view))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 logger.warning("--jobs-dir: %s is not a job this gateway wrote (%s: %s); left as it is", path, type(exc).__name__, exc)
-        for upload in self.directory.glob("*.input"):  # its job's file is gone (removed by hand): nothing will run it
-            if JOB_ID.fullmatch(upload.stem) and not upload.with_suffix(".json").exists():
-                upload.unlink(missing_ok=True)
+        for kept in [*self.directory.glob("*.input"), *self.directory.glob("*.*.npy")]:  # their job's file gone: unused
+            job_id = kept.name.split(".")[0]
+            if JOB_ID.fullmatch(job_id) and not (self.directory / f"{job_id}.json").exists():
+                kept.unlink(missing_ok=True)
         return sorted(records, key=lambda r: r.created), gone
 
     def _record(self, path: Path, view: dict[str, Any]) -> Record:

@@ -30,9 +30,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
+from migserve.types import Array
+
 from .config import MB
 from .errors import Gone, NotFound, ServiceError, TooLarge, Unavailable
-from .jobfiles import JobFiles, Record
+from .jobfiles import JobFiles, Parts, Record
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,13 +48,23 @@ class JobState(StrEnum):
     FAILED = "failed"
 
 
+class Kept(Protocol):
+    """Where a job keeps the parts of its work it has done, to take them when it is run again (jobfiles.Parts)."""
+
+    def save(self, name: str, array: Array) -> None: ...
+
+    def load(self, name: str) -> Array | None: ...
+
+
 @dataclass
 class Progress:
-    """Shared with the work: it counts units done out of total, and names its current stage."""
+    """Shared with the work: it counts units done out of total, and names its current stage; and for a job kept with
+    its upload in --jobs-dir, `parts` keeps what it has done (called in a thread), for when it is run again."""
 
     total: int
     done: int = 0
     stage: str = "starting"
+    parts: Kept | None = None
 
     def advance(self) -> None:
         self.done += 1
@@ -188,7 +200,7 @@ class JobStore:
                 self._pending.append(job)  # its file is written again as it is run again, counting a kill
                 continue
             if record.resumable:  # not to be run again (or the last gateway stopped as the job ended): its upload goes
-                files.remove_input(record.id)
+                files.remove_kept(record.id)
             if record.finished is None or job.error is not record.error:
                 self._write(job)
         self._make_room()
@@ -212,7 +224,7 @@ class JobStore:
         interrupted = record.interrupted + (0 if record.paused else 1)
         if record.finished is None and record.resumable and interrupted <= MAX_INTERRUPTED:
             job.resumable, job.interrupted, job.resumes = True, interrupted, record.resumes
-            job.progress = Progress(record.total, 0, "resuming")
+            job.progress = Progress(record.total, 0, "resuming")  # its parts kept given as it is run again (_resumed)
         elif record.finished is None and record.resumable:
             job.finished, job.resumes = now, record.resumes
             job.error = ServiceError(
@@ -270,6 +282,8 @@ class JobStore:
         self._forget_expired()
         self._check_room(kind, nbytes)
         job: Job[T] = Job(id=job_id or uuid.uuid4().hex, kind=kind, progress=Progress(total), reserved=nbytes, resumable=resumable)
+        if resumable and self._files is not None:
+            job.progress.parts = Parts(self._files, job.id)
         self._start(job, work)
         self._write(job)
         return job
@@ -291,7 +305,7 @@ class JobStore:
         try:
             return self.submit(kind, total, work, nbytes, job_id=job_id, resumable=True)
         except ServiceError:  # the room went to another job while the upload was written
-            files.remove_input(job_id)
+            files.remove_kept(job_id)
             raise
 
     def resumer(self, kind: str, resumer: Resumer) -> None:
@@ -319,6 +333,7 @@ class JobStore:
                 plan = await self._plan_again(job)
                 job.reserved = plan.nbytes
                 progress.total, progress.done, progress.stage = plan.total, 0, "starting"
+                progress.parts = Parts(self._files, job.id) if self._files is not None else None
             return await plan.work(progress)
 
         return work
@@ -392,7 +407,7 @@ class JobStore:
             self._on_end(job, outcome)
         self._write(job, job.paused)
         if job.resumable and not job.paused and self._files is not None:
-            self._files.remove_input(job.id)
+            self._files.remove_kept(job.id)
         self._make_room()
 
     def kept_bytes(self) -> int:

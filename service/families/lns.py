@@ -33,6 +33,7 @@ Run = Callable[[str, dict[str, Array]], Awaitable[dict[str, Array]]]
 T = TypeVar("T")
 BLEND_THREADS = min(32, (os.cpu_count() or 1) + 4)  # asyncio.to_thread's executor: tiles blended at once, at most
 ARGMAX_VOXELS = 1 << 20  # voxels of one slab of the labels' argmax (5 bytes each while it runs)
+PART = "organs"  # what a job kept in --jobs-dir keeps of its work: stage 1's labels (1 byte a resampled voxel)
 
 
 def starts(size: int, patch: int, overlap: float) -> list[int]:
@@ -223,13 +224,27 @@ def plan(volume: Volume, organs: Contract, stations: Contract, max_voxels: int) 
     return shape3, sum(len(grid(p, _pre(c))) for p, c in zip(padded, (organs, stations), strict=True))
 
 
+async def _organs(ct: Array, organs: Contract, *, run: Run, progress: Progress, in_flight: int) -> Array:
+    """Stage 1's labels: those a job run again kept from its last run (Progress.parts: its tiles counted done at once),
+    else segmented, and kept for a run after this one."""
+    parts = progress.parts
+    kept = await asyncio.to_thread(parts.load, PART) if parts is not None else None
+    if kept is not None and kept.shape == ct.shape and kept.dtype == np.uint8:
+        progress.done += len(grid(tuple(max(n, p) for n, p in zip(ct.shape, _pre(organs).patch_size, strict=True)), _pre(organs)))
+        return kept
+    labels = await segment(Channels(ct), organs, run=run, progress=progress, in_flight=in_flight)
+    if parts is not None:
+        await asyncio.to_thread(parts.save, PART, labels)
+    return labels
+
+
 async def stations_of(volume: Volume, organs: Contract, stations: Contract, *, run: Run, progress: Progress, in_flight: int) -> Stations:
     pre = _pre(organs)
     if _pre(stations).spacing_mm != pre.spacing_mm or _pre(stations).hu_window != pre.hu_window:
         raise ValueError(f"{organs.name} and {stations.name} contracts disagree on spacing or HU window; re-export them together")
     ct = await asyncio.to_thread(lambda: window(resample(volume.hu, volume.spacing, pre.spacing_mm), *pre.hu_window))
     progress.stage = "organs"
-    organ_labels = await segment(Channels(ct), organs, run=run, progress=progress, in_flight=in_flight)
+    organ_labels = await _organs(ct, organs, run=run, progress=progress, in_flight=in_flight)
     organ_names = _post(organs).labels
     missing = [name for name in _pre(stations).extra_channels if name not in organ_names]
     if missing:

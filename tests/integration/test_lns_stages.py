@@ -102,6 +102,58 @@ def test_the_service_s_stages_label_as_the_plain_computation(
     assert window(np.array([-2000.0, 0.0, 2000.0], np.float32), -1000.0, 1000.0).tolist() == [0.0, 0.5, 1.0]
 
 
+class _Kept:
+    """Progress.parts in memory: what a job kept in --jobs-dir keeps of its work (service/jobfiles.py Parts)."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, Array] = {}
+
+    def save(self, name: str, array: Array) -> None:
+        self.parts[name] = array.copy()
+
+    def load(self, name: str) -> Array | None:
+        return self.parts.get(name)
+
+
+def test_a_job_run_again_takes_the_organ_labels_its_last_run_kept(tiny_repo: ExportedRepo) -> None:
+    """A job kept with its upload keeps stage 1's labels; run again (a gateway restarted), it takes them instead of
+    running stage 1's tiles again, counts those tiles done at once, and labels the stations as the first run did. Kept
+    labels of another shape (not this volume's) are not taken."""
+    models = _sessions(tiny_repo)
+    volume = Volume(
+        hu=np.random.default_rng(3).normal(-300, 500, (12, 60, 90)).astype(np.float32),
+        spacing=(4.0, 4.0, 4.0),
+        affine=np.eye(4),
+        source="nifti",
+    )
+    calls: dict[str, int] = {}
+
+    async def run(name: str, inputs: dict[str, Array]) -> dict[str, Array]:
+        calls[name] = calls.get(name, 0) + 1
+        contract, session = models[name]
+        (logits,) = session.run(None, inputs)
+        return {contract.outputs[0].name: logits}
+
+    organs, stations = models["lns-organs"][0], models["lns-stations"][0]
+    _, tiles = lns.plan(volume, organs, stations, 10**9)
+    kept = _Kept()
+
+    def segmented() -> tuple[bytes, Progress]:
+        progress = Progress(tiles, parts=kept)
+        found = asyncio.run(lns.stations_of(volume, organs, stations, run=run, progress=progress, in_flight=4))
+        return found.nifti, progress
+
+    first, progress = segmented()
+    assert set(kept.parts) == {"organs"} and kept.parts["organs"].dtype == np.uint8 and progress.done == tiles
+    organ_tiles, calls = calls["lns-organs"], {}
+    again, progress = segmented()
+    assert "lns-organs" not in calls and calls["lns-stations"] == tiles - organ_tiles, calls
+    assert progress.done == tiles and again == first
+    kept.parts["organs"] = kept.parts["organs"][:-1]  # another volume's
+    segmented()
+    assert calls.get("lns-organs") == organ_tiles, "labels of another shape are not taken"
+
+
 class _Behind:
     """A worker that has fallen behind: it answers a model's tiles only once `batch` of them wait (or none has come for
     50 ms), all at once: the tiles are copied into one batch (as into the batch's shared memory), and one output for

@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from service.errors import Gone, NotFound, TooLarge, Unavailable
@@ -493,7 +494,7 @@ def test_a_job_that_cannot_be_run_again_fails_saying_why(tmp_path: Path) -> None
     async def in_memory() -> None:
         store = _store()
         job = await store.submit_kept("lns-segment", 1, _resumer([]), 10, b"volume")
-        assert not job.resumable
+        assert not job.resumable and job.progress.parts is None
         await store.stop()
 
     asyncio.run(in_memory())
@@ -539,3 +540,62 @@ def test_jobs_run_again_are_bound_by_the_memory_they_hold_not_by_their_count(tmp
     assert str(jobs[2].error).startswith("the gateway stopped while this job ran, and the one started since cannot run it again: the ")
     assert "would pass --max-job-mb" in str(jobs[2].error) and str(jobs[2].error).endswith("; send it again")
     assert refused == "1 jobs are already running; try again later"
+
+
+def test_the_parts_a_job_kept_are_taken_when_it_is_run_again_and_go_when_it_ends(tmp_path: Path) -> None:
+    """A job kept with its upload keeps a part of its work (a CT job: its organ labels) in the directory (0600); run
+    again after a stop, its work finds the part; once it ends, the part goes, and so does one whose job file is gone."""
+    organs = np.arange(6, dtype=np.uint8).reshape(2, 3)
+
+    async def first() -> str:
+        store = _store()
+        store.keep_in(tmp_path)
+
+        async def work(progress: Progress) -> Answer:
+            assert progress.parts is not None
+            await asyncio.to_thread(progress.parts.save, "organs", organs)
+            progress.advance()
+            await asyncio.Event().wait()  # still running at the stop
+            return Answer({}, b"")
+
+        job = await store.submit_kept("lns-segment", 2, work, 10, b"volume")
+        await asyncio.wait_for(_until(lambda: job.progress.done == 1), 10)
+        await store.stop()
+        return job.id
+
+    job_id = asyncio.run(first())
+    part = tmp_path / f"{job_id}.organs.npy"
+    assert part.stat().st_mode & 0o777 == 0o600, "a patient's labels: the gateway's user's alone"
+    orphan = tmp_path / f"{'0' * 32}.organs.npy"
+    np.save(orphan, organs)
+
+    async def second() -> list[Any]:
+        store = _store()
+        store.keep_in(tmp_path)
+        seen: list[Any] = []
+
+        async def resume(upload: bytes) -> Plan[Answer]:
+            async def work(progress: Progress) -> Answer:
+                assert progress.parts is not None
+                seen.append(await asyncio.to_thread(progress.parts.load, "organs"))
+                seen.append(await asyncio.to_thread(progress.parts.load, "stations"))
+                return Answer({}, b"labels")
+
+            return Plan(1, work, 10)
+
+        store.resumer("lns-segment", resume)
+        store.resume_pending()
+        job = store.get(job_id)
+        assert job.task is not None
+        await job.task
+        await store.stop()
+        return seen
+
+    seen = asyncio.run(second())
+    assert seen[0].tolist() == organs.tolist() and seen[1] is None
+    assert not part.exists() and not orphan.exists()
+
+
+async def _until(done: Any) -> None:
+    while not done():
+        await asyncio.sleep(0.01)

@@ -152,6 +152,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job-min-tiles", type=int, default=32, help="CT volumes needing more tiles run as jobs (default: 32)")
     parser.add_argument("--max-jobs", type=int, default=4, help="CT jobs running at once; more are answered 503 (default: 4)")
     parser.add_argument(
+        "--job-timeout-s",
+        type=_finite,
+        default=1800.0,
+        help="a CT job's deadline, from its submission (or from when a gateway started again runs it again); past it "
+        "the job fails 504 (default: 1800)",
+    )
+    parser.add_argument(
         "--tiles-in-flight",
         type=int,
         default=32,
@@ -350,6 +357,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             max_volume_voxels=int(args.max_volume_mvox * 1e6),
             job_min_tiles=args.job_min_tiles,
             max_jobs=args.max_jobs,
+            job_timeout_s=args.job_timeout_s,
             tiles_in_flight=args.tiles_in_flight,
             max_job_bytes=_job_bytes(args.max_job_mb),
             max_job_results_bytes=int(args.job_results_mb * (1 << 20)),

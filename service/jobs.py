@@ -92,7 +92,9 @@ class Plan(Generic[T]):
     nbytes: int = 0
 
 
-Resumer = Callable[[bytes], Awaitable[Plan[Any]]]  # a kind's job again, from its upload (JobStore.resumer)
+# A kind's job again (JobStore.resumer), given how to read its upload (in a thread) and its progress (to name a stage
+# it waits in); ServiceError where it cannot be run here.
+Resumer = Callable[[Callable[[], bytes], "Progress"], Awaitable[Plan[Any]]]
 
 
 @runtime_checkable
@@ -343,12 +345,15 @@ class JobStore:
         resumer, files = self._resumers.get(job.kind), self._files
         if resumer is None or files is None:
             raise Unavailable(f"{why}: it runs no {job.kind} jobs; send it again")
+
+        def read() -> bytes:
+            try:
+                return files.read_input(job.id)
+            except OSError as exc:
+                raise Unavailable(f"its upload cannot be read from --jobs-dir ({exc.strerror or exc})") from None
+
         try:
-            upload = await asyncio.to_thread(files.read_input, job.id)
-        except OSError as exc:
-            raise Unavailable(f"{why}: its upload cannot be read from --jobs-dir ({exc.strerror or exc}); send it again") from None
-        try:
-            plan = await resumer(upload)
+            plan = await resumer(read, job.progress)
             self._check_room(job.kind, plan.nbytes, counted=True)
         except ServiceError as exc:  # its models not served here, or their memory taken: another gateway may run it
             raise Unavailable(f"{why}: {exc}; send it again") from None

@@ -101,6 +101,7 @@ class Gateway:
     regions: Regions = field(default_factory=Regions)  # clients' shared memory regions (system shared memory extension)
     logs: LogSettings = field(default_factory=LogSettings.current)  # the logging extension's view of the log level
     control: asyncio.Lock = field(default_factory=asyncio.Lock)  # one model load or unload at a time
+    loaded: asyncio.Condition = field(default_factory=asyncio.Condition)  # notified as a model is loaded (explicit control)
     frontends: Frontends | None = None  # the other front-end processes (serve --frontends), run by this one
     shared: SharedCounts | None = None  # with front-ends: every process's bodies and queues, for the gateway's bounds
     index: int = 0  # this process's front-end index (0: the first process)
@@ -366,6 +367,8 @@ class Gateway:
                 column = None if self.shared is None else self.shared.columns.get(name)  # given as _placed served it
                 await self.frontends.tell(ServeModel(name, entry, loaded, column), self.config.default_timeout_s)
             logger.info("loaded model %s on %s%s", name, ", ".join(loaded), f" ({refusals})" if refusals else "")
+            async with self.loaded:
+                self.loaded.notify_all()
             if left_out:
                 await self.backend.unload_model(name, sorted(left_out))
                 logger.warning(

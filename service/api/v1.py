@@ -9,8 +9,10 @@ Which model serves an endpoint is found from the contracts (family, variant).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -251,13 +253,35 @@ class FamilyEndpoints:
 
         return run
 
-    async def resume_lns(self, upload: bytes) -> Plan[Answer]:
+    async def resume_lns(self, read: Callable[[], bytes], progress: Progress) -> Plan[Answer]:
         """A CT job the last gateway on --jobs-dir left running, from its upload (JobStore.resume_pending): read with
-        its bytes counted in --max-pending-mb as a request's are, and given --job-timeout-s from now."""
+        its bytes counted in --max-pending-mb as a request's are, and given --job-timeout-s from now. With explicit
+        model control, once its models are loaded (within --job-timeout-s)."""
+        await self.lns_loaded(progress)
+        upload = await asyncio.to_thread(read)
         with Hold(self.gateway.bodies) as hold:
             hold.add(len(upload))
             ct = await self.ct_job(upload, hold)
         return ct.plan(self.runner(time.monotonic() + self.config.job_timeout_s))
+
+    async def lns_loaded(self, progress: Progress) -> None:
+        """With --model-control-mode explicit, until both CT models are served (a load, POST
+        /v2/repository/models/NAME/load) or --job-timeout-s has passed; the job's stage says what it waits for."""
+        if self.config.model_control_mode != "explicit":
+            return
+        deadline = time.monotonic() + self.config.job_timeout_s
+        async with self.gateway.loaded:
+            while not self.lns_served() and (left := deadline - time.monotonic()) > 0:
+                progress.stage = "waiting for lns-organs and lns-stations to be loaded (POST /v2/repository/models/NAME/load)"
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.gateway.loaded.wait(), left)
+
+    def lns_served(self) -> bool:
+        try:
+            self.lns_models()
+        except NotFound:
+            return False
+        return True
 
     async def lns(self, request: Request) -> Response:
         upload = await read_upload(request, "volume", self.config.max_json_bytes)

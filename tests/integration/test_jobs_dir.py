@@ -172,3 +172,33 @@ def _third(
         assert not list(jobs.glob("*.input")), "no upload is kept for a job that ended"
     finally:
         third.close()
+
+
+def test_with_explicit_model_control_a_job_waits_for_its_models_to_be_loaded(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """A gateway with explicit model control that starts without the CT models (--models crowd-csrnet) holds the job
+    the last gateway left running until they are loaded, its stage saying so, and then runs it to the end."""
+    jobs = tmp_path / "jobs"
+    ct = ("--cpu-slices", "1", "--models", "lns-organs", "lns-stations", "--jobs-dir", str(jobs))
+    first = Gateway(tiny_repo.root, *ct, log=tmp_path / "first.log")
+    base = f"http://{first.url}"
+    try:
+        with _worker_stopped(base):
+            job = _submitted(base)
+            first.process.kill()
+            first.process.wait(timeout=30)
+    finally:
+        first.close()
+    explicit = ("--model-control-mode", "explicit", "--models", "crowd-csrnet")
+    second = Gateway(tiny_repo.root, "--cpu-slices", "1", *explicit, "--jobs-dir", str(jobs), log=tmp_path / "second.log")
+    base = f"http://{second.url}"
+    waiting = "waiting for lns-organs and lns-stations to be loaded (POST /v2/repository/models/NAME/load)"
+    try:
+        for model in ("lns-organs", "lns-stations"):
+            held = httpx.get(base + job["status_url"], params={"wait_s": 1}).json()
+            assert (held["state"], held["stage"], held["progress"]["done"]) == ("running", waiting, 0), held
+            assert httpx.post(f"{base}/v2/repository/models/{model}/load", timeout=120).status_code == 200
+        done = _finished(base, httpx.get(base + job["status_url"]).json())
+        assert done["state"] == "done" and done["resumes"] == 1, done
+        assert httpx.get(base + done["result"]["label_map_url"]).status_code == 200
+    finally:
+        second.close()

@@ -96,6 +96,7 @@ def test_export_without_torch_says_how_to_install_it() -> None:
         (["--queue-capacity", "0"], "error: queue_capacity: Input should be greater than or equal to 1"),
         (["--tiles-in-flight", "0"], "error: tiles_in_flight: Input should be greater than or equal to 1"),
         (["--max-job-mb", "0"], "error: max_job_bytes: Input should be greater than or equal to 1"),
+        (["--job-timeout-s", "0"], "error: job_timeout_s: Input should be greater than 0"),
         (["--cpu-run-slices-cache", ""], "error: --cpu-run-slices-cache '': expected a file's path, or off"),
     ],
 )
@@ -154,6 +155,7 @@ def test_serve_without_onnxruntime_says_which_extra_to_install(tmp_path: Path) -
         (["--timeout-s", "nan"], "argument --timeout-s: expected a finite number, got 'nan'"),
         (["--max-volume-mvox=-inf"], "argument --max-volume-mvox: expected a finite number, got '-inf'"),
         (["--max-pending-mb", "lots"], "argument --max-pending-mb: expected a number, got 'lots'"),
+        (["--job-timeout-s", "inf"], "argument --job-timeout-s: expected a finite number, got 'inf'"),
     ],
 )
 def test_serve_refuses_numbers_that_are_not_finite_naming_the_flag(

@@ -8,6 +8,7 @@ import json
 import os
 import resource
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -326,7 +327,8 @@ def _blocked(release: asyncio.Event) -> Any:
 def _resumer(seen: list[bytes], release: asyncio.Event | None = None) -> Any:
     """A kind's resumer: records the upload it is given and plans three tiles (waiting on `release` after the first)."""
 
-    async def resume(upload: bytes) -> Plan[Answer]:
+    async def resume(read: Callable[[], bytes], progress: Progress) -> Plan[Answer]:
+        upload = await asyncio.to_thread(read)
         seen.append(upload)
 
         async def work(progress: Progress) -> Answer:
@@ -471,7 +473,7 @@ def test_a_job_that_cannot_be_run_again_fails_saying_why(tmp_path: Path) -> None
         store = _store()
         store.keep_in(tmp_path)
 
-        async def not_served(upload: bytes) -> Plan[Answer]:
+        async def not_served(read: Callable[[], bytes], progress: Progress) -> Plan[Answer]:
             raise NotFound("lymph node station parsing needs both lns-organs and lns-stations served by this gateway")
 
         store.resumer("lns-segment", not_served)
@@ -574,7 +576,7 @@ def test_the_parts_a_job_kept_are_taken_when_it_is_run_again_and_go_when_it_ends
         store.keep_in(tmp_path)
         seen: list[Any] = []
 
-        async def resume(upload: bytes) -> Plan[Answer]:
+        async def resume(read: Callable[[], bytes], progress: Progress) -> Plan[Answer]:
             async def work(progress: Progress) -> Answer:
                 assert progress.parts is not None
                 seen.append(await asyncio.to_thread(progress.parts.load, "organs"))

@@ -132,15 +132,18 @@ def test_sliding_window_grid_covers_every_voxel() -> None:
     assert weight.max() == 1.0 and weight.min() > 0 and weight[8, 16, 16] > weight[0, 0, 0]
 
 
-def test_volume_reads_dicom_geometry_and_writes_the_affine_back() -> None:
+def test_volume_reads_dicom_geometry_and_writes_the_affine_back(monkeypatch: pytest.MonkeyPatch) -> None:
     path = Path(str(pydicom.data.get_testdata_file("CT_small.dcm")))
     ds = pydicom.dcmread(path)
     vol = volume.read_volume(path.read_bytes(), max_bytes=1 << 26, max_voxels=1 << 24)
     assert vol.hu.shape == (1, 128, 128) and vol.spacing[1] == pytest.approx(float(ds.PixelSpacing[0]))
     assert vol.hu.min() == float(ds.pixel_array.min()) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     labels = np.zeros(vol.hu.shape, np.uint8)
-    image = nib.Nifti1Image.from_bytes(gzip.decompress(volume.to_nifti(labels, vol)))
+    written = volume.to_nifti(labels, vol)
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(written))
     assert image.shape == (128, 128, 1) and np.allclose(image.affine, vol.affine)
+    monkeypatch.setattr("gzip.time.time", lambda: 2e9)  # a later second: gzip would stamp it in the header
+    assert volume.to_nifti(labels, vol) == written, "the same labels, the same bytes (a job run again, a client comparing)"
 
 
 def test_resampling_and_back_to_the_input_grid() -> None:

@@ -52,6 +52,8 @@ def test_requests_in_the_gateway_when_it_stops_are_answered_and_new_ones_refused
                     time.sleep(0.05)
                 except httpx.ConnectError:
                     refused = True
+                except httpx.RemoteProtocolError:  # connected in the listener's backlog just as it closed: the kernel resets it
+                    time.sleep(0.05)
             assert refused, "a new connection is refused once the gateway is stopping"
             os.kill(worker, signal.SIGCONT)
             for answer in binary:

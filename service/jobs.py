@@ -239,15 +239,14 @@ class JobStore:
             job.error = ServiceError("its result was lost: the file is gone from --jobs-dir; send it again")
         return job
 
-    def _write(self, job: Job[Any], paused: bool = False) -> None:
-        """The job's state to its file, where jobs are kept in a directory; a failed write is logged, the job goes on.
-        `paused`: the gateway is stopping and the job, kept with its upload, is to run again; written as running."""
+    def _write(self, job: Job[Any]) -> None:
+        """The job's state to its file, where jobs are kept in a directory; a failed write is logged, the job goes on. A
+        paused job's view says it is running, as it is for the next gateway."""
         if self._files is None:
             return
-        view = job.view() | ({"state": JobState.RUNNING.value, "finished": None, "error": None} if paused else {})
-        resuming = {"resumable": True, "paused": paused, "interrupted": job.interrupted} if job.resumable else None
+        resuming = {"resumable": True, "paused": job.paused, "interrupted": job.interrupted} if job.resumable else None
         try:
-            self._files.write_record(view, job.result.summary if isinstance(job.result, Keepable) else None, resuming)
+            self._files.write_record(job.view(), job.result.summary if isinstance(job.result, Keepable) else None, resuming)
         except OSError as exc:
             logger.error("job %s: cannot write its state to --jobs-dir: %s", job.id, exc)
 
@@ -410,7 +409,7 @@ class JobStore:
             outcome = "cancelled" if job.cancelled else "failed" if job.error is not None else "done"
         if self._on_end is not None:
             self._on_end(job, outcome)
-        self._write(job, job.paused)
+        self._write(job)
         if job.resumable and not job.paused and self._files is not None:
             self._files.remove_kept(job.id)
         self._make_room()

@@ -15,40 +15,13 @@ second after ready, says which.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 from bench.gateway_bench import ROOT, Server, export
-from bench.jobs_dir import MODELS, volume
-
-
-def _get(server: Server, path: str) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=120) as response:
-        answer: dict[str, Any] = json.loads(response.read())
-    return answer
-
-
-def submitted(server: Server, body: bytes) -> dict[str, Any]:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{server.port}/v1/lns/segment?mode=job", data=body, headers={"Content-Type": "application/octet-stream"}
-    )
-    with urllib.request.urlopen(request, timeout=300) as response:
-        job: dict[str, Any] = json.loads(response.read())
-    return job
-
-
-def ended(server: Server, job: dict[str, Any]) -> dict[str, Any]:
-    """The job once it has ended (long polls); done, or RuntimeError."""
-    while job["state"] == "running":
-        job = _get(server, f"{job['status_url']}?wait_s=60")
-    if job["state"] != "done":
-        raise RuntimeError(f"the job failed: {job['error']}")
-    return job
+from bench.jobs_dir import MODELS, answer, ended, volume
 
 
 def main() -> int:
@@ -67,19 +40,19 @@ def main() -> int:
             server = Server(args.repo, *serve)
             try:
                 started = time.monotonic()
-                ended(server, submitted(server, body))
+                ended(server, answer(server, "/v1/lns/segment?mode=job", body))
                 whole = time.monotonic() - started
-                job = submitted(server, body)
+                job = answer(server, "/v1/lns/segment?mode=job", body)
                 while job["progress"]["done"] < args.at * job["progress"]["total"]:
                     time.sleep(0.05)
-                    job = _get(server, job["status_url"])
+                    job = answer(server, job["status_url"])
             finally:
                 server.close()
             again = Server(args.repo, *serve)
             try:
                 ready = time.monotonic()
                 time.sleep(0.5)
-                first = _get(again, job["status_url"])
+                first = answer(again, job["status_url"])
                 ended(again, first)
                 rerun = time.monotonic() - ready
             finally:

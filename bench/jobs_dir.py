@@ -23,6 +23,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,21 +44,32 @@ def volume(size: int, raw: bool = False) -> bytes:
     return data if raw else gzip.compress(data)
 
 
+def answer(server: Server, path: str, body: bytes | None = None) -> dict[str, Any]:
+    """The gateway's JSON answer to a GET of `path`, or to a POST of `body` (a CT volume, gzipped or not)."""
+    media = "application/gzip" if body is not None and body[:2] == b"\x1f\x8b" else "application/octet-stream"
+    request = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", data=body, headers={"Content-Type": media})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        found: dict[str, Any] = json.loads(response.read())
+    return found
+
+
+def ended(server: Server, job: dict[str, Any]) -> dict[str, Any]:
+    """An answer of /v1/lns/segment once its job has ended (long polls, where it is a running job); RuntimeError where
+    the job failed."""
+    while job.get("state") == "running":
+        job = answer(server, f"{job['status_url']}?wait_s=60")
+    if job.get("state", "done") != "done":
+        raise RuntimeError(f"the job failed: {job}")
+    return job
+
+
 def segment_seconds(server: Server, body: bytes, mode: str = "sync") -> tuple[float, float]:
     """One /v1/lns/segment of `body`: seconds to its answer (the 200, or a job's 202), and to its end (a job long-polled
     until it is done)."""
-    media = "application/gzip" if body[:2] == b"\x1f\x8b" else "application/octet-stream"
-    base = f"http://127.0.0.1:{server.port}"
-    request = urllib.request.Request(f"{base}/v1/lns/segment?mode={mode}", data=body, headers={"Content-Type": media})
     started = time.monotonic()
-    with urllib.request.urlopen(request, timeout=300) as response:
-        answer = json.loads(response.read())
+    first = answer(server, f"/v1/lns/segment?mode={mode}", body)
     answered = time.monotonic() - started
-    while answer.get("state") == "running":
-        with urllib.request.urlopen(f"{base}{answer['status_url']}?wait_s=60", timeout=120) as response:
-            answer = json.loads(response.read())
-    if answer.get("state", "done") != "done":
-        raise RuntimeError(f"the job failed: {answer}")
+    ended(server, first)
     return answered, time.monotonic() - started
 
 

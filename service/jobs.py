@@ -226,7 +226,7 @@ class JobStore:
         interrupted = record.interrupted + (0 if record.paused else 1)
         if record.finished is None and record.resumable and interrupted <= MAX_INTERRUPTED:
             job.resumable, job.interrupted, job.resumes = True, interrupted, record.resumes
-            job.progress = Progress(record.total, 0, "resuming")  # its parts kept given as it is run again (_resumed)
+            job.progress = Progress(record.total, 0, "resuming")
         elif record.finished is None and record.resumable:
             job.finished, job.resumes = now, record.resumes
             job.error = ServiceError(
@@ -283,8 +283,6 @@ class JobStore:
         self._forget_expired()
         self._check_room(kind, nbytes)
         job: Job[T] = Job(id=job_id or uuid.uuid4().hex, kind=kind, progress=Progress(total), reserved=nbytes, resumable=resumable)
-        if resumable and self._files is not None:
-            job.progress.parts = Parts(self._files, job.id)
         self._start(job, work)
         self._write(job)
         return job
@@ -334,7 +332,6 @@ class JobStore:
                 plan = await self._plan_again(job)
                 job.reserved = plan.nbytes
                 progress.total, progress.done, progress.stage = plan.total, 0, "starting"
-                progress.parts = Parts(self._files, job.id) if self._files is not None else None
             return await plan.work(progress)
 
         return work
@@ -376,6 +373,8 @@ class JobStore:
             )
 
     def _start(self, job: Job[T], work: Callable[[Progress], Awaitable[T]]) -> None:
+        if job.resumable and self._files is not None:  # what it does is kept as it goes, to be taken when run again
+            job.progress.parts = Parts(self._files, job.id)
         job.task = asyncio.get_running_loop().create_task(self._run(job, work), name=f"job-{job.id}")
         job.task.add_done_callback(lambda _: self._ended(job))  # also where it was cancelled before it began
         self._jobs[job.id] = job

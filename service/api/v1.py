@@ -293,11 +293,9 @@ class FamilyEndpoints:
         plan = ct.plan(self.runner(deadline))
         if as_job:  # kept with its upload in --jobs-dir: a gateway started again runs it again
             job = await self.gateway.jobs.submit_kept("lns-segment", plan.total, plan.work, plan.nbytes, data)
-        else:
-            job = self.gateway.jobs.submit("lns-segment", plan.total, plan.work, plan.nbytes)
-        if as_job:
             url = f"/v1/jobs/{job.id}"
             return JSONResponse(self.job_view(job).model_dump(), status_code=202, headers={"Location": url})
+        job = self.gateway.jobs.submit("lns-segment", plan.total, plan.work, plan.nbytes)
         try:
             await self.gateway.jobs.wait(job)
         except asyncio.CancelledError:  # the client hung up: nobody will ask for this synchronous answer

@@ -44,7 +44,13 @@ def starts(size: int, patch: int, overlap: float) -> list[int]:
     return positions
 
 
+def padded(shape: tuple[int, ...], pre: VolumePreprocessing) -> tuple[int, ...]:
+    """`shape` grown to at least one patch along every axis (a volume smaller than a patch is padded with zeros)."""
+    return tuple(max(n, p) for n, p in zip(shape, pre.patch_size, strict=True))
+
+
 def grid(shape: tuple[int, ...], pre: VolumePreprocessing) -> list[tuple[int, int, int]]:
+    """The corners of the patches tiling `shape`, padded as `padded` pads it."""
     axes = [starts(max(n, p), p, pre.overlap) for n, p in zip(shape, pre.patch_size, strict=True)]
     return [(z, y, x) for z, y, x in itertools.product(*axes)]
 
@@ -102,9 +108,9 @@ async def segment(channels: Channels, contract: Contract, *, run: Run, progress:
     change which label is largest."""
     pre, post = _pre(contract), _post(contract)
     shape = channels.shape
-    padded = tuple(max(n, p) for n, p in zip(shape, pre.patch_size, strict=True))
+    grown = padded(shape, pre)
     weight = gaussian(pre.patch_size, pre.gaussian_sigma_scale)
-    scores = [np.zeros((len(post.labels), *padded), dtype=np.float32)]  # in a list, to be handed over (_handed_over)
+    scores = [np.zeros((len(post.labels), *grown), dtype=np.float32)]  # in a list, to be handed over (_handed_over)
     lock = threading.Lock()
     limit = asyncio.Semaphore(in_flight)
     input_name, output_name = contract.inputs[0].name, contract.outputs[0].name
@@ -132,7 +138,7 @@ async def segment(channels: Channels, contract: Contract, *, run: Run, progress:
             await _handed_over(logits, lambda mine: blend(corner, mine))
         progress.advance()
 
-    await asyncio.gather(*(tile(c) for c in grid(padded, pre)))
+    await asyncio.gather(*(tile(c) for c in grid(shape, pre)))
     return await _handed_over(scores, lambda mine: _argmax(mine, shape))  # before the next stage makes its own
 
 
@@ -191,12 +197,11 @@ def job_bytes(
 
     def stage(contract: Contract, held: int) -> int:
         pre, labels = _pre(contract), len(_post(contract).labels)
-        padded = tuple(max(n, p) for n, p in zip(resampled, pre.patch_size, strict=True))
-        tiles, patch = min(in_flight, len(grid(padded, pre))), math.prod(pre.patch_size)
+        tiles, patch = min(in_flight, len(grid(resampled, pre))), math.prod(pre.patch_size)
         blend = (2 + (labels if read_only else 0)) * patch * 4  # two of a patch's size, and a copy of read-only logits
         running = tiles * (2 * (1 + len(pre.extra_channels)) + labels) * patch * 4 + min(tiles, BLEND_THREADS) * blend
         ending = voxels + 5 * min(_slab(resampled), resampled[0]) * resampled[1] * resampled[2]
-        return held + 4 * labels * math.prod(padded) + 4 * patch + max(running, ending)
+        return held + 4 * labels * math.prod(padded(resampled, pre)) + 4 * patch + max(running, ending)
 
     prepare, writing = 8 * voxels, 6 * voxels + 3 * math.prod(shape)
     return 4 * math.prod(shape) + max(prepare, stage(organs, 4 * voxels), stage(stations, 5 * voxels), writing)
@@ -220,8 +225,7 @@ def plan(volume: Volume, organs: Contract, stations: Contract, max_voxels: int) 
             f"volume: its voxels of {[round(s, 4) for s in volume.spacing[::-1]]} mm, resampled to the model's "
             f"{list(pre.spacing_mm[::-1])} mm, make {voxels} voxels, over the limit of {max_voxels}"
         )
-    padded = [tuple(max(n, p) for n, p in zip(shape3, _pre(c).patch_size, strict=True)) for c in (organs, stations)]
-    return shape3, sum(len(grid(p, _pre(c))) for p, c in zip(padded, (organs, stations), strict=True))
+    return shape3, sum(len(grid(shape3, _pre(c))) for c in (organs, stations))
 
 
 async def _organs(ct: Array, organs: Contract, *, run: Run, progress: Progress, in_flight: int) -> Array:
@@ -230,7 +234,7 @@ async def _organs(ct: Array, organs: Contract, *, run: Run, progress: Progress, 
     parts = progress.parts
     kept = await asyncio.to_thread(parts.load, PART) if parts is not None else None
     if kept is not None and kept.shape == ct.shape and kept.dtype == np.uint8:
-        progress.done += len(grid(tuple(max(n, p) for n, p in zip(ct.shape, _pre(organs).patch_size, strict=True)), _pre(organs)))
+        progress.done += len(grid(ct.shape, _pre(organs)))
         return kept
     labels = await segment(Channels(ct), organs, run=run, progress=progress, in_flight=in_flight)
     if parts is not None:

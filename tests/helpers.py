@@ -6,9 +6,10 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -83,6 +84,26 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, what: str,
     raise RuntimeError(f"{what} not ready in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
+@contextlib.contextmanager
+def _sigint_not_ignored() -> Iterator[None]:
+    """Processes started in this block get SIGINT's default action, as a terminal's do, whatever this process has: an
+    ignored signal stays ignored across exec, a handled one is reset to the default."""
+    was = signal.getsignal(signal.SIGINT)
+    if was is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if was is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, was)
+
+
+def shm_key(name: str) -> str:
+    """A /dev/shm key of this test process's own: two suites on one host share /dev/shm, and a fixed key let one
+    write into, or unlink, the other's region (tritonclient opens a key that is there instead of refusing it)."""
+    return f"/migserve_test_{os.getpid()}_{name}"
+
+
 def ipv6_loopback() -> bool:
     """Whether this host can bind its IPv6 loopback address (some containers have no IPv6)."""
     import socket
@@ -119,10 +140,13 @@ class Gateway:
             self.grpc_url = f"127.0.0.1:{grpc_port}"
             command += ["--grpc-port", str(grpc_port)]
         self._out = log.open("w")
-        # new_session: a process group of its own, as a terminal's foreground job, to signal it as Ctrl-C does
-        self.process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=new_session
-        )
+        # new_session: a process group of its own, as a terminal's foreground job, to signal it as Ctrl-C does; and
+        # SIGINT's default action, as a terminal gives, whatever this process inherited (a job a shell put in the
+        # background, as some CI runners do, starts with SIGINT ignored, and so would the gateway)
+        with _sigint_not_ignored() if new_session else contextlib.nullcontext():
+            self.process = subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=new_session
+            )
         try:
             wait_ready(self.url, self.process, log, "gateway", 120)
         except RuntimeError:

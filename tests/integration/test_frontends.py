@@ -29,7 +29,7 @@ from tritonclient.utils import InferenceServerException
 
 from migserve.contract import read_contract
 from migserve.types import Array
-from tests.helpers import ExportedRepo, Gateway, migserve, read_response, with_http_client
+from tests.helpers import ExportedRepo, Gateway, migserve, read_response, shm_key, with_http_client
 from tests.integration.test_gateway_protocol import direct, grpc_inputs, make_inputs, triton_inputs
 
 CONNECTIONS = 16
@@ -166,10 +166,10 @@ def test_shared_memory_regions_serve_whichever_process_takes_the_connection(fron
     process took is handed over, request and all."""
     image = make_inputs(read_contract(tiny_repo.root / "face-pros"), 1, seed=3)["image"]
     expected = direct(tiny_repo.root, "face-pros", {"image": image})
-    handle = shm.create_shared_memory_region("fe-in", "/migserve_test_frontends", image.nbytes)
+    handle = shm.create_shared_memory_region("fe-in", shm_key("frontends"), image.nbytes)
     try:
         shm.set_shared_memory_region(handle, [image])
-        with_http_client(frontends.url, lambda c: c.register_system_shared_memory("fe-in", "/migserve_test_frontends", image.nbytes))
+        with_http_client(frontends.url, lambda c: c.register_system_shared_memory("fe-in", shm_key("frontends"), image.nbytes))
         for _ in range(CONNECTIONS):
             client = httpclient.InferenceServerClient(frontends.url)  # a connection of its own
             tensor = httpclient.InferInput("image", list(image.shape), "FP32")
@@ -189,13 +189,13 @@ def test_grpc_spreads_over_the_front_ends_and_the_rest_is_answered_by_the_first(
     contract = read_contract(tiny_repo.root / MODEL)
     image = make_inputs(read_contract(tiny_repo.root / "face-pros"), 1, seed=4)["image"]
     in_region = direct(tiny_repo.root, "face-pros", {"image": image})[0]
-    handle = shm.create_shared_memory_region("fe-grpc", "/migserve_test_frontends_grpc", image.nbytes)
+    handle = shm.create_shared_memory_region("fe-grpc", shm_key("frontends_grpc"), image.nbytes)
     before_front = sum(f["requests"] for f in _front_end_counts(frontends))
     before = _metric(frontends, f'migserve_requests_total{{model="{MODEL}",status="200"}}')
     try:
         shm.set_shared_memory_region(handle, [image])
         registrar = grpcclient.InferenceServerClient(frontends.grpc_url)
-        registrar.register_system_shared_memory("fe-grpc", "/migserve_test_frontends_grpc", image.nbytes)
+        registrar.register_system_shared_memory("fe-grpc", shm_key("frontends_grpc"), image.nbytes)
         registrar.close()
         for i in range(CONNECTIONS):
             client = grpcclient.InferenceServerClient(frontends.grpc_url)  # a connection of its own
@@ -230,11 +230,11 @@ def test_a_grpc_stream_on_a_front_end_runs_its_requests_and_passes_on_those_nami
     assert frontends.grpc_url is not None
     contract = read_contract(tiny_repo.root / "face-pros")
     image = make_inputs(contract, 1, seed=9)["image"]
-    handle = shm.create_shared_memory_region("fe-stream", "/migserve_test_frontends_stream", image.nbytes)
+    handle = shm.create_shared_memory_region("fe-stream", shm_key("frontends_stream"), image.nbytes)
     try:
         shm.set_shared_memory_region(handle, [image])
         grpcclient.InferenceServerClient(frontends.grpc_url).register_system_shared_memory(
-            "fe-stream", "/migserve_test_frontends_stream", image.nbytes
+            "fe-stream", shm_key("frontends_stream"), image.nbytes
         )
         for _ in range(CONNECTIONS):
             answers: queue.Queue[tuple[Any, Any]] = queue.Queue()

@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from migserve.contract import read_contract
 from migserve.types import Array
-from tests.helpers import ExportedRepo, Gateway, assert_equal_but_rounding
+from tests.helpers import ExportedRepo, Gateway, assert_equal_but_rounding, shm_key
 from tests.integration.test_gateway_protocol import direct, grpc_inputs, make_inputs, triton_inputs
 
 
@@ -26,7 +26,7 @@ class Region:
     """A client's /dev/shm object (tritonclient's helpers), destroyed at the end."""
 
     def __init__(self, name: str, byte_size: int) -> None:
-        self.name, self.key, self.byte_size = name, f"/migserve_test_{name}", byte_size
+        self.name, self.key, self.byte_size = name, shm_key(name), byte_size
         self.handle = shm.create_shared_memory_region(name, self.key, byte_size)
 
     def destroy(self) -> None:
@@ -157,7 +157,7 @@ def test_bad_regions_and_slices_get_a_4xx_that_names_the_problem(
     assert arenas, "the gateway's arenas carry their prefix"
     for key, byte_size, message in [
         (regions["in"].key, 16, "'in' is already registered"),
-        ("/migserve_test_missing", 16, "cannot open shared memory key '/migserve_test_missing'"),
+        (shm_key("missing"), 16, f"cannot open shared memory key '{shm_key('missing')}'"),
         ("../etc/passwd", 16, "is not a /dev/shm name"),
         ("/..", 16, "is not a /dev/shm name"),
         (regions["out"].key, 8192, "is past the end of"),

@@ -23,7 +23,7 @@ from tritonclient.grpc import model_config_pb2
 
 from migserve.contract import read_contract
 from migserve.types import Array
-from tests.helpers import GROUP, ExportedRepo, Gateway, migserve, processes_where, thread_affinities, with_http_client
+from tests.helpers import GROUP, ExportedRepo, Gateway, migserve, processes_where, shm_key, thread_affinities, with_http_client
 from tests.integration.test_family_endpoints import nifti_gz
 from tests.integration.test_gateway_protocol import make_inputs, triton_inputs
 from tests.triton_server import TritonServer
@@ -263,16 +263,16 @@ def test_shared_memory_regions_behave_as_in_a_real_triton(
     answer (an output in a region comes back without data), the same output bytes in the region."""
     contract = read_contract(tiny_repo.root / "face-pros")
     image = make_inputs(contract, 1, seed=8)["image"]
-    source = shm.create_shared_memory_region("in", "/migserve_test_twin_in", image.nbytes)
-    targets = {kind: shm.create_shared_memory_region("out", f"/migserve_test_twin_out_{kind}", 1024) for kind in ("ours", "theirs")}
+    source = shm.create_shared_memory_region("in", shm_key("twin_in"), image.nbytes)
+    targets = {kind: shm.create_shared_memory_region("out", shm_key(f"twin_out_{kind}"), 1024) for kind in ("ours", "theirs")}
     shm.set_shared_memory_region(source, [image])
     urls = {"ours": gateways["local"].url, "theirs": triton.url}
     answers, statuses = {}, {}
     try:
         for kind, url in urls.items():
             client = httpclient.InferenceServerClient(url)
-            client.register_system_shared_memory("in", "/migserve_test_twin_in", image.nbytes)
-            client.register_system_shared_memory("out", f"/migserve_test_twin_out_{kind}", 1024)
+            client.register_system_shared_memory("in", shm_key("twin_in"), image.nbytes)
+            client.register_system_shared_memory("out", shm_key(f"twin_out_{kind}"), 1024)
             statuses[kind] = [{**r, "key": r["key"].replace("_theirs", "_ours")} for r in client.get_system_shared_memory_status()]
             tensor = httpclient.InferInput("image", list(image.shape), "FP32")
             tensor.set_shared_memory("in", image.nbytes)

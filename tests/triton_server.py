@@ -9,6 +9,7 @@ model.py where numpy and onnxruntime are.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -18,7 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.ports import free_port
-from tests.helpers import wait_ready
+from tests.helpers import GROUP, processes_where, wait_ready
+
+REGION_PREFIX = "/dev/shm/triton_python_backend_shm_region_"
 
 
 def _pytriton() -> Path:
@@ -46,7 +49,6 @@ class TritonServer:
         self.log = log
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.process: subprocess.Popen[bytes] | None = None
-        self._regions_before: set[Path] = set()  # the python backend's /dev/shm regions before this server started
         self.home = workdir / "home"  # the server's HOME and TMPDIR, where nothing should write (test_offline.py)
 
     @property
@@ -77,7 +79,6 @@ class TritonServer:
             "--exit-timeout-secs=3",
         ]
         self.home.mkdir(exist_ok=True)
-        self._regions_before = _backend_regions()
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -88,11 +89,13 @@ class TritonServer:
 
     def kill(self) -> None:
         """SIGKILL the server and its python stubs, as a crash would. Its python backend's shared memory regions
-        (1 MiB each, one per model instance) are left behind by a killed server: they are removed here."""
+        (1 MiB each, one per model instance) are left behind by a killed server: they are removed here, those its
+        processes had mapped (another server's, in another test process or suite on this host, are not touched)."""
         if self.process is not None and self.process.poll() is None:
+            regions = _backend_regions(processes_where(GROUP, self.process.pid))
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
-            for region in _backend_regions() - self._regions_before:
+            for region in regions:
                 region.unlink(missing_ok=True)
 
     def stop(self) -> None:
@@ -104,5 +107,13 @@ class TritonServer:
                 self.kill()
 
 
-def _backend_regions() -> set[Path]:
-    return set(Path("/dev/shm").glob("triton_python_backend_shm_region_*"))
+def _backend_regions(pids: set[int]) -> set[Path]:
+    """The python backend's /dev/shm regions that processes `pids` have mapped."""
+    found = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                path = line.split(maxsplit=5)[-1]
+                if path.startswith(REGION_PREFIX):
+                    found.add(Path(path))
+    return found

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -218,9 +219,10 @@ def _modes(args: argparse.Namespace, dims: dict[str, int], server: Server, grpc_
     # The inputs sit in one region, written once; every request names it (a client would write each request's).
     shm_body, shm_headers, arrays = region_body(args.repo, args.model, dims, region)
     nbytes = sum(a.nbytes for a in arrays)
-    handle = shared_memory.create_shared_memory_region(region, f"/migserve_{region}_inputs", nbytes)
+    key = f"/migserve_bench_{os.getpid()}_{region}_inputs"  # this run's own: another bench on the host has its own
+    handle = shared_memory.create_shared_memory_region(region, key, nbytes)
     shared_memory.set_shared_memory_region(handle, arrays)
-    httpclient.InferenceServerClient(f"127.0.0.1:{server.port}").register_system_shared_memory(region, f"/migserve_{region}_inputs", nbytes)
+    httpclient.InferenceServerClient(f"127.0.0.1:{server.port}").register_system_shared_memory(region, key, nbytes)
     shm_message = grpc_message(args.repo, args.model, dims, region=region)
     modes["http-shm"] = lambda: closed_loop(http_url, shm_body, shm_headers, n, seconds, server_pid=pid, frontend_pids=fronts)
     modes["grpc-shm"] = lambda: h2load_loop(grpc_url, shm_message, n, 1, seconds, server_pid=pid, frontend_pids=fronts)

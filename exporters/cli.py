@@ -15,6 +15,8 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -185,19 +187,28 @@ def _still_to_export(requests: list[ExportRequest], skip_existing: bool, err: Te
     return work
 
 
-def _progress(prefix: str, started: float, say: Callable[[str], None]) -> Callable[[str], None]:
+class Interrupted(BaseException):
+    """Ctrl-C reached an export process's export: it stops at its next step (BaseException: no `except Exception` on
+    the way takes it for the export's own failure)."""
+
+
+def _progress(prefix: str, started: float, say: Callable[[str], None], stopped: Callable[[], bool]) -> Callable[[str], None]:
     def report(step: str) -> None:
+        if stopped():
+            raise Interrupted
         say(f"{prefix}: {step} (+{time.perf_counter() - started:.1f}s)")
 
     return report
 
 
-def _export_one(prefix: str, request: ExportRequest, say: Callable[[str], None]) -> ExportResult | str:
+def _export_one(
+    prefix: str, request: ExportRequest, say: Callable[[str], None], stopped: Callable[[], bool] = lambda: False
+) -> ExportResult | str:
     """The result, or why the export failed (said as it happens too)."""
     from .pipeline import export_model
 
     try:
-        result = export_model(request, _progress(prefix, time.perf_counter(), say))
+        result = export_model(request, _progress(prefix, time.perf_counter(), say, stopped))
     except ExportError as exc:
         say(f"{prefix}: FAILED: {exc}")
         return str(exc)
@@ -206,17 +217,21 @@ def _export_one(prefix: str, request: ExportRequest, say: Callable[[str], None])
 
 
 def _here(work: list[tuple[str, ExportRequest]], err: TextIO) -> list[ExportResult | str]:
+    """One export after another in this process (Ctrl-C stops the one running where it is; its temporary folder goes
+    with it)."""
+
     def say(line: str) -> None:
         print(line, file=err, flush=True)
 
     return [_export_one(prefix, request, say) for prefix, request in work]
 
 
-_process: dict[str, Any] = {}  # in an export process: "lines", the queue its progress lines go to
+INTERRUPTED = "interrupted"  # an export process's answer for an export that Ctrl-C stopped or kept from starting
+_process: dict[str, Any] = {}  # in an export process: "lines", the queue its progress lines go to; "stop", the event
 
 
-def _start_process(lines: Any, threads: int) -> None:
-    _process["lines"] = lines
+def _start_process(lines: Any, stop: Any, threads: int) -> None:
+    _process["lines"], _process["stop"] = lines, stop  # SIGINT is ignored here, from the start: _in_processes
     import torch
 
     torch.set_num_threads(threads)  # the cores shared out between the processes
@@ -224,19 +239,52 @@ def _start_process(lines: Any, threads: int) -> None:
 
 
 def _in_process(prefix: str, request: ExportRequest) -> ExportResult | str:
-    return _export_one(prefix, request, _process["lines"].put)
+    stop = _process["stop"]
+    try:
+        return _export_one(prefix, request, _process["lines"].put, stop.is_set)
+    except Interrupted:
+        return INTERRUPTED
 
 
 def _in_processes(work: list[tuple[str, ExportRequest]], jobs: int, threads: int, err: TextIO) -> list[ExportResult | str]:
     """Each export in one of `jobs` processes; their progress printed as it comes. A process that dies (killed, out
-    of memory) fails the exports it had not finished, with the reason."""
+    of memory) fails the exports it had not finished, with the reason.
+
+    Ctrl-C: the export processes ignore SIGINT (a KeyboardInterrupt in one waiting for work, or starting, would break
+    the pool with a traceback); this one tells them to stop at their exports' next step (their temporary folders
+    removed on the way out), cancels the exports not begun, waits for them, and goes on with the KeyboardInterrupt.
+    A second Ctrl-C meanwhile kills them and removes what they had written."""
     context = mp.get_context("spawn")
-    lines = context.Queue()
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_process, initargs=(lines, threads)) as pool:
-        futures: list[Future[ExportResult | str]] = [pool.submit(_in_process, prefix, request) for prefix, request in work]
-        while not all(f.done() for f in futures):
-            with contextlib.suppress(queue.Empty):
-                print(lines.get(timeout=0.1), file=err, flush=True)
+    lines, stop = context.Queue(), context.Event()
+    scratch = tempfile.mkdtemp(prefix="migserve-export-")  # the processes' TMPDIR: removed here, even if they are killed
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
+        pool = cleanup.enter_context(
+            ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_process, initargs=(lines, stop, threads))
+        )
+        # while the pool starts its processes (at the submits): they inherit SIGINT ignored, and the scratch TMPDIR
+        handler, tmpdir = signal.signal(signal.SIGINT, signal.SIG_IGN), os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = scratch
+        try:
+            futures: list[Future[ExportResult | str]] = [pool.submit(_in_process, prefix, request) for prefix, request in work]
+        finally:
+            signal.signal(signal.SIGINT, handler)
+            if tmpdir is None:
+                del os.environ["TMPDIR"]
+            else:
+                os.environ["TMPDIR"] = tmpdir
+        try:
+            while not all(f.done() for f in futures):
+                with contextlib.suppress(queue.Empty):
+                    print(lines.get(timeout=0.1), file=err, flush=True)
+        except KeyboardInterrupt:
+            stop.set()
+            print("interrupted: the exports in progress stop at their next step (Ctrl-C again kills them)", file=err, flush=True)
+            try:
+                pool.shutdown(wait=True, cancel_futures=True)
+            except KeyboardInterrupt:
+                _kill_exports(work, futures)
+            raise
     while True:  # what came after the last check
         try:
             print(lines.get_nowait(), file=err, flush=True)
@@ -251,6 +299,19 @@ def _in_processes(work: list[tuple[str, ExportRequest]], jobs: int, threads: int
             print(f"{prefix}: FAILED: {reason}", file=err, flush=True)
             outcomes.append(reason)
     return outcomes
+
+
+def _kill_exports(work: list[tuple[str, ExportRequest]], futures: list[Future[ExportResult | str]]) -> None:
+    """SIGKILL the export processes, then remove the temporary folders of the exports they were running."""
+    running = [request for (_, request), future in zip(work, futures, strict=True) if future.running()]
+    for process in mp.active_children():
+        if process.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGKILL)
+            process.join(5)
+    for request in running:
+        for partial in request.out.glob(f".{request.name}.*.tmp"):
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 def _unwritable(out: Path) -> str | None:

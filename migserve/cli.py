@@ -4,8 +4,10 @@ needs neither torch nor onnxruntime."""
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import TracebackType
 
 import bench.cli
 import bench.mig
@@ -75,7 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return next(c.run for c in COMMANDS if c.name == args.command)(args)
+    try:
+        return next(c.run for c in COMMANDS if c.name == args.command)(args)
+    except KeyboardInterrupt:
+        if args.command != "serve":  # a stopped gateway has said so in its log
+            print(f"migserve {args.command}: interrupted", file=sys.stderr)
+        sys.excepthook = _quiet_interrupt
+        raise
+
+
+def _quiet_interrupt(kind: type[BaseException], value: BaseException, traceback: TracebackType | None) -> None:
+    """Ctrl-C, once said: Python goes on to end the process by SIGINT after its clean-up (as a terminal's job that
+    Ctrl-C stops should, so that a shell running it in a loop stops too), without a traceback."""
+    if not issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, traceback)
 
 
 if __name__ == "__main__":

@@ -5,17 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
-import signal
 import socket
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TextIO
+from typing import Literal, TextIO
 
 from pydantic import ValidationError
-
-if TYPE_CHECKING:
-    import uvicorn
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -386,10 +381,13 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
     http = infer_protocol(app.gateway) if args.http_server == "migserve" else bounded_protocol(app.gateway)
     from .api.app import GatewayServer
 
+    # After a stop on Ctrl-C uvicorn raises SIGINT again, a KeyboardInterrupt under asyncio's runner: `migserve`'s
+    # main then ends the process by the signal, without a traceback
     if listening is None:
         # a BufferedProtocol works; uvicorn types Protocol
         served = uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level, access_log=False, http=http)  # type: ignore[arg-type]
-        return _served(GatewayServer(served, app.gateway))
+        GatewayServer(served, app.gateway).run()
+        return 0
     from .api.frontends import adopter, bracketed
 
     server = GatewayServer(uvicorn.Config(app, log_level=args.log_level, access_log=False, http=http), app.gateway)  # type: ignore[arg-type]
@@ -397,21 +395,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
         app.gateway.frontends.adopt = adopter(server)  # connections the other front-ends hand over are served here
     host, port = listening.getsockname()[:2]  # uvicorn says nothing of sockets it is given
     logging.getLogger(__name__).info("KServe v2 HTTP on http://%s:%s", bracketed(host), port)
-    return _served(server, [listening])
-
-
-def _served(server: uvicorn.Server, sockets: list[socket.socket] | None = None) -> int:
-    """Run the server to its end. A stop on Ctrl-C ends as a terminal's job should: the process dies of SIGINT, so a
-    shell running it in a loop stops too, with no traceback. (uvicorn raises the signal it stopped on again once it has
-    stopped, and under asyncio's runner that SIGINT comes out as a KeyboardInterrupt.)"""
-    try:
-        server.run(sockets=sockets)
-    except KeyboardInterrupt:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
+    server.run(sockets=[listening])
     return 0
 
 

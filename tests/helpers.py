@@ -85,7 +85,7 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, what: str,
 
 
 @contextlib.contextmanager
-def _sigint_not_ignored() -> Iterator[None]:
+def sigint_not_ignored() -> Iterator[None]:
     """Processes started in this block get SIGINT's default action, as a terminal's do, whatever this process has: an
     ignored signal stays ignored across exec, a handled one is reset to the default."""
     was = signal.getsignal(signal.SIGINT)
@@ -143,7 +143,7 @@ class Gateway:
         # new_session: a process group of its own, as a terminal's foreground job, to signal it as Ctrl-C does; and
         # SIGINT's default action, as a terminal gives, whatever this process inherited (a job a shell put in the
         # background, as some CI runners do, starts with SIGINT ignored, and so would the gateway)
-        with _sigint_not_ignored() if new_session else contextlib.nullcontext():
+        with sigint_not_ignored() if new_session else contextlib.nullcontext():
             self.process = subprocess.Popen(
                 command, cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=new_session
             )

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +25,7 @@ from exporters.pipeline import export_model, write_model_dir
 from exporters.request import ExportRequest
 from exporters.triton import PYTHON_MODEL
 from migserve.contract import read_contract, sha256_file, write_contract
-from tests.helpers import ExportedRepo, migserve, migserve_imports
+from tests.helpers import GROUP, MIGSERVE, ExportedRepo, migserve, migserve_imports, processes_where, sigint_not_ignored
 
 
 def _failed_cleanly(run_out: Path, returncode: int, stderr: str, fragment: str) -> None:
@@ -190,3 +195,69 @@ def test_models_exported_in_parallel_processes_report_each_outcome_in_order(tmp_
     assert "[ 1/3] lns-organs (tiny): checking parity" in run.stderr and "[ 3/3] lns-stations (tiny): wrote" in run.stderr
     assert [line.split()[0] for line in run.stdout.splitlines()[2:]] == ["lns-organs", "lns-stations", "frontalize-dalgan"]
     assert "Traceback" not in run.stderr
+
+
+def _export_until_interrupted(out: Path, jobs: int, *, twice: bool) -> tuple[int, str, float, set[int]]:
+    """`migserve export` of five models in a process group of its own, SIGINT to the group (as Ctrl-C in a terminal)
+    once the first model is written (with `twice`, again once it says it is stopping, its export processes stopped
+    first, as exports stuck in a long step): its exit status, output, seconds from the first Ctrl-C to its end, and
+    the processes of its group still running after."""
+    models = ("face-pros", "frontalize-dalgan", "grounding-mgsl", "grounding-ssrn", "crowd-csrnet")
+    log = out.parent / "export.log"
+    command = [MIGSERVE, "export", "--model", *models, "--size", "tiny", "--out", str(out), "--jobs", str(jobs)]
+    with log.open("w") as sink, sigint_not_ignored():
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for wanted in ("wrote", "interrupted:") if twice else ("wrote",):
+            deadline = time.monotonic() + 120
+            while wanted not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert process.poll() is None, log.read_text()
+            if wanted == "interrupted:":
+                for pid in processes_where(GROUP, process.pid):
+                    with contextlib.suppress(OSError):
+                        if b"multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                            os.kill(pid, signal.SIGSTOP)
+            os.killpg(process.pid, signal.SIGINT)
+            if wanted == "wrote":
+                interrupted = time.monotonic()
+        status = process.wait(timeout=30)
+        took = time.monotonic() - interrupted
+        time.sleep(0.5)  # the pool's resource tracker ends as its last user does
+        return status, log.read_text(), took, {pid for pid in processes_where(GROUP, process.pid) if _alive(pid)}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
+@pytest.mark.parametrize(("jobs", "twice"), [(1, False), (2, False), (2, True)], ids=["here", "processes", "processes-twice"])
+def test_ctrl_c_stops_an_export_and_leaves_only_whole_models(tmp_path: Path, jobs: int, twice: bool) -> None:
+    """Ctrl-C during `migserve export`: it ends by SIGINT, as a terminal's job should, says so without a traceback,
+    begins none of the models not started, and leaves no half-written folder, in the output or in the temporary
+    directory. With --jobs 2 the export processes ignore the signal and are told to stop by the first one (before,
+    the pool ran every model queued, as orphans after a second Ctrl-C); a second Ctrl-C kills them."""
+    out = tmp_path / "repo"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(scratch))  # what the export (and its processes) leave in the temporary directory
+        status, output, took, left = _export_until_interrupted(out, jobs, twice=twice)
+    assert status == -signal.SIGINT, output
+    assert "migserve export: interrupted" in output and "Traceback" not in output, output
+    assert ("Ctrl-C again kills them" in output) == (jobs > 1)
+    assert not left, f"processes of the export still running: {left}"
+    written = sorted(p.name for p in out.iterdir())
+    assert not [name for name in written if name.startswith(".")], written  # temporary folders of the exports stopped
+    assert 1 <= len(written) <= 2, written  # the first, and at most the one running beside it
+    for name in written:
+        contract = read_contract(out / name)
+        assert sha256_file(out / name / contract.model_file) == contract.model_sha256
+    left_behind = [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")]  # torch's cache, kept
+    assert not left_behind, f"the export's temporary files were left behind: {left_behind}"
+    assert took < 45, f"{took:.1f} s from Ctrl-C to the end"

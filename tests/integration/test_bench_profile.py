@@ -17,7 +17,7 @@ from PIL import Image
 
 from bench.ports import free_port
 from migserve.contract import read_contract
-from tests.helpers import MIGSERVE, ROOT, ExportedRepo, Gateway, migserve
+from tests.helpers import MIGSERVE, ROOT, ExportedRepo, Gateway, migserve, sigint_not_ignored
 
 COLUMNS = {
     "mode", "arrival", "model", "family", "contract_sha256", "partition", "profile", "batch", "concurrency", "requests", "errors",
@@ -80,14 +80,8 @@ def test_ctrl_c_keeps_the_points_that_finished(tiny_repo: ExportedRepo, tmp_path
     command = [MIGSERVE, "bench", "profile", "--model-repo", str(tiny_repo.root), "--out", str(tmp_path)]
     command += ["--models", "crowd-csrnet", "--cpu-slices", "1", "--batch", "1,2,4,8", "--concurrency", "1,2", "--duration", "0.5s"]
     # SIGINT as a terminal gives it: a shell running this suite in the background ignores SIGINT, and children inherit that
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 (no threads started yet)
-    )
+    with sigint_not_ignored():
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (tmp_path / "points.json").is_file():
         time.sleep(0.1)

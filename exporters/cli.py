@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import logging
 import multiprocessing as mp
 import os
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from migserve.contract import SIZES, Contract, read_contract, sha256_file
+from migserve.interrupts import sigterm_interrupts
 
 from .errors import BadOption, ExportError
 from .names import MODEL_NAMES, known
@@ -142,7 +144,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
         return 2
     cores = len(os.sched_getaffinity(0))
     jobs = max(1, min(args.jobs or min(cores, MAX_JOBS), len(work)))
-    outcomes = _in_processes(work, jobs, max(1, cores // jobs), err) if jobs > 1 else _here(work, err)
+    with sigterm_interrupts():  # SIGTERM stops the exports as Ctrl-C does, instead of orphaning their processes
+        outcomes = _in_processes(work, jobs, max(1, cores // jobs), err) if jobs > 1 else _here(work, err)
     results: list[ExportResult] = []
     failures: list[tuple[str, str]] = []
     for (_, request), outcome in zip(work, outcomes, strict=True):  # in the order asked for, whatever finished first
@@ -226,12 +229,17 @@ def _here(work: list[tuple[str, ExportRequest]], err: TextIO) -> list[ExportResu
     return [_export_one(prefix, request, say) for prefix, request in work]
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent ends
 INTERRUPTED = "interrupted"  # an export process's answer for an export that Ctrl-C stopped or kept from starting
 _process: dict[str, Any] = {}  # in an export process: "lines", the queue its progress lines go to; "stop", the event
 
 
-def _start_process(lines: Any, stop: Any, threads: int) -> None:
+def _start_process(lines: Any, stop: Any, threads: int, parent: int) -> None:
     _process["lines"], _process["stop"] = lines, stop  # SIGINT is ignored here, from the start: _in_processes
+    # Killed with the first process, whatever kills it (SIGKILL, the OOM killer), instead of exporting on as an orphan
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before that was set
+        os._exit(1)
     import torch
 
     torch.set_num_threads(threads)  # the cores shared out between the processes
@@ -253,27 +261,30 @@ def _in_processes(work: list[tuple[str, ExportRequest]], jobs: int, threads: int
     Ctrl-C: the export processes ignore SIGINT (a KeyboardInterrupt in one waiting for work, or starting, would break
     the pool with a traceback); this one tells them to stop at their exports' next step (their temporary folders
     removed on the way out), cancels the exports not begun, waits for them, and goes on with the KeyboardInterrupt.
-    A second Ctrl-C meanwhile kills them and removes what they had written."""
+    A second Ctrl-C meanwhile kills them and removes what they had written. SIGTERM does as Ctrl-C (`run`), and the
+    processes die with this one, whatever kills it."""
     context = mp.get_context("spawn")
     lines, stop = context.Queue(), context.Event()
     scratch = tempfile.mkdtemp(prefix="migserve-export-")  # the processes' TMPDIR: removed here, even if they are killed
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
         pool = cleanup.enter_context(
-            ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_process, initargs=(lines, stop, threads))
+            ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_process, initargs=(lines, stop, threads, os.getpid()))
         )
-        # while the pool starts its processes (at the submits): they inherit SIGINT ignored, and the scratch TMPDIR
-        handler, tmpdir = signal.signal(signal.SIGINT, signal.SIG_IGN), os.environ.get("TMPDIR")
-        os.environ["TMPDIR"] = scratch
+        futures: list[Future[ExportResult | str]] = []
         try:
-            futures: list[Future[ExportResult | str]] = [pool.submit(_in_process, prefix, request) for prefix, request in work]
-        finally:
-            signal.signal(signal.SIGINT, handler)
-            if tmpdir is None:
-                del os.environ["TMPDIR"]
-            else:
-                os.environ["TMPDIR"] = tmpdir
-        try:
+            # while the pool starts its processes (at the submits): they inherit SIGINT ignored, and the scratch TMPDIR
+            handler, tmpdir = signal.signal(signal.SIGINT, signal.SIG_IGN), os.environ.get("TMPDIR")
+            os.environ["TMPDIR"] = scratch
+            try:
+                for prefix, request in work:  # one at a time: those submitted are known whenever a signal comes
+                    futures.append(pool.submit(_in_process, prefix, request))
+            finally:
+                signal.signal(signal.SIGINT, handler)
+                if tmpdir is None:
+                    del os.environ["TMPDIR"]
+                else:
+                    os.environ["TMPDIR"] = tmpdir
             while not all(f.done() for f in futures):
                 with contextlib.suppress(queue.Empty):
                     print(lines.get(timeout=0.1), file=err, flush=True)
@@ -303,7 +314,7 @@ def _in_processes(work: list[tuple[str, ExportRequest]], jobs: int, threads: int
 
 def _kill_exports(work: list[tuple[str, ExportRequest]], futures: list[Future[ExportResult | str]]) -> None:
     """SIGKILL the export processes, then remove the temporary folders of the exports they were running."""
-    running = [request for (_, request), future in zip(work, futures, strict=True) if future.running()]
+    running = [request for (_, request), future in zip(work, futures, strict=False) if future.running()]  # all submitted?
     for process in mp.active_children():
         if process.pid is not None:
             with contextlib.suppress(ProcessLookupError):

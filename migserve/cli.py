@@ -16,6 +16,7 @@ import service.cli
 
 from . import __version__
 from . import deploy as deploy_cli
+from .interrupts import TERMINATED_STATUS, Terminated
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return next(c.run for c in COMMANDS if c.name == args.command)(args)
+    except Terminated:
+        print(f"migserve {args.command}: terminated", file=sys.stderr)
+        return TERMINATED_STATUS
     except KeyboardInterrupt:
         if args.command != "serve":  # a stopped gateway has said so in its log
             print(f"migserve {args.command}: interrupted", file=sys.stderr)

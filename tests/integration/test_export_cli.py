@@ -197,18 +197,19 @@ def test_models_exported_in_parallel_processes_report_each_outcome_in_order(tmp_
     assert "Traceback" not in run.stderr
 
 
-def _export_until_interrupted(out: Path, jobs: int, *, twice: bool) -> tuple[int, str, float, set[int]]:
-    """`migserve export` of five models in a process group of its own, SIGINT to the group (as Ctrl-C in a terminal)
-    once the first model is written (with `twice`, again once it says it is stopping, its export processes stopped
-    first, as exports stuck in a long step): its exit status, output, seconds from the first Ctrl-C to its end, and
-    the processes of its group still running after."""
+def _export_until_stopped(out: Path, jobs: int, how: str) -> tuple[int, str, float, set[int]]:
+    """`migserve export` of five models in a process group of its own, stopped once the first model is written:
+    `ctrl-c`, SIGINT to the group (as a terminal's Ctrl-C); `ctrl-c-twice`, again once it says it is stopping, its
+    export processes stopped first (as exports stuck in a long step); `sigterm` and `sigkill`, that signal to the first
+    process alone (a supervisor's stop, the OOM killer). Its exit status, output, seconds from the first signal to its
+    end, and the processes of its group still running 1 s after."""
     models = ("face-pros", "frontalize-dalgan", "grounding-mgsl", "grounding-ssrn", "crowd-csrnet")
     log = out.parent / "export.log"
     command = [MIGSERVE, "export", "--model", *models, "--size", "tiny", "--out", str(out), "--jobs", str(jobs)]
     with log.open("w") as sink, sigint_not_ignored():
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        for wanted in ("wrote", "interrupted:") if twice else ("wrote",):
+        for wanted in ("wrote", "interrupted:") if how == "ctrl-c-twice" else ("wrote",):
             deadline = time.monotonic() + 120
             while wanted not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -218,12 +219,15 @@ def _export_until_interrupted(out: Path, jobs: int, *, twice: bool) -> tuple[int
                     with contextlib.suppress(OSError):
                         if b"multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes():
                             os.kill(pid, signal.SIGSTOP)
-            os.killpg(process.pid, signal.SIGINT)
+            if how.startswith("ctrl-c"):
+                os.killpg(process.pid, signal.SIGINT)
+            else:
+                process.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
             if wanted == "wrote":
-                interrupted = time.monotonic()
+                stopped = time.monotonic()
         status = process.wait(timeout=30)
-        took = time.monotonic() - interrupted
-        time.sleep(0.5)  # the pool's resource tracker ends as its last user does
+        took = time.monotonic() - stopped
+        time.sleep(1)  # the pool's resource tracker ends as its last user does
         return status, log.read_text(), took, {pid for pid in processes_where(GROUP, process.pid) if _alive(pid)}
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -236,28 +240,33 @@ def _alive(pid: int) -> bool:
     return False
 
 
-@pytest.mark.parametrize(("jobs", "twice"), [(1, False), (2, False), (2, True)], ids=["here", "processes", "processes-twice"])
-def test_ctrl_c_stops_an_export_and_leaves_only_whole_models(tmp_path: Path, jobs: int, twice: bool) -> None:
+@pytest.mark.parametrize(("jobs", "how"), [(1, "ctrl-c"), (2, "ctrl-c"), (2, "ctrl-c-twice"), (2, "sigterm"), (2, "sigkill")], ids=str)
+def test_a_stopped_export_leaves_only_whole_models_and_no_process(tmp_path: Path, jobs: int, how: str) -> None:
     """Ctrl-C during `migserve export`: it ends by SIGINT, as a terminal's job should, says so without a traceback,
     begins none of the models not started, and leaves no half-written folder, in the output or in the temporary
     directory. With --jobs 2 the export processes ignore the signal and are told to stop by the first one (before,
-    the pool ran every model queued, as orphans after a second Ctrl-C); a second Ctrl-C kills them."""
+    the pool ran every model queued, as orphans after a second Ctrl-C); a second Ctrl-C kills them. SIGTERM does what
+    Ctrl-C does, with status 143; SIGKILL of the first process takes its export processes with it."""
     out = tmp_path / "repo"
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TMPDIR", str(scratch))  # what the export (and its processes) leave in the temporary directory
-        status, output, took, left = _export_until_interrupted(out, jobs, twice=twice)
-    assert status == -signal.SIGINT, output
-    assert "migserve export: interrupted" in output and "Traceback" not in output, output
-    assert ("Ctrl-C again kills them" in output) == (jobs > 1)
+        status, output, took, left = _export_until_stopped(out, jobs, how)
     assert not left, f"processes of the export still running: {left}"
-    written = sorted(p.name for p in out.iterdir())
-    assert not [name for name in written if name.startswith(".")], written  # temporary folders of the exports stopped
+    written = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     assert 1 <= len(written) <= 2, written  # the first, and at most the one running beside it
     for name in written:
         contract = read_contract(out / name)
         assert sha256_file(out / name / contract.model_file) == contract.model_sha256
+    if how == "sigkill":  # nothing runs to clean up after a SIGKILL: its temporary folders may stay
+        assert status == -signal.SIGKILL
+        return
+    assert status == (-signal.SIGINT if how.startswith("ctrl-c") else 143), output
+    said = "interrupted" if how.startswith("ctrl-c") else "terminated"
+    assert f"migserve export: {said}" in output and "Traceback" not in output, output
+    assert ("Ctrl-C again kills them" in output) == (jobs > 1)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary folders of the exports stopped"
     left_behind = [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")]  # torch's cache, kept
     assert not left_behind, f"the export's temporary files were left behind: {left_behind}"
-    assert took < 45, f"{took:.1f} s from Ctrl-C to the end"
+    assert took < 45, f"{took:.1f} s from the signal to the end"

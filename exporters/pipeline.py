@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -21,6 +22,7 @@ import torch
 
 import migserve
 from migserve.contract import CONFIG_FILE, MODEL_FILE, Contract, Provenance, sha256_file, write_contract
+from migserve.interrupts import signals_deferred
 
 from . import zoo
 from .checkpoint import LoadedCheckpoint, load_checkpoint
@@ -128,11 +130,14 @@ def write_model_dir(
 
 
 def _replace(tmp: Path, final: Path) -> Path:
+    """Move the finished folder into place. Between moving an earlier export aside and this one in, the model has no
+    folder: Ctrl-C and SIGTERM wait until both are done and the earlier one removed."""
     if final.exists():
         old = final.with_name(f".{final.name}.{os.getpid()}.old")
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        with signals_deferred(signal.SIGINT, signal.SIGTERM):
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
     return final

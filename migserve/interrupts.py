@@ -1,4 +1,5 @@
-"""SIGTERM taken as Ctrl-C, for the commands whose clean-up matters (an export's processes and temporary folders).
+"""SIGTERM taken as Ctrl-C, for the commands whose clean-up matters (an export's processes and temporary folders);
+and both held back over a few steps that must not be cut in two.
 
 By default SIGTERM (a supervisor's stop, `timeout`, `kill`) ends a Python process at once, running no `finally`:
 an export's processes would be left running as orphans, and its temporary folders behind. Within
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 from collections.abc import Iterator
 from types import FrameType
 
@@ -31,3 +33,23 @@ def sigterm_interrupts() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, was)
+
+
+@contextlib.contextmanager
+def signals_deferred(*signums: int) -> Iterator[None]:
+    """The signals that come during the block are taken at its end, as they would have been. (Blocking them with
+    pthread_sigmask is not enough: the kernel gives a process's signal to another of its threads, and Python runs
+    the handler in the main thread at once.) Python runs handlers in the main thread only, so elsewhere this defers
+    nothing and needs nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    previous = {signum: signal.signal(signum, lambda got, frame: came.append(got)) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
+        for signum in came:
+            signal.raise_signal(signum)

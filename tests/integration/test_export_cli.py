@@ -71,6 +71,33 @@ def test_unwritable_output(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
         write_model_dir(blocker / "repo", "crowd-csrnet", proto, lambda _: read_contract(tiny_repo.root / "crowd-csrnet"), {})
 
 
+def test_ctrl_c_between_the_renames_of_a_re_export_leaves_the_new_model_in_place(
+    tiny_repo: ExportedRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-export moves the earlier folder aside, then the new one in: a Ctrl-C that came between used to leave the
+    model with no folder (and the earlier one hidden beside it). Now it is taken once both are done."""
+    proto = onnx.load(str(tiny_repo.root / "crowd-csrnet" / "1" / "model.onnx"))
+    contract = read_contract(tiny_repo.root / "crowd-csrnet")
+    final = write_model_dir(tmp_path, "crowd-csrnet", proto, lambda _: contract, {})
+    rename = Path.rename
+
+    def rename_then_ctrl_c(self: Path, target: str | Path) -> Path:
+        moved = rename(self, target)
+        if self == final:  # the earlier export moved aside
+            os.kill(os.getpid(), signal.SIGINT)
+        return moved
+
+    monkeypatch.setattr(Path, "rename", rename_then_ctrl_c)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever this test process was given
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            write_model_dir(tmp_path, "crowd-csrnet", proto, lambda _: contract, {})
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crowd-csrnet"]
+    assert read_contract(final) == contract
+
+
 def test_parity_failure_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     mdef = zoo.get("lns-organs")
     monkeypatch.setattr(type(mdef), "tolerance", 1e-12)  # no fp32 export is that exact

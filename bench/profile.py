@@ -16,11 +16,12 @@ import json
 import math
 import os
 import platform
+import signal
 import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
@@ -30,6 +31,7 @@ import yaml
 
 import migserve
 from migserve.contract import Contract, DimRange, TensorSpec
+from migserve.interrupts import TERMINATED_STATUS
 from migserve.types import Array
 
 from .load import closed_loop, open_loop, process_usage
@@ -431,10 +433,15 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
         print("error: --url is for --mode gateway or triton; direct mode starts its own workers", file=err)
         return 2
     recorder: Recorder | None = None
+    terminated: list[int] = []
     try:
-        recorder = asyncio.run(sweep(args, err))
+        recorder = asyncio.run(_stopped_by_sigterm(sweep(args, err), terminated))
     except KeyboardInterrupt:
         print("\ninterrupted: keeping the points that finished", file=err)
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        print("\nterminated: keeping the points that finished", file=err)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=err)
         return 2
@@ -444,4 +451,21 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
         return 1
     for path in write_report(rows, args.out):
         print(f"wrote {path}", file=out)
-    return 0 if recorder is not None else 130
+    return 0 if recorder is not None else TERMINATED_STATUS if terminated else 130
+
+
+async def _stopped_by_sigterm(work: Coroutine[Any, Any, Recorder], terminated: list[int]) -> Recorder:
+    """`work`, which SIGTERM (`timeout`, a supervisor's stop) cancels as asyncio's runner cancels it on Ctrl-C: its
+    clean-up runs (the workers it started are stopped) and the points that finished are kept."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None
+
+    def stop() -> None:
+        terminated.append(signal.SIGTERM)
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    try:
+        return await work
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)

@@ -238,6 +238,13 @@ def processes_where(field: int, value: int) -> set[int]:
     return found
 
 
+def running(pid: int) -> bool:
+    """Whether process `pid` is there and not a zombie (one ended whose parent has not reaped it yet)."""
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
 def thread_affinities(pid: int) -> set[tuple[int, ...]]:
     """The cores each thread of process `pid` may run on, as sorted tuples (one entry per distinct mask); none for a
     process that has ended."""

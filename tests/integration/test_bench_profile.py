@@ -17,7 +17,7 @@ from PIL import Image
 
 from bench.ports import free_port
 from migserve.contract import read_contract
-from tests.helpers import MIGSERVE, ROOT, ExportedRepo, Gateway, migserve, sigint_not_ignored
+from tests.helpers import MIGSERVE, PARENT, ROOT, ExportedRepo, Gateway, migserve, processes_where, running, sigint_not_ignored
 
 COLUMNS = {
     "mode", "arrival", "model", "family", "contract_sha256", "partition", "profile", "batch", "concurrency", "requests", "errors",
@@ -76,7 +76,12 @@ def test_gateway_mode_and_poisson_arrivals(tiny_repo: ExportedRepo, tmp_path: Pa
     assert row["arrival"] == "poisson" and 4 <= row["requests"] <= 30, "about 40/s for 0.3 s"
 
 
-def test_ctrl_c_keeps_the_points_that_finished(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("stop", "status", "said"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_or_sigterm_keeps_the_points_that_finished(
+    tiny_repo: ExportedRepo, tmp_path: Path, stop: signal.Signals, status: int, said: str
+) -> None:
+    """Ctrl-C, or SIGTERM (`timeout`, a supervisor's stop; before, it ended the sweep at once, with no report and its
+    workers left to notice): the points that finished are kept and reported, and the workers stopped."""
     command = [MIGSERVE, "bench", "profile", "--model-repo", str(tiny_repo.root), "--out", str(tmp_path)]
     command += ["--models", "crowd-csrnet", "--cpu-slices", "1", "--batch", "1,2,4,8", "--concurrency", "1,2", "--duration", "0.5s"]
     # SIGINT as a terminal gives it: a shell running this suite in the background ignores SIGINT, and children inherit that
@@ -85,11 +90,18 @@ def test_ctrl_c_keeps_the_points_that_finished(tiny_repo: ExportedRepo, tmp_path
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (tmp_path / "points.json").is_file():
         time.sleep(0.1)
-    process.send_signal(signal.SIGINT)
+    workers = processes_where(PARENT, process.pid)
+    process.send_signal(stop)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130 and "interrupted" in err
+    assert process.returncode == status and f"{said}: keeping the points that finished" in err, err
+    assert "Traceback" not in err, err
     kept = json.loads((tmp_path / "points.json").read_text())
     assert 1 <= len(kept) < 8 and (tmp_path / "report.md").is_file()
+    deadline = time.monotonic() + 10  # a worker ends once it sees its connection closed
+    while [pid for pid in workers if running(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in workers if running(pid)}
+    assert workers and not left, f"outlived the sweep: {left}"
 
 
 def test_dcgm_activity_is_recorded_per_gpu_instance(tiny_repo: ExportedRepo, tmp_path: Path, shared: Path) -> None:

@@ -25,7 +25,7 @@ from exporters.pipeline import export_model, write_model_dir
 from exporters.request import ExportRequest
 from exporters.triton import PYTHON_MODEL
 from migserve.contract import read_contract, sha256_file, write_contract
-from tests.helpers import GROUP, MIGSERVE, ExportedRepo, migserve, migserve_imports, processes_where, sigint_not_ignored
+from tests.helpers import GROUP, MIGSERVE, ExportedRepo, migserve, migserve_imports, processes_where, running, sigint_not_ignored
 
 
 def _failed_cleanly(run_out: Path, returncode: int, stderr: str, fragment: str) -> None:
@@ -255,16 +255,10 @@ def _export_until_stopped(out: Path, jobs: int, how: str) -> tuple[int, str, flo
         status = process.wait(timeout=30)
         took = time.monotonic() - stopped
         time.sleep(1)  # the pool's resource tracker ends as its last user does
-        return status, log.read_text(), took, {pid for pid in processes_where(GROUP, process.pid) if _alive(pid)}
+        return status, log.read_text(), took, {pid for pid in processes_where(GROUP, process.pid) if running(pid)}
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return False
 
 
 @pytest.mark.parametrize(("jobs", "how"), [(1, "ctrl-c"), (2, "ctrl-c"), (2, "ctrl-c-twice"), (2, "sigterm"), (2, "sigkill")], ids=str)

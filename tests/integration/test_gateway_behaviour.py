@@ -28,7 +28,7 @@ from tritonclient.utils import InferenceServerException
 
 from migserve.contract import Contract, read_contract
 from migserve.types import Array
-from tests.helpers import PARENT, ExportedRepo, Gateway, processes_where, read_response, small_dev_shm, thread_affinities
+from tests.helpers import PARENT, ExportedRepo, Gateway, processes_where, read_response, running, small_dev_shm, thread_affinities
 from tests.integration.test_gateway_protocol import grpc_inputs, make_inputs, triton_inputs
 
 
@@ -885,14 +885,7 @@ def test_ctrl_c_stops_the_gateway_and_its_workers_in_order(tiny_repo: ExportedRe
     text = log.read_text()
     assert "Traceback" not in text and "died" not in text, text[-3000:]
     assert "Finished server process" in text
-    assert not [pid for pid in pids if _running(pid)], "a worker outlived the gateway"
-
-
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
+    assert not [pid for pid in pids if running(pid)], "a worker outlived the gateway"
 
 
 def test_openapi_documents_the_protocol(gateway: Gateway) -> None:

@@ -31,7 +31,7 @@ import yaml
 
 import migserve
 from migserve.contract import Contract, DimRange, TensorSpec
-from migserve.interrupts import TERMINATED_STATUS
+from migserve.interrupts import TERMINATED_STATUS, Terminated
 from migserve.types import Array
 
 from .load import closed_loop, open_loop, process_usage
@@ -432,16 +432,12 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     if args.mode == "direct" and args.url is not None:
         print("error: --url is for --mode gateway or triton; direct mode starts its own workers", file=err)
         return 2
-    recorder: Recorder | None = None
-    terminated: list[int] = []
+    stopped: KeyboardInterrupt | None = None  # the points that finished are kept and reported all the same
     try:
-        recorder = asyncio.run(_stopped_by_sigterm(sweep(args, err), terminated))
-    except KeyboardInterrupt:
-        print("\ninterrupted: keeping the points that finished", file=err)
-    except asyncio.CancelledError:
-        if not terminated:
-            raise
-        print("\nterminated: keeping the points that finished", file=err)
+        asyncio.run(_stopped_by_sigterm(sweep(args, err)))
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM's Terminated
+        stopped = exc
+        print(f"\n{'terminated' if isinstance(exc, Terminated) else 'interrupted'}: keeping the points that finished", file=err)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=err)
         return 2
@@ -451,21 +447,27 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
         return 1
     for path in write_report(rows, args.out):
         print(f"wrote {path}", file=out)
-    return 0 if recorder is not None else TERMINATED_STATUS if terminated else 130
+    return 0 if stopped is None else TERMINATED_STATUS if isinstance(stopped, Terminated) else 130
 
 
-async def _stopped_by_sigterm(work: Coroutine[Any, Any, Recorder], terminated: list[int]) -> Recorder:
-    """`work`, which SIGTERM (`timeout`, a supervisor's stop) cancels as asyncio's runner cancels it on Ctrl-C: its
-    clean-up runs (the workers it started are stopped) and the points that finished are kept."""
+async def _stopped_by_sigterm(work: Coroutine[Any, Any, Recorder]) -> Recorder:
+    """`work`, which SIGTERM (`timeout`, a supervisor's stop) cancels as asyncio's runner cancels it on Ctrl-C (its
+    clean-up runs: the workers it started are stopped), then raised as Terminated."""
     loop, task = asyncio.get_running_loop(), asyncio.current_task()
     assert task is not None
+    terminated = False
 
     def stop() -> None:
-        terminated.append(signal.SIGTERM)
+        nonlocal terminated
+        terminated = True
         task.cancel()
 
     loop.add_signal_handler(signal.SIGTERM, stop)
     try:
         return await work
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated from None
+        raise
     finally:
         loop.remove_signal_handler(signal.SIGTERM)

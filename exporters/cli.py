@@ -21,7 +21,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -273,18 +273,9 @@ def _in_processes(work: list[tuple[str, ExportRequest]], jobs: int, threads: int
         )
         futures: list[Future[ExportResult | str]] = []
         try:
-            # while the pool starts its processes (at the submits): they inherit SIGINT ignored, and the scratch TMPDIR
-            handler, tmpdir = signal.signal(signal.SIGINT, signal.SIG_IGN), os.environ.get("TMPDIR")
-            os.environ["TMPDIR"] = scratch
-            try:
+            with _as_the_processes_start(scratch):  # the pool starts them at the submits
                 for prefix, request in work:  # one at a time: those submitted are known whenever a signal comes
                     futures.append(pool.submit(_in_process, prefix, request))
-            finally:
-                signal.signal(signal.SIGINT, handler)
-                if tmpdir is None:
-                    del os.environ["TMPDIR"]
-                else:
-                    os.environ["TMPDIR"] = tmpdir
             while not all(f.done() for f in futures):
                 with contextlib.suppress(queue.Empty):
                     print(lines.get(timeout=0.1), file=err, flush=True)
@@ -312,9 +303,26 @@ def _in_processes(work: list[tuple[str, ExportRequest]], jobs: int, threads: int
     return outcomes
 
 
+@contextlib.contextmanager
+def _as_the_processes_start(scratch: str) -> Iterator[None]:
+    """SIGINT ignored and TMPDIR `scratch` in this process for the block, for the export processes started in it to
+    inherit."""
+    handler, tmpdir = signal.signal(signal.SIGINT, signal.SIG_IGN), os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = scratch
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        if tmpdir is None:
+            del os.environ["TMPDIR"]
+        else:
+            os.environ["TMPDIR"] = tmpdir
+
+
 def _kill_exports(work: list[tuple[str, ExportRequest]], futures: list[Future[ExportResult | str]]) -> None:
     """SIGKILL the export processes, then remove the temporary folders of the exports they were running."""
-    running = [request for (_, request), future in zip(work, futures, strict=False) if future.running()]  # all submitted?
+    # futures may be fewer than work: a signal can come while they are submitted
+    running = [request for (_, request), future in zip(work, futures, strict=False) if future.running()]
     for process in mp.active_children():
         if process.pid is not None:
             with contextlib.suppress(ProcessLookupError):

@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
+from typing import Any
 
 TERMINATED_STATUS = 128 + signal.SIGTERM
+Handler = Callable[[int, FrameType | None], Any] | int | None  # what signal.signal returns
 
 
 class Terminated(KeyboardInterrupt):
@@ -32,7 +34,7 @@ def sigterm_interrupts() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, was)
+        _restore(signal.SIGTERM, was)
 
 
 @contextlib.contextmanager
@@ -50,6 +52,10 @@ def signals_deferred(*signums: int) -> Iterator[None]:
         yield
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
+            _restore(signum, handler)
         for signum in came:
             signal.raise_signal(signum)
+
+
+def _restore(signum: int, handler: Handler) -> None:
+    signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: one not set from Python

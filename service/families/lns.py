@@ -51,7 +51,7 @@ def padded(shape: tuple[int, ...], pre: VolumePreprocessing) -> tuple[int, ...]:
 
 def grid(shape: tuple[int, ...], pre: VolumePreprocessing) -> list[tuple[int, int, int]]:
     """The corners of the patches tiling `shape`, padded as `padded` pads it."""
-    axes = [starts(max(n, p), p, pre.overlap) for n, p in zip(shape, pre.patch_size, strict=True)]
+    axes = [starts(n, p, pre.overlap) for n, p in zip(padded(shape, pre), pre.patch_size, strict=True)]
     return [(z, y, x) for z, y, x in itertools.product(*axes)]
 
 

@@ -30,6 +30,7 @@ from typing import Any, TextIO
 from migserve.contract import SIZES, Contract, read_contract, sha256_file
 from migserve.interrupts import sigterm_interrupts
 
+from . import leftovers
 from .errors import BadOption, ExportError
 from .names import MODEL_NAMES, known
 from .request import ExportRequest, ExportResult
@@ -123,6 +124,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     if (unwritable := _unwritable(args.out)) is not None:
         print(f"error: cannot write to {args.out}: {unwritable}", file=err)
         return 1
+    for line in leftovers.sweep(args.out):  # before --skip-existing looks: a model may be put back
+        print(line, file=err)
     requests = [
         ExportRequest(
             name=name,
@@ -265,9 +268,10 @@ def _in_processes(work: list[tuple[str, ExportRequest]], jobs: int, threads: int
     processes die with this one, whatever kills it."""
     context = mp.get_context("spawn")
     lines, stop = context.Queue(), context.Event()
-    scratch = tempfile.mkdtemp(prefix="migserve-export-")  # the processes' TMPDIR: removed here, even if they are killed
+    scratch = leftovers.scratch()  # the processes' TMPDIR: removed here, even if they are killed; else by the next export
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
+        cleanup.enter_context(leftovers.held(scratch))
         pool = cleanup.enter_context(
             ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_process, initargs=(lines, stop, threads, os.getpid()))
         )
@@ -304,11 +308,11 @@ def _in_processes(work: list[tuple[str, ExportRequest]], jobs: int, threads: int
 
 
 @contextlib.contextmanager
-def _as_the_processes_start(scratch: str) -> Iterator[None]:
+def _as_the_processes_start(scratch: Path) -> Iterator[None]:
     """SIGINT ignored and TMPDIR `scratch` in this process for the block, for the export processes started in it to
     inherit."""
     handler, tmpdir = signal.signal(signal.SIGINT, signal.SIG_IGN), os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = scratch
+    os.environ["TMPDIR"] = str(scratch)
     try:
         yield
     finally:
@@ -320,7 +324,8 @@ def _as_the_processes_start(scratch: str) -> Iterator[None]:
 
 
 def _kill_exports(work: list[tuple[str, ExportRequest]], futures: list[Future[ExportResult | str]]) -> None:
-    """SIGKILL the export processes, then remove the temporary folders of the exports they were running."""
+    """SIGKILL the export processes, then remove the temporary folders of the exports they were running (not those
+    of another export of the same models, which that one holds)."""
     # futures may be fewer than work: a signal can come while they are submitted
     running = [request for (_, request), future in zip(work, futures, strict=False) if future.running()]
     for process in mp.active_children():
@@ -330,7 +335,7 @@ def _kill_exports(work: list[tuple[str, ExportRequest]], futures: list[Future[Ex
             process.join(5)
     for request in running:
         for partial in request.out.glob(f".{request.name}.*.tmp"):
-            shutil.rmtree(partial, ignore_errors=True)
+            leftovers.remove_unheld(partial)
 
 
 def _unwritable(out: Path) -> str | None:

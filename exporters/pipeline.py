@@ -7,7 +7,6 @@ hidden temporary directory beside it and renamed into place last.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import tempfile
@@ -27,6 +26,7 @@ from migserve.interrupts import signals_deferred
 from . import zoo
 from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .errors import BadOption, OutputError
+from .leftovers import held
 from .memory import estimate as estimate_memory
 from .onnx_export import export_onnx, to_fp16
 from .parity import FP16_TOLERANCE, check_parity
@@ -110,19 +110,20 @@ def write_model_dir(
     except OSError as exc:
         raise OutputError(f"cannot write to {out}: {exc.strerror or exc}") from None
     try:
-        (tmp / MODEL_FILE).parent.mkdir(parents=True)
-        onnx.save(proto, str(tmp / MODEL_FILE))
-        written = contract(sha256_file(tmp / MODEL_FILE))
-        write_contract(tmp, written)
-        (tmp / CONFIG_FILE).write_text(render_config(written, triton_backend))
-        for filename, data in label_files(written).items():
-            (tmp / filename).write_bytes(data)
-        if triton_backend == "python":
-            (tmp / MODEL_FILE).with_name("model.py").write_text(PYTHON_MODEL.read_text())
-        for filename, data in extra.items():
-            (tmp / filename).write_bytes(data)
-        tmp.chmod(0o755)
-        return _replace(tmp, out / name)
+        with held(tmp):  # until the folder is in place and the one it replaces removed: leftovers.py
+            (tmp / MODEL_FILE).parent.mkdir(parents=True)
+            onnx.save(proto, str(tmp / MODEL_FILE))
+            written = contract(sha256_file(tmp / MODEL_FILE))
+            write_contract(tmp, written)
+            (tmp / CONFIG_FILE).write_text(render_config(written, triton_backend))
+            for filename, data in label_files(written).items():
+                (tmp / filename).write_bytes(data)
+            if triton_backend == "python":
+                (tmp / MODEL_FILE).with_name("model.py").write_text(PYTHON_MODEL.read_text())
+            for filename, data in extra.items():
+                (tmp / filename).write_bytes(data)
+            tmp.chmod(0o755)
+            return _replace(tmp, out / name)
     except OSError as exc:
         raise OutputError(f"cannot write {out / name}: {exc.strerror or exc}") from None
     finally:
@@ -131,9 +132,10 @@ def write_model_dir(
 
 def _replace(tmp: Path, final: Path) -> Path:
     """Move the finished folder into place. Between moving an earlier export aside and this one in, the model has no
-    folder: Ctrl-C and SIGTERM wait until both are done and the earlier one removed."""
+    folder: Ctrl-C and SIGTERM wait until both are done and the earlier one removed. A SIGKILL between them leaves the
+    earlier one aside as `.NAME.KEY.old`, beside `tmp` (`.NAME.KEY.tmp`), for the next export to put back."""
     if final.exists():
-        old = final.with_name(f".{final.name}.{os.getpid()}.old")
+        old = tmp.with_suffix(".old")
         with signals_deferred(signal.SIGINT, signal.SIGTERM):
             final.rename(old)
             tmp.rename(final)

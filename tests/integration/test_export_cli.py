@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from exporters.pipeline import export_model, write_model_dir
 from exporters.request import ExportRequest
 from exporters.triton import PYTHON_MODEL
 from migserve.contract import read_contract, sha256_file, write_contract
-from tests.helpers import GROUP, MIGSERVE, ExportedRepo, migserve, migserve_imports, processes_where, running, sigint_not_ignored
+from tests.helpers import GROUP, MIGSERVE, ROOT, ExportedRepo, migserve, migserve_imports, processes_where, running, sigint_not_ignored
 
 
 def _failed_cleanly(run_out: Path, returncode: int, stderr: str, fragment: str) -> None:
@@ -96,6 +97,98 @@ def test_ctrl_c_between_the_renames_of_a_re_export_leaves_the_new_model_in_place
         signal.signal(signal.SIGINT, handler)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crowd-csrnet"]
     assert read_contract(final) == contract
+
+
+# A process writing a model folder with the real `write_model_dir`, stopped at a chosen point: `between-renames`, SIGKILL
+# once the earlier folder is moved aside; `writing`, SIGKILL once model.onnx is written into its temporary folder;
+# `alive`, waits there (it says "holding" first) until killed.
+_WRITER = """
+import os, signal, sys, time
+from pathlib import Path
+import onnx
+from exporters.pipeline import write_model_dir
+from migserve.contract import read_contract
+out, source, name, how = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+proto, contract = onnx.load(str(source / "1" / "model.onnx")), read_contract(source)
+rename, save = Path.rename, onnx.save
+def renamed(self, target):
+    moved = rename(self, target)
+    if how == "between-renames" and str(target).endswith(".old"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return moved
+def saved(*args, **kwargs):
+    save(*args, **kwargs)
+    if how == "writing":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "alive":
+        print("holding", flush=True)
+        time.sleep(600)
+Path.rename, onnx.save = renamed, saved
+write_model_dir(out, name, proto, lambda _: contract, {})
+"""
+
+
+def _writer(out: Path, source: Path, name: str, how: str) -> subprocess.Popen[str]:
+    command = [sys.executable, "-c", _WRITER, str(out), str(source), name, how]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE if how == "alive" else None, text=True)
+
+
+def test_the_next_export_cleans_up_after_one_that_was_killed(
+    tiny_repo: ExportedRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGKILLed export (or one the OOM killer took) leaves what its Ctrl-C path would have removed. The next export
+    puts back a model moved aside by a re-export killed between its two renames (the model had no folder), and removes
+    the unfinished folders and the TMPDIR of exports that were killed, but not those of an export still running, nor
+    one made in the last minute (its writer may not have locked it yet); it says what it did."""
+    out, scratch = tmp_path / "repo", tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    source = tiny_repo.root / "crowd-csrnet"
+    shutil.copytree(source, out / "crowd-csrnet")
+    shutil.copytree(tiny_repo.root / "lns-organs", out / "lns-organs")
+    killed = [_writer(out, source, "crowd-csrnet", "between-renames"), _writer(out, source, "lns-organs", "writing")]
+    young = _writer(out, source, "face-pros", "writing")
+    alive = _writer(out, source, "grounding-mgsl", "alive")
+    try:
+        assert alive.stdout is not None and alive.stdout.readline() == "holding\n"
+        assert [writer.wait(60) for writer in [*killed, young]] == [-signal.SIGKILL] * 3
+        export = subprocess.Popen(  # a --jobs export killed while its processes run: its TMPDIR stays
+            [MIGSERVE, "export", "--model", "face-pros", "lns-stations", "--out", str(tmp_path / "other"), "--jobs", "2"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert export.stderr is not None and "building" in export.stderr.readline()
+        export.kill()
+        export.wait()
+        export.stderr.close()
+        hidden = {p.name.split(".")[1]: p for p in out.iterdir() if p.name.startswith(".")}
+        assert sorted(hidden) == ["crowd-csrnet", "face-pros", "grounding-mgsl", "lns-organs"], hidden
+        assert not (out / "crowd-csrnet").exists()  # the re-export killed between its renames left it aside
+        left = [*out.glob(".*.old"), *out.glob(".*.tmp"), *scratch.glob("migserve-export-*")]
+        assert len(left) == 6, left  # crowd-csrnet's .old and .tmp, three more .tmp, the killed export's TMPDIR
+        long_ago = time.time() - 120
+        for folder in left:
+            if not folder.name.startswith(".face-pros."):
+                os.utime(folder, (long_ago, long_ago))
+        run = migserve("export", "--model", "crowd-csrnet", "lns-organs", "--skip-existing", "--out", out)
+        assert run.returncode == 0, run.stderr
+        said = run.stderr.splitlines()
+        old = next(p.name for p in left if p.name.endswith(".old"))
+        assert f"put back {out / 'crowd-csrnet'}: an export killed while replacing it had moved it aside as {old}" in said
+        assert [line for line in said if line.startswith("removed ")] == [
+            f"removed {out / old.replace('.old', '.tmp')}: the unfinished folder of an export that was killed",
+            f"removed {hidden['lns-organs']}: the unfinished folder of an export that was killed",
+            f"removed {next(p for p in left if p.parent == scratch)}: the temporary directory of an export that was killed",
+        ], said
+        assert "[ 1/2] crowd-csrnet (tiny): up to date, skipped" in run.stderr  # the model put back is whole
+        assert read_contract(out / "crowd-csrnet") == read_contract(source)
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == sorted(
+            [hidden["face-pros"].name, hidden["grounding-mgsl"].name]
+        ), "the young folder and the one still held stay"
+        assert not list(scratch.glob("migserve-export-*"))
+    finally:
+        alive.kill()
+        alive.communicate()
 
 
 def test_parity_failure_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,8 +30,9 @@ import numpy as np
 import yaml
 
 import migserve
+from migserve import interrupts
 from migserve.contract import Contract, DimRange, TensorSpec
-from migserve.interrupts import TERMINATED_STATUS, Terminated
+from migserve.interrupts import Terminated
 from migserve.types import Array
 
 from .load import closed_loop, open_loop, process_usage
@@ -437,17 +438,17 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
         asyncio.run(_stopped_by_sigterm(sweep(args, err)))
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM's Terminated
         stopped = exc
-        print(f"\n{'terminated' if isinstance(exc, Terminated) else 'interrupted'}: keeping the points that finished", file=err)
+        print(f"\n{interrupts.stopped(exc)[0]}: keeping the points that finished", file=err)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=err)
         return 2
     rows = json.loads((args.out / "points.json").read_text()) if (args.out / "points.json").is_file() else []
     if not rows:
         print("no point finished", file=err)
-        return 1
+        return interrupts.status_after(stopped, 1)
     for path in write_report(rows, args.out):
         print(f"wrote {path}", file=out)
-    return 0 if stopped is None else TERMINATED_STATUS if isinstance(stopped, Terminated) else 130
+    return interrupts.status_after(stopped, 0)
 
 
 async def _stopped_by_sigterm(work: Coroutine[Any, Any, Recorder]) -> Recorder:

@@ -39,13 +39,14 @@ from typing import Any, TextIO
 import numpy as np
 
 from exporters.names import MODEL_NAMES
+from migserve.interrupts import status_after, stopped
 from service.workers.affinity import pin_threads
 
 from .load import milliseconds, timed_runs
 from .mig import MigError, Smi
 from .profile import Recorder, check_dims, contract_shapes, environment, parse_dims, parse_seconds
 from .smi import parse_devices
-from .train import child_answer, child_main, start_child, start_together, wait_for_start, zoo_shapes
+from .train import child_answer, child_main, killed_if_interrupted, start_child, start_together, wait_for_start, zoo_shapes
 
 MODES = ("mig", "mps", "timeslice")
 
@@ -218,8 +219,9 @@ def run_mode(args: argparse.Namespace, model: str, placements: list[Placement], 
         if mps is not None:
             spec |= {"mps_pipe": mps[0], "mps_log": mps[1], "mps_thread_percentage": 100 // len(placements)}
         children.append(start_child(module, spec, p.cuda_device))
-    start_together(children)
-    answers = [child_answer(c, timeout=args.duration + 600) for c in children]
+    with killed_if_interrupted(children):
+        start_together(children)
+        answers = [child_answer(c, timeout=args.duration + 600) for c in children]
     return [
         {"mode": p.mode, "process": p.process, "placement": p.describe(), "model": model, "workload": args.workload, "batch": args.batch}
         | answer
@@ -340,6 +342,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     previous = json.loads((args.out / "points.json").read_text()) if (args.out / "points.json").is_file() else []
     recorder.rows = list(previous)  # appended, so modes that need different MIG states can share one report
     context = {"device": args.device, "gpu": state.name if state else "cpu", "duration_s": args.duration} | environment()
+    stop: KeyboardInterrupt | None = None
     try:
         for model in args.models:
             for mode, placements in plans.items():
@@ -347,15 +350,17 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
                 with mps_daemon() if mode == "mps" else nullcontext() as mps:
                     for row in run_mode(args, model, placements, mps):
                         recorder.add(row | context)
-    except KeyboardInterrupt:
-        print("\ninterrupted: keeping the modes that finished", file=err)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM's Terminated: the running mode's children are gone with it
+        stop = exc
+        print(f"\n{stopped(exc)[0]}: keeping the modes that finished", file=err)
     if not recorder.rows:
-        return 1
+        print("no mode finished", file=err)
+        return status_after(stop, 1)
     print(f"wrote {write_share_report(recorder.rows, args.out)}", file=out)
     failed = [r for r in recorder.rows[len(previous) :] if r.get("error")]
     for row in failed:
         print(f"{row['mode']} process {row['process']}: {row['error']}", file=err)
-    return 1 if failed else 0
+    return status_after(stop, 1 if failed else 0)
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

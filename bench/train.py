@@ -16,12 +16,14 @@ a plot of images/s per partition are written at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -29,6 +31,7 @@ import numpy as np
 
 from exporters.names import MODEL_NAMES
 from migserve.contract import Size
+from migserve.interrupts import status_after, stopped
 from service.workers.affinity import pin_threads
 
 from .load import milliseconds, timed_runs
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     plan = [(model, part, batch) for model in args.models for part in parts for batch in args.batch]
     progress = Progress(err, len(plan))
     env = environment()
-    interrupted = False
+    stop: KeyboardInterrupt | None = None
     try:
         for done, (model, part, batch) in enumerate(plan):
             progress.show(done, f"{model} b={batch} on {part.id}")
@@ -93,18 +96,18 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
             where = {"partition": part.id, "kind": part.kind.value, "profile": part.profile or ",".join(map(str, part.cores))}
             recorder.add({"model": model, "size": args.size, "batch": batch, "optimizer": args.optimizer} | where | row | env)
         progress.show(len(plan), "done", final=True)
-    except KeyboardInterrupt:
-        interrupted = True
-        print("\ninterrupted: keeping the points that finished", file=err)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM's Terminated: the running point's child is gone with it
+        stop = exc
+        print(f"\n{stopped(exc)[0]}: keeping the points that finished", file=err)
     if not recorder.rows:
         print("no point finished", file=err)
-        return 1
+        return status_after(stop, 1)
     for path in write_train_report(recorder.rows, args.out):
         print(f"wrote {path}", file=out)
     failed = [r for r in recorder.rows if r.get("error")]
     for row in failed:
         print(f"{row['model']} b={row['batch']} on {row['partition']}: {row['error']}", file=err)
-    return 130 if interrupted else (1 if failed else 0)
+    return status_after(stop, 1 if failed else 0)
 
 
 def zoo_shapes(models: list[str], size: Size) -> Shapes:
@@ -181,14 +184,30 @@ def start_together(children: list[subprocess.Popen[str]], lead_s: float = 0.2) -
             pass  # it died while loading; child_answer reports why
 
 
-def child_answer(process: subprocess.Popen[str], timeout: float = CHILD_TIMEOUT_S) -> dict[str, Any]:
-    """The child's JSON answer (its last line starting with '{'), or an `error` saying why there is none."""
+@contextlib.contextmanager
+def killed_if_interrupted(children: list[subprocess.Popen[str]]) -> Iterator[None]:
+    """On a KeyboardInterrupt (Ctrl-C, or SIGTERM's Terminated) in the block, `children` are killed and waited for
+    before it goes on: a point's measurement is lost anyway, and a child left would run on for minutes."""
     try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        return {"error": f"no answer in {timeout:.0f} s"}
+        yield
+    except KeyboardInterrupt:
+        for process in children:
+            process.kill()
+        for process in children:
+            process.communicate()
+        raise
+
+
+def child_answer(process: subprocess.Popen[str], timeout: float = CHILD_TIMEOUT_S) -> dict[str, Any]:
+    """The child's JSON answer (its last line starting with '{'), or an `error` saying why there is none. Ctrl-C or
+    SIGTERM (Terminated) while waiting kills the child rather than leave it running on as an orphan."""
+    with killed_if_interrupted([process]):
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            return {"error": f"no answer in {timeout:.0f} s"}
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
     if process.returncode != 0 or not lines:
         tail = (stderr.strip().splitlines() or ["(no output)"])[-1]

@@ -4,6 +4,7 @@ needs neither torch nor onnxruntime."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import service.cli
 
 from . import __version__
 from . import deploy as deploy_cli
-from .interrupts import TERMINATED_STATUS, Terminated
+from .interrupts import TERMINATED_STATUS, Terminated, sigterm_interrupts
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return next(c.run for c in COMMANDS if c.name == args.command)(args)
+        with contextlib.nullcontext() if args.command == "serve" else sigterm_interrupts():
+            return next(c.run for c in COMMANDS if c.name == args.command)(args)
     except Terminated:
         print(f"migserve {args.command}: terminated", file=sys.stderr)
         return TERMINATED_STATUS

@@ -1,10 +1,11 @@
-"""SIGTERM taken as Ctrl-C, for the commands whose clean-up matters (an export's processes and temporary folders);
-and both held back over a few steps that must not be cut in two.
+"""SIGTERM taken as Ctrl-C, so that a command's clean-up runs (an export's processes and temporary folders, a bench's
+child processes and the points that finished); and both held back over a few steps that must not be cut in two.
 
 By default SIGTERM (a supervisor's stop, `timeout`, `kill`) ends a Python process at once, running no `finally`:
-an export's processes would be left running as orphans, and its temporary folders behind. Within
-`sigterm_interrupts()` it raises `Terminated` instead, a KeyboardInterrupt, so the command's Ctrl-C path runs;
-`migserve`'s main then exits with 143 (128 + SIGTERM), as a shell reports a process that SIGTERM ended.
+an export's or a bench's processes would be left running as orphans, its temporary folders behind. Within
+`sigterm_interrupts()` (`migserve`'s main, around every command but `serve`, whose server stops on it in order) it
+raises `Terminated` instead, a KeyboardInterrupt, so the command's Ctrl-C path runs; `migserve`'s main then exits
+with 143 (128 + SIGTERM), as a shell reports a process that SIGTERM ended.
 """
 
 from __future__ import annotations
@@ -17,11 +18,22 @@ from types import FrameType
 from typing import Any
 
 TERMINATED_STATUS = 128 + signal.SIGTERM
+INTERRUPTED_STATUS = 128 + signal.SIGINT
 Handler = Callable[[int, FrameType | None], Any] | int | None  # what signal.signal returns
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be."""
+
+
+def stopped(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """What a command that keeps its finished work says it was, and its exit status: Ctrl-C's or SIGTERM's."""
+    return ("terminated", TERMINATED_STATUS) if isinstance(exc, Terminated) else ("interrupted", INTERRUPTED_STATUS)
+
+
+def status_after(stop: KeyboardInterrupt | None, otherwise: int) -> int:
+    """A command's exit status: Ctrl-C's or SIGTERM's if it was stopped (whatever it kept), else `otherwise`."""
+    return otherwise if stop is None else stopped(stop)[1]
 
 
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:

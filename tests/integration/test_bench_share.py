@@ -3,13 +3,18 @@ and the CPU analogue run for real."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ExportedRepo, Replies, SmiRun, fake_smi_runner, migserve
+from tests.helpers import MIGSERVE, PARENT, ROOT, ExportedRepo, Replies, SmiRun, fake_smi_runner, migserve, processes_where, running
 
 QUERY = "-i 0 --query-gpu=index,name,mig.mode.current,mig.mode.pending --format=csv"
 A100_MIG: Replies = {QUERY: ("query-mig-mode-a100-enabled.txt", 0), "-L": ("smi-L-a100-mig.txt", 0)}
@@ -84,6 +89,27 @@ def test_cpu_analogue_runs_both_modes_side_by_side(tiny_repo: ExportedRepo, tmp_
     report = (tmp_path / "report.md").read_text()
     assert "| crowd-csrnet | infer | cpu | mig | 2 |" in report and "| crowd-csrnet | infer | cpu | timeslice | 2 |" in report
     assert "| face-pros | train | cpu | mig | 2 |" in report
+
+
+def test_sigterm_stops_a_mode_with_its_processes(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """SIGTERM to the command (`timeout`, a supervisor's stop) while a mode's processes run: they are killed with it,
+    not left to measure on as orphans, and it says so and exits 143 (before, it died at once and they ran on)."""
+    command = [MIGSERVE, "bench", "share", "--device", "cpu", "--processes", "2", "--batch", "1", "--duration", "60s"]
+    command += ["--model-repo", str(tiny_repo.root), "--models", "crowd-csrnet", "--modes", "mig", "--out", str(tmp_path)]
+    bench = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(children := processes_where(PARENT, bench.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(children) == 2, "the mode's two processes"
+        bench.send_signal(signal.SIGTERM)
+        _, stderr = bench.communicate(timeout=30)
+        assert bench.returncode == 143 and "terminated: keeping the modes that finished" in stderr, stderr
+        assert "no mode finished" in stderr and "Traceback" not in stderr, stderr
+        assert not [pid for pid in children if running(pid)], "the mode's processes outlived the command"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(bench.pid, signal.SIGKILL)
 
 
 def test_cpu_analogue_has_no_mps(tmp_path: Path) -> None:

@@ -12,8 +12,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from bench.gateway_bench import _children
-from tests.helpers import MIGSERVE, ROOT, migserve
+from tests.helpers import MIGSERVE, ROOT, migserve, running, sigint_not_ignored
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -52,6 +54,32 @@ def test_a_failing_point_is_reported_and_the_rest_kept(tmp_path: Path) -> None:
     rows = json.loads((tmp_path / "points.json").read_text())
     assert bench.returncode == 1 and f"crowd-csrnet b=1 on cpu-0: child exited {-signal.SIGKILL}" in stderr
     assert rows[0]["error"] and not rows[1].get("error")
+
+
+@pytest.mark.parametrize(("how", "status", "said"), [("ctrl-c", 130, "interrupted"), ("sigterm", 143, "terminated")])
+def test_a_stopped_run_keeps_the_points_that_finished_and_leaves_no_child(tmp_path: Path, how: str, status: int, said: str) -> None:
+    """Ctrl-C (SIGINT to the terminal's process group) or SIGTERM to the command alone (`timeout`, a supervisor's
+    stop) while a point's child runs: the points that finished are reported, the running one's child is killed, not
+    left to train on as an orphan (before, SIGTERM ended the command at once, with no report, its child running on)."""
+    args = ["--models", "crowd-csrnet,grounding-mhst", "--size", "tiny", "--batch", "1", "--steps", "1"]
+    command = [MIGSERVE, "bench", "train", *args, "--cpu-slices", "1", "--partitions", "cpu-0", "--out", str(tmp_path)]
+    with sigint_not_ignored():
+        bench = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        child = _wait_for_child(bench.pid, "grounding-mhst", limit_s=120)  # the first point has finished
+        if how == "ctrl-c":
+            os.killpg(bench.pid, signal.SIGINT)
+        else:
+            bench.send_signal(signal.SIGTERM)
+        _, stderr = bench.communicate(timeout=60)
+        assert bench.returncode == status and f"{said}: keeping the points that finished" in stderr, stderr
+        assert "Traceback" not in stderr, stderr
+        assert [row["model"] for row in json.loads((tmp_path / "points.json").read_text())] == ["crowd-csrnet"]
+        assert (tmp_path / "report.md").is_file()
+        assert not running(child), "the running point's child outlived the command"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(bench.pid, signal.SIGKILL)
 
 
 def _wait_for_child(bench: int, model: str, limit_s: float = 60) -> int:

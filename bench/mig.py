@@ -13,11 +13,14 @@ import argparse
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import TextIO
+
+from migserve.interrupts import signals_deferred
 
 from .smi import EventKind, GpuInstanceProfile, parse_compute_instances, parse_devices, parse_events, parse_gpu_instances, parse_profiles
 
@@ -34,9 +37,12 @@ class Smi:
     def from_env(cls) -> Smi:
         return cls(os.environ.get("MIGSERVE_NVIDIA_SMI", "nvidia-smi"))
 
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, check: bool = True, own_session: bool = False) -> subprocess.CompletedProcess[str]:
+        """`own_session`: in a session of its own, so that a terminal's Ctrl-C does not reach it."""
         try:
-            done = subprocess.run([self.binary, *args], capture_output=True, text=True, check=False, timeout=120)
+            done = subprocess.run(
+                [self.binary, *args], capture_output=True, text=True, check=False, timeout=120, start_new_session=own_session
+            )
         except FileNotFoundError:
             raise MigError(f"{self.binary} not found: MIG needs an NVIDIA driver (set MIGSERVE_NVIDIA_SMI to another path)") from None
         if check and done.returncode != 0:
@@ -78,16 +84,28 @@ def plan_clear(gpu: int) -> list[str]:
 
 
 def execute(smi: Smi, commands: list[str], out: TextIO) -> None:
-    for command in commands:
-        done = smi.run(*shlex.split(command), check=False)
-        events = parse_events(done.stdout + done.stderr)
-        for event in events:
-            print(f"  {event.text}", file=out)
-        errors = [e for e in events if e.kind is EventKind.ERROR]
-        if errors or done.returncode != 0:
-            reason = errors[0].reason if errors else (done.stdout + done.stderr).strip()[:300]
-            hint = " (stop the processes using the GPU first)" if reason and "In use" in reason else ""
-            raise MigError(f"{smi.binary} {command}: {reason}{hint}")
+    """Run `commands`, each to its end: Ctrl-C or SIGTERM meanwhile lets the running one finish (killed half-way, it
+    could leave instances half-made) and is taken after it, the rest not run."""
+    for i, command in enumerate(commands):
+        try:
+            with signals_deferred(signal.SIGINT, signal.SIGTERM):
+                _report(smi, command, smi.run(*shlex.split(command), check=False, own_session=True), out)
+        except KeyboardInterrupt:
+            not_run = "; ".join(commands[i + 1 :]) or "none"
+            print(f"stopped once {smi.binary} {command} had finished; not run: {not_run}", file=out, flush=True)
+            raise
+
+
+def _report(smi: Smi, command: str, done: subprocess.CompletedProcess[str], out: TextIO) -> None:
+    """What the driver said of `command`, a line each; MigError if it refused any of it."""
+    events = parse_events(done.stdout + done.stderr)
+    for event in events:
+        print(f"  {event.text}", file=out)
+    errors = [e for e in events if e.kind is EventKind.ERROR]
+    if errors or done.returncode != 0:
+        reason = errors[0].reason if errors else (done.stdout + done.stderr).strip()[:300]
+        hint = " (stop the processes using the GPU first)" if reason and "In use" in reason else ""
+        raise MigError(f"{smi.binary} {command}: {reason}{hint}")
 
 
 def list_state(smi: Smi, out: TextIO) -> None:

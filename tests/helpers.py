@@ -168,9 +168,30 @@ SmiRun = Callable[..., tuple[CliRun, list[str]]]
 LOCAL_NVIDIA_FIXTURES = ROOT / "tests" / "fixtures" / "nvidia"
 
 
-def fake_smi_runner(shared: Path, tmp_path: Path) -> SmiRun:
-    """`run(replies, *migserve_args)`: the CLI with nvidia-smi replaced by a replay of captured outputs
-    (shared/fixtures/nvidia and tests/fixtures/nvidia); returns the run and the nvidia-smi calls it made."""
+@dataclass(frozen=True)
+class FakeSmi:
+    """nvidia-smi replaced by a replay of captured outputs (shared/fixtures/nvidia and tests/fixtures/nvidia):
+    `MIGSERVE_NVIDIA_SMI` and the replay's settings in `env`, the calls it was given in `calls`."""
+
+    wrapper: Path
+    captured: Path
+    log: Path
+
+    def env(self, replies: Replies, slow: Mapping[str, float] | None = None) -> dict[str, str]:
+        """`slow`: seconds a call takes before it answers (its end logged too, as "ARGS (finished)")."""
+        return os.environ | {
+            "MIGSERVE_NVIDIA_SMI": str(self.wrapper),
+            "FAKE_SMI_DIR": str(self.captured),
+            "FAKE_SMI_REPLIES": json.dumps(replies),
+            "FAKE_SMI_SLOW": json.dumps(slow or {}),
+            "FAKE_SMI_LOG": str(self.log),
+        }
+
+    def calls(self) -> list[str]:
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+
+def fake_smi(shared: Path, tmp_path: Path) -> FakeSmi:
     captured = tmp_path / "captured"
     captured.mkdir()
     for folder in (shared / "fixtures" / "nvidia", LOCAL_NVIDIA_FIXTURES):
@@ -179,18 +200,19 @@ def fake_smi_runner(shared: Path, tmp_path: Path) -> SmiRun:
     wrapper = tmp_path / "nvidia-smi"
     wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "fake_nvidia_smi.py"}" "$@"\n')
     wrapper.chmod(0o755)
-    log = tmp_path / "calls.log"
+    return FakeSmi(wrapper, captured, tmp_path / "calls.log")
+
+
+def fake_smi_runner(shared: Path, tmp_path: Path) -> SmiRun:
+    """`run(replies, *migserve_args)`: the CLI with nvidia-smi replaced by the replay (`fake_smi`); returns the run and
+    the nvidia-smi calls it made."""
+    smi = fake_smi(shared, tmp_path)
 
     def run(replies: Replies, *args: str | Path) -> tuple[CliRun, list[str]]:
-        log.write_text("")
-        env = os.environ | {
-            "MIGSERVE_NVIDIA_SMI": str(wrapper),
-            "FAKE_SMI_DIR": str(captured),
-            "FAKE_SMI_REPLIES": json.dumps(replies),
-            "FAKE_SMI_LOG": str(log),
-        }
-        done = subprocess.run([MIGSERVE, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-        return CliRun(done.returncode, done.stdout, done.stderr), log.read_text().splitlines()
+        smi.log.write_text("")
+        command = [MIGSERVE, *map(str, args)]
+        done = subprocess.run(command, cwd=ROOT, env=smi.env(replies), capture_output=True, text=True, check=False)
+        return CliRun(done.returncode, done.stdout, done.stderr), smi.calls()
 
     return run
 

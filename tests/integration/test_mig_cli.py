@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import Replies, SmiRun, fake_smi_runner
+from tests.helpers import MIGSERVE, ROOT, Replies, SmiRun, fake_smi, fake_smi_runner, sigint_not_ignored
 
 
 @pytest.fixture
@@ -82,3 +87,35 @@ def test_clear_dry_run_and_in_use(mig: SmiRun) -> None:
     run, calls = mig(replies, "clear", "--gpu", "0", "--yes")
     assert run.returncode == 1 and "In use by another client" in run.stderr and "stop the processes" in run.stderr
     assert calls == ["mig -i 0 -dci", "mig -i 0 -dgi"]
+
+
+@pytest.mark.parametrize(("how", "status", "said"), [("ctrl-c", -signal.SIGINT, "interrupted"), ("sigterm", 143, "terminated")])
+def test_a_stop_lets_the_running_mig_change_finish_and_runs_no_more(shared: Path, tmp_path: Path, how: str, status: int, said: str) -> None:
+    """Ctrl-C (SIGINT to the terminal's process group) or SIGTERM while `mig clear --yes` runs its first nvidia-smi
+    command: that command finishes and its answer is shown (cut half-way it could leave instances half-destroyed; before,
+    Ctrl-C reached nvidia-smi too, and SIGTERM's exception killed it), then the command stops, the second one not run."""
+    smi = fake_smi(shared, tmp_path)
+    replies: Replies = {"mig -i 0 -dci": ("dci-dgi-success-h100.txt", 0), "mig -i 0 -dgi": ("dci-dgi-success-h100.txt", 0)}
+    env = smi.env(replies, slow={"mig -i 0 -dci": 2.0})
+    command = [MIGSERVE, "mig", "clear", "--gpu", "0", "--yes"]
+    with sigint_not_ignored():
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while smi.calls() != ["mig -i 0 -dci"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # the fake nvidia-smi is in its slow call
+        if how == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert smi.calls() == ["mig -i 0 -dci", "mig -i 0 -dci (finished)"], "the first finished, the second never ran"
+    assert process.returncode == status and f"migserve mig: {said}" in err and "Traceback" not in err, err
+    assert "Successfully destroyed compute instance ID  0 from GPU  0 GPU instance ID  7" in out, "its answer is shown"
+    assert f"stopped once {smi.wrapper} mig -i 0 -dci had finished; not run: mig -i 0 -dgi" in out

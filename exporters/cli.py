@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from migserve.contract import SIZES, Contract, read_contract, sha256_file
-from migserve.interrupts import sigterm_interrupts
 
 from . import leftovers
 from .errors import BadOption, ExportError
@@ -147,8 +146,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
         return 2
     cores = len(os.sched_getaffinity(0))
     jobs = max(1, min(args.jobs or min(cores, MAX_JOBS), len(work)))
-    with sigterm_interrupts():  # SIGTERM stops the exports as Ctrl-C does, instead of orphaning their processes
-        outcomes = _in_processes(work, jobs, max(1, cores // jobs), err) if jobs > 1 else _here(work, err)
+    # SIGTERM raises Terminated in here (migserve's main): the exports stop as on Ctrl-C, their processes not orphaned
+    outcomes = _in_processes(work, jobs, max(1, cores // jobs), err) if jobs > 1 else _here(work, err)
     results: list[ExportResult] = []
     failures: list[tuple[str, str]] = []
     for (_, request), outcome in zip(work, outcomes, strict=True):  # in the order asked for, whatever finished first
@@ -264,8 +263,8 @@ def _in_processes(work: list[tuple[str, ExportRequest]], jobs: int, threads: int
     Ctrl-C: the export processes ignore SIGINT (a KeyboardInterrupt in one waiting for work, or starting, would break
     the pool with a traceback); this one tells them to stop at their exports' next step (their temporary folders
     removed on the way out), cancels the exports not begun, waits for them, and goes on with the KeyboardInterrupt.
-    A second Ctrl-C meanwhile kills them and removes what they had written. SIGTERM does as Ctrl-C (`run`), and the
-    processes die with this one, whatever kills it."""
+    A second Ctrl-C meanwhile kills them and removes what they had written. SIGTERM does as Ctrl-C (migserve's main),
+    and the processes die with this one, whatever kills it."""
     context = mp.get_context("spawn")
     lines, stop = context.Queue(), context.Event()
     scratch = leftovers.scratch()  # the processes' TMPDIR: removed here, even if they are killed; else by the next export

@@ -24,7 +24,9 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from types import FrameType
 from typing import Any, TextIO
 
 from migserve.contract import SIZES, Contract, read_contract, sha256_file
@@ -193,8 +195,8 @@ def _still_to_export(requests: list[ExportRequest], skip_existing: bool, err: Te
 
 
 class Interrupted(BaseException):
-    """Ctrl-C reached an export process's export: it stops at its next step (BaseException: no `except Exception` on
-    the way takes it for the export's own failure)."""
+    """Ctrl-C reached an export process's export: it stops where it is, or at its next step (BaseException: no
+    `except Exception` on the way takes it for the export's own failure)."""
 
 
 def _progress(prefix: str, started: float, say: Callable[[str], None], stopped: Callable[[], bool]) -> Callable[[str], None]:
@@ -233,11 +235,13 @@ def _here(work: list[tuple[str, ExportRequest]], err: TextIO) -> list[ExportResu
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent ends
 INTERRUPTED = "interrupted"  # an export process's answer for an export that Ctrl-C stopped or kept from starting
-_process: dict[str, Any] = {}  # in an export process: "lines", the queue its progress lines go to; "stop", the event
+# In an export process: "lines", the queue its progress lines go to; "stop", the event; "exporting", while an export runs
+_process: dict[str, Any] = {}
 
 
 def _start_process(lines: Any, stop: Any, threads: int, parent: int) -> None:
-    _process["lines"], _process["stop"] = lines, stop  # SIGINT is ignored here, from the start: _in_processes
+    _process["lines"], _process["stop"] = lines, stop  # SIGINT was ignored from the start (_in_processes) until:
+    signal.signal(signal.SIGINT, _stop_now)
     # Killed with the first process, whatever kills it (SIGKILL, the OOM killer), instead of exporting on as an orphan
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # it died before that was set
@@ -248,21 +252,33 @@ def _start_process(lines: Any, stop: Any, threads: int, parent: int) -> None:
     logging.getLogger("torch").setLevel(logging.ERROR)
 
 
+def _stop_now(signum: int, frame: FrameType | None) -> None:
+    """SIGINT in an export process (a terminal's Ctrl-C, or the first process's): the export running stops where it is
+    (a step can take minutes at paper size), its temporary folder removed on the way out. Once: a second one, and one
+    that comes while no export runs (waiting for work, where an exception would break the pool), is ignored."""
+    if _process.pop("exporting", False):
+        raise Interrupted
+
+
 def _in_process(prefix: str, request: ExportRequest) -> ExportResult | str:
     stop = _process["stop"]
     try:
+        _process["exporting"] = True
         return _export_one(prefix, request, _process["lines"].put, stop.is_set)
     except Interrupted:
         return INTERRUPTED
+    finally:
+        _process.pop("exporting", None)
 
 
 def _in_processes(work: list[tuple[str, ExportRequest]], jobs: int, threads: int, err: TextIO) -> list[ExportResult | str]:
     """Each export in one of `jobs` processes; their progress printed as it comes. A process that dies (killed, out
     of memory) fails the exports it had not finished, with the reason.
 
-    Ctrl-C: the export processes ignore SIGINT (a KeyboardInterrupt in one waiting for work, or starting, would break
-    the pool with a traceback); this one tells them to stop at their exports' next step (their temporary folders
-    removed on the way out), cancels the exports not begun, waits for them, and goes on with the KeyboardInterrupt.
+    Ctrl-C: in an export process SIGINT stops the export running where it is (`_stop_now`; while none runs, it is
+    ignored: a KeyboardInterrupt in one waiting for work, or starting, would break the pool with a traceback); this one
+    sends it to them too (SIGTERM reached only this one), tells them to take no more (their temporary folders removed
+    on the way out), cancels the exports not begun, waits for them, and goes on with the KeyboardInterrupt.
     A second Ctrl-C meanwhile kills them and removes what they had written. SIGTERM does as Ctrl-C (migserve's main),
     and the processes die with this one, whatever kills it."""
     context = mp.get_context("spawn")
@@ -283,8 +299,9 @@ def _in_processes(work: list[tuple[str, ExportRequest]], jobs: int, threads: int
                 with contextlib.suppress(queue.Empty):
                     print(lines.get(timeout=0.1), file=err, flush=True)
         except KeyboardInterrupt:
-            stop.set()
-            print("interrupted: the exports in progress stop at their next step (Ctrl-C again kills them)", file=err, flush=True)
+            stop.set()  # for the exports not begun that a process has already taken
+            _signal_exports(signal.SIGINT)  # those running stop where they are (a terminal's Ctrl-C reached them too)
+            print("interrupted: stopping the exports in progress (Ctrl-C again kills them)", file=err, flush=True)
             try:
                 pool.shutdown(wait=True, cancel_futures=True)
             except KeyboardInterrupt:
@@ -327,14 +344,21 @@ def _kill_exports(work: list[tuple[str, ExportRequest]], futures: list[Future[Ex
     of another export of the same models, which that one holds)."""
     # futures may be fewer than work: a signal can come while they are submitted
     running = [request for (_, request), future in zip(work, futures, strict=False) if future.running()]
-    for process in mp.active_children():
-        if process.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGKILL)
-            process.join(5)
+    for process in _signal_exports(signal.SIGKILL):
+        process.join(5)
     for request in running:
         for partial in request.out.glob(f".{request.name}.*.tmp"):
             leftovers.remove_unheld(partial)
+
+
+def _signal_exports(signum: int) -> list[BaseProcess]:
+    """Send `signum` to the export processes; which they are."""
+    processes = mp.active_children()
+    for pid in (process.pid for process in processes):
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+    return processes
 
 
 def _unwritable(out: Path) -> str | None:

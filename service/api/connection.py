@@ -15,8 +15,8 @@ or malformed headers, lines ended by a bare LF) hands the connection over, from 
 protocol, which serves the whole ASGI app as before. An Upgrade field is ignored on both sides (the gateway
 serves no websockets and no h2c; `without_upgrade`). A head over 64 KiB is answered 431 and the
 connection closed, here and in uvicorn's protocol (`BoundedHttpToolsProtocol`). A connection closed while its
-client may still be sending (a refused body, a head that could not be read) lingers first (`Linger`), so the
-client reads the answer instead of a reset.
+client may still be sending (a refused body, a head that could not be read, a 408 for a client that paused for
+--receive-timeout-s mid-request) lingers first (`Linger`), so the client reads the answer instead of a reset.
 
 Behaviour matches the ASGI path: the body limit answers 413, and the budget of bodies
 held at once 503, before reading the body (which is then read and dropped, so the client
@@ -313,7 +313,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # answers; a client cut off mid-body got no answer here before
         if self._in_head or (self.cycle is not None and not self.cycle.response_started):
             self._real.write(timed_out(self.gateway.config.receive_timeout_s, self.server_state.default_headers))
-        self._real.close()  # uvicorn tells the app the client is gone: its body's budget is given back
+        # the app is told the client is gone (its body's budget given back); lingering, so that a client that sends
+        # again gets the 408 and not a reset
+        self._linger_now()
 
     def on_message_begin(self) -> None:
         self._mid = True
@@ -432,7 +434,9 @@ class InferConnection(asyncio.BufferedProtocol):
             self._transport.pause_reading()  # pipelined requests wait for the one in flight
 
     def eof_received(self) -> bool | None:
-        return None  # close: a half-closed client is treated as gone, as uvicorn does
+        # close: a client that ends its side is taken for gone, as uvicorn and nginx do, and its request cancelled
+        # (TCP does not tell a half-close from a hang-up, and a client that gave up should cost nothing more)
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._state.connections.discard(self)
@@ -632,7 +636,10 @@ class InferConnection(asyncio.BufferedProtocol):
         self.gateway.metrics.disconnection("http", "receive_timeout")()
         if not self._writing_paused and not self._discard:  # a refused body was answered already
             transport.write(timed_out(self._stall.timeout, self._state.default_headers))
-        transport.close()  # connection_lost gives back the body's share of the budget
+        self._body = None  # the body's share of the budget given back now, not when the lingering ends
+        self.gateway.bodies.give(self._held)
+        self._held = 0
+        self._linger_now()  # so that a client that sends again gets the 408 and not a reset
 
     def _arm_idle(self) -> None:
         if self._idle is None:

@@ -323,6 +323,25 @@ def test_a_client_that_stops_in_the_body_is_disconnected_and_its_budget_given_ba
     _expected(impatient, body, n)
 
 
+@pytest.mark.parametrize("path", HEAD_PATHS)
+def test_a_client_that_sends_again_after_its_408_reads_it(impatient: Gateway, tiny_repo: ExportedRepo, path: str) -> None:
+    """A client that paused mid-request for --receive-timeout-s, then sends the rest: the gateway lingers after its 408
+    (drops what comes), so the client reads the 408; before, the gateway closed at once, and the client's second
+    write after it met a reset (the fuzzer's timing kind found it)."""
+    request = _request(*_infer_body(tiny_repo, seed=16))
+    sock, reader = _opened(impatient, path)
+    with sock:
+        sock.sendall(request[:100])
+        time.sleep(RECEIVE_TIMEOUT_S * 1.5)
+        sock.sendall(request[100:200])
+        time.sleep(0.3)  # a reset, were the gateway's side closed, is back by now
+        sock.sendall(request[200:])
+        status, _, answer = read_response(reader)
+        assert status == 408 and "--receive-timeout-s" in json.loads(answer)["error"]
+        assert reader.read() == b"", "the gateway's side ended after the answer"
+    assert _body_bytes(impatient) == 0
+
+
 def test_a_slow_client_that_keeps_sending_is_served(impatient: Gateway, tiny_repo: ExportedRepo) -> None:
     """The receive timeout bounds the quiet between reads, not the whole request: 8 pieces, 0.5 s apart."""
     size = len(_request(*_infer_body(tiny_repo, seed=12)))

@@ -1,24 +1,29 @@
 """Seeded fuzzing of the gateway's error paths: bad input gets a clear 4xx and disturbs nothing (issue 3).
 
 Starts `migserve serve` on the tiny models, with gRPC and `--receive-timeout-s 2`, and sends mutated requests of
-seven kinds, all from real ones: `infer-http` (KServe v2 binary and JSON bodies: the JSON header's values replaced,
+eight kinds, all from real ones: `infer-http` (KServe v2 binary and JSON bodies: the JSON header's values replaced,
 removed or added, Inference-Header-Content-Length wrong, bytes flipped, tensors placed in a registered shared memory
 region at offsets and sizes that may not fit), `http-head` (a raw exchange on a socket: the request line, header
-names and values, line endings and body framing mutated, requests pipelined behind it), `infer-grpc` (ModelInfer
-and ModelStreamInfer with shapes, datatypes, raw contents, typed contents and parameters mutated), `uploads` (JPEG,
-PNG, .npy, NIfTI, gzipped NIfTI, a DICOM file and zipped DICOM, stored and deflated, with bytes flipped, cut,
-inserted; CT jobs followed to their end), `multipart` (the form itself damaged), `control-http` (the JSON of
-/v2/logging, trace settings, shared memory registration, repository calls, the /v1 JSON forms, GETs of odd
-names, and GETs (long polls with odd `wait_s`) and DELETEs of jobs, the last one an upload ran among them) and
-`control-grpc` (the same calls over gRPC). A failure: an answer of 500 (501, 503 and 504 allowed), a gRPC
+names and values, line endings and body framing mutated, requests pipelined behind it), `infer-grpc` (ModelInfer and
+ModelStreamInfer with shapes, datatypes, raw contents, typed contents and parameters mutated), `uploads` (JPEG, PNG,
+.npy, NIfTI, gzipped NIfTI, a DICOM file and zipped DICOM, stored and deflated, with bytes flipped, cut, inserted;
+CT jobs followed to their end), `multipart` (the form itself damaged), `control-http` (the JSON of /v2/logging,
+trace settings, shared memory registration, repository calls, the /v1 JSON forms, GETs of odd names, and GETs (long
+polls with odd `wait_s`) and DELETEs of jobs, the last one an upload ran among them), `control-grpc` (the same calls
+over gRPC) and `timing` (a valid request whose timing or connection's end varies: sent in pieces with pauses, some
+past the receive timeout; the client gone mid-request or before its answer, by a FIN or a reset; a half-close;
+pipelined copies; gRPC deadlines too short to meet). A failure: an answer of 500 (501, 503 and 504 allowed), a gRPC
 INTERNAL, UNKNOWN or UNAVAILABLE, an answer slower than half a minute (10 s for a raw exchange, which a stalled one
 gets as 408), a lost connection (one HTTP client per kind keeps its connection alive across requests, so a reset
 after an answer shows), a failed CT job, a traceback in the gateway's log (`results/fuzz-serve.log`: an exception
-after an answer, which no status shows). A valid request every 50 checks that the gateway still serves.
+after an answer, which no status shows), anything still held once all requests have ended (the bodies
+`--max-pending-mb` counts, the models' queues: `leaks`). A valid request every 50 checks that the gateway still
+serves.
 
     .venv/bin/python -m bench.fuzz --requests 300 --seed 1
     .venv/bin/python -m bench.fuzz --kinds uploads,control-grpc --seed 2 --serve=--frontends=2
     .venv/bin/python -m bench.fuzz --revision a8dd263   # the service before the fixes this found
+    .venv/bin/python -m bench.fuzz --kinds timing --requests 150 --seed 2 --revision d87909f   # before the 408's linger
 
 It prints the answers per kind and status, each failure with the request that caused it, and exits 1 if any.
 """
@@ -34,6 +39,7 @@ import io
 import json
 import random
 import socket
+import struct
 import sys
 import time
 import zipfile
@@ -64,7 +70,9 @@ PARAMETER_VALUES: dict[str, list[Any]] = {
     "bytes_param": [b"", b"\xff" * 8, b"{}"],
 }
 REGION, REGION_BYTES = "fuzz", 1 << 20  # registered at the start, over /dev/shm/fuzz, for requests to name
-KINDS = ("infer-http", "http-head", "infer-grpc", "uploads", "multipart", "control-http", "control-grpc")
+KINDS = ("infer-http", "http-head", "infer-grpc", "uploads", "multipart", "control-http", "control-grpc", "timing")
+RECEIVE_TIMEOUT_S = 2.0  # the gateway's --receive-timeout-s here
+PAUSES_S = (0.0, 0.02, 0.3, RECEIVE_TIMEOUT_S + 1.0)  # within a request: a pause past the receive timeout gets 408
 RAW_S = 10.0  # a raw exchange's answer must come within this (the gateway runs with --receive-timeout-s 2)
 ANSWER_S = 60.0
 JUNK: list[Any] = [None, True, False, -1, 0, 1, 2**63, -(2**63), 2**64, 1.5, 1e308, "", "x", "1", "FP32", "BYTES", "INT8"]
@@ -520,6 +528,63 @@ class Fuzzer:
             detail = exc.details() or ""
         self.tally.record("control-grpc", outcome, failed, lambda: f"roll {roll:.2f}: {detail}")
 
+    def timing(self) -> None:
+        """A valid request whose timing, or whose connection's end, is what varies: sent in pieces with pauses (200,
+        or 408 once a pause outlasts the receive timeout); the client gone part way through it or before its answer,
+        by a FIN or a reset (nothing to answer; what it held must be given back, which the end of the run checks);
+        the request then the client's half-close (taken for a hang-up, as uvicorn and nginx take it: closed, no
+        answer); several pipelined in one write (each answered, in order); a gRPC call whose deadline is too short to
+        meet (DEADLINE_EXCEEDED or OK, and the gateway not left working on it)."""
+        rng = self.rng
+        target = rng.choice([b"/v2/models/crowd-csrnet/infer", b"/v2/models/crowd-csrnet/infer?to=uvicorn"])  # a query: handed over
+        head = b"POST %s HTTP/1.1\r\nHost: gateway\r\nContent-Length: %d\r\n" % (target, len(self.small_body))
+        request = head + b"Inference-Header-Content-Length: %d\r\n\r\n" % len(self.small_header) + self.small_body
+        roll = rng.random()
+        if roll < 0.3:
+            cuts = sorted(rng.sample(range(1, len(request)), rng.randint(1, 4)))
+            pauses = [rng.choice(PAUSES_S) for _ in cuts]
+            pieces = [request[a:b] for a, b in zip([0, *cuts], [*cuts, len(request)], strict=True)]
+            outcome = _paced(self.server.port, pieces, pauses)
+            allowed = {"408" if max(pauses) > RECEIVE_TIMEOUT_S else "200"}
+            if sum(pause > RECEIVE_TIMEOUT_S for pause in pauses) > 1:  # the lingering after the 408 ends as long a
+                allowed.add("reset before an answer")  # pause, and what the client sends after it meets a closed socket
+            failed = outcome not in allowed
+            self.tally.record("timing", f"paced: {outcome}", failed, lambda: f"{target!r}, pauses {pauses} at {cuts}")
+        elif roll < 0.55:
+            cut = rng.randrange(1, len(request))
+            reset = rng.random() < 0.5
+            _gone(self.server.port, request[:cut], reset)
+            self.tally.record("timing", f"gone mid-request ({'reset' if reset else 'FIN'})", False, str)
+        elif roll < 0.7:
+            reset = rng.random() < 0.5
+            _gone(self.server.port, request, reset)
+            self.tally.record("timing", f"gone before the answer ({'reset' if reset else 'FIN'})", False, str)
+        elif roll < 0.8:
+            outcome = _exchange(self.server.port, request, half_close=True)
+            self.tally.record("timing", f"half-closed: {outcome}", outcome != "closed before an answer", lambda: repr(target))
+        elif roll < 0.9:
+            count = rng.randint(2, 5)
+            statuses = _pipelined(self.server.port, request, count)
+            ok = statuses == ["200"] * count
+            self.tally.record("timing", f"pipelined: {'ok' if ok else statuses}", not ok, lambda: repr(target))
+        else:
+            self._short_deadline()
+
+    def _short_deadline(self) -> None:
+        arrays = self._sampled("face-pros")
+        call = service_pb2.ModelInferRequest(model_name="face-pros")
+        for name, array in arrays.items():
+            call.inputs.add(name=name, datatype=DATATYPES[array.dtype.name], shape=array.shape)
+            call.raw_input_contents.append(array.tobytes())
+        deadline = self.rng.choice([0.001, 0.005, 0.02])
+        try:
+            self.stub.ModelInfer(call, timeout=deadline)
+            outcome = "OK"
+        except grpc.RpcError as exc:
+            outcome = exc.code().name
+        failed = outcome not in ("OK", "DEADLINE_EXCEEDED")
+        self.tally.record("timing", f"grpc deadline {deadline * 1000:g} ms: {outcome}", failed, lambda: f"deadline {deadline} s")
+
     # sending
 
     def _http(self, kind: str, method: str, path: str, body: bytes, headers: dict[str, str]) -> None:
@@ -556,14 +621,39 @@ class Fuzzer:
         ready = httpx.get(f"{self.base}/v2/health/ready", timeout=ANSWER_S)
         self.tally.record("health", str(ready.status_code), ready.status_code != 200, lambda: ready.text)
 
+    def leaks(self) -> None:
+        """Once the requests have ended, nothing is still held for them: the bodies --max-pending-mb counts and the
+        models' queues back to 0 (within 5 s: a reset connection's request may still be in a batch)."""
+        deadline, held = time.monotonic() + 5, {}
+        while time.monotonic() < deadline:
+            text = httpx.get(f"{self.base}/metrics", timeout=ANSWER_S).text
+            held = {
+                name: sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+                for name in ("migserve_request_body_bytes ", "migserve_queue_depth{")
+            }
+            if not any(held.values()):
+                break
+            time.sleep(0.2)
+        self.tally.record("leaks", "none" if not any(held.values()) else "held", any(held.values()), lambda: str(held))
 
-def _exchange(port: int, request: bytes) -> str:
+
+def _exchange(port: int, request: bytes, half_close: bool = False) -> str:
     """The first answer's status to `request` on a new connection ("100" interim answers skipped), or what became of
-    the connection: closed or reset before an answer, or no answer in RAW_S while it stayed open."""
+    the connection: closed or reset before an answer, or no answer in RAW_S while it stayed open. `half_close`: the
+    client's side shut for writing once the request is sent."""
+    return _paced(port, [request], [], half_close)
+
+
+def _paced(port: int, pieces: list[bytes], pauses: list[float], half_close: bool = False) -> str:
+    """`_exchange` of a request sent in `pieces`, with a pause before each but the first."""
     received = b""
     with socket.create_connection(("127.0.0.1", port), timeout=RAW_S) as sock:
         try:
-            sock.sendall(request)
+            for piece, pause in zip(pieces, [0.0, *pauses], strict=True):
+                time.sleep(pause)
+                sock.sendall(piece)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
             while (status := _first_answer(received)) is None:
                 chunk = sock.recv(65536)
                 if not chunk:
@@ -574,6 +664,47 @@ def _exchange(port: int, request: bytes) -> str:
         except (ConnectionResetError, BrokenPipeError):
             return "reset before an answer"
     return status
+
+
+def _gone(port: int, sent: bytes, reset: bool) -> None:
+    """`sent` on a new connection, then the client gone: closed (FIN), or reset (RST, SO_LINGER 0)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=RAW_S) as sock:
+        sock.sendall(sent)
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _pipelined(port: int, request: bytes, count: int) -> list[str]:
+    """The statuses of the answers to `count` copies of `request` sent in one write, in order; what became of the
+    connection in place of those missing."""
+    received, statuses = b"", list[str]()
+    with socket.create_connection(("127.0.0.1", port), timeout=RAW_S) as sock:
+        sock.sendall(request * count)
+        while len(statuses) < count:
+            while (answer := _split_answer(received)) is not None:
+                status, received = answer
+                statuses.append(status)
+            if len(statuses) == count:
+                break
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                return [*statuses, f"no answer in {RAW_S:g} s"]
+            if not chunk:
+                return [*statuses, "closed before an answer"]
+            received += chunk
+    return statuses
+
+
+def _split_answer(received: bytes) -> tuple[str, bytes] | None:
+    """The first whole answer's status in `received` (framed by its Content-Length) and what follows it, or None."""
+    end = received.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head, rest = received[:end].split(b"\r\n"), received[end + 4 :]
+    lengths = [int(line.split(b":", 1)[1]) for line in head[1:] if line.lower().startswith(b"content-length:")]
+    length = lengths[0] if lengths else 0
+    return (head[0].split(b" ")[1].decode(), rest[length:]) if len(rest) >= length else None
 
 
 def tracebacks(log: str) -> list[str]:
@@ -588,13 +719,10 @@ def tracebacks(log: str) -> list[str]:
 
 def _first_answer(received: bytes) -> str | None:
     """The status of the first whole non-interim answer in `received`, or None while it is not all there."""
-    while (end := received.find(b"\r\n\r\n")) >= 0:
-        head, rest = received[:end].split(b"\r\n"), received[end + 4 :]
-        status = head[0].split(b" ")[1].decode()
+    while (answer := _split_answer(received)) is not None:
+        status, received = answer
         if status != "100":
-            lengths = [line.split(b":", 1)[1] for line in head[1:] if line.lower().startswith(b"content-length:")]
-            return status if not lengths or len(rest) >= int(lengths[0]) else None
-        received = rest
+            return status
     return None
 
 
@@ -650,13 +778,14 @@ def main() -> int:
             if number % 100 == 99:
                 print(f"  {number + 1} of each kind, {len(fuzzer.tally.failures)} failures", flush=True)
         fuzzer.still_serves()
+        fuzzer.leaks()
     finally:
         server.close()
         shm.unlink(missing_ok=True)
     for error in tracebacks(log.read_text(errors="replace")):
         fuzzer.tally.record("gateway log", "traceback", True, functools.partial(str, error))
     print("\n| kind | answers by status |\n| --- | --- |")
-    for kind in [*kinds, "health", "gateway log"]:
+    for kind in [*kinds, "health", "leaks", "gateway log"]:
         answers = sorted((outcome, n) for (k, outcome), n in fuzzer.tally.answers.items() if k == kind)
         print(f"| {kind} | {', '.join(f'{outcome}: {n}' for outcome, n in answers) or 'none'} |")
     for failure in fuzzer.tally.failures:

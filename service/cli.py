@@ -50,6 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "disconnected, and the body's share of --max-pending-mb is given back (default: 30)",
     )
     parser.add_argument(
+        "--head-timeout-s",
+        type=_finite,
+        default=60.0,
+        help="a request's head (request line and headers) not received whole within this long, however steadily it "
+        "comes, gets 408 and the connection is closed (default: 60, as nginx's client_header_timeout)",
+    )
+    parser.add_argument(
         "--arena-keep-mb",
         type=_finite,
         default=64.0,
@@ -336,6 +343,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             max_pending_bytes=pending,
             default_timeout_s=args.timeout_s,
             receive_timeout_s=args.receive_timeout_s,
+            head_timeout_s=args.head_timeout_s,
             send_timeout_s=args.send_timeout_s,
             arena_keep_bytes=int(args.arena_keep_mb * (1 << 20)),
             queue_capacity=args.queue_capacity,

@@ -71,6 +71,13 @@ class ServeConfig(BaseModel):
         description="longest wait for more of a request's head or body once it has begun; then 408 and the connection closes, "
         "giving back the body's share of --max-pending-mb",
     )
+    head_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="longest a request's head (request line and headers) may take to arrive whole, however steadily it "
+        "comes; then 408 and the connection closes (nginx's client_header_timeout), so that clients trickling heads in "
+        "cannot hold connections for ever",
+    )
     send_timeout_s: float = Field(
         60.0,
         gt=0,

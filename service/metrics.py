@@ -81,7 +81,8 @@ class Metrics:
         self.disconnected = Counter(
             "migserve_clients_disconnected",
             "Connections the gateway closed: the client sent nothing in the middle of a request for --receive-timeout-s "
-            "(receive_timeout), or took none of its answers for --send-timeout-s (send_timeout)",
+            "(receive_timeout), sent a request's head too slowly to have it whole within --head-timeout-s (head_timeout), "
+            "or took none of its answers for --send-timeout-s (send_timeout)",
             ["protocol", "reason"],
             registry=r,
         )
@@ -92,11 +93,11 @@ class Metrics:
             registry=r,
         )
         self._children: dict[tuple[str, ...], Any] = {}
-        for protocol, reason in (("http", "receive_timeout"), ("http", "send_timeout"), ("grpc", "send_timeout")):
+        for protocol, reason in (("http", "receive_timeout"), ("http", "head_timeout"), ("http", "send_timeout"), ("grpc", "send_timeout")):
             self.disconnection(protocol, reason)  # each at 0 from the start, as Prometheus would have it
 
     def disconnection(self, protocol: str, reason: str) -> Callable[[], None]:
-        """What counts one client the gateway disconnects for `reason` (receive_timeout, send_timeout)."""
+        """What counts one client the gateway disconnects for `reason` (receive_timeout, head_timeout, send_timeout)."""
         child = self._children.get(("disconnected", protocol, reason))
         if child is None:
             child = self._children["disconnected", protocol, reason] = self.disconnected.labels(protocol, reason)

@@ -215,6 +215,11 @@ def timed_out(timeout: float, default_headers: list[tuple[bytes, bytes]]) -> byt
     return closing_answer(error, default_headers)
 
 
+def head_timed_out(timeout: float, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    error = ReceiveTimeout(f"the request's head (request line and headers) did not arrive whole within {timeout:g} s (--head-timeout-s)")
+    return closing_answer(error, default_headers)
+
+
 def bounded_protocol(gateway: Gateway) -> type[BoundedHttpToolsProtocol]:
     """uvicorn's `http=` setting for --http-server uvicorn."""
     return type("BoundedProtocol", (BoundedHttpToolsProtocol,), {"gateway": gateway})
@@ -238,6 +243,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     _head_bytes = 0
     _ended = False  # a request ended during this data_received: the bytes after it are the next head's, uncounted
     _linger: Linger | None = None
+    _head_deadline: asyncio.TimerHandle | None = None  # from a request's first byte until its head is whole
     _shutting_down = False
     _real: asyncio.Transport  # the transport itself
     _view: _UvicornTransport  # what uvicorn's protocol and its cycles have for it
@@ -256,6 +262,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._stall.cancel()
         if self._linger is not None:
             self._linger.cancel()
+        self._cancel_head_deadline()
         if self._unsent is not None:
             self._unsent.drained()
         super().connection_lost(exc)
@@ -319,7 +326,21 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._mid = True
+        self._head_deadline = self.loop.call_later(self.gateway.config.head_timeout_s, self._head_too_slow)
         super().on_message_begin()
+
+    def _head_too_slow(self) -> None:
+        """--head-timeout-s since the request began, and its head is not whole: 408, then the lingering close."""
+        self._head_deadline = None
+        if self._in_head and self._linger is None and not self._real.is_closing():
+            self.gateway.metrics.disconnection("http", "head_timeout")()
+            self._real.write(head_timed_out(self.gateway.config.head_timeout_s, self.server_state.default_headers))
+            self._linger_now()
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
 
     def data_received(self, data: bytes) -> None:
         if self._linger is not None:
@@ -345,6 +366,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head, self._head_bytes = False, 0
+        self._cancel_head_deadline()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -383,6 +405,7 @@ class InferConnection(asyncio.BufferedProtocol):
         self._writing_paused = False
         self._idle: asyncio.TimerHandle | None = None
         self._linger: Linger | None = None  # answered and ending: what the client still sends is dropped
+        self._head_deadline: asyncio.TimerHandle | None = None  # from the wait for a head's rest until it is whole
         self._stall = StallWatch(self._loop, self.gateway.config.receive_timeout_s, self._waiting_for_client, self._stalled)
 
     # asyncio protocol interface
@@ -442,6 +465,7 @@ class InferConnection(asyncio.BufferedProtocol):
         self._state.connections.discard(self)
         self._cancel_idle()
         self._stall.cancel()
+        self._cancel_head_deadline()
         if self._linger is not None:
             self._linger.cancel()
         if self._task is not None:
@@ -495,11 +519,9 @@ class InferConnection(asyncio.BufferedProtocol):
                 self._hand_over()  # it waited for a CRLF CRLF that never came: the receive timeout's 408, not a 400
                 return
             if end < 0:
-                if self._pending:
-                    self._stall.arm()  # a head begun
-                else:
-                    self._arm_idle()
+                self._wait_for_head()
                 return
+            self._cancel_head_deadline()
             request = parse_head(bytes(self._pending[:end]))
             if request is None:
                 self._hand_over()
@@ -599,6 +621,7 @@ class InferConnection(asyncio.BufferedProtocol):
         assert self._transport is not None
         self._pending, self._discard = bytearray(), 0
         self._stall.cancel()
+        self._cancel_head_deadline()
         self._cancel_idle()
         self._linger = Linger(self._loop, self._transport, self.gateway.config.receive_timeout_s)
 
@@ -611,6 +634,7 @@ class InferConnection(asyncio.BufferedProtocol):
         if self._unsent is not None:
             self._unsent.drained()  # the new protocol watches the buffer from here on
         self._stall.cancel()
+        self._cancel_head_deadline()
         self._state.connections.discard(self)
         self._cancel_idle()
         data, self._pending = bytes(self._pending), bytearray()
@@ -640,6 +664,33 @@ class InferConnection(asyncio.BufferedProtocol):
         self.gateway.bodies.give(self._held)
         self._held = 0
         self._linger_now()  # so that a client that sends again gets the 408 and not a reset
+
+    def _wait_for_head(self) -> None:
+        """No whole head received: a head begun waits for its rest (--receive-timeout-s between reads, --head-timeout-s
+        in all), and with none the connection is idle."""
+        if not self._pending:
+            self._arm_idle()
+            return
+        self._stall.arm()
+        if self._head_deadline is None:
+            self._head_deadline = self._loop.call_later(self.gateway.config.head_timeout_s, self._head_too_slow)
+
+    def _head_too_slow(self) -> None:
+        """--head-timeout-s since this connection began waiting for a head's rest, and it is not whole: 408, then the
+        lingering close (uvicorn's protocol, which a connection may be handed to, keeps its own deadline)."""
+        self._head_deadline = None
+        transport = self._transport
+        if transport is None or transport.is_closing() or transport.get_protocol() is not self or self._linger is not None:
+            return
+        self.gateway.metrics.disconnection("http", "head_timeout")()
+        if not self._writing_paused:
+            transport.write(head_timed_out(self.gateway.config.head_timeout_s, self._state.default_headers))
+        self._linger_now()
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
 
     def _arm_idle(self) -> None:
         if self._idle is None:

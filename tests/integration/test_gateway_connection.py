@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import json
 import resource
+import select
 import socket
 import time
 import urllib.error
@@ -252,14 +253,16 @@ def test_an_endless_header_does_not_grow_the_gateway(gateway: Gateway, tiny_repo
 
 
 RECEIVE_TIMEOUT_S = 2.0
+HEAD_TIMEOUT_S = 4.0
 
 
 @pytest.fixture(scope="module")
 def impatient(tiny_repo: ExportedRepo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """A gateway that waits 2 s for a stalled client, with room for one 50 MB body at a time."""
+    """A gateway that waits 2 s for a stalled client and 4 s for a whole head, with room for one 50 MB body at a time."""
     log = tmp_path_factory.mktemp("impatient") / "serve.log"
     args = ("--cpu-slices", "1", "--models", "crowd-csrnet", "--max-body-mb", "50", "--max-pending-mb", "60")
-    server = Gateway(tiny_repo.root, *args, "--receive-timeout-s", str(RECEIVE_TIMEOUT_S), log=log)
+    timeouts = ("--receive-timeout-s", str(RECEIVE_TIMEOUT_S), "--head-timeout-s", str(HEAD_TIMEOUT_S))
+    server = Gateway(tiny_repo.root, *args, *timeouts, log=log)
     yield server
     server.close()
 
@@ -293,9 +296,9 @@ def test_a_client_that_stops_in_the_head_gets_408_and_is_disconnected(impatient:
     assert _disconnected(impatient) == before + 1  # in /metrics, by either protocol's code
 
 
-def _disconnected(gateway: Gateway) -> float:
+def _disconnected(gateway: Gateway, reason: str = "receive_timeout") -> float:
     text = httpx.get(f"http://{gateway.url}/metrics").text
-    return _metric(text, "migserve_clients_disconnected_total", protocol="http", reason="receive_timeout")
+    return _metric(text, "migserve_clients_disconnected_total", protocol="http", reason=reason)
 
 
 @pytest.mark.parametrize("path", HEAD_PATHS)
@@ -340,6 +343,27 @@ def test_a_client_that_sends_again_after_its_408_reads_it(impatient: Gateway, ti
         assert status == 408 and "--receive-timeout-s" in json.loads(answer)["error"]
         assert reader.read() == b"", "the gateway's side ended after the answer"
     assert _body_bytes(impatient) == 0
+
+
+@pytest.mark.parametrize("path", HEAD_PATHS)
+def test_a_head_that_trickles_in_gets_408_at_the_head_timeout(impatient: Gateway, tiny_repo: ExportedRepo, path: str) -> None:
+    """A head sent a few bytes every 0.5 s (never quiet for the receive timeout) is cut off once --head-timeout-s has
+    passed since it began (before, such a client held its connection for as long as it kept trickling), counted as
+    head_timeout, and the gateway serves on."""
+    before = _disconnected(impatient, "head_timeout")
+    head = _request(*_infer_body(tiny_repo, seed=18))[:100]  # not all of the head
+    sock, reader = _opened(impatient, path)
+    with sock:
+        started, sent = time.monotonic(), 0
+        while not select.select([sock], [], [], RECEIVE_TIMEOUT_S / 4)[0] and sent < len(head):  # until the answer comes
+            sock.sendall(head[sent : sent + 4])
+            sent += 4
+        waited = time.monotonic() - started
+        status, _, answer = read_response(reader)
+    assert status == 408 and "--head-timeout-s" in json.loads(answer)["error"], answer
+    assert HEAD_TIMEOUT_S * 0.9 < waited < HEAD_TIMEOUT_S * 2.5
+    assert _disconnected(impatient, "head_timeout") == before + 1
+    _expected(impatient, *_infer_body(tiny_repo, seed=19))
 
 
 def test_a_slow_client_that_keeps_sending_is_served(impatient: Gateway, tiny_repo: ExportedRepo) -> None:

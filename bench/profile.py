@@ -30,9 +30,8 @@ import numpy as np
 import yaml
 
 import migserve
-from migserve import interrupts
 from migserve.contract import Contract, DimRange, TensorSpec
-from migserve.interrupts import Terminated
+from migserve.interrupts import Terminated, keeping_what_finished
 from migserve.types import Array
 
 from .load import closed_loop, open_loop, process_usage
@@ -433,22 +432,19 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     if args.mode == "direct" and args.url is not None:
         print("error: --url is for --mode gateway or triton; direct mode starts its own workers", file=err)
         return 2
-    stopped: KeyboardInterrupt | None = None  # the points that finished are kept and reported all the same
     try:
-        asyncio.run(_stopped_by_sigterm(sweep(args, err)))
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM's Terminated
-        stopped = exc
-        print(f"\n{interrupts.stopped(exc)[0]}: keeping the points that finished", file=err)
+        with keeping_what_finished(err, "points") as stop:  # reported all the same
+            asyncio.run(_stopped_by_sigterm(sweep(args, err)))
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=err)
         return 2
     rows = json.loads((args.out / "points.json").read_text()) if (args.out / "points.json").is_file() else []
     if not rows:
         print("no point finished", file=err)
-        return interrupts.status_after(stopped, 1)
+        return stop.status(1)
     for path in write_report(rows, args.out):
         print(f"wrote {path}", file=out)
-    return interrupts.status_after(stopped, 0)
+    return stop.status(0)
 
 
 async def _stopped_by_sigterm(work: Coroutine[Any, Any, Recorder]) -> Recorder:

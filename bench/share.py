@@ -39,7 +39,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from exporters.names import MODEL_NAMES
-from migserve.interrupts import status_after, stopped
+from migserve.interrupts import keeping_what_finished
 from service.workers.affinity import pin_threads
 
 from .load import milliseconds, timed_runs
@@ -342,25 +342,21 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     previous = json.loads((args.out / "points.json").read_text()) if (args.out / "points.json").is_file() else []
     recorder.rows = list(previous)  # appended, so modes that need different MIG states can share one report
     context = {"device": args.device, "gpu": state.name if state else "cpu", "duration_s": args.duration} | environment()
-    stop: KeyboardInterrupt | None = None
-    try:
+    with keeping_what_finished(err, "modes") as stop:  # the running mode's children are gone with a stop
         for model in args.models:
             for mode, placements in plans.items():
                 print(f"{mode}: {model} ... (loading, then {args.duration:.0f} s measured)", file=err, flush=True)
                 with mps_daemon() if mode == "mps" else nullcontext() as mps:
                     for row in run_mode(args, model, placements, mps):
                         recorder.add(row | context)
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM's Terminated: the running mode's children are gone with it
-        stop = exc
-        print(f"\n{stopped(exc)[0]}: keeping the modes that finished", file=err)
     if not recorder.rows:
         print("no mode finished", file=err)
-        return status_after(stop, 1)
+        return stop.status(1)
     print(f"wrote {write_share_report(recorder.rows, args.out)}", file=out)
     failed = [r for r in recorder.rows[len(previous) :] if r.get("error")]
     for row in failed:
         print(f"{row['mode']} process {row['process']}: {row['error']}", file=err)
-    return status_after(stop, 1 if failed else 0)
+    return stop.status(1 if failed else 0)
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ import numpy as np
 
 from exporters.names import MODEL_NAMES
 from migserve.contract import Size
-from migserve.interrupts import status_after, stopped
+from migserve.interrupts import keeping_what_finished
 from service.workers.affinity import pin_threads
 
 from .load import milliseconds, timed_runs
@@ -88,26 +88,22 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     plan = [(model, part, batch) for model in args.models for part in parts for batch in args.batch]
     progress = Progress(err, len(plan))
     env = environment()
-    stop: KeyboardInterrupt | None = None
-    try:
+    with keeping_what_finished(err, "points") as stop:  # the running point's child is gone with a stop
         for done, (model, part, batch) in enumerate(plan):
             progress.show(done, f"{model} b={batch} on {part.id}")
             row = train_point(args, model, part, batch)
             where = {"partition": part.id, "kind": part.kind.value, "profile": part.profile or ",".join(map(str, part.cores))}
             recorder.add({"model": model, "size": args.size, "batch": batch, "optimizer": args.optimizer} | where | row | env)
         progress.show(len(plan), "done", final=True)
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM's Terminated: the running point's child is gone with it
-        stop = exc
-        print(f"\n{stopped(exc)[0]}: keeping the points that finished", file=err)
     if not recorder.rows:
         print("no point finished", file=err)
-        return status_after(stop, 1)
+        return stop.status(1)
     for path in write_train_report(recorder.rows, args.out):
         print(f"wrote {path}", file=out)
     failed = [r for r in recorder.rows if r.get("error")]
     for row in failed:
         print(f"{row['model']} b={row['batch']} on {row['partition']}: {row['error']}", file=err)
-    return status_after(stop, 1 if failed else 0)
+    return stop.status(1 if failed else 0)
 
 
 def zoo_shapes(models: list[str], size: Size) -> Shapes:

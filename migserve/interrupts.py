@@ -15,7 +15,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any
+from typing import Any, TextIO
 
 TERMINATED_STATUS = 128 + signal.SIGTERM
 INTERRUPTED_STATUS = 128 + signal.SIGINT
@@ -26,14 +26,31 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be."""
 
 
-def stopped(exc: KeyboardInterrupt) -> tuple[str, int]:
-    """What a command that keeps its finished work says it was, and its exit status: Ctrl-C's or SIGTERM's."""
-    return ("terminated", TERMINATED_STATUS) if isinstance(exc, Terminated) else ("interrupted", INTERRUPTED_STATUS)
+class Stop:
+    """What stopped a command that keeps its finished work, if anything did: Ctrl-C, or SIGTERM's Terminated."""
+
+    __slots__ = ("by",)
+
+    def __init__(self) -> None:
+        self.by: KeyboardInterrupt | None = None
+
+    def status(self, otherwise: int) -> int:
+        """The command's exit status: Ctrl-C's or SIGTERM's if it was stopped (whatever it kept), else `otherwise`."""
+        if self.by is None:
+            return otherwise
+        return TERMINATED_STATUS if isinstance(self.by, Terminated) else INTERRUPTED_STATUS
 
 
-def status_after(stop: KeyboardInterrupt | None, otherwise: int) -> int:
-    """A command's exit status: Ctrl-C's or SIGTERM's if it was stopped (whatever it kept), else `otherwise`."""
-    return otherwise if stop is None else stopped(stop)[1]
+@contextlib.contextmanager
+def keeping_what_finished(err: TextIO, what: str) -> Iterator[Stop]:
+    """Ctrl-C or SIGTERM in the block ends it, says "interrupted (or terminated): keeping the `what` that finished",
+    and is recorded in the Stop yielded, for the command to report what finished and exit with `Stop.status`."""
+    stop = Stop()
+    try:
+        yield stop
+    except KeyboardInterrupt as exc:
+        stop.by = exc
+        print(f"\n{'terminated' if isinstance(exc, Terminated) else 'interrupted'}: keeping the {what} that finished", file=err)
 
 
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:

@@ -43,7 +43,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from ..errors import BadRequest, HeadTooLarge, ReceiveTimeout, ServiceError, TooLarge
-from ..watchdog import StallWatch
+from ..watchdog import Deadline, StallWatch
 from .errors import internal_error
 from .fastpath import (
     ACCEPT_ENCODING,
@@ -243,7 +243,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     _head_bytes = 0
     _ended = False  # a request ended during this data_received: the bytes after it are the next head's, uncounted
     _linger: Linger | None = None
-    _head_deadline: asyncio.TimerHandle | None = None  # from a request's first byte until its head is whole
+    _head_deadline: Deadline  # from a request's first byte until its head is whole
     _shutting_down = False
     _real: asyncio.Transport  # the transport itself
     _view: _UvicornTransport  # what uvicorn's protocol and its cycles have for it
@@ -253,6 +253,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(cast(asyncio.Transport, self._view))
         config = self.gateway.config
         self._stall = StallWatch(self.loop, config.receive_timeout_s, self._waiting_for_client, self._stalled)
+        self._head_deadline = Deadline(self.loop, config.head_timeout_s, self._head_too_slow)
         self._unsent = Unsent(
             self.loop, transport, self.gateway.bodies, config.send_timeout_s, self.gateway.metrics.disconnection("http", "send_timeout")
         )
@@ -262,7 +263,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._stall.cancel()
         if self._linger is not None:
             self._linger.cancel()
-        self._cancel_head_deadline()
+        self._head_deadline.cancel()
         if self._unsent is not None:
             self._unsent.drained()
         super().connection_lost(exc)
@@ -326,21 +327,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._mid = True
-        self._head_deadline = self.loop.call_later(self.gateway.config.head_timeout_s, self._head_too_slow)
+        self._head_deadline.arm()
         super().on_message_begin()
 
     def _head_too_slow(self) -> None:
         """--head-timeout-s since the request began, and its head is not whole: 408, then the lingering close."""
-        self._head_deadline = None
         if self._in_head and self._linger is None and not self._real.is_closing():
             self.gateway.metrics.disconnection("http", "head_timeout")()
             self._real.write(head_timed_out(self.gateway.config.head_timeout_s, self.server_state.default_headers))
             self._linger_now()
-
-    def _cancel_head_deadline(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
 
     def data_received(self, data: bytes) -> None:
         if self._linger is not None:
@@ -366,7 +361,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head, self._head_bytes = False, 0
-        self._cancel_head_deadline()
+        self._head_deadline.cancel()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -403,10 +398,11 @@ class InferConnection(asyncio.BufferedProtocol):
         self._task: asyncio.Task[None] | None = None
         self._closing = False  # close once the request in flight is answered
         self._writing_paused = False
-        self._idle: asyncio.TimerHandle | None = None
+        self._idle = Deadline(self._loop, config.timeout_keep_alive, self._close_idle)  # kept alive with no request
         self._linger: Linger | None = None  # answered and ending: what the client still sends is dropped
-        self._head_deadline: asyncio.TimerHandle | None = None  # from the wait for a head's rest until it is whole
         self._stall = StallWatch(self._loop, self.gateway.config.receive_timeout_s, self._waiting_for_client, self._stalled)
+        # from the wait for a head's rest until it is whole
+        self._head_deadline = Deadline(self._loop, self.gateway.config.head_timeout_s, self._head_too_slow)
 
     # asyncio protocol interface
 
@@ -444,7 +440,7 @@ class InferConnection(asyncio.BufferedProtocol):
             self._linger.received(self._loop.time())
             return
         self._stall.last = self._loop.time()
-        self._cancel_idle()
+        self._idle.cancel()
         if self._body is not None:
             self._received += nbytes
             if self._received == len(self._body):
@@ -463,16 +459,14 @@ class InferConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._state.connections.discard(self)
-        self._cancel_idle()
+        self._idle.cancel()
         self._stall.cancel()
-        self._cancel_head_deadline()
+        self._head_deadline.cancel()
         if self._linger is not None:
             self._linger.cancel()
         if self._task is not None:
             self._task.cancel()  # the request leaves its queue; Gateway.infer counts it as 499
-        self._body = None
-        self.gateway.bodies.give(self._held)  # a body cut off before it was complete
-        self._held = 0
+        self._give_back_body()  # a body cut off before it was complete
         if self._unsent is not None:
             self._unsent.drained()
 
@@ -521,7 +515,7 @@ class InferConnection(asyncio.BufferedProtocol):
             if end < 0:
                 self._wait_for_head()
                 return
-            self._cancel_head_deadline()
+            self._head_deadline.cancel()
             request = parse_head(bytes(self._pending[:end]))
             if request is None:
                 self._hand_over()
@@ -621,8 +615,8 @@ class InferConnection(asyncio.BufferedProtocol):
         assert self._transport is not None
         self._pending, self._discard = bytearray(), 0
         self._stall.cancel()
-        self._cancel_head_deadline()
-        self._cancel_idle()
+        self._head_deadline.cancel()
+        self._idle.cancel()
         self._linger = Linger(self._loop, self._transport, self.gateway.config.receive_timeout_s)
 
     def _hand_over(self) -> None:
@@ -634,9 +628,9 @@ class InferConnection(asyncio.BufferedProtocol):
         if self._unsent is not None:
             self._unsent.drained()  # the new protocol watches the buffer from here on
         self._stall.cancel()
-        self._cancel_head_deadline()
+        self._head_deadline.cancel()
         self._state.connections.discard(self)
-        self._cancel_idle()
+        self._idle.cancel()
         data, self._pending = bytes(self._pending), bytearray()
         protocol.connection_made(transport)
         transport.set_protocol(protocol)
@@ -660,25 +654,21 @@ class InferConnection(asyncio.BufferedProtocol):
         self.gateway.metrics.disconnection("http", "receive_timeout")()
         if not self._writing_paused and not self._discard:  # a refused body was answered already
             transport.write(timed_out(self._stall.timeout, self._state.default_headers))
-        self._body = None  # the body's share of the budget given back now, not when the lingering ends
-        self.gateway.bodies.give(self._held)
-        self._held = 0
+        self._give_back_body()  # now, not when the lingering ends
         self._linger_now()  # so that a client that sends again gets the 408 and not a reset
 
     def _wait_for_head(self) -> None:
         """No whole head received: a head begun waits for its rest (--receive-timeout-s between reads, --head-timeout-s
         in all), and with none the connection is idle."""
         if not self._pending:
-            self._arm_idle()
+            self._idle.arm()
             return
         self._stall.arm()
-        if self._head_deadline is None:
-            self._head_deadline = self._loop.call_later(self.gateway.config.head_timeout_s, self._head_too_slow)
+        self._head_deadline.arm()
 
     def _head_too_slow(self) -> None:
         """--head-timeout-s since this connection began waiting for a head's rest, and it is not whole: 408, then the
         lingering close (uvicorn's protocol, which a connection may be handed to, keeps its own deadline)."""
-        self._head_deadline = None
         transport = self._transport
         if transport is None or transport.is_closing() or transport.get_protocol() is not self or self._linger is not None:
             return
@@ -687,21 +677,12 @@ class InferConnection(asyncio.BufferedProtocol):
             transport.write(head_timed_out(self.gateway.config.head_timeout_s, self._state.default_headers))
         self._linger_now()
 
-    def _cancel_head_deadline(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
-
-    def _arm_idle(self) -> None:
-        if self._idle is None:
-            self._idle = self._loop.call_later(self._config.timeout_keep_alive, self._close_idle)
-
-    def _cancel_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+    def _give_back_body(self) -> None:
+        """The body being received is dropped, and its share of the budget of bodies given back."""
+        self._body = None
+        self.gateway.bodies.give(self._held)
+        self._held = 0
 
     def _close_idle(self) -> None:
-        self._idle = None
         if self._task is None and self._body is None and self._transport is not None:
             self._transport.close()

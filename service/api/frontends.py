@@ -229,7 +229,7 @@ class FrontendConnection(InferConnection):
         self._leaving = True
         transport.pause_reading()
         self._state.connections.discard(self)
-        self._cancel_idle()
+        self._idle.cancel()
         if transport.get_write_buffer_size():  # an answer still going out: hand over once it has
             self._loop.call_later(0.002, self._hand_over)
             return

@@ -30,6 +30,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from migserve.contract import SIZES, Contract, read_contract, sha256_file
+from migserve.interrupts import signals_deferred
 
 from . import leftovers
 from .errors import BadOption, ExportError
@@ -260,11 +261,18 @@ def _stop_now(signum: int, frame: FrameType | None) -> None:
         raise Interrupted
 
 
+def _said(line: str) -> None:
+    """A progress line to the first process. The queue's put takes locks and may start its feeder thread: a stop
+    raised in the middle of that could leave them held, so SIGINT waits until the line is queued."""
+    with signals_deferred(signal.SIGINT):
+        _process["lines"].put(line)
+
+
 def _in_process(prefix: str, request: ExportRequest) -> ExportResult | str:
     stop = _process["stop"]
     try:
         _process["exporting"] = True
-        return _export_one(prefix, request, _process["lines"].put, stop.is_set)
+        return _export_one(prefix, request, _said, stop.is_set)
     except Interrupted:
         return INTERRUPTED
     finally:

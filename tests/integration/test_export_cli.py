@@ -379,6 +379,9 @@ def _export_until_stopped(out: Path, jobs: int, how: str) -> tuple[int, str, flo
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
+        process.wait()  # reaped here, not left for a later test to warn of
+        if process.returncode == -signal.SIGKILL and how != "sigkill":
+            print(log.read_text())  # what it said before it was killed, for the failure's report
 
 
 @pytest.mark.parametrize(("jobs", "how"), [(1, "ctrl-c"), (2, "ctrl-c"), (2, "ctrl-c-twice"), (2, "sigterm"), (2, "sigkill")], ids=str)

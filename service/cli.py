@@ -57,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "comes, gets 408 and the connection is closed (default: 60, as nginx's client_header_timeout)",
     )
     parser.add_argument(
+        "--max-connections",
+        type=int,
+        help="HTTP client connections each gateway process takes at once; one past it is answered 503 and closed "
+        "(default: the limit on open files less a tenth, at least 256, kept for the gateway's own files)",
+    )
+    parser.add_argument(
         "--arena-keep-mb",
         type=_finite,
         default=64.0,
@@ -344,6 +350,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
             default_timeout_s=args.timeout_s,
             receive_timeout_s=args.receive_timeout_s,
             head_timeout_s=args.head_timeout_s,
+            max_connections=args.max_connections,
             send_timeout_s=args.send_timeout_s,
             arena_keep_bytes=int(args.arena_keep_mb * (1 << 20)),
             queue_capacity=args.queue_capacity,

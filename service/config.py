@@ -78,6 +78,12 @@ class ServeConfig(BaseModel):
         "comes; then 408 and the connection closes (nginx's client_header_timeout), so that clients trickling heads in "
         "cannot hold connections for ever",
     )
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="client connections each process takes at once; more are answered 503 at once. Default: the process's "
+        "limit on open files less a reserve for the gateway's own (workers, shared memory, uploads), service/fds.py",
+    )
     send_timeout_s: float = Field(
         60.0,
         gt=0,

@@ -1,11 +1,18 @@
-"""The gateway's limit on open files: each client connection holds one.
+"""The gateway's limit on open files, and the client connections it takes at once.
 
-Past the limit a connection cannot be accepted: uvloop (libuv) then accepts it on a
-descriptor kept in reserve and closes it at once, so the client sees the connection
-dropped without an answer and nothing is logged. Many environments start processes
-with a soft limit of 1024 under a much higher hard one; `serve` raises the soft limit
-to the hard one at start (as Go's runtime does for its programs), and warns where
-even that leaves room for few connections.
+Each client connection holds an open file, and so does much of the gateway's own work:
+a worker's start (its pipes and socket), a batch's shared memory arena, an upload
+spooled to disk, a CT job's files. Past the limit on open files a connection cannot be
+accepted (uvloop then accepts it on a descriptor kept in reserve and closes it at once:
+the client sees the connection dropped, and nothing is logged), and worse, the
+gateway's own work fails: a worker that died is not started again while the table is
+full. So each process takes at most `connection_limit()` client connections at once
+(`serve --max-connections`; by default its open-file limit less a reserve for its own
+files) and answers those past it 503 at once (service/api/connection.py).
+
+Many environments start processes with a soft limit of 1024 under a much higher hard
+one; `serve` raises the soft limit to the hard one at start (as Go's runtime does for
+its programs), and warns where even that leaves room for few connections.
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ import contextlib
 import resource
 
 CEILING = 1 << 20  # Linux's default nr_open: no soft limit above it can be set
-FEW = 4096  # connections, roughly, below which the start-up log warns
+FEW = 4096  # open files, roughly, below which the start-up log warns
+RESERVE = 256  # open files kept for the gateway's own work, at the least (a tenth of the limit where that is more)
 
 
 def raise_open_files() -> None:
@@ -26,13 +34,33 @@ def raise_open_files() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-def few_open_files() -> str | None:
-    """A warning where this process may open fewer than FEW files, else None."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= FEW:
-        return None
-    return (
-        f"this process may open {soft} files (hard limit {hard}), so it can hold fewer than {soft} client connections at "
-        "once; a client past that is disconnected without an answer. Raise the limit: ulimit -n 65536, docker run "
-        "--ulimit nofile=65536:65536, LimitNOFILE= in a systemd unit"
+def _open_files() -> int:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return CEILING if soft == resource.RLIM_INFINITY else soft
+
+
+def default_connection_limit() -> int:
+    """The client connections one process takes at once unless told: its open-file limit less the reserve."""
+    files = _open_files()
+    return max(1, files - max(RESERVE, files // 10))
+
+
+def connection_limit(configured: int | None) -> tuple[int, str | None]:
+    """The client connections one process takes at once (`configured`, else the default), and a warning where that
+    leaves the gateway few open files of its own, or where the limit on open files is low."""
+    files = _open_files()
+    if configured is not None and configured > files - RESERVE:
+        return configured, (
+            f"--max-connections {configured} leaves fewer than {RESERVE} of this process's {files} open files to the "
+            "gateway's own work: with that many clients connected, new ones are dropped without an answer, and a worker "
+            f"that dies is not started again until connections close. Give at most {max(1, files - RESERVE)}, or raise "
+            "the limit: ulimit -n 65536, docker run --ulimit nofile=65536:65536, LimitNOFILE= in a systemd unit"
+        )
+    limit = default_connection_limit() if configured is None else configured
+    if files >= FEW:
+        return limit, None
+    return limit, (
+        f"this process may open {files} files, so it takes at most {limit} client connections at once (--max-connections); "
+        "more are answered 503. Raise the limit: ulimit -n 65536, docker run --ulimit nofile=65536:65536, LimitNOFILE= "
+        "in a systemd unit"
     )

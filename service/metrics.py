@@ -82,7 +82,8 @@ class Metrics:
             "migserve_clients_disconnected",
             "Connections the gateway closed: the client sent nothing in the middle of a request for --receive-timeout-s "
             "(receive_timeout), sent a request's head too slowly to have it whole within --head-timeout-s (head_timeout), "
-            "or took none of its answers for --send-timeout-s (send_timeout)",
+            "took none of its answers for --send-timeout-s (send_timeout), or connected while its process held "
+            "--max-connections others (max_connections: answered 503 at once)",
             ["protocol", "reason"],
             registry=r,
         )
@@ -93,11 +94,18 @@ class Metrics:
             registry=r,
         )
         self._children: dict[tuple[str, ...], Any] = {}
-        for protocol, reason in (("http", "receive_timeout"), ("http", "head_timeout"), ("http", "send_timeout"), ("grpc", "send_timeout")):
+        for protocol, reason in (
+            ("http", "receive_timeout"),
+            ("http", "head_timeout"),
+            ("http", "send_timeout"),
+            ("http", "max_connections"),
+            ("grpc", "send_timeout"),
+        ):
             self.disconnection(protocol, reason)  # each at 0 from the start, as Prometheus would have it
 
     def disconnection(self, protocol: str, reason: str) -> Callable[[], None]:
-        """What counts one client the gateway disconnects for `reason` (receive_timeout, head_timeout, send_timeout)."""
+        """What counts one client the gateway disconnects for `reason` (receive_timeout, head_timeout, send_timeout,
+        max_connections)."""
         child = self._children.get(("disconnected", protocol, reason))
         if child is None:
             child = self._children["disconnected", protocol, reason] = self.disconnected.labels(protocol, reason)

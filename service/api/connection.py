@@ -42,7 +42,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from ..errors import BadRequest, HeadTooLarge, ReceiveTimeout, ServiceError, TooLarge
+from ..errors import BadRequest, HeadTooLarge, ReceiveTimeout, ServiceError, TooLarge, Unavailable
 from ..watchdog import Deadline, StallWatch
 from .errors import internal_error
 from .fastpath import (
@@ -79,6 +79,8 @@ READ = WANTED | {b"connection"}  # the fast path's headers, and whether to keep 
 STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in http.HTTPStatus}
 LINGER_QUIET_S = 5.0  # a lingering connection closes once its client sends nothing for this long (or --receive-timeout-s)
 LINGER_MAX_S = 30.0  # and after this long in any case (nginx's lingering_timeout and lingering_time)
+REFUSED_LINGER_S = 2.0  # the longest a connection refused for --max-connections lingers
+REFUSED_LINGERING = 64  # and how many may linger at once (a quarter of service/fds.py's RESERVE)
 DROPPED = memoryview(bytearray(256 << 10))  # what a lingering connection's bytes are received into, and dropped
 
 
@@ -166,10 +168,12 @@ class Linger:
 
     __slots__ = ("_end", "_transport", "_watch")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, receive_timeout_s: float) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, receive_timeout_s: float, longest_s: float = LINGER_MAX_S
+    ) -> None:
         self._transport = transport
-        self._watch = StallWatch(loop, min(LINGER_QUIET_S, receive_timeout_s), self._open, transport.close)
-        self._end = loop.call_later(LINGER_MAX_S, transport.close)
+        self._watch = StallWatch(loop, min(LINGER_QUIET_S, receive_timeout_s, longest_s), self._open, transport.close)
+        self._end = loop.call_later(longest_s, transport.close)
         transport.write_eof()  # once what was written is sent
         transport.resume_reading()
         self._watch.arm()
@@ -210,6 +214,81 @@ class _UvicornTransport:
             self.transport.write(data)
 
 
+class Refused(asyncio.Protocol):
+    """A connection that came while its process held --max-connections others: answered 503 at once, before its
+    request is read (an HTTP client reads the answer once it has sent its request), and closed once the client has
+    closed its side, or after REFUSED_LINGER_S, what the client sends received and dropped meanwhile (Linger). Its
+    open file is soon given back, so that the gateway keeps the ones its own work needs (service/fds.py): while
+    REFUSED_LINGERING refused connections linger already (a flood of connections), one is closed as soon as its answer
+    is written, and its client may read a reset instead."""
+
+    __slots__ = ("_gateway", "_linger", "_state")
+    lingering = 0  # refused connections lingering in this process
+
+    def __init__(self, gateway: Gateway, state: ServerState) -> None:
+        self._gateway, self._state = gateway, state
+        self._linger: Linger | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        gateway = self._gateway
+        held = len(self._state.connections)
+        error = Unavailable(
+            f"the gateway holds {held} client connections, its limit (--max-connections {gateway.connection_limit}); retry later",
+            retry_after_s=1,
+        )
+        transport.write(closing_answer(error, self._state.default_headers))
+        gateway.metrics.disconnection("http", "max_connections")()
+        if _refusals.due(time.monotonic()):
+            logger.warning("answering new connections 503: %d are open, the limit (--max-connections)", held)
+        if Refused.lingering >= REFUSED_LINGERING:
+            transport.close()
+            return
+        Refused.lingering += 1
+        self._linger = Linger(asyncio.get_running_loop(), transport, gateway.config.receive_timeout_s, REFUSED_LINGER_S)
+
+    def data_received(self, data: bytes) -> None:
+        if self._linger is not None:
+            self._linger.received(asyncio.get_running_loop().time())
+
+    def eof_received(self) -> bool | None:
+        return None  # close: the client has read the answer, or gone
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            Refused.lingering -= 1
+
+
+class _OncePerMinute:
+    """Whether to log now: the first time, and once a minute after (a flood of refusals logs a line a minute)."""
+
+    __slots__ = ("_next",)
+
+    def __init__(self) -> None:
+        self._next = 0.0
+
+    def due(self, now: float) -> bool:
+        if now < self._next:
+            return False
+        self._next = now + 60
+        return True
+
+
+_refusals = _OncePerMinute()
+
+
+def refused(transport: asyncio.BaseTransport, state: ServerState, gateway: Gateway) -> bool:
+    """A connection just accepted, when its process holds --max-connections others: it is refused (`Refused` serves
+    it from here on)."""
+    if len(state.connections) < gateway.connection_limit:
+        return False
+    protocol = Refused(gateway, state)
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    return True
+
+
 def timed_out(timeout: float, default_headers: list[tuple[bytes, bytes]]) -> bytes:
     error = ReceiveTimeout(f"nothing received for {timeout:g} s in the middle of the request (--receive-timeout-s)")
     return closing_answer(error, default_headers)
@@ -245,12 +324,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     _linger: Linger | None = None
     _head_deadline: Deadline  # from a request's first byte until its head is whole
     _shutting_down = False
+    _handed_over = False  # by an InferConnection, which was let in: not refused for --max-connections
     _real: asyncio.Transport  # the transport itself
     _view: _UvicornTransport  # what uvicorn's protocol and its cycles have for it
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if not self._handed_over and refused(transport, self.server_state, self.gateway):
+            return
         self._real, self._view = transport, _UvicornTransport(transport, self._close)
         super().connection_made(cast(asyncio.Transport, self._view))
+        # a connection that sends nothing closes after the keep-alive timeout, as one idle after an answer does
+        # (uvicorn's protocol armed it only after an answer: a client that never sent a byte was held for ever)
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
         config = self.gateway.config
         self._stall = StallWatch(self.loop, config.receive_timeout_s, self._waiting_for_client, self._stalled)
         self._head_deadline = Deadline(self.loop, config.head_timeout_s, self._head_too_slow)
@@ -407,10 +492,13 @@ class InferConnection(asyncio.BufferedProtocol):
     # asyncio protocol interface
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if refused(transport, self._state, self.gateway):
+            return
         self._transport = cast(asyncio.Transport, transport)  # uvloop's TCPTransport does not subclass asyncio's
         cut = self.gateway.metrics.disconnection("http", "send_timeout")
         self._unsent = Unsent(self._loop, self._transport, self.gateway.bodies, self.gateway.config.send_timeout_s, cut)
         self._state.connections.add(self)  # type: ignore[arg-type]  # uvicorn calls shutdown() on each
+        self._idle.arm()  # one that sends nothing closes as one kept alive with no request does
         if self.prelude:
             self._feed(self.prelude)
 
@@ -624,7 +712,7 @@ class InferConnection(asyncio.BufferedProtocol):
         transport = self._transport
         assert transport is not None
         protocol = BoundedHttpToolsProtocol(config=self._config, server_state=self._state, app_state=self._app_state, _loop=self._loop)
-        protocol.gateway = self.gateway
+        protocol.gateway, protocol._handed_over = self.gateway, True
         if self._unsent is not None:
             self._unsent.drained()  # the new protocol watches the buffer from here on
         self._stall.cancel()

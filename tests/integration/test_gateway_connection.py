@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import resource
 import select
+import signal
 import socket
 import time
 import urllib.error
@@ -27,7 +29,7 @@ import pytest
 
 from migserve.contract import read_contract
 from migserve.types import Array
-from service.fds import FEW
+from service.fds import FEW, RESERVE
 from tests.helpers import ExportedRepo, Gateway, read_response
 from tests.integration.test_gateway_behaviour import _metric
 from tests.integration.test_gateway_protocol import make_inputs
@@ -192,12 +194,17 @@ def test_connection_close_is_honoured(gateway: Gateway, tiny_repo: ExportedRepo)
         assert reader.read() == b"", "the gateway closes the connection after the answer"
 
 
-def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(gateway: Gateway, tiny_repo: ExportedRepo) -> None:
+@pytest.mark.parametrize("before", ["answered", "silent"])
+def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(gateway: Gateway, tiny_repo: ExportedRepo, before: str) -> None:
+    """Idle after an answer, or since it was opened (silent: before, a client that never sent a byte held its
+    connection and an open file for as long as it liked, past --head-timeout-s, which starts at a head's first
+    byte)."""
     body, n = _infer_body(tiny_repo, seed=8)
     sock, reader = _connect(gateway)
     with sock:
-        sock.sendall(_request(body, n))
-        assert read_response(reader)[0] == 200
+        if before == "answered":
+            sock.sendall(_request(body, n))
+            assert read_response(reader)[0] == 200
         started = time.monotonic()
         assert reader.read() == b""  # uvicorn's keep-alive timeout (5 s); the socket's own timeout is 30 s
         assert 3 < time.monotonic() - started < 15
@@ -504,8 +511,10 @@ def test_a_request_running_when_its_connection_ends_writes_nothing_after_the_end
 
 def test_uvicorn_alone_bounds_heads_and_stalls_too(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
     """--http-server uvicorn: every connection is uvicorn's protocol, with the same 431 and --receive-timeout-s, and
-    its refusals before a body is read are read by a client still sending it."""
-    args = ("--cpu-slices", "1", "--models", "crowd-csrnet", "--http-server", "uvicorn", "--receive-timeout-s", "1", "--max-body-mb", "8")
+    its refusals before a body is read are read by a client still sending it; a silent connection closes at the
+    keep-alive timeout, and one past --max-connections is answered 503."""
+    args = ["--cpu-slices", "1", "--models", "crowd-csrnet", "--http-server", "uvicorn", "--receive-timeout-s", "1", "--max-body-mb", "8"]
+    args += ["--max-connections", "4"]
     server = Gateway(tiny_repo.root, *args, log=tmp_path / "serve.log")
     try:
         sock, reader = _connect(server)
@@ -522,6 +531,20 @@ def test_uvicorn_alone_bounds_heads_and_stalls_too(tiny_repo: ExportedRepo, tmp_
             assert _sent_whole(server, ("POST", PATH), {"Content-Length": str(BIG), **headers}, BIG)[0] == status
         body, n = _infer_body(tiny_repo, seed=13)
         _expected(server, body, n)
+        sock, reader = _connect(server)
+        with sock:  # silent: closed at the keep-alive timeout, as an idle one
+            started = time.monotonic()
+            assert reader.read() == b""
+            assert 3 < time.monotonic() - started < 15
+        held = [_connect(server) for _ in range(4)]  # --max-connections 4
+        time.sleep(0.2)
+        response = httpx.get(f"http://{server.url}/v2/health/ready")
+        assert response.status_code == 503 and "--max-connections 4" in response.json()["error"], response.text
+        for sock, reader in held:
+            reader.close()
+            sock.close()
+        time.sleep(0.2)
+        assert httpx.get(f"http://{server.url}/v2/health/ready").status_code == 200
     finally:
         server.close()
 
@@ -533,8 +556,8 @@ def _open_files(pid: int) -> tuple[int, int]:
 
 
 def test_the_open_file_limit_is_raised_to_the_hard_one_and_a_low_one_is_warned_of(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
-    """Each connection is a descriptor; past the limit uvloop drops new connections unanswered and logs nothing. A
-    soft limit of 1024 under a higher hard one (a common default) is raised; a low hard limit is warned of at start."""
+    """Each connection is a descriptor. A soft limit of 1024 under a higher hard one (a common default) is raised; a
+    low hard limit is warned of at start, with the connections it leaves room for."""
     args = ("--models", "crowd-csrnet", "--cpu-slices", "1")
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     roomy = min(hard, 8192)  # the hard limit this test may set: at most the one it runs under
@@ -544,13 +567,63 @@ def test_the_open_file_limit_is_raised_to_the_hard_one_and_a_low_one_is_warned_o
         assert ("client connections at once" in raised.log.read_text()) == (roomy < FEW)
     finally:
         raised.close()
-    low = Gateway(tiny_repo.root, *args, log=tmp_path / "low.log", prefix=("prlimit", "--nofile=300:300"))
+
+
+def test_connections_past_the_limit_get_503_and_leave_the_gateway_the_files_its_work_needs(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """Under a hard limit of 300 open files the gateway takes 300 less RESERVE client connections at once. Before,
+    it took connections until its table of files was full: new clients were dropped without an answer, and a worker
+    killed meanwhile was not started again (EMFILE at its pipes) until clients went away; a client sending a head a
+    byte at a time holds its connection for --head-timeout-s. Now one past the limit gets 503 naming
+    --max-connections, a flood of them is closed as fast as it comes, a killed worker comes back while the flood
+    holds its sockets, and a client connected before keeps being served."""
+    args = ("--models", "crowd-csrnet", "--cpu-slices", "1")
+    server = Gateway(tiny_repo.root, *args, log=tmp_path / "low.log", prefix=("prlimit", "--nofile=300:300"))
+    limit = 300 - max(RESERVE, 30)
+    held: list[socket.socket] = []
     try:
-        assert _open_files(low.process.pid) == (300, 300)
-        assert "may open 300 files (hard limit 300), so it can hold fewer than 300 client connections" in low.log.read_text()
-        assert httpx.get(f"http://{low.url}/v2/health/ready").status_code == 200
+        assert _open_files(server.process.pid) == (300, 300)
+        assert f"may open 300 files, so it takes at most {limit} client connections at once" in server.log.read_text()
+        body, n = _infer_body(tiny_repo, seed=21)
+        expected = _expected(server, body, n)
+        (worker,) = [p["pid"] for p in httpx.get(f"http://{server.url}/v1/partitions").json()["partitions"]]
+        request = _request(body, n)
+        keep, reader = _connect(server)  # connected before, its request begun: served once it is whole
+        keep.sendall(request[:20])
+        held.append(keep)
+        for _ in range(limit - 1):  # heads begun: each held until --head-timeout-s (60 s)
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.sendall(b"GET /v2 HTTP/1.1\r\nHo")
+            held.append(sock)
+        time.sleep(0.5)
+        refused = httpx.get(f"http://{server.url}/v2/health/ready")
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+        assert f"--max-connections {limit}" in refused.json()["error"]
+        for _ in range(400):  # more than the table of files holds, each also a head begun
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            with contextlib.suppress(OSError):  # reset: closed at once
+                sock.sendall(b"GET /v2 HTTP/1.1\r\nHo")
+            held.append(sock)
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while server.log.read_text().count("worker cpu-0 ready") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log = server.log.read_text()
+        assert log.count("worker cpu-0 ready") == 2 and "Too many open files" not in log, log[-3000:]
+        keep.sendall(request[20:])
+        status, headers, answer = read_response(reader)
+        assert status == 200 and np.array_equal(_density(headers, answer), expected), answer
+        reader.close()
+        for sock in held:
+            sock.close()
+        held.clear()
+        time.sleep(0.5)
+        assert httpx.get(f"http://{server.url}/v2/health/ready").status_code == 200
+        assert _disconnected(server, "max_connections") >= 1
+        assert log.count("answering new connections 503") == 1  # once a minute
     finally:
-        low.close()
+        for sock in held:
+            sock.close()
+        server.close()
 
 
 @pytest.mark.parametrize(

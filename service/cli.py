@@ -59,8 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-connections",
         type=int,
-        help="HTTP client connections each gateway process takes at once; one past it is answered 503 and closed "
-        "(default: the limit on open files less a tenth, at least 256, kept for the gateway's own files)",
+        help="client connections each gateway process takes at once over HTTP, and as many over gRPC; one past it is "
+        "answered 503 (gRPC: closed) at once (default: the limit on open files less a tenth, at least 256, kept for the "
+        "gateway's own files, and with --grpc-port half of the rest)",
     )
     parser.add_argument(
         "--arena-keep-mb",

@@ -81,8 +81,9 @@ class ServeConfig(BaseModel):
     max_connections: int | None = Field(
         None,
         ge=1,
-        description="client connections each process takes at once; more are answered 503 at once. Default: the process's "
-        "limit on open files less a reserve for the gateway's own (workers, shared memory, uploads), service/fds.py",
+        description="client connections each process takes at once over HTTP, and as many over gRPC; more are answered 503 "
+        "(gRPC: closed) at once. Default: the process's limit on open files less a reserve for the gateway's own (workers, "
+        "shared memory, uploads), shared between the protocols (service/fds.py)",
     )
     send_timeout_s: float = Field(
         60.0,

@@ -7,8 +7,11 @@ accepted (uvloop then accepts it on a descriptor kept in reserve and closes it a
 the client sees the connection dropped, and nothing is logged), and worse, the
 gateway's own work fails: a worker that died is not started again while the table is
 full. So each process takes at most `connection_limit()` client connections at once
-(`serve --max-connections`; by default its open-file limit less a reserve for its own
-files) and answers those past it 503 at once (service/api/connection.py).
+of each protocol (`serve --max-connections`; by default its open-file limit less a
+reserve for its own files, shared between HTTP and gRPC), answers an HTTP one past it
+503 at once (service/api/connection.py), and has gRPC close one past it at once
+(`grpc.max_allowed_incoming_connections`: the client's call fails UNAVAILABLE and it
+connects again later, as gRPC clients do).
 
 Many environments start processes with a soft limit of 1024 under a much higher hard
 one; `serve` raises the soft limit to the hard one at start (as Go's runtime does for
@@ -39,28 +42,32 @@ def _open_files() -> int:
     return CEILING if soft == resource.RLIM_INFINITY else soft
 
 
-def default_connection_limit() -> int:
-    """The client connections one process takes at once unless told: its open-file limit less the reserve."""
+def default_connection_limit(protocols: int = 1) -> int:
+    """The client connections of each protocol one process takes at once unless told: its open-file limit less the
+    reserve, shared between HTTP and, where it is served, gRPC."""
     files = _open_files()
-    return max(1, files - max(RESERVE, files // 10))
+    return max(1, (files - max(RESERVE, files // 10)) // protocols)
 
 
-def connection_limit(configured: int | None) -> tuple[int, str | None]:
-    """The client connections one process takes at once (`configured`, else the default), and a warning where that
-    leaves the gateway few open files of its own, or where the limit on open files is low."""
+def connection_limit(configured: int | None, protocols: int = 1) -> tuple[int, str | None]:
+    """The client connections of each protocol (HTTP; gRPC too where `protocols` is 2) one process takes at once
+    (`configured`, else the default), and a warning where that leaves the gateway few open files of its own, or where
+    the limit on open files is low."""
     files = _open_files()
-    if configured is not None and configured > files - RESERVE:
+    if configured is not None and configured * protocols > files - RESERVE:
+        most = max(1, (files - RESERVE) // protocols)
         return configured, (
-            f"--max-connections {configured} leaves fewer than {RESERVE} of this process's {files} open files to the "
-            "gateway's own work: with that many clients connected, new ones are dropped without an answer, and a worker "
-            f"that dies is not started again until connections close. Give at most {max(1, files - RESERVE)}, or raise "
-            "the limit: ulimit -n 65536, docker run --ulimit nofile=65536:65536, LimitNOFILE= in a systemd unit"
+            f"--max-connections {configured}{' (for HTTP and gRPC each)' if protocols > 1 else ''} leaves fewer than "
+            f"{RESERVE} of this process's {files} open files to the gateway's own work: with that many clients connected, "
+            "new ones are dropped without an answer, and a worker that dies is not started again until connections close. "
+            f"Give at most {most}, or raise the limit: ulimit -n 65536, docker run --ulimit nofile=65536:65536, "
+            "LimitNOFILE= in a systemd unit"
         )
-    limit = default_connection_limit() if configured is None else configured
+    limit = default_connection_limit(protocols) if configured is None else configured
     if files >= FEW:
         return limit, None
     return limit, (
-        f"this process may open {files} files, so it takes at most {limit} client connections at once (--max-connections); "
-        "more are answered 503. Raise the limit: ulimit -n 65536, docker run --ulimit nofile=65536:65536, LimitNOFILE= "
-        "in a systemd unit"
+        f"this process may open {files} files, so it takes at most {limit} client connections at once"
+        f"{' over HTTP and as many over gRPC' if protocols > 1 else ''} (--max-connections); more are refused (503 over "
+        "HTTP). Raise the limit: ulimit -n 65536, docker run --ulimit nofile=65536:65536, LimitNOFILE= in a systemd unit"
     )

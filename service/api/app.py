@@ -107,7 +107,7 @@ class Gateway:
     index: int = 0  # this process's front-end index (0: the first process)
     start_error: str | None = None  # why start() failed, for uvicorn to log in one line (fastpath.InferFastPath)
     started: bool = False  # start() has finished: every front-end is up (readiness waits for it)
-    connection_limit: int = 1 << 20  # client connections this process takes at once (service/fds.py), set by start()
+    connection_limit: int = 1 << 20  # client connections of each protocol this process takes at once (fds.py), by start()
     tracer: Tracer = field(init=False)  # Triton's trace extension; the first process writes every process's traces
     cpu_memory: SharedMemory | None = None  # what the models on CPU slices share (service/placement.py)
     _syncing: asyncio.Task[None] | None = None  # with front-ends and a trace file: their settings and traces, each second
@@ -194,7 +194,8 @@ class Gateway:
             import_readers_soon()  # while the workers start; a CT model loaded later starts it in _serve
         await self.backend.start()
         self._check_memory_headroom()
-        self.connection_limit, warning = connection_limit(self.config.max_connections)
+        protocols = 1 if self.config.grpc_port is None else 2
+        self.connection_limit, warning = connection_limit(self.config.max_connections, protocols)
         if warning is not None:
             logger.warning("%s", warning)
         for name, entry in self.models.items():

@@ -535,6 +535,10 @@ def grpc_server(
         ("grpc.keepalive_time_ms", keepalive),
         ("grpc.keepalive_timeout_ms", keepalive),
         ("grpc.http2.ping_timeout_ms", keepalive),
+        # one past --max-connections is closed at once (service/fds.py), and a connection that has not sent its HTTP/2
+        # preface within --head-timeout-s is closed, as an HTTP one whose head has not come whole
+        ("grpc.max_allowed_incoming_connections", gateway.connection_limit),
+        ("grpc.server_handshake_timeout_ms", max(1, round(gateway.config.head_timeout_s * 1000))),
     ]
     server = grpc.aio.server(options=options)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service or InferenceService(gateway), server)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -481,6 +482,48 @@ def test_a_stream_whose_client_takes_no_answers_stops_being_read(tiny_repo: Expo
         assert len(answers) == 5000 and not any(a.error_message for a in answers)
     finally:
         call.close()
+        server.close()
+
+
+def _live(target: str) -> grpc.StatusCode:
+    """ServerLive over a channel of its own (a connection of its own: not the process's shared subchannel), left open."""
+    channel = grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+    _channels.append(channel)
+    try:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive(service_pb2.ServerLiveRequest(), timeout=5)
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+_channels: list[grpc.Channel] = []
+
+
+def test_grpc_connections_past_the_limit_are_closed_and_a_silent_one_at_the_head_timeout(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """gRPC connections hold open files as HTTP ones do: each process takes --max-connections of them (besides as
+    many over HTTP); one more is closed at once and its call fails UNAVAILABLE (a gRPC client connects again later).
+    A connection that sends nothing is closed at --head-timeout-s (gRPC's handshake timeout, 120 s before)."""
+    args = ("--cpu-slices", "1", "--models", "crowd-csrnet", "--max-connections", "2", "--head-timeout-s", "2")
+    server = Gateway(tiny_repo.root, *args, log=tmp_path / "serve.log", grpc=True)
+    assert server.grpc_url is not None
+    try:
+        assert [_live(server.grpc_url) for _ in range(3)] == [grpc.StatusCode.OK, grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE]
+        assert httpx.get(f"http://{server.url}/v2/health/ready").status_code == 200  # HTTP's own connections
+        _channels.pop(0).close()
+        time.sleep(0.5)
+        assert _live(server.grpc_url) == grpc.StatusCode.OK
+        while _channels:
+            _channels.pop().close()
+        time.sleep(0.5)
+        host, port = server.grpc_url.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as silent:
+            started = time.monotonic()
+            while silent.recv(4096):  # the server's SETTINGS, then the end
+                pass
+            assert 1.5 < time.monotonic() - started < 8
+    finally:
+        while _channels:
+            _channels.pop().close()
         server.close()
 
 

@@ -44,3 +44,14 @@ def test_a_limit_given_that_leaves_the_gateway_too_few_files_is_kept_and_warned_
     limit, warning = fds.connection_limit(19900)
     assert limit == 19900 and warning is not None
     assert f"Give at most {20000 - fds.RESERVE}" in warning and "not started again" in warning
+
+
+def test_with_grpc_served_too_the_two_protocols_share_what_the_reserve_leaves(open_files: dict[str, int]) -> None:
+    open_files["soft"] = 20000
+    assert fds.connection_limit(None, protocols=2) == (9000, None)
+    assert fds.connection_limit((20000 - fds.RESERVE) // 2, protocols=2)[1] is None
+    limit, warning = fds.connection_limit(10000, protocols=2)
+    assert limit == 10000 and warning is not None and "for HTTP and gRPC each" in warning
+    open_files["soft"] = 1024
+    warning = fds.connection_limit(None, protocols=2)[1]
+    assert warning is not None and "at most 384 client connections at once over HTTP and as many over gRPC" in warning

@@ -22,8 +22,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
@@ -38,6 +39,7 @@ from .names import MODEL_NAMES, known
 from .request import ExportRequest, ExportResult
 from .triton import switch_backend
 
+STOP_GRACE_S = 60.0  # default --stop-grace-s: a step in C++ code is stopped once it returns, seconds at paper size
 MAX_JOBS = 4  # default: one process per usable core, at most this many (each holds torch and a model)
 
 
@@ -86,6 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(only its config.pbtxt is rewritten where --triton-backend differs); exports with --set are always redone",
     )
     parser.add_argument(
+        "--stop-grace-s",
+        type=float,
+        default=STOP_GRACE_S,
+        help="with --jobs above 1, how long export processes get to stop after Ctrl-C or SIGTERM before they are killed "
+        f"(what they were writing removed) (default: {STOP_GRACE_S:g})",
+    )
+    parser.add_argument(
         "--jobs",
         type=int,
         default=0,
@@ -120,8 +129,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     except ExportError as exc:
         print(f"error: {exc}", file=err)
         return 2
-    if args.jobs < 0:
-        print(f"error: --jobs {args.jobs}: give 1 or more, or 0 for one per usable core", file=err)
+    if (wrong := _wrong_number(args)) is not None:
+        print(f"error: {wrong}", file=err)
         return 2
     if (unwritable := _unwritable(args.out)) is not None:
         print(f"error: cannot write to {args.out}: {unwritable}", file=err)
@@ -150,7 +159,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     cores = len(os.sched_getaffinity(0))
     jobs = max(1, min(args.jobs or min(cores, MAX_JOBS), len(work)))
     # SIGTERM raises Terminated in here (migserve's main): the exports stop as on Ctrl-C, their processes not orphaned
-    outcomes = _in_processes(work, jobs, max(1, cores // jobs), err) if jobs > 1 else _here(work, err)
+    outcomes = _in_processes(work, jobs, max(1, cores // jobs), err, args.stop_grace_s) if jobs > 1 else _here(work, err)
     results: list[ExportResult] = []
     failures: list[tuple[str, str]] = []
     for (_, request), outcome in zip(work, outcomes, strict=True):  # in the order asked for, whatever finished first
@@ -162,6 +171,14 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     for name, reason in failures:
         print(f"error: {name}: {reason}", file=err)
     return 1 if failures else 0
+
+
+def _wrong_number(args: argparse.Namespace) -> str | None:
+    if args.jobs < 0:
+        return f"--jobs {args.jobs}: give 1 or more, or 0 for one per usable core"
+    if not 0 <= args.stop_grace_s < float("inf"):
+        return f"--stop-grace-s {args.stop_grace_s:g}: give 0 or more seconds"
+    return None
 
 
 def _export_extra_missing(err: TextIO) -> bool:
@@ -279,7 +296,9 @@ def _in_process(prefix: str, request: ExportRequest) -> ExportResult | str:
         _process.pop("exporting", None)
 
 
-def _in_processes(work: list[tuple[str, ExportRequest]], jobs: int, threads: int, err: TextIO) -> list[ExportResult | str]:
+def _in_processes(
+    work: list[tuple[str, ExportRequest]], jobs: int, threads: int, err: TextIO, grace_s: float = STOP_GRACE_S
+) -> list[ExportResult | str]:
     """Each export in one of `jobs` processes; their progress printed as it comes. A process that dies (killed, out
     of memory) fails the exports it had not finished, with the reason.
 
@@ -287,8 +306,9 @@ def _in_processes(work: list[tuple[str, ExportRequest]], jobs: int, threads: int
     ignored: a KeyboardInterrupt in one waiting for work, or starting, would break the pool with a traceback); this one
     sends it to them too (SIGTERM reached only this one), tells them to take no more (their temporary folders removed
     on the way out), cancels the exports not begun, waits for them, and goes on with the KeyboardInterrupt.
-    A second Ctrl-C meanwhile kills them and removes what they had written. SIGTERM does as Ctrl-C (migserve's main),
-    and the processes die with this one, whatever kills it."""
+    A second Ctrl-C meanwhile kills them and removes what they had written, and so does `grace_s` without their
+    end (an export process that does not stop, whatever holds it, does not keep the command from ending). SIGTERM
+    does as Ctrl-C (migserve's main), and the processes die with this one, whatever kills it."""
     context = mp.get_context("spawn")
     lines, stop = context.Queue(), context.Event()
     scratch = leftovers.scratch()  # the processes' TMPDIR: removed here, even if they are killed; else by the next export
@@ -308,10 +328,15 @@ def _in_processes(work: list[tuple[str, ExportRequest]], jobs: int, threads: int
                     print(lines.get(timeout=0.1), file=err, flush=True)
         except KeyboardInterrupt:
             stop.set()  # for the exports not begun that a process has already taken
-            _signal_exports(signal.SIGINT)  # those running stop where they are (a terminal's Ctrl-C reached them too)
+            processes = _signal_exports(signal.SIGINT)  # those running stop where they are (a terminal's Ctrl-C too)
             print("interrupted: stopping the exports in progress (Ctrl-C again kills them)", file=err, flush=True)
             try:
-                pool.shutdown(wait=True, cancel_futures=True)
+                pool.shutdown(wait=False, cancel_futures=True)
+                if not _ended(futures, processes, grace_s):
+                    print(
+                        f"export processes still running {grace_s:g} s after the stop (--stop-grace-s): killing them", file=err, flush=True
+                    )
+                    _kill_exports(work, futures)
             except KeyboardInterrupt:
                 _kill_exports(work, futures)
             raise
@@ -329,6 +354,19 @@ def _in_processes(work: list[tuple[str, ExportRequest]], jobs: int, threads: int
             print(f"{prefix}: FAILED: {reason}", file=err, flush=True)
             outcomes.append(reason)
     return outcomes
+
+
+def _ended(futures: list[Future[ExportResult | str]], processes: list[BaseProcess], grace_s: float) -> bool:
+    """Whether every export begun has returned and every export process ended, within `grace_s` seconds. (Their
+    sentinels tell, not join(): the pool's own thread reaps them, and a process reaped elsewhere looks alive to
+    join's waitpid.)"""
+    deadline = time.monotonic() + grace_s
+    if wait(futures, timeout=grace_s).not_done:
+        return False
+    pending = {process.sentinel for process in processes}
+    while pending and (left := deadline - time.monotonic()) > 0:
+        pending.difference_update(connection.wait(list(pending), timeout=left))
+    return not pending
 
 
 @contextlib.contextmanager

@@ -348,11 +348,12 @@ def _export_until_stopped(out: Path, jobs: int, how: str) -> tuple[int, str, flo
     """`migserve export` of five models in a process group of its own, stopped once the first model is written:
     `ctrl-c`, SIGINT to the group (as a terminal's Ctrl-C); `ctrl-c-twice`, again once it says it is stopping, its
     export processes stopped first (as exports stuck in a long step); `sigterm` and `sigkill`, that signal to the first
-    process alone (a supervisor's stop, the OOM killer). Its exit status, output, seconds from the first signal to its
-    end, and the processes of its group still running 1 s after."""
+    process alone (a supervisor's stop, the OOM killer); `stuck`, SIGTERM with the export processes stopped (SIGSTOP)
+    first, so that they end only when killed, at --stop-grace-s (3 s). Its exit status, output, seconds from the first
+    signal to its end, and the processes of its group still running 1 s after."""
     models = ("face-pros", "frontalize-dalgan", "grounding-mgsl", "grounding-ssrn", "crowd-csrnet")
     log = out.parent / "export.log"
-    command = [MIGSERVE, "export", "--model", *models, "--size", "tiny", "--out", str(out), "--jobs", str(jobs)]
+    command = [MIGSERVE, "export", "--model", *models, "--size", "tiny", "--out", str(out), "--jobs", str(jobs), "--stop-grace-s", "3"]
     with log.open("w") as sink, sigint_not_ignored():
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -361,7 +362,7 @@ def _export_until_stopped(out: Path, jobs: int, how: str) -> tuple[int, str, flo
             while wanted not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert process.poll() is None, log.read_text()
-            if wanted == "interrupted:":
+            if wanted == "interrupted:" or how == "stuck":
                 for pid in processes_where(GROUP, process.pid):
                     with contextlib.suppress(OSError):
                         if b"multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes():
@@ -369,7 +370,7 @@ def _export_until_stopped(out: Path, jobs: int, how: str) -> tuple[int, str, flo
             if how.startswith("ctrl-c"):
                 os.killpg(process.pid, signal.SIGINT)
             else:
-                process.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+                process.send_signal(signal.SIGKILL if how == "sigkill" else signal.SIGTERM)
             if wanted == "wrote":
                 stopped = time.monotonic()
         status = process.wait(timeout=30)
@@ -384,13 +385,17 @@ def _export_until_stopped(out: Path, jobs: int, how: str) -> tuple[int, str, flo
             print(log.read_text())  # what it said before it was killed, for the failure's report
 
 
-@pytest.mark.parametrize(("jobs", "how"), [(1, "ctrl-c"), (2, "ctrl-c"), (2, "ctrl-c-twice"), (2, "sigterm"), (2, "sigkill")], ids=str)
+@pytest.mark.parametrize(
+    ("jobs", "how"), [(1, "ctrl-c"), (2, "ctrl-c"), (2, "ctrl-c-twice"), (2, "sigterm"), (2, "stuck"), (2, "sigkill")], ids=str
+)
 def test_a_stopped_export_leaves_only_whole_models_and_no_process(tmp_path: Path, jobs: int, how: str) -> None:
     """Ctrl-C during `migserve export`: it ends by SIGINT, as a terminal's job should, says so without a traceback,
     begins none of the models not started, and leaves no half-written folder, in the output or in the temporary
     directory. With --jobs 2 the export processes ignore the signal and are told to stop by the first one (before,
     the pool ran every model queued, as orphans after a second Ctrl-C); a second Ctrl-C kills them. SIGTERM does what
-    Ctrl-C does, with status 143; SIGKILL of the first process takes its export processes with it."""
+    Ctrl-C does, with status 143; SIGKILL of the first process takes its export processes with it. Export processes
+    that do not end after the stop (whatever holds them) are killed at --stop-grace-s, and what they wrote removed:
+    before, the command waited for them for ever."""
     out = tmp_path / "repo"
     scratch = tmp_path / "tmp"
     scratch.mkdir()
@@ -410,6 +415,7 @@ def test_a_stopped_export_leaves_only_whole_models_and_no_process(tmp_path: Path
     said = "interrupted" if how.startswith("ctrl-c") else "terminated"
     assert f"migserve export: {said}" in output and "Traceback" not in output, output
     assert ("Ctrl-C again kills them" in output) == (jobs > 1)
+    assert ("still running 3 s after the stop (--stop-grace-s): killing them" in output) == (how == "stuck"), output
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary folders of the exports stopped"
     left_behind = [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")]  # torch's cache, kept
     assert not left_behind, f"the export's temporary files were left behind: {left_behind}"

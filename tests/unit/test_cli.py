@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import socket
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from exporters.cli import _options, _pairs, format_table
+from exporters.cli import _options, _pairs, format_table, run
 from exporters.errors import BadOption, UnknownModel
 from exporters.request import ExportResult
 from exporters.zoo import ZOO
@@ -180,3 +181,22 @@ def test_export_refuses_a_seed_the_generators_cannot_take(seed: str, capsys: pyt
     assert exited.value.code == 2
     said = capsys.readouterr().err.strip().splitlines()[-1]
     assert said == f"migserve export: error: argument --seed: expected a whole number from 0 to 2**64 - 1; got '{seed}'"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--jobs", "-1"], "--jobs -1: give 1 or more, or 0 for one per usable core"),
+        (["--stop-grace-s", "-1"], "--stop-grace-s -1: give 0 or more seconds"),
+        (["--stop-grace-s", "nan"], "--stop-grace-s nan: give 0 or more seconds"),
+        (["--stop-grace-s", "inf"], "--stop-grace-s inf: give 0 or more seconds"),
+    ],
+)
+def test_export_refuses_counts_and_waits_it_cannot_use(args: list[str], message: str, tmp_path: Path) -> None:
+    """Said before anything is exported or written (and before torch is imported)."""
+    from migserve.cli import build_parser
+
+    out, err = io.StringIO(), io.StringIO()
+    parsed = build_parser().parse_args(["export", "--model", "crowd-csrnet", "--out", str(tmp_path / "repo"), *args])
+    assert run(parsed, out, err) == 2
+    assert err.getvalue() == f"error: {message}\n" and not (tmp_path / "repo").exists()

@@ -232,12 +232,13 @@ def metric(port: int, prefix: str) -> float:
 
 
 class Server:
-    def __init__(self, repo: Path, *args: str, revision: str | None = None, log: Path | None = None) -> None:
+    def __init__(self, repo: Path, *args: str, revision: str | None = None, log: Path | None = None, prefix: tuple[str, ...] = ()) -> None:
         """`migserve serve` on a free port, as this checkout has it or, with `revision`, as that git revision had it;
-        its output in `log` if given."""
+        its output in `log` if given; `prefix`: a command that execs it (e.g. prlimit)."""
         python, cwd = checkout(revision) if revision else (sys.executable, ROOT)
         self.port = free_port()
         command = [
+            *prefix,
             python,
             "-m",
             "migserve",

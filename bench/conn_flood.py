@@ -4,7 +4,7 @@ revision (A and B in turn).
     .venv/bin/python -m bench.conn_flood --a-revision cceeb39 --rounds 2
 
 Each round starts the gateway (crowd-csrnet on one CPU slice) under `prlimit --nofile=1024:1024`, connects a client
-that will send an inference request every 0.5 s, then opens --flood connections (default 2000) that send nothing
+that sends an inference request, and will send one every 0.5 s, then opens --flood connections (default 2000) that send nothing
 (a slowloris), SIGKILLs the worker 1 s later and watches for --seconds (default 15):
 - every 0.5 s a new client asks GET /v2/health/ready: answered (its status; "503 connections" where the answer names
   --max-connections, a plain 503 where the model is not ready) or dropped (reset, closed without an answer, or no
@@ -119,7 +119,7 @@ def flood_round(repo: Path, revision: str | None, flood: int, seconds: float, lo
         request = _request(server.port)
         kept = socket.create_connection(("127.0.0.1", server.port), timeout=5)
         reader = kept.makefile("rb")
-        kept_answers: Counter[str] = Counter()
+        kept_answers: Counter[str] = Counter([_answered(reader, kept, request)])  # a client served before the flood
         for _ in range(flood):
             with contextlib.suppress(OSError):
                 held.append(socket.create_connection(("127.0.0.1", server.port), timeout=2))

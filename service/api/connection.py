@@ -214,6 +214,38 @@ class _UvicornTransport:
             self.transport.write(data)
 
 
+class _Idle(Deadline):
+    """The keep-alive deadline of a connection with no request begun. While it is armed the connection is among those
+    a new one takes the place of when its process holds --max-connections (`refused`), as nginx reuses its idle
+    keep-alive connections when it runs out: first those that have sent nothing since they were opened (SILENT, a
+    silent flood's), oldest first, then those kept alive after an answer (IDLE), oldest first."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, owner: InferConnection) -> None:
+        super().__init__(loop, timeout, owner._close_idle)
+        self._owner = owner
+
+    def arm(self) -> None:
+        super().arm()
+        (IDLE if self._owner.answered else SILENT)[self._owner] = None
+
+    def cancel(self) -> None:
+        super().cancel()
+        SILENT.pop(self._owner, None)
+        IDLE.pop(self._owner, None)
+
+    def _fire(self) -> None:
+        SILENT.pop(self._owner, None)
+        IDLE.pop(self._owner, None)
+        super()._fire()
+
+
+# This process's connections with no request begun, oldest first (_Idle): never sent one, and kept alive after one
+SILENT: dict[InferConnection, None] = {}
+IDLE: dict[InferConnection, None] = {}
+
+
 class Refused(asyncio.Protocol):
     """A connection that came while its process held --max-connections others: answered 503 at once, before its
     request is read (an HTTP client reads the answer once it has sent its request), and closed once the client has
@@ -279,10 +311,15 @@ _refusals = _OncePerMinute()
 
 
 def refused(transport: asyncio.BaseTransport, state: ServerState, gateway: Gateway) -> bool:
-    """A connection just accepted, when its process holds --max-connections others: it is refused (`Refused` serves
-    it from here on)."""
+    """A connection just accepted, when its process holds --max-connections others: it takes the place of an idle one
+    (`_Idle`), closed now (its client sees it closed, as at the keep-alive timeout), or with none idle it is refused
+    (`Refused` serves it from here on)."""
     if len(state.connections) < gateway.connection_limit:
         return False
+    for idle in (SILENT, IDLE):
+        while idle:
+            if next(iter(idle)).make_room():
+                return False
     protocol = Refused(gateway, state)
     transport.set_protocol(protocol)
     protocol.connection_made(transport)
@@ -463,6 +500,7 @@ class InferConnection(asyncio.BufferedProtocol):
     gateway: Gateway  # set by infer_protocol
     prelude = b""  # what a front-end process read of a connection before it handed it here (service/api/frontends.py)
     _head_ns = 0  # time.monotonic_ns() when the request being received had its head parsed
+    answered = False  # a request has begun on it: once idle, it is closed for a new connection after silent ones (_Idle)
 
     def __init__(
         self, config: Config, server_state: ServerState, app_state: dict[str, Any], _loop: asyncio.AbstractEventLoop | None = None
@@ -483,7 +521,7 @@ class InferConnection(asyncio.BufferedProtocol):
         self._task: asyncio.Task[None] | None = None
         self._closing = False  # close once the request in flight is answered
         self._writing_paused = False
-        self._idle = Deadline(self._loop, config.timeout_keep_alive, self._close_idle)  # kept alive with no request
+        self._idle = _Idle(self._loop, config.timeout_keep_alive, self)  # kept alive with no request
         self._linger: Linger | None = None  # answered and ending: what the client still sends is dropped
         self._stall = StallWatch(self._loop, self.gateway.config.receive_timeout_s, self._waiting_for_client, self._stalled)
         # from the wait for a head's rest until it is whole
@@ -605,6 +643,7 @@ class InferConnection(asyncio.BufferedProtocol):
                 return
             self._head_deadline.cancel()
             request = parse_head(bytes(self._pending[:end]))
+            self.answered = True  # or about to be: idle from here on, it has served a client (_Idle)
             if request is None:
                 self._hand_over()
                 return
@@ -774,3 +813,13 @@ class InferConnection(asyncio.BufferedProtocol):
     def _close_idle(self) -> None:
         if self._task is None and self._body is None and self._transport is not None:
             self._transport.close()
+
+    def make_room(self) -> bool:
+        """Closed now, for a new connection at --max-connections, if still idle; no longer counted either way."""
+        self._idle.cancel()
+        transport = self._transport
+        if transport is None or transport.is_closing() or self._task is not None or self._body is not None or self._pending:
+            return False
+        self._state.connections.discard(self)
+        transport.close()
+        return True

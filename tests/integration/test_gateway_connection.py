@@ -569,6 +569,53 @@ def test_the_open_file_limit_is_raised_to_the_hard_one_and_a_low_one_is_warned_o
         raised.close()
 
 
+def test_at_the_limit_a_new_connection_takes_the_place_of_an_idle_one(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
+    """--max-connections 3: connections that sent nothing (a silent flood's) do not keep a client out: the new one is
+    served and the oldest silent one closed, though one kept alive after an answer is older; with no silent one left,
+    the oldest kept alive is closed (its client sees what it would at the keep-alive timeout). Connections with a
+    request begun are not closed for it: with three of those the new one gets 503."""
+    server = Gateway(tiny_repo.root, "--cpu-slices", "1", "--models", "crowd-csrnet", "--max-connections", "3", log=tmp_path / "serve.log")
+    body, n = _infer_body(tiny_repo, seed=22)
+    opened: list[tuple[socket.socket, BinaryIO]] = []
+
+    def served() -> socket.socket:
+        sock, reader = _connect(server)
+        opened.append((sock, reader))
+        sock.sendall(_request(body, n))
+        status, headers, answer = read_response(reader)
+        assert status == 200 and np.array_equal(_density(headers, answer), expected), answer
+        return sock
+
+    try:
+        expected = _expected(server, body, n)
+        kept = served()  # 1: kept alive after its answer, the oldest
+        silent = [_connect(server) for _ in range(2)]  # 2 and 3
+        opened += silent
+        time.sleep(0.2)
+        fourth = served()
+        assert [_closed_by_gateway(sock) for sock in (kept, silent[0][0], silent[1][0])] == [False, True, False]
+        for sock in (silent[1][0], fourth):
+            sock.sendall(b"GET /v2 HTTP/1.1\r\nHo")  # a request begun: not idle
+        time.sleep(0.2)
+        fifth = served()  # the kept-alive one, the only idle one, makes room
+        assert [_closed_by_gateway(sock) for sock in (kept, silent[1][0], fourth)] == [True, False, False]
+        fifth.sendall(b"GET /v2 HTTP/1.1\r\nHo")
+        time.sleep(0.2)
+        refused = httpx.get(f"http://{server.url}/v2/health/ready")
+        assert refused.status_code == 503 and "--max-connections 3" in refused.json()["error"], refused.text
+    finally:
+        for sock, reader in opened:
+            reader.close()
+            sock.close()
+        server.close()
+
+
+def _closed_by_gateway(sock: socket.socket) -> bool:
+    """Whether the gateway has ended the connection (nothing else was sent on it)."""
+    readable, _, _ = select.select([sock], [], [], 0.5)
+    return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+
+
 def test_connections_past_the_limit_get_503_and_leave_the_gateway_the_files_its_work_needs(tiny_repo: ExportedRepo, tmp_path: Path) -> None:
     """Under a hard limit of 300 open files the gateway takes 300 less RESERVE client connections at once. Before,
     it took connections until its table of files was full: new clients were dropped without an answer, and a worker

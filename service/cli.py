@@ -266,6 +266,48 @@ def _run_slices(raw: str) -> Literal["auto", "off"] | int:
     raise ValueError(f"--cpu-run-slices {raw!r}: expected auto, off, or rows per run (1 or more), e.g. 4")
 
 
+# ServeConfig's fields that a flag of another name or unit sets: the flag, and how many of the field's units are one of
+# the flag's. Every other field is set by the flag of its name (tests/unit/test_cli.py checks both).
+FLAG_OF: dict[str, tuple[str, float]] = {
+    "max_body_bytes": ("--max-body-mb", 1 << 20),
+    "max_json_bytes": ("--max-json-mb", 1 << 20),
+    "max_pending_bytes": ("--max-pending-mb", 1 << 20),
+    "arena_keep_bytes": ("--arena-keep-mb", 1 << 20),
+    "max_job_bytes": ("--max-job-mb", 1 << 20),
+    "max_job_results_bytes": ("--job-results-mb", 1 << 20),
+    "max_image_pixels": ("--max-image-mp", 1e6),
+    "max_volume_voxels": ("--max-volume-mvox", 1e6),
+    "max_queue_delay_s": ("--max-queue-delay-ms", 1e-3),
+    "default_timeout_s": ("--timeout-s", 1),
+}
+NOT_FLAGS = frozenset({"job_ttl_s"})  # fields no flag sets
+
+
+def flag_of(field: str) -> tuple[str, float]:
+    return FLAG_OF.get(field, ("--" + field.replace("_", "-"), 1))
+
+
+def flag_problem(exc: ValidationError, args: argparse.Namespace) -> str:
+    """The first of the serve options' problems, naming the flag as given and its bound in the flag's units:
+    "--arena-keep-mb 0: Input should be greater than or equal to 1" (pydantic names the field, in its own units:
+    "arena_keep_bytes: ... 1048576")."""
+    import re
+
+    first = exc.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else ""
+    message = first["msg"].removeprefix("Value error, ")
+    if not field or field in NOT_FLAGS:
+        return f"{field + ': ' if field else ''}{message}"
+    flag, scale = flag_of(field)
+    if scale != 1 and first["type"] == "greater_than_equal" and first.get("ctx", {}).get("ge") == 1:
+        message = "Input should be greater than 0"  # one byte, one pixel: not a bound worth its digits in MB
+    elif scale != 1:
+        message = re.sub(r"\d+(?:\.\d+)?", lambda number: f"{float(number.group()) / scale:g}", message)
+    value = getattr(args, flag.removeprefix("--").replace("-", "_"), None)
+    given = f"{value:g}" if isinstance(value, float) else value
+    return f"{flag}{'' if value is None else f' {given}'}: {message}"
+
+
 def _check_port(host: str, port: int, flag: str) -> None:
     """Refuse at once a port out of range or another process holds, instead of after the workers start (gRPC binds
     late)."""
@@ -310,7 +352,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
 
     from .api.app import create_app
     from .api.connection import bounded_protocol, infer_protocol
-    from .config import ServeConfig, first_problem
+    from .config import ServeConfig
     from .errors import ServiceError
     from .fds import raise_open_files
     from .heap import keep_request_buffers_in_heap
@@ -383,7 +425,7 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
         )
         app = create_app(config)
     except ValidationError as exc:  # a ValueError too, but its text is a multi-line report
-        print(f"error: {first_problem(exc)}", file=err)
+        print(f"error: {flag_problem(exc, args)}", file=err)
         return 2
     except (ValueError, ServiceError, TopologyError, RepositoryError) as exc:
         for held in (listening, reserved):

@@ -94,10 +94,13 @@ def test_export_without_torch_says_how_to_install_it() -> None:
         (["--port", "80000"], "--port 80000: expected a port from 0 to 65535 (0: any free one)"),
         (["--grpc-port", "-1"], "--grpc-port -1: expected a port from 0 to 65535"),
         (["--max-pending-mb", "100"], "error: --max-pending-mb 100 is below --max-body-mb 256: a request of the largest"),
-        (["--queue-capacity", "0"], "error: queue_capacity: Input should be greater than or equal to 1"),
-        (["--tiles-in-flight", "0"], "error: tiles_in_flight: Input should be greater than or equal to 1"),
-        (["--max-job-mb", "0"], "error: max_job_bytes: Input should be greater than or equal to 1"),
-        (["--job-timeout-s", "0"], "error: job_timeout_s: Input should be greater than 0"),
+        (["--queue-capacity", "0"], "error: --queue-capacity 0: Input should be greater than or equal to 1"),
+        (["--tiles-in-flight", "0"], "error: --tiles-in-flight 0: Input should be greater than or equal to 1"),
+        (["--max-job-mb", "0"], "error: --max-job-mb 0: Input should be greater than 0"),
+        (["--job-timeout-s", "0"], "error: --job-timeout-s 0: Input should be greater than 0"),
+        (["--max-connections", "0"], "error: --max-connections 0: Input should be greater than or equal to 1"),
+        (["--arena-keep-mb", "0.5"], "error: --arena-keep-mb 0.5: Input should be greater than or equal to 1"),
+        (["--max-queue-delay-ms", "-1"], "error: --max-queue-delay-ms -1: Input should be greater than or equal to 0"),
         (["--cpu-run-slices-cache", ""], "error: --cpu-run-slices-cache '': expected a file's path, or off"),
     ],
 )
@@ -117,6 +120,20 @@ def test_serve_start_up_errors_are_one_line(args: list[str], message: str, tmp_p
     assert lines[-1].startswith("error: ")
     assert "Traceback" not in proc.stderr
     assert message in lines[-1]
+
+
+def test_every_serve_setting_names_the_flag_that_sets_it() -> None:
+    """A refused setting is said by its flag (service/cli.flag_problem): each ServeConfig field has one, by its name
+    or in FLAG_OF, but those no flag sets."""
+    from migserve.cli import build_parser
+    from service.cli import FLAG_OF, NOT_FLAGS, flag_of
+    from service.config import ServeConfig
+
+    serve = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "serve")[1]  # type: ignore[union-attr]
+    flags = {option for action in serve._actions for option in action.option_strings}
+    missing = [(f, flag_of(f)[0]) for f in ServeConfig.model_fields if f not in NOT_FLAGS and flag_of(f)[0] not in flags]
+    assert not missing, missing
+    assert set(FLAG_OF) <= set(ServeConfig.model_fields)
 
 
 HIDE_ONNXRUNTIME = """

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import faulthandler
 import logging
 import multiprocessing as mp
 import os
@@ -40,6 +41,7 @@ from .request import ExportRequest, ExportResult
 from .triton import switch_backend
 
 STOP_GRACE_S = 60.0  # default --stop-grace-s: a step in C++ code is stopped once it returns, seconds at paper size
+STACKS_S = 1.0  # how long export processes that will not stop get to write their stacks before they are killed
 MAX_JOBS = 4  # default: one process per usable core, at most this many (each holds torch and a model)
 
 
@@ -260,6 +262,9 @@ _process: dict[str, Any] = {}
 def _start_process(lines: Any, stop: Any, threads: int, parent: int) -> None:
     _process["lines"], _process["stop"] = lines, stop  # SIGINT was ignored from the start (_in_processes) until:
     signal.signal(signal.SIGINT, _stop_now)
+    # where it stands, asked of one that will not stop: its threads' stacks, to a file the first process reads (_stacks)
+    _process["stacks"] = (Path(tempfile.gettempdir()) / f"stacks-{os.getpid()}.txt").open("w")
+    faulthandler.register(signal.SIGUSR1, file=_process["stacks"], all_threads=True)
     # Killed with the first process, whatever kills it (SIGKILL, the OOM killer), instead of exporting on as an orphan
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # it died before that was set
@@ -333,9 +338,9 @@ def _in_processes(
             try:
                 pool.shutdown(wait=False, cancel_futures=True)
                 if not _ended(futures, processes, grace_s):
-                    print(
-                        f"export processes still running {grace_s:g} s after the stop (--stop-grace-s): killing them", file=err, flush=True
-                    )
+                    print(f"export processes still running {grace_s:g} s after the stop (--stop-grace-s), where:", file=err, flush=True)
+                    print(_stacks(scratch), file=err, flush=True)
+                    print("killing them", file=err, flush=True)
                     _kill_exports(work, futures)
             except KeyboardInterrupt:
                 _kill_exports(work, futures)
@@ -354,6 +359,18 @@ def _in_processes(
             print(f"{prefix}: FAILED: {reason}", file=err, flush=True)
             outcomes.append(reason)
     return outcomes
+
+
+def _stacks(scratch: Path) -> str:
+    """The stacks of the export processes' threads (faulthandler's, on SIGUSR1), one process after another, for a
+    report: where those that do not stop stand."""
+    for process in _signal_exports(signal.SIGUSR1):
+        process.join(0)
+    time.sleep(STACKS_S)
+    said = [
+        f"export process {path.stem.removeprefix('stacks-')}:\n{path.read_text().rstrip()}" for path in sorted(scratch.glob("stacks-*.txt"))
+    ]
+    return "\n".join(said) or "(none said where it stands)"
 
 
 def _ended(futures: list[Future[ExportResult | str]], processes: list[BaseProcess], grace_s: float) -> bool:

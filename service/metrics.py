@@ -83,7 +83,8 @@ class Metrics:
             "Connections the gateway closed: the client sent nothing in the middle of a request for --receive-timeout-s "
             "(receive_timeout), sent a request's head too slowly to have it whole within --head-timeout-s (head_timeout), "
             "took none of its answers for --send-timeout-s (send_timeout), or connected while its process held "
-            "--max-connections others (max_connections: answered 503 at once)",
+            "--max-connections others (max_connections: answered 503 at once); made_room: an idle connection closed for "
+            "a new one at --max-connections",
             ["protocol", "reason"],
             registry=r,
         )
@@ -99,13 +100,14 @@ class Metrics:
             ("http", "head_timeout"),
             ("http", "send_timeout"),
             ("http", "max_connections"),
+            ("http", "made_room"),
             ("grpc", "send_timeout"),
         ):
             self.disconnection(protocol, reason)  # each at 0 from the start, as Prometheus would have it
 
     def disconnection(self, protocol: str, reason: str) -> Callable[[], None]:
         """What counts one client the gateway disconnects for `reason` (receive_timeout, head_timeout, send_timeout,
-        max_connections)."""
+        max_connections, made_room)."""
         child = self._children.get(("disconnected", protocol, reason))
         if child is None:
             child = self._children["disconnected", protocol, reason] = self.disconnected.labels(protocol, reason)

@@ -319,6 +319,7 @@ def refused(transport: asyncio.BaseTransport, state: ServerState, gateway: Gatew
     for idle in (SILENT, IDLE):
         while idle:
             if next(iter(idle)).make_room():
+                gateway.metrics.disconnection("http", "made_room")()
                 return False
     protocol = Refused(gateway, state)
     transport.set_protocol(protocol)

@@ -603,6 +603,11 @@ def test_at_the_limit_a_new_connection_takes_the_place_of_an_idle_one(tiny_repo:
         time.sleep(0.2)
         refused = httpx.get(f"http://{server.url}/v2/health/ready")
         assert refused.status_code == 503 and "--max-connections 3" in refused.json()["error"], refused.text
+        for sock, reader in opened[-1:]:  # the fifth's: room for the metrics' request
+            reader.close()
+            sock.close()
+        time.sleep(0.2)
+        assert _disconnected(server, "made_room") == 2 and _disconnected(server, "max_connections") == 1
     finally:
         for sock, reader in opened:
             reader.close()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -29,7 +28,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from bench.gateway_bench import ROOT, Server, export
+from bench.gateway_bench import ROOT, Server, bodies, export
+from tests.helpers import read_response
 
 FILES = 1024
 PROBE = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -76,28 +76,20 @@ def probe(port: int) -> str:
         return "reset"
 
 
-def _request(port: int) -> bytes:
-    header = json.dumps(
-        {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 16, 16], "parameters": {"binary_data_size": 3072}}]}
-    ).encode()
-    body = header + bytes(3072)
+def _request(repo: Path) -> bytes:
+    """A binary crowd-csrnet request (a 16x16 image), head and body."""
+    body, headers = bodies(repo, "crowd-csrnet", {"height": 16, "width": 16})["binary"]
     head = f"POST /v2/models/crowd-csrnet/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
-    return (head + f"Inference-Header-Content-Length: {len(header)}\r\n\r\n").encode() + body
+    return (head + "".join(f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n").encode() + body
 
 
 def _answered(reader: BinaryIO, sock: socket.socket, request: bytes) -> str:
     """One request on the kept connection: its answer's status (the answer read whole), or "lost"."""
     try:
         sock.sendall(request)
-        status = reader.readline()
-        length = 0
-        while (line := reader.readline()) not in (b"\r\n", b""):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":")[1])
-        reader.read(length)
-    except OSError:
+        return str(read_response(reader)[0])
+    except (OSError, AssertionError, ValueError, IndexError):  # reset, closed before an answer, not HTTP
         return "lost"
-    return status.split(b" ", 2)[1].decode() if status.startswith(b"HTTP/1.1 ") else "lost"
 
 
 def flood_round(repo: Path, revision: str | None, flood: int, seconds: float, log: Path) -> dict[str, Any]:
@@ -116,7 +108,7 @@ def flood_round(repo: Path, revision: str | None, flood: int, seconds: float, lo
     held: list[socket.socket] = []
     try:
         (worker,) = [p["pid"] for p in server.partitions()]
-        request = _request(server.port)
+        request = _request(repo)
         kept = socket.create_connection(("127.0.0.1", server.port), timeout=5)
         reader = kept.makefile("rb")
         kept_answers: Counter[str] = Counter([_answered(reader, kept, request)])  # a client served before the flood

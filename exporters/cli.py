@@ -364,12 +364,10 @@ def _in_processes(
 def _stacks(scratch: Path) -> str:
     """The stacks of the export processes' threads (faulthandler's, on SIGUSR1), one process after another, for a
     report: where those that do not stop stand."""
-    for process in _signal_exports(signal.SIGUSR1):
-        process.join(0)
+    _signal_exports(signal.SIGUSR1)
     time.sleep(STACKS_S)
-    said = [
-        f"export process {path.stem.removeprefix('stacks-')}:\n{path.read_text().rstrip()}" for path in sorted(scratch.glob("stacks-*.txt"))
-    ]
+    stacks = {path.stem.removeprefix("stacks-"): path.read_text().rstrip() for path in sorted(scratch.glob("stacks-*.txt"))}
+    said = [f"export process {pid}:\n{text}" for pid, text in stacks.items() if text]  # not those that have ended
     return "\n".join(said) or "(none said where it stands)"
 
 

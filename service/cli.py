@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import socket
 import sys
 from pathlib import Path
@@ -291,13 +292,13 @@ def flag_problem(exc: ValidationError, args: argparse.Namespace) -> str:
     """The first of the serve options' problems, naming the flag as given and its bound in the flag's units:
     "--arena-keep-mb 0: Input should be greater than or equal to 1" (pydantic names the field, in its own units:
     "arena_keep_bytes: ... 1048576")."""
-    import re
+    from .config import first_problem
 
     first = exc.errors()[0]
     field = str(first["loc"][0]) if first["loc"] else ""
-    message = first["msg"].removeprefix("Value error, ")
     if not field or field in NOT_FLAGS:
-        return f"{field + ': ' if field else ''}{message}"
+        return first_problem(exc)
+    message = first["msg"].removeprefix("Value error, ")
     flag, scale = flag_of(field)
     if scale != 1 and first["type"] == "greater_than_equal" and first.get("ctx", {}).get("ge") == 1:
         message = "Input should be greater than 0"  # one byte, one pixel: not a bound worth its digits in MB

@@ -37,6 +37,9 @@ def raise_open_files() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
+RAISING = "ulimit -n 65536, docker run --ulimit nofile=65536:65536, LimitNOFILE= in a systemd unit"  # ways to raise it
+
+
 def _open_files() -> int:
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return CEILING if soft == resource.RLIM_INFINITY else soft
@@ -60,8 +63,7 @@ def connection_limit(configured: int | None, protocols: int = 1) -> tuple[int, s
             f"--max-connections {configured}{' (for HTTP and gRPC each)' if protocols > 1 else ''} leaves fewer than "
             f"{RESERVE} of this process's {files} open files to the gateway's own work: with that many clients connected, "
             "new ones are dropped without an answer, and a worker that dies is not started again until connections close. "
-            f"Give at most {most}, or raise the limit: ulimit -n 65536, docker run --ulimit nofile=65536:65536, "
-            "LimitNOFILE= in a systemd unit"
+            f"Give at most {most}, or raise the limit: {RAISING}"
         )
     limit = default_connection_limit(protocols) if configured is None else configured
     if files >= FEW:
@@ -69,5 +71,5 @@ def connection_limit(configured: int | None, protocols: int = 1) -> tuple[int, s
     return limit, (
         f"this process may open {files} files, so it takes at most {limit} client connections at once"
         f"{' over HTTP and as many over gRPC' if protocols > 1 else ''} (--max-connections); more are refused (503 over "
-        "HTTP). Raise the limit: ulimit -n 65536, docker run --ulimit nofile=65536:65536, LimitNOFILE= in a systemd unit"
+        f"HTTP). Raise the limit: {RAISING}"
     )

@@ -76,6 +76,24 @@ INVALID_HTTP_EVERY_S = 60.0
 UPGRADE_LINES = ("Unsupported upgrade request.", "No supported WebSocket library detected.")
 
 
+class OncePer:
+    """Whether to log now: the first time, then once `every_s` has passed since the last time said yes (a line a
+    minute for a flood of the same event)."""
+
+    __slots__ = ("_clock", "_next", "every_s")
+
+    def __init__(self, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s, self._clock = every_s, clock
+        self._next: float | None = None
+
+    def due(self) -> bool:
+        now = self._clock()
+        if self._next is not None and now < self._next:
+            return False
+        self._next = now + self.every_s
+        return True
+
+
 class InvalidRequests(logging.Filter):
     """On uvicorn's error logger: a request whose HTTP cannot be parsed is the client's mistake, answered 400, yet
     uvicorn logs a WARNING for each, so a scanner or a broken client fills the operator's log. Each is counted
@@ -84,8 +102,8 @@ class InvalidRequests(logging.Filter):
 
     def __init__(self, count: Callable[[], None], clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
-        self.count, self.clock = count, clock
-        self.logged_at: float | None = None
+        self.count = count
+        self._logging = OncePer(INVALID_HTTP_EVERY_S, clock)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str) and record.msg.startswith(UPGRADE_LINES):
@@ -93,10 +111,8 @@ class InvalidRequests(logging.Filter):
         if record.msg != INVALID_HTTP:
             return True
         self.count()
-        now = self.clock()
-        if self.logged_at is not None and now - self.logged_at < INVALID_HTTP_EVERY_S:
+        if not self._logging.due():
             return False
-        self.logged_at = now
         record.msg = (
             f"{INVALID_HTTP} Answered 400 (the client's HTTP could not be parsed); more within {INVALID_HTTP_EVERY_S:g} s "
             "are counted in migserve_http_invalid_requests_total, not logged"

@@ -43,6 +43,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from ..errors import BadRequest, HeadTooLarge, ReceiveTimeout, ServiceError, TooLarge, Unavailable
+from ..logsettings import OncePer
 from ..watchdog import Deadline, StallWatch
 from .errors import internal_error
 from .fastpath import (
@@ -232,13 +233,15 @@ class _Idle(Deadline):
 
     def cancel(self) -> None:
         super().cancel()
-        SILENT.pop(self._owner, None)
-        IDLE.pop(self._owner, None)
+        self._forget()
 
     def _fire(self) -> None:
+        self._forget()
+        super()._fire()
+
+    def _forget(self) -> None:
         SILENT.pop(self._owner, None)
         IDLE.pop(self._owner, None)
-        super()._fire()
 
 
 # This process's connections with no request begun, oldest first (_Idle): never sent one, and kept alive after one
@@ -271,7 +274,7 @@ class Refused(asyncio.Protocol):
         )
         transport.write(closing_answer(error, self._state.default_headers))
         gateway.metrics.disconnection("http", "max_connections")()
-        if _refusals.due(time.monotonic()):
+        if _refusals.due():
             logger.warning("answering new connections 503: %d are open, the limit (--max-connections)", held)
         if Refused.lingering >= REFUSED_LINGERING:
             transport.close()
@@ -292,22 +295,7 @@ class Refused(asyncio.Protocol):
             Refused.lingering -= 1
 
 
-class _OncePerMinute:
-    """Whether to log now: the first time, and once a minute after (a flood of refusals logs a line a minute)."""
-
-    __slots__ = ("_next",)
-
-    def __init__(self) -> None:
-        self._next = 0.0
-
-    def due(self, now: float) -> bool:
-        if now < self._next:
-            return False
-        self._next = now + 60
-        return True
-
-
-_refusals = _OncePerMinute()
+_refusals = OncePer(60.0)  # a flood of refusals logs a line a minute
 
 
 def refused(transport: asyncio.BaseTransport, state: ServerState, gateway: Gateway) -> bool:

@@ -4,7 +4,9 @@ Importing this module needs no torch; `run` imports the export side. Models are 
 `--jobs` at a time, each in a process of its own: an export is mostly one core's work
 (torch's tracing and ONNX passes), so on a machine with more cores the whole zoo takes a
 fraction of the time. Each process reports its progress lines through a queue, which this
-one prints as they come.
+one prints as they come. With `--jobs 1` too the export runs in a process of its own, not in
+this one: Ctrl-C ends that process where it is (`_stop_now`), which an exception raised in
+the middle of torch's tracing cannot do safely.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import connection
 from multiprocessing.process import BaseProcess
@@ -40,7 +42,7 @@ from .names import MODEL_NAMES, known
 from .request import ExportRequest, ExportResult
 from .triton import switch_backend
 
-STOP_GRACE_S = 60.0  # default --stop-grace-s: a step in C++ code is stopped once it returns, seconds at paper size
+STOP_GRACE_S = 60.0  # default --stop-grace-s: export processes end at once when stopped, unless something holds them
 STACKS_S = 1.0  # how long export processes that will not stop get to write their stacks before they are killed
 MAX_JOBS = 4  # default: one process per usable core, at most this many (each holds torch and a model)
 
@@ -93,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--stop-grace-s",
         type=float,
         default=STOP_GRACE_S,
-        help="with --jobs above 1, how long export processes get to stop after Ctrl-C or SIGTERM before they are killed "
+        help="how long export processes get to end after Ctrl-C or SIGTERM before they are killed "
         f"(what they were writing removed) (default: {STOP_GRACE_S:g})",
     )
     parser.add_argument(
@@ -101,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help=f"models exported at once, each in a process of its own (default: one per usable core, at most {MAX_JOBS}; "
-        "1: one after another in this process)",
+        "1: one after another)",
     )
 
 
@@ -161,7 +163,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     cores = len(os.sched_getaffinity(0))
     jobs = max(1, min(args.jobs or min(cores, MAX_JOBS), len(work)))
     # SIGTERM raises Terminated in here (migserve's main): the exports stop as on Ctrl-C, their processes not orphaned
-    outcomes = _in_processes(work, jobs, max(1, cores // jobs), err, args.stop_grace_s) if jobs > 1 else _here(work, err)
+    outcomes = _in_processes(work, jobs, max(1, cores // jobs), err, args.stop_grace_s)
     results: list[ExportResult] = []
     failures: list[tuple[str, str]] = []
     for (_, request), outcome in zip(work, outcomes, strict=True):  # in the order asked for, whatever finished first
@@ -215,8 +217,8 @@ def _still_to_export(requests: list[ExportRequest], skip_existing: bool, err: Te
 
 
 class Interrupted(BaseException):
-    """Ctrl-C reached an export process's export: it stops where it is, or at its next step (BaseException: no
-    `except Exception` on the way takes it for the export's own failure)."""
+    """A stop seen by an export process at its export's next step (BaseException: no `except Exception` on the way
+    takes it for the export's own failure)."""
 
 
 def _progress(prefix: str, started: float, say: Callable[[str], None], stopped: Callable[[], bool]) -> Callable[[str], None]:
@@ -243,17 +245,8 @@ def _export_one(
     return result
 
 
-def _here(work: list[tuple[str, ExportRequest]], err: TextIO) -> list[ExportResult | str]:
-    """One export after another in this process (Ctrl-C stops the one running where it is; its temporary folder goes
-    with it)."""
-
-    def say(line: str) -> None:
-        print(line, file=err, flush=True)
-
-    return [_export_one(prefix, request, say) for prefix, request in work]
-
-
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent ends
+STOPPED_STATUS = 128 + signal.SIGINT  # an export process that a stop ended while it exported
 INTERRUPTED = "interrupted"  # an export process's answer for an export that Ctrl-C stopped or kept from starting
 # In an export process: "lines", the queue its progress lines go to; "stop", the event; "exporting", while an export runs
 _process: dict[str, Any] = {}
@@ -276,25 +269,38 @@ def _start_process(lines: Any, stop: Any, threads: int, parent: int) -> None:
 
 
 def _stop_now(signum: int, frame: FrameType | None) -> None:
-    """SIGINT in an export process (a terminal's Ctrl-C, or the first process's): the export running stops where it is
-    (a step can take minutes at paper size), its temporary folder removed on the way out. Once: a second one, and one
-    that comes while no export runs (waiting for work, where an exception would break the pool), is ignored."""
-    if _process.pop("exporting", False):
-        raise Interrupted
+    """SIGINT in an export process (a terminal's Ctrl-C, or the first process's) while it exports: the process ends at
+    once (a step can take minutes at paper size), its progress lines sent first. Not by raising an exception where the
+    export stands: raised inside torch's tracing, torch took one for a failure of the model's and went on with the next
+    (a stop taken for a failed export, the next failing too), or aborted the process ("c10::Error: trying to set the
+    current FakeTensorMode, but one already exists") with C++ frames on stderr, in 2 and 4 of 25-30 stops at random
+    points of an export here. What it was writing, and its temporary directory, the first process removes once it has
+    ended (_remove_partials). One that comes while no export runs (waiting for work) is ignored."""
+    if _process.get("exporting"):
+        lines = _process["lines"]
+        lines.close()  # _said and _stopped defer SIGINT over the locks they take, so none is held here
+        lines.join_thread()  # its lines sent, and its feeder thread out of the queue's lock, which the others share
+        os._exit(STOPPED_STATUS)
 
 
 def _said(line: str) -> None:
-    """A progress line to the first process. The queue's put takes locks and may start its feeder thread: a stop
-    raised in the middle of that could leave them held, so SIGINT waits until the line is queued."""
+    """A progress line to the first process. The queue's put takes locks and may start its feeder thread: a process
+    that ended in the middle of that would leave them held, so SIGINT waits until the line is queued."""
     with signals_deferred(signal.SIGINT):
         _process["lines"].put(line)
 
 
+def _stopped() -> bool:
+    """Whether the first process has stopped the exports. The event's lock is shared with the other processes, and a
+    process that ended holding it would leave them waiting for it for ever: SIGINT waits until it is let go."""
+    with signals_deferred(signal.SIGINT):
+        return bool(_process["stop"].is_set())
+
+
 def _in_process(prefix: str, request: ExportRequest) -> ExportResult | str:
-    stop = _process["stop"]
     try:
         _process["exporting"] = True
-        return _export_one(prefix, request, _said, stop.is_set)
+        return _export_one(prefix, request, _said, _stopped)
     except Interrupted:
         return INTERRUPTED
     finally:
@@ -307,13 +313,13 @@ def _in_processes(
     """Each export in one of `jobs` processes; their progress printed as it comes. A process that dies (killed, out
     of memory) fails the exports it had not finished, with the reason.
 
-    Ctrl-C: in an export process SIGINT stops the export running where it is (`_stop_now`; while none runs, it is
-    ignored: a KeyboardInterrupt in one waiting for work, or starting, would break the pool with a traceback); this one
-    sends it to them too (SIGTERM reached only this one), tells them to take no more (their temporary folders removed
-    on the way out), cancels the exports not begun, waits for them, and goes on with the KeyboardInterrupt.
-    A second Ctrl-C meanwhile kills them and removes what they had written, and so does `grace_s` without their
-    end (an export process that does not stop, whatever holds it, does not keep the command from ending). SIGTERM
-    does as Ctrl-C (migserve's main), and the processes die with this one, whatever kills it."""
+    Ctrl-C: in an export process SIGINT ends the process where its export stands (`_stop_now`; while none runs, it
+    is ignored: a KeyboardInterrupt in one waiting for work, or starting, would break the pool with a traceback); this
+    one sends it to them too (SIGTERM reached only this one), tells them to take no more, cancels the exports not
+    begun, waits for the processes' end (the pool ends the others once one has: they are stopping anyway), removes
+    what they were writing, and goes on with the KeyboardInterrupt. A second Ctrl-C meanwhile kills them, and so does
+    `grace_s` without their end (an export process that does not stop, whatever holds it, does not keep the command
+    from ending). SIGTERM does as Ctrl-C (migserve's main), and the processes die with this one, whatever kills it."""
     context = mp.get_context("spawn")
     lines, stop = context.Queue(), context.Event()
     scratch = leftovers.scratch()  # the processes' TMPDIR: removed here, even if they are killed; else by the next export
@@ -329,21 +335,22 @@ def _in_processes(
                 for prefix, request in work:  # one at a time: those submitted are known whenever a signal comes
                     futures.append(pool.submit(_in_process, prefix, request))
             while not all(f.done() for f in futures):
-                with contextlib.suppress(queue.Empty):
-                    print(lines.get(timeout=0.1), file=err, flush=True)
+                _print_lines(lines, err, 0.1)
         except KeyboardInterrupt:
             stop.set()  # for the exports not begun that a process has already taken
             processes = _signal_exports(signal.SIGINT)  # those running stop where they are (a terminal's Ctrl-C too)
             print("interrupted: stopping the exports in progress (Ctrl-C again kills them)", file=err, flush=True)
             try:
                 pool.shutdown(wait=False, cancel_futures=True)
-                if not _ended(futures, processes, grace_s):
+                if not _ended(futures, processes, grace_s, lambda: _print_lines(lines, err, 0.1)):
                     print(f"export processes still running {grace_s:g} s after the stop (--stop-grace-s), where:", file=err, flush=True)
                     print(_stacks(scratch), file=err, flush=True)
                     print("killing them", file=err, flush=True)
-                    _kill_exports(work, futures)
+                    _kill_exports()
             except KeyboardInterrupt:
-                _kill_exports(work, futures)
+                _kill_exports()
+            finally:
+                _remove_partials(work)
             raise
     while True:  # what came after the last check
         try:
@@ -371,17 +378,27 @@ def _stacks(scratch: Path) -> str:
     return "\n".join(said) or "(none said where it stands)"
 
 
-def _ended(futures: list[Future[ExportResult | str]], processes: list[BaseProcess], grace_s: float) -> bool:
-    """Whether every export begun has returned and every export process ended, within `grace_s` seconds. (Their
-    sentinels tell, not join(): the pool's own thread reaps them, and a process reaped elsewhere looks alive to
-    join's waitpid.)"""
+def _print_lines(lines: Any, err: TextIO, timeout_s: float) -> None:
+    """The export processes' progress lines that come within `timeout_s`, printed."""
+    deadline = time.monotonic() + timeout_s
+    with contextlib.suppress(queue.Empty):
+        while True:
+            print(lines.get(timeout=max(0.0, deadline - time.monotonic())), file=err, flush=True)
+
+
+def _ended(futures: list[Future[ExportResult | str]], processes: list[BaseProcess], grace_s: float, meanwhile: Callable[[], None]) -> bool:
+    """Whether every export begun has returned (or failed with its process) and every export process ended, within
+    `grace_s` seconds, `meanwhile` called between looks: the lines they send are taken, so that none waits on a full
+    pipe. (Their sentinels tell, not join(): the pool's own thread reaps them, and a process reaped elsewhere looks
+    alive to join's waitpid.)"""
     deadline = time.monotonic() + grace_s
-    if wait(futures, timeout=grace_s).not_done:
-        return False
     pending = {process.sentinel for process in processes}
-    while pending and (left := deadline - time.monotonic()) > 0:
-        pending.difference_update(connection.wait(list(pending), timeout=left))
-    return not pending
+    while not all(f.done() for f in futures) or pending:
+        if (left := deadline - time.monotonic()) <= 0:
+            return False
+        meanwhile()
+        pending.difference_update(connection.wait(list(pending), timeout=min(left, 0.1)))
+    return True
 
 
 @contextlib.contextmanager
@@ -400,14 +417,16 @@ def _as_the_processes_start(scratch: Path) -> Iterator[None]:
             os.environ["TMPDIR"] = tmpdir
 
 
-def _kill_exports(work: list[tuple[str, ExportRequest]], futures: list[Future[ExportResult | str]]) -> None:
-    """SIGKILL the export processes, then remove the temporary folders of the exports they were running (not those
-    of another export of the same models, which that one holds)."""
-    # futures may be fewer than work: a signal can come while they are submitted
-    running = [request for (_, request), future in zip(work, futures, strict=False) if future.running()]
+def _kill_exports() -> None:
+    """SIGKILL the export processes."""
     for process in _signal_exports(signal.SIGKILL):
         process.join(5)
-    for request in running:
+
+
+def _remove_partials(work: list[tuple[str, ExportRequest]]) -> None:
+    """Remove the folders that stopped export processes were writing (not those another export of the same models is
+    writing, which that one holds)."""
+    for _, request in work:
         for partial in request.out.glob(f".{request.name}.*.tmp"):
             leftovers.remove_unheld(partial)
 

@@ -147,7 +147,7 @@ while True:
 def test_a_stop_ends_an_export_process_whatever_the_export_does_with_exceptions() -> None:
     """SIGINT ends an export process that is exporting at once, with 130, without raising into the export: torch took
     the exception raised inside its tracing for a failure of its own (the stop reported as the model FAILED, and the
-    command went on to the next model) or aborted on it (c10::Error), in about one stop in ten."""
+    command went on to the next model) or aborted on it (c10::Error), in a few stops in a hundred (bench/RESULTS.md)."""
     with sigint_not_ignored():
         process = subprocess.Popen(
             [sys.executable, "-c", _SWALLOWING_EXPORT], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -273,9 +273,9 @@ def _stop_now(signum: int, frame: FrameType | None) -> None:
     once (a step can take minutes at paper size), its progress lines sent first. Not by raising an exception where the
     export stands: raised inside torch's tracing, torch took one for a failure of the model's and went on with the next
     (a stop taken for a failed export, the next failing too), or aborted the process ("c10::Error: trying to set the
-    current FakeTensorMode, but one already exists") with C++ frames on stderr, in 2 and 4 of 25-30 stops at random
-    points of an export here. What it was writing, and its temporary directory, the first process removes once it has
-    ended (_remove_partials). One that comes while no export runs (waiting for work) is ignored."""
+    current FakeTensorMode, but one already exists") with C++ frames on stderr, in a few stops in a hundred
+    (bench/RESULTS.md, "Ctrl-C anywhere in the export step"). What it was writing, and its temporary directory, the
+    first process removes once it has ended (_remove_partials). One that comes while no export runs is ignored."""
     if _process.get("exporting"):
         lines = _process["lines"]
         lines.close()  # _said and _stopped defer SIGINT over the locks they take, so none is held here

@@ -21,39 +21,59 @@ import time
 from pathlib import Path
 
 from bench.gateway_bench import ROOT, checkout
+from tests.helpers import sigint_not_ignored
 
 COMMAND = ["export", "--model", "lns-organs", "crowd-csrnet", "--size", "paper", "--jobs", "2"]
 IN_THE_STEP = "lns-organs (paper): checking parity"
 
 
-def stopped(python: str, cwd: Path, how: str, scratch: Path) -> tuple[int, float]:
-    """One export stopped in lns-organs' parity step: its exit status and the seconds from the signal to its end."""
-    log = scratch / "export.log"
-    with log.open("w") as sink:
+def stop_export(
+    python: str, cwd: Path, args: list[str], scratch: Path, *, after: str, wait_s: float, how: str, timeout_s: float
+) -> tuple[int | None, float, str]:
+    """`migserve export ARGS` (its output in `scratch`, its TMPDIR `scratch/tmp`), stopped `wait_s` after its output
+    first shows `after`: `ctrl-c`, SIGINT to its process group, as a terminal's Ctrl-C (SIGINT not ignored in it, as
+    in a terminal's job), or `sigterm`, SIGTERM to the command alone. Its exit status (None if it had not ended
+    `timeout_s` after the signal; it is then killed), the seconds from the signal to its end, and its output."""
+    log, tmp = scratch / "export.log", scratch / "tmp"
+    tmp.mkdir(exist_ok=True)
+    with log.open("w") as sink, sigint_not_ignored():
         process = subprocess.Popen(
-            [python, "-m", "migserve", *COMMAND, "--out", str(scratch / "repo")],
+            [python, "-m", "migserve", *args],
             cwd=cwd,
             stdout=sink,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, "TMPDIR": str(tmp)},
         )
     try:
-        while IN_THE_STEP not in log.read_text():
+        while after not in log.read_text():
             if process.poll() is not None:
-                raise RuntimeError(f"the export ended before its parity step:\n{log.read_text()[-2000:]}")
+                raise RuntimeError(f"the export ended before {after!r}:\n{log.read_text()[-2000:]}")
             time.sleep(0.05)
-        time.sleep(1)
+        time.sleep(wait_s)
         started = time.perf_counter()
         if how == "ctrl-c":
             os.killpg(process.pid, signal.SIGINT)
         else:
             process.send_signal(signal.SIGTERM)
-        status = process.wait(timeout=600)
-        return status, time.perf_counter() - started
+        try:
+            status: int | None = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            status = None
+        return status, time.perf_counter() - started, log.read_text()
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def stopped(python: str, cwd: Path, how: str, scratch: Path) -> tuple[int, float]:
+    """One export stopped in lns-organs' parity step: its exit status and the seconds from the signal to its end."""
+    args = [*COMMAND, "--out", str(scratch / "repo")]
+    status, took, output = stop_export(python, cwd, args, scratch, after=IN_THE_STEP, wait_s=1, how=how, timeout_s=600)
+    if status is None:
+        raise RuntimeError(f"the export had not ended 600 s after the stop:\n{output[-2000:]}")
+    return status, took
 
 
 def main() -> int:

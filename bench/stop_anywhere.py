@@ -14,18 +14,15 @@ directory; else each way it went wrong is counted.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
 from bench.gateway_bench import ROOT, checkout
-from tests.helpers import sigint_not_ignored
+from bench.stop_ab import stop_export
 
 COMMAND = ["export", "--model", "grounding-mgsl", "grounding-ssrn", "--size", "tiny"]
 WAYS = ("clean", "said FAILED", "C++ abort", "traceback", "left files", "not ended in 60 s", "other status")
@@ -33,33 +30,9 @@ WAYS = ("clean", "said FAILED", "C++ abort", "traceback", "left files", "not end
 
 def stopped(python: str, cwd: Path, jobs: int, after_s: float, scratch: Path) -> set[str]:
     """One export stopped `after_s` into its first model's export step: how it ended (`WAYS`)."""
-    log, out, tmp = scratch / "export.log", scratch / "repo", scratch / "tmp"
-    tmp.mkdir()
-    with log.open("w") as sink, sigint_not_ignored():  # as a terminal's job has it
-        process = subprocess.Popen(
-            [python, "-m", "migserve", *COMMAND, "--jobs", str(jobs), "--out", str(out)],
-            cwd=cwd,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "TMPDIR": str(tmp)},
-        )
-    try:
-        while "exporting" not in log.read_text():
-            if process.poll() is not None:
-                raise RuntimeError(f"the export ended before its first step:\n{log.read_text()[-2000:]}")
-            time.sleep(0.05)
-        time.sleep(after_s)
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            status: int | None = process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            status = None
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    text = log.read_text()
+    out, tmp = scratch / "repo", scratch / "tmp"
+    args = [*COMMAND, "--jobs", str(jobs), "--out", str(out)]
+    status, _, text = stop_export(python, cwd, args, scratch, after="exporting", wait_s=after_s, how="ctrl-c", timeout_s=60)
     left = [p.name for p in tmp.iterdir() if not p.name.startswith("torchinductor_")]
     left += [p.name for p in out.iterdir() if p.name.startswith(".")] if out.exists() else []
     ways = {

@@ -221,28 +221,17 @@ class Interrupted(BaseException):
     takes it for the export's own failure)."""
 
 
-def _progress(prefix: str, started: float, say: Callable[[str], None], stopped: Callable[[], bool]) -> Callable[[str], None]:
+def _progress(prefix: str) -> Callable[[str], None]:
+    """An export's progress callback in an export process: each step said to the first process, unless it has stopped
+    the exports."""
+    started = time.perf_counter()
+
     def report(step: str) -> None:
-        if stopped():
+        if _stopped():
             raise Interrupted
-        say(f"{prefix}: {step} (+{time.perf_counter() - started:.1f}s)")
+        _said(f"{prefix}: {step} (+{time.perf_counter() - started:.1f}s)")
 
     return report
-
-
-def _export_one(
-    prefix: str, request: ExportRequest, say: Callable[[str], None], stopped: Callable[[], bool] = lambda: False
-) -> ExportResult | str:
-    """The result, or why the export failed (said as it happens too)."""
-    from .pipeline import export_model
-
-    try:
-        result = export_model(request, _progress(prefix, time.perf_counter(), say, stopped))
-    except ExportError as exc:
-        say(f"{prefix}: FAILED: {exc}")
-        return str(exc)
-    say(f"{prefix}: wrote {result.path} in {result.seconds:.1f}s")
-    return result
 
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent ends
@@ -298,9 +287,17 @@ def _stopped() -> bool:
 
 
 def _in_process(prefix: str, request: ExportRequest) -> ExportResult | str:
+    """One export in an export process: the result, or why it failed (said as it happens too), or INTERRUPTED."""
+    from .pipeline import export_model
+
     try:
         _process["exporting"] = True
-        return _export_one(prefix, request, _said, _stopped)
+        result = export_model(request, _progress(prefix))
+        _said(f"{prefix}: wrote {result.path} in {result.seconds:.1f}s")
+        return result
+    except ExportError as exc:
+        _said(f"{prefix}: FAILED: {exc}")
+        return str(exc)
     except Interrupted:
         return INTERRUPTED
     finally:
@@ -352,11 +349,7 @@ def _in_processes(
             finally:
                 _remove_partials(work)
             raise
-    while True:  # what came after the last check
-        try:
-            print(lines.get_nowait(), file=err, flush=True)
-        except queue.Empty:
-            break
+    _print_lines(lines, err, 0)  # what came after the last look
     outcomes: list[ExportResult | str] = []
     for (prefix, _), future in zip(work, futures, strict=True):
         try:

@@ -61,7 +61,7 @@ from .fastpath import (
 from .unsent import Unsent
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from .gateway import Gateway
 
 logger = logging.getLogger(__name__)
 

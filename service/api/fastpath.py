@@ -25,7 +25,7 @@ from .kserve import HEADER_LENGTH, Body, response_headers
 
 if TYPE_CHECKING:
     from ..trace import Trace, Tracer
-    from .app import Gateway
+    from .gateway import Gateway
 
 T = TypeVar("T")
 CONTENT_LENGTH, BINARY_HEADER_LENGTH, TIMEOUT = b"content-length", HEADER_LENGTH.encode(), b"x-timeout-ms"

@@ -62,7 +62,7 @@ from .encoding import is_identity
 from .fastpath import BINARY_HEADER_LENGTH, CONTENT_ENCODING
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from .gateway import Gateway
 
 logger = logging.getLogger(__name__)
 SNAPSHOT_TIMEOUT_S = 2.0
@@ -304,7 +304,7 @@ async def _frontend(spec: FrontendSpec, conn: Connection) -> None:
     import uvicorn
 
     from ..backends.local import LocalBackend
-    from .app import Gateway, worker_options
+    from .gateway import Gateway, worker_options
 
     # the first process's options: a front-end sends batches as it does (--batches-in-flight, --arena-keep-mb)
     backend = LocalBackend(

@@ -57,6 +57,7 @@ from migserve.types import Array
 from ..errors import UNSUPPORTED, BadRequest, NotSupported, ServiceError
 from ..regions import PARAMETERS, Regions
 from ..trace import Trace
+from . import control, views
 from .budget import Hold
 from .classification import class_count, requested_classes, tensor_bytes
 from .frontends import bracketed
@@ -79,7 +80,7 @@ from .kserve import (
 
 if TYPE_CHECKING:
     from ..repository import ModelEntry
-    from .app import Gateway
+    from .gateway import Gateway
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             self.gateway.check_version(request.name, request.version)
-            meta = self.gateway.model_metadata(request.name)
+            meta = views.model_metadata(self.gateway, request.name)
         except ServiceError as exc:
             await _abort(context, exc)
         tensor = service_pb2.ModelMetadataResponse.TensorMetadata
@@ -158,7 +159,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             self.gateway.check_version(request.name, request.version)
-            return service_pb2.ModelConfigResponse(config=self.gateway.model_config(request.name))
+            return service_pb2.ModelConfigResponse(config=views.model_config(self.gateway, request.name))
         except ServiceError as exc:
             await _abort(context, exc)
 
@@ -167,24 +168,24 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             if request.name:
                 self.gateway.check_version(request.name, request.version)
             await self.gateway.refresh_frontends()
-            return self.gateway.model_statistics(request.name)
+            return views.model_statistics(self.gateway, request.name)
         except ServiceError as exc:
             await _abort(context, exc)
 
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         index = service_pb2.RepositoryIndexResponse.ModelIndex
-        return service_pb2.RepositoryIndexResponse(models=[index(**model) for model in self.gateway.repository_index(request.ready)])
+        return service_pb2.RepositoryIndexResponse(models=[index(**model) for model in views.repository_index(self.gateway, request.ready)])
 
     async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
-            await self.gateway.load_model(request.model_name, _repository_parameters(request))
+            await control.load_model(self.gateway, request.model_name, _repository_parameters(request))
         except ServiceError as exc:
             await _abort(context, exc)
         return service_pb2.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
-            await self.gateway.unload_model(request.model_name, _repository_parameters(request))
+            await control.unload_model(self.gateway, request.model_name, _repository_parameters(request))
         except ServiceError as exc:
             await _abort(context, exc)
         return service_pb2.RepositoryModelUnloadResponse()

@@ -20,7 +20,7 @@ from .budget import Hold
 from .fastpath import CONTENT_LENGTH, error_reply, read_body, respond, unless_disconnected, wanted_headers
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from .gateway import Gateway
 
 
 class FamilyLimits:

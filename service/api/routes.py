@@ -13,11 +13,12 @@ import migserve
 
 from ..errors import UNSUPPORTED, BadRequest, NotSupported, Unavailable
 from ..stats import as_json
+from . import control, views
 from .fastpath import read_body
 from .kserve import EXTENSIONS, HEADER_LENGTH, json_object, response_headers
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from .gateway import Gateway
 
 
 # Triton's HTTP paths for the extensions the gateway does not offer: 501 with what to use instead.
@@ -55,13 +56,13 @@ def register(app: FastAPI, gateway: Gateway) -> None:
         if name:
             gateway.check_version(name, version)
         await gateway.refresh_frontends()
-        return as_json(gateway.model_statistics(name))
+        return as_json(views.model_statistics(gateway, name))
 
     @app.get("/v2/models/{name}/config", summary="The model's configuration as served (Triton's model configuration extension)")
     @app.get("/v2/models/{name}/versions/{version}/config", include_in_schema=False)
     async def model_config(name: str, version: str = "1") -> dict[str, Any]:
         gateway.check_version(name, version)
-        return as_json(gateway.model_config(name))
+        return as_json(views.model_config(gateway, name))
 
     @app.post("/v2/repository/index", summary="Every model in the repository and its state (Triton's repository index)")
     async def repository_index(request: Request) -> JSONResponse:
@@ -70,16 +71,16 @@ def register(app: FastAPI, gateway: Gateway) -> None:
         ready = options.get("ready", False)
         if not isinstance(ready, bool):
             raise BadRequest(f"'ready' must be true or false, not {ready!r}")
-        return JSONResponse(gateway.repository_index(ready_only=ready))
+        return JSONResponse(views.repository_index(gateway, ready_only=ready))
 
     @app.post("/v2/repository/models/{name}/load", summary="Load a model, or load it again from its files (explicit mode)")
     async def model_load(name: str, request: Request) -> Response:
-        await gateway.load_model(name, await _parameters(request))
+        await control.load_model(gateway, name, await _parameters(request))
         return Response(status_code=200)
 
     @app.post("/v2/repository/models/{name}/unload", summary="Stop serving a model once what it accepted is answered (explicit mode)")
     async def model_unload(name: str, request: Request) -> Response:
-        await gateway.unload_model(name, await _parameters(request))
+        await control.unload_model(gateway, name, await _parameters(request))
         return Response(status_code=200)
 
     @app.get("/v2/systemsharedmemory/status", summary="Registered shared memory regions (Triton's system shared memory)")
@@ -113,7 +114,7 @@ def register(app: FastAPI, gateway: Gateway) -> None:
     @app.get("/v2/models/{name}/versions/{version}", include_in_schema=False)
     async def model_metadata(name: str, version: str = "1") -> dict[str, Any]:
         gateway.check_version(name, version)
-        return gateway.model_metadata(name)
+        return views.model_metadata(gateway, name)
 
     @app.get("/v2/models/{name}/ready", summary="Model readiness")
     @app.get("/v2/models/{name}/versions/{version}/ready", include_in_schema=False)
@@ -139,14 +140,14 @@ def register(app: FastAPI, gateway: Gateway) -> None:
 
     @app.get("/v1/partitions", summary="Partitions, their workers and the models placed on them")
     async def partitions() -> JSONResponse:
-        return JSONResponse(await gateway.partitions_document())
+        return JSONResponse(await views.partitions_document(gateway))
 
     @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
     async def metrics() -> Response:
         gateway.count_held()
         await gateway.refresh_memory_used()
         await gateway.refresh_frontends()
-        return Response(gateway.metrics_text(), media_type=CONTENT_TYPE_LATEST)
+        return Response(views.metrics_text(gateway), media_type=CONTENT_TYPE_LATEST)
 
 
 def _unsupported(extension: str) -> Callable[[], Awaitable[Response]]:

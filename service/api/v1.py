@@ -67,7 +67,7 @@ from .uploads import options, read_upload, require_file
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from .gateway import Gateway
 
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
 IMAGE_TYPES = ["image/jpeg", "image/png"]

@@ -9,9 +9,12 @@ import re
 import socket
 import sys
 from pathlib import Path
-from typing import Literal, TextIO
+from typing import TYPE_CHECKING, Literal, TextIO
 
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from .config import ServeConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -352,8 +355,8 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
     import uvicorn
 
     from .api.app import create_app
-    from .api.connection import bounded_protocol, infer_protocol
-    from .config import ServeConfig
+    from .api.connection import infer_protocol
+    from .api.uvicorn_protocol import bounded_protocol
     from .errors import ServiceError
     from .fds import raise_open_files
     from .heap import keep_request_buffers_in_heap
@@ -378,52 +381,8 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
                 grpc_port = reserved.getsockname()[1]  # held, never listening (no connection lands on it), until exit
         elif ":" in args.host:  # IPv6 and IPv4 clients both: uvicorn's listener on "::" would take IPv6 alone
             listening = _reuse_port(args.host, args.port, shared=False)
-        max_body = int(args.max_body_mb * (1 << 20))
-        pending = _pending_bytes(args.max_pending_mb, max_body)
-        config = ServeConfig(
-            model_repo=args.model_repo,
-            host=args.host,
-            port=listening.getsockname()[1] if listening is not None else args.port,
-            grpc_port=grpc_port,
-            topology=args.topology,
-            cpu_slices=_sizes("--cpu-slices", args.cpu_slices, "cores per slice", "2,2"),
-            models=tuple(args.models) if args.models else None,
-            max_body_bytes=max_body,
-            max_json_bytes=int(args.max_json_mb * (1 << 20)),
-            max_pending_bytes=pending,
-            default_timeout_s=args.timeout_s,
-            receive_timeout_s=args.receive_timeout_s,
-            head_timeout_s=args.head_timeout_s,
-            max_connections=args.max_connections,
-            send_timeout_s=args.send_timeout_s,
-            arena_keep_bytes=int(args.arena_keep_mb * (1 << 20)),
-            queue_capacity=args.queue_capacity,
-            worker_hang_s=args.worker_hang_s,
-            max_batch_size=args.max_batch_size,
-            max_queue_delay_s=args.max_queue_delay_ms / 1000 if args.max_queue_delay_ms is not None else None,
-            preferred_batch_sizes=()
-            if args.preferred_batch_sizes == "none"
-            else _sizes("--preferred-batch-sizes", args.preferred_batch_sizes, "batch sizes of 1 or more", "4,8"),
-            cpu_worker_priority=args.cpu_worker_priority,
-            cpu_run_slices=_run_slices(args.cpu_run_slices),
-            **_run_slices_cache(args.cpu_run_slices_cache),
-            cudnn_conv_algo_search=args.cudnn_conv_algo_search,
-            gpu_shape_sessions=args.gpu_shape_sessions,
-            worker_threads=args.worker_threads,
-            batches_in_flight=args.batches_in_flight,
-            model_control_mode=args.model_control_mode,
-            max_image_pixels=int(args.max_image_mp * 1e6),
-            max_volume_voxels=int(args.max_volume_mvox * 1e6),
-            job_min_tiles=args.job_min_tiles,
-            max_jobs=args.max_jobs,
-            job_timeout_s=args.job_timeout_s,
-            tiles_in_flight=args.tiles_in_flight,
-            max_job_bytes=_job_bytes(args.max_job_mb),
-            max_job_results_bytes=int(args.job_results_mb * (1 << 20)),
-            jobs_dir=args.jobs_dir,
-            trace_file=args.trace_file,
-            frontends=args.frontends,
-        )
+        port = listening.getsockname()[1] if listening is not None else args.port
+        config = _serve_config(args, port, grpc_port)
         app = create_app(config)
     except ValidationError as exc:  # a ValueError too, but its text is a multi-line report
         print(f"error: {flag_problem(exc, args)}", file=err)
@@ -456,6 +415,58 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
     logging.getLogger(__name__).info("KServe v2 HTTP on http://%s:%s", bracketed(host), port)
     server.run(sockets=[listening])
     return 0
+
+
+def _serve_config(args: argparse.Namespace, port: int, grpc_port: int | None) -> ServeConfig:
+    """`serve`'s arguments as the gateway's typed configuration (checked as it is made: ValidationError)."""
+    from .config import ServeConfig
+
+    max_body = int(args.max_body_mb * (1 << 20))
+    pending = _pending_bytes(args.max_pending_mb, max_body)
+    return ServeConfig(
+        model_repo=args.model_repo,
+        host=args.host,
+        port=port,
+        grpc_port=grpc_port,
+        topology=args.topology,
+        cpu_slices=_sizes("--cpu-slices", args.cpu_slices, "cores per slice", "2,2"),
+        models=tuple(args.models) if args.models else None,
+        max_body_bytes=max_body,
+        max_json_bytes=int(args.max_json_mb * (1 << 20)),
+        max_pending_bytes=pending,
+        default_timeout_s=args.timeout_s,
+        receive_timeout_s=args.receive_timeout_s,
+        head_timeout_s=args.head_timeout_s,
+        max_connections=args.max_connections,
+        send_timeout_s=args.send_timeout_s,
+        arena_keep_bytes=int(args.arena_keep_mb * (1 << 20)),
+        queue_capacity=args.queue_capacity,
+        worker_hang_s=args.worker_hang_s,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_s=args.max_queue_delay_ms / 1000 if args.max_queue_delay_ms is not None else None,
+        preferred_batch_sizes=()
+        if args.preferred_batch_sizes == "none"
+        else _sizes("--preferred-batch-sizes", args.preferred_batch_sizes, "batch sizes of 1 or more", "4,8"),
+        cpu_worker_priority=args.cpu_worker_priority,
+        cpu_run_slices=_run_slices(args.cpu_run_slices),
+        **_run_slices_cache(args.cpu_run_slices_cache),
+        cudnn_conv_algo_search=args.cudnn_conv_algo_search,
+        gpu_shape_sessions=args.gpu_shape_sessions,
+        worker_threads=args.worker_threads,
+        batches_in_flight=args.batches_in_flight,
+        model_control_mode=args.model_control_mode,
+        max_image_pixels=int(args.max_image_mp * 1e6),
+        max_volume_voxels=int(args.max_volume_mvox * 1e6),
+        job_min_tiles=args.job_min_tiles,
+        max_jobs=args.max_jobs,
+        job_timeout_s=args.job_timeout_s,
+        tiles_in_flight=args.tiles_in_flight,
+        max_job_bytes=_job_bytes(args.max_job_mb),
+        max_job_results_bytes=int(args.job_results_mb * (1 << 20)),
+        jobs_dir=args.jobs_dir,
+        trace_file=args.trace_file,
+        frontends=args.frontends,
+    )
 
 
 def _reuse_port(host: str, port: int, flag: str = "--port", *, listen: bool = True, shared: bool = True) -> socket.socket:

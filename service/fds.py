@@ -9,7 +9,7 @@ gateway's own work fails: a worker that died is not started again while the tabl
 full. So each process takes at most `connection_limit()` client connections at once
 of each protocol (`serve --max-connections`; by default its open-file limit less a
 reserve for its own files, shared between HTTP and gRPC), answers an HTTP one past it
-503 at once (service/api/connection.py), and has gRPC close one past it at once
+503 at once (service/api/admission.py), and has gRPC close one past it at once
 (`grpc.max_allowed_incoming_connections`: the client's call fails UNAVAILABLE and it
 connects again later, as gRPC clients do).
 

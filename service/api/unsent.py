@@ -14,7 +14,7 @@ socket and not yet acknowledged), which shrinks as the client reads: the transpo
 only shrinks once the kernel has room for a third of its send buffer (up to 4 MB), so a
 client reading a large answer at tens of KB/s would otherwise look stalled and be cut off.
 
-Both HTTP protocols (service/api/connection.py) keep one `Unsent` per connection.
+Both HTTP protocols (service/api/connection.py, service/api/uvicorn_protocol.py) keep one `Unsent` per connection.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.api.connection import parse_head, without_upgrade
+from service.api.connection import parse_head
+from service.api.uvicorn_protocol import without_upgrade
 
 INFER = "POST /v2/models/face-pros/infer HTTP/1.1"
 

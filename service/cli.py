@@ -320,7 +320,7 @@ def _check_port(host: str, port: int, flag: str) -> None:
     if not 0 <= port <= 65535:
         raise ValueError(f"{flag} {port}: expected a port from 0 to 65535 (0: any free one)")
 
-    from .api.frontends import tcp_socket
+    from .api.sockets import tcp_socket
 
     try:
         with tcp_socket(host) as sock:
@@ -406,7 +406,8 @@ def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
         served = uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level, access_log=False, http=http)  # type: ignore[arg-type]
         GatewayServer(served, app.gateway).run()
         return 0
-    from .api.frontends import adopter, bracketed
+    from .api.frontends import adopter
+    from .api.sockets import bracketed
 
     server = GatewayServer(uvicorn.Config(app, log_level=args.log_level, access_log=False, http=http), app.gateway)  # type: ignore[arg-type]
     if app.gateway.frontends is not None:
@@ -471,7 +472,7 @@ def _serve_config(args: argparse.Namespace, port: int, grpc_port: int | None) ->
 
 def _reuse_port(host: str, port: int, flag: str = "--port", *, listen: bool = True, shared: bool = True) -> socket.socket:
     """The port, bound so that the other front-end processes can bind it too (shared=False: bound for this one)."""
-    from .api.frontends import reuse_port_socket
+    from .api.sockets import reuse_port_socket
 
     try:
         return reuse_port_socket(host, port, listen=listen, shared=shared)

@@ -21,8 +21,8 @@ from ..errors import ServiceError
 from .build import build_gateway
 from .errors import AnswerBugs, error_body
 from .fastpath import HEAD, InferFastPath
-from .frontends import bracketed
 from .gateway import Gateway
+from .sockets import bracketed
 
 logger = logging.getLogger(__name__)
 

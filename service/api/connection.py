@@ -83,7 +83,7 @@ class _Request:
     name: str
     fields: dict[bytes, bytes]
     length: int
-    head: bytes  # as received, without its blank line: what a front-end process hands over (service/api/frontends.py)
+    head: bytes  # as received, without its blank line: what a front-end process hands over (service/api/frontend_process.py)
 
     @property
     def close(self) -> bool:
@@ -124,7 +124,7 @@ def infer_protocol(gateway: Gateway) -> type[InferConnection]:
 
 class InferConnection(asyncio.BufferedProtocol):
     gateway: Gateway  # set by infer_protocol
-    prelude = b""  # what a front-end process read of a connection before it handed it here (service/api/frontends.py)
+    prelude = b""  # what a front-end process read of a connection before it handed it here (service/api/frontend_process.py)
     _head_ns = 0  # time.monotonic_ns() when the request being received had its head parsed
     answered = False  # a request has begun on it: once idle, it is closed for a new connection after silent ones (Idle)
 

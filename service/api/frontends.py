@@ -20,6 +20,9 @@ the first process tells every front-end of a load (after the workers have the mo
 unload (before they drop it), and answers once each has applied it. `--max-pending-mb` bounds the
 bodies all processes hold together, and `--queue-capacity` the requests all processes queue for a model
 (service/shared.py); each process batches its own. A front-end that dies is started again.
+
+Here: the first process's side (`Frontends`, `adopter`) and the messages between the processes; the front-end
+process itself is service/api/frontend_process.py.
 """
 
 from __future__ import annotations
@@ -36,17 +39,13 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
+from typing import Any
 
 from ..backends.local import RESTART_BACKOFF_S, START_TIMEOUT_S
 from ..config import ServeConfig
@@ -54,22 +53,15 @@ from ..partitions import Partition
 from ..repository import ModelEntry
 from ..shared import SharedCounts
 from ..stats import ModelStatistics
-from ..trace import Tracer, TraceState
+from ..trace import TraceState
 from ..workers import shm
-from ..workers.protocol import ModelSpec, Stop, watch  # a front-end stops as a worker does
-from .connection import InferConnection
-from .encoding import is_identity
-from .fastpath import BINARY_HEADER_LENGTH, CONTENT_ENCODING
-
-if TYPE_CHECKING:
-    from .gateway import Gateway
+from ..workers.protocol import ModelSpec, Stop, watch
 
 logger = logging.getLogger(__name__)
 SNAPSHOT_TIMEOUT_S = 2.0
 STOP_WAIT_S = 10.0  # a stopping front-end finishes the requests it holds; then it is killed
 LENGTH = struct.Struct("!Q")
 GRPC_SOCKET = "grpc.sock"  # in the run directory: the first process's gRPC service, for its front-ends
-SUMMED_GAUGES = frozenset({"migserve_queue_depth", "migserve_request_body_bytes"})  # per process: the total is the sum
 
 
 @dataclass(frozen=True)
@@ -163,101 +155,6 @@ def run_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="migserve-"))
 
 
-def tcp_socket(host: str) -> socket.socket:
-    """A TCP socket for `host`; an IPv6 one takes IPv4 clients too (an address such as "::" means both, as gRPC
-    takes it; asyncio's own listeners would take IPv6 alone)."""
-    if ":" not in host:
-        return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    return sock
-
-
-def bracketed(host: str) -> str:
-    """`host` as it goes before ":port" in an address: an IPv6 one in brackets ("::" is "[::]")."""
-    return f"[{host}]" if ":" in host else host
-
-
-def reuse_port_socket(host: str, port: int, *, listen: bool = True, shared: bool = True) -> socket.socket:
-    """A listening socket that other processes of this user can bind too (SO_REUSEPORT): the kernel spreads
-    new connections over all of them (listen=False: the port is only held; shared=False: no other may bind it)."""
-    sock = tcp_socket(host)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(shared))
-    sock.bind((host, port))
-    if listen:
-        sock.listen(2048)
-    sock.set_inheritable(False)
-    return sock
-
-
-# --- in a front-end process -------------------------------------------------------------------------------
-
-
-class HandOff:
-    """A front-end's end of the hand-over socket: sends a client's connection, and what it has read of it."""
-
-    def __init__(self, path: str) -> None:
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.connect(path)
-        self.count = 0
-
-    def send(self, fd: int, data: bytes) -> None:
-        socket.send_fds(self._sock, [LENGTH.pack(len(data))], [fd])  # the kernel gives the first process its own copy
-        if data:
-            self._sock.sendall(data)
-        self.count += 1
-
-    def close(self) -> None:
-        self._sock.close()
-
-
-class FrontendConnection(InferConnection):
-    """A front-end's HTTP connection: inference as in the first process; anything else goes to the first process."""
-
-    handoff: HandOff  # set by frontend_protocol
-    _leaving = False  # handing the connection over: nothing more is read or answered here
-
-    def _advance(self) -> None:
-        if not self._leaving:
-            super()._advance()
-
-    def _hand_over(self) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return  # the client went away meanwhile
-        self._leaving = True
-        transport.pause_reading()
-        self._state.connections.discard(self)
-        self._idle.cancel()
-        if transport.get_write_buffer_size():  # an answer still going out: hand over once it has
-            self._loop.call_later(0.002, self._hand_over)
-            return
-        data, self._pending = bytes(self._pending), bytearray()
-        sock = transport.get_extra_info("socket")
-        try:
-            self.handoff.send(sock.fileno(), data)
-        except OSError as exc:  # the first process is going away
-            logger.warning("could not hand a connection to the gateway's first process: %s", exc)
-        transport.abort()  # closes this process's descriptor only: the connection lives on in the first process
-
-    def _start(self) -> None:
-        request, body = self._request, self._body
-        assert request is not None and body is not None
-        length, encoding = request.fields.get(BINARY_HEADER_LENGTH), request.fields.get(CONTENT_ENCODING)
-        header = body[: int(length)] if length is not None and length.isdigit() else body
-        if is_identity(None if encoding is None else encoding.decode("latin-1")) and header.tobytes().find(b'"shared_memory_region"') < 0:
-            super()._start()
-            return
-        # regions are registered with the first process: it serves this request, and the connection from here on
-        # (and a compressed body, which may name one: rare enough to leave to the first process)
-        self._body, self._request = None, None
-        self.gateway.bodies.give(self._held)
-        self._held = 0
-        self._pending[:0] = request.head + b"\r\n\r\n" + body.tobytes()
-        self._hand_over()
-
-
 def adopter(server: Any) -> Callable[[socket.socket, bytes], None]:
     """How the first process serves a handed-over connection: as one its uvicorn `server` accepted, the bytes
     the front-end had read of it first."""
@@ -279,135 +176,6 @@ def adopter(server: Any) -> Callable[[socket.socket, bytes], None]:
 
 
 _background: set[asyncio.Task[Any]] = set()  # adoptions and restarts, kept until done (the loop holds weak references)
-
-
-def frontend_protocol(gateway: Gateway, handoff: HandOff) -> type[FrontendConnection]:
-    return type("FrontendGatewayConnection", (FrontendConnection,), {"gateway": gateway, "handoff": handoff})
-
-
-def frontend_main(spec: FrontendSpec, conn: Connection) -> None:
-    """A front-end process: its own batchers over the first process's workers, on the shared port."""
-    os.setpgid(0, 0)  # as the workers: the first process stops its front-ends in order
-    logging.basicConfig(level=spec.log_level.upper(), format=f"%(asctime)s %(levelname)s %(name)s[frontend {spec.index}]: %(message)s")
-    from ..heap import keep_request_buffers_in_heap
-
-    keep_request_buffers_in_heap()
-    try:
-        import uvloop
-
-        uvloop.run(_frontend(spec, conn))
-    except ImportError:
-        asyncio.run(_frontend(spec, conn))
-
-
-async def _frontend(spec: FrontendSpec, conn: Connection) -> None:
-    import uvicorn
-
-    from ..backends.local import LocalBackend
-    from .gateway import Gateway, worker_options
-
-    # the first process's options: a front-end sends batches as it does (--batches-in-flight, --arena-keep-mb)
-    backend = LocalBackend(
-        spec.partitions, spec.placement, worker_options(spec.config), sockets=spec.sockets, attached=True, hang_s=spec.config.worker_hang_s
-    )
-    gateway = Gateway(
-        spec.config,
-        dict(spec.models),
-        spec.partitions,
-        spec.placement,
-        backend,
-        not_served=dict(spec.not_served),
-        shared=spec.shared,
-        index=spec.index,
-    )
-    await gateway.start()
-    handoff = HandOff(spec.handoff)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            _nothing,
-            http=frontend_protocol(gateway, handoff),  # type: ignore[arg-type]  # a BufferedProtocol works; uvicorn types Protocol
-            lifespan="off",
-            access_log=False,
-            log_level=spec.log_level,
-        )
-    )
-
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def apply(message: ServeModel | UnserveModel) -> None:
-        if isinstance(message, ServeModel):
-            await gateway.serve_attached(message.name, message.entry, message.specs, message.column)
-        else:
-            await gateway.unserve_attached(message.name, message.reason)
-        conn.send(Done(message.name))
-
-    def on_control() -> None:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            message = Stop()  # the first process is gone
-        if isinstance(message, Snapshot):
-            stats = dict(gateway.stats)
-            level = logging.getLevelName(gateway.logs.level())
-            gateway.metrics.body_bytes.set(gateway.bodies.held)  # the first process adds it to its own
-            metrics = generate_latest(gateway.metrics.registry)
-            conn.send(Counts(spec.index, os.getpid(), metrics, stats, handoff.count, level, gateway.bodies.held))
-        elif isinstance(message, SetLogs):
-            gateway.logs.update(message.changes)  # checked by the first process already
-            conn.send(Done("logging"))
-        elif isinstance(message, SyncTraces):
-            gateway.tracer.adopt(message.state)
-            conn.send(TracesTaken(gateway.tracer.take()))
-        elif isinstance(message, ServeModel | UnserveModel):
-            task = asyncio.get_running_loop().create_task(apply(message))  # the first process waits for its Done
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        else:
-            asyncio.get_running_loop().remove_reader(conn.fileno())
-            server.should_exit = True
-
-    watch(conn, on_control)
-    sock = reuse_port_socket(spec.config.host, spec.config.port)
-    try:
-        async with _grpc(spec, gateway):
-            conn.send(Ready(os.getpid()))
-            await server.serve(sockets=[sock])
-    finally:
-        await gateway.stop()
-        handoff.close()
-        _send_last_traces(conn, gateway.tracer)
-
-
-def _send_last_traces(conn: Connection, tracer: Tracer) -> None:
-    """The requests a front-end answered as it stopped, traced after the first process's last sync."""
-    with contextlib.suppress(OSError):  # the first process is gone
-        conn.send(TracesTaken(tracer.take()))
-
-
-@contextlib.asynccontextmanager
-async def _grpc(spec: FrontendSpec, gateway: Gateway) -> AsyncIterator[None]:
-    """A front-end's gRPC service on the shared port while it serves (none without --grpc-port)."""
-    if spec.grpc is None or spec.config.grpc_port is None:
-        yield
-        return
-    from .grpc_service import FrontendInferenceService, grpc_server
-
-    service = FrontendInferenceService(gateway, spec.grpc)
-    server, _ = grpc_server(gateway, spec.config.host, spec.config.grpc_port, service=service, shared=True)
-    await server.start()
-    try:
-        yield
-    finally:
-        await server.stop(grace=5)
-        await service.close()
-
-
-async def _nothing(scope: Any, receive: Any, send: Any) -> None:
-    """The ASGI app of a front-end: never called, as every request it does not serve is handed over."""
-    raise RuntimeError("a front-end process serves no ASGI requests")
-
-
-# --- in the first process ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -448,6 +216,8 @@ class Frontends:
         await asyncio.gather(*(self._spawn(i) for i in range(1, self.count + 1)))
 
     async def _spawn(self, index: int, restarts: int = 0) -> None:
+        from .frontend_process import frontend_main  # which imports this module's messages
+
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         process = ctx.Process(
@@ -645,45 +415,3 @@ def _read_exactly(sock: socket.socket, length: int) -> bytes | None:
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
-
-
-def merge_metrics(own: bytes, others: Iterable[bytes]) -> bytes:
-    """The first process's metrics with the front-ends' added: counters, histograms and the per-process gauges
-    (queue depth, bodies held) summed; the other gauges (partition state) are the first process's alone."""
-    families: dict[str, Any] = {}
-    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-    for first, text in itertools.chain([(True, own)], ((False, t) for t in others)):
-        for family in text_string_to_metric_families(text.decode()):
-            if not first and family.type == "gauge" and family.name not in SUMMED_GAUGES:
-                continue
-            families.setdefault(family.name, family)
-            merged = values.setdefault(family.name, {})
-            for sample in family.samples:
-                key = (sample.name, tuple(sorted(sample.labels.items())))
-                if key not in merged:
-                    merged[key] = sample.value
-                elif sample.name.endswith("_created"):
-                    merged[key] = min(merged[key], sample.value)
-                else:
-                    merged[key] += sample.value
-    for name, family in families.items():
-        family.samples = [Sample(sample_name, dict(labels), value) for (sample_name, labels), value in values[name].items()]
-    registry = CollectorRegistry()
-    registry.register(_Fixed(list(families.values())))
-    return generate_latest(registry)
-
-
-class _Fixed:
-    def __init__(self, families: list[Any]) -> None:
-        self.families = families
-
-    def collect(self) -> list[Any]:
-        return self.families
-
-
-def merge_statistics(own: ModelStatistics, others: Iterable[ModelStatistics]) -> ModelStatistics:
-    """One model's statistics over every front-end."""
-    total = ModelStatistics(own.name)
-    for stats in (own, *others):
-        total.merge(stats)
-    return total

@@ -1,6 +1,6 @@
 """The gateway: its models and their batchers, its partitions' backend, and what every request to it goes through.
 
-One per process (front-end processes have theirs, service/api/frontends.py). Built by service/api/build.py, served by
+One per process (front-end processes have theirs, service/api/frontend_process.py). Built by service/api/build.py, served by
 service/api/app.py (HTTP) and service/api/grpc_service.py (gRPC); what it shows of itself is in views.py, loading and
 unloading models in control.py."""
 

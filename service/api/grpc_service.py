@@ -60,7 +60,6 @@ from ..trace import Trace
 from . import control, views
 from .budget import Hold
 from .classification import class_count, requested_classes, tensor_bytes
-from .frontends import bracketed
 from .grpc_stalls import StalledCalls
 from .kserve import (
     EXTENSIONS,
@@ -77,6 +76,7 @@ from .kserve import (
     shape_and_count,
     write_to_region,
 )
+from .sockets import bracketed
 
 if TYPE_CHECKING:
     from ..repository import ModelEntry

@@ -1,20 +1,26 @@
 """What the gateway shows of itself, over both protocols: model metadata, configuration and statistics, the
-repository index, /metrics' text and /v1/partitions."""
+repository index, /metrics' text and /v1/partitions; with front-end processes, their counts added to the first's."""
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 from tritonclient.grpc import service_pb2
 
 from ..placement import cpu_placed_bytes
-from .frontends import merge_metrics, merge_statistics
+from ..stats import ModelStatistics
 from .kserve import NUMPY_TO_V2
 
 if TYPE_CHECKING:
     from .gateway import Gateway
+
+SUMMED_GAUGES = frozenset({"migserve_queue_depth", "migserve_request_body_bytes"})  # per process: the total is the sum
 
 
 def model_metadata(gateway: Gateway, name: str) -> dict[str, Any]:
@@ -123,3 +129,45 @@ def _scheduling(pid: int | None) -> str | None:
         return SCHEDULING.get(os.sched_getscheduler(pid), "realtime")
     except OSError:
         return None
+
+
+def merge_metrics(own: bytes, others: Iterable[bytes]) -> bytes:
+    """The first process's metrics with the front-ends' added: counters, histograms and the per-process gauges
+    (queue depth, bodies held) summed; the other gauges (partition state) are the first process's alone."""
+    families: dict[str, Any] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for first, text in itertools.chain([(True, own)], ((False, t) for t in others)):
+        for family in text_string_to_metric_families(text.decode()):
+            if not first and family.type == "gauge" and family.name not in SUMMED_GAUGES:
+                continue
+            families.setdefault(family.name, family)
+            merged = values.setdefault(family.name, {})
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in merged:
+                    merged[key] = sample.value
+                elif sample.name.endswith("_created"):
+                    merged[key] = min(merged[key], sample.value)
+                else:
+                    merged[key] += sample.value
+    for name, family in families.items():
+        family.samples = [Sample(sample_name, dict(labels), value) for (sample_name, labels), value in values[name].items()]
+    registry = CollectorRegistry()
+    registry.register(_Fixed(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Fixed:
+    def __init__(self, families: list[Any]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Any]:
+        return self.families
+
+
+def merge_statistics(own: ModelStatistics, others: Iterable[ModelStatistics]) -> ModelStatistics:
+    """One model's statistics over every front-end."""
+    total = ModelStatistics(own.name)
+    for stats in (own, *others):
+        total.merge(stats)
+    return total

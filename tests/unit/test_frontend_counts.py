@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.api.frontends import merge_metrics, merge_statistics
+from service.api.views import merge_metrics, merge_statistics
 from service.metrics import Metrics
 from service.stats import ModelStatistics
 

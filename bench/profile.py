@@ -117,7 +117,7 @@ class DirectTarget:
         self._replica: Any = None
 
     async def start(self) -> None:
-        from service.backends.local import WorkerReplica
+        from service.backends.worker import WorkerReplica
         from service.placement import model_spec
 
         self._replica = WorkerReplica(self._partition, {self._entry.contract.name: model_spec(self._entry)}, lambda: None)

@@ -42,7 +42,7 @@ import numpy as np
 
 from bench.gateway_bench import sample
 from migserve.types import Array
-from service.backends.local import WorkerReplica
+from service.backends.worker import WorkerReplica
 from service.partitions import Partition, PartitionKind, discover
 from service.placement import model_spec
 from service.repository import load_model

@@ -34,7 +34,7 @@ class Deadline:
 
 class StallWatch(Deadline):
     """Calls `expire` once `timeout` seconds pass with nothing new while `waiting()` holds: a client stopped in the
-    middle of a request (service/api/connection.py), a worker that answers no batch (service/backends/local.py).
+    middle of a request (service/api/connection.py), a worker that answers no batch (service/backends/worker.py).
     The owner stamps `last` at each sign of life (a float store); one timer, armed while something is awaited,
     re-arms itself for the quiet time left instead of being re-made at every stamp."""
 

@@ -13,7 +13,7 @@ volume's as it is unpacked (families/volume.py).
 An answer that its client is slow to take is counted while it waits in the connection's buffer
 (unsent.py), so that clients sending small requests for large answers and reading none cannot grow the
 gateway unseen (a gRPC answer from when it is made until gRPC has sent it, grpc_service.py); and a batch's
-copy in shared memory where it is over `--arena-keep-mb`, until its arena is released (service/backends/local.py).
+copy in shared memory where it is over `--arena-keep-mb`, until its arena is released (service/backends/worker.py).
 
 With `serve --frontends N` the budget is the gateway's, not each process's: every process
 publishes what it holds and adds up what all hold before it takes more (service/shared.py), so the

@@ -47,7 +47,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from ..backends.local import RESTART_BACKOFF_S, START_TIMEOUT_S
+from ..backends.worker import RESTART_BACKOFF_S, START_TIMEOUT_S
 from ..config import ServeConfig
 from ..partitions import Partition
 from ..repository import ModelEntry

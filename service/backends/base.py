@@ -1,6 +1,6 @@
 """The small interface the dispatcher depends on: a Replica, one place a model runs.
 
-Local worker processes (backends/local.py) and Triton servers (backends/triton.py) implement it.
+Local worker processes (backends/worker.py) and Triton servers (backends/triton.py) implement it.
 """
 
 from __future__ import annotations

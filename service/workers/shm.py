@@ -12,7 +12,7 @@ front, so counted against a container's memory limit) for as long as the worker 
 in each replica's arenas. Smaller arenas are kept: with face-pros' batches of 1 to 32
 rows (0.6-19 MB) shrinking and growing again cost 7% of the throughput (bench/gateway_ab.py).
 SHRINK_ABOVE is the default of `serve --arena-keep-mb`. Larger arenas are also released
-once no batch has used them for IDLE_RELEASE_S (`trim`, service/backends/local.py), on
+once no batch has used them for IDLE_RELEASE_S (`trim`, service/backends/worker.py), on
 both sides: after a burst of large batches nothing comes to make them shrink.
 """
 

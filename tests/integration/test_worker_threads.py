@@ -23,7 +23,7 @@ import pytest
 from bench.gateway_bench import sample
 from migserve.contract import read_contract
 from migserve.types import Array
-from service.backends.local import WorkerReplica
+from service.backends.worker import WorkerReplica
 from service.partitions import Partition, PartitionKind
 from service.placement import model_spec
 from service.repository import load_model

@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
@@ -127,23 +128,7 @@ def frontend_main(spec: FrontendSpec, conn: Connection) -> None:
 async def _frontend(spec: FrontendSpec, conn: Connection) -> None:
     import uvicorn
 
-    from ..backends.local import LocalBackend
-    from .gateway import Gateway, worker_options
-
-    # the first process's options: a front-end sends batches as it does (--batches-in-flight, --arena-keep-mb)
-    backend = LocalBackend(
-        spec.partitions, spec.placement, worker_options(spec.config), sockets=spec.sockets, attached=True, hang_s=spec.config.worker_hang_s
-    )
-    gateway = Gateway(
-        spec.config,
-        dict(spec.models),
-        spec.partitions,
-        spec.placement,
-        backend,
-        not_served=dict(spec.not_served),
-        shared=spec.shared,
-        index=spec.index,
-    )
+    gateway = _gateway(spec)
     await gateway.start()
     handoff = HandOff(spec.handoff)
     server = uvicorn.Server(
@@ -155,42 +140,7 @@ async def _frontend(spec: FrontendSpec, conn: Connection) -> None:
             log_level=spec.log_level,
         )
     )
-
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def apply(message: ServeModel | UnserveModel) -> None:
-        if isinstance(message, ServeModel):
-            await gateway.serve_attached(message.name, message.entry, message.specs, message.column)
-        else:
-            await gateway.unserve_attached(message.name, message.reason)
-        conn.send(Done(message.name))
-
-    def on_control() -> None:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            message = Stop()  # the first process is gone
-        if isinstance(message, Snapshot):
-            stats = dict(gateway.stats)
-            level = logging.getLevelName(gateway.logs.level())
-            gateway.metrics.body_bytes.set(gateway.bodies.held)  # the first process adds it to its own
-            metrics = generate_latest(gateway.metrics.registry)
-            conn.send(Counts(spec.index, os.getpid(), metrics, stats, handoff.count, level, gateway.bodies.held))
-        elif isinstance(message, SetLogs):
-            gateway.logs.update(message.changes)  # checked by the first process already
-            conn.send(Done("logging"))
-        elif isinstance(message, SyncTraces):
-            gateway.tracer.adopt(message.state)
-            conn.send(TracesTaken(gateway.tracer.take()))
-        elif isinstance(message, ServeModel | UnserveModel):
-            task = asyncio.get_running_loop().create_task(apply(message))  # the first process waits for its Done
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        else:
-            asyncio.get_running_loop().remove_reader(conn.fileno())
-            server.should_exit = True
-
-    watch(conn, on_control)
+    watch(conn, _Control(spec.index, conn, gateway, handoff, server).on_message)
     sock = reuse_port_socket(spec.config.host, spec.config.port)
     try:
         async with _grpc(spec, gateway):
@@ -200,6 +150,73 @@ async def _frontend(spec: FrontendSpec, conn: Connection) -> None:
         await gateway.stop()
         handoff.close()
         _send_last_traces(conn, gateway.tracer)
+
+
+def _gateway(spec: FrontendSpec) -> Gateway:
+    """This process's gateway, over the first process's workers (connected to, not started)."""
+    from ..backends.local import LocalBackend
+    from .gateway import Gateway, worker_options
+
+    # the first process's options: a front-end sends batches as it does (--batches-in-flight, --arena-keep-mb)
+    backend = LocalBackend(
+        spec.partitions, spec.placement, worker_options(spec.config), sockets=spec.sockets, attached=True, hang_s=spec.config.worker_hang_s
+    )
+    return Gateway(
+        spec.config,
+        dict(spec.models),
+        spec.partitions,
+        spec.placement,
+        backend,
+        not_served=dict(spec.not_served),
+        shared=spec.shared,
+        index=spec.index,
+    )
+
+
+@dataclass
+class _Control:
+    """What the first process asks of this front-end over its pipe: its counts, log and trace settings, a model served
+    or no longer, and the stop."""
+
+    index: int
+    conn: Connection
+    gateway: Gateway
+    handoff: HandOff
+    server: Any  # uvicorn's Server: told to exit at Stop
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)  # model changes being applied
+
+    def on_message(self) -> None:
+        gateway, conn = self.gateway, self.conn
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            message = Stop()  # the first process is gone
+        if isinstance(message, Snapshot):
+            stats = dict(gateway.stats)
+            level = logging.getLevelName(gateway.logs.level())
+            gateway.metrics.body_bytes.set(gateway.bodies.held)  # the first process adds it to its own
+            metrics = generate_latest(gateway.metrics.registry)
+            conn.send(Counts(self.index, os.getpid(), metrics, stats, self.handoff.count, level, gateway.bodies.held))
+        elif isinstance(message, SetLogs):
+            gateway.logs.update(message.changes)  # checked by the first process already
+            conn.send(Done("logging"))
+        elif isinstance(message, SyncTraces):
+            gateway.tracer.adopt(message.state)
+            conn.send(TracesTaken(gateway.tracer.take()))
+        elif isinstance(message, ServeModel | UnserveModel):
+            task = asyncio.get_running_loop().create_task(self._apply(message))  # the first process waits for its Done
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        else:
+            asyncio.get_running_loop().remove_reader(conn.fileno())
+            self.server.should_exit = True
+
+    async def _apply(self, message: ServeModel | UnserveModel) -> None:
+        if isinstance(message, ServeModel):
+            await self.gateway.serve_attached(message.name, message.entry, message.specs, message.column)
+        else:
+            await self.gateway.unserve_attached(message.name, message.reason)
+        self.conn.send(Done(message.name))
 
 
 def _send_last_traces(conn: Connection, tracer: Tracer) -> None:

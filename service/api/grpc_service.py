@@ -27,6 +27,7 @@ default. Errors keep the HTTP side's messages, with the matching status code:
 400 INVALID_ARGUMENT, 404 NOT_FOUND, 413 RESOURCE_EXHAUSTED, 503 UNAVAILABLE,
 504 DEADLINE_EXCEEDED, anything else INTERNAL. A message over `--max-body-mb` is
 refused by gRPC itself (RESOURCE_EXHAUSTED) before it is decoded.
+The messages' decoding and encoding are in service/api/grpc_codec.py.
 
 gRPC holds an answer until the client's HTTP/2 window lets it out, and a stream's answers wait here
 while one is written; each is counted in `--max-pending-mb` meanwhile (from when it is made until the
@@ -48,33 +49,19 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
-import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 import migserve
-from migserve.types import Array
 
-from ..errors import UNSUPPORTED, BadRequest, NotSupported, ServiceError
-from ..regions import PARAMETERS, Regions
+from ..errors import UNSUPPORTED, NotSupported, ServiceError
+from ..regions import PARAMETERS
 from ..trace import Trace
 from . import control, views
 from .budget import Hold
-from .classification import class_count, requested_classes, tensor_bytes
+from .grpc_codec import decode_infer_request, encode_infer_response, plain, repository_parameters
 from .grpc_stalls import StalledCalls
 from .kserve import (
     EXTENSIONS,
-    V2_OF_DTYPE,
-    DecodedRequest,
-    binary_tensor,
-    check_datatype,
-    check_input_names,
-    check_output_names,
-    checked_inputs,
-    listed_tensor,
-    plan_of,
-    region_tensor,
-    shape_and_count,
-    write_to_region,
 )
 from .sockets import bracketed
 
@@ -106,16 +93,6 @@ UNSUPPORTED_RPCS = {
     "CudaSharedMemoryStatus": "cuda_shared_memory",
     "CudaSharedMemoryRegister": "cuda_shared_memory",
     "CudaSharedMemoryUnregister": "cuda_shared_memory",
-}
-# The typed-contents field of each datatype (FP16 has none: raw only).
-CONTENTS = {
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "INT64": "int64_contents",
-    "INT32": "int_contents",
-    "INT8": "int_contents",
-    "UINT8": "uint_contents",
-    "BOOL": "bool_contents",
 }
 
 
@@ -178,14 +155,14 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
 
     async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
-            await control.load_model(self.gateway, request.model_name, _repository_parameters(request))
+            await control.load_model(self.gateway, request.model_name, repository_parameters(request))
         except ServiceError as exc:
             await _abort(context, exc)
         return service_pb2.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
-            await control.unload_model(self.gateway, request.model_name, _repository_parameters(request))
+            await control.unload_model(self.gateway, request.model_name, repository_parameters(request))
         except ServiceError as exc:
             await _abort(context, exc)
         return service_pb2.RepositoryModelUnloadResponse()
@@ -221,7 +198,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         return service_pb2.TraceSettingResponse(settings={key: value(value=v) for key, v in listed.items()})
 
     async def LogSettings(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        changes = {key: _plain(value) for key, value in request.settings.items()}
+        changes = {key: plain(value) for key, value in request.settings.items()}
         try:
             settings = await self.gateway.update_logs(changes) if changes else self.gateway.logs.values
         except ServiceError as exc:
@@ -316,107 +293,6 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         return await self.gateway.counted(name, work)
 
 
-def _no_contents(tensor: Any, field: str, shape: list[int], count: int) -> str:
-    """Why an input has no values: its data in another typed field than its datatype's, or none at all."""
-    filled = ", ".join(f"contents.{descriptor.name}" for descriptor, _ in tensor.contents.ListFields())
-    if filled:
-        return f"input {tensor.name}: {tensor.datatype} values go in contents.{field}; the request filled {filled}"
-    return f"input {tensor.name}: no data: give raw_input_contents or contents.{field} ({count} values for shape {shape})"
-
-
-def decode_infer_request(request: Any, entry: ModelEntry, regions: Regions) -> DecodedRequest:
-    """A ModelInferRequest as named arrays, checked against the contract like an HTTP body."""
-    plan = plan_of(entry.contract)
-    check_input_names(plan, [t.name for t in request.inputs])
-    raw = request.raw_input_contents
-    in_regions = {t.name: regions.slice_of(_parameters(t.parameters), f"input {t.name}") for t in request.inputs}
-    sent = sum(where is None for where in in_regions.values())  # raw contents are for these, in order
-    if raw and len(raw) != sent:
-        raise BadRequest(f"raw_input_contents has {len(raw)} entries for {sent} inputs not in shared memory: give one per input, or none")
-    arrays: dict[str, Array] = {}
-    next_raw = 0
-    for tensor in request.inputs:
-        input_plan = plan.inputs[tensor.name]
-        check_datatype(input_plan, tensor.datatype)
-        shape, count = shape_and_count(input_plan, list(tensor.shape))
-        where = in_regions[tensor.name]
-        if (raw or where is not None) and tensor.contents.ListFields():  # Triton refuses it too
-            given = "a shared memory region" if where is not None else "raw_input_contents"
-            raise BadRequest(f"input {tensor.name}: its values are given both in {given} and in contents: give them once")
-        if where is not None:
-            arrays[tensor.name] = region_tensor(input_plan, shape, count, where)
-            continue
-        if raw:
-            part = f"raw_input_contents[{next_raw}]"
-            arrays[tensor.name] = binary_tensor(input_plan, shape, count, memoryview(raw[next_raw]), part)
-            next_raw += 1
-            continue
-        field = CONTENTS.get(tensor.datatype)
-        if field is None:
-            raise BadRequest(f"input {tensor.name}: {tensor.datatype} has no typed contents in the protocol: send raw_input_contents")
-        values = getattr(tensor.contents, field)
-        if not values and count:
-            raise BadRequest(_no_contents(tensor, field, shape, count))
-        arrays[tensor.name] = listed_tensor(input_plan, shape, count, values)
-    inputs, batch = checked_inputs(plan, arrays)
-    outputs = tuple(o.name for o in request.outputs) or plan.output_names
-    check_output_names(plan, list(outputs))
-    out_regions = {o.name: regions.slice_of(_parameters(o.parameters), f"output {o.name}") for o in request.outputs}
-    output_slices = {name: where for name, where in out_regions.items() if where is not None}
-    counts = {o.name: _class_count(o) for o in request.outputs if "classification" in o.parameters}
-    return DecodedRequest(
-        id=request.id or None,
-        inputs=inputs,
-        batch=batch,
-        outputs=outputs,
-        binary_outputs=frozenset(outputs),
-        timeout_s=_timeout(request),
-        output_slices=output_slices,
-        classes=requested_classes(counts, plan.labels, list(output_slices)),
-    )
-
-
-def _class_count(output: Any) -> int:
-    """An output's classification parameter (tritonclient sends an int64_param)."""
-    parameter = output.parameters["classification"]
-    choice = parameter.WhichOneof("parameter_choice")
-    return class_count(parameter.int64_param if choice == "int64_param" else _plain(parameter), output.name)
-
-
-def _parameters(parameters: Any) -> dict[str, Any]:
-    """A tensor's shared-memory parameters (an InferParameter map) as plain values."""
-    return {key: _plain(parameters[key]) for key in PARAMETERS if key in parameters}
-
-
-def _plain(parameter: Any) -> Any:
-    """An InferParameter's or a log SettingValue's value (None when none of its fields is set)."""
-    choice = parameter.WhichOneof("parameter_choice")
-    return None if choice is None else getattr(parameter, choice)
-
-
-def encode_infer_response(model: str, decoded: DecodedRequest, outputs: dict[str, Array]) -> Any:
-    response = service_pb2.ModelInferResponse(model_name=model, model_version="1", id=decoded.id or "")
-    for name in decoded.outputs:
-        array = np.ascontiguousarray(outputs[name])
-        response.outputs.add(name=name, datatype=V2_OF_DTYPE[array.dtype], shape=array.shape)
-        if name in decoded.output_slices:
-            write_to_region(name, array, decoded.output_slices[name])
-            response.raw_output_contents.append(b"")  # in its region, as Triton answers it
-        else:
-            response.raw_output_contents.append(tensor_bytes(array))
-    return response
-
-
-def _timeout(request: Any) -> float | None:
-    if "timeout" not in request.parameters:
-        return None
-    parameter = request.parameters["timeout"]
-    value = parameter.int64_param if parameter.WhichOneof("parameter_choice") == "int64_param" else None
-    if value is None or value <= 0:
-        raise BadRequest("parameters.timeout must be a positive int64_param of microseconds")
-    return float(value) / 1e6
-
-
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: ServiceError) -> NoReturn:
     code = exc.code if isinstance(exc, Answered) else CODES.get(exc.status, grpc.StatusCode.INTERNAL)
     if code is grpc.StatusCode.INTERNAL:
@@ -430,11 +306,6 @@ def _unsupported(extension: str) -> Any:
         await _abort(context, NotSupported(UNSUPPORTED[extension]))
 
     return rpc
-
-
-def _repository_parameters(request: Any) -> dict[str, Any]:
-    """A model load or unload request's parameters as plain values (bool, int, str or bytes)."""
-    return {name: getattr(value, value.WhichOneof("parameter_choice")) for name, value in request.parameters.items()}
 
 
 for _rpc, _extension in UNSUPPORTED_RPCS.items():

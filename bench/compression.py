@@ -19,7 +19,8 @@ import onnxruntime as ort
 
 from bench.gateway_bench import sample
 from service.api.encoding import compress
-from service.api.kserve import DecodedRequest, encode_response
+from service.api.kserve import encode_response
+from service.api.tensors import DecodedRequest
 
 NO_LIMIT = 1 << 40
 

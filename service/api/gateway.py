@@ -42,7 +42,8 @@ from .budget import BodyBudget
 from .classification import classified
 from .fastpath import Received
 from .frontends import Frontends, SetLogs
-from .kserve import Body, DecodedRequest, decode_request, encode_response
+from .kserve import Body, decode_request, encode_response
+from .tensors import DecodedRequest
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

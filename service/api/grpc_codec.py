@@ -1,5 +1,5 @@
 """The gRPC messages of KServe v2 inference as the gateway's requests and answers: a ModelInferRequest decoded and
-checked against the model's contract as an HTTP body is (service/api/kserve.py), the outputs as a ModelInferResponse,
+checked against the model's contract as an HTTP body is (service/api/tensors.py), the outputs as a ModelInferResponse,
 and the parameters of the messages as plain values. service/api/grpc_service.py serves them."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from migserve.types import Array
 from ..errors import BadRequest
 from ..regions import PARAMETERS, Regions
 from .classification import class_count, requested_classes, tensor_bytes
-from .kserve import (
+from .tensors import (
     V2_OF_DTYPE,
     DecodedRequest,
     binary_tensor,

@@ -2,7 +2,7 @@
 
 `migserve serve --grpc-port 8001` serves it in the gateway's own event loop, so a
 gRPC request goes through the same checks, batcher, deadlines and metrics as an
-HTTP one (the tensor checks of `kserve.py`, `Gateway.infer_decoded`). The message
+HTTP one (the tensor checks of `tensors.py`, `Gateway.infer_decoded`). The message
 types and service stubs are the ones tritonclient ships (generated from Triton's
 `grpc_service.proto`), so `tritonclient.grpc` and any client generated from that
 proto talk to it: health, server and model metadata, model configuration and
@@ -60,9 +60,7 @@ from . import control, views
 from .budget import Hold
 from .grpc_codec import decode_infer_request, encode_infer_response, plain, repository_parameters
 from .grpc_stalls import StalledCalls
-from .kserve import (
-    EXTENSIONS,
-)
+from .kserve import EXTENSIONS
 from .sockets import bracketed
 
 if TYPE_CHECKING:

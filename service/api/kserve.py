@@ -1,7 +1,7 @@
 """KServe v2 / Open Inference Protocol bodies: JSON tensors and the binary-tensor extension.
 
 `decode_request` turns a body into named arrays checked against the model's
-contract (names, datatypes, ranks, fixed and named dims, batch size);
+contract (names, datatypes, ranks, fixed and named dims, batch size: service/api/tensors.py);
 `encode_response` writes outputs as JSON data or as binary after a JSON header.
 Every problem raises BadRequest with a message that names the tensor.
 """
@@ -9,35 +9,36 @@ Every problem raises BadRequest with a message that names the tensor.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
 
-from migserve.contract import Contract, TensorSpec
+from migserve.contract import Contract
 from migserve.types import Array
 
 from ..errors import BadRequest, TooLarge
 from ..regions import Regions, Slice
-from .classification import BYTES, Classes, class_count, json_strings, requested_classes, tensor_bytes
+from .classification import BYTES, class_count, json_strings, requested_classes, tensor_bytes
+from .tensors import (
+    V2_OF_DTYPE,
+    DecodedRequest,
+    InputPlan,
+    Plan,
+    binary_tensor,
+    check_datatype,
+    check_input_names,
+    check_output_names,
+    checked_inputs,
+    listed_tensor,
+    plan_of,
+    region_tensor,
+    shape_and_count,
+    write_to_region,
+)
 
 HEADER_LENGTH = "inference-header-content-length"
 Body = bytes | memoryview  # a request body: bytes from the ASGI path, a view of the raw connection's buffer
-V2_TYPES = {
-    "FP32": "float32",
-    "FP16": "float16",
-    "FP64": "float64",
-    "INT64": "int64",
-    "INT32": "int32",
-    "INT8": "int8",
-    "UINT8": "uint8",
-    "BOOL": "bool",
-}
-NUMPY_TO_V2 = {v: k for k, v in V2_TYPES.items()}
-V2_OF_DTYPE = {np.dtype(v): k for k, v in V2_TYPES.items()}  # dtype.name is slow enough to show per request
-V2_OF_DTYPE[BYTES] = "BYTES"  # outputs only: classification answers (service/api/classification.py)
 # What GET /v2 and gRPC's ServerMetadata announce.
 EXTENSIONS = [
     "binary_tensor_data",
@@ -50,18 +51,6 @@ EXTENSIONS = [
     "logging",
     "trace",  # with serve --trace-file
 ]
-
-
-@dataclass(frozen=True)
-class DecodedRequest:
-    id: str | None
-    inputs: dict[str, Array]
-    batch: int
-    outputs: tuple[str, ...]  # requested, in order
-    binary_outputs: frozenset[str]
-    timeout_s: float | None
-    output_slices: Mapping[str, Slice] = field(default_factory=dict)  # outputs to write into shared memory regions
-    classes: Mapping[str, Classes] = field(default_factory=dict)  # outputs to answer as their top classes
 
 
 def json_object(raw: bytes, expected: str = "a JSON object with an 'inputs' list") -> dict[str, Any]:
@@ -113,111 +102,6 @@ def _split(body: Body, header_length: str | None, max_json: int) -> tuple[dict[s
     text = bytes(body[:n])
     letters = letters_past_f(text)  # while the text is in the caches
     return json_object(text), letters, memoryview(body)[n:]
-
-
-@dataclass(frozen=True)
-class _InputPlan:
-    """One input's checks, worked out once per contract instead of on every request."""
-
-    spec: TensorSpec
-    dtype: np.dtype[Any]
-    datatype: str  # its KServe v2 name
-    dims: tuple[int | tuple[str, int, int], ...]  # a fixed size, or (name, min, max) with batch capped by max_batch_size
-    shown: str
-
-
-@dataclass(frozen=True)
-class _Plan:
-    contract: Contract
-    inputs: dict[str, _InputPlan]
-    expected: list[str]  # input names, in the contract's order
-    output_names: tuple[str, ...]
-    labels: dict[str, tuple[str, ...]]  # outputs whose values are per class: their labels
-
-
-_plans: dict[int, _Plan] = {}
-
-
-def plan_of(contract: Contract) -> _Plan:
-    """The contract's checks, worked out on first use."""
-    plan = _plans.get(id(contract))
-    if plan is not None and plan.contract is contract:
-        return plan
-    inputs = {}
-    for spec in contract.inputs:
-        dims: list[int | tuple[str, int, int]] = []
-        for dim in spec.shape:
-            if isinstance(dim, int):
-                dims.append(dim)
-            else:
-                limits = contract.dims[dim]
-                top = contract.batching.max_batch_size if dim == "batch" else limits.max
-                dims.append((dim, limits.min, top))
-        shown = "[" + ", ".join(str(d) for d in spec.shape) + "]"
-        inputs[spec.name] = _InputPlan(spec, np.dtype(spec.dtype), NUMPY_TO_V2[spec.dtype], tuple(dims), shown)
-    plan = _Plan(contract, inputs, [s.name for s in contract.inputs], tuple(o.name for o in contract.outputs), contract.class_labels())
-    _plans[id(contract)] = plan
-    return plan
-
-
-def check_datatype(plan: _InputPlan, datatype: object) -> None:
-    if datatype != plan.datatype:
-        raise BadRequest(f"input {plan.spec.name}: datatype {datatype!r}, the model expects {plan.datatype}")
-
-
-def shape_and_count(plan: _InputPlan, shape: object) -> tuple[list[int], int]:
-    """A shape given as a list of non-negative integers, and its element count."""
-    if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
-        raise BadRequest(f"input {plan.spec.name}: 'shape' must be a list of non-negative integers, got {shape!r}")
-    count = 1
-    for d in shape:
-        count *= d
-    return shape, count
-
-
-def binary_tensor(plan: _InputPlan, shape: list[int], count: int, data: memoryview, where: str) -> Array:
-    """A tensor read in place from its raw bytes (`where` names them in an error)."""
-    size = count * plan.dtype.itemsize
-    if len(data) != size:
-        raise BadRequest(f"input {plan.spec.name}: {where} has {len(data)} bytes, but shape {shape} of {plan.datatype} needs {size}")
-    return np.frombuffer(data, dtype=plan.dtype).reshape(shape)
-
-
-# What numpy makes of a JSON list, by kind, that an input of each kind takes: numbers for a float input (as Triton
-# does), integers for an integer one. Converting straight to the input's dtype took true as 1.0, "2.5" as 2.5 and
-# 2.7 as 2 for an INT64 input.
-_LISTED_KINDS = {"f": "fiu", "i": "i"}
-_KIND_NAMES = {
-    "b": "booleans",
-    "U": "strings",
-    "f": "numbers that are not all 64-bit integers (fractions, or past INT64's range)",
-    "u": "integers past INT64's range",
-    "O": "values of mixed or unsupported types",
-}
-
-
-def listed_tensor(plan: _InputPlan, shape: list[int], count: int, values: Any, booleans: bool = False) -> Array:
-    """A tensor from a list of values (JSON `data`, or a gRPC request's typed contents). `booleans`: the list may
-    hold JSON booleans among its numbers, which numpy would take as 1 and 0 (see may_hold_booleans)."""
-    try:
-        raw = np.asarray(values)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise BadRequest(f"input {plan.spec.name}: data is not {plan.datatype}: {exc}") from None
-    wanted = "integers" if plan.dtype.kind == "i" else "numbers"
-    if raw.size and raw.dtype.kind not in _LISTED_KINDS.get(plan.dtype.kind, plan.dtype.kind):
-        found = _KIND_NAMES.get(raw.dtype.kind, f"{raw.dtype} values")
-        raise BadRequest(f"input {plan.spec.name}: data holds {found}; {plan.datatype} takes {wanted}")
-    if booleans and bool in set(map(type, np.asarray(values, dtype=object).ravel())):
-        raise BadRequest(f"input {plan.spec.name}: data holds booleans among its numbers; {plan.datatype} takes {wanted}")
-    try:
-        with np.errstate(over="raise"):  # 1e39 for FP32 would be inf, and numpy would only warn in the log
-            array = raw.astype(plan.dtype, copy=False)
-    except FloatingPointError:
-        largest = np.finfo(plan.dtype).max
-        raise BadRequest(f"input {plan.spec.name}: data holds numbers past {plan.datatype}'s range (largest {largest:.8g})") from None
-    if array.size != count:
-        raise BadRequest(f"input {plan.spec.name}: {array.size} values for shape {shape} ({count} expected)")
-    return array.reshape(shape)
 
 
 def letters_past_f(text: bytes) -> int:
@@ -276,15 +160,8 @@ def _letters(value: Any) -> int:
     return 0  # a number: digits, '.', '-', '+', 'e' and 'E'
 
 
-def region_tensor(plan: _InputPlan, shape: list[int], count: int, where: Slice) -> Array:
-    """A tensor copied out of a shared memory region as the request is decoded (service/regions.py), so that the
-    client changing its bytes later cannot change the batch. The copy costs less than receiving the bytes would."""
-    data = where.read(f"input {plan.spec.name}")
-    return binary_tensor(plan, shape, count, data, f"shared memory region '{where.region.name}'")
-
-
 def _array(
-    entry: dict[str, Any], plan: _InputPlan, binary: memoryview, offset: int, regions: Regions, *, booleans: bool
+    entry: dict[str, Any], plan: InputPlan, binary: memoryview, offset: int, regions: Regions, *, booleans: bool
 ) -> tuple[Array, int]:
     name = plan.spec.name
     check_datatype(plan, entry.get("datatype"))
@@ -307,57 +184,6 @@ def _array(
     if "data" not in entry:
         raise BadRequest(f"input {name}: no 'data' and no binary_data_size")
     return listed_tensor(plan, shape, count, entry["data"], booleans), offset
-
-
-def _check_shape(plan: _InputPlan, shape: tuple[int, ...], bound: dict[str, int]) -> None:
-    name = plan.spec.name
-    if len(shape) != len(plan.dims):
-        raise BadRequest(f"input {name}: shape {list(shape)} has rank {len(shape)}, the model expects {plan.shown}")
-    for size, dim in zip(shape, plan.dims, strict=True):
-        if type(dim) is int:
-            if size != dim:
-                raise BadRequest(f"input {name}: shape {list(shape)}, the model expects {plan.shown}")
-            continue
-        dim_name, low, high = dim  # type: ignore[misc]
-        if not low <= size <= high:
-            raise BadRequest(f"input {name}: {dim_name}={size} is outside [{low}, {high}]")
-        if bound.setdefault(dim_name, size) != size:
-            raise BadRequest(f"input {name}: {dim_name}={size}, but another input has {dim_name}={bound[dim_name]}")
-
-
-def _check_values(spec: TensorSpec, array: Array) -> None:
-    """An integer input with a range in its contract (token ids) holds only values in it: onnxruntime would read a
-    negative id as one counted from the end of the table, and fail on one past it with a message about a node."""
-    if spec.values is None or array.size == 0:
-        return
-    low, high = spec.values
-    outside = (array < low) | (array > high)
-    if outside.any():
-        where = np.unravel_index(int(outside.argmax()), array.shape)
-        raise BadRequest(
-            f"input {spec.name}: {int(outside.sum())} values outside [{low}, {high}] ({spec.description}), "
-            f"the first {int(array[where])} at index {[int(i) for i in where]}"
-        )
-
-
-def check_input_names(plan: _Plan, given: list[Any]) -> None:
-    if not all(type(n) is str for n in given):
-        raise BadRequest(f"every input needs a 'name' string; got names {given!r}")
-    if twice := sorted({n for n in given if given.count(n) > 1}):
-        raise BadRequest(f"inputs {twice} are given more than once")
-    if len(given) != len(plan.expected) or set(given) != set(plan.expected):
-        missing = sorted(set(plan.expected) - set(given))
-        unknown = sorted(set(given) - set(plan.expected))
-        raise BadRequest(f"model {plan.contract.name} takes inputs {plan.expected}; missing {missing}, unknown {unknown}")
-
-
-def checked_inputs(plan: _Plan, inputs: dict[str, Array]) -> tuple[dict[str, Array], int]:
-    """The inputs in the contract's order, each shape checked (named dims agreeing), and the batch size."""
-    bound: dict[str, int] = {}
-    for name, array in inputs.items():
-        _check_shape(plan.inputs[name], array.shape, bound)
-        _check_values(plan.inputs[name].spec, array)
-    return {name: inputs[name] for name in plan.expected}, bound["batch"]
 
 
 def decode_request(body: Body, header_length: str | None, contract: Contract, regions: Regions, max_json: int) -> DecodedRequest:
@@ -404,17 +230,7 @@ def _output_slices(requested: Any, regions: Regions) -> dict[str, Slice]:
     return found
 
 
-def write_to_region(name: str, array: Array, where: Slice) -> None:
-    """An output written into its shared memory region; BadRequest if the region's slice is too small."""
-    if array.nbytes > where.byte_size:
-        raise BadRequest(
-            f"output {name}: shared_memory_byte_size {where.byte_size} is too small for its {array.nbytes} bytes "
-            f"(shape {list(array.shape)})"
-        )
-    where.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data, f"output {name}")
-
-
-def _requested_outputs(header: dict[str, Any], plan: _Plan) -> tuple[tuple[str, ...], frozenset[str], dict[str, int]]:
+def _requested_outputs(header: dict[str, Any], plan: Plan) -> tuple[tuple[str, ...], frozenset[str], dict[str, int]]:
     """The outputs asked for, in order; those asked for as binary data; and the classification counts asked for."""
     all_binary = _flag(parameters_of(header, "the request"), "binary_data_output", False, "the request")
     requested = header.get("outputs")
@@ -441,13 +257,6 @@ def _flag(parameters: dict[str, Any], key: str, default: bool, where: str) -> bo
     if type(value) is not bool:
         raise BadRequest(f"{where}: '{key}' must be true or false, not {value!r}"[:300])
     return value
-
-
-def check_output_names(plan: _Plan, names: list[str]) -> None:
-    if twice := sorted({n for n in names if names.count(n) > 1}):
-        raise BadRequest(f"outputs {twice} are requested more than once")
-    if unknown := [name for name in names if name not in plan.output_names]:
-        raise BadRequest(f"unknown outputs {unknown}; model {plan.contract.name} has {sorted(plan.output_names)}")
 
 
 def _timeout(header: dict[str, Any]) -> float | None:

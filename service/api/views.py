@@ -15,7 +15,7 @@ from tritonclient.grpc import service_pb2
 
 from ..placement import cpu_placed_bytes
 from ..stats import ModelStatistics
-from .kserve import NUMPY_TO_V2
+from .tensors import NUMPY_TO_V2
 
 if TYPE_CHECKING:
     from .gateway import Gateway

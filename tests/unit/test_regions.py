@@ -17,7 +17,7 @@ from tests.helpers import ROOT, small_dev_shm
 SCRIPT = """
 import os
 import numpy as np
-from service.api.kserve import write_to_region
+from service.api.tensors import write_to_region
 from service.errors import InferenceFailed
 from service.regions import Regions, Slice
 
